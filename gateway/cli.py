@@ -1,0 +1,268 @@
+"""The ``mailflowr-gateway`` command line.
+
+Every command reads the same configuration (``--config``, default
+config/gateway.yaml, or $MAILFLOWR_CONFIG).  Errors are one line on stderr and
+a non-zero exit: 2 for an invalid configuration or usage, 1 for anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+from gateway.config import GatewayConfig, load
+from gateway.errors import ConfigError
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the text is shown as it is."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", metavar="PATH",
+        default=os.environ.get("MAILFLOWR_CONFIG", DEFAULT_CONFIG),
+        help=f"configuration file (default: $MAILFLOWR_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="mailflowr-gateway", description="MailFlowr Gateway")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("serve", help="run the daemon in the foreground until SIGTERM")
+    _config_arg(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("check", help="validate the configuration without starting")
+    _config_arg(p)
+    p.set_defaults(func=cmd_check)
+
+    db = sub.add_parser("db", help="database schema")
+    dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
+    p = dbsub.add_parser("upgrade", help="apply pending schema migrations")
+    _config_arg(p)
+    p.set_defaults(func=cmd_db_upgrade)
+
+    msgs = sub.add_parser("messages", help="stored messages")
+    msub = msgs.add_subparsers(dest="messages_command", required=True, parser_class=_Parser)
+    p = msub.add_parser("list", help="list stored messages, oldest first")
+    _config_arg(p)
+    p.add_argument("--tenant", help="only this tenant's messages")
+    p.add_argument("--status", choices=["received", "processed", "quarantined"])
+    p.add_argument("--limit", type=_positive_int, help="at most this many")
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p.set_defaults(func=cmd_messages_list)
+
+    p = msub.add_parser("show", help="everything stored about one message")
+    _config_arg(p)
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_messages_show)
+
+    p = msub.add_parser("export", help="write the stored original as .eml")
+    _config_arg(p)
+    p.add_argument("id")
+    p.add_argument("--out", "-o", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--with-trace", action="store_true",
+                   help="prepend the Received header the gateway added")
+    p.set_defaults(func=cmd_messages_export)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except CommandError as exc:
+        print(f"mailflowr-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:  # e.g. `messages list | head`
+        return EXIT_OK
+
+
+def _config(args: argparse.Namespace) -> GatewayConfig:
+    return load(args.config)
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from gateway.daemon import StartupError, open_store
+
+    try:
+        return open_store(_config(args), upgrade_sqlite=False)
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
+
+
+# ------------------------------------------------------------------ commands
+def cmd_serve(args: argparse.Namespace) -> int:
+    from gateway.daemon import serve
+
+    return serve(_config(args))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    print(f"{args.config}: ok ({len(config.tenants)} tenants, "
+          f"{sum(len(t.domains) for t in config.tenants.values())} domains)")
+    return EXIT_OK
+
+
+def cmd_db_upgrade(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from gateway.store import database
+
+    config = _config(args)
+    engine = database.create(config.database.url)
+    try:
+        before, after = database.upgrade(engine)
+    except SQLAlchemyError as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise CommandError(f"database: {first[0] if first else exc}") from None
+    finally:
+        engine.dispose()
+    change = "" if before == after else f" (was {before or 'empty'})"
+    print(f"database schema at {after}{change}")
+    return EXIT_OK
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        # SQLite hands back naive datetimes; every one we store is UTC.
+        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+    return value
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "tenant": row["tenant_id"],
+        "status": row["status"],
+        "received_at": _jsonable(row["received_at"]),
+        "message_id": row["message_id"],
+        "sender": row["mail_from"],
+        "recipients": row["recipients"],
+        "subject": row["subject"],
+        "size": row["size"],
+        "tags": row["tags"],
+        "parse_failed": row["parse_failed"],
+    }
+
+
+def _printable(text: Any, width: int | None = None) -> str:
+    """Header text made safe for a terminal: no control characters."""
+    if text is None:
+        return "-"
+    clean = "".join(c if c.isprintable() else " " for c in str(text))
+    return clean if width is None or len(clean) <= width else clean[: width - 1] + "…"
+
+
+def cmd_messages_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = store.list_messages(tenant=args.tenant, limit=args.limit, status=args.status)
+    if args.json:
+        json.dump([_summary(r) for r in rows], sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'ID':26}  {'TENANT':12} {'STATUS':11} {'SIZE':>8}  {'SENDER':30} SUBJECT")
+    for r in rows:
+        print(f"{r['id']:26}  {_printable(r['tenant_id'], 12):12} {r['status']:11} "
+              f"{r['size']:>8}  {_printable(r['mail_from'] or '<>', 30):30} "
+              f"{_printable(r['subject'], 60)}")
+    return EXIT_OK
+
+
+def _get(store: Any, message_id: str) -> dict[str, Any]:
+    row = store.get_message(message_id.upper())
+    if row is None:
+        raise CommandError(f"no message with id {message_id}")
+    result: dict[str, Any] = row
+    return result
+
+
+def cmd_messages_show(args: argparse.Namespace) -> int:
+    store = _store(args)
+    row = _get(store, args.id)
+    data = _summary(row)
+    data.update(
+        {
+            "header_from": row["header_from"], "header_to": row["header_to"],
+            "header_cc": row["header_cc"], "date": row["date"],
+            "attachments": row["attachments"] or [], "defects": row["defects"] or [],
+            "sha256": row["sha256"], "client_address": row["client_address"],
+            "helo": row["helo"], "protocol": row["protocol"],
+            "processed_at": _jsonable(row["processed_at"]), "last_error": row["last_error"],
+            "attempts": row["attempts"],
+        }
+    )
+    if args.json:
+        json.dump(data, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
+        print(f"{key + ':':16}{_printable(value)}")
+    return EXIT_OK
+
+
+def cmd_messages_export(args: argparse.Namespace) -> int:
+    import hashlib
+
+    store = _store(args)
+    row = _get(store, args.id)
+    raw = store.raw(row["id"])
+    if raw is None:
+        raise CommandError(f"message {row['id']}: the stored original is missing")
+    if hashlib.sha256(raw).hexdigest() != row["sha256"]:
+        raise CommandError(f"message {row['id']}: the stored original fails its checksum")
+    data = (row["trace_header"].encode() if args.with_trace else b"") + raw
+    if args.out:
+        out = Path(args.out)
+        tmp = out.with_name(f".{out.name}.tmp")
+        try:
+            tmp.write_bytes(data)
+            tmp.replace(out)
+        except OSError as exc:
+            raise CommandError(f"{args.out}: {exc.strerror}") from None
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    store.audit(
+        f"cli:{os.environ.get('USER', 'unknown')}", "message.export",
+        tenant_id=row["tenant_id"], message_id=row["id"], detail={"bytes": len(data)},
+    )
+    return EXIT_OK

@@ -1,0 +1,299 @@
+"""Typed daemon settings: loaded and validated once, then passed in.
+
+``load(path)`` reads config/gateway.yaml, applies ``MAILFLOWR_SECTION__KEY``
+environment overrides, validates everything and returns a frozen
+``GatewayConfig``.  Every problem is reported as ``file:line: key: message``
+(or ``environment MAILFLOWR_...: message``) in one ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from gateway.errors import ConfigError
+from gateway.yamlfile import KeyPath, YamlDocument, YamlFileError, load_yaml
+
+ENV_PREFIX = "MAILFLOWR_"
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2,
+               "mib": 1024**2, "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_HOSTNAME = re.compile(rf"^(?=.{{1,253}}$){_LABEL}(?:\.{_LABEL})*$")
+_TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
+
+
+def _parse_size(value: Any) -> Any:
+    """Accept 10240000, "10MB", "25 MiB"."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
+        if not m or m.group(2).lower() not in _SIZE_UNITS:
+            raise ValueError(f"expected a size such as 10240000, 10MB or 25MiB, got {value!r}")
+        return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+    return value
+
+
+def _parse_duration(value: Any) -> Any:
+    """Accept 30, 0.5, "30s", "5m", "250ms"."""
+    if isinstance(value, str):
+        m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", value)
+        if not m or m.group(2) not in _DURATION_UNITS:
+            raise ValueError(f"expected a duration such as 30, 30s, 5m or 250ms, got {value!r}")
+        return float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+    return value
+
+
+Size = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+
+
+def parse_hostport(value: str) -> tuple[str, int]:
+    """'127.0.0.1:2525' or '[::1]:2525' -> (host, port); ValueError with a clear text."""
+    m = re.fullmatch(r"\[([0-9a-fA-F:.]+)\]:(\d{1,5})|([^\s:\[\]]+):(\d{1,5})", value.strip())
+    if not m:
+        raise ValueError(f"expected HOST:PORT (IPv6 as [::1]:PORT), got {value!r}")
+    host = m.group(1) or m.group(3)
+    port = int(m.group(2) or m.group(4))
+    if port > 65535:
+        raise ValueError(f"port {port} is out of range")
+    return host, port
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TLSConfig(_Section):
+    cert_file: Path | None = None
+    key_file: Path | None = None
+
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TLSConfig:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("cert_file and key_file go together")
+        for f in (self.cert_file, self.key_file):
+            if f is not None and not f.is_file():
+                raise ValueError(f"{f}: no such file")
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+
+class SMTPConfig(_Section):
+    listen: str = "127.0.0.1:2525"
+    hostname: str = "mx.example.test"
+    max_message_size: Size = 10_240_000
+    max_recipients: int = Field(default=1000, ge=1)
+    max_connections: int = Field(default=2000, ge=1)
+    max_connections_per_ip: int = Field(default=50, ge=1)
+    idle_timeout: Duration = 300.0
+    max_errors: int = Field(default=20, ge=1)
+    greet_pause: Duration = 0.0
+    bare_newline: Literal["normalize", "reject"] = "normalize"
+    shutdown_timeout: Duration = 30.0
+    tls: TLSConfig = TLSConfig()
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str) -> str:
+        parse_hostport(v)
+        return v
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, v: str) -> str:
+        if not _HOSTNAME.match(v.lower()):
+            raise ValueError(f"not a valid host name: {v!r}")
+        return v.lower()
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return parse_hostport(self.listen)
+
+
+class DatabaseConfig(_Section):
+    url: str = "sqlite:///var/gateway.db"
+    commit_batch_max: int = Field(default=512, ge=1)
+    pool_size: int = Field(default=5, ge=1)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            url = make_url(v)
+        except ArgumentError:
+            raise ValueError(f"not a database URL: {v!r}") from None
+        if url.get_backend_name() not in ("sqlite", "postgresql"):
+            raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
+        if url.get_backend_name() == "postgresql" and url.get_driver_name() != "psycopg":
+            raise ValueError("PostgreSQL URLs use the psycopg driver: postgresql+psycopg://...")
+        return v
+
+
+class StorageConfig(_Section):
+    min_free_space: Size = 100_000_000
+
+
+class PipelineConfig(_Section):
+    parse_workers: int = Field(default=1, ge=1, le=64)
+    parse_timeout: Duration = 20.0
+    batch_size: int = Field(default=50, ge=1)
+    poll_interval: Duration = 2.0
+    lease_time: Duration = 300.0
+
+
+class MetricsConfig(_Section):
+    listen: str | None = "127.0.0.1:9466"
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v)
+        return v
+
+
+class LoggingConfig(_Section):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+
+class TenantConfig(_Section):
+    name: str = ""
+    domains: list[str] = Field(min_length=1)
+    addresses: list[str] = []
+    catch_all: bool = False
+
+    @field_validator("domains")
+    @classmethod
+    def _domains(cls, v: list[str]) -> list[str]:
+        out = []
+        for d in v:
+            d = d.lower().rstrip(".")
+            if not _HOSTNAME.match(d) or "." not in d:
+                raise ValueError(f"not a valid domain: {d!r}")
+            out.append(d)
+        return out
+
+    @model_validator(mode="after")
+    def _addresses(self) -> TenantConfig:
+        for a in self.addresses:
+            local, at, domain = a.rpartition("@")
+            if not at or not _LOCAL_PART.match(local) or local.startswith(".") or ".." in local:
+                raise ValueError(f"not a plain address: {a!r}")
+            if domain.lower() not in self.domains:
+                raise ValueError(f"{a!r} is not in one of this tenant's domains")
+        if not self.addresses and not self.catch_all:
+            raise ValueError("a tenant needs addresses, or catch_all: true")
+        return self
+
+
+class GatewayConfig(_Section):
+    smtp: SMTPConfig = SMTPConfig()
+    database: DatabaseConfig = DatabaseConfig()
+    storage: StorageConfig = StorageConfig()
+    pipeline: PipelineConfig = PipelineConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    logging: LoggingConfig = LoggingConfig()
+    tenants: dict[str, TenantConfig] = {}
+
+    @field_validator("tenants")
+    @classmethod
+    def _tenants(cls, v: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
+        owner: dict[str, str] = {}
+        for tid, tenant in v.items():
+            if not _TENANT_ID.match(tid):
+                raise ValueError(f"tenant id {tid!r}: use lower-case letters, digits, - and _")
+            for d in tenant.domains:
+                if d in owner:
+                    raise ValueError(f"domain {d} belongs to both {owner[d]} and {tid}")
+                owner[d] = tid
+        return v
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The database file for sqlite:/// URLs (None for PostgreSQL or memory)."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database.url)
+        if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+            return Path(url.database)
+        return None
+
+
+def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[KeyPath, str]:
+    """Overlay MAILFLOWR_A__B=value onto data; returns the paths set from env."""
+    origins: dict[KeyPath, str] = {}
+    for name in sorted(env):
+        if not name.startswith(ENV_PREFIX) or "__" not in name:
+            continue
+        path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
+        if not all(path):
+            raise ConfigError([f"environment {name}: empty key in the variable name"])
+        try:
+            value = yaml.safe_load(env[name]) if env[name].strip() else ""
+        except yaml.YAMLError:
+            value = env[name]
+        node = data
+        for key in path[:-1]:
+            child = node.get(key)
+            if child is None:
+                child = node[key] = {}
+            if not isinstance(child, dict):
+                raise ConfigError([f"environment {name}: {key} is not a section"])
+            node = child
+        node[path[-1]] = value
+        origins[path] = name
+    return origins
+
+
+def _format_problem(doc: YamlDocument, origins: dict[KeyPath, str], loc: KeyPath, msg: str) -> str:
+    key = ".".join(str(p) for p in loc) or "(top level)"
+    for n in range(len(loc), 0, -1):
+        if tuple(loc[:n]) in origins:
+            return f"environment {origins[tuple(loc[:n])]}: {key}: {msg}"
+    return f"{doc.where(loc)}: {key}: {msg}"
+
+
+def load(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
+    """Load, override from the environment and validate; raises ConfigError."""
+    try:
+        doc = load_yaml(path)
+    except YamlFileError as exc:
+        raise ConfigError([str(exc)]) from None
+    data = doc.data if doc.data is not None else {}
+    if not isinstance(data, dict):
+        raise ConfigError([f"{doc.path}:1: the file must be a mapping of sections"])
+    origins = _apply_env(data, os.environ if env is None else env)
+    try:
+        config = GatewayConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
+            msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = "unknown key"
+            problems.append(_format_problem(doc, origins, loc, msg))
+        raise ConfigError(problems) from None
+    return config

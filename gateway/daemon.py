@@ -1,0 +1,190 @@
+"""The one place that knows every part: wires them, runs them, stops them.
+
+``App.run()`` opens the database (SQLite is upgraded to the current schema;
+PostgreSQL must have been upgraded with ``mailflowr-gateway db upgrade``),
+starts the group committer, the parser processes, the pipeline worker, the
+metrics endpoint and the SMTP listener on this process's own event loop, and
+then waits.  SIGTERM or SIGINT only set a flag; shutdown then stops listening,
+lets sessions that are inside a transaction finish (up to
+``smtp.shutdown_timeout``), commits what they handed over, and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import ssl
+import sys
+from collections.abc import Callable
+
+from prometheus_client import start_http_server
+from sqlalchemy.exc import SQLAlchemyError
+
+from gateway.config import GatewayConfig, parse_hostport
+from gateway.ingress.smtp import ConnectionTracker, IngressHandler, protocol_factory
+from gateway.metrics import Metrics
+from gateway.pipeline.parse import ParserPool
+from gateway.pipeline.worker import PipelineWorker
+from gateway.store import database
+from gateway.store.repository import Store
+from gateway.tenancy import TenantDirectory
+
+log = logging.getLogger(__name__)
+
+
+class StartupError(Exception):
+    """The daemon cannot start; the text says why, in one line."""
+
+
+def open_store(
+    config: GatewayConfig,
+    *,
+    upgrade_sqlite: bool = True,
+    on_commit: Callable[[int, float], None] | None = None,
+) -> Store:
+    """Connect, make sure the schema is current, and return the Store."""
+    engine = database.create(config.database.url, pool_size=config.database.pool_size)
+    try:
+        current = database.current_revision(engine)
+        head = database.head_revision()
+        if current != head:
+            if database.is_sqlite(engine) and upgrade_sqlite:
+                database.upgrade(engine)
+            else:
+                raise StartupError(
+                    f"database schema is at {current or 'nothing'}, this version needs {head}: "
+                    "run 'mailflowr-gateway db upgrade' first"
+                )
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        raise StartupError(f"database unreachable: {first[0] if first else exc}") from None
+    return Store(
+        engine,
+        commit_batch_max=config.database.commit_batch_max,
+        sqlite_path=config.sqlite_path,
+        min_free_space=config.storage.min_free_space,
+        on_commit=on_commit,
+    )
+
+
+def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
+    tls = config.smtp.tls
+    if not tls.enabled:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    except (ssl.SSLError, OSError) as exc:
+        raise StartupError(f"smtp.tls: cannot load certificate/key: {exc}") from None
+    return context
+
+
+class App:
+    def __init__(self, config: GatewayConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.stopping = asyncio.Event()
+
+    async def run(self) -> int:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+
+        store = await asyncio.to_thread(
+            lambda: open_store(config, on_commit=self.metrics.observe_commit)
+        )
+        await asyncio.to_thread(
+            store.sync_tenants, {tid: t.name for tid, t in config.tenants.items()}
+        )
+        context = tls_context(config)
+        await store.start()
+        parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
+        await parser.start()
+        worker = PipelineWorker(
+            store, parser,
+            batch_size=config.pipeline.batch_size,
+            poll_interval=config.pipeline.poll_interval,
+            lease_time=config.pipeline.lease_time,
+            on_outcome=self.metrics.pipeline_outcome,
+        )
+        worker.start()
+
+        metrics_server = None
+        if config.metrics.listen:
+            host, port = parse_hostport(config.metrics.listen)
+            try:
+                metrics_server = start_http_server(port, host, registry=self.metrics.registry)
+            except OSError as exc:
+                await self._stop_parts(worker, parser, store)
+                raise StartupError(
+                    f"metrics.listen {config.metrics.listen}: {exc.strerror}"
+                ) from None
+
+        tracker = ConnectionTracker(config.smtp.max_connections, config.smtp.max_connections_per_ip)
+        handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics)
+        host, port = config.smtp.address
+        try:
+            server = await loop.create_server(
+                protocol_factory(handler, config.smtp, tracker, self.metrics, context),
+                host, port, reuse_address=True, backlog=1024,
+            )
+        except OSError as exc:
+            await self._stop_parts(worker, parser, store)
+            if metrics_server is not None:
+                metrics_server[0].shutdown()
+            raise StartupError(f"smtp.listen {config.smtp.listen}: {exc.strerror}") from None
+        log.info("listening for SMTP on %s (%d tenants, database %s)", config.smtp.listen,
+                 len(config.tenants), store.engine.url.render_as_string(hide_password=True))
+
+        await self.stopping.wait()
+        log.info("shutting down: no new connections, %d sessions open", len(tracker.sessions))
+        server.close()
+        tracker.shutting_down = True
+        for session in list(tracker.sessions):
+            session.shutdown()
+        try:
+            await asyncio.wait_for(tracker.idle.wait(), config.smtp.shutdown_timeout)
+        except TimeoutError:
+            log.warning("cutting %d sessions still open at the deadline", len(tracker.sessions))
+            for session in list(tracker.sessions):
+                if isinstance(session.transport, asyncio.WriteTransport):
+                    session.transport.abort()
+        await self._stop_parts(worker, parser, store)
+        if metrics_server is not None:
+            metrics_server[0].shutdown()
+        log.info("stopped")
+        return 0
+
+    @staticmethod
+    async def _stop_parts(worker: PipelineWorker, parser: ParserPool, store: Store) -> None:
+        await worker.stop()
+        await store.close()
+        await parser.close()
+        store.engine.dispose()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # aiosmtpd logs every command line, addresses included, at INFO.
+    logging.getLogger("mail.log").setLevel(logging.WARNING)
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def serve(config: GatewayConfig) -> int:
+    setup_logging(config.logging.level)
+    app = App(config)
+    try:
+        return asyncio.run(app.run())
+    except StartupError as exc:
+        log.error("cannot start: %s", exc)
+        return 1
+

@@ -1,0 +1,581 @@
+"""SMTP ingress: check the envelope, store the message durably, then answer 250.
+
+``GatewaySMTP`` is aiosmtpd's protocol with what a trusted MTA needs and
+aiosmtpd lacks: connection caps (total and per client IP), an error budget,
+checks against unauthorised pipelining, enhanced status codes on every reply,
+Postfix-like texts, a 421 on idle timeout, and its own DATA reader.  The DATA
+reader takes the bytes straight from the transport in large chunks (not line
+by line), accepts only ``<CRLF>.<CRLF>`` as the end of data (so no SMTP
+smuggling variant can end a message early), keeps memory bounded for an
+oversize stream, and hands any bytes after the final dot back to the command
+reader.
+
+``IngressHandler`` holds the policy: tenant recipients only, limits, disk
+space, and the acceptance itself (``Store.accept`` commits before it returns).
+No parsing, DNS or other slow work happens before the 250.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import hashlib
+import logging
+import re
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway.config import SMTPConfig
+from gateway.errors import TempFailure
+from gateway.metrics import Metrics
+from gateway.store.ids import new_id
+from gateway.store.repository import NewMessage, Store, utcnow
+from gateway.tenancy import Accepted, TenantDirectory, has_unsafe_chars
+
+log = logging.getLogger(__name__)
+
+END_OF_DATA = b"\r\n.\r\n"
+MAX_TEXT_LINE = 998  # octets before CRLF, RFC 5321 4.5.3.1.6
+
+SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization"
+QUEUE_WRITE_ERROR = "451 4.3.0 Error: queue file write error"
+INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
+NO_SPACE = "452 4.3.1 Insufficient system storage"
+TOO_BIG = "552 5.3.4 Error: message file too big"
+LINE_TOO_LONG = "500 5.5.2 Error: message line longer than 1000 octets (RFC 5321 4.5.3.1.6)"
+BARE_NEWLINE = "550 5.5.2 Error: bare CR or LF in message data"
+TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
+SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission channel"
+
+# aiosmtpd's own reply texts, as Postfix would word them, with enhanced codes.
+_REPLY_REWRITES: dict[str, str] = {
+    "250 OK": "250 2.0.0 Ok",
+    "221 Bye": "221 2.0.0 Bye",
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "454 TLS not available": "454 4.7.0 TLS not available due to local problem",
+    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
+    "500 Command line too long": "500 5.5.2 Error: command line too long",
+    "500 Error: strict ASCII mode": "500 5.5.2 Error: non-ASCII command",
+    "503 Error: send HELO first": "503 5.5.1 Error: send HELO/EHLO first",
+    "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
+    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
+    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
+    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
+    "502 EXPN not implemented": "502 5.5.1 Error: command not implemented",
+    "552 Error: message size exceeds fixed maximum message size":
+        "552 5.3.4 Message size exceeds fixed limit",
+    "502 5.5.1 Too many unrecognized commands, goodbye.":
+        "421 4.7.0 Error: too many unrecognized commands",
+}
+_PREFIX_REWRITES: tuple[tuple[str, str], ...] = (
+    ('500 Error: command "', "502 5.5.2 Error: command not recognized"),
+    ("501 Syntax: ", "501 5.5.4 Syntax: "),
+    ("501 Error: ", "501 5.5.4 Error: "),
+    ("555 ", "555 5.5.4 "),
+    ("252 ", "252 2.0.0 "),
+)
+_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}")
+
+
+def rewrite_reply(reply: str) -> str:
+    """aiosmtpd's reply -> ours: Postfix wording and an enhanced status code."""
+    if reply in _REPLY_REWRITES:
+        return _REPLY_REWRITES[reply]
+    for prefix, replacement in _PREFIX_REWRITES:
+        if reply.startswith(prefix):
+            if replacement.endswith(" "):
+                return replacement + reply[len(prefix):]
+            return replacement
+    code = reply[:3]
+    if (len(reply) > 4 and reply[3] == " " and code[0] in "245" and code not in ("220", "221")
+            and not _HAS_ENHANCED.match(reply)):
+        return f"{code} {code[0]}.0.0 {reply[4:]}"
+    return reply
+
+
+class ConnectionTracker:
+    """Counts connections in all and per client IP; knows the live sessions."""
+
+    def __init__(self, max_total: int, max_per_ip: int) -> None:
+        self.max_total = max_total
+        self.max_per_ip = max_per_ip
+        self.per_ip: dict[str, int] = defaultdict(int)
+        self.sessions: set[GatewaySMTP] = set()
+        self.shutting_down = False
+        self.idle = asyncio.Event()  # set while no session is open
+        self.idle.set()
+
+    def admit(self, ip: str) -> str | None:
+        """None when the connection may go on, else the reason it may not."""
+        if self.shutting_down:
+            return "shutdown"
+        if len(self.sessions) >= self.max_total:
+            return "total"
+        if self.per_ip[ip] >= self.max_per_ip:
+            return "per_ip"
+        return None
+
+    def add(self, session: GatewaySMTP, ip: str) -> None:
+        self.sessions.add(session)
+        self.per_ip[ip] += 1
+        self.idle.clear()
+
+    def remove(self, session: GatewaySMTP, ip: str) -> None:
+        self.sessions.discard(session)
+        self.per_ip[ip] -= 1
+        if self.per_ip[ip] <= 0:
+            del self.per_ip[ip]
+        if not self.sessions:
+            self.idle.set()
+
+
+@dataclass
+class DataReader:
+    """Collects DATA straight from the transport until ``<CRLF>.<CRLF>``.
+
+    The buffer starts with a virtual CRLF (the one that ended the DATA command)
+    so that an empty message's lone dot is found like any other.  Past the size
+    limit it keeps only the last four bytes, enough to find the end.
+    """
+
+    limit: int
+    future: asyncio.Future[bytes | None]
+    buffer: bytearray | None = field(default_factory=lambda: bytearray(b"\r\n"))
+    tail: bytes = b""
+    scanned: int = 0
+
+    def feed(self, data: bytes) -> bytes | None:
+        """Take bytes; returns what follows the end of data once it is found."""
+        if self.buffer is None:  # oversize: only look for the end
+            window = self.tail + data
+            end = window.find(END_OF_DATA)
+            if end < 0:
+                self.tail = window[-4:]
+                return None
+            self.future.set_result(None)
+            return window[end + 5:]
+        self.buffer += data
+        end = self.buffer.find(END_OF_DATA, max(self.scanned - 4, 0))
+        if end >= 0:
+            content = bytes(self.buffer[2 : end + 2])
+            rest = bytes(self.buffer[end + 5:])
+            self.buffer = None
+            self.future.set_result(content)
+            return rest
+        self.scanned = len(self.buffer)
+        if self.scanned - 2 > self.limit:
+            self.tail = bytes(self.buffer[-4:])
+            self.buffer = None
+        return None
+
+
+def unstuff(wire: bytes) -> bytes:
+    """Undo dot-stuffing (RFC 5321 4.5.2): drop the first dot of every line."""
+    if b"\r\n." not in wire and not wire.startswith(b"."):
+        return wire
+    return (b"\r\n" + wire).replace(b"\r\n.", b"\r\n")[2:]
+
+
+def has_bare_newline(content: bytes) -> bool:
+    crlf = content.count(b"\r\n")
+    return content.count(b"\r") != crlf or content.count(b"\n") != crlf
+
+
+def normalize_newlines(content: bytes) -> bytes:
+    return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+
+
+def longest_line(content: bytes) -> int:
+    if len(content) <= MAX_TEXT_LINE:
+        return len(content.rstrip(b"\r\n"))
+    return max(len(line) for line in content.split(b"\n")) - 1
+
+
+class GatewaySMTP(SMTP):
+    """aiosmtpd's protocol, hardened (see the module docstring)."""
+
+    def __init__(
+        self,
+        handler: IngressHandler,
+        *,
+        settings: SMTPConfig,
+        tracker: ConnectionTracker,
+        metrics: Metrics,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            handler,
+            data_size_limit=settings.max_message_size,
+            enable_SMTPUTF8=True,
+            decode_data=False,
+            hostname=settings.hostname,
+            ident="ESMTP MailFlowr",
+            timeout=settings.idle_timeout,
+            **kwargs,
+        )
+        self.settings = settings
+        self.tracker = tracker
+        self.metrics = metrics
+        self._peer_ip = ""
+        self._admitted = False
+        self._greeted = False
+        self._errors = 0
+        self._data_reader: DataReader | None = None
+        self._in_data = False
+        self._verbatim = False  # EHLO/HELO replies carry no enhanced status codes
+
+    # ---------------------------------------------------------- connections
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admitted:  # the same connection again, after STARTTLS
+            super().connection_made(transport)
+            return
+        peer = transport.get_extra_info("peername")
+        self._peer_ip = str(peer[0]) if peer else "unknown"
+        refusal = self.tracker.admit(self._peer_ip)
+        if refusal is not None:
+            self.metrics.smtp_connections_refused.labels(refusal).inc()
+            text = {
+                "total": "421 4.7.0 {host} Error: too many connections",
+                "per_ip": "421 4.7.0 {host} Error: too many connections from {ip}",
+                "shutdown": SHUTTING_DOWN,
+            }[refusal].format(host=self.hostname, ip=self._peer_ip)
+            log.warning("connection from %s refused: %s", self._peer_ip, refusal)
+            assert isinstance(transport, asyncio.WriteTransport)
+            transport.write(text.encode() + b"\r\n")
+            transport.close()
+            return
+        self._admitted = True
+        self.tracker.add(self, self._peer_ip)
+        self.metrics.smtp_connections.inc()
+        self.metrics.smtp_connections_total.inc()
+        super().connection_made(transport)
+
+    def connection_lost(self, error: Exception | None) -> None:
+        if not self._admitted:
+            return
+        self._admitted = False
+        self.tracker.remove(self, self._peer_ip)
+        self.metrics.smtp_connections.dec()
+        if self._data_reader is not None and not self._data_reader.future.done():
+            self._data_reader.future.cancel()
+        super().connection_lost(error)
+
+    def eof_received(self) -> bool | None:
+        if not self._admitted:
+            return False
+        return super().eof_received()
+
+    def _timeout_cb(self) -> None:
+        self._say_and_close(f"421 4.4.2 {self.hostname} Error: timeout exceeded")
+
+    def _say_and_close(self, reply: str) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        assert isinstance(transport, asyncio.WriteTransport)
+        transport.write(reply.encode() + b"\r\n")
+        transport.close()
+
+    def _pending_input(self) -> int:
+        """Bytes the client sent that no command has read yet.
+
+        StreamReader has no public way to ask; aiosmtpd itself clears this
+        buffer after STARTTLS (CVE-2024-34083), so it is as stable as that.
+        """
+        return len(self._reader._buffer)  # type: ignore[attr-defined]
+
+    @property
+    def in_transaction(self) -> bool:
+        return self._in_data or bool(self.envelope is not None and self.envelope.mail_from)
+
+    def shutdown(self) -> None:
+        """Close now if idle; otherwise the transaction may finish first."""
+        if not self.in_transaction:
+            self._say_and_close(SHUTTING_DOWN.format(host=self.hostname))
+
+    # ---------------------------------------------------------- replies
+    async def push(self, status: str | bytes) -> None:
+        if not self._greeted:
+            self._greeted = True
+            if self.settings.greet_pause > 0:
+                await asyncio.sleep(self.settings.greet_pause)
+            if self._pending_input():
+                log.warning("%s talked before the greeting", self._peer_ip)
+                self._say_and_close(SYNC_ERROR)
+                return
+        text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
+        reply = text if self._verbatim else rewrite_reply(text)
+        if self.transport is None or self.transport.is_closing():
+            return
+        await super().push(reply)
+        if reply[:1] in "45" and not reply.startswith("421"):
+            self._errors += 1
+            if self._errors >= self.settings.max_errors:
+                log.warning("%s: too many errors, disconnecting", self._peer_ip)
+                self._say_and_close(f"421 4.7.0 {self.hostname} Error: too many errors")
+                return
+        if self.tracker.shutting_down and not self.in_transaction and reply[:1] != "3":
+            self._say_and_close(SHUTTING_DOWN.format(host=self.hostname))
+
+    async def handle_exception(self, error: Exception) -> str:
+        # Never aiosmtpd's "500 Error: (Exception) text": a temporary failure, no detail.
+        log.error("%s: SMTP session error", self._peer_ip, exc_info=error)
+        return INTERNAL_ERROR
+
+    # ---------------------------------------------------------- commands
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        # A source route <@a:u@b> would come back as plain u@b; keep it whole
+        # so that the recipient check sees it and refuses it as a relay attempt.
+        stripped = arg.lstrip()
+        if stripped.startswith("<@"):
+            inner, sep, rest = stripped[1:].partition(">")
+            return (inner, rest) if sep else (None, None)
+        return super()._getaddr(arg)
+
+    async def smtp_EHLO(self, hostname: str) -> None:
+        if self._pending_input():
+            self._say_and_close(SYNC_ERROR)
+            return
+        self._verbatim = True
+        try:
+            await super().smtp_EHLO(hostname)
+        finally:
+            self._verbatim = False
+
+    async def smtp_HELO(self, hostname: str) -> None:
+        if self._pending_input():
+            self._say_and_close(SYNC_ERROR)
+            return
+        self._verbatim = True
+        try:
+            await super().smtp_HELO(hostname)
+        finally:
+            self._verbatim = False
+
+    async def smtp_AUTH(self, arg: str) -> None:
+        await self.push("503 5.5.1 Error: authentication not enabled")
+
+    async def smtp_DATA(self, arg: str) -> None:
+        if await self.check_helo_needed():
+            return
+        assert self.envelope is not None
+        if not self.envelope.rcpt_tos:
+            await self.push("503 5.5.1 Error: need RCPT command")
+            return
+        if arg:
+            await self.push("501 5.5.4 Syntax: DATA")
+            return
+        if self._pending_input():  # message text sent before our 354
+            self._say_and_close(SYNC_ERROR)
+            return
+        reader = DataReader(self.settings.max_message_size, self.loop.create_future())
+        self._data_reader = reader
+        self._in_data = True
+        try:
+            await self.push("354 End data with <CR><LF>.<CR><LF>")
+            wire = await reader.future
+        finally:
+            self._data_reader = None
+        try:
+            status = await self._finish_data(wire)
+        finally:
+            self._in_data = False
+            self._set_post_data_state()
+        await self.push(status)
+
+    async def _finish_data(self, wire: bytes | None) -> str:
+        if wire is None:
+            self.metrics.smtp_messages.labels("rejected").inc()
+            return TOO_BIG
+        content = unstuff(wire)
+        if has_bare_newline(content):
+            if self.settings.bare_newline == "reject":
+                self.metrics.smtp_messages.labels("rejected").inc()
+                return BARE_NEWLINE
+            content = normalize_newlines(content)
+        if longest_line(content) > MAX_TEXT_LINE:
+            self.metrics.smtp_messages.labels("rejected").inc()
+            return LINE_TOO_LONG
+        assert self.envelope is not None
+        self.envelope.content = content
+        self.envelope.original_content = content
+        status: str = await self._call_handler_hook("DATA")
+        return status
+
+    def data_received(self, data: bytes) -> None:
+        reader = self._data_reader
+        if reader is None or reader.future.done():
+            super().data_received(data)
+            return
+        self._reset_timeout()
+        rest = reader.feed(data)
+        if rest:  # commands pipelined after the final dot
+            super().data_received(rest)
+
+
+@dataclass
+class SessionState:
+    """What the handler keeps per transaction, beside aiosmtpd's Envelope."""
+
+    tenants: dict[str, list[str]] = field(default_factory=dict)
+
+
+class IngressHandler:
+    """Envelope policy and durable acceptance (aiosmtpd handler hooks)."""
+
+    def __init__(
+        self,
+        settings: SMTPConfig,
+        directory: TenantDirectory,
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.directory = directory
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+
+    async def handle_EHLO(
+        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
+        responses: list[str],
+    ) -> list[str]:
+        session.host_name = hostname
+        lines = [r[4:] for r in responses if not r[4:].startswith("AUTH")]
+        lines = [line for line in lines if line != "HELP"]
+        lines[1:1] = ["PIPELINING"]
+        lines.append("ENHANCEDSTATUSCODES")
+        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+    async def handle_MAIL(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        mail_options: list[str],
+    ) -> str:
+        if not self.store.has_free_space():
+            return NO_SPACE
+        smtputf8 = "SMTPUTF8" in mail_options
+        if not address.isascii() and not smtputf8:
+            return "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
+        if address != "<>" and has_unsafe_chars(address):
+            return "501 5.1.7 Bad sender address syntax"
+        envelope.mail_from = address  # aiosmtpd keeps the null sender as "<>"
+        envelope.mail_options.extend(mail_options)
+        envelope.smtp_utf8 = smtputf8
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(
+        self, server: SMTP, session: Session, envelope: Envelope, address: str,
+        rcpt_options: list[str],
+    ) -> str:
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            self.metrics.smtp_recipients_refused.labels("too_many").inc()
+            return TOO_MANY_RCPTS
+        verdict = self.directory.resolve(address, smtputf8=envelope.smtp_utf8)
+        if not isinstance(verdict, Accepted):
+            self.metrics.smtp_recipients_refused.labels(verdict.reason).inc()
+            return verdict.reply
+        state = _state(envelope)
+        group = state.tenants.setdefault(verdict.tenant_id, [])
+        if verdict.address.lower() not in (r.lower() for r in group):
+            group.append(verdict.address)
+            envelope.rcpt_tos.append(verdict.address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        started = self.clock()
+        data = envelope.original_content
+        assert isinstance(data, bytes)
+        now = utcnow()
+        digest = hashlib.sha256(data).hexdigest()
+        peer = session.peer
+        client = str(peer[0]) if isinstance(peer, tuple) else "unknown"
+        helo = _safe_helo(session.host_name)
+        protocol = _protocol(session, envelope)
+        mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        batch = []
+        for tenant_id, recipients in _state(envelope).tenants.items():
+            message_id = new_id()
+            trace = received_header(
+                helo=helo, client=client, hostname=self.settings.hostname, protocol=protocol,
+                queue_id=message_id, recipients=recipients, when=now,
+            )
+            batch.append(
+                NewMessage(
+                    id=message_id, tenant_id=tenant_id, mail_from=mail_from,
+                    recipients=tuple(recipients), data=data, sha256=digest, received_at=now,
+                    client_address=client, helo=helo, protocol=protocol, trace_header=trace,
+                    smtputf8=bool(envelope.smtp_utf8),
+                )
+            )
+        try:
+            await self.store.accept(batch)
+        except TempFailure as exc:
+            self.metrics.smtp_messages.labels("deferred").inc()
+            log.error("message from %s not stored: %s", client, exc)
+            return QUEUE_WRITE_ERROR
+        self.metrics.smtp_messages.labels("accepted").inc(len(batch))
+        self.metrics.smtp_received_bytes.inc(len(data) * len(batch))
+        self.metrics.accept_latency.observe(self.clock() - started)
+        ids = " ".join(m.id for m in batch)
+        log.info("%s: accepted from %s, %d bytes, %d recipients", ids, client, len(data),
+                 sum(len(m.recipients) for m in batch))
+        return f"250 2.0.0 Ok: queued as {ids}"
+
+
+def _state(envelope: Envelope) -> SessionState:
+    state = getattr(envelope, "gateway_state", None)
+    if state is None:
+        state = SessionState()
+        envelope.gateway_state = state  # type: ignore[attr-defined]
+    return state
+
+
+def _safe_helo(name: str | None) -> str:
+    if not name:
+        return "unknown"
+    clean = "".join(c for c in name if 32 < ord(c) < 127 and c not in "()[];\\\"")
+    return clean[:255] or "unknown"
+
+
+def _protocol(session: Session, envelope: Envelope) -> str:
+    name = "ESMTP" if session.extended_smtp else "SMTP"
+    if envelope.smtp_utf8:
+        name = "UTF8SMTP"
+    if session.ssl is not None:
+        name += "S"
+    return name
+
+
+def received_header(
+    *, helo: str, client: str, hostname: str, protocol: str, queue_id: str,
+    recipients: list[str], when: Any,
+) -> str:
+    """Our trace header, folded like Postfix's; 'for' only with one recipient."""
+    parts = [
+        f"Received: from {helo} ([{client}])",
+        f"\tby {hostname} (MailFlowr Gateway) with {protocol} id {queue_id}",
+    ]
+    date = email.utils.format_datetime(when)
+    if len(recipients) == 1 and not has_unsafe_chars(recipients[0]):
+        parts.append(f"\tfor <{recipients[0]}>; {date}")
+    else:
+        parts[-1] += ";"
+        parts.append(f"\t{date}")
+    return "\r\n".join(parts) + "\r\n"
+
+
+def protocol_factory(
+    handler: IngressHandler, settings: SMTPConfig, tracker: ConnectionTracker, metrics: Metrics,
+    tls_context: Any = None,
+) -> Callable[[], GatewaySMTP]:
+    def make() -> GatewaySMTP:
+        return GatewaySMTP(handler, settings=settings, tracker=tracker, metrics=metrics,
+                           tls_context=tls_context)
+
+    return make

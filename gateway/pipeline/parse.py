@@ -1,0 +1,181 @@
+"""Parse stored messages with mail-parser, in child processes, with a time bound.
+
+mail-parser has had uncaught-exception and ReDoS advisories, and a hostile
+message (MIME nested 1,000 deep, 100,000 parts) can take seconds of CPU.  So
+parsing never runs on the event loop or in the daemon's process: each parser
+process takes one message at a time, a parse that overruns its time bound gets
+its process killed and replaced, and any exception means "unparseable" — the
+message stays stored and is flagged, never lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import logging
+import multiprocessing
+import multiprocessing.connection
+import resource
+import signal
+from dataclasses import dataclass
+from typing import Any
+
+from gateway.store.repository import ParsedFields
+
+log = logging.getLogger(__name__)
+
+MAX_FIELD = 998  # longest header text we keep per field (RFC 5322 line length)
+MAX_ADDRESSES = 1000  # header addresses indexed per message
+MAX_ATTACHMENTS = 1000
+CHILD_MEMORY = 2 << 30  # address-space cap of a parser process
+
+
+def _clip(text: Any) -> str | None:
+    if text is None:
+        return None
+    text = str(text)
+    return text if len(text) <= MAX_FIELD else text[:MAX_FIELD]
+
+
+def _display(pairs: Any) -> str | None:
+    if not pairs:
+        return None
+    return _clip(", ".join(email.utils.formataddr((n, a)) if n else a for n, a in pairs))
+
+
+def parse_message(raw: bytes) -> dict[str, Any]:
+    """Pure parse of one message; returns plain data (picklable)."""
+    import mailparser
+
+    try:
+        mail = mailparser.parse_from_bytes(raw)
+        headers = mail.message
+        addresses: list[tuple[str, str]] = []
+        for role, name in (("from", "from"), ("sender", "sender"), ("reply_to", "reply-to"),
+                           ("to", "to"), ("cc", "cc"), ("bcc", "bcc")):
+            values = [str(v) for v in headers.get_all(name, [])]
+            for _, addr in email.utils.getaddresses(values):
+                addr = addr.strip().lower()
+                if addr and len(addresses) < MAX_ADDRESSES:
+                    addresses.append((role, addr[:MAX_FIELD]))
+        attachments = [
+            {
+                "filename": _clip(a.get("filename")),
+                "content_type": _clip(a.get("mail_content_type")),
+                "size": len(a.get("payload") or ""),
+            }
+            for a in mail.attachments[:MAX_ATTACHMENTS]
+        ]
+        date = headers.get("date")
+        return {
+            "message_id": _clip(mail.message_id),
+            "header_from": _display(mail.from_),
+            "header_to": _display(mail.to),
+            "header_cc": _display(mail.cc),
+            "subject": _clip(mail.subject),
+            "date": _clip(str(date)) if date is not None else None,
+            "attachments": attachments,
+            "defects": sorted(mail.defects_categories)[:100],
+            "parse_failed": False,
+            "addresses": addresses,
+        }
+    except Exception as exc:  # any failure of the third-party parser = unparseable
+        return failed(f"{exc.__class__.__name__}: {str(exc)[:200]}")
+
+
+def failed(reason: str) -> dict[str, Any]:
+    return {
+        "message_id": None, "header_from": None, "header_to": None, "header_cc": None,
+        "subject": None, "date": None, "attachments": [], "defects": [f"unparseable: {reason}"],
+        "parse_failed": True, "addresses": [],
+    }
+
+
+def to_fields(result: dict[str, Any]) -> ParsedFields:
+    return ParsedFields(**{k: result[k] for k in ParsedFields.__slots__})
+
+
+def _serve(conn: multiprocessing.connection.Connection) -> None:
+    """The parser process: one message in, one result out, until the pipe closes."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon decides when we stop
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+    while True:
+        try:
+            raw = conn.recv_bytes()
+        except (EOFError, OSError):
+            return
+        try:
+            result = parse_message(raw)
+        except MemoryError:
+            result = failed("MemoryError: over the parser's memory limit")
+        conn.send(result)
+
+
+@dataclass
+class _Child:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+
+
+class ParserPool:
+    """A fixed number of parser processes; ``parse()`` never blocks the loop."""
+
+    def __init__(self, size: int, timeout: float) -> None:
+        self.size = size
+        self.timeout = timeout
+        self._ctx = multiprocessing.get_context("spawn")
+        self._idle: asyncio.Queue[_Child] | None = None
+        self._children: list[_Child] = []
+
+    def _spawn(self) -> _Child:
+        parent, child = self._ctx.Pipe()
+        process = self._ctx.Process(target=_serve, args=(child,), name="mailflowr-parser",
+                                    daemon=True)
+        process.start()
+        child.close()
+        c = _Child(process, parent)
+        self._children.append(c)
+        return c
+
+    async def start(self) -> None:
+        self._idle = asyncio.Queue()
+        for _ in range(self.size):
+            self._idle.put_nowait(await asyncio.to_thread(self._spawn))
+
+    async def parse(self, raw: bytes) -> dict[str, Any]:
+        assert self._idle is not None, "ParserPool.start() was not awaited"
+        child = await self._idle.get()
+        healthy = False
+        try:
+            result, healthy = await asyncio.to_thread(self._run, child, raw)
+            return result
+        finally:
+            if healthy:
+                self._idle.put_nowait(child)
+            else:
+                self._kill(child)
+                self._idle.put_nowait(await asyncio.to_thread(self._spawn))
+
+    def _run(self, child: _Child, raw: bytes) -> tuple[dict[str, Any], bool]:
+        try:
+            child.conn.send_bytes(raw)
+            if not child.conn.poll(self.timeout):
+                return failed(f"parse took longer than {self.timeout:g} s"), False
+            return child.conn.recv(), True
+        except (EOFError, OSError, BrokenPipeError):
+            return failed(f"parser process ended (exit code {child.process.exitcode})"), False
+
+    def _kill(self, child: _Child) -> None:
+        if child in self._children:
+            self._children.remove(child)
+        child.conn.close()
+        if child.process.is_alive():
+            child.process.kill()
+        child.process.join(5)
+
+    async def close(self) -> None:
+        for child in list(self._children):
+            await asyncio.to_thread(self._kill, child)

@@ -1,0 +1,110 @@
+"""The pipeline worker: the one place that knows the order of post-acceptance stages.
+
+It claims stored messages (status=received) from the database, runs the
+stages on each (parse today; authentication, classification and workflow
+rules plug in here), and records the outcome in one transaction.  It keeps no
+state of its own: after a crash, leases expire and the work is claimed again,
+so every stage must be idempotent.  An unexpected error in one message
+quarantines that message (kept, never deleted) and the loop carries on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from collections.abc import Callable
+
+from gateway.pipeline.parse import ParserPool, to_fields
+from gateway.store.repository import Store
+
+log = logging.getLogger(__name__)
+
+
+class PipelineWorker:
+    def __init__(
+        self,
+        store: Store,
+        parser: ParserPool,
+        *,
+        batch_size: int,
+        poll_interval: float,
+        lease_time: float,
+        on_outcome: Callable[[str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.parser = parser
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self.lease_time = lease_time
+        self.owner = f"{socket.gethostname()}:{os.getpid()}"[:64]
+        self.wakeup = asyncio.Event()
+        self._on_outcome = on_outcome
+        self._stopping = False
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self.store.notify_on_commit(self.wakeup)
+        self._task = asyncio.create_task(self._run(), name="pipeline")
+
+    async def stop(self) -> None:
+        """Finish the message in hand, give the rest of the claim back, and stop."""
+        self._stopping = True
+        self.wakeup.set()
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        while not self._stopping:
+            try:
+                ids = await asyncio.to_thread(
+                    self.store.claim, self.owner, self.batch_size, self.lease_time
+                )
+            except Exception:  # loop boundary: the database may be away; try again later
+                log.exception("pipeline: claiming work failed")
+                ids = []
+            if ids:
+                await self._process_claim(ids)
+                continue
+            self.wakeup.clear()
+            try:
+                await asyncio.wait_for(self.wakeup.wait(), self.poll_interval)
+            except TimeoutError:
+                pass
+
+    async def _process_claim(self, ids: list[str]) -> None:
+        for n, message_id in enumerate(ids):
+            if self._stopping:
+                await asyncio.to_thread(self.store.release, ids[n:], self.owner)
+                return
+            try:
+                outcome = await self.process(message_id)
+            except Exception as exc:  # the one catch-all per message
+                log.exception("%s: pipeline failed, quarantined", message_id)
+                outcome = "quarantined"
+                try:
+                    await asyncio.to_thread(
+                        self.store.quarantine, message_id, self.owner,
+                        f"{exc.__class__.__name__}: {exc}",
+                    )
+                except Exception:
+                    log.exception("%s: could not record quarantine; lease will expire",
+                                  message_id)
+            if self._on_outcome is not None:
+                self._on_outcome(outcome)
+
+    async def process(self, message_id: str) -> str:
+        """Run every stage on one claimed message; returns the outcome name."""
+        raw = await asyncio.to_thread(self.store.raw, message_id)
+        if raw is None:
+            raise LookupError("raw original missing")
+        parsed = to_fields(await self.parser.parse(raw))
+        if parsed.parse_failed:
+            log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
+        if not await asyncio.to_thread(self.store.finish, message_id, self.owner, parsed):
+            log.warning("%s: lease lost before the result was saved; left to its new owner",
+                        message_id)
+            return "lease_lost"
+        log.info("%s: processed message-id=%s", message_id, parsed.message_id)
+        return "unparseable" if parsed.parse_failed else "processed"

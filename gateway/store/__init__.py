@@ -1,0 +1,1 @@
+"""Durable storage: schema, migrations, and the repository the daemon writes through."""

@@ -1,0 +1,121 @@
+"""The database schema, as SQLAlchemy Core tables (one MetaData, no ORM state).
+
+Raw originals live in their own table so that listing messages never reads
+message bodies, and so that erasure later removes them with the row.  Every
+address a message carries (envelope and, once parsed, headers) is a row of
+``message_addresses``: one index answers "which messages mention X".
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+)
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+        "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+# Message states: received (stored, 250 sent) -> processed; quarantined when a
+# stage failed unexpectedly (kept, never deleted, for a human to look at).
+RECEIVED = "received"
+PROCESSED = "processed"
+QUARANTINED = "quarantined"
+
+tenants = Table(
+    "tenants",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", Text, nullable=False, default=""),
+    Column("active", Boolean, nullable=False, default=True),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+messages = Table(
+    "messages",
+    metadata,
+    Column("id", String(26), primary_key=True),  # time-ordered, see store.ids
+    Column("tenant_id", String(64), ForeignKey("tenants.id"), nullable=False),
+    Column("status", String(16), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("mail_from", Text, nullable=False),  # '' for the null sender <>
+    Column("size", Integer, nullable=False),
+    Column("sha256", String(64), nullable=False),
+    Column("client_address", String(64), nullable=False),
+    Column("helo", Text, nullable=False),
+    Column("protocol", String(16), nullable=False),
+    Column("trace_header", Text, nullable=False),  # our Received:, kept apart from the original
+    Column("smtputf8", Boolean, nullable=False, default=False),
+    # Filled by the pipeline's parse stage:
+    Column("message_id", Text),
+    Column("header_from", Text),
+    Column("header_to", Text),
+    Column("header_cc", Text),
+    Column("subject", Text),
+    Column("date", Text),
+    Column("attachments", JSON),  # [{"filename", "content_type", "size"}]
+    Column("tags", JSON, nullable=False),
+    Column("defects", JSON),
+    Column("parse_failed", Boolean, nullable=False, default=False),
+    Column("processed_at", DateTime(timezone=True)),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+    Column("last_error", Text),
+    Index("ix_messages_status_id", "status", "id"),
+    Index("ix_messages_tenant_id_id", "tenant_id", "id"),
+)
+
+message_blobs = Table(
+    "message_blobs",
+    metadata,
+    Column(
+        "message_id", String(26), ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
+    ),
+    Column("data", LargeBinary, nullable=False),
+)
+
+# role: mail_from | rcpt_to (envelope, written at acceptance) and
+#       from | sender | reply_to | to | cc | bcc (headers, written by the parser)
+message_addresses = Table(
+    "message_addresses",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "message_id",
+        String(26),
+        ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("role", String(16), nullable=False),
+    Column("address", Text, nullable=False, index=True),
+)
+
+audit_events = Table(
+    "audit_events",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("tenant_id", String(64)),
+    Column("actor", Text, nullable=False),
+    Column("action", String(64), nullable=False),
+    Column("message_id", String(26)),
+    Column("detail", JSON, nullable=False),
+)

@@ -1,0 +1,476 @@
+"""Every read and write of the database goes through ``Store``.
+
+Acceptance is group-committed: SMTP sessions hand their messages to
+``accept()``, one committer thread writes everything that arrived meanwhile in
+one transaction (one fsync), and each session's future resolves only after
+that commit returned.  So throughput is not capped by the disk's fsync rate and
+250 still means "on disk".  The pipeline's calls (claim, finish, quarantine)
+and the command line's reads are plain synchronous methods, run off the event
+loop by their callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
+
+from gateway.errors import TempFailure
+from gateway.store.models import (
+    PROCESSED,
+    QUARANTINED,
+    RECEIVED,
+    audit_events,
+    message_addresses,
+    message_blobs,
+    messages,
+    tenants,
+)
+
+log = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5  # a message that has stopped the worker this often is quarantined
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class NewMessage:
+    """One accepted message for one tenant, as the ingress hands it over."""
+
+    id: str
+    tenant_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    data: bytes
+    sha256: str
+    received_at: datetime
+    client_address: str
+    helo: str
+    protocol: str
+    trace_header: str
+    smtputf8: bool
+
+
+@dataclass(slots=True)
+class _Pending:
+    messages: Sequence[NewMessage]
+    future: asyncio.Future[None]
+    queued_at: float = field(default_factory=time.monotonic)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedFields:
+    """What the parse stage learned about a message."""
+
+    message_id: str | None
+    header_from: str | None
+    header_to: str | None
+    header_cc: str | None
+    subject: str | None
+    date: str | None
+    attachments: list[dict[str, Any]]
+    defects: list[str]
+    parse_failed: bool
+    addresses: list[tuple[str, str]]  # (role, address) from headers
+
+
+class Store:
+    """The gateway's database, behind one object passed to every part."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        commit_batch_max: int = 512,
+        sqlite_path: Path | None = None,
+        min_free_space: int = 0,
+        on_commit: Callable[[int, float], None] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.commit_batch_max = commit_batch_max
+        self.sqlite_path = sqlite_path
+        self.min_free_space = min_free_space
+        self._on_commit = on_commit  # (messages, seconds) of each group commit, for metrics
+        self._queue: asyncio.Queue[_Pending | None] | None = None
+        self._committer: asyncio.Task[None] | None = None
+        self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
+        self._listeners: list[asyncio.Event] = []
+        self._space_checked = 0.0
+        self._space_ok = True
+
+    # ------------------------------------------------------------ acceptance
+    async def start(self) -> None:
+        self._queue = asyncio.Queue()
+        self._committer = asyncio.create_task(self._commit_loop(), name="group-commit")
+
+    async def close(self) -> None:
+        """Commit whatever is queued, then stop the committer."""
+        if self._queue is not None and self._committer is not None:
+            await self._queue.put(None)
+            await self._committer
+        self._executor.shutdown(wait=True)
+
+    def notify_on_commit(self, event: asyncio.Event) -> None:
+        """Set ``event`` after every commit of new messages (wakes the pipeline)."""
+        self._listeners.append(event)
+
+    async def accept(self, batch: Sequence[NewMessage]) -> None:
+        """Store ``batch`` atomically; returns once it is committed durably.
+
+        Raises TempFailure when the database cannot take it (the caller answers 451).
+        """
+        assert self._queue is not None, "Store.start() was not awaited"
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(batch, future))
+        # shield: a client that hangs up must not cancel a commit that is under way
+        await asyncio.shield(future)
+
+    async def _commit_loop(self) -> None:
+        assert self._queue is not None
+        loop = asyncio.get_running_loop()
+        stopping = False
+        while not stopping:
+            first = await self._queue.get()
+            if first is None:
+                break
+            group = [first]
+            count = len(first.messages)
+            while count < self.commit_batch_max and not self._queue.empty():
+                item = self._queue.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+                count += len(item.messages)
+            started = time.monotonic()
+            try:
+                await loop.run_in_executor(self._executor, self._write_group, group)
+            except (IntegrityError, DBAPIError) as exc:
+                if len(group) > 1 and not _is_connection_error(exc):
+                    # One bad item must not fail the others: write them one by one.
+                    for item in group:
+                        await self._commit_single(loop, item)
+                else:
+                    log.error("commit of %d messages failed: %s", count, _one_line(exc))
+                    _fail(group, exc)
+                continue
+            except (SQLAlchemyError, OSError) as exc:
+                log.error("commit of %d messages failed: %s", count, _one_line(exc))
+                _fail(group, exc)
+                continue
+            if self._on_commit is not None:
+                self._on_commit(count, time.monotonic() - started)
+            for item in group:
+                if not item.future.done():
+                    item.future.set_result(None)
+            for event in self._listeners:
+                event.set()
+
+    async def _commit_single(self, loop: asyncio.AbstractEventLoop, item: _Pending) -> None:
+        try:
+            await loop.run_in_executor(self._executor, self._write_group, [item])
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("commit of message %s failed: %s", item.messages[0].id, _one_line(exc))
+            _fail([item], exc)
+        else:
+            if not item.future.done():
+                item.future.set_result(None)
+
+    def _write_group(self, group: Sequence[_Pending]) -> None:
+        rows, blobs, addresses = [], [], []
+        for item in group:
+            for m in item.messages:
+                rows.append(
+                    {
+                        "id": m.id,
+                        "tenant_id": m.tenant_id,
+                        "status": RECEIVED,
+                        "received_at": m.received_at,
+                        "mail_from": m.mail_from,
+                        "size": len(m.data),
+                        "sha256": m.sha256,
+                        "client_address": m.client_address,
+                        "helo": m.helo,
+                        "protocol": m.protocol,
+                        "trace_header": m.trace_header,
+                        "smtputf8": m.smtputf8,
+                        "tags": [],
+                        "parse_failed": False,
+                        "attempts": 0,
+                    }
+                )
+                blobs.append({"message_id": m.id, "data": m.data})
+                addresses.append({"message_id": m.id, "role": "mail_from", "address": m.mail_from})
+                addresses.extend(
+                    {"message_id": m.id, "role": "rcpt_to", "address": r} for r in m.recipients
+                )
+        with self.engine.begin() as conn:
+            conn.execute(insert(messages), rows)
+            conn.execute(insert(message_blobs), blobs)
+            conn.execute(insert(message_addresses), addresses)
+
+    def has_free_space(self) -> bool:
+        """False when the disk holding the SQLite database is below min_free_space.
+
+        Looked up at most once a second: statvfs per MAIL FROM would be wasted work.
+        """
+        if self.sqlite_path is None or self.min_free_space <= 0:
+            return True
+        now = time.monotonic()
+        if now - self._space_checked >= 1.0:
+            self._space_checked = now
+            try:
+                st = os.statvfs(self.sqlite_path.parent)
+            except OSError:
+                self._space_ok = False
+            else:
+                self._space_ok = st.f_bavail * st.f_frsize >= self.min_free_space
+        return self._space_ok
+
+    # ------------------------------------------------------------ tenants
+    def sync_tenants(self, configured: Mapping[str, str]) -> None:
+        """Make a row for every configured tenant (id -> display name)."""
+        with self.engine.begin() as conn:
+            known = {r.id: r.name for r in conn.execute(select(tenants.c.id, tenants.c.name))}
+            for tid, name in configured.items():
+                if tid not in known:
+                    conn.execute(
+                        insert(tenants).values(id=tid, name=name, active=True, created_at=utcnow())
+                    )
+                elif known[tid] != name:
+                    conn.execute(update(tenants).where(tenants.c.id == tid).values(name=name))
+
+    # ------------------------------------------------------------ pipeline
+    def claim(self, owner: str, limit: int, lease: float) -> list[str]:
+        """Take up to ``limit`` received messages whose lease is free or expired.
+
+        On PostgreSQL, SKIP LOCKED lets several instances claim side by side;
+        SQLite's write lock (BEGIN IMMEDIATE) serialises the same statement.
+        """
+        now = utcnow()
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(messages)
+                .where(
+                    messages.c.status == RECEIVED,
+                    messages.c.attempts >= MAX_ATTEMPTS,
+                    or_(messages.c.lease_until.is_(None), messages.c.lease_until < now),
+                )
+                .values(
+                    status=QUARANTINED,
+                    last_error=f"stopped the worker {MAX_ATTEMPTS} times",
+                    lease_owner=None,
+                    lease_until=None,
+                )
+            )
+            ids = list(
+                conn.execute(
+                    select(messages.c.id)
+                    .where(
+                        messages.c.status == RECEIVED,
+                        or_(messages.c.lease_until.is_(None), messages.c.lease_until < now),
+                    )
+                    .order_by(messages.c.id)
+                    .limit(limit)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if ids:
+                conn.execute(
+                    update(messages)
+                    .where(messages.c.id.in_(ids))
+                    .values(
+                        lease_owner=owner,
+                        lease_until=now + timedelta(seconds=lease),
+                        attempts=messages.c.attempts + 1,
+                    )
+                )
+        return ids
+
+    def raw(self, message_id: str) -> bytes | None:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return conn.execute(
+                select(message_blobs.c.data).where(message_blobs.c.message_id == message_id)
+            ).scalar_one_or_none()
+
+    def finish(self, message_id: str, owner: str, parsed: ParsedFields) -> bool:
+        """Record the parse result and mark the message processed.
+
+        Returns False (and changes nothing) when the lease was lost meanwhile.
+        """
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(messages)
+                .where(
+                    messages.c.id == message_id,
+                    messages.c.status == RECEIVED,
+                    messages.c.lease_owner == owner,
+                )
+                .values(
+                    status=PROCESSED,
+                    processed_at=utcnow(),
+                    message_id=parsed.message_id,
+                    header_from=parsed.header_from,
+                    header_to=parsed.header_to,
+                    header_cc=parsed.header_cc,
+                    subject=parsed.subject,
+                    date=parsed.date,
+                    attachments=parsed.attachments,
+                    defects=parsed.defects,
+                    parse_failed=parsed.parse_failed,
+                    lease_owner=None,
+                    lease_until=None,
+                    last_error=None,
+                )
+            ).rowcount
+            if done != 1:
+                return False
+            conn.execute(
+                delete(message_addresses).where(
+                    message_addresses.c.message_id == message_id,
+                    message_addresses.c.role.not_in(("mail_from", "rcpt_to")),
+                )
+            )
+            if parsed.addresses:
+                conn.execute(
+                    insert(message_addresses),
+                    [
+                        {"message_id": message_id, "role": role, "address": addr}
+                        for role, addr in parsed.addresses
+                    ],
+                )
+        return True
+
+    def quarantine(self, message_id: str, owner: str, error: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(messages)
+                .where(messages.c.id == message_id, messages.c.lease_owner == owner)
+                .values(status=QUARANTINED, last_error=error[:2000], lease_owner=None,
+                        lease_until=None)
+            )
+
+    def release(self, message_ids: Iterable[str], owner: str) -> None:
+        """Give back claimed messages unprocessed (shutdown), without using an attempt."""
+        ids = list(message_ids)
+        if not ids:
+            return
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(messages)
+                .where(messages.c.id.in_(ids), messages.c.lease_owner == owner,
+                       messages.c.status == RECEIVED)
+                .values(lease_owner=None, lease_until=None, attempts=messages.c.attempts - 1)
+            )
+
+    # ------------------------------------------------------------ reading
+    def count_by_status(self) -> dict[str, int]:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return {
+                r.status: r.n
+                for r in conn.execute(
+                    select(messages.c.status, func.count().label("n")).group_by(messages.c.status)
+                )
+            }
+
+    def list_messages(
+        self, tenant: str | None = None, limit: int | None = None, status: str | None = None
+    ) -> list[dict[str, Any]]:
+        q = select(messages).order_by(messages.c.id)
+        if tenant is not None:
+            q = q.where(messages.c.tenant_id == tenant)
+        if status is not None:
+            q = q.where(messages.c.status == status)
+        if limit is not None:
+            q = q.limit(limit)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q)]
+            recipients = self._recipients(conn, [r["id"] for r in rows])
+        for r in rows:
+            r["recipients"] = recipients.get(r["id"], [])
+        return rows
+
+    def get_message(self, message_id: str) -> dict[str, Any] | None:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+            if row is None:
+                return None
+            result = dict(row._mapping)
+            result["recipients"] = self._recipients(conn, [message_id]).get(message_id, [])
+            result["addresses"] = [
+                (r.role, r.address)
+                for r in conn.execute(
+                    select(message_addresses.c.role, message_addresses.c.address)
+                    .where(message_addresses.c.message_id == message_id)
+                    .order_by(message_addresses.c.id)
+                )
+            ]
+        return result
+
+    @staticmethod
+    def _recipients(conn: Any, ids: list[str]) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        for chunk in range(0, len(ids), 500):
+            part = ids[chunk : chunk + 500]
+            for r in conn.execute(
+                select(message_addresses.c.message_id, message_addresses.c.address)
+                .where(and_(message_addresses.c.message_id.in_(part),
+                            message_addresses.c.role == "rcpt_to"))
+                .order_by(message_addresses.c.id)
+            ):
+                out.setdefault(r.message_id, []).append(r.address)
+        return out
+
+    # ------------------------------------------------------------ audit
+    def audit(
+        self,
+        actor: str,
+        action: str,
+        *,
+        tenant_id: str | None = None,
+        message_id: str | None = None,
+        detail: dict[str, Any] | None = None,
+    ) -> None:
+        """Append an audit event (who did what to which data, never content)."""
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(audit_events).values(
+                    at=utcnow(), actor=actor, action=action, tenant_id=tenant_id,
+                    message_id=message_id, detail=detail or {},
+                )
+            )
+
+    def audit_events(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
+        q = select(audit_events).order_by(audit_events.c.id)
+        if tenant_id is not None:
+            q = q.where(audit_events.c.tenant_id == tenant_id)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def _is_connection_error(exc: DBAPIError) -> bool:
+    return bool(exc.connection_invalidated) or exc.__class__.__name__ == "OperationalError"
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"
+
+
+def _fail(group: Sequence[_Pending], exc: BaseException) -> None:
+    for item in group:
+        if not item.future.done():
+            item.future.set_exception(TempFailure(_one_line(exc)))

@@ -1,0 +1,100 @@
+"""Which tenant owns a recipient address, and the SMTP reply when none does.
+
+Pure: configured tenants in, a verdict out, no I/O.  The rules follow
+Postfix's defaults for a server that is nobody's relay: an address is ours
+only when its domain is one a tenant owns and its local part carries no
+routing of its own.  Every open-relay trick (percent hack, quoted local part
+with @, source route, bang path, address literal) is refused with
+``554 5.7.1 Relay access denied`` before anything is looked up.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from gateway.config import TenantConfig
+
+RELAY_DENIED = "554 5.7.1 <{addr}>: Relay access denied"
+USER_UNKNOWN = "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
+BAD_SYNTAX = "501 5.1.3 Bad recipient address syntax"
+NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
+
+_ROUTING_CHARS = ("@", "%", "!", ":")
+
+
+@dataclass(frozen=True, slots=True)
+class Accepted:
+    tenant_id: str
+    address: str  # as given, with the domain in lower case
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    reply: str
+    reason: str  # a metric label: relay, unknown_user, syntax, smtputf8
+
+
+def has_unsafe_chars(address: str) -> bool:
+    """CR, LF, NUL, other controls or spaces outside quotes: never on the wire."""
+    return any(ord(c) < 33 or ord(c) == 127 for c in address)
+
+
+def _sanitize(address: str) -> str:
+    """The address as it may appear inside a reply: printable, short."""
+    text = "".join(c if 32 < ord(c) < 127 else "?" for c in address)
+    return text[:256]
+
+
+class TenantDirectory:
+    """Every tenant's domains and addresses, ready for lookups."""
+
+    def __init__(self, tenants: Mapping[str, TenantConfig], recipient_delimiter: str = "+") -> None:
+        self.recipient_delimiter = recipient_delimiter
+        self._domain_owner: dict[str, str] = {}
+        self._addresses: set[str] = set()
+        self._catch_all: set[str] = set()
+        for tid, tenant in tenants.items():
+            for domain in tenant.domains:
+                self._domain_owner[domain] = tid
+            if tenant.catch_all:
+                self._catch_all.add(tid)
+            self._addresses.update(a.lower() for a in tenant.addresses)
+
+    def owner_of_domain(self, domain: str) -> str | None:
+        return self._domain_owner.get(domain.lower().rstrip("."))
+
+    def resolve(self, address: str, *, smtputf8: bool) -> Accepted | Refused:
+        shown = _sanitize(address)
+        if not address.isascii() and not smtputf8:
+            return Refused(NEED_SMTPUTF8, "smtputf8")
+        if has_unsafe_chars(address):
+            return Refused(BAD_SYNTAX, "syntax")
+        if address.startswith("@"):  # source route @a,@b:user@c
+            return Refused(RELAY_DENIED.format(addr=shown), "relay")
+        local, at, domain = address.rpartition("@")
+        if not at or not local or not domain:  # bang path d!u, bare local part
+            return Refused(RELAY_DENIED.format(addr=shown), "relay")
+        if domain.startswith("["):  # address literal: we own no IP address
+            return Refused(RELAY_DENIED.format(addr=shown), "relay")
+        domain = domain.lower()
+        if domain.endswith("."):
+            domain = domain[:-1]
+        tenant = self._domain_owner.get(domain)
+        if tenant is None:
+            return Refused(RELAY_DENIED.format(addr=shown), "relay")
+        bare = local
+        if len(bare) >= 2 and bare.startswith('"') and bare.endswith('"'):
+            bare = bare[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+        if any(c in bare for c in _ROUTING_CHARS):
+            # user%other@ours, "user@other"@ours, other!user@ours
+            return Refused(RELAY_DENIED.format(addr=shown), "relay")
+        canonical = f"{local}@{domain}"
+        if tenant in self._catch_all:
+            return Accepted(tenant, canonical)
+        base = bare.lower()
+        if self.recipient_delimiter and self.recipient_delimiter in base:
+            base = base.split(self.recipient_delimiter, 1)[0]
+        if f"{bare.lower()}@{domain}" in self._addresses or f"{base}@{domain}" in self._addresses:
+            return Accepted(tenant, canonical)
+        return Refused(USER_UNKNOWN.format(addr=shown), "unknown_user")
