@@ -1,0 +1,318 @@
+"""Fixtures: the real daemon on a loopback port, on SQLite and on PostgreSQL.
+
+PostgreSQL tests use the server named by MAILFLOWR_TEST_POSTGRES_URL (for
+example postgresql+psycopg://postgres@127.0.0.1:5432/test); each gateway gets
+a fresh database there.  Without the variable, or without a reachable server,
+those tests are skipped with the reason, unless MAILFLOWR_TEST_REQUIRE_POSTGRES=1
+(as in CI), where they fail instead.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from gateway.store import database
+from gateway.store.repository import Store
+
+ROOT = Path(__file__).resolve().parent.parent
+PG_ENV = "MAILFLOWR_TEST_POSTGRES_URL"
+PG_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_POSTGRES") == "1"
+BACKENDS = ["sqlite", "postgresql"]
+
+BASE_CONFIG: dict[str, Any] = {
+    "smtp": {
+        "hostname": "mx.gateway.test",
+        "max_message_size": 200_000,
+        "max_recipients": 5,
+        "max_errors": 10,
+        "idle_timeout": "30s",
+        "shutdown_timeout": "10s",
+    },
+    "pipeline": {"poll_interval": "0.5s", "parse_timeout": "10s"},
+    "metrics": {"listen": None},
+    "logging": {"level": "INFO"},
+    "tenants": {
+        "acme": {
+            "name": "Acme",
+            "domains": ["acme.test", "acme-mail.test"],
+            "addresses": ["support@acme.test", "billing@acme.test", "info@acme-mail.test"],
+        },
+        "globex": {"name": "Globex", "domains": ["globex.test"], "catch_all": True},
+    },
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def postgres_server_url() -> str:
+    url = os.environ.get(PG_ENV)
+    why = None
+    if not url:
+        why = f"PostgreSQL tests need {PG_ENV}=postgresql+psycopg://USER@HOST:PORT/DB"
+    else:
+        try:
+            engine = create_engine(url, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(text("select 1"))
+            engine.dispose()
+        except Exception as exc:  # any failure to reach it means "no PostgreSQL here"
+            why = f"PostgreSQL at {PG_ENV} unreachable: {str(exc).splitlines()[0]}"
+    if why:
+        if PG_REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    assert url is not None
+    return url
+
+
+class PostgresDatabase:
+    """A throwaway database on the test server."""
+
+    def __init__(self, server_url: str) -> None:
+        self.server_url = server_url
+        self.name = f"mailflowr_test_{uuid.uuid4().hex[:12]}"
+        admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+        admin.dispose()
+        self.url = make_url(server_url).set(database=self.name).render_as_string(
+            hide_password=False
+        )
+
+    def drop(self) -> None:
+        admin = create_engine(self.server_url, isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP DATABASE IF EXISTS "{self.name}" WITH (FORCE)'))
+        admin.dispose()
+
+
+def database_url(backend: str, directory: Path, cleanups: list[Any]) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{directory / 'gateway.db'}"
+    pg = PostgresDatabase(postgres_server_url())
+    cleanups.append(pg.drop)
+    return pg.url
+
+
+class Gateway:
+    """``mailflowr-gateway serve`` as a child process with its own config."""
+
+    def __init__(self, directory: Path, db_url: str, overrides: dict[str, Any] | None = None):
+        self.directory = directory
+        self.db_url = db_url
+        self.port = free_port()
+        config = _merge(BASE_CONFIG, overrides or {})
+        config = _merge(config, {"smtp": {"listen": f"127.0.0.1:{self.port}"},
+                                 "database": {"url": db_url}})
+        self.config = config
+        self.config_path = directory / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.log_path = directory / "gateway.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self._store: Store | None = None
+
+    def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
+            timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+        result = subprocess.run(
+            [sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
+            capture_output=True, timeout=timeout, cwd=self.directory,
+            env={**os.environ, **(env or {})},
+        )
+        if check and result.returncode != 0:
+            raise AssertionError(f"{args} failed: {result.stderr.decode()}")
+        return result
+
+    def start(self, wait: bool = True) -> Gateway:
+        if not database.is_sqlite(self.db_url):
+            self.cli("db", "upgrade", check=True)
+        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
+            stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+        )
+        log.close()
+        if wait:
+            self.wait_listening()
+        return self
+
+    def wait_listening(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                    s.recv(100)
+                return
+            except OSError:
+                time.sleep(0.05)
+        raise AssertionError(f"gateway did not listen within {timeout}s:\n{self.log()}")
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def terminate(self, timeout: float = 30) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                self.terminate(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        if self._store is not None:
+            self._store.engine.dispose()
+            self._store = None
+
+    @property
+    def store(self) -> Store:
+        """A Store on the same database, for reading what the daemon wrote."""
+        if self._store is None:
+            self._store = Store(database.create(self.db_url, pool_size=2))
+        return self._store
+
+    def smtp(self, **kw: Any) -> smtplib.SMTP:
+        return smtplib.SMTP("127.0.0.1", self.port, timeout=kw.pop("timeout", 30), **kw)
+
+    def messages(self, **kw: Any) -> list[dict[str, Any]]:
+        return self.store.list_messages(**kw)
+
+    def wait_processed(self, count: int, timeout: float = 30) -> list[dict[str, Any]]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            rows = self.messages()
+            if len(rows) >= count and all(r["status"] != "received" for r in rows):
+                return rows
+            time.sleep(0.1)
+        raise AssertionError(f"not processed in {timeout}s: {[r['status'] for r in rows]}")
+
+
+@pytest.fixture(autouse=True)
+def _close_raw_clients() -> Iterator[None]:
+    yield
+    while RawClient.opened:
+        RawClient.opened.pop().close()
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def make_gateway(tmp_path: Path, backend: str) -> Iterator[Any]:
+    """Factory: make_gateway(overrides) -> a started Gateway on the test's backend."""
+    made: list[Gateway] = []
+    cleanups: list[Any] = []
+
+    def make(overrides: dict[str, Any] | None = None, start: bool = True,
+             db_url: str | None = None) -> Gateway:
+        directory = tmp_path / f"gw{len(made)}"
+        directory.mkdir()
+        url = db_url or database_url(backend, directory, cleanups)
+        gw = Gateway(directory, url, overrides)
+        made.append(gw)
+        return gw.start() if start else gw
+
+    yield make
+    for gw in made:
+        gw.close()
+    for cleanup in cleanups:
+        cleanup()
+
+
+@pytest.fixture
+def gateway(make_gateway: Any) -> Any:
+    return make_gateway()
+
+
+def simple_message(subject: str = "hello", body: str = "Hello there.\r\n",
+                   sender: str = "alice@sender.test", to: str = "support@acme.test") -> bytes:
+    return (
+        f"From: Alice <{sender}>\r\nTo: {to}\r\nSubject: {subject}\r\n"
+        f"Message-ID: <{uuid.uuid4().hex}@sender.test>\r\n"
+        f"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\n\r\n{body}"
+    ).encode()
+
+
+class RawClient:
+    """A plain socket, for bytes no SMTP library would send."""
+
+    opened: list[RawClient] = []  # closed after each test by the autouse fixture
+
+    def __init__(self, port: int, timeout: float = 10) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buffer = b""
+        RawClient.opened.append(self)
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def reply(self) -> str:
+        """One whole reply (all lines of a multi-line one)."""
+        lines = []
+        while True:
+            while b"\r\n" not in self.buffer:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    raise ConnectionError(f"closed; had {lines!r} {self.buffer!r}")
+                self.buffer += chunk
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            lines.append(line.decode("utf-8", "replace"))
+            if len(line) < 4 or line[3:4] != b"-":
+                return "\n".join(lines)
+
+    def command(self, line: bytes | str) -> str:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return self.reply()
+
+    def closed(self, timeout: float = 5) -> bool:
+        """True when the server has closed the connection."""
+        self.sock.settimeout(timeout)
+        try:
+            while True:
+                chunk = self.sock.recv(65536)
+                if not chunk:
+                    return True
+                self.buffer += chunk
+        except (TimeoutError, socket.timeout):
+            return False
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
