@@ -38,7 +38,8 @@ class PipelineWorker:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease_time = lease_time
-        self.owner = f"{socket.gethostname()}:{os.getpid()}"[:64]
+        self.host = socket.gethostname()[:40]
+        self.owner = f"{self.host}:{os.getpid()}"
         self.wakeup = asyncio.Event()
         self._on_outcome = on_outcome
         self._stopping = False
@@ -56,6 +57,13 @@ class PipelineWorker:
             await self._task
 
     async def _run(self) -> None:
+        try:
+            freed = await asyncio.to_thread(self.store.release_dead_leases, self.host, _pid_alive)
+        except Exception:  # loop boundary: the claim loop below retries the database anyway
+            log.exception("pipeline: could not release leases of dead processes")
+        else:
+            if freed:
+                log.info("pipeline: took back %d messages claimed by a process that died", freed)
         while not self._stopping:
             try:
                 ids = await asyncio.to_thread(
@@ -108,3 +116,13 @@ class PipelineWorker:
             return "lease_lost"
         log.info("%s: processed message-id=%s", message_id, parsed.message_id)
         return "unparseable" if parsed.parse_failed else "processed"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,0 +1,152 @@
+"""The protocol attacks of THREATS.md, sent as real bytes to the real listener."""
+
+from __future__ import annotations
+
+import socket
+import ssl
+
+import pytest
+import trustme
+
+from tests.conftest import RawClient
+
+# Every non-CRLF "end of data" a smuggler may try, each followed by a second message.
+SMUGGLING_ENDINGS = [
+    b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
+    b"\r\n\x00.\r\n",
+]
+
+
+@pytest.mark.parametrize("ending", SMUGGLING_ENDINGS, ids=repr)
+def test_smuggling_never_yields_a_second_message(gateway, ending):
+    c = RawClient(gateway.port)
+    c.reply()
+    c.command("EHLO client.test")
+    assert c.command("MAIL FROM:<a@sender.test>").startswith("250")
+    assert c.command("RCPT TO:<support@acme.test>").startswith("250")
+    assert c.command("DATA").startswith("354")
+    smuggled = (
+        b"MAIL FROM:<admin@acme.test>\r\nRCPT TO:<billing@acme.test>\r\nDATA\r\n"
+        b"From: admin@acme.test\r\nSubject: smuggled\r\n\r\nevil\r\n"
+    )
+    c.send(b"From: a@sender.test\r\nSubject: carrier\r\n\r\nbody" + ending + smuggled)
+    reply = c.command(b".")
+    assert reply.startswith("250 2.0.0"), reply
+    assert c.command("QUIT").startswith("221")
+    rows = gateway.wait_processed(1)
+    assert len(rows) == 1, [r["subject"] for r in rows]
+    assert rows[0]["subject"] == "carrier"
+    assert rows[0]["recipients"] == ["support@acme.test"]
+    raw = gateway.store.raw(rows[0]["id"])
+    # Whatever the smuggler sent stays inside the one message, and no bare CR/LF is stored.
+    assert b"Subject: smuggled" in raw
+    assert raw.count(b"\r") == raw.count(b"\n") == raw.count(b"\r\n")
+
+
+def test_pregreeting_talk_is_554(make_gateway):
+    gw = make_gateway({"smtp": {"greet_pause": "0.5s"}})
+    c = RawClient(gw.port)
+    c.send(b"EHLO eager.test\r\n")
+    assert c.reply().startswith("554 5.5.0")
+    assert c.closed()
+    patient = RawClient(gw.port)
+    assert patient.reply().startswith("220 ")
+    assert patient.command("EHLO patient.test").startswith("250")
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory):
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.gateway.test", "127.0.0.1")
+    directory = tmp_path_factory.mktemp("tls")
+    chain, key = directory / "chain.pem", directory / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    return ca, chain, key
+
+
+def _client_context(ca):
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+def test_starttls(make_gateway, tls_files):
+    ca, chain, key = tls_files
+    gw = make_gateway({"smtp": {"tls": {"cert_file": str(chain), "key_file": str(key)}}})
+    with gw.smtp() as s:
+        s.ehlo("client.test")
+        assert s.has_extn("starttls")
+        assert s.starttls(context=_client_context(ca))[0] == 220
+        s.ehlo("client.test")
+        assert not s.has_extn("starttls")
+        s.sendmail("a@sender.test", ["support@acme.test"],
+                   b"Subject: secret\r\n\r\nover TLS\r\n")
+    row = gw.wait_processed(1)[0]
+    assert row["protocol"] == "ESMTPS"
+    assert "with ESMTPS id" in row["trace_header"]
+
+
+def test_starttls_command_injection_is_discarded(make_gateway, tls_files):
+    """CVE-2024-34083: commands pipelined after STARTTLS in the clear must not run."""
+    ca, chain, key = tls_files
+    gw = make_gateway({"smtp": {"tls": {"cert_file": str(chain), "key_file": str(key)}}})
+    sock = socket.create_connection(("127.0.0.1", gw.port), timeout=10)
+    plain = sock.makefile("rb")
+    assert plain.readline().startswith(b"220 ")
+    sock.sendall(b"EHLO client.test\r\n")
+    while not plain.readline().startswith(b"250 "):
+        pass
+    sock.sendall(b"STARTTLS\r\nMAIL FROM:<injected@sender.test>\r\nRCPT TO:<support@acme.test>\r\n")
+    assert plain.readline().startswith(b"220 ")
+    tls = _client_context(ca).wrap_socket(sock, server_hostname="mx.gateway.test")
+    f = tls.makefile("rwb")
+    f.write(b"EHLO client.test\r\n")
+    f.flush()
+    while not f.readline().startswith(b"250 "):
+        pass
+    # Had the injected MAIL run, this RCPT would be accepted; it must say MAIL is needed.
+    f.write(b"RCPT TO:<support@acme.test>\r\n")
+    f.flush()
+    assert f.readline().startswith(b"503 5.5.1")
+    f.close()
+    tls.close()
+    plain.close()
+
+
+def test_connection_caps(make_gateway):
+    gw = make_gateway({"smtp": {"max_connections_per_ip": 3, "max_connections": 100}})
+    held = [RawClient(gw.port) for _ in range(3)]
+    for c in held:
+        assert c.reply().startswith("220 ")
+    extra = RawClient(gw.port)
+    assert extra.reply().startswith("421 4.7.0")
+    assert extra.closed()
+    held.pop().command("QUIT")
+    # Once one has gone, a new connection is served again.
+    deadline_ok = False
+    for _ in range(50):
+        c = RawClient(gw.port)
+        if c.reply().startswith("220 "):
+            deadline_ok = True
+            break
+    assert deadline_ok
+
+
+def test_total_connection_cap(make_gateway):
+    gw = make_gateway({"smtp": {"max_connections": 2}})
+    held = [RawClient(gw.port) for _ in range(2)]
+    for c in held:
+        assert c.reply().startswith("220 ")
+    extra = RawClient(gw.port)
+    assert extra.reply().startswith("421 4.7.0")
+
+
+def test_idle_client_times_out_with_421(make_gateway):
+    gw = make_gateway({"smtp": {"idle_timeout": "1s"}})
+    c = RawClient(gw.port)
+    c.reply()
+    c.command("EHLO client.test")
+    c.sock.settimeout(10)
+    assert c.reply().startswith("421 4.4.2")
+    assert c.closed()
