@@ -250,8 +250,9 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[KeyPath, st
         path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
         if not all(path):
             raise ConfigError([f"environment {name}: empty key in the variable name"])
+        # Values read as YAML scalars (7 is a number, true a boolean); empty means null.
         try:
-            value = yaml.safe_load(env[name]) if env[name].strip() else ""
+            value = yaml.safe_load(env[name]) if env[name].strip() else None
         except yaml.YAMLError:
             value = env[name]
         node = data

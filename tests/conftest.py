@@ -151,7 +151,7 @@ class Gateway:
     def start(self, wait: bool = True) -> Gateway:
         if not database.is_sqlite(self.db_url):
             self.cli("db", "upgrade", check=True)
-        log = open(self.log_path, "ab")  # noqa: SIM115 - the child keeps it
+        log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
@@ -309,7 +309,7 @@ class RawClient:
                 if not chunk:
                     return True
                 self.buffer += chunk
-        except (TimeoutError, socket.timeout):
+        except TimeoutError:
             return False
         except OSError:
             return True

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Start the gateway on 127.0.0.1:2525 with bench/gateway-bench.yaml, start the reference
+# peers (Postfix 2526, aiosmtpd sink 2527, Haraka 2528 if installed) from
+# ../shared/peers, and load them all with Postfix's smtp-source in one run.
+#   bench/compare.sh            # peers.sh run: 1/20/100 sessions x 4 KiB/100 KiB, 5 reps
+#   bench/compare.sh once 20 4096 3000
+# Knobs of peers.sh (REPS, CONCS, SIZES, MSGS_SMALL, MSGS_LARGE) pass through.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEERS=${PEERS_DIR:-../shared/peers}
+[ -x .venv/bin/mailflowr-gateway ] || { echo "install first: see README.md" >&2; exit 1; }
+"$PEERS/peers.sh" install >/dev/null
+"$PEERS/peers.sh" start postfix aiosmtpd
+rm -rf bench/var
+.venv/bin/mailflowr-gateway serve --config bench/gateway-bench.yaml &
+gw=$!
+trap 'kill -TERM $gw 2>/dev/null; wait $gw 2>/dev/null; "$PEERS/peers.sh" stop postfix aiosmtpd' EXIT
+for _ in $(seq 1 100); do
+    (echo > /dev/tcp/127.0.0.1/2525) 2>/dev/null && break
+    sleep 0.1
+done
+if [ "${1:-run}" = once ]; then
+    shift
+    for port in 2525 2526 2527; do
+        echo "port $port: $("$PEERS/peers.sh" once "$port" "$@")"
+    done
+else
+    "$PEERS/peers.sh" run 2525 2526 2527
+fi

@@ -1,0 +1,105 @@
+"""Configuration: the shipped example works; every mistake names file, line and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.config import load
+from gateway.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "gateway.yaml"
+
+
+def test_example_config_is_valid_and_documented():
+    config = load(EXAMPLE, env={})
+    assert config.smtp.listen == "127.0.0.1:2525"
+    assert config.database.url == "sqlite:///var/gateway.db"
+    assert "example.test" in config.tenants["demo"].domains
+    lines = EXAMPLE.read_text().splitlines()
+    for n, line in enumerate(lines):
+        stripped = line.strip()
+        if stripped and not stripped.startswith("#") and not stripped.startswith("-"):
+            assert lines[n - 1].strip().startswith("#"), f"line {n + 1} has no comment: {line}"
+
+
+def _problems(tmp_path, text, env=None):
+    path = tmp_path / "gw.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load(path, env=env or {})
+    return [p.replace(str(path), "gw.yaml") for p in info.value.problems]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("smtp:\n  listen: nonsense\n", "gw.yaml:2: smtp.listen: expected HOST:PORT"),
+        ("smtp:\n  max_recipients: many\n", "gw.yaml:2: smtp.max_recipients: Input should be"),
+        ("smtp:\n  lisen: 127.0.0.1:25\n", "gw.yaml:2: smtp.lisen: unknown key"),
+        ("smtp:\n  listen: 127.0.0.1:25\n  listen: 127.0.0.1:26\n",
+         "gw.yaml:3: duplicate key 'listen'"),
+        ("smtp: [\n", "gw.yaml:2: "),
+        ("smtp:\n  idle_timeout: forever\n", "gw.yaml:2: smtp.idle_timeout: expected a duration"),
+        ("database:\n  url: mysql://x/y\n", "gw.yaml:2: database.url: only sqlite"),
+        ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n  b:\n    domains: [a.test]\n"
+         "    catch_all: true\n", "domain a.test belongs to both a and b"),
+        ("tenants:\n  a:\n    domains: [a.test]\n    addresses: [x@b.test]\n",
+         "gw.yaml:2: tenants.a: 'x@b.test' is not in one of this tenant's domains"),
+        ("- just\n- a list\n", "gw.yaml:1: the file must be a mapping"),
+    ],
+)
+def test_errors_name_file_line_and_key(tmp_path, text, expected):
+    problems = _problems(tmp_path, text)
+    assert any(expected in p for p in problems), problems
+
+
+def test_environment_overrides(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text("smtp:\n  listen: 127.0.0.1:2525\n")
+    config = load(path, env={"MAILFLOWR_SMTP__LISTEN": "127.0.0.1:2600",
+                             "MAILFLOWR_SMTP__MAX_RECIPIENTS": "7",
+                             "MAILFLOWR_METRICS__LISTEN": ""})
+    assert config.smtp.listen == "127.0.0.1:2600"
+    assert config.smtp.max_recipients == 7
+    assert config.metrics.listen is None
+    problems = _problems(tmp_path, "smtp: {}\n", env={"MAILFLOWR_SMTP__MAX_ERRORS": "lots"})
+    assert problems[0].startswith("environment MAILFLOWR_SMTP__MAX_ERRORS: smtp.max_errors:")
+
+
+def _run(*args):
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          timeout=60, cwd=ROOT)
+
+
+def test_check_command(tmp_path):
+    ok = _run("check", "--config", str(EXAMPLE))
+    assert ok.returncode == 0 and b"ok" in ok.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("smtp:\n  max_message_size: huge\n")
+    result = _run("check", "--config", str(bad))
+    assert result.returncode == 2
+    err = result.stderr.decode()
+    assert f"{bad}:2: smtp.max_message_size: expected a size" in err
+    assert "Traceback" not in err
+    missing = _run("check", "--config", str(tmp_path / "nope.yaml"))
+    assert missing.returncode == 2 and b"No such file" in missing.stderr
+
+
+def test_serve_refuses_a_bad_config_with_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tenants:\n  Bad Id:\n    domains: [x.test]\n    catch_all: true\n")
+    result = _run("serve", "--config", str(bad))
+    assert result.returncode == 2
+    assert b"tenant id 'Bad Id'" in result.stderr and b"Traceback" not in result.stderr
+
+
+def test_bad_arguments_are_one_line_exit_2():
+    result = _run("messages", "list", "--limit", "zero")
+    assert result.returncode == 2
+    assert result.stderr.decode().strip().splitlines()[-1].startswith("mailflowr-gateway")
+    assert b"Traceback" not in result.stderr
