@@ -10,20 +10,23 @@ cd "$(dirname "$0")/.."
 PEERS=${PEERS_DIR:-../shared/peers}
 [ -x .venv/bin/mailflowr-gateway ] || { echo "install first: see README.md" >&2; exit 1; }
 "$PEERS/peers.sh" install >/dev/null
-"$PEERS/peers.sh" start postfix aiosmtpd
+"$PEERS/peers.sh" start            # Haraka only where its npm install succeeded
 rm -rf bench/var
 .venv/bin/mailflowr-gateway serve --config bench/gateway-bench.yaml &
 gw=$!
-trap 'kill -TERM $gw 2>/dev/null; wait $gw 2>/dev/null; "$PEERS/peers.sh" stop postfix aiosmtpd' EXIT
+trap 'kill -TERM $gw 2>/dev/null; wait $gw 2>/dev/null; "$PEERS/peers.sh" stop' EXIT
 for _ in $(seq 1 100); do
     (echo > /dev/tcp/127.0.0.1/2525) 2>/dev/null && break
     sleep 0.1
 done
+ports="2525 2526 2527"
+(echo > /dev/tcp/127.0.0.1/2528) 2>/dev/null && ports="$ports 2528"
 if [ "${1:-run}" = once ]; then
     shift
-    for port in 2525 2526 2527; do
+    for port in $ports; do
         echo "port $port: $("$PEERS/peers.sh" once "$port" "$@")"
     done
 else
-    "$PEERS/peers.sh" run 2525 2526 2527
+    # shellcheck disable=SC2086
+    "$PEERS/peers.sh" run $ports
 fi
