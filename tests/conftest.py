@@ -300,6 +300,14 @@ class RawClient:
         self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
         return self.reply()
 
+    def start_data(self, sender: str = "a@sender.test", rcpt: str = "support@acme.test") -> str:
+        """Greeting, EHLO, MAIL, RCPT and DATA, each checked; returns the DATA reply."""
+        assert self.reply().startswith("220 ")
+        assert self.command("EHLO client.test").startswith("250")
+        assert self.command(f"MAIL FROM:<{sender}>").startswith("250")
+        assert self.command(f"RCPT TO:<{rcpt}>").startswith("250")
+        return self.command("DATA")
+
     def closed(self, timeout: float = 5) -> bool:
         """True when the server has closed the connection."""
         self.sock.settimeout(timeout)

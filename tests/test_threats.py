@@ -20,11 +20,7 @@ SMUGGLING_ENDINGS = [
 @pytest.mark.parametrize("ending", SMUGGLING_ENDINGS, ids=repr)
 def test_smuggling_never_yields_a_second_message(gateway, ending):
     c = RawClient(gateway.port)
-    c.reply()
-    c.command("EHLO client.test")
-    assert c.command("MAIL FROM:<a@sender.test>").startswith("250")
-    assert c.command("RCPT TO:<support@acme.test>").startswith("250")
-    assert c.command("DATA").startswith("354")
+    assert c.start_data().startswith("354")
     smuggled = (
         b"MAIL FROM:<admin@acme.test>\r\nRCPT TO:<billing@acme.test>\r\nDATA\r\n"
         b"From: admin@acme.test\r\nSubject: smuggled\r\n\r\nevil\r\n"

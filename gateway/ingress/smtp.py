@@ -24,7 +24,7 @@ import logging
 import re
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -338,22 +338,19 @@ class GatewaySMTP(SMTP):
         return super()._getaddr(arg)
 
     async def smtp_EHLO(self, hostname: str) -> None:
-        if self._pending_input():
-            self._say_and_close(SYNC_ERROR)
-            return
-        self._verbatim = True
-        try:
-            await super().smtp_EHLO(hostname)
-        finally:
-            self._verbatim = False
+        await self._hello(super().smtp_EHLO, hostname)
 
     async def smtp_HELO(self, hostname: str) -> None:
+        await self._hello(super().smtp_HELO, hostname)
+
+    async def _hello(self, command: Callable[[str], Awaitable[None]], hostname: str) -> None:
+        # RFC 2920: EHLO/HELO end a command group; anything sent behind them is refused.
         if self._pending_input():
             self._say_and_close(SYNC_ERROR)
             return
         self._verbatim = True
         try:
-            await super().smtp_HELO(hostname)
+            await command(hostname)
         finally:
             self._verbatim = False
 

@@ -310,11 +310,14 @@ class Store:
         with self.engine.begin() as conn:
             owners = conn.execute(
                 select(messages.c.lease_owner)
-                .where(messages.c.status == RECEIVED, messages.c.lease_owner.like(f"{host}:%"))
+                .where(messages.c.status == RECEIVED, messages.c.lease_owner.is_not(None))
                 .distinct()
             ).scalars().all()
-            dead = [o for o in owners if not o.rpartition(":")[2].isdigit()
-                    or not alive(int(o.rpartition(":")[2]))]
+            dead = []
+            for owner in owners:
+                owner_host, _, pid = owner.rpartition(":")
+                if owner_host == host and (not pid.isdigit() or not alive(int(pid))):
+                    dead.append(owner)
             if not dead:
                 return 0
             result = conn.execute(
