@@ -20,6 +20,3 @@ def new_id() -> str:
         value >>= 5
     return "".join(reversed(chars))
 
-
-def looks_like_id(text: str) -> bool:
-    return len(text) == 26 and all(c in _ALPHABET for c in text.upper())

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, delete, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
@@ -404,15 +404,6 @@ class Store:
             )
 
     # ------------------------------------------------------------ reading
-    def count_by_status(self) -> dict[str, int]:
-        with self.engine.connect().execution_options(readonly=True) as conn:
-            return {
-                r.status: r.n
-                for r in conn.execute(
-                    select(messages.c.status, func.count().label("n")).group_by(messages.c.status)
-                )
-            }
-
     def list_messages(
         self, tenant: str | None = None, limit: int | None = None, status: str | None = None
     ) -> list[dict[str, Any]]:
