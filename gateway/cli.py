@@ -84,6 +84,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-trace", action="store_true",
                    help="prepend the Received header the gateway added")
     p.set_defaults(func=cmd_messages_export)
+
+    rules = sub.add_parser("rules", help="workflow rules")
+    rsub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
+    p = rsub.add_parser("test", help="which rules match a message, and the plan (sends nothing)")
+    _config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("file", metavar="FILE.eml")
+    p.add_argument("--direction", choices=["inbound", "outbound"], default="inbound")
+    p.add_argument("--sender", help="envelope sender (default: the From address)")
+    p.add_argument("--recipient", action="append",
+                   help="envelope recipient, repeatable (default: To and Cc addresses)")
+    p.set_defaults(func=cmd_rules_test)
     return parser
 
 
@@ -130,13 +142,71 @@ def _store(args: argparse.Namespace) -> Any:
 def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.daemon import serve
 
-    return serve(_config(args))
+    config = _config(args)
+    _workflows(config)  # a broken workflows.yaml stops the start (exit 2), never half-applied
+    return serve(config)
+
+
+def _workflows(config: GatewayConfig) -> Any:
+    from gateway.workflow import loader
+
+    return loader.load(config.policies.workflows, config.tenants, config.destinations)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     print(f"{args.config}: ok ({len(config.tenants)} tenants, "
           f"{sum(len(t.domains) for t in config.tenants.values())} domains)")
+    workflows = _workflows(config)
+    count = sum(len(r) for r in workflows.rules.values())
+    print(f"{config.policies.workflows}: ok ({count} rules)")
+    return EXIT_OK
+
+
+def cmd_rules_test(args: argparse.Namespace) -> int:
+    from gateway.pipeline.parse import parse_message
+    from gateway.workflow.rules import MessageView, evaluate
+
+    config = _config(args)
+    if args.tenant not in config.tenants:
+        raise CommandError(f"no tenant {args.tenant!r} in {args.config}")
+    workflows = _workflows(config)
+    try:
+        raw = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"{args.file}: {exc.strerror}") from None
+    parsed = parse_message(raw)
+    roles = parsed["addresses"]
+    sender = args.sender or next((a for r, a in roles if r == "from"), "")
+    recipients = args.recipient or [a for r, a in roles if r in ("to", "cc")]
+    view = MessageView(
+        direction=args.direction, sender=sender, recipients=tuple(recipients),
+        headers=tuple(parsed["headers"]),
+        attachments=tuple((a["filename"] or "", a["content_type"] or "")
+                          for a in parsed["attachments"]),
+        size=len(raw),
+    )
+    plan = evaluate(workflows.for_tenant(args.tenant), view)
+    print(f"message:    {args.file} ({len(raw)} bytes, {args.direction})")
+    print(f"envelope:   from <{sender}> to {', '.join(f'<{r}>' for r in recipients) or '-'}")
+    if parsed["parse_failed"]:
+        print(f"parse:      {'; '.join(parsed['defects'])}")
+    if not plan.matched:
+        print("matched:    no rule")
+    for name, why in plan.matched:
+        print(f"matched:    {name}: {_printable(why)}")
+    if plan.stopped_by:
+        print(f"stopped by: {plan.stopped_by}")
+    if plan.reject:
+        print(f"outcome:    rejected at end of DATA: {plan.reject}")
+    elif plan.discard:
+        print("outcome:    discarded (accepted, then dropped without a bounce)")
+    else:
+        print("outcome:    delivered")
+        print(f"cc copies:  {', '.join(plan.cc) or '-'}")
+        print(f"bcc copies: {', '.join(plan.bcc) or '-'}")
+        print(f"routes:     {', '.join(plan.routes) or '-'}")
+    print(f"tags:       {', '.join(plan.tags) or '-'}")
     return EXIT_OK
 
 

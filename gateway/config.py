@@ -39,7 +39,7 @@ _TENANT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _LOCAL_PART = re.compile(r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}$")
 
 
-def _parse_size(value: Any) -> Any:
+def parse_size(value: Any) -> Any:
     """Accept 10240000, "10MB", "25 MiB"."""
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+)\s*([A-Za-z]*)\s*", value)
@@ -49,7 +49,7 @@ def _parse_size(value: Any) -> Any:
     return value
 
 
-def _parse_duration(value: Any) -> Any:
+def parse_duration(value: Any) -> Any:
     """Accept 30, 0.5, "30s", "5m", "250ms"."""
     if isinstance(value, str):
         m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-z]*)\s*", value)
@@ -59,8 +59,8 @@ def _parse_duration(value: Any) -> Any:
     return value
 
 
-Size = Annotated[int, BeforeValidator(_parse_size), Field(ge=0)]
-Duration = Annotated[float, BeforeValidator(_parse_duration), Field(ge=0)]
+Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
+Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -208,6 +208,33 @@ class TenantConfig(_Section):
         return self
 
 
+class DestinationConfig(_Section):
+    """A downstream SMTP server that rules may route to."""
+
+    host: str
+    port: int = Field(default=25, ge=1, le=65535)
+    # none: plain; opportunistic: STARTTLS when offered; required: fail without it.
+    tls: Literal["none", "opportunistic", "required"] = "opportunistic"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, v: str) -> str:
+        if v.startswith("[") and v.endswith("]"):
+            return v
+        if not _HOSTNAME.match(v.lower()) and not re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", v):
+            raise ValueError(f"not a host name or address: {v!r}")
+        return v
+
+
+class PoliciesConfig(_Section):
+    # Where workflows.yaml (and later policies) are read from.
+    directory: Path = Path("policies")
+
+    @property
+    def workflows(self) -> Path:
+        return self.directory / "workflows.yaml"
+
+
 class GatewayConfig(_Section):
     smtp: SMTPConfig = SMTPConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -215,6 +242,8 @@ class GatewayConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    policies: PoliciesConfig = PoliciesConfig()
+    destinations: dict[str, DestinationConfig] = {}
     tenants: dict[str, TenantConfig] = {}
 
     @field_validator("tenants")

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 MAX_FIELD = 998  # longest header text we keep per field (RFC 5322 line length)
 MAX_ADDRESSES = 1000  # header addresses indexed per message
 MAX_ATTACHMENTS = 1000
+MAX_HEADERS = 500  # header fields kept for workflow rules
 CHILD_MEMORY = 2 << 30  # address-space cap of a parser process
 
 
@@ -42,6 +43,16 @@ def _display(pairs: Any) -> str | None:
     if not pairs:
         return None
     return _clip(", ".join(email.utils.formataddr((n, a)) if n else a for n, a in pairs))
+
+
+def _decoded(value: Any) -> str:
+    """A header value with RFC 2047 words decoded (raw text if that fails)."""
+    import email.header
+
+    try:
+        return str(email.header.make_header(email.header.decode_header(str(value))))
+    except (ValueError, LookupError, UnicodeError):
+        return str(value)
 
 
 def parse_message(raw: bytes) -> dict[str, Any]:
@@ -68,6 +79,8 @@ def parse_message(raw: bytes) -> dict[str, Any]:
             for a in mail.attachments[:MAX_ATTACHMENTS]
         ]
         date = headers.get("date")
+        fields = [(str(name).lower()[:MAX_FIELD], _clip(_decoded(value)) or "")
+                  for name, value in list(headers.items())[:MAX_HEADERS]]
         return {
             "message_id": _clip(mail.message_id),
             "header_from": _display(mail.from_),
@@ -79,6 +92,7 @@ def parse_message(raw: bytes) -> dict[str, Any]:
             "defects": sorted(mail.defects_categories)[:100],
             "parse_failed": False,
             "addresses": addresses,
+            "headers": fields,
         }
     except Exception as exc:  # any failure of the third-party parser = unparseable
         return failed(f"{exc.__class__.__name__}: {str(exc)[:200]}")
@@ -88,7 +102,7 @@ def failed(reason: str) -> dict[str, Any]:
     return {
         "message_id": None, "header_from": None, "header_to": None, "header_cc": None,
         "subject": None, "date": None, "attachments": [], "defects": [f"unparseable: {reason}"],
-        "parse_failed": True, "addresses": [],
+        "parse_failed": True, "addresses": [], "headers": [],
     }
 
 

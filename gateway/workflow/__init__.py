@@ -1,0 +1,1 @@
+"""Workflow rules: which copies, routes and tags a message gets."""
