@@ -85,6 +85,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepend the Received header the gateway added")
     p.set_defaults(func=cmd_messages_export)
 
+    queue = sub.add_parser("queue", help="the delivery queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True, parser_class=_Parser)
+    p = qsub.add_parser("list", help="deliveries with their state, reason and next attempt")
+    _config_arg(p)
+    p.add_argument("--status", choices=["pending", "held", "sent", "failed"])
+    p.add_argument("--tenant")
+    p.add_argument("--all", action="store_true", help="include sent deliveries")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_queue_list)
+    p = qsub.add_parser("retry", help="make deferred, held or failed deliveries due now")
+    _config_arg(p)
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("id", nargs="?", type=_positive_int)
+    which.add_argument("--all", action="store_true")
+    p.set_defaults(func=cmd_queue_retry)
+    p = qsub.add_parser("drop", help="give up a delivery (it is kept as failed)")
+    _config_arg(p)
+    p.add_argument("id", type=_positive_int)
+    p.add_argument("--reason", default="by an operator")
+    p.set_defaults(func=cmd_queue_drop)
+
     rules = sub.add_parser("rules", help="workflow rules")
     rsub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     p = rsub.add_parser("test", help="which rules match a message, and the plan (sends nothing)")
@@ -143,8 +164,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.daemon import serve
 
     config = _config(args)
-    _workflows(config)  # a broken workflows.yaml stops the start (exit 2), never half-applied
-    return serve(config)
+    workflows = _workflows(config)  # a broken workflows.yaml stops the start (exit 2)
+    return serve(config, workflows)
 
 
 def _workflows(config: GatewayConfig) -> Any:
@@ -335,4 +356,53 @@ def cmd_messages_export(args: argparse.Namespace) -> int:
         f"cli:{os.environ.get('USER', 'unknown')}", "message.export",
         tenant_id=row["tenant_id"], message_id=row["id"], detail={"bytes": len(data)},
     )
+    return EXIT_OK
+
+
+def _delivery_json(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"], "message": row["message_id"], "tenant": row["tenant_id"],
+        "kind": row["kind"], "recipient": row["recipient"],
+        "destination": row["destination"] or "relay", "rule": row["rule"],
+        "status": row["status"], "attempts": row["attempts"],
+        "next_attempt_at": _jsonable(row["next_attempt_at"]) if row["status"] == "pending"
+        else None,
+        "reason": row["last_error"],
+    }
+
+
+def cmd_queue_list(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = [r for r in store.list_deliveries(status=args.status, tenant=args.tenant)
+            if args.all or args.status == "sent" or r["status"] != "sent"]
+    items = [_delivery_json(r) for r in rows]
+    if args.json:
+        json.dump(items, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'ID':>6} {'MESSAGE':26} {'KIND':5} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':25} "
+          f"{'RECIPIENT':30} REASON")
+    for d in items:
+        print(f"{d['id']:>6} {d['message']:26} {d['kind']:5} {d['status']:7} {d['attempts']:>5} "
+              f"{d['next_attempt_at'] or '-':25} {_printable(d['recipient'], 30):30} "
+              f"{_printable(d['reason'] or '-', 80)}")
+    return EXIT_OK
+
+
+def cmd_queue_retry(args: argparse.Namespace) -> int:
+    store = _store(args)
+    count = store.retry_deliveries(None if args.all else args.id)
+    if not args.all and count == 0:
+        raise CommandError(f"no delivery {args.id} waiting to be retried")
+    print(f"{count} deliveries due now")
+    return EXIT_OK
+
+
+def cmd_queue_drop(args: argparse.Namespace) -> int:
+    store = _store(args)
+    if not store.drop_delivery(args.id, args.reason):
+        raise CommandError(f"no delivery {args.id} that could be dropped (unknown, or sent)")
+    store.audit(f"cli:{os.environ.get('USER', 'unknown')}", "delivery.drop",
+                detail={"delivery": args.id, "reason": args.reason[:200]})
+    print(f"delivery {args.id} dropped")
     return EXIT_OK

@@ -226,6 +226,26 @@ class DestinationConfig(_Section):
         return v
 
 
+class DeliveryConfig(_Section):
+    # host:port of the relay (smarthost) that copies to other domains go through.
+    relay: str | None = None
+    relay_tls: Literal["none", "opportunistic", "required"] = "opportunistic"
+    concurrency: int = Field(default=10, ge=1, le=500)
+    timeout: Duration = 60.0
+    poll_interval: Duration = 2.0
+    retry_base: Duration = 60.0
+    retry_max: Duration = 3600.0
+    max_age: Duration = 5 * 86400.0
+    lease_time: Duration = 300.0
+
+    @field_validator("relay")
+    @classmethod
+    def _relay(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v)
+        return v
+
+
 class PoliciesConfig(_Section):
     # Where workflows.yaml (and later policies) are read from.
     directory: Path = Path("policies")
@@ -242,6 +262,7 @@ class GatewayConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
     policies: PoliciesConfig = PoliciesConfig()
     destinations: dict[str, DestinationConfig] = {}
     tenants: dict[str, TenantConfig] = {}

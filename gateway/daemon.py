@@ -22,6 +22,7 @@ from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import GatewayConfig, parse_hostport
+from gateway.delivery.queue import DeliveryWorker
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, protocol_factory
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
@@ -29,6 +30,7 @@ from gateway.pipeline.worker import PipelineWorker
 from gateway.store import database
 from gateway.store.repository import Store
 from gateway.tenancy import TenantDirectory
+from gateway.workflow.loader import Workflows
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +86,9 @@ def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
 
 
 class App:
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, workflows: Workflows) -> None:
         self.config = config
+        self.workflows = workflows
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
 
@@ -105,14 +108,18 @@ class App:
         await store.start()
         parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
         await parser.start()
+        delivery = DeliveryWorker(store, config, self.metrics)
         worker = PipelineWorker(
             store, parser,
             batch_size=config.pipeline.batch_size,
             poll_interval=config.pipeline.poll_interval,
             lease_time=config.pipeline.lease_time,
+            workflows=self.workflows,
+            deliveries_planned=delivery.wakeup,
             on_outcome=self.metrics.pipeline_outcome,
         )
         worker.start()
+        delivery.start()
 
         metrics_server = None
         if config.metrics.listen:
@@ -120,7 +127,7 @@ class App:
             try:
                 metrics_server = start_http_server(port, host, registry=self.metrics.registry)
             except OSError as exc:
-                await self._stop_parts(worker, parser, store)
+                await self._stop_parts(worker, delivery, parser, store)
                 raise StartupError(
                     f"metrics.listen {config.metrics.listen}: {exc.strerror}"
                 ) from None
@@ -134,7 +141,7 @@ class App:
                 host, port, reuse_address=True, backlog=1024,
             )
         except OSError as exc:
-            await self._stop_parts(worker, parser, store)
+            await self._stop_parts(worker, delivery, parser, store)
             if metrics_server is not None:
                 metrics_server[0].shutdown()
             raise StartupError(f"smtp.listen {config.smtp.listen}: {exc.strerror}") from None
@@ -154,15 +161,17 @@ class App:
             for session in list(tracker.sessions):
                 if isinstance(session.transport, asyncio.WriteTransport):
                     session.transport.abort()
-        await self._stop_parts(worker, parser, store)
+        await self._stop_parts(worker, delivery, parser, store)
         if metrics_server is not None:
             metrics_server[0].shutdown()
         log.info("stopped")
         return 0
 
     @staticmethod
-    async def _stop_parts(worker: PipelineWorker, parser: ParserPool, store: Store) -> None:
+    async def _stop_parts(worker: PipelineWorker, delivery: DeliveryWorker, parser: ParserPool,
+                          store: Store) -> None:
         await worker.stop()
+        await delivery.stop()
         await store.close()
         await parser.close()
         store.engine.dispose()
@@ -179,9 +188,9 @@ def setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
-def serve(config: GatewayConfig) -> int:
+def serve(config: GatewayConfig, workflows: Workflows) -> int:
     setup_logging(config.logging.level)
-    app = App(config)
+    app = App(config, workflows)
     try:
         return asyncio.run(app.run())
     except StartupError as exc:

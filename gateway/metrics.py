@@ -68,6 +68,14 @@ class Metrics:
             registry=r,
         )
 
+        self.deliveries = Counter(
+            f"{PREFIX}_deliveries_total",
+            "Delivery attempts, by kind (cc, bcc, route) and result "
+            "(sent, deferred, failed, held).",
+            ["kind", "result"],
+            registry=r,
+        )
+
     def observe_commit(self, batch: int, seconds: float) -> None:
         self.commit_batch_size.observe(batch)
         self.commit_duration.observe(seconds)

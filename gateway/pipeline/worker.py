@@ -18,6 +18,9 @@ from collections.abc import Callable
 
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.store.repository import Store
+from gateway.workflow import actions
+from gateway.workflow.loader import Workflows
+from gateway.workflow.rules import INBOUND, MessageView, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +34,14 @@ class PipelineWorker:
         batch_size: int,
         poll_interval: float,
         lease_time: float,
+        workflows: Workflows | None = None,
+        deliveries_planned: asyncio.Event | None = None,
         on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.parser = parser
+        self.workflows = workflows or Workflows()
+        self.deliveries_planned = deliveries_planned
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease_time = lease_time
@@ -104,19 +111,33 @@ class PipelineWorker:
 
     async def process(self, message_id: str) -> str:
         """Run every stage on one claimed message; returns the outcome name."""
-        raw = await asyncio.to_thread(self.store.raw, message_id)
-        if raw is None:
-            raise LookupError("raw original missing")
-        parsed = to_fields(await self.parser.parse(raw))
+        item = await asyncio.to_thread(self.store.pipeline_input, message_id)
+        if item is None:
+            raise LookupError("message or its raw original missing")
+        result = await self.parser.parse(item.raw)
+        parsed = to_fields(result)
         if parsed.parse_failed:
             log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
-        if not await asyncio.to_thread(self.store.finish, message_id, self.owner, parsed):
+        view = MessageView(
+            direction=INBOUND, sender=item.mail_from, recipients=item.recipients,
+            headers=tuple(tuple(h) for h in result["headers"]),
+            attachments=tuple((a["filename"] or "", a["content_type"] or "")
+                              for a in parsed.attachments),
+            size=item.size, tags=frozenset(item.tags),
+        )
+        plan = evaluate(self.workflows.for_tenant(item.tenant_id), view)
+        outcome = actions.outcome(plan, item.recipients, item.tags)
+        if not await asyncio.to_thread(self.store.finish, message_id, self.owner, parsed,
+                                       outcome):
             log.warning("%s: lease lost before the result was saved; left to its new owner",
                         message_id)
             return "lease_lost"
-        log.info("%s: processed message-id=%s", message_id, parsed.message_id)
+        if outcome.deliveries and self.deliveries_planned is not None:
+            self.deliveries_planned.set()
+        log.info("%s: processed message-id=%s rules=%s deliveries=%d", message_id,
+                 parsed.message_id, ",".join(n for n, _ in plan.matched) or "-",
+                 len(outcome.deliveries))
         return "unparseable" if parsed.parse_failed else "processed"
-
 
 def _pid_alive(pid: int) -> bool:
     try:

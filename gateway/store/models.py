@@ -108,6 +108,42 @@ message_addresses = Table(
     Column("address", Text, nullable=False, index=True),
 )
 
+# Delivery states: pending (due at next_attempt_at; deferred ones carry last_error),
+# held (waiting for something an operator must provide, reason in last_error),
+# sent, failed (permanent: 5xx, expired or dropped by an operator).
+PENDING = "pending"
+HELD = "held"
+SENT = "sent"
+FAILED = "failed"
+
+# kind: cc | bcc (copies a rule asked for) | route (the message to a named destination)
+deliveries = Table(
+    "deliveries",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column(
+        "message_id",
+        String(26),
+        ForeignKey("messages.id", ondelete="CASCADE"),
+        nullable=False,
+        index=True,
+    ),
+    Column("tenant_id", String(64), nullable=False),
+    Column("kind", String(8), nullable=False),
+    Column("recipient", Text, nullable=False),
+    Column("destination", String(64)),  # a configured destination, or NULL for the relay
+    Column("rule", Text, nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("attempts", Integer, nullable=False, default=0),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("next_attempt_at", DateTime(timezone=True), nullable=False),
+    Column("last_attempt_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+    Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
+)
+
 audit_events = Table(
     "audit_events",
     metadata,

@@ -27,10 +27,14 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
 from gateway.store.models import (
+    FAILED,
+    HELD,
+    PENDING,
     PROCESSED,
     QUARANTINED,
     RECEIVED,
     audit_events,
+    deliveries,
     message_addresses,
     message_blobs,
     messages,
@@ -85,6 +89,49 @@ class ParsedFields:
     defects: list[str]
     parse_failed: bool
     addresses: list[tuple[str, str]]  # (role, address) from headers
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineInput:
+    """A claimed message as the pipeline stages need it."""
+
+    id: str
+    tenant_id: str
+    mail_from: str
+    recipients: tuple[str, ...]
+    size: int
+    tags: tuple[str, ...]
+    raw: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PlannedDelivery:
+    kind: str  # cc | bcc | route
+    recipient: str
+    destination: str | None  # None: the relay
+    rule: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What the stages after parsing decided: tags, deliveries, notes for a human."""
+
+    tags: tuple[str, ...] = ()
+    deliveries: tuple[PlannedDelivery, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryJob:
+    id: int
+    message_id: str
+    tenant_id: str
+    kind: str
+    recipient: str
+    destination: str | None
+    mail_from: str
+    attempts: int
+    created_at: datetime
 
 
 class Store:
@@ -303,29 +350,44 @@ class Store:
     def release_dead_leases(self, host: str, alive: Callable[[int], bool]) -> int:
         """Free the leases of this host's processes that no longer run.
 
-        A daemon killed with -9 leaves its claimed messages leased; after a
-        restart on the same host they are taken up at once instead of after
-        the lease time.  Leases of other hosts still expire on their own.
+        A daemon killed with -9 leaves its claimed messages and deliveries
+        leased; after a restart on the same host they are taken up at once
+        instead of after the lease time.  Other hosts' leases expire on their own.
         """
+        freed = 0
         with self.engine.begin() as conn:
-            owners = conn.execute(
-                select(messages.c.lease_owner)
-                .where(messages.c.status == RECEIVED, messages.c.lease_owner.is_not(None))
-                .distinct()
-            ).scalars().all()
-            dead = []
-            for owner in owners:
-                owner_host, _, pid = owner.rpartition(":")
-                if owner_host == host and (not pid.isdigit() or not alive(int(pid))):
-                    dead.append(owner)
-            if not dead:
-                return 0
-            result = conn.execute(
-                update(messages)
-                .where(messages.c.status == RECEIVED, messages.c.lease_owner.in_(dead))
-                .values(lease_owner=None, lease_until=None)
-            )
-        return int(result.rowcount)
+            for table, status in ((messages, RECEIVED), (deliveries, PENDING)):
+                owners = conn.execute(
+                    select(table.c.lease_owner)
+                    .where(table.c.status == status, table.c.lease_owner.is_not(None))
+                    .distinct()
+                ).scalars().all()
+                dead = []
+                for owner in owners:
+                    owner_host, _, pid = owner.rpartition(":")
+                    if owner_host == host and (not pid.isdigit() or not alive(int(pid))):
+                        dead.append(owner)
+                if dead:
+                    freed += int(conn.execute(
+                        update(table)
+                        .where(table.c.status == status, table.c.lease_owner.in_(dead))
+                        .values(lease_owner=None, lease_until=None)
+                    ).rowcount)
+        return freed
+
+    def pipeline_input(self, message_id: str) -> PipelineInput | None:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(
+                select(messages.c.tenant_id, messages.c.mail_from, messages.c.size,
+                       messages.c.tags, message_blobs.c.data)
+                .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+                .where(messages.c.id == message_id)
+            ).first()
+            if row is None:
+                return None
+            recipients = self._recipients(conn, [message_id]).get(message_id, [])
+        return PipelineInput(message_id, row.tenant_id, row.mail_from, tuple(recipients),
+                             row.size, tuple(row.tags or ()), row.data)
 
     def raw(self, message_id: str) -> bytes | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
@@ -333,11 +395,16 @@ class Store:
                 select(message_blobs.c.data).where(message_blobs.c.message_id == message_id)
             ).scalar_one_or_none()
 
-    def finish(self, message_id: str, owner: str, parsed: ParsedFields) -> bool:
-        """Record the parse result and mark the message processed.
+    def finish(self, message_id: str, owner: str, parsed: ParsedFields,
+               outcome: Outcome | None = None) -> bool:
+        """Record what the stages found and planned, and mark the message processed.
 
-        Returns False (and changes nothing) when the lease was lost meanwhile.
+        One transaction: the parse result, the tags, every planned delivery and
+        the status change land together or not at all.  Returns False (and
+        changes nothing) when the lease was lost meanwhile.
         """
+        outcome = outcome or Outcome()
+        now = utcnow()
         with self.engine.begin() as conn:
             done = conn.execute(
                 update(messages)
@@ -356,7 +423,8 @@ class Store:
                     subject=parsed.subject,
                     date=parsed.date,
                     attachments=parsed.attachments,
-                    defects=parsed.defects,
+                    defects=[*parsed.defects, *outcome.notes],
+                    tags=list(outcome.tags),
                     parse_failed=parsed.parse_failed,
                     lease_owner=None,
                     lease_until=None,
@@ -377,6 +445,20 @@ class Store:
                     [
                         {"message_id": message_id, "role": role, "address": addr}
                         for role, addr in parsed.addresses
+                    ],
+                )
+            if outcome.deliveries:
+                tenant = conn.execute(
+                    select(messages.c.tenant_id).where(messages.c.id == message_id)
+                ).scalar_one()
+                conn.execute(
+                    insert(deliveries),
+                    [
+                        {"message_id": message_id, "tenant_id": tenant, "kind": d.kind,
+                         "recipient": d.recipient, "destination": d.destination, "rule": d.rule,
+                         "status": PENDING, "attempts": 0, "created_at": now,
+                         "next_attempt_at": now}
+                        for d in outcome.deliveries
                     ],
                 )
         return True
@@ -452,6 +534,94 @@ class Store:
                 out.setdefault(r.message_id, []).append(r.address)
         return out
 
+    # ------------------------------------------------------------ deliveries
+    def claim_deliveries(self, owner: str, limit: int, lease: float) -> list[DeliveryJob]:
+        """Take due pending deliveries (SKIP LOCKED on PostgreSQL, like ``claim``)."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            rows = conn.execute(
+                select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
+                       deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
+                       deliveries.c.attempts, deliveries.c.created_at, messages.c.mail_from)
+                .join(messages, messages.c.id == deliveries.c.message_id)
+                .where(
+                    deliveries.c.status == PENDING,
+                    deliveries.c.next_attempt_at <= now,
+                    or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
+                )
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=deliveries)
+            ).all()
+            if rows:
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_([r.id for r in rows]))
+                    .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease))
+                )
+        return [
+            DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
+                        r.mail_from, r.attempts, _aware(r.created_at))
+            for r in rows
+        ]
+
+    def delivery_content(self, message_id: str) -> tuple[str, bytes] | None:
+        """The trace header and original of a message, for composing what we send."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(
+                select(messages.c.trace_header, message_blobs.c.data)
+                .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+                .where(messages.c.id == message_id)
+            ).first()
+        return None if row is None else (row.trace_header, row.data)
+
+    def delivery_result(self, delivery_id: int, owner: str, status: str, *,
+                        error: str | None = None, retry_at: datetime | None = None) -> bool:
+        """Record one attempt; False when another worker owns the row by now."""
+        now = utcnow()
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id, deliveries.c.lease_owner == owner)
+                .values(
+                    status=status, attempts=deliveries.c.attempts + 1, last_attempt_at=now,
+                    last_error=error[:1000] if error else None,
+                    next_attempt_at=retry_at or now, lease_owner=None, lease_until=None,
+                )
+            ).rowcount
+        return done == 1
+
+    def list_deliveries(self, status: str | None = None,
+                        tenant: str | None = None) -> list[dict[str, Any]]:
+        q = select(deliveries).order_by(deliveries.c.id)
+        if status is not None:
+            q = q.where(deliveries.c.status == status)
+        if tenant is not None:
+            q = q.where(deliveries.c.tenant_id == tenant)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def retry_deliveries(self, delivery_id: int | None = None) -> int:
+        """Make deferred, held or failed deliveries due now (all, or one)."""
+        q = update(deliveries).where(deliveries.c.status.in_((PENDING, HELD, FAILED)))
+        if delivery_id is not None:
+            q = q.where(deliveries.c.id == delivery_id)
+        with self.engine.begin() as conn:
+            return int(conn.execute(
+                q.values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
+                         lease_until=None)
+            ).rowcount)
+
+    def drop_delivery(self, delivery_id: int, reason: str) -> bool:
+        with self.engine.begin() as conn:
+            done = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id, deliveries.c.status != "sent")
+                .values(status=FAILED, last_error=f"dropped: {reason}"[:1000],
+                        lease_owner=None, lease_until=None)
+            ).rowcount
+        return done == 1
+
     # ------------------------------------------------------------ audit
     def audit(
         self,
@@ -477,6 +647,11 @@ class Store:
             q = q.where(audit_events.c.tenant_id == tenant_id)
         with self.engine.connect().execution_options(readonly=True) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def _aware(value: datetime) -> datetime:
+    """SQLite hands back naive datetimes; everything we store is UTC."""
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:

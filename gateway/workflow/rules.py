@@ -238,18 +238,21 @@ class Plan:
     discard: bool = False
     matched: list[tuple[str, str]] = field(default_factory=list)  # (rule name, why)
     stopped_by: str | None = None
+    origin: dict[str, str] = field(default_factory=dict)  # copy address or route -> rule name
 
     @property
     def ended(self) -> bool:
         return self.reject is not None or self.discard
 
 
-def _add_once(target: list[str], values: Sequence[str], seen: set[str]) -> None:
+def _add_once(plan: Plan, target: list[str], values: Sequence[str], seen: set[str],
+              rule: str) -> None:
     for v in values:
         key = v.lower()
         if key not in seen:
             seen.add(key)
             target.append(v)
+            plan.origin[v] = rule
 
 
 def evaluate(rules: Sequence[Rule], msg: MessageView,
@@ -267,10 +270,11 @@ def evaluate(rules: Sequence[Rule], msg: MessageView,
         if on_match is not None:
             on_match(rule)
         a = rule.actions
-        _add_once(plan.cc, a.cc, seen)
-        _add_once(plan.bcc, a.bcc, seen)
+        _add_once(plan, plan.cc, a.cc, seen, rule.name)
+        _add_once(plan, plan.bcc, a.bcc, seen, rule.name)
         if a.route and a.route not in plan.routes:
             plan.routes.append(a.route)
+            plan.origin[a.route] = rule.name
         for t in a.tag:
             if t not in tags:
                 tags.add(t)

@@ -1,0 +1,1 @@
+"""Delivery: compose what goes on the wire and send it, retrying until done."""

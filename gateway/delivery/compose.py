@@ -1,0 +1,52 @@
+"""The bytes a delivery sends: our trace header, then the original, adjusted per kind.
+
+Pure.  Every copy drops any Bcc header the sender's client left in the original
+(Bcc never appears in delivered headers).  A Cc copy names its address in the
+Cc header: appended to the existing Cc field, or as a new field.  Nothing else
+of the original changes.  Stored messages are already CRLF-only, so what this
+returns has no bare CR or LF; SMTP dot-stuffing is the sender's job.
+"""
+
+from __future__ import annotations
+
+import re
+
+_FIELD_START = re.compile(rb"(?m)^(?=[^ \t\r\n])")
+
+
+def _split(raw: bytes) -> tuple[bytes, bytes]:
+    """Header block (with its final CRLF) and the rest (blank line and body)."""
+    if raw.startswith(b"\r\n"):
+        return b"", raw
+    end = raw.find(b"\r\n\r\n")
+    if end < 0:
+        return raw, b""
+    return raw[: end + 2], raw[end + 2:]
+
+
+def _fields(header: bytes) -> list[bytes]:
+    """Header fields, each with its continuation lines."""
+    starts = [m.start() for m in _FIELD_START.finditer(header)]
+    if not starts or starts[0] != 0:
+        starts.insert(0, 0)
+    return [header[a:b] for a, b in zip(starts, [*starts[1:], len(header)], strict=True)
+            if header[a:b]]
+
+
+def _name(field: bytes) -> bytes:
+    return field.split(b":", 1)[0].strip().lower()
+
+
+def compose(trace_header: str, raw: bytes, *, kind: str, recipient: str) -> bytes:
+    header, rest = _split(raw)
+    fields = [f for f in _fields(header) if _name(f) != b"bcc"]
+    if kind == "cc":
+        address = recipient.encode("utf-8")
+        for i, f in enumerate(fields):
+            if _name(f) == b"cc":
+                value = f.rstrip(b"\r\n")
+                fields[i] = value + b",\r\n " + address + b"\r\n"
+                break
+        else:
+            fields.append(b"Cc: " + address + b"\r\n")
+    return trace_header.encode("utf-8") + b"".join(fields) + rest

@@ -1,0 +1,77 @@
+"""A real downstream SMTP server for tests: records what arrives, fails on request."""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiosmtpd.controller import Controller
+
+from tests.conftest import free_port
+
+
+@dataclass
+class Received:
+    mail_from: str
+    rcpt_tos: list[str]
+    data: bytes
+
+    @property
+    def headers(self) -> Any:
+        return email.message_from_bytes(self.data, policy=email.policy.compat32)
+
+    @property
+    def header_block(self) -> bytes:
+        return self.data.split(b"\r\n\r\n", 1)[0]
+
+
+@dataclass
+class SinkHandler:
+    mode: str = "accept"  # accept | tempfail | permfail | drop
+    messages: list[Received] = field(default_factory=list)
+    attempts: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    async def handle_DATA(self, server, session, envelope):
+        with self.lock:
+            self.attempts += 1
+        if self.mode == "tempfail":
+            return "451 4.3.0 Try again later"
+        if self.mode == "permfail":
+            return "550 5.1.1 No such user here"
+        if self.mode == "drop":
+            server.transport.close()
+            return "421 4.3.0 gone"
+        with self.lock:
+            self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
+                                          envelope.original_content))
+        return "250 2.0.0 Ok: stored"
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.handler = SinkHandler()
+        self.port = free_port()
+        self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
+                                     ready_timeout=10)
+        self.controller.start()
+
+    @property
+    def messages(self) -> list[Received]:
+        with self.handler.lock:
+            return list(self.handler.messages)
+
+    def wait(self, count: int, timeout: float = 30) -> list[Received]:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.messages) >= count:
+                return self.messages
+            time.sleep(0.05)
+        raise AssertionError(f"sink got {len(self.messages)} of {count} messages")
+
+    def stop(self) -> None:
+        self.controller.stop()

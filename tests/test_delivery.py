@@ -1,0 +1,216 @@
+"""Workflow copies and routes, delivered through the durable queue to real SMTP servers."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import timedelta
+
+import pytest
+
+from tests.conftest import simple_message
+from tests.sink import Sink
+
+WORKFLOWS = """
+tags: [support, invoice]
+tenants:
+  acme:
+    rules:
+      - name: copies
+        match: {recipient: "support@acme.test"}
+        actions:
+          cc: [manager@partner.test]
+          bcc: [archive@vault.test, hidden@vault.test]
+          tag: [support]
+      - name: billing
+        match: {recipient: "billing@acme.test"}
+        actions: {route: finance, tag: [invoice]}
+      - name: drop-spam
+        match: {header: {Subject: "*SPAM*"}}
+        actions: {discard: true}
+      - name: no-exe
+        match: {attachment_name: "*.exe"}
+        actions: {reject: "550 5.7.1 No executables"}
+"""
+
+
+@pytest.fixture
+def sinks():
+    made = [Sink(), Sink()]
+    yield made
+    for s in made:
+        s.stop()
+
+
+def _gateway(make_gateway, tmp_path, sinks, **delivery):
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "workflows.yaml").write_text(WORKFLOWS)
+    relay, finance = sinks
+    settings = {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
+                "poll_interval": "0.2s", "retry_base": "1s", "retry_max": "4s", "timeout": "10s"}
+    settings.update(delivery)
+    return make_gateway({
+        "policies": {"directory": str(policies)},
+        "destinations": {"finance": {"host": "127.0.0.1", "port": finance.port, "tls": "none"}},
+        "delivery": settings,
+    })
+
+
+def _send_to_billing(gw):
+    _send_to_billing(gw)
+
+
+def _deliveries(gw, timeout=30, until=lambda rows: True):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        rows = gw.store.list_deliveries()
+        if rows and until(rows):
+            return rows
+        time.sleep(0.1)
+    raise AssertionError(f"deliveries did not settle: {gw.store.list_deliveries()}")
+
+
+def test_cc_and_bcc_copies(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    relay, _ = sinks
+    original = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
+                b"Cc: someone@sender.test\r\nBcc: leaked@sender.test\r\n"
+                b"Subject: help\r\n\r\nPlease help.\r\n")
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["support@acme.test"], original)
+    got = {m.rcpt_tos[0]: m for m in relay.wait(3)}
+    assert set(got) == {"manager@partner.test", "archive@vault.test", "hidden@vault.test"}
+    for m in got.values():
+        assert m.mail_from == "alice@sender.test"
+        assert m.data.startswith(b"Received: from ")  # our trace header first
+        assert m.data.endswith(b"\r\n\r\nPlease help.\r\n")
+        assert b"Bcc" not in m.header_block and b"leaked@" not in m.data
+        assert b"\r\n" in m.data and m.data.count(b"\n") == m.data.count(b"\r\n")
+        # No Bcc target appears in any delivered header.
+        assert b"archive@vault.test" not in m.header_block
+        assert b"hidden@vault.test" not in m.header_block
+    cc = got["manager@partner.test"].headers
+    assert cc["Cc"].split(",")[-1].strip() == "manager@partner.test"
+    assert "someone@sender.test" in cc["Cc"]
+    assert "manager@partner.test" not in got["archive@vault.test"].headers.get("Cc", "")
+    rows = _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
+    assert sorted((r["kind"], r["recipient"], r["rule"]) for r in rows) == [
+        ("bcc", "archive@vault.test", "copies"), ("bcc", "hidden@vault.test", "copies"),
+        ("cc", "manager@partner.test", "copies")]
+    assert gw.messages()[0]["tags"] == ["support"]
+
+
+def test_route_to_a_destination(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    relay, finance = sinks
+    _send_to_billing(gw)
+    m = finance.wait(1)[0]
+    assert m.rcpt_tos == ["billing@acme.test"]
+    assert relay.messages == []
+    row = _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")[0]
+    assert (row["kind"], row["destination"]) == ("route", "finance")
+    assert gw.messages()[0]["tags"] == ["invoice"]
+
+
+def test_discard_and_late_reject_send_nothing(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"],
+                   simple_message(subject="buy SPAM now"))
+        s.sendmail("a@sender.test", ["support@acme.test"],
+                   b"Subject: tool\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                   b"--b\r\nContent-Type: application/octet-stream\r\n"
+                   b"Content-Disposition: attachment; filename=run.exe\r\n\r\nMZ\r\n--b--\r\n")
+    rows = {r["subject"]: r for r in gw.wait_processed(2)}
+    assert rows["buy SPAM now"]["defects"] == ["discarded by rule drop-spam"]
+    assert rows["tool"]["defects"][-1] == (
+        "rejected by rule no-exe after acceptance: 550 5.7.1 No executables")
+    time.sleep(1)
+    assert gw.store.list_deliveries() == []
+    assert sinks[0].messages == []
+
+
+def test_temporary_failure_retries_with_backoff(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    _, finance = sinks
+    finance.handler.mode = "tempfail"
+    _send_to_billing(gw)
+    row = _deliveries(gw, until=lambda rows: rows[0]["attempts"] >= 2)[0]
+    assert row["status"] == "pending"
+    assert row["last_error"].startswith("451 4.3.0")
+    due = row["next_attempt_at"].replace(tzinfo=None)
+    last = row["last_attempt_at"].replace(tzinfo=None)
+    assert timedelta(seconds=1.5) <= due - last <= timedelta(seconds=2.5)  # 1s, then 2s
+    listed = json.loads(gw.cli("queue", "list", "--json", check=True).stdout)
+    assert listed[0]["reason"].startswith("451 4.3.0") and listed[0]["next_attempt_at"]
+    finance.handler.mode = "accept"
+    assert len(finance.wait(1, timeout=15)) == 1
+    _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")
+
+
+def test_dropped_connection_is_temporary(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    _, finance = sinks
+    finance.handler.mode = "drop"
+    _send_to_billing(gw)
+    row = _deliveries(gw, until=lambda rows: rows[0]["attempts"] >= 1)[0]
+    assert row["status"] == "pending"
+    finance.handler.mode = "accept"
+    finance.wait(1, timeout=15)
+
+
+def test_permanent_failure_fails_once(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    _, finance = sinks
+    finance.handler.mode = "permfail"
+    _send_to_billing(gw)
+    row = _deliveries(gw, until=lambda rows: rows[0]["status"] == "failed")[0]
+    assert row["last_error"].startswith("550 5.1.1")
+    time.sleep(2.5)
+    assert finance.handler.attempts == 1
+
+
+def test_expired_delivery_fails(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks, max_age="1s")
+    _, finance = sinks
+    finance.handler.mode = "tempfail"
+    _send_to_billing(gw)
+    row = _deliveries(gw, until=lambda rows: rows[0]["status"] == "failed")[0]
+    assert row["attempts"] >= 2 and row["last_error"].startswith("451")
+
+
+def test_copies_without_a_relay_are_held_visibly(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks, relay=None)
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
+    rows = _deliveries(gw, until=lambda rows: len(rows) == 3 and all(
+        r["status"] == "held" for r in rows))
+    assert all("no relay configured" in r["last_error"] for r in rows)
+    text = gw.cli("queue", "list", check=True).stdout.decode()
+    assert text.count("held") == 3 and "no relay configured" in text
+    drop = gw.cli("queue", "drop", str(rows[0]["id"]), "--reason", "not wanted", check=True)
+    assert b"dropped" in drop.stdout
+    assert gw.store.list_deliveries(status="failed")[0]["last_error"] == "dropped: not wanted"
+    assert gw.cli("queue", "drop", "999999").returncode == 1
+    retried = gw.cli("queue", "retry", "--all", check=True).stdout
+    assert retried.startswith(b"3 deliveries due now")
+
+
+def test_restart_mid_delivery_loses_and_duplicates_nothing(make_gateway, tmp_path, sinks):
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    relay, _ = sinks
+    relay.handler.mode = "tempfail"
+    with gw.smtp() as s:
+        for n in range(5):
+            s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject=f"m{n}"))
+    _deliveries(gw, until=lambda rows: len(rows) == 15 and all(r["attempts"] for r in rows))
+    gw.kill()
+    relay.handler.mode = "accept"
+    gw.start()
+    got = relay.wait(15, timeout=30)
+    time.sleep(2)  # anything sent twice would arrive by now
+    got = relay.messages
+    keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in got]
+    assert len(keys) == 15 and len(set(keys)) == 15
+    _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
