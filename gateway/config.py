@@ -106,6 +106,7 @@ class SMTPConfig(_Section):
     max_connections_per_ip: int = Field(default=50, ge=1)
     idle_timeout: Duration = 300.0
     max_errors: int = Field(default=20, ge=1)
+    max_hops: int = Field(default=50, ge=1)
     greet_pause: Duration = 0.0
     bare_newline: Literal["normalize", "reject"] = "normalize"
     shutdown_timeout: Duration = 30.0

@@ -133,7 +133,8 @@ class App:
                 ) from None
 
         tracker = ConnectionTracker(config.smtp.max_connections, config.smtp.max_connections_per_ip)
-        handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics)
+        handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
+                                 self.workflows)
         host, port = config.smtp.address
         try:
             server = await loop.create_server(

@@ -211,3 +211,13 @@ def test_check_reports_workflow_errors(tmp_path):
     assert result.returncode == 2
     assert f"{policies}/workflows.yaml:5: unknown destination 'mars'".encode() in result.stderr
     assert b"Traceback" not in result.stderr
+
+
+def test_early_reject_only_before_body_rules(rules):
+    from gateway.workflow.rules import can_reject_early, early_reject
+
+    # acme's first reject (no-exe) needs the body, so nothing is decided at DATA.
+    assert not can_reject_early(rules)
+    exe = view(attachments=(("run.exe", "application/octet-stream"),))
+    assert early_reject(rules, exe) is None
+    assert evaluate(rules, exe).reject == "550 5.7.1 No executables"

@@ -33,9 +33,12 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
 from gateway.metrics import Metrics
+from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.store.ids import new_id
 from gateway.store.repository import NewMessage, Store, utcnow
 from gateway.tenancy import Accepted, TenantDirectory, has_unsafe_chars
+from gateway.workflow.loader import Workflows
+from gateway.workflow.rules import INBOUND, MessageView, early_reject
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,8 @@ LINE_TOO_LONG = "500 5.5.2 Error: message line longer than 1000 octets (RFC 5321
 BARE_NEWLINE = "550 5.5.2 Error: bare CR or LF in message data"
 TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission channel"
+TOO_MANY_HOPS = "554 5.4.6 Too many hops"
+_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 # aiosmtpd's own reply texts, as Postfix would word them, with enhanced codes.
 _REPLY_REWRITES: dict[str, str] = {
@@ -188,6 +193,12 @@ def has_bare_newline(content: bytes) -> bool:
 
 def normalize_newlines(content: bytes) -> bytes:
     return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
+
+
+def hop_count(content: bytes) -> int:
+    """Received header fields in the header block (a loop shows as many of them)."""
+    end = content.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
+    return len(_RECEIVED.findall(content, 0, end if end >= 0 else HEADER_BLOCK_LIMIT))
 
 
 def longest_line(content: bytes) -> int:
@@ -431,12 +442,14 @@ class IngressHandler:
         directory: TenantDirectory,
         store: Store,
         metrics: Metrics,
+        workflows: Workflows | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.store = store
         self.metrics = metrics
+        self.workflows = workflows or Workflows()
         self.clock = clock
 
     async def handle_EHLO(
@@ -495,8 +508,16 @@ class IngressHandler:
         helo = _safe_helo(session.host_name)
         protocol = _protocol(session, envelope)
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
+        if hop_count(data) >= self.settings.max_hops:
+            self.metrics.smtp_messages.labels("rejected").inc()
+            log.warning("message from %s refused: too many hops", client)
+            return TOO_MANY_HOPS
+        groups = self._early_rules(_state(envelope).tenants, mail_from, data)
+        if isinstance(groups, str):
+            self.metrics.smtp_messages.labels("rejected").inc()
+            return groups
         batch = []
-        for tenant_id, recipients in _state(envelope).tenants.items():
+        for tenant_id, recipients in groups.items():
             message_id = new_id()
             trace = received_header(
                 helo=helo, client=client, hostname=self.settings.hostname, protocol=protocol,
@@ -523,6 +544,33 @@ class IngressHandler:
         log.info("%s: accepted from %s, %d bytes, %d recipients", ids, client, len(data),
                  sum(len(m.recipients) for m in batch))
         return f"250 2.0.0 Ok: queued as {ids}"
+
+
+    def _early_rules(self, groups: dict[str, list[str]], sender: str,
+                     data: bytes) -> dict[str, list[str]] | str:
+        """Drop the tenants whose rules reject the message already at end of DATA.
+
+        Returns the groups to store, or the reject reply when every tenant rejects.
+        Only tenants with such rules pay for the headers-only parse.
+        """
+        early = [t for t in groups if self.workflows.rejects_early(t)]
+        if not early:
+            return groups
+        fields = tuple(header_fields(data))
+        keep: dict[str, list[str]] = {}
+        reply = ""
+        for tenant, recipients in groups.items():
+            verdict = None
+            if tenant in early:
+                view = MessageView(direction=INBOUND, sender=sender,
+                                   recipients=tuple(recipients), headers=fields, size=len(data))
+                verdict = early_reject(self.workflows.for_tenant(tenant), view)
+            if verdict is None:
+                keep[tenant] = recipients
+            else:
+                log.info("message for tenant %s rejected by rule %s", tenant, verdict[0])
+                reply = verdict[1]
+        return keep or reply
 
 
 def _state(envelope: Envelope) -> SessionState:

@@ -55,6 +55,24 @@ def _decoded(value: Any) -> str:
         return str(value)
 
 
+HEADER_BLOCK_LIMIT = 65536  # bytes of header looked at before the message is stored
+
+
+def header_fields(raw: bytes) -> list[tuple[str, str]]:
+    """Header fields of a message, decoded, from at most HEADER_BLOCK_LIMIT bytes.
+
+    Cheap enough for the end of DATA: only the header block, no MIME structure.
+    """
+    import email.parser
+    import email.policy
+
+    end = raw.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
+    block = raw[: end + 2] if end >= 0 else raw[:HEADER_BLOCK_LIMIT]
+    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
+    return [(str(name).lower()[:MAX_FIELD], _clip(_decoded(value)) or "")
+            for name, value in list(headers.items())[:MAX_HEADERS]]
+
+
 def parse_message(raw: bytes) -> dict[str, Any]:
     """Pure parse of one message; returns plain data (picklable)."""
     import mailparser

@@ -35,6 +35,7 @@ from gateway.workflow.rules import (
     Rule,
     SizeTest,
     TagTest,
+    can_reject_early,
 )
 from gateway.yamlfile import KeyPath, YamlDocument, YamlFileError, load_yaml
 
@@ -60,6 +61,10 @@ class Workflows:
 
     def for_tenant(self, tenant: str) -> list[Rule]:
         return self.rules.get(tenant, [])
+
+    def rejects_early(self, tenant: str) -> bool:
+        """Whether this tenant's rules can reject a message at end of DATA."""
+        return can_reject_early(self.for_tenant(tenant))
 
 
 class _Checker:

@@ -75,6 +75,12 @@ class Pattern:
 class Condition:
     """One test on a message; ``check`` returns why it holds, or None."""
 
+    @property
+    def needs_body(self) -> bool:
+        """True when the test needs the parsed MIME body (attachments), known only
+        after the message is stored; tests without it can run at end of DATA."""
+        return False
+
     def check(self, msg: MessageView) -> str | None:
         raise NotImplementedError
 
@@ -118,6 +124,10 @@ class HeaderTest(Condition):
 class HasAttachments(Condition):
     wanted: bool
 
+    @property
+    def needs_body(self) -> bool:
+        return True
+
     def check(self, msg: MessageView) -> str | None:
         if bool(msg.attachments) == self.wanted:
             return f"has {len(msg.attachments)} attachments"
@@ -128,6 +138,10 @@ class HasAttachments(Condition):
 class AttachmentTest(Condition):
     field: str  # type | name
     pattern: Pattern
+
+    @property
+    def needs_body(self) -> bool:
+        return True
 
     def check(self, msg: MessageView) -> str | None:
         for filename, content_type in msg.attachments:
@@ -177,6 +191,10 @@ class AuthTest(Condition):
 class All(Condition):
     parts: tuple[Condition, ...]
 
+    @property
+    def needs_body(self) -> bool:
+        return any(p.needs_body for p in self.parts)
+
     def check(self, msg: MessageView) -> str | None:
         reasons = []
         for part in self.parts:
@@ -191,6 +209,10 @@ class All(Condition):
 class Any_(Condition):
     parts: tuple[Condition, ...]
 
+    @property
+    def needs_body(self) -> bool:
+        return any(p.needs_body for p in self.parts)
+
     def check(self, msg: MessageView) -> str | None:
         for part in self.parts:
             why = part.check(msg)
@@ -202,6 +224,10 @@ class Any_(Condition):
 @dataclass(frozen=True)
 class Not(Condition):
     part: Condition
+
+    @property
+    def needs_body(self) -> bool:
+        return self.part.needs_body
 
     def check(self, msg: MessageView) -> str | None:
         return f"not {type(self.part).__name__}" if self.part.check(msg) is None else None
@@ -293,3 +319,38 @@ def evaluate(rules: Sequence[Rule], msg: MessageView,
             plan.stopped_by = rule.name
             break
     return plan
+
+
+def early_reject(rules: Sequence[Rule], msg: MessageView) -> tuple[str, str] | None:
+    """The (rule, reply) that rejects ``msg`` at end of DATA, if that can be known then.
+
+    Walks the rules as ``evaluate`` would, on the envelope and headers only, and
+    gives up at the first rule that needs the MIME body: from there on the outcome
+    is decided after storage.
+    """
+    tags = set(msg.tags)
+    view = msg
+    for rule in rules:
+        if rule.match.needs_body:
+            return None
+        if rule.match.check(view) is None:
+            continue
+        a = rule.actions
+        if a.reject is not None:
+            return rule.name, a.reject
+        if a.discard or a.stop:
+            return None
+        if a.tag:
+            tags.update(a.tag)
+            view = dataclasses.replace(msg, tags=frozenset(tags))
+    return None
+
+
+def can_reject_early(rules: Sequence[Rule]) -> bool:
+    """Whether any reject rule comes before the first rule that needs the body."""
+    for rule in rules:
+        if rule.match.needs_body:
+            return False
+        if rule.actions.reject is not None:
+            return True
+    return False
