@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", default="by an operator")
     p.set_defaults(func=cmd_queue_drop)
 
+    users = sub.add_parser("users", help="users of the submission service")
+    usub = users.add_subparsers(dest="users_command", required=True, parser_class=_Parser)
+    p = usub.add_parser("hash-password",
+                        help="print the password_hash for a password read from stdin")
+    p.set_defaults(func=cmd_users_hash_password)
+
     rules = sub.add_parser("rules", help="workflow rules")
     rsub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     p = rsub.add_parser("test", help="which rules match a message, and the plan (sends nothing)")
@@ -405,4 +411,21 @@ def cmd_queue_drop(args: argparse.Namespace) -> int:
     store.audit(f"cli:{os.environ.get('USER', 'unknown')}", "delivery.drop",
                 detail={"delivery": args.id, "reason": args.reason[:200]})
     print(f"delivery {args.id} dropped")
+    return EXIT_OK
+
+
+def cmd_users_hash_password(args: argparse.Namespace) -> int:
+    import getpass
+
+    from gateway.passwords import hash_password
+
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise CommandError("use a password of at least 8 characters")
+    print(hash_password(password))
     return EXIT_OK

@@ -179,11 +179,29 @@ class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
+class UserConfig(_Section):
+    """An internal user of the submission service."""
+
+    password_hash: str
+    # Addresses the user may send as; empty: any address of the tenant's domains.
+    send_as: list[str] = []
+
+    @field_validator("password_hash")
+    @classmethod
+    def _hashed(cls, v: str) -> str:
+        from gateway.passwords import is_hash
+
+        if not is_hash(v):
+            raise ValueError("store a hash, not a password: mailflowr-gateway users hash-password")
+        return v
+
+
 class TenantConfig(_Section):
     name: str = ""
     domains: list[str] = Field(min_length=1)
     addresses: list[str] = []
     catch_all: bool = False
+    users: dict[str, UserConfig] = {}
 
     @field_validator("domains")
     @classmethod
@@ -206,7 +224,28 @@ class TenantConfig(_Section):
                 raise ValueError(f"{a!r} is not in one of this tenant's domains")
         if not self.addresses and not self.catch_all:
             raise ValueError("a tenant needs addresses, or catch_all: true")
+        for login, user in self.users.items():
+            for a in user.send_as:
+                if a.rpartition("@")[2].lower() not in self.domains:
+                    raise ValueError(f"user {login}: send_as {a!r} is not in this tenant's domains")
         return self
+
+
+class SubmissionConfig(_Section):
+    """The listener internal users send through (AUTH after STARTTLS)."""
+
+    # host:port, e.g. 127.0.0.1:2587 (587 in production); empty: no submission listener.
+    listen: str | None = None
+    # Failed logins from one client IP within auth_window before it is turned away.
+    max_auth_failures: int = Field(default=5, ge=1)
+    auth_window: Duration = 600.0
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is not None:
+            parse_hostport(v)
+        return v
 
 
 class DestinationConfig(_Section):
@@ -263,6 +302,7 @@ class GatewayConfig(_Section):
     pipeline: PipelineConfig = PipelineConfig()
     metrics: MetricsConfig = MetricsConfig()
     logging: LoggingConfig = LoggingConfig()
+    submission: SubmissionConfig = SubmissionConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     policies: PoliciesConfig = PoliciesConfig()
     destinations: dict[str, DestinationConfig] = {}
@@ -272,7 +312,13 @@ class GatewayConfig(_Section):
     @classmethod
     def _tenants(cls, v: dict[str, TenantConfig]) -> dict[str, TenantConfig]:
         owner: dict[str, str] = {}
+        logins: dict[str, str] = {}
         for tid, tenant in v.items():
+            for login in tenant.users:
+                if login.lower() in logins:
+                    raise ValueError(f"user {login} belongs to both {logins[login.lower()]} "
+                                     f"and {tid}")
+                logins[login.lower()] = tid
             if not _TENANT_ID.match(tid):
                 raise ValueError(f"tenant id {tid!r}: use lower-case letters, digits, - and _")
             for d in tenant.domains:
@@ -280,6 +326,13 @@ class GatewayConfig(_Section):
                     raise ValueError(f"domain {d} belongs to both {owner[d]} and {tid}")
                 owner[d] = tid
         return v
+
+    @model_validator(mode="after")
+    def _submission_needs_tls(self) -> GatewayConfig:
+        if self.submission.listen and not self.smtp.tls.enabled:
+            raise ValueError("submission.listen needs smtp.tls.cert_file and key_file: "
+                             "AUTH is only offered after STARTTLS")
+        return self
 
     @property
     def sqlite_path(self) -> Path | None:

@@ -24,6 +24,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery.queue import DeliveryWorker
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, protocol_factory
+from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
@@ -132,36 +133,59 @@ class App:
                     f"metrics.listen {config.metrics.listen}: {exc.strerror}"
                 ) from None
 
-        tracker = ConnectionTracker(config.smtp.max_connections, config.smtp.max_connections_per_ip)
         handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
                                  self.workflows)
-        host, port = config.smtp.address
-        try:
-            server = await loop.create_server(
-                protocol_factory(handler, config.smtp, tracker, self.metrics, context),
-                host, port, reuse_address=True, backlog=1024,
-            )
-        except OSError as exc:
-            await self._stop_parts(worker, delivery, parser, store)
-            if metrics_server is not None:
-                metrics_server[0].shutdown()
-            raise StartupError(f"smtp.listen {config.smtp.listen}: {exc.strerror}") from None
-        log.info("listening for SMTP on %s (%d tenants, database %s)", config.smtp.listen,
-                 len(config.tenants), store.engine.url.render_as_string(hide_password=True))
+        listeners: list[tuple[str, IngressHandler | SubmissionHandler, dict[str, bool]]] = [
+            (config.smtp.listen, handler, {})
+        ]
+        if config.submission.listen:
+            submission = SubmissionHandler(config.smtp, config.submission, config.tenants,
+                                           store, self.metrics)
+            listeners.append((config.submission.listen, submission,
+                              {"submission": True, "auth_required": True,
+                               "auth_require_tls": True}))
+        servers: list[tuple[asyncio.Server, ConnectionTracker]] = []
+        for listen, listener_handler, options in listeners:
+            tracker = ConnectionTracker(config.smtp.max_connections,
+                                        config.smtp.max_connections_per_ip)
+            host, port = parse_hostport(listen)
+            try:
+                server = await loop.create_server(
+                    protocol_factory(listener_handler, config.smtp, tracker, self.metrics,
+                                     context, **options),
+                    host, port, reuse_address=True, backlog=1024,
+                )
+            except OSError as exc:
+                for started, _ in servers:
+                    started.close()
+                await self._stop_parts(worker, delivery, parser, store)
+                if metrics_server is not None:
+                    metrics_server[0].shutdown()
+                raise StartupError(f"{listen}: {exc.strerror}") from None
+            servers.append((server, tracker))
+        log.info("listening for SMTP on %s%s (%d tenants, database %s)", config.smtp.listen,
+                 f", submission on {config.submission.listen}" if config.submission.listen
+                 else "", len(config.tenants),
+                 store.engine.url.render_as_string(hide_password=True))
 
         await self.stopping.wait()
-        log.info("shutting down: no new connections, %d sessions open", len(tracker.sessions))
-        server.close()
-        tracker.shutting_down = True
-        for session in list(tracker.sessions):
-            session.shutdown()
-        try:
-            await asyncio.wait_for(tracker.idle.wait(), config.smtp.shutdown_timeout)
-        except TimeoutError:
-            log.warning("cutting %d sessions still open at the deadline", len(tracker.sessions))
+        trackers = [tracker for _, tracker in servers]
+        log.info("shutting down: no new connections, %d sessions open",
+                 sum(len(t.sessions) for t in trackers))
+        for server, tracker in servers:
+            server.close()
+            tracker.shutting_down = True
             for session in list(tracker.sessions):
-                if isinstance(session.transport, asyncio.WriteTransport):
-                    session.transport.abort()
+                session.shutdown()
+        try:
+            await asyncio.wait_for(asyncio.gather(*(t.idle.wait() for t in trackers)),
+                                   config.smtp.shutdown_timeout)
+        except TimeoutError:
+            for tracker in trackers:
+                log.warning("cutting %d sessions open at the deadline", len(tracker.sessions))
+                for session in list(tracker.sessions):
+                    if isinstance(session.transport, asyncio.WriteTransport):
+                        session.transport.abort()
         await self._stop_parts(worker, delivery, parser, store)
         if metrics_server is not None:
             metrics_server[0].shutdown()

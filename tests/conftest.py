@@ -221,6 +221,28 @@ class Gateway:
         raise AssertionError(f"not processed in {timeout}s: {[r['status'] for r in rows]}")
 
 
+@pytest.fixture(scope="session")
+def tls_files(tmp_path_factory):
+    """A test CA and a certificate for mx.gateway.test and 127.0.0.1 (trustme)."""
+    import trustme
+
+    ca = trustme.CA()
+    cert = ca.issue_cert("mx.gateway.test", "127.0.0.1")
+    directory = tmp_path_factory.mktemp("tls")
+    chain, key = directory / "chain.pem", directory / "key.pem"
+    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
+    cert.private_key_pem.write_to_path(str(key))
+    return ca, chain, key
+
+
+def client_context(ca: Any) -> Any:
+    import ssl
+
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
 @pytest.fixture(autouse=True)
 def _close_raw_clients() -> Iterator[None]:
     yield

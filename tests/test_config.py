@@ -51,6 +51,11 @@ def _problems(tmp_path, text, env=None):
         ("tenants:\n  a:\n    domains: [a.test]\n    addresses: [x@b.test]\n",
          "gw.yaml:2: tenants.a: 'x@b.test' is not in one of this tenant's domains"),
         ("- just\n- a list\n", "gw.yaml:1: the file must be a mapping"),
+        ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n    users:\n"
+         "      bob@a.test:\n        password_hash: hunter2\n",
+         "gw.yaml:7: tenants.a.users.bob@a.test.password_hash: store a hash, not a password"),
+        ("submission:\n  listen: 127.0.0.1:2587\n",
+         "submission.listen needs smtp.tls.cert_file and key_file"),
     ],
 )
 def test_errors_name_file_line_and_key(tmp_path, text, expected):

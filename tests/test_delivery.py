@@ -170,6 +170,8 @@ def test_permanent_failure_fails_once(make_gateway, tmp_path, sinks):
     assert row["last_error"].startswith("550 5.1.1")
     time.sleep(2.5)
     assert finance.handler.attempts == 1
+    # The sender of inbound mail is not known to be genuine: no DSN (no backscatter).
+    assert len(gw.messages()) == 1
 
 
 def test_expired_delivery_fails(make_gateway, tmp_path, sinks):

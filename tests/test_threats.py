@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import socket
-import ssl
 
 import pytest
-import trustme
 
 from tests.conftest import RawClient
+from tests.conftest import client_context as _client_context
 
 # Every non-CRLF "end of data" a smuggler may try, each followed by a second message.
 SMUGGLING_ENDINGS = [
@@ -48,23 +47,6 @@ def test_pregreeting_talk_is_554(make_gateway):
     patient = RawClient(gw.port)
     assert patient.reply().startswith("220 ")
     assert patient.command("EHLO patient.test").startswith("250")
-
-
-@pytest.fixture(scope="module")
-def tls_files(tmp_path_factory):
-    ca = trustme.CA()
-    cert = ca.issue_cert("mx.gateway.test", "127.0.0.1")
-    directory = tmp_path_factory.mktemp("tls")
-    chain, key = directory / "chain.pem", directory / "key.pem"
-    cert.private_key_and_cert_chain_pem.write_to_path(str(chain))
-    cert.private_key_pem.write_to_path(str(key))
-    return ca, chain, key
-
-
-def _client_context(ca):
-    context = ssl.create_default_context()
-    ca.configure_trust(context)
-    return context
 
 
 def test_starttls(make_gateway, tls_files):

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from gateway.config import GatewayConfig, parse_hostport
+from gateway.delivery import dsn
 from gateway.delivery.compose import compose
 from gateway.delivery.smtp import PERMANENT, SENT, Result, Target, send
 from gateway.metrics import Metrics
@@ -114,9 +115,22 @@ class DeliveryWorker:
                             recipient=job.recipient, data=data,
                             reply_timeout=self.settings.timeout)
         status, retry_at = self._next(job, result)
+        bounce = None
+        if status == FAILED and dsn.wants_dsn(kind=job.kind, direction=job.direction,
+                                              mail_from=job.mail_from):
+            now = self.clock()
+            bounce = dsn.build(
+                hostname=self.config.smtp.hostname, tenant_id=job.tenant_id,
+                sender=job.mail_from, recipient=job.recipient, diagnostic=result.detail,
+                expired=result.outcome != PERMANENT, original_id=job.message_id,
+                original=content[1], arrival=job.created_at, now=now,
+            )
         await asyncio.to_thread(self.store.delivery_result, job.id, self.owner, status,
                                 error=None if status == SENT_STATUS else result.detail,
-                                retry_at=retry_at)
+                                retry_at=retry_at, bounce=bounce)
+        if bounce is not None:
+            log.info("delivery %d of %s failed: DSN %s for the sender", job.id,
+                     job.message_id, bounce.id)
         self.metrics.deliveries.labels(job.kind, status if status != PENDING else "deferred").inc()
         log.info("delivery %d of %s to %s:%d: %s (%s)", job.id, job.message_id, target.host,
                  target.port, status if status != PENDING else "deferred", result.detail)

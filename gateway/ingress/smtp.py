@@ -212,11 +212,12 @@ class GatewaySMTP(SMTP):
 
     def __init__(
         self,
-        handler: IngressHandler,
+        handler: Any,
         *,
         settings: SMTPConfig,
         tracker: ConnectionTracker,
         metrics: Metrics,
+        submission: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -232,6 +233,7 @@ class GatewaySMTP(SMTP):
         self.settings = settings
         self.tracker = tracker
         self.metrics = metrics
+        self.submission = submission
         self._peer_ip = ""
         self._admitted = False
         self._greeted = False
@@ -366,7 +368,10 @@ class GatewaySMTP(SMTP):
             self._verbatim = False
 
     async def smtp_AUTH(self, arg: str) -> None:
-        await self.push("503 5.5.1 Error: authentication not enabled")
+        if not self.submission:  # the MX listener authenticates nobody
+            await self.push("503 5.5.1 Error: authentication not enabled")
+            return
+        await super().smtp_AUTH(arg)
 
     async def smtp_DATA(self, arg: str) -> None:
         if await self.check_helo_needed():
@@ -457,26 +462,16 @@ class IngressHandler:
         responses: list[str],
     ) -> list[str]:
         session.host_name = hostname
-        lines = [r[4:] for r in responses if not r[4:].startswith("AUTH")]
-        lines = [line for line in lines if line != "HELP"]
-        lines[1:1] = ["PIPELINING"]
-        lines.append("ENHANCEDSTATUSCODES")
-        return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+        return ehlo_lines(responses, auth=False)
 
     async def handle_MAIL(
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         mail_options: list[str],
     ) -> str:
-        if not self.store.has_free_space():
-            return NO_SPACE
-        smtputf8 = "SMTPUTF8" in mail_options
-        if not address.isascii() and not smtputf8:
-            return "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
-        if address != "<>" and has_unsafe_chars(address):
-            return "501 5.1.7 Bad sender address syntax"
-        envelope.mail_from = address  # aiosmtpd keeps the null sender as "<>"
-        envelope.mail_options.extend(mail_options)
-        envelope.smtp_utf8 = smtputf8
+        refusal = sender_refusal(self.store, address, mail_options)
+        if refusal is not None:
+            return refusal
+        take_sender(envelope, address, mail_options)
         return "250 2.1.0 Ok"
 
     async def handle_RCPT(
@@ -503,10 +498,7 @@ class IngressHandler:
         assert isinstance(data, bytes)
         now = utcnow()
         digest = hashlib.sha256(data).hexdigest()
-        peer = session.peer
-        client = str(peer[0]) if isinstance(peer, tuple) else "unknown"
-        helo = _safe_helo(session.host_name)
-        protocol = _protocol(session, envelope)
+        client = client_address(session)
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         if hop_count(data) >= self.settings.max_hops:
             self.metrics.smtp_messages.labels("rejected").inc()
@@ -516,21 +508,12 @@ class IngressHandler:
         if isinstance(groups, str):
             self.metrics.smtp_messages.labels("rejected").inc()
             return groups
-        batch = []
-        for tenant_id, recipients in groups.items():
-            message_id = new_id()
-            trace = received_header(
-                helo=helo, client=client, hostname=self.settings.hostname, protocol=protocol,
-                queue_id=message_id, recipients=recipients, when=now,
-            )
-            batch.append(
-                NewMessage(
-                    id=message_id, tenant_id=tenant_id, mail_from=mail_from,
-                    recipients=tuple(recipients), data=data, sha256=digest, received_at=now,
-                    client_address=client, helo=helo, protocol=protocol, trace_header=trace,
-                    smtputf8=bool(envelope.smtp_utf8),
-                )
-            )
+        batch = [
+            build_message(session, envelope, data, tenant_id=tenant_id, recipients=recipients,
+                          hostname=self.settings.hostname, mail_from=mail_from, now=now,
+                          digest=digest, client=client)
+            for tenant_id, recipients in groups.items()
+        ]
         try:
             await self.store.accept(batch)
         except TempFailure as exc:
@@ -573,6 +556,56 @@ class IngressHandler:
         return keep or reply
 
 
+def ehlo_lines(responses: list[str], *, auth: bool) -> list[str]:
+    """aiosmtpd's EHLO lines plus PIPELINING and ENHANCEDSTATUSCODES; AUTH only if asked."""
+    lines = [r[4:] for r in responses if auth or not r[4:].startswith("AUTH")]
+    lines = [line for line in lines if line != "HELP"]
+    lines[1:1] = ["PIPELINING"]
+    lines.append("ENHANCEDSTATUSCODES")
+    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
+
+
+def sender_refusal(store: Store, address: str, mail_options: list[str]) -> str | None:
+    """The reply refusing MAIL FROM for reasons every listener shares, or None."""
+    if not store.has_free_space():
+        return NO_SPACE
+    if not address.isascii() and "SMTPUTF8" not in mail_options:
+        return "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
+    if address != "<>" and has_unsafe_chars(address):
+        return "501 5.1.7 Bad sender address syntax"
+    return None
+
+
+def take_sender(envelope: Envelope, address: str, mail_options: list[str]) -> None:
+    envelope.mail_from = address  # aiosmtpd keeps the null sender as "<>"
+    envelope.mail_options.extend(mail_options)
+    envelope.smtp_utf8 = "SMTPUTF8" in mail_options
+
+
+def client_address(session: Session) -> str:
+    peer = session.peer
+    return str(peer[0]) if isinstance(peer, tuple) else "unknown"
+
+
+def build_message(
+    session: Session, envelope: Envelope, data: bytes, *, tenant_id: str,
+    recipients: list[str], hostname: str, mail_from: str, now: Any, digest: str, client: str,
+    direction: str = "inbound", submitted_by: str | None = None,
+) -> NewMessage:
+    """One tenant's copy of an accepted message, with our trace header beside it."""
+    message_id = new_id()
+    helo = _safe_helo(session.host_name)
+    protocol = _protocol(session, envelope)
+    trace = received_header(helo=helo, client=client, hostname=hostname, protocol=protocol,
+                            queue_id=message_id, recipients=recipients, when=now)
+    return NewMessage(
+        id=message_id, tenant_id=tenant_id, mail_from=mail_from, recipients=tuple(recipients),
+        data=data, sha256=digest, received_at=now, client_address=client, helo=helo,
+        protocol=protocol, trace_header=trace, smtputf8=bool(envelope.smtp_utf8),
+        direction=direction, submitted_by=submitted_by,
+    )
+
+
 def _state(envelope: Envelope) -> SessionState:
     state = getattr(envelope, "gateway_state", None)
     if state is None:
@@ -594,6 +627,8 @@ def _protocol(session: Session, envelope: Envelope) -> str:
         name = "UTF8SMTP"
     if session.ssl is not None:
         name += "S"
+    if session.authenticated:
+        name += "A"  # RFC 3848: ESMTPSA
     return name
 
 
@@ -616,11 +651,11 @@ def received_header(
 
 
 def protocol_factory(
-    handler: IngressHandler, settings: SMTPConfig, tracker: ConnectionTracker, metrics: Metrics,
-    tls_context: Any = None,
+    handler: Any, settings: SMTPConfig, tracker: ConnectionTracker, metrics: Metrics,
+    tls_context: Any = None, **kwargs: Any,
 ) -> Callable[[], GatewaySMTP]:
     def make() -> GatewaySMTP:
         return GatewaySMTP(handler, settings=settings, tracker=tracker, metrics=metrics,
-                           tls_context=tls_context)
+                           tls_context=tls_context, **kwargs)
 
     return make

@@ -20,7 +20,7 @@ from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.store.repository import Store
 from gateway.workflow import actions
 from gateway.workflow.loader import Workflows
-from gateway.workflow.rules import INBOUND, MessageView, evaluate
+from gateway.workflow.rules import MessageView, evaluate
 
 log = logging.getLogger(__name__)
 
@@ -119,14 +119,14 @@ class PipelineWorker:
         if parsed.parse_failed:
             log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
         view = MessageView(
-            direction=INBOUND, sender=item.mail_from, recipients=item.recipients,
+            direction=item.direction, sender=item.mail_from, recipients=item.recipients,
             headers=tuple(tuple(h) for h in result["headers"]),
             attachments=tuple((a["filename"] or "", a["content_type"] or "")
                               for a in parsed.attachments),
             size=item.size, tags=frozenset(item.tags),
         )
         plan = evaluate(self.workflows.for_tenant(item.tenant_id), view)
-        outcome = actions.outcome(plan, item.recipients, item.tags)
+        outcome = actions.outcome(plan, item.recipients, item.tags, item.direction)
         if not await asyncio.to_thread(self.store.finish, message_id, self.owner, parsed,
                                        outcome):
             log.warning("%s: lease lost before the result was saved; left to its new owner",

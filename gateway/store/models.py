@@ -62,6 +62,10 @@ messages = Table(
     Column("protocol", String(16), nullable=False),
     Column("trace_header", Text, nullable=False),  # our Received:, kept apart from the original
     Column("smtputf8", Boolean, nullable=False, default=False),
+    # inbound: received as MX/forwarding target; outbound: sent by an internal user
+    Column("direction", String(8), nullable=False, default="inbound",
+           server_default="inbound"),
+    Column("submitted_by", Text),  # the login of the user who sent an outbound message
     # Filled by the pipeline's parse stage:
     Column("message_id", Text),
     Column("header_from", Text),

@@ -66,6 +66,8 @@ class NewMessage:
     protocol: str
     trace_header: str
     smtputf8: bool
+    direction: str = "inbound"
+    submitted_by: str | None = None
 
 
 @dataclass(slots=True)
@@ -102,6 +104,7 @@ class PipelineInput:
     size: int
     tags: tuple[str, ...]
     raw: bytes
+    direction: str = "inbound"
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,6 +135,7 @@ class DeliveryJob:
     mail_from: str
     attempts: int
     created_at: datetime
+    direction: str = "inbound"
 
 
 class Store:
@@ -237,37 +241,8 @@ class Store:
                 item.future.set_result(None)
 
     def _write_group(self, group: Sequence[_Pending]) -> None:
-        rows, blobs, addresses = [], [], []
-        for item in group:
-            for m in item.messages:
-                rows.append(
-                    {
-                        "id": m.id,
-                        "tenant_id": m.tenant_id,
-                        "status": RECEIVED,
-                        "received_at": m.received_at,
-                        "mail_from": m.mail_from,
-                        "size": len(m.data),
-                        "sha256": m.sha256,
-                        "client_address": m.client_address,
-                        "helo": m.helo,
-                        "protocol": m.protocol,
-                        "trace_header": m.trace_header,
-                        "smtputf8": m.smtputf8,
-                        "tags": [],
-                        "parse_failed": False,
-                        "attempts": 0,
-                    }
-                )
-                blobs.append({"message_id": m.id, "data": m.data})
-                addresses.append({"message_id": m.id, "role": "mail_from", "address": m.mail_from})
-                addresses.extend(
-                    {"message_id": m.id, "role": "rcpt_to", "address": r} for r in m.recipients
-                )
         with self.engine.begin() as conn:
-            conn.execute(insert(messages), rows)
-            conn.execute(insert(message_blobs), blobs)
-            conn.execute(insert(message_addresses), addresses)
+            _insert_messages(conn, [m for item in group for m in item.messages])
 
     def has_free_space(self) -> bool:
         """False when the disk holding the SQLite database is below min_free_space.
@@ -379,7 +354,7 @@ class Store:
         with self.engine.connect().execution_options(readonly=True) as conn:
             row = conn.execute(
                 select(messages.c.tenant_id, messages.c.mail_from, messages.c.size,
-                       messages.c.tags, message_blobs.c.data)
+                       messages.c.tags, messages.c.direction, message_blobs.c.data)
                 .join(message_blobs, message_blobs.c.message_id == messages.c.id)
                 .where(messages.c.id == message_id)
             ).first()
@@ -387,7 +362,7 @@ class Store:
                 return None
             recipients = self._recipients(conn, [message_id]).get(message_id, [])
         return PipelineInput(message_id, row.tenant_id, row.mail_from, tuple(recipients),
-                             row.size, tuple(row.tags or ()), row.data)
+                             row.size, tuple(row.tags or ()), row.data, row.direction)
 
     def raw(self, message_id: str) -> bytes | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
@@ -542,7 +517,8 @@ class Store:
             rows = conn.execute(
                 select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
                        deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
-                       deliveries.c.attempts, deliveries.c.created_at, messages.c.mail_from)
+                       deliveries.c.attempts, deliveries.c.created_at, messages.c.mail_from,
+                       messages.c.direction)
                 .join(messages, messages.c.id == deliveries.c.message_id)
                 .where(
                     deliveries.c.status == PENDING,
@@ -561,7 +537,7 @@ class Store:
                 )
         return [
             DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
-                        r.mail_from, r.attempts, _aware(r.created_at))
+                        r.mail_from, r.attempts, _aware(r.created_at), r.direction)
             for r in rows
         ]
 
@@ -576,8 +552,13 @@ class Store:
         return None if row is None else (row.trace_header, row.data)
 
     def delivery_result(self, delivery_id: int, owner: str, status: str, *,
-                        error: str | None = None, retry_at: datetime | None = None) -> bool:
-        """Record one attempt; False when another worker owns the row by now."""
+                        error: str | None = None, retry_at: datetime | None = None,
+                        bounce: NewMessage | None = None) -> bool:
+        """Record one attempt; False when another worker owns the row by now.
+
+        A ``bounce`` (the DSN for a failed delivery) is stored in the same
+        transaction, so a failure is never recorded without its DSN or twice with it.
+        """
         now = utcnow()
         with self.engine.begin() as conn:
             done = conn.execute(
@@ -589,6 +570,8 @@ class Store:
                     next_attempt_at=retry_at or now, lease_owner=None, lease_until=None,
                 )
             ).rowcount
+            if done == 1 and bounce is not None:
+                _insert_messages(conn, [bounce])
         return done == 1
 
     def list_deliveries(self, status: str | None = None,
@@ -647,6 +630,31 @@ class Store:
             q = q.where(audit_events.c.tenant_id == tenant_id)
         with self.engine.connect().execution_options(readonly=True) as conn:
             return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def _insert_messages(conn: Any, batch: Sequence[NewMessage]) -> None:
+    """Rows, originals and envelope addresses of new messages, in the caller's transaction."""
+    rows, blobs, addresses = [], [], []
+    for m in batch:
+        rows.append(
+            {
+                "id": m.id, "tenant_id": m.tenant_id, "status": RECEIVED,
+                "received_at": m.received_at, "mail_from": m.mail_from, "size": len(m.data),
+                "sha256": m.sha256, "client_address": m.client_address, "helo": m.helo,
+                "protocol": m.protocol, "trace_header": m.trace_header,
+                "smtputf8": m.smtputf8, "direction": m.direction,
+                "submitted_by": m.submitted_by, "tags": [], "parse_failed": False,
+                "attempts": 0,
+            }
+        )
+        blobs.append({"message_id": m.id, "data": m.data})
+        addresses.append({"message_id": m.id, "role": "mail_from", "address": m.mail_from})
+        addresses.extend(
+            {"message_id": m.id, "role": "rcpt_to", "address": r} for r in m.recipients
+        )
+    conn.execute(insert(messages), rows)
+    conn.execute(insert(message_blobs), blobs)
+    conn.execute(insert(message_addresses), addresses)
 
 
 def _aware(value: datetime) -> datetime:

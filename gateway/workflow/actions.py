@@ -6,7 +6,8 @@ from gateway.store.repository import Outcome, PlannedDelivery
 from gateway.workflow.rules import Plan
 
 
-def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, ...]) -> Outcome:
+def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, ...],
+            direction: str = "inbound") -> Outcome:
     tags = tuple(dict.fromkeys((*existing_tags, *plan.tags)))
     if plan.reject is not None:
         # The rule needed more than the envelope and headers, so it could only be
@@ -15,7 +16,10 @@ def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, .
             f"rejected by rule {plan.stopped_by} after acceptance: {plan.reject}",))
     if plan.discard:
         return Outcome(tags=tags, notes=(f"discarded by rule {plan.stopped_by}",))
-    planned = [PlannedDelivery("cc", a, None, plan.origin[a]) for a in plan.cc]
+    planned = []
+    if direction == "outbound":  # a user's message goes to its own recipients first
+        planned += [PlannedDelivery("rcpt", r, None, "(recipient)") for r in recipients]
+    planned += [PlannedDelivery("cc", a, None, plan.origin[a]) for a in plan.cc]
     planned += [PlannedDelivery("bcc", a, None, plan.origin[a]) for a in plan.bcc]
     for destination in plan.routes:
         planned += [PlannedDelivery("route", r, destination, plan.origin[destination])

@@ -1,0 +1,222 @@
+"""The submission listener for internal users (port 587 in production).
+
+Users authenticate with AUTH PLAIN or LOGIN, offered only after STARTTLS
+(``538 5.7.11`` before it); passwords are checked against scrypt hashes off
+the event loop; repeated failures from one client IP within
+``submission.auth_window`` turn that IP away with 421 4.7.0.  A user sends only
+as addresses of their own tenant (``553 5.7.1`` otherwise).  Their messages are
+stored like inbound mail, marked outbound, and the pipeline plans one delivery
+per recipient plus whatever the tenant's rules add for outbound mail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import logging
+import time
+from collections import defaultdict, deque
+from collections.abc import Callable, Mapping
+
+from aiosmtpd.smtp import SMTP, Envelope, Session
+
+from gateway.config import SMTPConfig, SubmissionConfig, TenantConfig
+from gateway.errors import TempFailure
+from gateway.ingress.smtp import (
+    QUEUE_WRITE_ERROR,
+    TOO_MANY_HOPS,
+    TOO_MANY_RCPTS,
+    GatewaySMTP,
+    build_message,
+    client_address,
+    ehlo_lines,
+    hop_count,
+    sender_refusal,
+    take_sender,
+)
+from gateway.metrics import Metrics
+from gateway.passwords import verify
+from gateway.store.repository import Store, utcnow
+from gateway.tenancy import BAD_SYNTAX, NEED_SMTPUTF8, has_unsafe_chars
+
+log = logging.getLogger(__name__)
+
+AUTH_OK = "235 2.7.0 Authentication successful"
+AUTH_FAILED = "535 5.7.8 Error: authentication failed"
+AUTH_THROTTLED = "421 4.7.0 {host} Error: too many authentication failures"
+
+
+class SubmissionHandler:
+    """aiosmtpd handler hooks for authenticated users."""
+
+    def __init__(
+        self,
+        settings: SMTPConfig,
+        submission: SubmissionConfig,
+        tenants: Mapping[str, TenantConfig],
+        store: Store,
+        metrics: Metrics,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.submission = submission
+        self.tenants = tenants
+        self.store = store
+        self.metrics = metrics
+        self.clock = clock
+        self.users = {login.lower(): (tid, user) for tid, t in tenants.items()
+                      for login, user in t.users.items()}
+        self._failures: dict[str, deque[float]] = defaultdict(deque)
+
+    # ---------------------------------------------------------- authentication
+    def _recent_failures(self, ip: str) -> int:
+        window = self._failures[ip]
+        cutoff = self.clock() - self.submission.auth_window
+        while window and window[0] < cutoff:
+            window.popleft()
+        if not window:
+            del self._failures[ip]
+            return 0
+        return len(window)
+
+    async def handle_EHLO(self, server: SMTP, session: Session, envelope: Envelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        session.host_name = hostname
+        return ehlo_lines(responses, auth=True)
+
+    async def handle_AUTH(self, server: SMTP, session: Session, envelope: Envelope,
+                          args: list[str]) -> str | None:
+        ip = client_address(session)
+        if self._recent_failures(ip) >= self.submission.max_auth_failures:
+            self._turn_away(server)
+            return None
+        credentials = await self._credentials(server, args)
+        if credentials is None:
+            return None  # aiosmtpd has already answered (aborted or not base64)
+        if isinstance(credentials, str):
+            return credentials
+        login, password = credentials
+        entry = self.users.get(login.lower())
+        # Without a user, verify against a dummy hash all the same: equal timing.
+        encoded = entry[1].password_hash if entry else _DUMMY_HASH
+        ok = await asyncio.to_thread(verify, password, encoded) and entry is not None
+        if not ok:
+            self._failures[ip].append(self.clock())
+            log.warning("submission: failed login from %s", ip)
+            if self._recent_failures(ip) >= self.submission.max_auth_failures:
+                self._turn_away(server)
+                return None
+            return AUTH_FAILED
+        session.authenticated = True
+        session.login_data = login.lower()
+        log.info("submission: %s logged in from %s", _login_ref(login), ip)
+        return AUTH_OK
+
+    def _turn_away(self, server: SMTP) -> None:
+        assert isinstance(server, GatewaySMTP)
+        server._say_and_close(AUTH_THROTTLED.format(host=self.settings.hostname))
+
+    async def _credentials(self, server: SMTP,
+                           args: list[str]) -> tuple[str, bytes] | str | None:
+        """(login, password) from the client, a reply to send, or None if answered."""
+        mechanism = args[0].upper()
+        if mechanism == "PLAIN":
+            blob = _b64(args[1]) if len(args) > 1 else await _challenge(server, "")
+            if blob is None:
+                return "501 5.5.2 Error: cannot decode the response" if len(args) > 1 else None
+            parts = blob.split(b"\0")
+            if len(parts) != 3:
+                return "501 5.5.2 Error: malformed PLAIN response"
+            return parts[1].decode("utf-8", "replace"), parts[2]
+        if mechanism == "LOGIN":
+            user = _b64(args[1]) if len(args) > 1 else await _challenge(server, "Username:")
+            if user is None:
+                return "501 5.5.2 Error: cannot decode the response" if len(args) > 1 else None
+            password = await _challenge(server, "Password:")
+            if password is None:
+                return None
+            return user.decode("utf-8", "replace"), password
+        return "504 5.5.4 Error: unsupported authentication mechanism"
+
+    # ---------------------------------------------------------- envelope
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        refusal = sender_refusal(self.store, address, mail_options)
+        if refusal is not None:
+            return refusal
+        tenant_id, user = self.users[str(session.login_data)]
+        allowed = {a.lower() for a in user.send_as}
+        domain = address.rpartition("@")[2].lower()
+        owned = (address.lower() in allowed if allowed
+                 else domain in self.tenants[tenant_id].domains)
+        if address == "<>" or not owned:
+            return (f"553 5.7.1 <{address[:256]}>: Sender address rejected: "
+                    f"not owned by user {_login_ref(str(session.login_data))}")
+        take_sender(envelope, address, mail_options)
+        return "250 2.1.0 Ok"
+
+    async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
+            self.metrics.smtp_recipients_refused.labels("too_many").inc()
+            return TOO_MANY_RCPTS
+        if not address.isascii() and not envelope.smtp_utf8:
+            return NEED_SMTPUTF8
+        local, at, domain = address.rpartition("@")
+        if has_unsafe_chars(address) or not at or not local or not domain or "@" in local:
+            return BAD_SYNTAX
+        if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
+            envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
+
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        data = envelope.original_content
+        assert isinstance(data, bytes)
+        if hop_count(data) >= self.settings.max_hops:
+            return TOO_MANY_HOPS
+        login = str(session.login_data)
+        tenant_id, _ = self.users[login]
+        client = client_address(session)
+        message = build_message(
+            session, envelope, data, tenant_id=tenant_id, recipients=list(envelope.rcpt_tos),
+            hostname=self.settings.hostname, mail_from=str(envelope.mail_from), now=utcnow(),
+            digest=hashlib.sha256(data).hexdigest(), client=client, direction="outbound",
+            submitted_by=login,
+        )
+        try:
+            await self.store.accept([message])
+        except TempFailure as exc:
+            self.metrics.smtp_messages.labels("deferred").inc()
+            log.error("submitted message from %s not stored: %s", client, exc)
+            return QUEUE_WRITE_ERROR
+        self.metrics.smtp_messages.labels("accepted").inc()
+        log.info("%s: submitted by %s, %d bytes, %d recipients", message.id,
+                 _login_ref(login), len(data), len(message.recipients))
+        return f"250 2.0.0 Ok: queued as {message.id}"
+
+
+_DUMMY_HASH = (
+    "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+)
+
+
+async def _challenge(server: SMTP, prompt: str) -> bytes | None:
+    """One 334 round; None when the client aborted (aiosmtpd has answered then)."""
+    answer = await server.challenge_auth(prompt)
+    return answer if isinstance(answer, bytes) else None
+
+
+def _b64(text: str) -> bytes | None:
+    if text == "=":
+        return b""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def _login_ref(login: str) -> str:
+    """A user named in logs without the login itself (an address)."""
+    return "user#" + hashlib.sha256(login.lower().encode()).hexdigest()[:10]

@@ -1,0 +1,165 @@
+"""The submission listener: AUTH after STARTTLS, sender ownership, delivery, DSN."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+import time
+
+import pytest
+
+from gateway.passwords import hash_password
+from tests.conftest import client_context, free_port, simple_message
+from tests.sink import Sink
+
+PASSWORD = "correct horse battery"
+WORKFLOWS = """
+tenants:
+  acme:
+    rules:
+      - name: archive-replies
+        match: {direction: outbound}
+        actions: {bcc: [archive@vault.test]}
+"""
+
+
+@pytest.fixture(scope="module")
+def password_hash():
+    return hash_password(PASSWORD)
+
+
+@pytest.fixture
+def relay():
+    sink = Sink()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def gw(make_gateway, tmp_path, tls_files, password_hash, relay):
+    _, chain, key = tls_files
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "workflows.yaml").write_text(WORKFLOWS)
+    gateway = make_gateway({
+        "smtp": {"tls": {"cert_file": str(chain), "key_file": str(key)}},
+        "submission": {"listen": f"127.0.0.1:{free_port()}", "max_auth_failures": 3},
+        "policies": {"directory": str(policies)},
+        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
+                     "poll_interval": "0.2s", "retry_base": "1s"},
+        "tenants": {"acme": {"users": {"agent@acme.test": {"password_hash": password_hash}}}},
+    })
+    gateway.submission_port = int(gateway.config["submission"]["listen"].rsplit(":", 1)[1])
+    return gateway
+
+
+def _client(gw, tls_files, login=True):
+    ca = tls_files[0]
+    s = smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30)
+    s.ehlo("agent-laptop.test")
+    s.starttls(context=client_context(ca))
+    s.ehlo("agent-laptop.test")
+    if login:
+        s.login("agent@acme.test", PASSWORD)
+    return s
+
+
+def test_auth_only_after_starttls(gw):
+    with smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30) as s:
+        s.ehlo("x.test")
+        assert not s.has_extn("auth")
+        code, text = s.docmd("AUTH", _plain(PASSWORD))
+        assert (code, text[:6]) == (538, b"5.7.11")
+        assert s.docmd("MAIL", "FROM:<support@acme.test>")[0] == 530
+
+
+def test_mail_needs_auth_and_mx_offers_none(gw, tls_files):
+    s = _client(gw, tls_files, login=False)
+    assert s.has_extn("auth") and "PLAIN" in s.esmtp_features["auth"]
+    code, text = s.mail("support@acme.test")
+    assert (code, text[:5]) == (530, b"5.7.0")
+    s.quit()
+    with gw.smtp() as mx:  # the MX listener authenticates nobody
+        mx.ehlo()
+        assert mx.docmd("AUTH", "PLAIN AGFAYgBj")[0] == 503
+
+
+def _plain(password: str) -> str:
+    return "PLAIN " + base64.b64encode(b"\0agent@acme.test\0" + password.encode()).decode()
+
+
+def test_wrong_password_is_535_then_throttled(gw, tls_files):
+    s = _client(gw, tls_files, login=False)
+    for _ in range(2):
+        code, text = s.docmd("AUTH", _plain("wrong password"))
+        assert (code, text[:5]) == (535, b"5.7.8")
+    code, text = s.docmd("AUTH", _plain("still wrong"))
+    assert code == 421 and text.startswith(b"4.7.0")
+    s.close()
+    # The same client IP is turned away, even with the right password, for the window.
+    s = _client(gw, tls_files, login=False)
+    assert s.docmd("AUTH", _plain(PASSWORD))[0] == 421
+    s.close()
+    assert "agent@acme.test" not in gw.log() and PASSWORD not in gw.log()
+
+
+def test_auth_login_mechanism_and_unknown_user(gw, tls_files):
+    s = _client(gw, tls_files, login=False)
+    s.user, s.password = "agent@acme.test", PASSWORD
+    assert s.auth("LOGIN", s.auth_login)[0] == 235
+    s.quit()
+    s = _client(gw, tls_files, login=False)
+    with pytest.raises(smtplib.SMTPAuthenticationError):
+        s.login("nobody@acme.test", PASSWORD)
+    s.close()
+
+
+def test_sender_must_belong_to_the_users_tenant(gw, tls_files):
+    s = _client(gw, tls_files)
+    code, text = s.mail("ceo@globex.test")
+    assert (code, text[:5]) == (553, b"5.7.1")
+    s.rset()
+    assert s.mail("<>")[0] == 553
+    s.rset()
+    assert s.mail("billing@acme.test")[0] == 250
+    s.quit()
+
+
+def test_outbound_message_is_delivered_with_the_rule_copy(gw, tls_files, relay):
+    s = _client(gw, tls_files)
+    s.sendmail("support@acme.test", ["customer@client.test"],
+               simple_message(subject="Re: your ticket", sender="support@acme.test",
+                              to="customer@client.test"))
+    s.quit()
+    got = {m.rcpt_tos[0]: m for m in relay.wait(2)}
+    assert set(got) == {"customer@client.test", "archive@vault.test"}
+    assert all(m.mail_from == "support@acme.test" for m in got.values())
+    assert b"archive@vault.test" not in got["customer@client.test"].data
+    row = gw.wait_processed(1)[0]
+    assert (row["direction"], row["submitted_by"], row["protocol"]) == (
+        "outbound", "agent@acme.test", "ESMTPSA")
+
+
+def test_failed_delivery_bounces_to_the_user_only(gw, tls_files, relay):
+    relay.handler.mode = "permfail"
+    s = _client(gw, tls_files)
+    s.sendmail("support@acme.test", ["gone@client.test"],
+               simple_message(subject="hello", sender="support@acme.test", to="gone@client.test"))
+    s.quit()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = gw.messages()
+        if len(rows) == 2 and all(r["status"] == "processed" for r in rows):
+            break
+        time.sleep(0.1)
+    bounce = next(r for r in rows if r["mail_from"] == "")
+    assert bounce["tenant_id"] == "acme" and bounce["recipients"] == ["support@acme.test"]
+    assert bounce["subject"] == "Undelivered Mail Returned to Sender"
+    raw = gw.store.raw(bounce["id"])
+    assert b"Content-Type: multipart/report; report-type=delivery-status" in raw
+    assert b"Final-Recipient: rfc822; gone@client.test" in raw
+    assert b"Status: 5.1.1" in raw and b"Diagnostic-Code: smtp; 550 5.1.1" in raw
+    failed = gw.store.list_deliveries(status="failed")
+    # the user's recipient and the archive copy failed; only the recipient's bounced
+    assert sorted(d["kind"] for d in failed) == ["bcc", "rcpt"]
+    assert len([r for r in gw.messages() if r["mail_from"] == ""]) == 1
