@@ -182,10 +182,20 @@ async def load(args: argparse.Namespace) -> None:
     accepted = 0
     failures = 0
 
+    pace = 1.0 / args.rate if getattr(args, "rate", None) else 0.0
+    next_start = time.perf_counter()
+    pacing = asyncio.Lock()
+
     async def worker() -> None:
-        nonlocal accepted, failures
+        nonlocal accepted, failures, next_start
         while not queue.empty():
             batch = queue.get_nowait()
+            if pace:  # open loop: sessions start at a fixed rate, whatever the server does
+                async with pacing:
+                    wait = next_start - time.perf_counter()
+                    next_start = max(next_start, time.perf_counter() - 1.0) + pace
+                if wait > 0:
+                    await asyncio.sleep(wait)
             try:
                 ok = await session(args.host, args.port, batch, dot_lat, sess_lat)
             except (OSError, ConnectionError):
@@ -200,7 +210,8 @@ async def load(args: argparse.Namespace) -> None:
     wall = time.perf_counter() - started
     await sampler.stop()
     print(f"target        {args.host}:{args.port}  size {args.size} B  concurrency "
-          f"{args.concurrency}  messages {args.messages}  per connection {per}")
+          f"{args.concurrency}  messages {args.messages}  per connection {per}"
+          + (f"  offered {args.rate:g}/s" if getattr(args, "rate", None) else ""))
     print(f"accepted      {accepted} ({failures} sessions failed) in {wall:.2f} s")
     print(f"rate          {accepted / wall:.0f} msgs/s")
     print(f"dot->250      p50 {pct(dot_lat, 50) * 1000:.1f} ms  p99 "
@@ -245,6 +256,8 @@ def main() -> None:
     p.add_argument("-c", "--concurrency", type=int, default=20)
     p.add_argument("--size", type=int, default=4096, help="message size in bytes")
     p.add_argument("--per-connection", type=int, default=1)
+    p.add_argument("--rate", type=float, help="start sessions at this many per second "
+                   "(open loop; default: as fast as the concurrency allows)")
     p.add_argument("--pid", type=int, help="server pid (default: whoever listens on --port)")
     p.add_argument("--idle", type=int, help="open this many idle connections and report RSS")
     args = p.parse_args()

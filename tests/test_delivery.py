@@ -217,3 +217,27 @@ def test_restart_mid_delivery_loses_and_duplicates_nothing(make_gateway, tmp_pat
     keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in got]
     assert len(keys) == 15 and len(set(keys)) == 15
     _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_two_daemons_on_one_database_send_each_delivery_once(make_gateway, tmp_path, sinks,
+                                                             backend):
+    relay, _ = sinks
+    relay.handler.mode = "tempfail"  # let work pile up, so both daemons claim side by side
+    first = _gateway(make_gateway, tmp_path, sinks, concurrency=4)
+    second = make_gateway(dict(first.config), db_url=first.db_url)
+    for n in range(20):
+        gw = first if n % 2 else second
+        with gw.smtp() as s:
+            s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject=f"m{n}"))
+    _deliveries(first, until=lambda rows: len(rows) == 60 and all(r["attempts"] for r in rows))
+    relay.handler.mode = "accept"
+    relay.wait(60, timeout=60)
+    time.sleep(2)  # a duplicate would arrive by now
+    keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in relay.messages]
+    assert len(keys) == 60 and len(set(keys)) == 60
+    rows = _deliveries(first, until=lambda rows: all(r["status"] == "sent" for r in rows))
+    assert len(rows) == 60
+    # both instances did part of the work
+    logs = first.log() + second.log()
+    assert first.log().count(": sent (") > 0 and second.log().count(": sent (") > 0, logs[-2000:]

@@ -21,11 +21,11 @@ from datetime import datetime, timedelta
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
-from gateway.delivery.smtp import PERMANENT, SENT, Result, Target, send
+from gateway.delivery.smtp import PERMANENT, SENT, Result, Sender, Target
 from gateway.metrics import Metrics
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
-from gateway.store.repository import DeliveryJob, Store, utcnow
+from gateway.store.repository import AttemptResult, DeliveryJob, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +46,25 @@ class DeliveryWorker:
         self.host = socket.gethostname()[:40]
         self.owner = f"{self.host}:{os.getpid()}"
         self.wakeup = asyncio.Event()
+        self.sender = Sender(helo=config.smtp.hostname, reply_timeout=self.settings.timeout,
+                             max_idle=self.settings.concurrency)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._slots = asyncio.Semaphore(self.settings.concurrency)
 
     def start(self) -> None:
+        self._results: asyncio.Queue[tuple[DeliveryJob, AttemptResult] | None] = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_results(), name="delivery-results")
         self._task = asyncio.create_task(self._run(), name="delivery")
 
     async def stop(self) -> None:
+        """Let sends in flight finish, record their results, and stop."""
         self._stopping = True
         self.wakeup.set()
         if self._task is not None:
             await self._task
+            await self._results.put(None)
+            await self._writer
+        await self.sender.close()
 
     def target_for(self, job: DeliveryJob) -> Target | str:
         """Where a delivery goes, or why it cannot go anywhere yet."""
@@ -72,69 +79,99 @@ class DeliveryWorker:
         return Target(host, port, self.settings.relay_tls)
 
     async def _run(self) -> None:
+        in_flight: set[asyncio.Task[None]] = set()
+
+        def finished(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            self.wakeup.set()  # a slot is free: claim more
+
         while not self._stopping:
-            try:
-                jobs = await asyncio.to_thread(
-                    self.store.claim_deliveries, self.owner, self.settings.concurrency * 2,
-                    self.settings.lease_time,
-                )
-            except Exception:  # loop boundary: the database may be away; try again later
-                log.exception("delivery: claiming work failed")
-                jobs = []
-            if jobs:
-                await asyncio.gather(*(self._guarded(job) for job in jobs))
+            free = self.settings.concurrency - len(in_flight)
+            jobs: list[DeliveryJob] = []
+            if free > 0:
+                try:
+                    jobs = await asyncio.to_thread(
+                        self.store.claim_deliveries, self.owner, free, self.settings.lease_time
+                    )
+                except Exception:  # loop boundary: the database may be away; try again later
+                    log.exception("delivery: claiming work failed")
+            for job in jobs:
+                task = asyncio.create_task(self._guarded(job))
+                in_flight.add(task)
+                task.add_done_callback(finished)
+            if jobs and len(in_flight) < self.settings.concurrency:
                 continue
             self.wakeup.clear()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), self.settings.poll_interval)
             except TimeoutError:
                 pass
+        if in_flight:
+            await asyncio.gather(*in_flight)
 
     async def _guarded(self, job: DeliveryJob) -> None:
-        async with self._slots:
-            try:
-                await self.deliver(job)
-            except Exception:  # the one catch-all per delivery: its lease will expire
-                log.exception("delivery %d of %s failed unexpectedly", job.id, job.message_id)
+        try:
+            result = await self.deliver(job)
+        except Exception:  # the one catch-all per delivery: its lease will expire
+            log.exception("delivery %d of %s failed unexpectedly", job.id, job.message_id)
+            return
+        await self._results.put((job, result))
 
-    async def deliver(self, job: DeliveryJob) -> str:
+    async def _write_results(self) -> None:
+        """Record attempt results in groups: one transaction for all that finished meanwhile."""
+        stopping = False
+        while not stopping:
+            first = await self._results.get()
+            if first is None:
+                break
+            group = [first]
+            while not self._results.empty():
+                item = self._results.get_nowait()
+                if item is None:
+                    stopping = True
+                    break
+                group.append(item)
+            try:
+                saved = await asyncio.to_thread(self.store.delivery_results, self.owner,
+                                                [r for _, r in group])
+            except Exception:  # loop boundary: leases expire and the rows are tried again
+                log.exception("delivery: recording %d results failed", len(group))
+                continue
+            for (job, result), ok in zip(group, saved, strict=True):
+                label = "deferred" if result.status == PENDING else result.status
+                self.metrics.deliveries.labels(job.kind, label).inc()
+                if not ok:
+                    log.warning("delivery %d: lease lost before its result was saved", job.id)
+                elif result.bounce is not None:
+                    log.info("delivery %d of %s failed: DSN %s for the sender", job.id,
+                             job.message_id, result.bounce.id)
+
+    async def deliver(self, job: DeliveryJob) -> AttemptResult:
+        """Send one delivery; returns the result to record (nothing is written here)."""
         target = self.target_for(job)
         if isinstance(target, str):
-            await asyncio.to_thread(self.store.delivery_result, job.id, self.owner, HELD,
-                                    error=target)
-            self.metrics.deliveries.labels(job.kind, "held").inc()
             log.warning("delivery %d of %s held: %s", job.id, job.message_id, target)
-            return HELD
+            return AttemptResult(job.id, HELD, target)
         content = await asyncio.to_thread(self.store.delivery_content, job.message_id)
         if content is None:
-            await asyncio.to_thread(self.store.delivery_result, job.id, self.owner, FAILED,
-                                    error="the stored message is gone")
-            return FAILED
+            return AttemptResult(job.id, FAILED, "the stored message is gone")
         data = compose(content[0], content[1], kind=job.kind, recipient=job.recipient)
-        result = await send(target, helo=self.config.smtp.hostname, sender=job.mail_from,
-                            recipient=job.recipient, data=data,
-                            reply_timeout=self.settings.timeout)
+        result = await self.sender.send(target, sender=job.mail_from, recipient=job.recipient,
+                                        data=data)
         status, retry_at = self._next(job, result)
         bounce = None
         if status == FAILED and dsn.wants_dsn(kind=job.kind, direction=job.direction,
                                               mail_from=job.mail_from):
-            now = self.clock()
             bounce = dsn.build(
                 hostname=self.config.smtp.hostname, tenant_id=job.tenant_id,
                 sender=job.mail_from, recipient=job.recipient, diagnostic=result.detail,
                 expired=result.outcome != PERMANENT, original_id=job.message_id,
-                original=content[1], arrival=job.created_at, now=now,
+                original=content[1], arrival=job.created_at, now=self.clock(),
             )
-        await asyncio.to_thread(self.store.delivery_result, job.id, self.owner, status,
-                                error=None if status == SENT_STATUS else result.detail,
-                                retry_at=retry_at, bounce=bounce)
-        if bounce is not None:
-            log.info("delivery %d of %s failed: DSN %s for the sender", job.id,
-                     job.message_id, bounce.id)
-        self.metrics.deliveries.labels(job.kind, status if status != PENDING else "deferred").inc()
         log.info("delivery %d of %s to %s:%d: %s (%s)", job.id, job.message_id, target.host,
                  target.port, status if status != PENDING else "deferred", result.detail)
-        return status
+        return AttemptResult(job.id, status, None if status == SENT_STATUS else result.detail,
+                             retry_at, bounce)
 
     def _next(self, job: DeliveryJob, result: Result) -> tuple[str, datetime | None]:
         if result.outcome == SENT:

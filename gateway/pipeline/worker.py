@@ -15,14 +15,25 @@ import logging
 import os
 import socket
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from gateway.pipeline.parse import ParserPool, to_fields
-from gateway.store.repository import Store
+from gateway.store.repository import Outcome, ParsedFields, Store
 from gateway.workflow import actions
 from gateway.workflow.loader import Workflows
 from gateway.workflow.rules import MessageView, evaluate
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """A message the stages have run on, waiting to be saved."""
+
+    id: str
+    parsed: ParsedFields
+    outcome: Outcome
+    rules: list[str]
 
 
 class PipelineWorker:
@@ -89,28 +100,53 @@ class PipelineWorker:
                 pass
 
     async def _process_claim(self, ids: list[str]) -> None:
-        for n, message_id in enumerate(ids):
-            if self._stopping:
-                await asyncio.to_thread(self.store.release, ids[n:], self.owner)
-                return
-            try:
-                outcome = await self.process(message_id)
-            except Exception as exc:  # the one catch-all per message
-                log.exception("%s: pipeline failed, quarantined", message_id)
-                outcome = "quarantined"
-                try:
-                    await asyncio.to_thread(
-                        self.store.quarantine, message_id, self.owner,
-                        f"{exc.__class__.__name__}: {exc}",
-                    )
-                except Exception:
-                    log.exception("%s: could not record quarantine; lease will expire",
-                                  message_id)
+        """Run the stages on a claimed batch; save all outcomes in one transaction."""
+        prepared = await asyncio.gather(*(self._prepare_guarded(i) for i in ids))
+        ready = [p for p in prepared if p is not None]
+        skipped = [i for i, p in zip(ids, prepared, strict=True) if p is None and self._stopping]
+        if skipped:
+            await asyncio.to_thread(self.store.release, skipped, self.owner)
+        if not ready:
+            return
+        try:
+            saved = await asyncio.to_thread(
+                self.store.finish_many, self.owner, [(p.id, p.parsed, p.outcome) for p in ready]
+            )
+        except Exception:  # loop boundary: the database may be away; leases will expire
+            log.exception("pipeline: saving %d results failed; they will be redone", len(ready))
+            return
+        planned = False
+        for p, ok in zip(ready, saved, strict=True):
+            if not ok:
+                log.warning("%s: lease lost before the result was saved; left to its new owner",
+                            p.id)
+                continue
+            planned = planned or bool(p.outcome.deliveries)
+            log.info("%s: processed message-id=%s rules=%s deliveries=%d", p.id,
+                     p.parsed.message_id, ",".join(p.rules) or "-", len(p.outcome.deliveries))
             if self._on_outcome is not None:
-                self._on_outcome(outcome)
+                self._on_outcome("unparseable" if p.parsed.parse_failed else "processed")
+        if planned and self.deliveries_planned is not None:
+            self.deliveries_planned.set()
 
-    async def process(self, message_id: str) -> str:
-        """Run every stage on one claimed message; returns the outcome name."""
+    async def _prepare_guarded(self, message_id: str) -> Prepared | None:
+        if self._stopping:
+            return None
+        try:
+            return await self.prepare(message_id)
+        except Exception as exc:  # the one catch-all per message
+            log.exception("%s: pipeline failed, quarantined", message_id)
+            try:
+                await asyncio.to_thread(self.store.quarantine, message_id, self.owner,
+                                        f"{exc.__class__.__name__}: {exc}")
+            except Exception:
+                log.exception("%s: could not record quarantine; lease will expire", message_id)
+            if self._on_outcome is not None:
+                self._on_outcome("quarantined")
+            return None
+
+    async def prepare(self, message_id: str) -> Prepared:
+        """Every stage on one claimed message, up to (not including) saving the outcome."""
         item = await asyncio.to_thread(self.store.pipeline_input, message_id)
         if item is None:
             raise LookupError("message or its raw original missing")
@@ -127,17 +163,7 @@ class PipelineWorker:
         )
         plan = evaluate(self.workflows.for_tenant(item.tenant_id), view)
         outcome = actions.outcome(plan, item.recipients, item.tags, item.direction)
-        if not await asyncio.to_thread(self.store.finish, message_id, self.owner, parsed,
-                                       outcome):
-            log.warning("%s: lease lost before the result was saved; left to its new owner",
-                        message_id)
-            return "lease_lost"
-        if outcome.deliveries and self.deliveries_planned is not None:
-            self.deliveries_planned.set()
-        log.info("%s: processed message-id=%s rules=%s deliveries=%d", message_id,
-                 parsed.message_id, ",".join(n for n, _ in plan.matched) or "-",
-                 len(outcome.deliveries))
-        return "unparseable" if parsed.parse_failed else "processed"
+        return Prepared(message_id, parsed, outcome, [name for name, _ in plan.matched])
 
 def _pid_alive(pid: int) -> bool:
     try:

@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, delete, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
@@ -44,6 +44,56 @@ from gateway.store.models import (
 log = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 5  # a message that has stopped the worker this often is quarantined
+
+# Statements on the per-message paths, built once: SQLAlchemy then reuses their
+# compiled form instead of building and hashing a new expression for every row.
+_FINISH = (
+    update(messages)
+    .where(messages.c.id == bindparam("b_id"), messages.c.status == RECEIVED,
+           messages.c.lease_owner == bindparam("b_owner"))
+    .values(
+        status=PROCESSED, processed_at=bindparam("b_now"),
+        message_id=bindparam("b_message_id"), header_from=bindparam("b_header_from"),
+        header_to=bindparam("b_header_to"), header_cc=bindparam("b_header_cc"),
+        subject=bindparam("b_subject"), date=bindparam("b_date"),
+        attachments=bindparam("b_attachments", type_=messages.c.attachments.type),
+        defects=bindparam("b_defects", type_=messages.c.defects.type),
+        tags=bindparam("b_tags", type_=messages.c.tags.type),
+        parse_failed=bindparam("b_parse_failed"), lease_owner=None, lease_until=None,
+        last_error=None,
+    )
+)
+_CLEAR_HEADER_ADDRESSES = delete(message_addresses).where(
+    message_addresses.c.message_id == bindparam("b_id"),
+    message_addresses.c.role.not_in(("mail_from", "rcpt_to")),
+)
+_TENANT_OF = select(messages.c.tenant_id).where(messages.c.id == bindparam("b_id"))
+_ATTEMPT = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("b_id"), deliveries.c.lease_owner == bindparam("b_owner"))
+    .values(
+        status=bindparam("b_status"), attempts=deliveries.c.attempts + 1,
+        last_attempt_at=bindparam("b_now"), last_error=bindparam("b_error"),
+        next_attempt_at=bindparam("b_next"), lease_owner=None, lease_until=None,
+    )
+)
+_PIPELINE_INPUT = (
+    select(messages.c.tenant_id, messages.c.mail_from, messages.c.size, messages.c.tags,
+           messages.c.direction, message_blobs.c.data)
+    .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+    .where(messages.c.id == bindparam("b_id"))
+)
+_RECIPIENTS_OF = (
+    select(message_addresses.c.address)
+    .where(message_addresses.c.message_id == bindparam("b_id"),
+           message_addresses.c.role == "rcpt_to")
+    .order_by(message_addresses.c.id)
+)
+_CONTENT = (
+    select(messages.c.trace_header, message_blobs.c.data)
+    .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+    .where(messages.c.id == bindparam("b_id"))
+)
 
 
 def utcnow() -> datetime:
@@ -136,6 +186,17 @@ class DeliveryJob:
     attempts: int
     created_at: datetime
     direction: str = "inbound"
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptResult:
+    """The outcome of one delivery attempt, to be recorded."""
+
+    delivery_id: int
+    status: str
+    error: str | None = None
+    retry_at: datetime | None = None
+    bounce: NewMessage | None = None
 
 
 class Store:
@@ -352,15 +413,10 @@ class Store:
 
     def pipeline_input(self, message_id: str) -> PipelineInput | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
-            row = conn.execute(
-                select(messages.c.tenant_id, messages.c.mail_from, messages.c.size,
-                       messages.c.tags, messages.c.direction, message_blobs.c.data)
-                .join(message_blobs, message_blobs.c.message_id == messages.c.id)
-                .where(messages.c.id == message_id)
-            ).first()
+            row = conn.execute(_PIPELINE_INPUT, {"b_id": message_id}).first()
             if row is None:
                 return None
-            recipients = self._recipients(conn, [message_id]).get(message_id, [])
+            recipients = list(conn.execute(_RECIPIENTS_OF, {"b_id": message_id}).scalars())
         return PipelineInput(message_id, row.tenant_id, row.mail_from, tuple(recipients),
                              row.size, tuple(row.tags or ()), row.data, row.direction)
 
@@ -378,64 +434,48 @@ class Store:
         the status change land together or not at all.  Returns False (and
         changes nothing) when the lease was lost meanwhile.
         """
-        outcome = outcome or Outcome()
-        now = utcnow()
+        return self.finish_many(owner, [(message_id, parsed, outcome or Outcome())])[0]
+
+    def finish_many(self, owner: str,
+                    items: Sequence[tuple[str, ParsedFields, Outcome]]) -> list[bool]:
+        """``finish`` for several messages in one transaction (one fsync for all)."""
         with self.engine.begin() as conn:
-            done = conn.execute(
-                update(messages)
-                .where(
-                    messages.c.id == message_id,
-                    messages.c.status == RECEIVED,
-                    messages.c.lease_owner == owner,
-                )
-                .values(
-                    status=PROCESSED,
-                    processed_at=utcnow(),
-                    message_id=parsed.message_id,
-                    header_from=parsed.header_from,
-                    header_to=parsed.header_to,
-                    header_cc=parsed.header_cc,
-                    subject=parsed.subject,
-                    date=parsed.date,
-                    attachments=parsed.attachments,
-                    defects=[*parsed.defects, *outcome.notes],
-                    tags=list(outcome.tags),
-                    parse_failed=parsed.parse_failed,
-                    lease_owner=None,
-                    lease_until=None,
-                    last_error=None,
-                )
-            ).rowcount
-            if done != 1:
-                return False
+            return [self._finish(conn, owner, *item) for item in items]
+
+    @staticmethod
+    def _finish(conn: Any, owner: str, message_id: str, parsed: ParsedFields,
+                outcome: Outcome) -> bool:
+        now = utcnow()
+        done = conn.execute(_FINISH, {
+            "b_id": message_id, "b_owner": owner, "b_now": now,
+            "b_message_id": parsed.message_id, "b_header_from": parsed.header_from,
+            "b_header_to": parsed.header_to, "b_header_cc": parsed.header_cc,
+            "b_subject": parsed.subject, "b_date": parsed.date,
+            "b_attachments": parsed.attachments,
+            "b_defects": [*parsed.defects, *outcome.notes], "b_tags": list(outcome.tags),
+            "b_parse_failed": parsed.parse_failed,
+        }).rowcount
+        if done != 1:
+            return False
+        conn.execute(_CLEAR_HEADER_ADDRESSES, {"b_id": message_id})
+        if parsed.addresses:
             conn.execute(
-                delete(message_addresses).where(
-                    message_addresses.c.message_id == message_id,
-                    message_addresses.c.role.not_in(("mail_from", "rcpt_to")),
-                )
+                insert(message_addresses),
+                [{"message_id": message_id, "role": role, "address": addr}
+                 for role, addr in parsed.addresses],
             )
-            if parsed.addresses:
-                conn.execute(
-                    insert(message_addresses),
-                    [
-                        {"message_id": message_id, "role": role, "address": addr}
-                        for role, addr in parsed.addresses
-                    ],
-                )
-            if outcome.deliveries:
-                tenant = conn.execute(
-                    select(messages.c.tenant_id).where(messages.c.id == message_id)
-                ).scalar_one()
-                conn.execute(
-                    insert(deliveries),
-                    [
-                        {"message_id": message_id, "tenant_id": tenant, "kind": d.kind,
-                         "recipient": d.recipient, "destination": d.destination, "rule": d.rule,
-                         "status": PENDING, "attempts": 0, "created_at": now,
-                         "next_attempt_at": now}
-                        for d in outcome.deliveries
-                    ],
-                )
+        if outcome.deliveries:
+            tenant = conn.execute(_TENANT_OF, {"b_id": message_id}).scalar_one()
+            conn.execute(
+                insert(deliveries),
+                [
+                    {"message_id": message_id, "tenant_id": tenant, "kind": d.kind,
+                     "recipient": d.recipient, "destination": d.destination, "rule": d.rule,
+                     "status": PENDING, "attempts": 0, "created_at": now,
+                     "next_attempt_at": now}
+                    for d in outcome.deliveries
+                ],
+            )
         return True
 
     def quarantine(self, message_id: str, owner: str, error: str) -> None:
@@ -544,35 +584,36 @@ class Store:
     def delivery_content(self, message_id: str) -> tuple[str, bytes] | None:
         """The trace header and original of a message, for composing what we send."""
         with self.engine.connect().execution_options(readonly=True) as conn:
-            row = conn.execute(
-                select(messages.c.trace_header, message_blobs.c.data)
-                .join(message_blobs, message_blobs.c.message_id == messages.c.id)
-                .where(messages.c.id == message_id)
-            ).first()
+            row = conn.execute(_CONTENT, {"b_id": message_id}).first()
         return None if row is None else (row.trace_header, row.data)
 
     def delivery_result(self, delivery_id: int, owner: str, status: str, *,
                         error: str | None = None, retry_at: datetime | None = None,
                         bounce: NewMessage | None = None) -> bool:
-        """Record one attempt; False when another worker owns the row by now.
+        """Record one attempt; False when another worker owns the row by now."""
+        return self.delivery_results(
+            owner, [AttemptResult(delivery_id, status, error, retry_at, bounce)])[0]
+
+    def delivery_results(self, owner: str, results: Sequence[AttemptResult]) -> list[bool]:
+        """Record attempts, in one transaction.
 
         A ``bounce`` (the DSN for a failed delivery) is stored in the same
-        transaction, so a failure is never recorded without its DSN or twice with it.
+        transaction as the failure, so a failure is never recorded without its
+        DSN, nor its DSN twice.
         """
         now = utcnow()
+        out = []
         with self.engine.begin() as conn:
-            done = conn.execute(
-                update(deliveries)
-                .where(deliveries.c.id == delivery_id, deliveries.c.lease_owner == owner)
-                .values(
-                    status=status, attempts=deliveries.c.attempts + 1, last_attempt_at=now,
-                    last_error=error[:1000] if error else None,
-                    next_attempt_at=retry_at or now, lease_owner=None, lease_until=None,
-                )
-            ).rowcount
-            if done == 1 and bounce is not None:
-                _insert_messages(conn, [bounce])
-        return done == 1
+            for r in results:
+                done = conn.execute(_ATTEMPT, {
+                    "b_id": r.delivery_id, "b_owner": owner, "b_status": r.status,
+                    "b_now": now, "b_error": r.error[:1000] if r.error else None,
+                    "b_next": r.retry_at or now,
+                }).rowcount
+                if done == 1 and r.bounce is not None:
+                    _insert_messages(conn, [r.bounce])
+                out.append(done == 1)
+        return out
 
     def list_deliveries(self, status: str | None = None,
                         tenant: str | None = None) -> list[dict[str, Any]]:

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Accepted messages/s and delivered copies/s end to end, each message with a Cc and a Bcc.
+
+    bench/copies.sh            # starts the sink and the gateway, then runs this
+    python bench/copies.py --db sqlite:///bench/var/copies.db -n 3000 -c 20
+
+Sends N messages at concurrency C (one connection per message), then watches the
+deliveries table until every copy is sent.  Prints the acceptance rate, the rate
+of delivered copies over the whole run, and the queue depth over time (a queue
+that drains shows the copies keep up).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import smtp_load
+from sqlalchemy import func, select
+
+from gateway.store import database
+from gateway.store.models import deliveries, messages
+
+
+def counts(engine) -> dict[str, int]:
+    """Deliveries by state, plus messages not yet processed (the pipeline's backlog)."""
+    with engine.connect() as conn:
+        result = {s: n for s, n in conn.execute(
+            select(deliveries.c.status, func.count()).group_by(deliveries.c.status))}
+        result["unprocessed"] = conn.execute(
+            select(func.count()).select_from(messages).where(messages.c.status == "received")
+        ).scalar_one()
+    return result
+
+
+async def main(args: argparse.Namespace) -> None:
+    engine = database.create(args.db)
+    before = counts(engine).get("sent", 0)
+    depth: list[tuple[float, int]] = []
+    started = time.perf_counter()
+
+    async def watch() -> None:
+        while True:
+            c = counts(engine)
+            depth.append((time.perf_counter() - started,
+                          c.get("pending", 0) + 2 * c["unprocessed"]))
+            await asyncio.sleep(0.5)
+
+    watcher = asyncio.create_task(watch())
+    load_args = argparse.Namespace(host="127.0.0.1", port=args.port, messages=args.messages,
+                                   concurrency=args.concurrency, size=args.size,
+                                   per_connection=1, pid=None, idle=None, rate=args.rate)
+    await smtp_load.load(load_args)
+    accepted_at = time.perf_counter() - started
+    wanted = before + 2 * args.messages
+    deadline = time.perf_counter() + args.timeout
+    while time.perf_counter() < deadline:
+        c = counts(engine)
+        if c.get("sent", 0) >= wanted:
+            break
+        await asyncio.sleep(0.1)
+    done_at = time.perf_counter() - started
+    watcher.cancel()
+    c = counts(engine)
+    sent = c.get("sent", 0) - before
+    print(f"accepted      {args.messages} messages in {accepted_at:.2f} s: "
+          f"{args.messages / accepted_at:.0f} msgs/s")
+    print(f"copies        {sent} of {2 * args.messages} sent in {done_at:.2f} s: "
+          f"{sent / done_at:.0f} copies/s end to end "
+          f"({sent / 2 / done_at:.0f} messages/s with both copies; "
+          f"{100 * (sent / 2 / done_at) / (args.messages / accepted_at):.0f}% of acceptance)")
+    c.pop("unprocessed")
+    print(f"states        {c}")
+    samples = depth[:: max(len(depth) // 12, 1)]
+    print("copies waiting (pending + 2 per unprocessed message)")
+    print("              " + "  ".join(f"{t:.0f}s:{n}" for t, n in samples))
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--port", type=int, default=2525)
+    p.add_argument("--db", default="sqlite:///bench/var/copies.db")
+    p.add_argument("-n", "--messages", type=int, default=3000)
+    p.add_argument("-c", "--concurrency", type=int, default=20)
+    p.add_argument("--size", type=int, default=4096)
+    p.add_argument("--timeout", type=float, default=300)
+    p.add_argument("--rate", type=float, help="offered messages per second (open loop)")
+    asyncio.run(main(p.parse_args()))
