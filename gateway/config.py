@@ -8,6 +8,7 @@ environment overrides, validates everything and returns a frozen
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -277,6 +278,23 @@ class DeliveryConfig(_Section):
     retry_max: Duration = 3600.0
     max_age: Duration = 5 * 86400.0
     lease_time: Duration = 300.0
+    # Without a relay, copies may go straight to the recipient domain's MX hosts.
+    mx_lookup: bool = False
+    # host:port of DNS servers for MX lookups; empty: the system's (/etc/resolv.conf).
+    dns_servers: list[str] = []
+    dns_timeout: Duration = 10.0
+    mx_port: int = Field(default=25, ge=1, le=65535)
+
+    @field_validator("dns_servers")
+    @classmethod
+    def _dns_servers(cls, v: list[str]) -> list[str]:
+        for server in v:
+            host, _ = parse_hostport(server)
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                raise ValueError(f"a DNS server is an IP address with a port: {server!r}") from None
+        return v
 
     @field_validator("relay")
     @classmethod

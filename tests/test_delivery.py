@@ -77,7 +77,7 @@ def test_cc_and_bcc_copies(make_gateway, tmp_path, sinks):
     relay, _ = sinks
     original = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
                 b"Cc: someone@sender.test\r\nBcc: leaked@sender.test\r\n"
-                b"Subject: help\r\n\r\nPlease help.\r\n")
+                b"Subject: help\r\n\r\nPlease help.\r\n.leading dot stays\r\n")
     with gw.smtp() as s:
         s.sendmail("alice@sender.test", ["support@acme.test"], original)
     got = {m.rcpt_tos[0]: m for m in relay.wait(3)}
@@ -85,7 +85,8 @@ def test_cc_and_bcc_copies(make_gateway, tmp_path, sinks):
     for m in got.values():
         assert m.mail_from == "alice@sender.test"
         assert m.data.startswith(b"Received: from ")  # our trace header first
-        assert m.data.endswith(b"\r\n\r\nPlease help.\r\n")
+        # dot-stuffed on the wire, so the dot survives the receiver's unstuffing
+        assert m.data.endswith(b"\r\n\r\nPlease help.\r\n.leading dot stays\r\n")
         assert b"Bcc" not in m.header_block and b"leaked@" not in m.data
         assert b"\r\n" in m.data and m.data.count(b"\n") == m.data.count(b"\r\n")
         # No Bcc target appears in any delivered header.
@@ -241,3 +242,56 @@ def test_two_daemons_on_one_database_send_each_delivery_once(make_gateway, tmp_p
     # both instances did part of the work
     logs = first.log() + second.log()
     assert first.log().count(": sent (") > 0 and second.log().count(": sent (") > 0, logs[-2000:]
+
+
+MX_WORKFLOWS = """
+tenants:
+  acme:
+    rules:
+      - name: copies
+        match: {recipient: "support@acme.test"}
+        actions:
+          bcc: [archive@vault.test, x@nowhere.test, y@broken.test, z@nullmx.test,
+                w@fallback.test]
+"""
+
+
+def test_copies_by_mx_lookup(make_gateway, tmp_path, sinks):
+    from tests.dns_server import ZoneServer
+
+    relay, _ = sinks
+    zone = ZoneServer({
+        ("vault.test", "MX"): ["10 mx1.vault.test."],
+        ("mx1.vault.test", "A"): ["127.0.0.1"],
+        ("nullmx.test", "MX"): ["0 ."],
+        # the preferred host does not answer on the port; the second one does
+        ("fallback.test", "MX"): ["10 down.fallback.test.", "20 up.fallback.test."],
+        ("down.fallback.test", "A"): ["127.0.0.3"],
+        ("up.fallback.test", "A"): ["127.0.0.1"],
+    }, servfail={"broken.test"})
+    try:
+        policies = tmp_path / "policies"
+        policies.mkdir()
+        (policies / "workflows.yaml").write_text(MX_WORKFLOWS)
+        gw = make_gateway({
+            "policies": {"directory": str(policies)},
+            "delivery": {"mx_lookup": True, "dns_servers": [zone.address],
+                         "mx_port": relay.port, "dns_timeout": "3s", "poll_interval": "0.2s",
+                         "retry_base": "30s"},
+        })
+        with gw.smtp() as s:
+            s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
+        rows = {r["recipient"]: r for r in _deliveries(
+            gw, until=lambda rows: len(rows) == 5 and all(r["attempts"] for r in rows))}
+        assert rows["archive@vault.test"]["status"] == "sent"
+        assert rows["w@fallback.test"]["status"] == "sent"
+        assert sorted(m.rcpt_tos[0] for m in relay.messages) == [
+            "archive@vault.test", "w@fallback.test"]
+        assert rows["x@nowhere.test"]["status"] == "failed"
+        assert rows["x@nowhere.test"]["last_error"].startswith("550 5.1.2")
+        assert rows["z@nullmx.test"]["status"] == "failed"
+        assert "null MX" in rows["z@nullmx.test"]["last_error"]
+        assert rows["y@broken.test"]["status"] == "pending"  # SERVFAIL: try again later
+        assert rows["y@broken.test"]["last_error"].startswith("451 4.4.3")
+    finally:
+        zone.stop()

@@ -207,10 +207,11 @@ def test_check_reports_workflow_errors(tmp_path):
     config = tmp_path / "gw.yaml"
     config.write_text((ROOT / "config" / "gateway.yaml").read_text().replace(
         "directory: policies", f"directory: {policies}"))
-    result = _cli("check", "--config", str(config))
-    assert result.returncode == 2
-    assert f"{policies}/workflows.yaml:5: unknown destination 'mars'".encode() in result.stderr
-    assert b"Traceback" not in result.stderr
+    for command in ("check", "serve"):  # serve never starts half-configured
+        result = _cli(command, "--config", str(config))
+        assert result.returncode == 2
+        assert f"{policies}/workflows.yaml:5: unknown destination 'mars'".encode() in result.stderr
+        assert b"Traceback" not in result.stderr
 
 
 def test_early_reject_only_before_body_rules(rules):

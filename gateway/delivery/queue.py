@@ -21,7 +21,8 @@ from datetime import datetime, timedelta
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
-from gateway.delivery.smtp import PERMANENT, SENT, Result, Sender, Target
+from gateway.delivery.mx import LookupFailed, MXResolver
+from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
 from gateway.metrics import Metrics
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
@@ -48,6 +49,8 @@ class DeliveryWorker:
         self.wakeup = asyncio.Event()
         self.sender = Sender(helo=config.smtp.hostname, reply_timeout=self.settings.timeout,
                              max_idle=self.settings.concurrency)
+        self.mx = (MXResolver(self.settings.dns_servers, self.settings.dns_timeout)
+                   if self.settings.mx_lookup else None)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -66,17 +69,30 @@ class DeliveryWorker:
             await self._writer
         await self.sender.close()
 
-    def target_for(self, job: DeliveryJob) -> Target | str:
-        """Where a delivery goes, or why it cannot go anywhere yet."""
+    async def targets_for(self, job: DeliveryJob) -> list[Target] | Result | str:
+        """Where a delivery goes (hosts in the order to try), a lookup failure as a
+        Result, or, as text, why it cannot go anywhere yet (held)."""
         if job.destination is not None:
             dest = self.config.destinations.get(job.destination)
             if dest is None:
                 return f"destination {job.destination!r} is not configured"
-            return Target(dest.host, dest.port, dest.tls)
-        if self.settings.relay is None:
+            return [Target(dest.host, dest.port, dest.tls)]
+        if self.settings.relay is not None:
+            host, port = parse_hostport(self.settings.relay)
+            return [Target(host, port, self.settings.relay_tls)]
+        if self.mx is None:
             return "no relay configured (delivery.relay) for copies to other domains"
-        host, port = parse_hostport(self.settings.relay)
-        return Target(host, port, self.settings.relay_tls)
+        domain = job.recipient.rpartition("@")[2].lower()
+        try:
+            targets = []
+            for host in await self.mx.hosts(domain):
+                targets += [Target(ip, self.settings.mx_port, "opportunistic", verify=False)
+                            for ip in await self.mx.addresses(host)]
+        except LookupFailed as exc:
+            return Result(PERMANENT if exc.permanent else TEMPORARY, exc.reason)
+        if not targets:
+            return Result(TEMPORARY, f"451 4.4.3 no address found for the MX hosts of {domain}")
+        return targets
 
     async def _run(self) -> None:
         in_flight: set[asyncio.Task[None]] = set()
@@ -148,16 +164,23 @@ class DeliveryWorker:
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""
-        target = self.target_for(job)
-        if isinstance(target, str):
-            log.warning("delivery %d of %s held: %s", job.id, job.message_id, target)
-            return AttemptResult(job.id, HELD, target)
+        targets = await self.targets_for(job)
+        if isinstance(targets, str):
+            log.warning("delivery %d of %s held: %s", job.id, job.message_id, targets)
+            return AttemptResult(job.id, HELD, targets)
         content = await asyncio.to_thread(self.store.delivery_content, job.message_id)
         if content is None:
             return AttemptResult(job.id, FAILED, "the stored message is gone")
-        data = compose(content[0], content[1], kind=job.kind, recipient=job.recipient)
-        result = await self.sender.send(target, sender=job.mail_from, recipient=job.recipient,
-                                        data=data)
+        if isinstance(targets, Result):
+            result, where = targets, "DNS"
+        else:
+            data = compose(content[0], content[1], kind=job.kind, recipient=job.recipient)
+            for target in targets:  # the next host only when this one could not be reached
+                result = await self.sender.send(target, sender=job.mail_from,
+                                                recipient=job.recipient, data=data)
+                where = f"{target.host}:{target.port}"
+                if result.connected:
+                    break
         status, retry_at = self._next(job, result)
         bounce = None
         if status == FAILED and dsn.wants_dsn(kind=job.kind, direction=job.direction,
@@ -168,8 +191,8 @@ class DeliveryWorker:
                 expired=result.outcome != PERMANENT, original_id=job.message_id,
                 original=content[1], arrival=job.created_at, now=self.clock(),
             )
-        log.info("delivery %d of %s to %s:%d: %s (%s)", job.id, job.message_id, target.host,
-                 target.port, status if status != PENDING else "deferred", result.detail)
+        log.info("delivery %d of %s via %s: %s (%s)", job.id, job.message_id, where,
+                 status if status != PENDING else "deferred", result.detail)
         return AttemptResult(job.id, status, None if status == SENT_STATUS else result.detail,
                              retry_at, bounce)
 

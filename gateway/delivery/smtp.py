@@ -24,12 +24,14 @@ class Target:
     host: str
     port: int
     tls: str  # none | opportunistic | required
+    verify: bool = True  # check the certificate (not for MX hosts found by lookup)
 
 
 @dataclass(frozen=True, slots=True)
 class Result:
     outcome: str  # sent | temporary | permanent
     detail: str
+    connected: bool = True  # False: no SMTP conversation happened (try the next host)
 
 
 def _reply(code: int, message: str) -> str:
@@ -56,7 +58,7 @@ class Sender:
         start_tls = {"none": False, "opportunistic": None, "required": True}[target.tls]
         client = aiosmtplib.SMTP(hostname=target.host, port=target.port,
                                  local_hostname=self.helo, timeout=self.reply_timeout,
-                                 start_tls=start_tls, validate_certs=True)
+                                 start_tls=start_tls, validate_certs=target.verify)
         await client.connect()
         return client
 
@@ -95,6 +97,11 @@ class Sender:
         client: aiosmtplib.SMTP | None = None
         try:
             client = await self._ready(target)
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            where = f"{target.host}:{target.port}"
+            return Result(TEMPORARY, f"{where}: {type(exc).__name__}: {exc}"[:500],
+                          connected=False)
+        try:
             result, reusable = await _transaction(client, sender, recipient, data)
         except aiosmtplib.SMTPResponseException as exc:
             if client is not None:
