@@ -134,13 +134,23 @@ class DeliveryWorker:
         await self._results.put((job, result))
 
     async def _write_results(self) -> None:
-        """Record attempt results in groups: one transaction for all that finished meanwhile."""
+        """Record attempt results in groups: one transaction for all that finished meanwhile.
+
+        A group that cannot be saved (database away) is kept and tried again: an
+        attempt already made must be recorded, or its lease would expire and the
+        message would be sent a second time.
+        """
         stopping = False
-        while not stopping:
-            first = await self._results.get()
-            if first is None:
-                break
-            group = [first]
+        group: list[tuple[DeliveryJob, AttemptResult]] = []
+        pause = 0.5
+        while True:
+            if not group:
+                if stopping:
+                    return
+                first = await self._results.get()
+                if first is None:
+                    return
+                group.append(first)
             while not self._results.empty():
                 item = self._results.get_nowait()
                 if item is None:
@@ -150,9 +160,16 @@ class DeliveryWorker:
             try:
                 saved = await asyncio.to_thread(self.store.delivery_results, self.owner,
                                                 [r for _, r in group])
-            except Exception:  # loop boundary: leases expire and the rows are tried again
-                log.exception("delivery: recording %d results failed", len(group))
+            except Exception:  # loop boundary: keep the results and try again
+                log.exception("delivery: recording %d results failed; retrying in %.1f s",
+                              len(group), pause)
+                if stopping and pause > 8:
+                    log.error("delivery: giving up on %d results at shutdown", len(group))
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 30.0)
                 continue
+            pause = 0.5
             for (job, result), ok in zip(group, saved, strict=True):
                 label = "deferred" if result.status == PENDING else result.status
                 self.metrics.deliveries.labels(job.kind, label).inc()
@@ -161,6 +178,7 @@ class DeliveryWorker:
                 elif result.bounce is not None:
                     log.info("delivery %d of %s failed: DSN %s for the sender", job.id,
                              job.message_id, result.bounce.id)
+            group = []
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""

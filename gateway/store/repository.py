@@ -338,7 +338,7 @@ class Store:
 
     # ------------------------------------------------------------ pipeline
     def claim(self, owner: str, limit: int, lease: float) -> list[str]:
-        """Take up to ``limit`` received messages whose lease is free or expired.
+        """Take up to ``limit`` received messages whose lease is free, expired or ours.
 
         On PostgreSQL, SKIP LOCKED lets several instances claim side by side;
         SQLite's write lock (BEGIN IMMEDIATE) serialises the same statement.
@@ -364,7 +364,10 @@ class Store:
                     select(messages.c.id)
                     .where(
                         messages.c.status == RECEIVED,
-                        or_(messages.c.lease_until.is_(None), messages.c.lease_until < now),
+                        # our own lease is stale by now: the caller works one claim at a
+                        # time, so it is from a claim or save that failed half-way
+                        or_(messages.c.lease_until.is_(None), messages.c.lease_until < now,
+                            messages.c.lease_owner == owner),
                     )
                     .order_by(messages.c.id)
                     .limit(limit)
