@@ -295,3 +295,36 @@ def test_copies_by_mx_lookup(make_gateway, tmp_path, sinks):
         assert rows["y@broken.test"]["last_error"].startswith("451 4.4.3")
     finally:
         zone.stop()
+
+
+def test_required_tls_is_never_downgraded(make_gateway, tmp_path, sinks):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "workflows.yaml").write_text(WORKFLOWS)
+    _, finance = sinks  # a server that offers no STARTTLS
+    gw = make_gateway({
+        "policies": {"directory": str(policies)},
+        "destinations": {"finance": {"host": "127.0.0.1", "port": finance.port,
+                                     "tls": "required"}},
+        "delivery": {"poll_interval": "0.2s", "retry_base": "30s"},
+    })
+    _send_to_billing(gw)
+    row = _deliveries(gw, until=lambda rows: rows[0]["attempts"] >= 1)[0]
+    assert row["status"] == "pending" and "STARTTLS" in row["last_error"]
+    assert finance.messages == []
+
+
+@pytest.mark.parametrize(
+    ("kind", "direction", "mail_from", "expected"),
+    [
+        ("rcpt", "outbound", "support@acme.test", True),
+        ("rcpt", "outbound", "", False),  # never to the null sender
+        ("cc", "outbound", "support@acme.test", False),  # the tenant's own copies
+        ("bcc", "inbound", "someone@else.test", False),  # inbound senders may be forged
+        ("route", "inbound", "someone@else.test", False),
+    ],
+)
+def test_who_gets_a_dsn(kind, direction, mail_from, expected):
+    from gateway.delivery.dsn import wants_dsn
+
+    assert wants_dsn(kind=kind, direction=direction, mail_from=mail_from) is expected
