@@ -108,3 +108,10 @@ def test_bad_arguments_are_one_line_exit_2():
     assert result.returncode == 2
     assert result.stderr.decode().strip().splitlines()[-1].startswith("mailflowr-gateway")
     assert b"Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("path", ["config/gateway.yaml", "bench/gateway-bench.yaml",
+                                  "bench/gateway-copies.yaml"])
+def test_every_shipped_config_checks(path):
+    result = _run("check", "--config", path)
+    assert result.returncode == 0, result.stderr.decode()
