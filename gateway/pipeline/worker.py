@@ -18,12 +18,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.pipeline.parse import ParserPool, to_fields
-from gateway.store.repository import Outcome, ParsedFields, Store
+from gateway.store.repository import Outcome, ParsedFields, PipelineInput, Store
 from gateway.workflow import actions
 from gateway.workflow.loader import Workflows
 from gateway.workflow.rules import MessageView, evaluate
 
 log = logging.getLogger(__name__)
+
+LINGER = 0.2  # seconds to wait after a partial batch
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +94,10 @@ class PipelineWorker:
                 ids = []
             if ids:
                 await self._process_claim(ids)
+                if len(ids) < self.batch_size and not self._stopping:
+                    # Under a stream of mail, let a batch gather instead of waking for each
+                    # commit: fewer, larger transactions, and more CPU left for accepting.
+                    await asyncio.sleep(LINGER)
                 continue
             self.wakeup.clear()
             try:
@@ -101,7 +107,14 @@ class PipelineWorker:
 
     async def _process_claim(self, ids: list[str]) -> None:
         """Run the stages on a claimed batch; save all outcomes in one transaction."""
-        prepared = await asyncio.gather(*(self._prepare_guarded(i) for i in ids))
+        try:
+            inputs = await asyncio.to_thread(self.store.pipeline_inputs, ids)
+        except Exception:  # loop boundary: the claim is ours and is taken again next round
+            log.exception("pipeline: reading %d claimed messages failed", len(ids))
+            return
+        slots = asyncio.Semaphore(self.parser.size)  # as many in flight as there are parsers
+        prepared = await asyncio.gather(*(self._prepare_guarded(i, inputs.get(i), slots)
+                                          for i in ids))
         ready = [p for p in prepared if p is not None]
         skipped = [i for i, p in zip(ids, prepared, strict=True) if p is None and self._stopping]
         if skipped:
@@ -129,27 +142,29 @@ class PipelineWorker:
         if planned and self.deliveries_planned is not None:
             self.deliveries_planned.set()
 
-    async def _prepare_guarded(self, message_id: str) -> Prepared | None:
-        if self._stopping:
-            return None
-        try:
-            return await self.prepare(message_id)
-        except Exception as exc:  # the one catch-all per message
-            log.exception("%s: pipeline failed, quarantined", message_id)
+    async def _prepare_guarded(self, message_id: str, item: PipelineInput | None,
+                                slots: asyncio.Semaphore) -> Prepared | None:
+        async with slots:
+            if self._stopping:
+                return None
             try:
-                await asyncio.to_thread(self.store.quarantine, message_id, self.owner,
-                                        f"{exc.__class__.__name__}: {exc}")
-            except Exception:
-                log.exception("%s: could not record quarantine; lease will expire", message_id)
-            if self._on_outcome is not None:
-                self._on_outcome("quarantined")
-            return None
+                if item is None:
+                    raise LookupError("message or its raw original missing")
+                return await self.prepare(item)
+            except Exception as exc:  # the one catch-all per message
+                log.exception("%s: pipeline failed, quarantined", message_id)
+                try:
+                    await asyncio.to_thread(self.store.quarantine, message_id, self.owner,
+                                            f"{exc.__class__.__name__}: {exc}")
+                except Exception:
+                    log.exception("%s: could not record quarantine", message_id)
+                if self._on_outcome is not None:
+                    self._on_outcome("quarantined")
+                return None
 
-    async def prepare(self, message_id: str) -> Prepared:
+    async def prepare(self, item: PipelineInput) -> Prepared:
         """Every stage on one claimed message, up to (not including) saving the outcome."""
-        item = await asyncio.to_thread(self.store.pipeline_input, message_id)
-        if item is None:
-            raise LookupError("message or its raw original missing")
+        message_id = item.id
         result = await self.parser.parse(item.raw)
         parsed = to_fields(result)
         if parsed.parse_failed:

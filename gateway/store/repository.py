@@ -77,18 +77,6 @@ _ATTEMPT = (
         next_attempt_at=bindparam("b_next"), lease_owner=None, lease_until=None,
     )
 )
-_PIPELINE_INPUT = (
-    select(messages.c.tenant_id, messages.c.mail_from, messages.c.size, messages.c.tags,
-           messages.c.direction, message_blobs.c.data)
-    .join(message_blobs, message_blobs.c.message_id == messages.c.id)
-    .where(messages.c.id == bindparam("b_id"))
-)
-_RECIPIENTS_OF = (
-    select(message_addresses.c.address)
-    .where(message_addresses.c.message_id == bindparam("b_id"),
-           message_addresses.c.role == "rcpt_to")
-    .order_by(message_addresses.c.id)
-)
 _CONTENT = (
     select(messages.c.trace_header, message_blobs.c.data)
     .join(message_blobs, message_blobs.c.message_id == messages.c.id)
@@ -414,14 +402,23 @@ class Store:
                     ).rowcount)
         return freed
 
-    def pipeline_input(self, message_id: str) -> PipelineInput | None:
+    def pipeline_inputs(self, message_ids: Sequence[str]) -> dict[str, PipelineInput]:
+        """What the pipeline needs of each claimed message, in two queries."""
         with self.engine.connect().execution_options(readonly=True) as conn:
-            row = conn.execute(_PIPELINE_INPUT, {"b_id": message_id}).first()
-            if row is None:
-                return None
-            recipients = list(conn.execute(_RECIPIENTS_OF, {"b_id": message_id}).scalars())
-        return PipelineInput(message_id, row.tenant_id, row.mail_from, tuple(recipients),
-                             row.size, tuple(row.tags or ()), row.data, row.direction)
+            rows = conn.execute(
+                select(messages.c.id, messages.c.tenant_id, messages.c.mail_from,
+                       messages.c.size, messages.c.tags, messages.c.direction,
+                       message_blobs.c.data)
+                .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+                .where(messages.c.id.in_(list(message_ids)))
+            ).all()
+            recipients = self._recipients(conn, [r.id for r in rows])
+        return {
+            r.id: PipelineInput(r.id, r.tenant_id, r.mail_from,
+                                tuple(recipients.get(r.id, [])), r.size, tuple(r.tags or ()),
+                                r.data, r.direction)
+            for r in rows
+        }
 
     def raw(self, message_id: str) -> bytes | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
