@@ -111,6 +111,8 @@ class SMTPConfig(_Section):
     greet_pause: Duration = 0.0
     bare_newline: Literal["normalize", "reject"] = "normalize"
     shutdown_timeout: Duration = 30.0
+    # auto: uvloop when it is installed (faster), else asyncio's own loop.
+    event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
     tls: TLSConfig = TLSConfig()
 
     @field_validator("listen")

@@ -23,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery.queue import DeliveryWorker
-from gateway.ingress.smtp import ConnectionTracker, IngressHandler, protocol_factory
+from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
@@ -184,8 +184,7 @@ class App:
             for tracker in trackers:
                 log.warning("cutting %d sessions open at the deadline", len(tracker.sessions))
                 for session in list(tracker.sessions):
-                    if isinstance(session.transport, asyncio.WriteTransport):
-                        session.transport.abort()
+                    abort(session.transport)
         await self._stop_parts(worker, delivery, parser, store)
         if metrics_server is not None:
             metrics_server[0].shutdown()
@@ -213,11 +212,26 @@ def setup_logging(level: str) -> None:
     logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """uvloop's event loop when chosen (or available, for auto); None: asyncio's."""
+    if choice == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        if choice == "uvloop":
+            raise StartupError("smtp.event_loop is uvloop, but uvloop is not installed") from None
+        return None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def serve(config: GatewayConfig, workflows: Workflows) -> int:
     setup_logging(config.logging.level)
     app = App(config, workflows)
     try:
-        return asyncio.run(app.run())
+        with asyncio.Runner(loop_factory=loop_factory(config.smtp.event_loop)) as runner:
+            return runner.run(app.run())
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1

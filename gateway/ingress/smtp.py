@@ -26,7 +26,7 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -195,6 +195,17 @@ def normalize_newlines(content: bytes) -> bytes:
     return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
 
 
+def _write(transport: asyncio.BaseTransport, data: bytes) -> None:
+    # uvloop's transports write like asyncio's but are not WriteTransport subclasses.
+    cast(asyncio.WriteTransport, transport).write(data)
+
+
+def abort(transport: asyncio.BaseTransport | None) -> None:
+    """Drop a connection at once (shutdown deadline), whatever loop made it."""
+    if transport is not None and not transport.is_closing():
+        cast(asyncio.WriteTransport, transport).abort()
+
+
 def hop_count(content: bytes) -> int:
     """Received header fields in the header block (a loop shows as many of them)."""
     end = content.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
@@ -258,8 +269,7 @@ class GatewaySMTP(SMTP):
                 "shutdown": SHUTTING_DOWN,
             }[refusal].format(host=self.hostname, ip=self._peer_ip)
             log.warning("connection from %s refused: %s", self._peer_ip, refusal)
-            assert isinstance(transport, asyncio.WriteTransport)
-            transport.write(text.encode() + b"\r\n")
+            _write(transport, text.encode() + b"\r\n")
             transport.close()
             return
         self._admitted = True
@@ -290,8 +300,7 @@ class GatewaySMTP(SMTP):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
-        assert isinstance(transport, asyncio.WriteTransport)
-        transport.write(reply.encode() + b"\r\n")
+        _write(transport, reply.encode() + b"\r\n")
         transport.close()
 
     def _pending_input(self) -> int:
