@@ -17,6 +17,7 @@ from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -74,6 +75,15 @@ def parse_hostport(value: str) -> tuple[str, int]:
     if port > 65535:
         raise ValueError(f"port {port} is out of range")
     return host, port
+
+
+def _hostport(value: str | None) -> str | None:
+    if value is not None:
+        parse_hostport(value)
+    return value
+
+
+OptionalHostPort = Annotated[str | None, AfterValidator(_hostport)]
 
 
 class _Section(BaseModel):
@@ -168,14 +178,8 @@ class PipelineConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    listen: str | None = "127.0.0.1:9466"
+    listen: OptionalHostPort = "127.0.0.1:9466"
 
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_hostport(v)
-        return v
 
 
 class LoggingConfig(_Section):
@@ -238,17 +242,11 @@ class SubmissionConfig(_Section):
     """The listener internal users send through (AUTH after STARTTLS)."""
 
     # host:port, e.g. 127.0.0.1:2587 (587 in production); empty: no submission listener.
-    listen: str | None = None
+    listen: OptionalHostPort = None
     # Failed logins from one client IP within auth_window before it is turned away.
     max_auth_failures: int = Field(default=5, ge=1)
     auth_window: Duration = 600.0
 
-    @field_validator("listen")
-    @classmethod
-    def _listen(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_hostport(v)
-        return v
 
 
 class DestinationConfig(_Section):
@@ -271,7 +269,7 @@ class DestinationConfig(_Section):
 
 class DeliveryConfig(_Section):
     # host:port of the relay (smarthost) that copies to other domains go through.
-    relay: str | None = None
+    relay: OptionalHostPort = None
     relay_tls: Literal["none", "opportunistic", "required"] = "opportunistic"
     concurrency: int = Field(default=10, ge=1, le=500)
     timeout: Duration = 60.0
@@ -298,12 +296,6 @@ class DeliveryConfig(_Section):
                 raise ValueError(f"a DNS server is an IP address with a port: {server!r}") from None
         return v
 
-    @field_validator("relay")
-    @classmethod
-    def _relay(cls, v: str | None) -> str | None:
-        if v is not None:
-            parse_hostport(v)
-        return v
 
 
 class PoliciesConfig(_Section):
