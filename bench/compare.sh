@@ -7,18 +7,8 @@
 # Knobs of peers.sh (REPS, CONCS, SIZES, MSGS_SMALL, MSGS_LARGE) pass through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PEERS=${PEERS_DIR:-../shared/peers}
-[ -x .venv/bin/mailflowr-gateway ] || { echo "install first: see README.md" >&2; exit 1; }
-"$PEERS/peers.sh" install >/dev/null
-"$PEERS/peers.sh" start            # Haraka only where its npm install succeeded
-rm -rf bench/var
-.venv/bin/mailflowr-gateway serve --config bench/gateway-bench.yaml &
-gw=$!
-trap 'kill -TERM $gw 2>/dev/null; wait $gw 2>/dev/null; "$PEERS/peers.sh" stop' EXIT
-for _ in $(seq 1 100); do
-    (echo > /dev/tcp/127.0.0.1/2525) 2>/dev/null && break
-    sleep 0.1
-done
+. bench/gateway.sh
+start_gateway bench/gateway-bench.yaml postfix aiosmtpd haraka   # Haraka only if installed
 ports="2525 2526 2527"
 (echo > /dev/tcp/127.0.0.1/2528) 2>/dev/null && ports="$ports 2528"
 if [ "${1:-run}" = once ]; then

@@ -4,7 +4,7 @@ Acceptance is group-committed: SMTP sessions hand their messages to
 ``accept()``, one committer thread writes everything that arrived meanwhile in
 one transaction (one fsync), and each session's future resolves only after
 that commit returned.  So throughput is not capped by the disk's fsync rate and
-250 still means "on disk".  The pipeline's calls (claim, finish, quarantine)
+250 still means "on disk".  The pipeline's calls (claim, finish_many, quarantine)
 and the command line's reads are plain synchronous methods, run off the event
 loop by their callers.
 """
@@ -426,19 +426,14 @@ class Store:
                 select(message_blobs.c.data).where(message_blobs.c.message_id == message_id)
             ).scalar_one_or_none()
 
-    def finish(self, message_id: str, owner: str, parsed: ParsedFields,
-               outcome: Outcome | None = None) -> bool:
-        """Record what the stages found and planned, and mark the message processed.
-
-        One transaction: the parse result, the tags, every planned delivery and
-        the status change land together or not at all.  Returns False (and
-        changes nothing) when the lease was lost meanwhile.
-        """
-        return self.finish_many(owner, [(message_id, parsed, outcome or Outcome())])[0]
-
     def finish_many(self, owner: str,
                     items: Sequence[tuple[str, ParsedFields, Outcome]]) -> list[bool]:
-        """``finish`` for several messages in one transaction (one fsync for all)."""
+        """Record what the stages found and planned, and mark each message processed.
+
+        One transaction for the whole batch (one fsync): per message, the parse
+        result, tags, planned deliveries and status change land together or not
+        at all.  An entry is False (nothing changed) where the lease was lost.
+        """
         with self.engine.begin() as conn:
             return [self._finish(conn, owner, *item) for item in items]
 
@@ -586,13 +581,6 @@ class Store:
         with self.engine.connect().execution_options(readonly=True) as conn:
             row = conn.execute(_CONTENT, {"b_id": message_id}).first()
         return None if row is None else (row.trace_header, row.data)
-
-    def delivery_result(self, delivery_id: int, owner: str, status: str, *,
-                        error: str | None = None, retry_at: datetime | None = None,
-                        bounce: NewMessage | None = None) -> bool:
-        """Record one attempt; False when another worker owns the row by now."""
-        return self.delivery_results(
-            owner, [AttemptResult(delivery_id, status, error, retry_at, bounce)])[0]
 
     def delivery_results(self, owner: str, results: Sequence[AttemptResult]) -> list[bool]:
         """Record attempts, in one transaction.
