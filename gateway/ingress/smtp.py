@@ -167,7 +167,9 @@ class DataReader:
         self.buffer += data
         end = self.buffer.find(END_OF_DATA, max(self.scanned - 4, 0))
         if end >= 0:
-            content = bytes(self.buffer[2 : end + 2])
+            # The limit holds however the stream was cut into chunks: the chunk that
+            # carries the end may also be the one that crosses it.
+            content = bytes(self.buffer[2 : end + 2]) if end <= self.limit else None
             rest = bytes(self.buffer[end + 5:])
             self.buffer = None
             self.future.set_result(content)
