@@ -1,14 +1,15 @@
 """Load a sysadmin-edited YAML file safely, remembering where each key stands.
 
 PyYAML's ``safe_load`` keeps the last of two duplicate keys without a word and
-forgets line numbers, so validation errors could not say ``file:line``.  This
-module composes the node tree itself (safe constructors only), refuses
+forgets line numbers, so validation errors could not say ``file:line:column``.
+This module composes the node tree itself (safe constructors only), refuses
 duplicate keys, anchors past a small budget and oversized files, and returns
-the data with a map from key path to line number.
+the data with a map from key path to (line, column).
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,71 +24,96 @@ KeyPath = tuple[str | int, ...]
 
 @dataclass
 class YamlDocument:
-    """The loaded data of one file and the line of every key and list item."""
+    """The loaded data of one file and the position of every key and list item."""
 
     path: str
     data: Any
-    lines: dict[KeyPath, int] = field(default_factory=dict)
+    lines: dict[KeyPath, tuple[int, int]] = field(default_factory=dict)  # (line, column)
 
-    def line_of(self, key_path: KeyPath) -> int:
-        """The line of ``key_path``, or of its nearest ancestor that has one."""
+    def position(self, key_path: KeyPath) -> tuple[int, int]:
+        """(line, column) of ``key_path``, or of its nearest ancestor that has one."""
         path = tuple(key_path)
         while path:
             if path in self.lines:
                 return self.lines[path]
             path = path[:-1]
-        return self.lines.get((), 1)
+        return self.lines.get((), (1, 1))
+
+    def line_of(self, key_path: KeyPath) -> int:
+        return self.position(key_path)[0]
 
     def where(self, key_path: KeyPath) -> str:
-        return f"{self.path}:{self.line_of(key_path)}"
+        """``file:line:column`` of a key, the way compilers point at a mistake."""
+        line, column = self.position(key_path)
+        return f"{self.path}:{line}:{column}"
 
 
 class YamlFileError(Exception):
-    """A file that is not acceptable YAML; ``str()`` is ``file:line: message``."""
+    """A file that is not acceptable YAML; ``str()`` is ``file:line:column: message``."""
 
-    def __init__(self, path: str, line: int, message: str) -> None:
-        super().__init__(f"{path}:{line}: {message}")
+    def __init__(self, path: str, line: int, message: str, column: int = 1) -> None:
+        # Line 0: the file as a whole (it could not be read).
+        super().__init__(f"{path}:{line}:{column}: {message}" if line else f"{path}: {message}")
         self.path = path
         self.line = line
+        self.column = column
         self.message = message
+
+    @classmethod
+    def at(cls, path: str, mark: Any, message: str) -> YamlFileError:
+        """The error at a PyYAML mark (0-based line and column)."""
+        line, column = _at(mark)
+        return cls(path, line, message, column)
+
+
+def _at(mark: Any) -> tuple[int, int]:
+    return mark.line + 1, mark.column + 1
 
 
 class _Builder:
     def __init__(self, path: str) -> None:
         self.path = path
-        self.lines: dict[KeyPath, int] = {}
+        self.lines: dict[KeyPath, tuple[int, int]] = {}
         self.aliases = 0
+        self.open: set[int] = set()  # collections being built, to refuse cycles
         self.constructor = yaml.constructor.SafeConstructor()
 
     def build(self, node: yaml.Node, key_path: KeyPath) -> Any:
-        self.lines.setdefault(key_path, node.start_mark.line + 1)
-        if isinstance(node, yaml.MappingNode):
-            result: dict[Any, Any] = {}
-            for key_node, value_node in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    raise YamlFileError(
-                        self.path, key_node.start_mark.line + 1, "merge keys (<<) are not supported"
-                    )
-                key = self.build(key_node, (*key_path, "<key>"))
-                if not isinstance(key, str | int | bool | float):
-                    raise YamlFileError(
-                        self.path, key_node.start_mark.line + 1, "a key must be a plain scalar"
-                    )
-                if key in result:
-                    raise YamlFileError(
-                        self.path, key_node.start_mark.line + 1, f"duplicate key {key!r}"
-                    )
-                self.lines[(*key_path, str(key))] = key_node.start_mark.line + 1
-                result[key] = self.build(value_node, (*key_path, str(key)))
-            self.lines.pop((*key_path, "<key>"), None)
-            return result
-        if isinstance(node, yaml.SequenceNode):
-            return [self.build(item, (*key_path, i)) for i, item in enumerate(node.value)]
+        self.lines.setdefault(key_path, _at(node.start_mark))
+        if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
+            if id(node) in self.open:  # `a: &x {b: *x}` would never end
+                raise YamlFileError.at(self.path, node.start_mark,
+                                       "an alias refers to a node that contains it")
+            self.open.add(id(node))
+            try:
+                return self._collection(node, key_path)
+            finally:
+                self.open.discard(id(node))
         assert isinstance(node, yaml.ScalarNode)
         try:
             return self.constructor.construct_object(node, deep=True)
         except yaml.constructor.ConstructorError as exc:
-            raise YamlFileError(self.path, node.start_mark.line + 1, str(exc.problem)) from None
+            raise YamlFileError.at(self.path, node.start_mark, str(exc.problem)) from None
+
+    def _collection(self, node: yaml.Node, key_path: KeyPath) -> Any:
+        if isinstance(node, yaml.MappingNode):
+            result: dict[Any, Any] = {}
+            for key_node, value_node in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    raise YamlFileError.at(self.path, key_node.start_mark,
+                                           "merge keys (<<) are not supported")
+                key = self.build(key_node, (*key_path, "<key>"))
+                if not isinstance(key, str | int | bool | float):
+                    raise YamlFileError.at(self.path, key_node.start_mark,
+                                           "a key must be a plain scalar")
+                if key in result:
+                    raise YamlFileError.at(self.path, key_node.start_mark,
+                                           f"duplicate key {key!r}")
+                self.lines[(*key_path, str(key))] = _at(key_node.start_mark)
+                result[key] = self.build(value_node, (*key_path, str(key)))
+            self.lines.pop((*key_path, "<key>"), None)
+            return result
+        return [self.build(item, (*key_path, i)) for i, item in enumerate(node.value)]
 
 
 class _CountingLoader(yaml.SafeLoader):
@@ -115,14 +141,16 @@ def parse_yaml(text: str, path: str) -> YamlDocument:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark is not None else 1
-        raise YamlFileError(path, line, str(exc.problem or exc.context or "invalid YAML")) from None
+        message = str(exc.problem or exc.context or "invalid YAML")
+        if mark is None:
+            raise YamlFileError(path, 1, message) from None
+        raise YamlFileError.at(path, mark, message) from None
     except yaml.YAMLError as exc:
         raise YamlFileError(path, 1, str(exc)) from None
     finally:
         loader.dispose()
     if node is None:
-        return YamlDocument(path, None, {(): 1})
+        return YamlDocument(path, None, {(): (1, 1)})
     builder = _Builder(path)
     data = builder.build(node, ())
     return YamlDocument(path, data, builder.lines)
@@ -143,3 +171,46 @@ def load_yaml(path: str | Path) -> YamlDocument:
         line = raw[: exc.start].count(b"\n") + 1
         raise YamlFileError(name, line, "file is not valid UTF-8") from None
     return parse_yaml(text, name)
+
+
+class Checker:
+    """Collects ``file:line:column: message`` problems while validating a document.
+
+    Validators subclass it: each check reports and carries on, so one run names
+    every mistake in a file, not just the first.
+    """
+
+    def __init__(self, doc: YamlDocument) -> None:
+        self.doc = doc
+        self.problems: list[str] = []
+
+    def problem(self, path: KeyPath, message: str) -> None:
+        self.problems.append(f"{self.doc.where(path)}: {message}")
+
+    def mapping(self, value: Any, path: KeyPath, keys: Collection[str],
+                what: str) -> dict[str, Any] | None:
+        """``value`` if it is a mapping; unknown keys are reported, not dropped silently."""
+        if not isinstance(value, dict):
+            self.problem(path, f"{what} must be a mapping")
+            return None
+        for key in value:
+            if key not in keys:
+                self.problem((*path, str(key)),
+                             f"unknown key {key!r} in {what} (known: {', '.join(sorted(keys))})")
+        return value
+
+    def string_list(self, value: Any, path: KeyPath, what: str) -> list[str]:
+        """A list of strings; a single string counts as a list of one."""
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            self.problem(path, f"{what} must be a list of strings")
+            return []
+        return value
+
+    def boolean(self, spec: dict[str, Any], key: str, path: KeyPath, default: bool) -> bool:
+        value = spec.get(key, default)
+        if not isinstance(value, bool):
+            self.problem((*path, key), f"{key} must be true or false")
+            return default
+        return value

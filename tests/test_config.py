@@ -38,22 +38,23 @@ def _problems(tmp_path, text, env=None):
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("smtp:\n  listen: nonsense\n", "gw.yaml:2: smtp.listen: expected HOST:PORT"),
-        ("smtp:\n  max_recipients: many\n", "gw.yaml:2: smtp.max_recipients: Input should be"),
-        ("smtp:\n  lisen: 127.0.0.1:25\n", "gw.yaml:2: smtp.lisen: unknown key"),
+        ("smtp:\n  listen: nonsense\n", "gw.yaml:2:3: smtp.listen: expected HOST:PORT"),
+        ("smtp:\n  max_recipients: many\n", "gw.yaml:2:3: smtp.max_recipients: Input should be"),
+        ("smtp:\n  lisen: 127.0.0.1:25\n", "gw.yaml:2:3: smtp.lisen: unknown key"),
         ("smtp:\n  listen: 127.0.0.1:25\n  listen: 127.0.0.1:26\n",
-         "gw.yaml:3: duplicate key 'listen'"),
-        ("smtp: [\n", "gw.yaml:2: "),
-        ("smtp:\n  idle_timeout: forever\n", "gw.yaml:2: smtp.idle_timeout: expected a duration"),
-        ("database:\n  url: mysql://x/y\n", "gw.yaml:2: database.url: only sqlite"),
+         "gw.yaml:3:3: duplicate key 'listen'"),
+        ("smtp: [\n", "gw.yaml:2:1: "),
+        ("smtp:\n  idle_timeout: forever\n", "gw.yaml:2:3: smtp.idle_timeout: expected a duration"),
+        ("database:\n  url: mysql://x/y\n", "gw.yaml:2:3: database.url: only sqlite"),
         ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n  b:\n    domains: [a.test]\n"
          "    catch_all: true\n", "domain a.test belongs to both a and b"),
         ("tenants:\n  a:\n    domains: [a.test]\n    addresses: [x@b.test]\n",
-         "gw.yaml:2: tenants.a: 'x@b.test' is not in one of this tenant's domains"),
+         "gw.yaml:2:3: tenants.a: 'x@b.test' is not in one of this tenant's domains"),
         ("- just\n- a list\n", "gw.yaml:1: the file must be a mapping"),
+        ("smtp: &a\n  tls: *a\n", "gw.yaml:1:7: an alias refers to a node that contains it"),
         ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n    users:\n"
          "      bob@a.test:\n        password_hash: hunter2\n",
-         "gw.yaml:7: tenants.a.users.bob@a.test.password_hash: store a hash, not a password"),
+         "gw.yaml:7:9: tenants.a.users.bob@a.test.password_hash: store a hash, not a password"),
         ("submission:\n  listen: 127.0.0.1:2587\n",
          "submission.listen needs smtp.tls.cert_file and key_file"),
     ],
@@ -89,7 +90,7 @@ def test_check_command(tmp_path):
     result = _run("check", "--config", str(bad))
     assert result.returncode == 2
     err = result.stderr.decode()
-    assert f"{bad}:2: smtp.max_message_size: expected a size" in err
+    assert f"{bad}:2:3: smtp.max_message_size: expected a size" in err
     assert "Traceback" not in err
     missing = _run("check", "--config", str(tmp_path / "nope.yaml"))
     assert missing.returncode == 2 and b"No such file" in missing.stderr
