@@ -112,6 +112,21 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print the password_hash for a password read from stdin")
     p.set_defaults(func=cmd_users_hash_password)
 
+    ret = sub.add_parser("retention", help="the retention policy")
+    retsub = ret.add_subparsers(dest="retention_command", required=True, parser_class=_Parser)
+    p = retsub.add_parser("sweep", help="delete what the retention policy says has expired")
+    _config_arg(p)
+    p.add_argument("--dry-run", action="store_true", help="count, delete nothing")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retention_sweep)
+    p = retsub.add_parser("preview",
+                          help="what the next sweep would delete under the policies of DIR")
+    _config_arg(p)
+    p.add_argument("--policies", metavar="DIR", required=True,
+                   help="a policy directory (e.g. an edited copy), validated first")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_retention_preview)
+
     rules = sub.add_parser("rules", help="workflow rules")
     rsub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     p = rsub.add_parser("test", help="which rules match a message, and the plan (sends nothing)")
@@ -139,8 +154,14 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    from gateway.policy.loader import PolicyError
+
     try:
         return func(args)
+    except PolicyError as exc:  # the configuration is fine; a policy file is not
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILURE
     except ConfigError as exc:
         for problem in exc.problems:
             print(problem, file=sys.stderr)
@@ -170,23 +191,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.daemon import serve
 
     config = _config(args)
-    workflows = _workflows(config)  # a broken workflows.yaml stops the start (exit 2)
-    return serve(config, workflows)
+    policies = _policies(config)  # a policy set that does not validate stops the start
+    return serve(config, policies)
 
 
-def _workflows(config: GatewayConfig) -> Any:
-    from gateway.workflow import loader
+def _policies(config: GatewayConfig, directory: Path | None = None) -> Any:
+    from gateway.policy import loader
 
-    return loader.load(config.policies.workflows, config.tenants, config.destinations)
+    return loader.load(directory or config.policies.directory, config.tenants.keys(),
+                       config.destinations.keys())
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     print(f"{args.config}: ok ({len(config.tenants)} tenants, "
           f"{sum(len(t.domains) for t in config.tenants.values())} domains)")
-    workflows = _workflows(config)
-    count = sum(len(r) for r in workflows.rules.values())
-    print(f"{config.policies.workflows}: ok ({count} rules)")
+    policies = _policies(config)
+    directory = config.policies.directory
+    if "workflows.yaml" in policies.files:
+        count = sum(len(r) for r in policies.workflows.rules.values())
+        print(f"{directory / 'workflows.yaml'}: ok ({count} rules)")
+    retention = policies.retention
+    if "retention.yaml" in policies.files:
+        print(f"{directory / 'retention.yaml'}: ok ({len(retention.tags)} tags, "
+              f"default {retention.default}, {len(retention.holds)} holds)")
+    else:
+        print(f"{directory / 'retention.yaml'}: absent: all mail is kept {retention.default}")
+    print(f"policy version {policies.version}")
     return EXIT_OK
 
 
@@ -197,12 +228,13 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     config = _config(args)
     if args.tenant not in config.tenants:
         raise CommandError(f"no tenant {args.tenant!r} in {args.config}")
-    workflows = _workflows(config)
+    policies = _policies(config)
+    retention = policies.retention
     try:
         raw = Path(args.file).read_bytes()
     except OSError as exc:
         raise CommandError(f"{args.file}: {exc.strerror}") from None
-    parsed = parse_message(raw)
+    parsed = parse_message(raw, retention.classifier_for(args.tenant))
     roles = parsed["addresses"]
     sender = args.sender or next((a for r, a in roles if r == "from"), "")
     recipients = args.recipient or [a for r, a in roles if r in ("to", "cc")]
@@ -211,13 +243,16 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         headers=tuple(parsed["headers"]),
         attachments=tuple((a["filename"] or "", a["content_type"] or "")
                           for a in parsed["attachments"]),
-        size=len(raw),
+        size=len(raw), tags=frozenset(retention.tags_for(args.tenant, parsed["findings"])),
     )
-    plan = evaluate(workflows.for_tenant(args.tenant), view)
+    plan = evaluate(policies.workflows.for_tenant(args.tenant), view)
     print(f"message:    {args.file} ({len(raw)} bytes, {args.direction})")
     print(f"envelope:   from <{sender}> to {', '.join(f'<{r}>' for r in recipients) or '-'}")
     if parsed["parse_failed"]:
         print(f"parse:      {'; '.join(parsed['defects'])}")
+    print(f"found:      {', '.join(parsed['findings']) or '-'}")
+    if view.tags:
+        print(f"pre-tags:   {', '.join(sorted(view.tags))} (tenant defaults and classifier)")
     if not plan.matched:
         print("matched:    no rule")
     for name, why in plan.matched:
@@ -233,7 +268,9 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         print(f"cc copies:  {', '.join(plan.cc) or '-'}")
         print(f"bcc copies: {', '.join(plan.bcc) or '-'}")
         print(f"routes:     {', '.join(plan.routes) or '-'}")
-    print(f"tags:       {', '.join(plan.tags) or '-'}")
+    tags = tuple(dict.fromkeys((*sorted(view.tags), *plan.tags)))
+    print(f"tags:       {', '.join(tags) or '-'}")
+    print(f"retention:  {retention.decide(args.tenant, tags).rule}")
     return EXIT_OK
 
 
@@ -256,10 +293,14 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _aware(value: datetime) -> datetime:
+    # SQLite hands back naive datetimes; every one we store is UTC.
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, datetime):
-        # SQLite hands back naive datetimes; every one we store is UTC.
-        return (value if value.tzinfo else value.replace(tzinfo=UTC)).isoformat()
+        return _aware(value).isoformat()
     return value
 
 
@@ -322,9 +363,10 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
             "sha256": row["sha256"], "client_address": row["client_address"],
             "helo": row["helo"], "protocol": row["protocol"],
             "processed_at": _jsonable(row["processed_at"]), "last_error": row["last_error"],
-            "attempts": row["attempts"],
+            "attempts": row["attempts"], "policy_version": row["policy_version"],
         }
     )
+    data.update(_retention_of(_config(args), row))
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         print()
@@ -334,6 +376,80 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
             value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
         print(f"{key + ':':16}{_printable(value)}")
     return EXIT_OK
+
+
+def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """Which retention rule applies to a stored message under the policy on disk,
+    when it expires, and what holds it."""
+    from gateway.policy.loader import PolicyError
+    from gateway.store.repository import utcnow
+
+    try:
+        policy = _policies(config).retention
+    except PolicyError as exc:
+        return {"retention": f"unknown: the policy does not validate ({exc.problems[0]})"}
+    if row["status"] == "received":
+        return {"retention": "decided once the pipeline has processed the message"}
+    now = utcnow()
+    tags = row["tags"] or []
+    unknown = policy.unknown_tags(tags)
+    if unknown:
+        return {"retention": f"kept: tag {', '.join(unknown)} is not in the retention policy"}
+    decision = policy.decide(row["tenant_id"], tags)
+    addresses = {a for _, a in row.get("addresses", [])}
+    holds = [h.name for h in policy.active_holds(now)
+             if h.covers(row["tenant_id"], tags) and (h.address is None or h.address in addresses)]
+    received = _aware(row["received_at"])
+    return {"retention": decision.rule,
+            "expires_at": decision.expires(received).isoformat(),
+            "held_by": holds}
+
+
+def cmd_retention_sweep(args: argparse.Namespace) -> int:
+    from gateway.sweeper import Sweeper
+
+    config = _config(args)
+    policies = _policies(config)
+    sweeper = Sweeper(_store(args), batch_size=config.retention.batch_size,
+                      pause=config.retention.batch_pause)
+    report = sweeper.sweep(policies.retention, dry_run=args.dry_run,
+                           actor=f"cli:{os.environ.get('USER', 'unknown')}")
+    if report.skipped:
+        raise CommandError(f"not swept: {report.skipped}")
+    _print_sweep(report, args.json, policies.version)
+    return EXIT_OK
+
+
+def cmd_retention_preview(args: argparse.Namespace) -> int:
+    from gateway.sweeper import Sweeper
+
+    config = _config(args)
+    policies = _policies(config, Path(args.policies))
+    report = Sweeper(_store(args)).sweep(policies.retention, dry_run=True)
+    _print_sweep(report, args.json, policies.version)
+    return EXIT_OK
+
+
+def _print_sweep(report: Any, as_json: bool, version: str) -> None:
+    verb = "would delete" if report.dry_run else "deleted"
+    if as_json:
+        json.dump({
+            "policy_version": version, "dry_run": report.dry_run,
+            "expired": report.expired, "held": report.held, "seconds": round(report.seconds, 3),
+            "groups": [{"tenant": g.tenant, "tags": list(g.tags), "rule": g.rule,
+                        "cutoff": g.cutoff.isoformat() if g.cutoff else None,
+                        "expired": g.expired, "held": g.held, "note": g.note}
+                       for g in report.groups],
+        }, sys.stdout, indent=1)
+        print()
+        return
+    print(f"{'TENANT':16} {'TAGS':28} {'EXPIRED':>8} {'HELD':>6}  RULE")
+    for g in report.groups:
+        if g.expired or g.held or g.note:
+            print(f"{_printable(g.tenant, 16):16} {_printable(','.join(g.tags) or '-', 28):28} "
+                  f"{g.expired:>8} {g.held:>6}  {g.rule}{'; ' + g.note if g.note else ''}")
+    print(f"{verb} {report.expired} messages, {report.held} kept by legal holds "
+          f"(policy {version}, {report.seconds:.1f} s)")
 
 
 def cmd_messages_export(args: argparse.Namespace) -> int:

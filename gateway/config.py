@@ -299,12 +299,26 @@ class DeliveryConfig(_Section):
 
 
 class PoliciesConfig(_Section):
-    # Where workflows.yaml (and later policies) are read from.
+    # Where workflows.yaml and retention.yaml are read from.
     directory: Path = Path("policies")
+    # How often the files are checked for changes (then reloaded); 0: only on SIGHUP.
+    watch_interval: Duration = 2.0
 
     @property
     def workflows(self) -> Path:
         return self.directory / "workflows.yaml"
+
+
+class RetentionConfig(_Section):
+    """The sweeper that deletes what policies/retention.yaml says has expired."""
+
+    # Time between sweeps (the first runs one interval after start); 0: no sweeper here.
+    sweep_interval: Duration = 3600.0
+    # Messages deleted per transaction.
+    batch_size: int = Field(default=200, ge=1, le=10_000)
+    # Least pause between two batches; the sweeper also rests as long as a batch took,
+    # so acceptance keeps the database's write lock at least half of the time.
+    batch_pause: Duration = 0.02
 
 
 class GatewayConfig(_Section):
@@ -317,6 +331,7 @@ class GatewayConfig(_Section):
     submission: SubmissionConfig = SubmissionConfig()
     delivery: DeliveryConfig = DeliveryConfig()
     policies: PoliciesConfig = PoliciesConfig()
+    retention: RetentionConfig = RetentionConfig()
     destinations: dict[str, DestinationConfig] = {}
     tenants: dict[str, TenantConfig] = {}
 

@@ -7,6 +7,9 @@ metrics endpoint and the SMTP listener on this process's own event loop, and
 then waits.  SIGTERM or SIGINT only set a flag; shutdown then stops listening,
 lets sessions that are inside a transaction finish (up to
 ``smtp.shutdown_timeout``), commits what they handed over, and exits 0.
+SIGHUP, and a change of a policy file, reload the policy set: the new set
+takes effect only if it validates as a whole.  The retention sweeper runs
+every ``retention.sweep_interval`` under the policy in force at its start.
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import logging
 import signal
 import ssl
 import sys
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,10 +33,11 @@ from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
+from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.store import database
 from gateway.store.repository import Store
+from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
-from gateway.workflow.loader import Workflows
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +93,25 @@ def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
 
 
 class App:
-    def __init__(self, config: GatewayConfig, workflows: Workflows) -> None:
+    def __init__(self, config: GatewayConfig, policies: PolicySet) -> None:
         self.config = config
-        self.workflows = workflows
+        self.policies = PolicyHolder(config.policies.directory, config.tenants.keys(),
+                                     config.destinations.keys(), policies)
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
+        self.sweeper: Sweeper | None = None
+        self._reload_lock = asyncio.Lock()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
         config = self.config
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP,
+                                lambda: self._spawn(self.reload_policies("SIGHUP")))
+        self.metrics.policy_loaded(self.policies.current.version,
+                                   self.policies.current.loaded_at.timestamp())
 
         store = await asyncio.to_thread(
             lambda: open_store(config, on_commit=self.metrics.observe_commit)
@@ -115,12 +129,19 @@ class App:
             batch_size=config.pipeline.batch_size,
             poll_interval=config.pipeline.poll_interval,
             lease_time=config.pipeline.lease_time,
-            workflows=self.workflows,
+            policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
             on_outcome=self.metrics.pipeline_outcome,
         )
         worker.start()
         delivery.start()
+        if config.policies.watch_interval > 0:
+            self._spawn(self._watch_policies(config.policies.watch_interval))
+        sweeping = None
+        if config.retention.sweep_interval > 0:
+            self.sweeper = Sweeper(store, batch_size=config.retention.batch_size,
+                                   pause=config.retention.batch_pause)
+            sweeping = asyncio.create_task(self._sweep_loop(self.sweeper), name="retention")
 
         metrics_server = None
         if config.metrics.listen:
@@ -134,7 +155,7 @@ class App:
                 ) from None
 
         handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
-                                 self.workflows)
+                                 self.policies.workflows)
         listeners: list[tuple[str, IngressHandler | SubmissionHandler, dict[str, bool]]] = [
             (config.smtp.listen, handler, {})
         ]
@@ -185,11 +206,88 @@ class App:
                 log.warning("cutting %d sessions open at the deadline", len(tracker.sessions))
                 for session in list(tracker.sessions):
                     abort(session.transport)
+        if sweeping is not None and self.sweeper is not None:
+            self.sweeper.stopping = True  # ends the sweep between two batches
+            await sweeping
+        for task in list(self._background):
+            task.cancel()
+        await asyncio.gather(*self._background, return_exceptions=True)
         await self._stop_parts(worker, delivery, parser, store)
         if metrics_server is not None:
             metrics_server[0].shutdown()
         log.info("stopped")
         return 0
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def reload_policies(self, why: str) -> None:
+        """Validate the policy directory as a whole and swap it in; or keep the one in force."""
+        async with self._reload_lock:
+            previous = self.policies.current
+            try:
+                changed = await asyncio.to_thread(self.policies.reload)
+            except PolicyError as exc:
+                self.metrics.policy_reloads.labels("failure").inc()
+                log.error("policy reload (%s) refused, policy %s stays in force: %s", why,
+                          previous.version, "; ".join(exc.problems))
+                return
+            if not changed:
+                log.info("policy reload (%s): no change (policy %s)", why, previous.version)
+                return
+            current = self.policies.current
+            self.metrics.policy_reloads.labels("success").inc()
+            self.metrics.policy_loaded(current.version, current.loaded_at.timestamp(),
+                                       previous.version)
+            log.info("policy reloaded (%s): %s -> %s (%s)", why, previous.version,
+                     current.version, ", ".join(current.files) or "no files")
+
+    async def _watch_policies(self, interval: float) -> None:
+        """Reload when a policy file changes (after it has stayed the same for a moment,
+        so an editor's save in several writes is usually read once, whole)."""
+        directory = self.config.policies.directory
+        last = await asyncio.to_thread(snapshot, directory)
+        while True:
+            await asyncio.sleep(interval)
+            now = await asyncio.to_thread(snapshot, directory)
+            if now == last:
+                continue
+            await asyncio.sleep(min(interval, 0.25))
+            settled = await asyncio.to_thread(snapshot, directory)
+            if settled != now:
+                continue  # still being written: look again at the next tick
+            last = settled
+            await self.reload_policies("files changed")
+
+    async def _sweep_loop(self, sweeper: Sweeper) -> None:
+        interval = self.config.retention.sweep_interval
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), interval)
+                return
+            except TimeoutError:
+                pass
+            policy = self.policies.current  # one version for the whole sweep
+            log.info("retention sweep started (policy %s)", policy.version)
+            try:
+                report = await asyncio.to_thread(sweeper.sweep, policy.retention)
+            except Exception:  # loop boundary: the database may be away; next interval
+                self.metrics.retention_sweeps.labels("failure").inc()
+                log.exception("retention sweep failed")
+                continue
+            if report.skipped:
+                self.metrics.retention_sweeps.labels("skipped").inc()
+                log.info("retention sweep skipped: %s", report.skipped)
+            else:
+                self.metrics.retention_sweeps.labels("success").inc()
+                self.metrics.retention_deleted.inc(report.expired)
+                self.metrics.retention_held.set(report.held)
+                self.metrics.retention_last_sweep.set(time.time())
+                log.info("retention sweep (policy %s): deleted %d messages, %d kept by holds, "
+                         "in %.1f s", policy.version, report.expired, report.held,
+                         report.seconds)
 
     @staticmethod
     async def _stop_parts(worker: PipelineWorker, delivery: DeliveryWorker, parser: ParserPool,
@@ -226,9 +324,9 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def serve(config: GatewayConfig, workflows: Workflows) -> int:
+def serve(config: GatewayConfig, policies: PolicySet) -> int:
     setup_logging(config.logging.level)
-    app = App(config, workflows)
+    app = App(config, policies)
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.smtp.event_loop)) as runner:
             return runner.run(app.run())

@@ -76,6 +76,52 @@ class Metrics:
             registry=r,
         )
 
+        self.policy_reloads = Counter(
+            f"{PREFIX}_policy_reloads_total",
+            "Policy reloads (SIGHUP or a change in the policy directory), by result "
+            "(success, failure; a failure keeps the policy in force).",
+            ["result"],
+            registry=r,
+        )
+        self.policy_last_success = Gauge(
+            f"{PREFIX}_policy_last_reload_success_timestamp_seconds",
+            "When the policy in force was loaded (Unix time).",
+            registry=r,
+        )
+        self.policy_info = Gauge(
+            f"{PREFIX}_policy_info",
+            "The policy set in force: 1 for its version (a hash of the files).",
+            ["version"],
+            registry=r,
+        )
+        self.retention_sweeps = Counter(
+            f"{PREFIX}_retention_sweeps_total",
+            "Retention sweeps, by result (success, failure, skipped: another instance swept).",
+            ["result"],
+            registry=r,
+        )
+        self.retention_deleted = Counter(
+            f"{PREFIX}_retention_deleted_messages_total",
+            "Messages deleted because their retention period had passed.",
+            registry=r,
+        )
+        self.retention_held = Gauge(
+            f"{PREFIX}_retention_held_messages",
+            "Expired messages kept by a legal hold, at the last sweep.",
+            registry=r,
+        )
+        self.retention_last_sweep = Gauge(
+            f"{PREFIX}_retention_last_sweep_timestamp_seconds",
+            "When the last retention sweep finished (Unix time).",
+            registry=r,
+        )
+
+    def policy_loaded(self, version: str, at: float, previous: str | None = None) -> None:
+        if previous is not None and previous != version:
+            self.policy_info.remove(previous)
+        self.policy_info.labels(version).set(1)
+        self.policy_last_success.set(at)
+
     def observe_commit(self, batch: int, seconds: float) -> None:
         self.commit_batch_size.observe(batch)
         self.commit_duration.observe(seconds)

@@ -278,6 +278,21 @@ def make_gateway(tmp_path: Path, backend: str) -> Iterator[Any]:
 
 
 @pytest.fixture
+def store(backend: str, tmp_path: Path) -> Iterator[Store]:
+    """A Store on a fresh, upgraded database of the test's backend (no daemon)."""
+    cleanups: list[Any] = []
+    url = database_url(backend, tmp_path, cleanups)
+    engine = database.create(url)
+    database.upgrade(engine)
+    s = Store(engine)
+    s.sync_tenants({"acme": "Acme", "globex": "Globex"})
+    yield s
+    engine.dispose()
+    for c in cleanups:
+        c()
+
+
+@pytest.fixture
 def gateway(make_gateway: Any) -> Any:
     return make_gateway()
 

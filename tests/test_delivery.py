@@ -11,8 +11,12 @@ import pytest
 from tests.conftest import simple_message
 from tests.sink import Sink
 
+RETENTION = """
+default: 1y
+tags: {support: 2y, invoice: 7y}
+"""
+
 WORKFLOWS = """
-tags: [support, invoice]
 tenants:
   acme:
     rules:
@@ -46,6 +50,7 @@ def _gateway(make_gateway, tmp_path, sinks, **delivery):
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "workflows.yaml").write_text(WORKFLOWS)
+    (policies / "retention.yaml").write_text(RETENTION)
     relay, finance = sinks
     settings = {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
                 "poll_interval": "0.2s", "retry_base": "1s", "retry_max": "4s", "timeout": "10s"}
@@ -301,6 +306,7 @@ def test_required_tls_is_never_downgraded(make_gateway, tmp_path, sinks):
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "workflows.yaml").write_text(WORKFLOWS)
+    (policies / "retention.yaml").write_text(RETENTION)
     _, finance = sinks  # a server that offers no STARTTLS
     gw = make_gateway({
         "policies": {"directory": str(policies)},

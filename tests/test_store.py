@@ -5,26 +5,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 
-import pytest
-
-from gateway.store import database
 from gateway.store.ids import new_id
-from gateway.store.repository import NewMessage, Store, utcnow
-from tests.conftest import database_url
-
-
-@pytest.fixture
-def store(backend, tmp_path):
-    cleanups = []
-    url = database_url(backend, tmp_path, cleanups)
-    engine = database.create(url)
-    database.upgrade(engine)
-    s = Store(engine)
-    s.sync_tenants({"acme": "Acme"})
-    yield s
-    engine.dispose()
-    for c in cleanups:
-        c()
+from gateway.store.repository import NewMessage, utcnow
 
 
 def _accept(store, count):

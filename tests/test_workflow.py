@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,9 +16,9 @@ from gateway.workflow.rules import MessageView, evaluate
 ROOT = Path(__file__).resolve().parent.parent
 TENANTS = {"acme", "globex"}
 DESTINATIONS = {"finance", "archive-server"}
+TAGS = {"support", "invoice", "vip", "big"}  # retention.yaml defines them
 
 RULES = """
-tags: [support, invoice, vip, big]
 tenants:
   acme:
     rules:
@@ -55,7 +56,7 @@ tenants:
 def rules(tmp_path):
     path = tmp_path / "workflows.yaml"
     path.write_text(RULES)
-    return loader.load(path, TENANTS, DESTINATIONS).for_tenant("acme")
+    return loader.load(path, TENANTS, DESTINATIONS, TAGS).for_tenant("acme")
 
 
 def view(**kw):
@@ -118,10 +119,12 @@ def test_headers_never_add_copy_targets(rules):
 
 def test_example_file_is_valid():
     from gateway import config
+    from gateway.policy import loader as policy_loader
 
     cfg = config.load(ROOT / "config" / "gateway.yaml", env={})
-    workflows = loader.load(ROOT / "policies" / "workflows.yaml", cfg.tenants, cfg.destinations)
-    assert len(workflows.for_tenant("demo")) == 6
+    policies = policy_loader.load(ROOT / "policies", cfg.tenants, cfg.destinations)
+    assert len(policies.workflows.for_tenant("demo")) == 6
+    assert policies.files == ("retention.yaml", "workflows.yaml")
 
 
 @pytest.mark.parametrize(
@@ -165,8 +168,9 @@ def test_loader_errors(tmp_path, text, expected):
     path = tmp_path / "workflows.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as info:
-        loader.load(path, TENANTS, DESTINATIONS)
-    problems = info.value.problems
+        loader.load(path, TENANTS, DESTINATIONS, TAGS)
+    # file:line:column: message; the tests name the line, the column is where the key starts
+    problems = [re.sub(r"^(.*?:\d+):\d+:", r"\1:", p) for p in info.value.problems]
     assert any(p.startswith(str(path)) and expected in p for p in problems), problems
 
 
@@ -188,7 +192,9 @@ def test_rules_test_command(tmp_path):
     assert "matched:    key-clients" in out
     assert "cc copies:  accountmanager@example.test" in out
     assert "routes:     finance" in out
-    assert "tags:       invoice, key-client" in out
+    assert "pre-tags:   support (tenant defaults and classifier)" in out
+    assert "tags:       support, invoice, key-client" in out
+    assert "retention:  tag invoice (7y, longest of invoice, support)" in out
     out = _cli("rules", "test", "--tenant", "demo", str(eml), "--direction", "outbound",
                "--recipient", "customer@else.example").stdout.decode()
     assert "bcc copies: archive@example.test" in out
@@ -209,8 +215,9 @@ def test_check_reports_workflow_errors(tmp_path):
         "directory: policies", f"directory: {policies}"))
     for command in ("check", "serve"):  # serve never starts half-configured
         result = _cli(command, "--config", str(config))
-        assert result.returncode == 2
-        assert f"{policies}/workflows.yaml:5: unknown destination 'mars'".encode() in result.stderr
+        assert result.returncode == 1
+        expected = f"{policies}/workflows.yaml:5:19: unknown destination 'mars'"
+        assert expected.encode() in result.stderr
         assert b"Traceback" not in result.stderr
 
 

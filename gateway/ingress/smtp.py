@@ -458,14 +458,14 @@ class IngressHandler:
         directory: TenantDirectory,
         store: Store,
         metrics: Metrics,
-        workflows: Workflows | None = None,
+        workflows: Callable[[], Workflows] = Workflows,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.settings = settings
         self.directory = directory
         self.store = store
         self.metrics = metrics
-        self.workflows = workflows or Workflows()
+        self.workflows = workflows  # the rules in force (they change on a policy reload)
         self.clock = clock
 
     async def handle_EHLO(
@@ -547,7 +547,8 @@ class IngressHandler:
         Returns the groups to store, or the reject reply when every tenant rejects.
         Only tenants with such rules pay for the headers-only parse.
         """
-        early = [t for t in groups if self.workflows.rejects_early(t)]
+        workflows = self.workflows()
+        early = [t for t in groups if workflows.rejects_early(t)]
         if not early:
             return groups
         fields = tuple(header_fields(data))
@@ -558,7 +559,7 @@ class IngressHandler:
             if tenant in early:
                 view = MessageView(direction=INBOUND, sender=sender,
                                    recipients=tuple(recipients), headers=fields, size=len(data))
-                verdict = early_reject(self.workflows.for_tenant(tenant), view)
+                verdict = early_reject(workflows.for_tenant(tenant), view)
             if verdict is None:
                 keep[tenant] = recipients
             else:

@@ -17,11 +17,13 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import re
 import resource
 import signal
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.pipeline.classify import Classifier
 from gateway.store.repository import ParsedFields
 
 log = logging.getLogger(__name__)
@@ -77,8 +79,23 @@ def header_fields(raw: bytes) -> list[tuple[str, str]]:
             for name, value in list(headers.items())[:MAX_HEADERS]]
 
 
-def parse_message(raw: bytes) -> dict[str, Any]:
-    """Pure parse of one message; returns plain data (picklable)."""
+_TAG = re.compile(r"<[^>]{0,2000}>")
+
+
+def _texts(mail: Any) -> list[str]:
+    """What the classifier reads: the subject and the text parts (HTML without tags)."""
+    texts = [str(mail.subject or "")]
+    texts += [str(t) for t in mail.text_plain]
+    texts += [_TAG.sub(" ", str(t)) for t in mail.text_html]
+    return texts
+
+
+def parse_message(raw: bytes, classifier: Classifier | None = None) -> dict[str, Any]:
+    """Pure parse of one message; returns plain data (picklable).
+
+    With a ``classifier``, ``findings`` lists the special categories of
+    personal data found in the text (see gateway.pipeline.classify).
+    """
     import mailparser
 
     try:
@@ -115,6 +132,7 @@ def parse_message(raw: bytes) -> dict[str, Any]:
             "parse_failed": False,
             "addresses": addresses,
             "headers": fields,
+            "findings": classifier.findings(_texts(mail)) if classifier else [],
         }
     except Exception as exc:  # any failure of the third-party parser = unparseable
         return failed(f"{exc.__class__.__name__}: {str(exc)[:200]}")
@@ -124,7 +142,7 @@ def failed(reason: str) -> dict[str, Any]:
     return {
         "message_id": None, "header_from": None, "header_to": None, "header_cc": None,
         "subject": None, "date": None, "attachments": [], "defects": [f"unparseable: {reason}"],
-        "parse_failed": True, "addresses": [], "headers": [],
+        "parse_failed": True, "addresses": [], "headers": [], "findings": [],
     }
 
 
@@ -143,11 +161,11 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
         os.nice(10)
     while True:
         try:
-            raw = conn.recv_bytes()
+            raw, classifier = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            result = parse_message(raw)
+            result = parse_message(raw, classifier)
         except MemoryError:
             result = failed("MemoryError: over the parser's memory limit")
         conn.send(result)
@@ -184,12 +202,12 @@ class ParserPool:
         for _ in range(self.size):
             self._idle.put_nowait(await asyncio.to_thread(self._spawn))
 
-    async def parse(self, raw: bytes) -> dict[str, Any]:
+    async def parse(self, raw: bytes, classifier: Classifier | None = None) -> dict[str, Any]:
         assert self._idle is not None, "ParserPool.start() was not awaited"
         child = await self._idle.get()
         healthy = False
         try:
-            result, healthy = await asyncio.to_thread(self._run, child, raw)
+            result, healthy = await asyncio.to_thread(self._run, child, raw, classifier)
             return result
         finally:
             if healthy:
@@ -198,9 +216,10 @@ class ParserPool:
                 self._kill(child)
                 self._idle.put_nowait(await asyncio.to_thread(self._spawn))
 
-    def _run(self, child: _Child, raw: bytes) -> tuple[dict[str, Any], bool]:
+    def _run(self, child: _Child, raw: bytes,
+             classifier: Classifier | None) -> tuple[dict[str, Any], bool]:
         try:
-            child.conn.send_bytes(raw)
+            child.conn.send((raw, classifier))
             if not child.conn.poll(self.timeout):
                 return failed(f"parse took longer than {self.timeout:g} s"), False
             return child.conn.recv(), True

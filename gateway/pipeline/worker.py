@@ -1,8 +1,11 @@
 """The pipeline worker: the one place that knows the order of post-acceptance stages.
 
 It claims stored messages (status=received) from the database, runs the
-stages on each (parse today; authentication, classification and workflow
-rules plug in here), and records the outcome in one transaction.  It keeps no
+stages on each (parse and classify, tags from the retention policy, workflow
+rules; authentication plugs in here), and records the outcome in one
+transaction.  Each message is processed under one policy set, taken when its
+processing begins: a reload in the middle changes the next message, never
+half of this one.  It keeps no
 state of its own: after a crash, leases expire and the work is claimed again,
 so every stage must be idempotent.  An unexpected error in one message
 quarantines that message (kept, never deleted) and the loop carries on.
@@ -11,6 +14,7 @@ quarantines that message (kept, never deleted) and the loop carries on.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import socket
@@ -18,9 +22,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.pipeline.parse import ParserPool, to_fields
+from gateway.policy.loader import PolicySet
 from gateway.store.repository import Outcome, ParsedFields, PipelineInput, Store
 from gateway.workflow import actions
-from gateway.workflow.loader import Workflows
 from gateway.workflow.rules import MessageView, evaluate
 
 log = logging.getLogger(__name__)
@@ -47,13 +51,13 @@ class PipelineWorker:
         batch_size: int,
         poll_interval: float,
         lease_time: float,
-        workflows: Workflows | None = None,
+        policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
         on_outcome: Callable[[str], None] | None = None,
     ) -> None:
         self.store = store
         self.parser = parser
-        self.workflows = workflows or Workflows()
+        self.policies = policies  # the policy set in force, read once per message
         self.deliveries_planned = deliveries_planned
         self.batch_size = batch_size
         self.poll_interval = poll_interval
@@ -135,8 +139,10 @@ class PipelineWorker:
                             p.id)
                 continue
             planned = planned or bool(p.outcome.deliveries)
-            log.info("%s: processed message-id=%s rules=%s deliveries=%d", p.id,
-                     p.parsed.message_id, ",".join(p.rules) or "-", len(p.outcome.deliveries))
+            log.info("%s: processed message-id=%s rules=%s tags=%s deliveries=%d policy=%s",
+                     p.id, p.parsed.message_id, ",".join(p.rules) or "-",
+                     ",".join(p.outcome.tags) or "-", len(p.outcome.deliveries),
+                     p.outcome.policy_version)
             if self._on_outcome is not None:
                 self._on_outcome("unparseable" if p.parsed.parse_failed else "processed")
         if planned and self.deliveries_planned is not None:
@@ -165,19 +171,26 @@ class PipelineWorker:
     async def prepare(self, item: PipelineInput) -> Prepared:
         """Every stage on one claimed message, up to (not including) saving the outcome."""
         message_id = item.id
-        result = await self.parser.parse(item.raw)
+        policy = self.policies()
+        retention = policy.retention
+        result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
         parsed = to_fields(result)
         if parsed.parse_failed:
             log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
+        # Classification and the tenant's default tags come before the rules,
+        # so that rules can match on them (e.g. tagged: [sensitive]).
+        tags = tuple(dict.fromkeys(
+            (*item.tags, *retention.tags_for(item.tenant_id, result["findings"]))))
         view = MessageView(
             direction=item.direction, sender=item.mail_from, recipients=item.recipients,
             headers=tuple(tuple(h) for h in result["headers"]),
             attachments=tuple((a["filename"] or "", a["content_type"] or "")
                               for a in parsed.attachments),
-            size=item.size, tags=frozenset(item.tags),
+            size=item.size, tags=frozenset(tags),
         )
-        plan = evaluate(self.workflows.for_tenant(item.tenant_id), view)
-        outcome = actions.outcome(plan, item.recipients, item.tags, item.direction)
+        plan = evaluate(policy.workflows.for_tenant(item.tenant_id), view)
+        outcome = actions.outcome(plan, item.recipients, tags, item.direction)
+        outcome = dataclasses.replace(outcome, policy_version=policy.version)
         return Prepared(message_id, parsed, outcome, [name for name, _ in plan.matched])
 
 def _pid_alive(pid: int) -> bool:

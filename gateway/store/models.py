@@ -75,6 +75,9 @@ messages = Table(
     Column("date", Text),
     Column("attachments", JSON),  # [{"filename", "content_type", "size"}]
     Column("tags", JSON, nullable=False),
+    # The tags sorted and comma-joined ('' for none): what the retention sweep selects by.
+    Column("tag_key", Text, nullable=False, default="", server_default=""),
+    Column("policy_version", String(16)),  # the policy set the pipeline applied
     Column("defects", JSON),
     Column("parse_failed", Boolean, nullable=False, default=False),
     Column("processed_at", DateTime(timezone=True)),
@@ -84,6 +87,7 @@ messages = Table(
     Column("last_error", Text),
     Index("ix_messages_status_id", "status", "id"),
     Index("ix_messages_tenant_id_id", "tenant_id", "id"),
+    Index("ix_messages_tenant_id_tag_key_received_at", "tenant_id", "tag_key", "received_at"),
 )
 
 message_blobs = Table(

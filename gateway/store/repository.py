@@ -13,16 +13,30 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
+import hashlib
 import logging
 import os
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, insert, or_, select, update
+from sqlalchemy import (
+    Engine,
+    and_,
+    bindparam,
+    delete,
+    exists,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
@@ -58,9 +72,9 @@ _FINISH = (
         subject=bindparam("b_subject"), date=bindparam("b_date"),
         attachments=bindparam("b_attachments", type_=messages.c.attachments.type),
         defects=bindparam("b_defects", type_=messages.c.defects.type),
-        tags=bindparam("b_tags", type_=messages.c.tags.type),
-        parse_failed=bindparam("b_parse_failed"), lease_owner=None, lease_until=None,
-        last_error=None,
+        tags=bindparam("b_tags", type_=messages.c.tags.type), tag_key=bindparam("b_tag_key"),
+        policy_version=bindparam("b_policy_version"), parse_failed=bindparam("b_parse_failed"),
+        lease_owner=None, lease_until=None, last_error=None,
     )
 )
 _CLEAR_HEADER_ADDRESSES = delete(message_addresses).where(
@@ -86,6 +100,11 @@ _CONTENT = (
 
 def utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+def tag_key(tags: Iterable[str]) -> str:
+    """Tags in their canonical form for ``messages.tag_key``: sorted, comma-joined."""
+    return ",".join(sorted(set(tags)))
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,6 +179,21 @@ class Outcome:
     tags: tuple[str, ...] = ()
     deliveries: tuple[PlannedDelivery, ...] = ()
     notes: tuple[str, ...] = ()
+    policy_version: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionGroup:
+    """Stored messages of one tenant with one set of tags."""
+
+    tenant_id: str
+    tag_key: str
+    count: int
+    oldest: datetime
+
+    @property
+    def tags(self) -> tuple[str, ...]:
+        return tuple(self.tag_key.split(",")) if self.tag_key else ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,6 +244,11 @@ class Store:
         self._listeners: list[asyncio.Event] = []
         self._space_checked = 0.0
         self._space_ok = True
+        # SQLite has one writer at a time.  Between this process's two bulk writers,
+        # the group committer and the retention sweeper, a lock hands the turn over
+        # at once; SQLite's own busy handler would sleep in steps of up to 100 ms.
+        self._sqlite = engine.dialect.name == "sqlite"
+        self._write_turn = threading.Lock() if self._sqlite else contextlib.nullcontext()
 
     # ------------------------------------------------------------ acceptance
     async def start(self) -> None:
@@ -290,7 +329,7 @@ class Store:
                 item.future.set_result(None)
 
     def _write_group(self, group: Sequence[_Pending]) -> None:
-        with self.engine.begin() as conn:
+        with self._write_turn, self.engine.begin() as conn:
             _insert_messages(conn, [m for item in group for m in item.messages])
 
     def has_free_space(self) -> bool:
@@ -448,6 +487,7 @@ class Store:
             "b_subject": parsed.subject, "b_date": parsed.date,
             "b_attachments": parsed.attachments,
             "b_defects": [*parsed.defects, *outcome.notes], "b_tags": list(outcome.tags),
+            "b_tag_key": tag_key(outcome.tags), "b_policy_version": outcome.policy_version,
             "b_parse_failed": parsed.parse_failed,
         }).rowcount
         if done != 1:
@@ -634,6 +674,99 @@ class Store:
             ).rowcount
         return done == 1
 
+    # ------------------------------------------------------------ retention
+    def retention_groups(self) -> list[RetentionGroup]:
+        """Stored messages by (tenant, tags): how many, and the oldest.
+
+        Messages still waiting for the pipeline (status received) have no tags
+        yet and are left out: they are not the sweeper's to judge.
+        """
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = conn.execute(
+                select(messages.c.tenant_id, messages.c.tag_key, func.count(),
+                       func.min(messages.c.received_at))
+                .where(messages.c.status != RECEIVED)
+                .group_by(messages.c.tenant_id, messages.c.tag_key)
+                .order_by(messages.c.tenant_id, messages.c.tag_key)
+            ).all()
+        return [RetentionGroup(r[0], r[1], r[2], _aware(r[3])) for r in rows]
+
+    @staticmethod
+    def _expired(tenant: str, key: str, cutoff: datetime, held_addresses: Sequence[str]) -> Any:
+        where = [messages.c.tenant_id == tenant, messages.c.tag_key == key,
+                 messages.c.received_at < cutoff, messages.c.status != RECEIVED]
+        if held_addresses:
+            where.append(~exists().where(
+                message_addresses.c.message_id == messages.c.id,
+                message_addresses.c.address.in_(list(held_addresses)),
+            ))
+        return where
+
+    def count_expired(self, tenant: str, key: str, cutoff: datetime,
+                      held_addresses: Sequence[str] = ()) -> int:
+        """How many messages of a group were received before ``cutoff`` (and not held)."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return int(conn.execute(
+                select(func.count()).select_from(messages)
+                .where(*self._expired(tenant, key, cutoff, held_addresses))
+            ).scalar_one())
+
+    def delete_expired(self, tenant: str, key: str, cutoff: datetime,
+                       held_addresses: Sequence[str], limit: int) -> int:
+        """Delete up to ``limit`` expired messages of a group, completely, in one transaction.
+
+        Everything the gateway keeps of a message goes with it: the raw original,
+        its addresses and its deliveries (pending ones included), then the row.
+        """
+        with self._write_turn, self.engine.begin() as conn:
+            ids = list(conn.execute(
+                select(messages.c.id)
+                .where(*self._expired(tenant, key, cutoff, held_addresses))
+                .order_by(messages.c.received_at)
+                .limit(limit)
+                .with_for_update(skip_locked=True)
+            ).scalars())
+            if ids:
+                _delete_messages(conn, ids)
+        if ids and self._sqlite:
+            self._checkpoint()
+        return len(ids)
+
+    def _checkpoint(self) -> None:
+        """Copy the WAL back into the database now, without waiting for anyone.
+
+        The commit that grows the WAL past its limit does this otherwise, and
+        after a bulk delete that would be an acceptance commit, with a client
+        waiting for its 250.
+        """
+        raw = self.engine.raw_connection()
+        try:
+            raw.driver_connection.execute("PRAGMA wal_checkpoint(PASSIVE)")  # type: ignore[union-attr]
+        finally:
+            raw.close()
+
+    @contextlib.contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """Run something on one instance at a time: True if this one got the turn.
+
+        PostgreSQL: a session advisory lock, so when several instances share
+        the database only one sweeps; it is freed if the holder dies.  SQLite
+        serves a single host, where the caller's own loop is the only one.
+        """
+        if self.engine.dialect.name != "postgresql":
+            yield True
+            return
+        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        with self.engine.connect() as conn:
+            got = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar_one())
+            conn.commit()
+            try:
+                yield got
+            finally:
+                if got:
+                    conn.execute(select(func.pg_advisory_unlock(key)))
+                    conn.commit()
+
     # ------------------------------------------------------------ audit
     def audit(
         self,
@@ -684,6 +817,12 @@ def _insert_messages(conn: Any, batch: Sequence[NewMessage]) -> None:
     conn.execute(insert(messages), rows)
     conn.execute(insert(message_blobs), blobs)
     conn.execute(insert(message_addresses), addresses)
+
+
+def _delete_messages(conn: Any, ids: list[str]) -> None:
+    for table in (deliveries, message_addresses, message_blobs):
+        conn.execute(delete(table).where(table.c.message_id.in_(ids)))
+    conn.execute(delete(messages).where(messages.c.id.in_(ids)))
 
 
 def _aware(value: datetime) -> datetime:

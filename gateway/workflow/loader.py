@@ -1,6 +1,6 @@
 """Read policies/workflows.yaml into rules, or say exactly what is wrong with it.
 
-Every problem is ``file:line: message``; all of them are collected, and a
+Every problem is ``file:line:column: message``; all of them are collected, and a
 file with any problem yields no rules at all (never half a configuration).
 Checked here: unknown keys, wrong types, bad regular expressions, unknown
 tenants, destinations and tags, reject replies that are not 5xx, and copy
@@ -37,7 +37,7 @@ from gateway.workflow.rules import (
     TagTest,
     can_reject_early,
 )
-from gateway.yamlfile import KeyPath, YamlDocument, YamlFileError, load_yaml
+from gateway.yamlfile import Checker, KeyPath, YamlDocument, YamlFileError, load_yaml
 
 _ADDRESS = re.compile(
     r"^[A-Za-z0-9!#$&'*+/=?^_`{|}~.-]{1,64}@[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$"
@@ -67,36 +67,14 @@ class Workflows:
         return can_reject_early(self.for_tenant(tenant))
 
 
-class _Checker:
+class _Checker(Checker):
     def __init__(self, doc: YamlDocument, tenants: Collection[str],
-                 destinations: Collection[str]) -> None:
-        self.doc = doc
+                 destinations: Collection[str], tags: Collection[str] | None) -> None:
+        super().__init__(doc)
         self.tenants = tenants
         self.destinations = destinations
-        self.tags: frozenset[str] = frozenset()
-        self.problems: list[str] = []
-
-    def problem(self, path: KeyPath, message: str) -> None:
-        self.problems.append(f"{self.doc.where(path)}: {message}")
-
-    def mapping(self, value: Any, path: KeyPath, keys: Collection[str],
-                what: str) -> dict[str, Any] | None:
-        if not isinstance(value, dict):
-            self.problem(path, f"{what} must be a mapping")
-            return None
-        for key in value:
-            if key not in keys:
-                self.problem((*path, str(key)),
-                             f"unknown key {key!r} in {what} (known: {', '.join(sorted(keys))})")
-        return value
-
-    def string_list(self, value: Any, path: KeyPath, what: str) -> list[str]:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            self.problem(path, f"{what} must be a list of strings")
-            return []
-        return value
+        self.check_tags = tags is not None  # None: tags are not known, so not checked
+        self.tags = frozenset(tags or ())
 
     def pattern(self, value: Any, path: KeyPath) -> Pattern | None:
         case_sensitive = False
@@ -212,8 +190,8 @@ class _Checker:
 
     def _known_tags(self, tags: list[str], path: KeyPath) -> None:
         for t in tags:
-            if t not in self.tags:
-                self.problem(path, f"unknown tag {t!r} (define it under tags:)")
+            if self.check_tags and t not in self.tags:
+                self.problem(path, f"unknown tag {t!r} (tags are defined in retention.yaml)")
 
     def addresses(self, value: Any, path: KeyPath, what: str) -> tuple[str, ...]:
         out = []
@@ -240,12 +218,7 @@ class _Checker:
             self.problem((*path, "reject"), "reject takes a reply such as "
                          "'550 5.7.1 Not accepted here' (5xx, one line)")
             reject = None
-        flags = {}
-        for key in ("discard", "stop"):
-            flags[key] = spec.get(key, False)
-            if not isinstance(flags[key], bool):
-                self.problem((*path, key), f"{key} must be true or false")
-                flags[key] = False
+        flags = {key: self.boolean(spec, key, path, False) for key in ("discard", "stop")}
         return Actions(
             cc=self.addresses(spec.get("cc", []), (*path, "cc"), "cc"),
             bcc=self.addresses(spec.get("bcc", []), (*path, "bcc"), "bcc"),
@@ -255,10 +228,9 @@ class _Checker:
 
     def workflows(self) -> Workflows:
         data = self.doc.data if self.doc.data is not None else {}
-        top = self.mapping(data, (), {"tags", "tenants"}, "the file")
+        top = self.mapping(data, (), {"tenants"}, "the file")
         if top is None:
             return Workflows()
-        self.tags = frozenset(self.string_list(top.get("tags", []), ("tags",), "tags"))
         result = Workflows(tags=self.tags)
         tenants = top.get("tenants", {}) or {}
         if not isinstance(tenants, dict):
@@ -307,8 +279,17 @@ class _Checker:
         return Rule(name, match, actions, self.doc.line_of(path))
 
 
-def load(path: str | Path, tenants: Collection[str], destinations: Collection[str]) -> Workflows:
-    """Load and validate; raises ConfigError with every problem found.
+def check(doc: YamlDocument, tenants: Collection[str], destinations: Collection[str],
+          tags: Collection[str] | None) -> tuple[Workflows, list[str]]:
+    """Validate a parsed workflows.yaml; the rules, and every problem found."""
+    checker = _Checker(doc, tenants, destinations, tags)
+    workflows = checker.workflows()
+    return workflows, checker.problems
+
+
+def load(path: str | Path, tenants: Collection[str], destinations: Collection[str],
+         tags: Collection[str] = ()) -> Workflows:
+    """Load and validate one file; raises ConfigError with every problem found.
 
     A missing file means no rules at all (nothing is copied or routed).
     """
@@ -318,8 +299,7 @@ def load(path: str | Path, tenants: Collection[str], destinations: Collection[st
         doc = load_yaml(path)
     except YamlFileError as exc:
         raise ConfigError([str(exc)]) from None
-    checker = _Checker(doc, tenants, destinations)
-    workflows = checker.workflows()
-    if checker.problems:
-        raise ConfigError(checker.problems)
+    workflows, problems = check(doc, tenants, destinations, tags)
+    if problems:
+        raise ConfigError(problems)
     return workflows

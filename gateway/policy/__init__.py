@@ -1,0 +1,1 @@
+"""Policies sysadmins edit: retention and subprocessor routing, validated as one set."""
