@@ -127,6 +127,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retention_preview)
 
+    sps = sub.add_parser("subprocessors", help="the subprocessor registry and objections")
+    ssub = sps.add_subparsers(dest="subprocessors_command", required=True, parser_class=_Parser)
+    p = ssub.add_parser("list", help="the registry, and which relays each tenant may use now")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_subprocessors_list)
+    p = ssub.add_parser("notices", help="change notices sent, with their objection windows")
+    _config_arg(p)
+    p.add_argument("--tenant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_subprocessors_notices)
+    p = ssub.add_parser("object", help="record a tenant's objection to a subprocessor")
+    _config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("name")
+    p.add_argument("--note", default="", help="e.g. how and when the objection arrived")
+    p.set_defaults(func=cmd_subprocessors_object)
+
     rules = sub.add_parser("rules", help="workflow rules")
     rsub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     p = rsub.add_parser("test", help="which rules match a message, and the plan (sends nothing)")
@@ -217,6 +235,12 @@ def cmd_check(args: argparse.Namespace) -> int:
               f"default {retention.default}, {len(retention.holds)} holds)")
     else:
         print(f"{directory / 'retention.yaml'}: absent: all mail is kept {retention.default}")
+    routing = policies.subprocessors
+    if routing is not None:
+        print(f"{directory / 'subprocessors.yaml'}: ok ({len(routing.registry)} subprocessors, "
+              f"{len(routing.tenants)} tenants, {len(routing.routing)} routing rules)")
+    else:
+        print(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
     print(f"policy version {policies.version}")
     return EXIT_OK
 
@@ -450,6 +474,78 @@ def _print_sweep(report: Any, as_json: bool, version: str) -> None:
                   f"{g.expired:>8} {g.held:>6}  {g.rule}{'; ' + g.note if g.note else ''}")
     print(f"{verb} {report.expired} messages, {report.held} kept by legal holds "
           f"(policy {version}, {report.seconds:.1f} s)")
+
+
+def _routing(config: GatewayConfig, args: argparse.Namespace) -> Any:
+    policies = _policies(config)
+    if policies.subprocessors is None:
+        raise CommandError(f"no {config.policies.directory / 'subprocessors.yaml'}: copies go "
+                           "through delivery.relay without a subprocessor policy")
+    return policies.subprocessors
+
+
+def cmd_subprocessors_list(args: argparse.Namespace) -> int:
+    from gateway.policy.subprocessors import Consent
+    from gateway.store.repository import utcnow
+
+    config = _config(args)
+    routing = _routing(config, args)
+    rows = _store(args).consent_rows()
+    consent = Consent(rows.baseline, rows.effective, rows.objections)
+    now = utcnow()
+    registry = [{"name": sp.name, "purpose": sp.purpose, "entity": sp.entity,
+                 "country": sp.country, "region": sp.region,
+                 "data_categories": list(sp.data_categories), "added": sp.added.isoformat()}
+                for sp in routing.registry.values()]
+    tenants = {tid: {name: routing.why_not(tid, name, consent, now) or "usable"
+                     for name in routing.registry}
+               for tid in sorted(config.tenants)}
+    if args.json:
+        json.dump({"registry": registry, "tenants": tenants}, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'NAME':16} {'PURPOSE':15} {'REGION':7} {'COUNTRY':7} {'ADDED':10}  ENTITY")
+    for r in registry:
+        print(f"{r['name']:16} {r['purpose']:15} {r['region']:7} {r['country']:7} "
+              f"{r['added']:10}  {_printable(r['entity'])}")
+    for tid, status in tenants.items():
+        print(f"\ntenant {tid}:")
+        for name, why in status.items():
+            print(f"  {name:16} {why}")
+    return EXIT_OK
+
+
+def cmd_subprocessors_notices(args: argparse.Namespace) -> int:
+    rows = _store(args).list_notices(args.tenant)
+    items = [{"tenant": r["tenant_id"], "subprocessor": r["subprocessor"],
+              "change": r["change"], "sent_at": _jsonable(r["created_at"]),
+              "objection_window_ends": _jsonable(r["effective_at"]),
+              "message": r["message_id"]} for r in rows]
+    if args.json:
+        json.dump(items, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'TENANT':16} {'SUBPROCESSOR':16} {'CHANGE':8} {'QUEUED':26} {'WINDOW ENDS':26} "
+          "MESSAGE")
+    for n in items:
+        print(f"{n['tenant']:16} {n['subprocessor']:16} {n['change']:8} {n['sent_at']:26} "
+              f"{n['objection_window_ends']:26} {n['message'] or '-'}")
+    return EXIT_OK
+
+
+def cmd_subprocessors_object(args: argparse.Namespace) -> int:
+    config = _config(args)
+    if args.tenant not in config.tenants:
+        raise CommandError(f"no tenant {args.tenant!r} in {args.config}")
+    routing = _routing(config, args)
+    if args.name not in routing.registry:
+        raise CommandError(f"no subprocessor {args.name!r} in the registry "
+                           f"(known: {', '.join(sorted(routing.registry))})")
+    _store(args).record_objection(args.tenant, args.name,
+                                  f"cli:{os.environ.get('USER', 'unknown')}", args.note[:1000])
+    print(f"objection of tenant {args.tenant} to {args.name} recorded: "
+          f"{args.name} will not handle its mail")
+    return EXIT_OK
 
 
 def cmd_messages_export(args: argparse.Namespace) -> int:

@@ -299,7 +299,7 @@ class DeliveryConfig(_Section):
 
 
 class PoliciesConfig(_Section):
-    # Where workflows.yaml and retention.yaml are read from.
+    # Where workflows.yaml, retention.yaml and subprocessors.yaml are read from.
     directory: Path = Path("policies")
     # How often the files are checked for changes (then reloaded); 0: only on SIGHUP.
     watch_interval: Duration = 2.0

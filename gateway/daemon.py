@@ -21,12 +21,14 @@ import ssl
 import sys
 import time
 from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
 from typing import Any
 
 from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.config import GatewayConfig, parse_hostport
+from gateway.delivery import notices
 from gateway.delivery.queue import DeliveryWorker
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
@@ -34,6 +36,7 @@ from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
 from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
+from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.store import database
 from gateway.store.repository import Store
 from gateway.sweeper import Sweeper
@@ -100,6 +103,7 @@ class App:
         self.metrics = Metrics()
         self.stopping = asyncio.Event()
         self.sweeper: Sweeper | None = None
+        self.store: Store | None = None
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
@@ -123,7 +127,9 @@ class App:
         await store.start()
         parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
         await parser.start()
-        delivery = DeliveryWorker(store, config, self.metrics)
+        self.store = store
+        await self.sync_subprocessors(None)
+        delivery = DeliveryWorker(store, config, self.metrics, policies=self.policies.get)
         worker = PipelineWorker(
             store, parser,
             batch_size=config.pipeline.batch_size,
@@ -243,6 +249,31 @@ class App:
                                        previous.version)
             log.info("policy reloaded (%s): %s -> %s (%s)", why, previous.version,
                      current.version, ", ".join(current.files) or "no files")
+            try:
+                await self.sync_subprocessors(previous)
+            except Exception:  # the database may be away; the next reload or restart retries
+                log.exception("recording subprocessor changes failed")
+
+    async def sync_subprocessors(self, previous: PolicySet | None) -> None:
+        """Record registry changes with their notices; let held copies try again."""
+        routing = self.policies.current.subprocessors
+        if routing is None or self.store is None:
+            return
+        before = previous.subprocessors.registry if previous and previous.subprocessors else {}
+        names = {tid: t.name for tid, t in self.config.tenants.items()}
+        now = datetime.now(UTC)
+        added, removed = await asyncio.to_thread(
+            self.store.sync_subprocessors, routing.registry.keys(), now,
+            lambda a, r: notices.build(routing, before, names, self.config.smtp.hostname,
+                                       now, a, r))
+        for name in added:
+            log.info("subprocessor %s added: notices queued; usable per tenant after %d days "
+                     "without objection", name, routing.window_days)
+        for name in removed:
+            log.info("subprocessor %s removed: notices queued", name)
+        released = await asyncio.to_thread(self.store.release_held, HELD_PREFIX)
+        if released:
+            log.info("%d held deliveries try again under the new subprocessor policy", released)
 
     async def _watch_policies(self, interval: float) -> None:
         """Reload when a policy file changes (after it has stayed the same for a moment,

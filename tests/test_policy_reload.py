@@ -71,6 +71,8 @@ BROKEN = [
     ("workflows.yaml", "tenants:\n  acme:\n    rules:\n      - name: copy\n        mat",
      "workflows.yaml:"),  # a half-written file
     ("retention.yaml", b"default: 1y\n\xff\xfe\n", "retention.yaml:2:1: file is not valid UTF-8"),
+    ("subprocessors.yaml", "subprocessors:\n  relay-x: {purpose: relaying}\n",
+     "subprocessors.yaml:2:13: purpose is one of outbound-relay"),
 ]
 
 
@@ -109,6 +111,7 @@ def test_a_broken_edit_keeps_the_policy_in_force(make_gateway, tmp_path):
         assert (last["tags"], last["policy_version"]) == (["alpha"], good)
         assert _copies(gw)[last["id"]] == {"alpha@vault.test"}
         _write(policies, "alpha")  # back to the good files (same version: no reload logged)
+        (policies / "subprocessors.yaml").unlink(missing_ok=True)
         time.sleep(0.5)
     text = _metrics(metrics_port)
     assert f'mailflowr_gateway_policy_reloads_total{{result="failure"}} {failures}.0' in text

@@ -124,7 +124,7 @@ def test_example_file_is_valid():
     cfg = config.load(ROOT / "config" / "gateway.yaml", env={})
     policies = policy_loader.load(ROOT / "policies", cfg.tenants, cfg.destinations)
     assert len(policies.workflows.for_tenant("demo")) == 6
-    assert policies.files == ("retention.yaml", "workflows.yaml")
+    assert policies.files == ("retention.yaml", "subprocessors.yaml", "workflows.yaml")
 
 
 @pytest.mark.parametrize(

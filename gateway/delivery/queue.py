@@ -4,9 +4,11 @@ Each planned copy or route is a row in ``deliveries``.  The worker claims due
 rows with a lease (SKIP LOCKED on PostgreSQL, so several instances share the
 queue), composes the bytes, sends, and records the result: sent; failed for a
 5xx or once ``delivery.max_age`` has passed; otherwise pending again with an
-exponential backoff.  A row whose destination cannot be resolved (no relay
-configured, a destination removed from the configuration) is held with the
-reason, visible in ``queue list``, until an operator retries it.
+exponential backoff.  With policies/subprocessors.yaml, a copy leaves only
+through a relay the tenant has authorised (see gateway.policy.subprocessors).
+A row that cannot go anywhere (no relay configured, a destination removed
+from the configuration, no authorised subprocessor) is held with the reason,
+visible in ``queue list``, until a policy reload or an operator retries it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
 
@@ -24,11 +27,16 @@ from gateway.delivery.compose import compose
 from gateway.delivery.mx import LookupFailed, MXResolver
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
 from gateway.metrics import Metrics
+from gateway.policy.loader import PolicySet
+from gateway.policy.subprocessors import HELD_PREFIX, Consent
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
 from gateway.store.repository import AttemptResult, DeliveryJob, Store, utcnow
 
 log = logging.getLogger(__name__)
+
+CONSENT_TTL = 5.0  # seconds an objection recorded elsewhere may take to be seen
+HOLD_RECHECK = 600.0  # seconds between re-checks of subprocessor holds
 
 
 def backoff(attempts: int, base: float, maximum: float) -> float:
@@ -38,8 +46,10 @@ def backoff(attempts: int, base: float, maximum: float) -> float:
 
 class DeliveryWorker:
     def __init__(self, store: Store, config: GatewayConfig, metrics: Metrics,
-                 clock: Callable[[], datetime] = utcnow) -> None:
+                 clock: Callable[[], datetime] = utcnow,
+                 policies: Callable[[], PolicySet] = PolicySet) -> None:
         self.store = store
+        self.policies = policies
         self.config = config
         self.settings = config.delivery
         self.metrics = metrics
@@ -53,6 +63,16 @@ class DeliveryWorker:
                    if self.settings.mx_lookup else None)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._consent: tuple[float, Consent] | None = None
+
+    async def consent(self) -> Consent:
+        """Notices and objections from the database, re-read at most every CONSENT_TTL s
+        (objections are recorded by the command line, another process)."""
+        now = time.monotonic()
+        if self._consent is None or now - self._consent[0] > CONSENT_TTL:
+            rows = await asyncio.to_thread(self.store.consent_rows)
+            self._consent = (now, Consent(rows.baseline, rows.effective, rows.objections))
+        return self._consent[1]
 
     def start(self) -> None:
         self._results: asyncio.Queue[tuple[DeliveryJob, AttemptResult] | None] = asyncio.Queue()
@@ -77,6 +97,14 @@ class DeliveryWorker:
             if dest is None:
                 return f"destination {job.destination!r} is not configured"
             return [Target(dest.host, dest.port, dest.tls)]
+        routing = self.policies().subprocessors
+        if routing is not None:  # only relays the tenant has authorised, in the rule's order
+            route = routing.route(job.tenant_id, job.tags, job.kind, job.recipient,
+                                  await self.consent(), self.clock())
+            if route.held:
+                return route.held
+            return [Target(sp.relay.host, sp.relay.port, sp.relay.tls)
+                    for sp in route.relays if sp.relay is not None]
         if self.settings.relay is not None:
             host, port = parse_hostport(self.settings.relay)
             return [Target(host, port, self.settings.relay_tls)]
@@ -101,7 +129,11 @@ class DeliveryWorker:
             in_flight.discard(task)
             self.wakeup.set()  # a slot is free: claim more
 
+        recheck = time.monotonic()
         while not self._stopping:
+            if time.monotonic() - recheck > HOLD_RECHECK:
+                recheck = time.monotonic()
+                await self._recheck_holds()
             free = self.settings.concurrency - len(in_flight)
             jobs: list[DeliveryJob] = []
             if free > 0:
@@ -124,6 +156,19 @@ class DeliveryWorker:
                 pass
         if in_flight:
             await asyncio.gather(*in_flight)
+
+    async def _recheck_holds(self) -> None:
+        """Copies held for want of a usable subprocessor try again now and then: an
+        objection window may have ended since (other changes come with a reload)."""
+        if self.policies().subprocessors is None:
+            return
+        try:
+            count = await asyncio.to_thread(self.store.release_held, HELD_PREFIX)
+        except Exception:  # loop boundary: the database may be away; next round
+            log.exception("delivery: re-checking held deliveries failed")
+            return
+        if count:
+            log.info("delivery: %d deliveries held by the subprocessor policy try again", count)
 
     async def _guarded(self, job: DeliveryJob) -> None:
         try:

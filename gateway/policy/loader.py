@@ -1,7 +1,7 @@
 """Read every policy file together, validate them as a whole, and swap them in atomically.
 
-The policy set is workflows.yaml, retention.yaml (and later files) of one
-directory.  They refer to each other (a workflow tags mail with a tag that
+The policy set is workflows.yaml, retention.yaml and subprocessors.yaml of
+one directory.  They refer to each other (a workflow tags mail with a tag that
 retention.yaml defines), so they are validated together and take effect
 together: a ``PolicySet`` is immutable, and the daemon holds exactly one at a
 time.  A message is processed under the set that was in force when its
@@ -22,8 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from gateway.errors import ConfigError
-from gateway.policy import retention
+from gateway.policy import retention, subprocessors
 from gateway.policy.retention import RetentionPolicy
+from gateway.policy.subprocessors import SubprocessorPolicy
 from gateway.workflow import loader as workflow_loader
 from gateway.workflow.loader import Workflows
 from gateway.yamlfile import MAX_FILE_BYTES, YamlDocument, YamlFileError, parse_yaml
@@ -32,7 +33,8 @@ log = logging.getLogger(__name__)
 
 WORKFLOWS = "workflows.yaml"
 RETENTION = "retention.yaml"
-FILES = (RETENTION, WORKFLOWS)
+SUBPROCESSORS = "subprocessors.yaml"
+FILES = (RETENTION, SUBPROCESSORS, WORKFLOWS)
 
 
 class PolicyError(ConfigError):
@@ -45,6 +47,8 @@ class PolicySet:
 
     workflows: Workflows = field(default_factory=Workflows)
     retention: RetentionPolicy = field(default_factory=RetentionPolicy)
+    # None without subprocessors.yaml: copies go through delivery.relay (or MX) unrestricted
+    subprocessors: SubprocessorPolicy | None = None
     version: str = "none"  # hash of the files' bytes
     files: tuple[str, ...] = ()  # the files present
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -129,10 +133,16 @@ def build(directory: Path, contents: dict[str, bytes], tenants: Collection[str],
         known = None if RETENTION in contents and retention_doc is None else tags
         workflows, found = workflow_loader.check(workflows_doc, tenants, destinations, known)
         problems += found
+    routing = None
+    subprocessors_doc = docs[SUBPROCESSORS]
+    if subprocessors_doc is not None:
+        known = None if RETENTION in contents and retention_doc is None else tags
+        routing, found = subprocessors.check(subprocessors_doc, tenants, known)
+        problems += found
     if problems:
         raise PolicyError(problems)
-    return PolicySet(workflows=workflows, retention=policy, version=version_of(contents),
-                     files=tuple(sorted(contents)))
+    return PolicySet(workflows=workflows, retention=policy, subprocessors=routing,
+                     version=version_of(contents), files=tuple(sorted(contents)))
 
 
 def load(directory: Path, tenants: Collection[str],

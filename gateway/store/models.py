@@ -163,3 +163,39 @@ audit_events = Table(
     Column("message_id", String(26)),
     Column("detail", JSON, nullable=False),
 )
+
+# Subprocessors as the database remembers them.  baseline: in the registry when
+# notices began to be kept (covered by the agreement; usable without a notice).
+subprocessor_registry = Table(
+    "subprocessor_registry",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("first_seen_at", DateTime(timezone=True), nullable=False),
+    Column("removed_at", DateTime(timezone=True)),
+    Column("baseline", Boolean, nullable=False),
+)
+
+# change: added | removed.  An added subprocessor becomes usable for the tenant at
+# effective_at (the end of the objection window) unless the tenant objects.
+subprocessor_notices = Table(
+    "subprocessor_notices",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("subprocessor", String(64), nullable=False),
+    Column("change", String(16), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("effective_at", DateTime(timezone=True), nullable=False),
+    Column("message_id", String(26)),  # the notice email, a stored outbound message
+)
+
+subprocessor_objections = Table(
+    "subprocessor_objections",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(64), nullable=False),
+    Column("subprocessor", String(64), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("note", Text, nullable=False),
+)

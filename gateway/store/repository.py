@@ -19,7 +19,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +52,9 @@ from gateway.store.models import (
     message_addresses,
     message_blobs,
     messages,
+    subprocessor_notices,
+    subprocessor_objections,
+    subprocessor_registry,
     tenants,
 )
 
@@ -183,6 +186,24 @@ class Outcome:
 
 
 @dataclass(frozen=True, slots=True)
+class Notice:
+    """A change notice to one tenant about one subprocessor, with its email."""
+
+    tenant_id: str
+    subprocessor: str
+    change: str  # added | removed
+    effective_at: datetime
+    message: NewMessage | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConsentRows:
+    baseline: frozenset[str]
+    effective: dict[tuple[str, str], datetime]
+    objections: frozenset[tuple[str, str]]
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionGroup:
     """Stored messages of one tenant with one set of tags."""
 
@@ -208,6 +229,7 @@ class DeliveryJob:
     attempts: int
     created_at: datetime
     direction: str = "inbound"
+    tags: tuple[str, ...] = ()  # of the message: subprocessor routing may depend on them
 
 
 @dataclass(frozen=True, slots=True)
@@ -593,7 +615,7 @@ class Store:
                 select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
                        deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
                        deliveries.c.attempts, deliveries.c.created_at, messages.c.mail_from,
-                       messages.c.direction)
+                       messages.c.direction, messages.c.tags)
                 .join(messages, messages.c.id == deliveries.c.message_id)
                 .where(
                     deliveries.c.status == PENDING,
@@ -612,7 +634,8 @@ class Store:
                 )
         return [
             DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
-                        r.mail_from, r.attempts, _aware(r.created_at), r.direction)
+                        r.mail_from, r.attempts, _aware(r.created_at), r.direction,
+                        tuple(r.tags or ()))
             for r in rows
         ]
 
@@ -662,6 +685,18 @@ class Store:
             return int(conn.execute(
                 q.values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
                          lease_until=None)
+            ).rowcount)
+
+    def release_held(self, reason_prefix: str) -> int:
+        """Make held deliveries whose reason starts with ``reason_prefix`` due now
+        (after a policy change that may have removed the reason)."""
+        with self.engine.begin() as conn:
+            return int(conn.execute(
+                update(deliveries)
+                .where(deliveries.c.status == HELD,
+                       deliveries.c.last_error.startswith(reason_prefix, autoescape=True))
+                .values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
+                        lease_until=None)
             ).rowcount)
 
     def drop_delivery(self, delivery_id: int, reason: str) -> bool:
@@ -766,6 +801,86 @@ class Store:
                 if got:
                     conn.execute(select(func.pg_advisory_unlock(key)))
                     conn.commit()
+
+    # ------------------------------------------------------------ subprocessors
+    def sync_subprocessors(
+        self, current: Collection[str], now: datetime,
+        notices: Callable[[list[str], list[str]], list[Notice]],
+    ) -> tuple[list[str], list[str]]:
+        """Compare the registry in force with the one remembered, in one transaction.
+
+        The first time, everything present is the baseline (covered by the
+        agreement).  After that, each subprocessor added or removed gets the
+        notices ``notices(added, removed)`` returns, with their emails, written
+        together with the registry change: a change is never remembered without
+        its notices, nor notified twice.
+        """
+        with self.engine.begin() as conn:
+            known = {r.name: r for r in conn.execute(select(subprocessor_registry))}
+            if not known:
+                if current:
+                    conn.execute(insert(subprocessor_registry), [
+                        {"name": n, "first_seen_at": now, "baseline": True} for n in current])
+                return [], []
+            added = sorted(n for n in current
+                           if n not in known or known[n].removed_at is not None)
+            removed = sorted(n for n, r in known.items()
+                             if n not in current and r.removed_at is None)
+            for name in added:
+                if name in known:
+                    conn.execute(update(subprocessor_registry)
+                                 .where(subprocessor_registry.c.name == name)
+                                 .values(first_seen_at=now, removed_at=None, baseline=False))
+                else:
+                    conn.execute(insert(subprocessor_registry).values(
+                        name=name, first_seen_at=now, baseline=False))
+            if removed:
+                conn.execute(update(subprocessor_registry)
+                             .where(subprocessor_registry.c.name.in_(removed))
+                             .values(removed_at=now))
+            if added or removed:
+                made = notices(added, removed)
+                emails = [n.message for n in made if n.message is not None]
+                if emails:
+                    _insert_messages(conn, emails)
+                if made:
+                    conn.execute(insert(subprocessor_notices), [
+                        {"tenant_id": n.tenant_id, "subprocessor": n.subprocessor,
+                         "change": n.change, "created_at": now, "effective_at": n.effective_at,
+                         "message_id": n.message.id if n.message else None} for n in made])
+        return added, removed
+
+    def consent_rows(self) -> ConsentRows:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            baseline = frozenset(conn.execute(
+                select(subprocessor_registry.c.name)
+                .where(subprocessor_registry.c.baseline.is_(True),
+                       subprocessor_registry.c.removed_at.is_(None))).scalars())
+            effective = {}
+            for r in conn.execute(select(subprocessor_notices)
+                                  .where(subprocessor_notices.c.change == "added")
+                                  .order_by(subprocessor_notices.c.id)):
+                effective[(r.tenant_id, r.subprocessor)] = _aware(r.effective_at)
+            objections = frozenset(
+                (r.tenant_id, r.subprocessor)
+                for r in conn.execute(select(subprocessor_objections)))
+        return ConsentRows(baseline, effective, objections)
+
+    def list_notices(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        q = select(subprocessor_notices).order_by(subprocessor_notices.c.id)
+        if tenant is not None:
+            q = q.where(subprocessor_notices.c.tenant_id == tenant)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def record_objection(self, tenant: str, subprocessor: str, actor: str, note: str) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(subprocessor_objections).values(
+                tenant_id=tenant, subprocessor=subprocessor, recorded_at=utcnow(),
+                actor=actor, note=note))
+            conn.execute(insert(audit_events).values(
+                at=utcnow(), actor=actor, action="subprocessor.objection", tenant_id=tenant,
+                detail={"subprocessor": subprocessor, "note": note[:500]}))
 
     # ------------------------------------------------------------ audit
     def audit(

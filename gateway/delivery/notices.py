@@ -1,0 +1,73 @@
+"""Change notices about subprocessors: one email per affected tenant, and its record.
+
+When the registry in force gains a subprocessor, every tenant whose
+authorisation covers it is told (its ``privacy_contact``), and the new
+subprocessor becomes usable for that tenant only after the objection window
+(``notice.window_days``, at least 5 days) has passed without an objection.
+A removal is told too; it takes effect at once.  The emails are stored as
+outbound messages of the tenant, so the pipeline and the delivery queue send
+them like any other mail (through the tenant's authorised relay).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import hashlib
+from collections.abc import Mapping
+from datetime import date, datetime, timedelta
+
+from gateway.policy.subprocessors import Subprocessor, SubprocessorPolicy, notice_text
+from gateway.store.ids import new_id
+from gateway.store.repository import NewMessage, Notice
+
+
+def build(policy: SubprocessorPolicy, previous: Mapping[str, Subprocessor],
+          tenant_names: Mapping[str, str], hostname: str, now: datetime,
+          added: list[str], removed: list[str]) -> list[Notice]:
+    """The notices for a registry change; ``previous`` describes removed subprocessors."""
+    deadline = now + timedelta(days=policy.window_days)
+    out = []
+    for change, names, effective in (("added", added, deadline), ("removed", removed, now)):
+        for name in names:
+            sp = policy.registry.get(name) or previous.get(name) or _unknown(name)
+            tenants = policy.affected_by(name) if change == "added" else sorted(policy.tenants)
+            for tenant in tenants:
+                contact = policy.tenants[tenant].privacy_contact
+                message = None
+                if contact:
+                    body = notice_text(policy, tenant=tenant,
+                                       tenant_name=tenant_names.get(tenant, tenant),
+                                       change=change, sp=sp, deadline=deadline)
+                    message = _email(policy, tenant, contact, body, hostname, now)
+                out.append(Notice(tenant, name, change, effective, message))
+    return out
+
+
+def _unknown(name: str) -> Subprocessor:
+    """A subprocessor removed while the daemon was not running: only its name is known."""
+    return Subprocessor(name, "-", "-", "-", "-", (), date.min)
+
+
+def _email(policy: SubprocessorPolicy, tenant: str, contact: str, body: str, hostname: str,
+           now: datetime) -> NewMessage:
+    message_id = new_id()
+    text = (
+        f"From: <{policy.notice_from}>\r\n"
+        f"To: <{contact}>\r\n"
+        f"Subject: {policy.notice_subject}\r\n"
+        f"Date: {email.utils.format_datetime(now)}\r\n"
+        f"Message-ID: <{message_id}.notice@{hostname}>\r\n"
+        f"Auto-Submitted: auto-generated\r\n"
+        f"MIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=utf-8\r\n"
+        f"Content-Transfer-Encoding: 8bit\r\n"
+        f"\r\n"
+    ).encode() + body.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+    trace = (f"Received: by {hostname} (MailFlowr Gateway) id {message_id}\r\n"
+             f"\tfor <{contact}>; {email.utils.format_datetime(now)}\r\n")
+    return NewMessage(
+        id=message_id, tenant_id=tenant, mail_from=policy.notice_from, recipients=(contact,),
+        data=text, sha256=hashlib.sha256(text).hexdigest(), received_at=now,
+        client_address="127.0.0.1", helo=hostname, protocol="local", trace_header=trace,
+        smtputf8=False, direction="outbound", submitted_by="(subprocessor notice)",
+    )
