@@ -8,7 +8,8 @@ processing begins: a reload in the middle changes the next message, never
 half of this one.  It keeps no
 state of its own: after a crash, leases expire and the work is claimed again,
 so every stage must be idempotent.  An unexpected error in one message
-quarantines that message (kept, never deleted) and the loop carries on.
+quarantines that message (kept for a human; only retention deletes it) and
+the loop carries on.
 """
 
 from __future__ import annotations

@@ -33,7 +33,7 @@ metadata = MetaData(
 )
 
 # Message states: received (stored, 250 sent) -> processed; quarantined when a
-# stage failed unexpectedly (kept, never deleted, for a human to look at).
+# stage failed unexpectedly (kept for a human to look at; only retention deletes it).
 RECEIVED = "received"
 PROCESSED = "processed"
 QUARANTINED = "quarantined"
