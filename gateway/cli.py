@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from collections.abc import Callable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -317,14 +317,11 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _aware(value: datetime) -> datetime:
-    # SQLite hands back naive datetimes; every one we store is UTC.
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _jsonable(value: Any) -> Any:
+    from gateway.store.repository import aware
+
     if isinstance(value, datetime):
-        return _aware(value).isoformat()
+        return aware(value).isoformat()
     return value
 
 
@@ -406,7 +403,7 @@ def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
     """Which retention rule applies to a stored message under the policy on disk,
     when it expires, and what holds it."""
     from gateway.policy.loader import PolicyError
-    from gateway.store.repository import utcnow
+    from gateway.store.repository import aware, utcnow
 
     try:
         policy = _policies(config).retention
@@ -423,7 +420,7 @@ def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
     addresses = {a for _, a in row.get("addresses", [])}
     holds = [h.name for h in policy.active_holds(now)
              if h.covers(row["tenant_id"], tags) and (h.address is None or h.address in addresses)]
-    received = _aware(row["received_at"])
+    received = aware(row["received_at"])
     return {"retention": decision.rule,
             "expires_at": decision.expires(received).isoformat(),
             "held_by": holds}

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway.policy.retention import RetentionPolicy
-from gateway.store.repository import RetentionGroup, Store
+from gateway.store.repository import RetentionGroup, Store, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -72,8 +72,6 @@ class Sweeper:
     def __init__(self, store: Store, *, batch_size: int = 200, pause: float = 0.02,
                  clock: Callable[[], datetime] | None = None,
                  sleep: Callable[[float], None] = time.sleep) -> None:
-        from gateway.store.repository import utcnow
-
         self.store = store
         self.batch_size = batch_size
         self.pause = pause

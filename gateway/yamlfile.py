@@ -9,8 +9,10 @@ the data with a map from key path to (line, column).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Collection
 from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,7 @@ import yaml
 
 MAX_FILE_BYTES = 1 << 20
 MAX_ALIASES = 50
+_LOOSE_ADDRESS = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 
 KeyPath = tuple[str | int, ...]
 
@@ -163,14 +166,19 @@ def load_yaml(path: str | Path) -> YamlDocument:
         raw = Path(path).read_bytes()
     except OSError as exc:
         raise YamlFileError(name, 0, exc.strerror or str(exc)) from None
+    return parse_bytes(raw, name)
+
+
+def parse_bytes(raw: bytes, path: str) -> YamlDocument:
+    """Parse a file's bytes: size limit, UTF-8, then YAML; errors name ``path`` and the line."""
     if len(raw) > MAX_FILE_BYTES:
-        raise YamlFileError(name, 1, f"file is larger than {MAX_FILE_BYTES} bytes")
+        raise YamlFileError(path, 1, f"file is larger than {MAX_FILE_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        raise YamlFileError(name, line, "file is not valid UTF-8") from None
-    return parse_yaml(text, name)
+        raise YamlFileError(path, line, "file is not valid UTF-8") from None
+    return parse_yaml(text, path)
 
 
 class Checker:
@@ -206,6 +214,21 @@ class Checker:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             self.problem(path, f"{what} must be a list of strings")
             return []
+        return value
+
+    def date(self, value: Any, path: KeyPath, what: str,
+             hint: str = "a date such as 2027-06-30") -> date | None:
+        """A calendar date (YAML 2027-06-30); a date-time or anything else is reported."""
+        if isinstance(value, datetime) or not isinstance(value, date):
+            self.problem(path, f"{what} takes {hint}")
+            return None
+        return value
+
+    def address(self, value: Any, path: KeyPath) -> str | None:
+        """One mail address (local@domain, no spaces)."""
+        if not isinstance(value, str) or not _LOOSE_ADDRESS.match(value):
+            self.problem(path, f"not an address: {value!r}")
+            return None
         return value
 
     def boolean(self, spec: dict[str, Any], key: str, path: KeyPath, default: bool) -> bool:

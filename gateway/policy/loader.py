@@ -27,7 +27,7 @@ from gateway.policy.retention import RetentionPolicy
 from gateway.policy.subprocessors import SubprocessorPolicy
 from gateway.workflow import loader as workflow_loader
 from gateway.workflow.loader import Workflows
-from gateway.yamlfile import MAX_FILE_BYTES, YamlDocument, YamlFileError, parse_yaml
+from gateway.yamlfile import MAX_FILE_BYTES, YamlDocument, YamlFileError, parse_bytes
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +94,8 @@ def _document(directory: Path, name: str, contents: dict[str, bytes],
               problems: list[str]) -> YamlDocument | None:
     if name not in contents:
         return None
-    path = str(directory / name)
-    raw = contents[name]
-    if len(raw) > MAX_FILE_BYTES:
-        problems.append(f"{path}:1:1: file is larger than {MAX_FILE_BYTES} bytes")
-        return None
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        problems.append(f"{path}:{line}:1: file is not valid UTF-8")
-        return None
-    try:
-        return parse_yaml(text, path)
+        return parse_bytes(contents[name], str(directory / name))
     except YamlFileError as exc:
         problems.append(str(exc))
         return None

@@ -33,7 +33,6 @@ from gateway.yamlfile import Checker, KeyPath, YamlDocument
 
 TAG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 _DURATION = re.compile(r"^\s*(\d{1,5})\s*(d|w|mo|y)\s*$")
-_ADDRESS = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,13 +326,10 @@ class _RetentionChecker(Checker):
             if tag is not None and self.known_tag(tag, (*path, "tag")) is None:
                 continue
             address = h.get("address")
-            if address is not None and (not isinstance(address, str)
-                                        or not _ADDRESS.match(address)):
-                self.problem((*path, "address"), f"not an address: {address!r}")
+            if address is not None and self.address(address, (*path, "address")) is None:
                 continue
             until = h.get("until")
-            if until is not None and (isinstance(until, datetime) or not isinstance(until, date)):
-                self.problem((*path, "until"), "until takes a date such as 2027-06-30")
+            if until is not None and self.date(until, (*path, "until"), "until") is None:
                 continue
             holds.append(Hold(name, str(reason or ""), tenant,
                               address.lower() if address else None, tag, until))

@@ -28,7 +28,6 @@ HELD_PREFIX = "no authorised subprocessor"  # the start of every hold reason fro
 PURPOSES = ("outbound-relay", "archive", "scanning", "other")
 KINDS = ("cc", "bcc", "rcpt")  # deliveries that leave through a relay
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
-_ADDRESS = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 
 
@@ -234,8 +233,8 @@ class _Checker(Checker):
                          "window_days is a whole number of days, at least 5 (the agreement)")
             window = 5
         sender = self.text(notice, "from", ("notice",), required=bool(self.registry))
-        if sender and not _ADDRESS.match(sender):
-            self.problem(("notice", "from"), f"not an address: {sender!r}")
+        if sender:
+            self.address(sender, ("notice", "from"))
         policy = SubprocessorPolicy(
             registry=self.registry, tenants=tenants, routing=routing, notice_from=sender,
             notice_subject=self.text(notice, "subject", ("notice",), required=False)
@@ -268,11 +267,8 @@ class _Checker(Checker):
             country = self.text(s, "country", path)
             if country and not _COUNTRY.match(country):
                 self.problem((*path, "country"), "country is a two-letter code such as NL")
-            added = s.get("added")
-            if isinstance(added, datetime) or not isinstance(added, date):
-                self.problem((*path, "added") if "added" in s else path,
-                             "added takes the date it was added, such as 2026-01-15")
-                added = date.min
+            added = self.date(s.get("added"), (*path, "added") if "added" in s else path,
+                              "added", "the date it was added, such as 2026-01-15") or date.min
             relay = None
             if "smtp" in s:
                 relay = self._relay(s["smtp"], (*path, "smtp"))
@@ -315,8 +311,8 @@ class _Checker(Checker):
             if t is None:
                 continue
             contact = self.text(t, "privacy_contact", path)
-            if contact and not _ADDRESS.match(contact):
-                self.problem((*path, "privacy_contact"), f"not an address: {contact!r}")
+            if contact:
+                self.address(contact, (*path, "privacy_contact"))
             authorised: frozenset[str] | None
             if t.get("authorised") == "all":
                 authorised = None
@@ -336,10 +332,8 @@ class _Checker(Checker):
                 named = self.names([om.get("subprocessor", "")], (*opath, "subprocessor"),
                                    "subprocessor")
                 when = om.get("date")
-                if when is not None and (isinstance(when, datetime)
-                                         or not isinstance(when, date)):
-                    self.problem((*opath, "date"), "date takes a date such as 2026-03-02")
-                    when = None
+                if when is not None:
+                    when = self.date(when, (*opath, "date"), "date")
                 if named:
                     objections.append(Objection(named[0], when, str(om.get("note", ""))))
             out[str(tid)] = TenantTerms(contact or None, authorised,

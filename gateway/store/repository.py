@@ -634,7 +634,7 @@ class Store:
                 )
         return [
             DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
-                        r.mail_from, r.attempts, _aware(r.created_at), r.direction,
+                        r.mail_from, r.attempts, aware(r.created_at), r.direction,
                         tuple(r.tags or ()))
             for r in rows
         ]
@@ -724,7 +724,7 @@ class Store:
                 .group_by(messages.c.tenant_id, messages.c.tag_key)
                 .order_by(messages.c.tenant_id, messages.c.tag_key)
             ).all()
-        return [RetentionGroup(r[0], r[1], r[2], _aware(r[3])) for r in rows]
+        return [RetentionGroup(r[0], r[1], r[2], aware(r[3])) for r in rows]
 
     @staticmethod
     def _expired(tenant: str, key: str, cutoff: datetime, held_addresses: Sequence[str]) -> Any:
@@ -860,7 +860,7 @@ class Store:
             for r in conn.execute(select(subprocessor_notices)
                                   .where(subprocessor_notices.c.change == "added")
                                   .order_by(subprocessor_notices.c.id)):
-                effective[(r.tenant_id, r.subprocessor)] = _aware(r.effective_at)
+                effective[(r.tenant_id, r.subprocessor)] = aware(r.effective_at)
             objections = frozenset(
                 (r.tenant_id, r.subprocessor)
                 for r in conn.execute(select(subprocessor_objections)))
@@ -940,7 +940,7 @@ def _delete_messages(conn: Any, ids: list[str]) -> None:
     conn.execute(delete(messages).where(messages.c.id.in_(ids)))
 
 
-def _aware(value: datetime) -> datetime:
+def aware(value: datetime) -> datetime:
     """SQLite hands back naive datetimes; everything we store is UTC."""
     return value if value.tzinfo else value.replace(tzinfo=UTC)
 
