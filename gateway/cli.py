@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
-from gateway.config import GatewayConfig, load
+from gateway.config import GatewayConfig, load, parse_hostport
 from gateway.errors import ConfigError
 
 DEFAULT_CONFIG = "config/gateway.yaml"
@@ -54,6 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="validate the configuration without starting")
     _config_arg(p)
     p.set_defaults(func=cmd_check)
+
+    p = sub.add_parser("status", help="what the running daemon is doing (from its metrics port)")
+    _config_arg(p)
+    p.add_argument("--url", metavar="URL",
+                   help="the daemon's metrics port (default: http://metrics.listen)")
+    p.add_argument("--json", action="store_true", help="the status document as JSON")
+    p.set_defaults(func=cmd_status)
 
     db = sub.add_parser("db", help="database schema")
     dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
@@ -211,6 +218,47 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     policies = _policies(config)  # a policy set that does not validate stops the start
     return serve(config, policies)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import urllib.error
+    import urllib.request
+
+    url = args.url
+    if not url:
+        listen = _config(args).metrics.listen
+        if not listen:
+            raise CommandError(f"{args.config}: metrics.listen is empty, so the daemon serves "
+                               "no status; give --url")
+        host, port = parse_hostport(listen)
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=10) as reply:
+            doc = json.load(reply)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CommandError(f"no daemon answers at {url}: {reason}") from None
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1, sort_keys=True)
+        print()
+        return EXIT_OK
+    print(f"MailFlowr Gateway {doc['version']}, pid {doc['pid']}, {doc['state']} since "
+          f"{doc['started']} ({doc['uptime_seconds']:.0f} s)")
+    for name, listener in doc["listeners"].items():
+        print(f"  {name:11} {listener['address']:24} {listener['sessions']} sessions")
+    database = doc["database"]
+    print(f"  database    {database['name']}: {'up' if database['up'] else 'DOWN'}")
+    print(f"  policy      {doc['policy']['version']} (loaded {doc['policy']['loaded_at']})")
+    pipeline = doc["pipeline"]
+    print(f"  pipeline    {pipeline['waiting']} to process, oldest "
+          f"{pipeline['oldest_seconds']} s")
+    d = doc["deliveries"]
+    print(f"  deliveries  {d['pending']} pending (oldest {d['oldest_pending_seconds']} s), "
+          f"{d['held']} held")
+    print(f"  retention   last sweep {doc['retention']['last_sweep'] or 'not yet'}")
+    return EXIT_OK
 
 
 def _policies(config: GatewayConfig, directory: Path | None = None) -> Any:

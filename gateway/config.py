@@ -179,11 +179,14 @@ class PipelineConfig(_Section):
 
 class MetricsConfig(_Section):
     listen: OptionalHostPort = "127.0.0.1:9466"
+    tenant_labels: bool = True  # False: the tenant label reads "all" (very many tenants)
 
 
 
 class LoggingConfig(_Section):
     level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    format: Literal["text", "json"] = "text"
+    personal_data: bool = False  # True writes addresses and subjects (debugging only)
 
 
 class UserConfig(_Section):

@@ -8,35 +8,45 @@ then waits.  SIGTERM or SIGINT only set a flag; shutdown then stops listening,
 lets sessions that are inside a transaction finish (up to
 ``smtp.shutdown_timeout``), commits what they handed over, and exits 0.
 SIGHUP, and a change of a policy file, reload the policy set: the new set
-takes effect only if it validates as a whole.  The retention sweeper runs
+takes effect only if it validates as a whole; SIGHUP also reloads the TLS
+certificate.  SIGUSR1 logs the status document.  The retention sweeper runs
 every ``retention.sweep_interval`` under the policy in force at its start.
+
+The metrics port (started first) serves /metrics, /healthz, /readyz and
+/status.  Under systemd (Type=notify) the daemon says READY=1 once the
+listeners are bound, keeps STATUS= current, pings the watchdog from the event
+loop (a stalled loop stops the pings), and says STOPPING=1 when draining.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import logging
+import os
 import signal
 import ssl
-import sys
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 
+from gateway import __version__, httpd, logs
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import notices
 from gateway.delivery.queue import DeliveryWorker
+from gateway.httpd import HTTPServer
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, QueueStats
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
 from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
+from gateway.sdnotify import Notifier
 from gateway.store import database
 from gateway.store.repository import Store
 from gateway.sweeper import Sweeper
@@ -95,35 +105,64 @@ def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
     return context
 
 
+LISTENERS = ("smtp", "submission")
+STATS_INTERVAL = 5.0  # seconds between looks at the backlog (gauges, STATUS=, readiness)
+LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loop stalled
+PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
+
+
 class App:
-    def __init__(self, config: GatewayConfig, policies: PolicySet) -> None:
+    def __init__(self, config: GatewayConfig, policies: PolicySet,
+                 notifier: Notifier | None = None) -> None:
         self.config = config
         self.policies = PolicyHolder(config.policies.directory, config.tenants.keys(),
                                      config.destinations.keys(), policies)
-        self.metrics = Metrics()
+        self.metrics = Metrics(tenant_labels=config.metrics.tenant_labels)
+        self.notifier = notifier if notifier is not None else Notifier()
         self.stopping = asyncio.Event()
         self.sweeper: Sweeper | None = None
         self.store: Store | None = None
+        self.tls: ssl.SSLContext | None = None
+        self.started = time.time()
+        self.heartbeat = time.monotonic()
+        self.listening: dict[str, str] = {}  # listener name -> address, while bound
+        self.trackers: dict[str, ConnectionTracker] = {}
+        self.queue: QueueStats | None = None
+        self.database_up = False
+        self.last_sweep: float | None = None
+        self._probe = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="probe")
         self._reload_lock = asyncio.Lock()
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
-        config = self.config
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
-        loop.add_signal_handler(signal.SIGHUP,
-                                lambda: self._spawn(self.reload_policies("SIGHUP")))
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._spawn(self.reload("SIGHUP")))
+        loop.add_signal_handler(signal.SIGUSR1, self.log_status)
         self.metrics.policy_loaded(self.policies.current.version,
                                    self.policies.current.loaded_at.timestamp())
+        http = self._start_http()  # first: /healthz answers while the rest starts
+        try:
+            return await self._run(loop)
+        finally:
+            if http is not None:
+                http.close()
+            self._probe.shutdown(wait=False, cancel_futures=True)
+            self.notifier.close()
 
+    async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
+        config = self.config
+        self.notifier.status("opening the database")
         store = await asyncio.to_thread(
             lambda: open_store(config, on_commit=self.metrics.observe_commit)
         )
         await asyncio.to_thread(
             store.sync_tenants, {tid: t.name for tid, t in config.tenants.items()}
         )
-        context = tls_context(config)
+        self.database_up = True
+        self.metrics.database_up.set(1)
+        self.tls = tls_context(config)
         await store.start()
         parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
         await parser.start()
@@ -137,10 +176,11 @@ class App:
             lease_time=config.pipeline.lease_time,
             policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
-            on_outcome=self.metrics.pipeline_outcome,
+            metrics=self.metrics,
         )
         worker.start()
         delivery.start()
+        self._spawn(self._heartbeat())
         if config.policies.watch_interval > 0:
             self._spawn(self._watch_policies(config.policies.watch_interval))
         sweeping = None
@@ -149,58 +189,53 @@ class App:
                                    pause=config.retention.batch_pause)
             sweeping = asyncio.create_task(self._sweep_loop(self.sweeper), name="retention")
 
-        metrics_server = None
-        if config.metrics.listen:
-            host, port = parse_hostport(config.metrics.listen)
-            try:
-                metrics_server = start_http_server(port, host, registry=self.metrics.registry)
-            except OSError as exc:
-                await self._stop_parts(worker, delivery, parser, store)
-                raise StartupError(
-                    f"metrics.listen {config.metrics.listen}: {exc.strerror}"
-                ) from None
-
         handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
                                  self.policies.workflows)
-        listeners: list[tuple[str, IngressHandler | SubmissionHandler, dict[str, bool]]] = [
-            (config.smtp.listen, handler, {})
+        listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
+            ("smtp", config.smtp.listen, handler, {})
         ]
         if config.submission.listen:
             submission = SubmissionHandler(config.smtp, config.submission, config.tenants,
                                            store, self.metrics)
-            listeners.append((config.submission.listen, submission,
+            listeners.append(("submission", config.submission.listen, submission,
                               {"submission": True, "auth_required": True,
                                "auth_require_tls": True}))
-        servers: list[tuple[asyncio.Server, ConnectionTracker]] = []
-        for listen, listener_handler, options in listeners:
+        servers: list[asyncio.Server] = []
+        for name, listen, listener_handler, options in listeners:
             tracker = ConnectionTracker(config.smtp.max_connections,
                                         config.smtp.max_connections_per_ip)
             host, port = parse_hostport(listen)
             try:
                 server = await loop.create_server(
                     protocol_factory(listener_handler, config.smtp, tracker, self.metrics,
-                                     context, **options),
+                                     lambda: self.tls, listener=name, **options),
                     host, port, reuse_address=True, backlog=1024,
                 )
             except OSError as exc:
-                for started, _ in servers:
+                for started in servers:
                     started.close()
+                await self._stop_sweeping(sweeping)
+                await self._stop_background()
                 await self._stop_parts(worker, delivery, parser, store)
-                if metrics_server is not None:
-                    metrics_server[0].shutdown()
                 raise StartupError(f"{listen}: {exc.strerror}") from None
-            servers.append((server, tracker))
+            servers.append(server)
+            self.trackers[name] = tracker
+            self.listening[name] = listen
+        self._spawn(self._watch_stats())
         log.info("listening for SMTP on %s%s (%d tenants, database %s)", config.smtp.listen,
                  f", submission on {config.submission.listen}" if config.submission.listen
-                 else "", len(config.tenants),
-                 store.engine.url.render_as_string(hide_password=True))
+                 else "", len(config.tenants), _database_name(store))
+        self.notifier.ready(self.status_line())
 
         await self.stopping.wait()
-        trackers = [tracker for _, tracker in servers]
-        log.info("shutting down: no new connections, %d sessions open",
-                 sum(len(t.sessions) for t in trackers))
-        for server, tracker in servers:
+        trackers = list(self.trackers.values())
+        open_sessions = sum(len(t.sessions) for t in trackers)
+        self.listening.clear()  # not ready any more: balancers stop sending
+        self.notifier.stopping(f"stopping: draining {open_sessions} sessions")
+        log.info("shutting down: no new connections, %d sessions open", open_sessions)
+        for server in servers:
             server.close()
+        for tracker in trackers:
             tracker.shutting_down = True
             for session in list(tracker.sessions):
                 session.shutdown()
@@ -212,17 +247,174 @@ class App:
                 log.warning("cutting %d sessions open at the deadline", len(tracker.sessions))
                 for session in list(tracker.sessions):
                     abort(session.transport)
+        await self._stop_sweeping(sweeping)
+        await self._stop_background()
+        await self._stop_parts(worker, delivery, parser, store)
+        log.info("stopped")
+        return 0
+
+    def _start_http(self) -> HTTPServer | None:
+        listen = self.config.metrics.listen
+        if not listen:
+            return None
+        host, port = parse_hostport(listen)
+        routes = {"/healthz": self.healthz, "/readyz": self.readyz, "/status": self.status}
+        try:
+            return HTTPServer(host, port, httpd.app(self.metrics.registry, routes))
+        except OSError as exc:
+            raise StartupError(f"metrics.listen {listen}: {exc.strerror}") from None
+
+    async def _stop_sweeping(self, sweeping: asyncio.Task[None] | None) -> None:
         if sweeping is not None and self.sweeper is not None:
             self.sweeper.stopping = True  # ends the sweep between two batches
             await sweeping
+
+    async def _stop_background(self) -> None:
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self._stop_parts(worker, delivery, parser, store)
-        if metrics_server is not None:
-            metrics_server[0].shutdown()
-        log.info("stopped")
-        return 0
+
+    # ------------------------------------------------------------ health and status
+    def healthz(self) -> tuple[int, dict[str, Any]]:
+        """Alive: the process answers and its event loop has run in the last seconds."""
+        lag = time.monotonic() - self.heartbeat
+        alive = lag < LOOP_STALL
+        return (200 if alive else 503), {
+            "status": "ok" if alive else "event loop stalled",
+            "pid": os.getpid(),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "event_loop_heartbeat_age_seconds": round(lag, 3),
+        }
+
+    def readyz(self) -> tuple[int, dict[str, Any]]:
+        """Ready: listeners bound, the database answers now, a policy set is in force."""
+        listeners_ok = bool(self.listening) and not self.stopping.is_set()
+        database_error = self._check_database()
+        policy = self.policies.current
+        checks: dict[str, dict[str, Any]] = {
+            "listeners": {"ok": listeners_ok, "bound": dict(self.listening)},
+            "database": {"ok": database_error is None, "error": database_error},
+            "policy": {"ok": bool(policy.version), "version": policy.version},
+        }
+        ready = all(c["ok"] for c in checks.values())
+        return (200 if ready else 503), {"ready": ready, "checks": checks}
+
+    def _check_database(self) -> str | None:
+        store = self.store
+        if store is None:
+            return "not opened yet"
+        try:
+            self._probe.submit(store.ping).result(timeout=PROBE_TIMEOUT)
+        except concurrent.futures.TimeoutError:
+            return f"no answer within {PROBE_TIMEOUT:g} s"
+        except Exception as exc:  # any failure means "not reachable"; the text says which
+            return _one_line(exc)
+        return None
+
+    def status(self) -> tuple[int, dict[str, Any]]:
+        """What `mailflowr-gateway status` prints and SIGUSR1 logs."""
+        policy = self.policies.current
+        queue = self.queue
+        deliveries: dict[str, int] = {}
+        if queue is not None:
+            for _, state, count, _ in queue.deliveries:
+                deliveries[state] = deliveries.get(state, 0) + count
+        return 200, {
+            "version": __version__,
+            "pid": os.getpid(),
+            "started": datetime.fromtimestamp(self.started, UTC).isoformat(timespec="seconds"),
+            "uptime_seconds": round(time.time() - self.started, 1),
+            "state": ("stopping" if self.stopping.is_set()
+                      else "running" if self.listening else "starting"),
+            "listeners": {name: {"address": address,
+                                 "sessions": len(self.trackers[name].sessions)}
+                          for name, address in self.listening.items()},
+            "database": {"up": self.database_up,
+                         "name": _database_name(self.store) if self.store else None},
+            "policy": {"version": policy.version,
+                       "loaded_at": policy.loaded_at.isoformat(timespec="seconds")},
+            "pipeline": {"waiting": queue.pipeline_waiting if queue else None,
+                         "oldest_seconds": round(queue.pipeline_oldest, 1) if queue else None},
+            "deliveries": {"pending": deliveries.get("pending", 0),
+                           "held": deliveries.get("held", 0),
+                           "oldest_pending_seconds": round(max(
+                               (age for _, state, _, age in queue.deliveries
+                                if state == "pending"), default=0.0), 1) if queue else None},
+            "retention": {"last_sweep": datetime.fromtimestamp(self.last_sweep, UTC)
+                          .isoformat(timespec="seconds") if self.last_sweep else None},
+        }
+
+    def status_line(self) -> str:
+        """One line for systemctl status (STATUS=) and the log."""
+        doc = self.status()[1]
+        sessions = sum(v["sessions"] for v in doc["listeners"].values())
+        where = ", ".join(v["address"] for v in doc["listeners"].values()) or "nothing"
+        waiting = doc["pipeline"]["waiting"]
+        return (f"{doc['state']} on {where}; {sessions} sessions; "
+                f"{'?' if waiting is None else waiting} to process; "
+                f"{doc['deliveries']['pending']} deliveries pending "
+                f"(oldest {doc['deliveries']['oldest_pending_seconds'] or 0:.0f} s), "
+                f"{doc['deliveries']['held']} held; policy {doc['policy']['version']}"
+                f"{'' if doc['database']['up'] else '; DATABASE DOWN'}")
+
+    def log_status(self) -> None:
+        log.info("status: %s", json.dumps(self.status()[1], sort_keys=True))
+
+    async def _heartbeat(self) -> None:
+        """Beat every second; ping systemd's watchdog only while the loop beats."""
+        interval = self.notifier.watchdog
+        last_ping = 0.0
+        while True:
+            self.heartbeat = time.monotonic()
+            if interval is not None and self.heartbeat - last_ping >= interval:
+                self.notifier.ping()
+                last_ping = self.heartbeat
+            await asyncio.sleep(min(1.0, interval or 1.0))
+
+    async def _watch_stats(self) -> None:
+        """Every few seconds: backlog gauges, database up or not, STATUS= for systemd."""
+        store = self.store
+        assert store is not None
+        while True:
+            try:
+                self.queue = await asyncio.to_thread(store.queue_stats)
+            except Exception as exc:  # loop boundary: the database may be away
+                if self.database_up:
+                    log.error("database check failed: %s", _one_line(exc))
+                self.database_up = False
+            else:
+                if not self.database_up:
+                    log.info("database reachable again")
+                self.database_up = True
+                self.metrics.queue_levels(self.queue)
+            self.metrics.database_up.set(1 if self.database_up else 0)
+            self.metrics.ready.set(1 if self.database_up and self.listening
+                                   and not self.stopping.is_set() else 0)
+            self.notifier.status(self.status_line())
+            await asyncio.sleep(STATS_INTERVAL)
+
+    async def reload(self, why: str) -> None:
+        """SIGHUP: the policy set, then the TLS certificate; READY=1 again when done."""
+        self.notifier.reloading()
+        try:
+            await self.reload_policies(why)
+            self.reload_tls()
+        finally:
+            self.notifier.ready(self.status_line())
+
+    def reload_tls(self) -> None:
+        """Load a renewed certificate and key; new connections use them, open ones
+        keep theirs. A file that cannot be loaded leaves the one in use."""
+        if not self.config.smtp.tls.enabled:
+            return
+        try:
+            self.tls = tls_context(self.config)
+        except StartupError as exc:
+            self.metrics.tls_reloads.labels("failure").inc()
+            log.error("TLS reload refused, the certificate in use stays: %s", exc)
+            return
+        self.metrics.tls_reloads.labels("success").inc()
+        log.info("TLS certificate reloaded from %s", self.config.smtp.tls.cert_file)
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.create_task(work)
@@ -237,9 +429,11 @@ class App:
                 changed = await asyncio.to_thread(self.policies.reload)
             except PolicyError as exc:
                 self.metrics.policy_reloads.labels("failure").inc()
+                self.metrics.policy_reload_failing.set(1)
                 log.error("policy reload (%s) refused, policy %s stays in force: %s", why,
                           previous.version, "; ".join(exc.problems))
                 return
+            self.metrics.policy_reload_failing.set(0)
             if not changed:
                 log.info("policy reload (%s): no change (policy %s)", why, previous.version)
                 return
@@ -313,9 +507,12 @@ class App:
                 log.info("retention sweep skipped: %s", report.skipped)
             else:
                 self.metrics.retention_sweeps.labels("success").inc()
-                self.metrics.retention_deleted.inc(report.expired)
+                for tenant, counts in report.per_tenant().items():
+                    self.metrics.retention_deleted.labels(
+                        self.metrics.tenant(tenant)).inc(sum(counts.values()))
                 self.metrics.retention_held.set(report.held)
-                self.metrics.retention_last_sweep.set(time.time())
+                self.last_sweep = time.time()
+                self.metrics.retention_last_sweep.set(self.last_sweep)
                 log.info("retention sweep (policy %s): deleted %d messages, %d kept by holds, "
                          "in %.1f s", policy.version, report.expired, report.held,
                          report.seconds)
@@ -330,15 +527,18 @@ class App:
         store.engine.dispose()
 
 
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    # aiosmtpd logs every command line, addresses included, at INFO.
-    logging.getLogger("mail.log").setLevel(logging.WARNING)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+def _one_line(exc: BaseException) -> str:
+    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0] if lines else ''}"
+
+
+def _database_name(store: Store) -> str:
+    """The database without user or password: the log shows which one, not who."""
+    url = store.engine.url
+    if url.get_backend_name() == "sqlite":
+        return f"sqlite {url.database}"
+    where = f"{url.host or 'local socket'}{f':{url.port}' if url.port else ''}"
+    return f"{url.get_backend_name()} {url.database} on {where}"
 
 
 def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
@@ -356,7 +556,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def serve(config: GatewayConfig, policies: PolicySet) -> int:
-    setup_logging(config.logging.level)
+    logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
     app = App(config, policies)
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.smtp.event_loop)) as runner:

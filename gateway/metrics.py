@@ -1,120 +1,195 @@
 """All Prometheus metrics of the gateway, on a registry passed in.
 
 Names follow Prometheus conventions (``mailflowr_gateway_`` prefix, ``_total``
-counters, ``_seconds`` histograms).  Labels never carry personal data: no
-addresses, no subjects, only bounded enumerations such as a reason or outcome.
+counters, ``_seconds`` histograms, base units).  Labels never carry personal
+data: no addresses, no subjects, only bounded values: a listener name, a
+reason or outcome from a fixed list, a reply code, a rule or destination name
+from the configuration, and the tenant id, which ``metrics.tenant_labels:
+false`` replaces with ``all`` where the number of tenants would be too large.
+The README's metrics table documents every family; a test holds it to that.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from gateway import __version__
 
 PREFIX = "mailflowr_gateway"
+ALL_TENANTS = "all"
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+STAGE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+DELIVERY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+def reply_class(reply: str) -> str:
+    """'250 2.0.0 Ok' -> '2xx'."""
+    return f"{reply[:1]}xx" if reply[:1] in "2345" else "other"
 
 
 class Metrics:
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 tenant_labels: bool = True) -> None:
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.tenant_labels = tenant_labels
+        self._depth_seen: set[tuple[str, str]] = set()
+        self._oldest_seen: set[str] = set()
+        self._replies: dict[tuple[str, str], Counter] = {}
         r = self.registry
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+
+        self.build_info = Gauge(
+            f"{PREFIX}_build_info", "Always 1; the version of the running gateway.",
+            ["version"], registry=r)
+        self.build_info.labels(__version__).set(1)
+        self.ready = Gauge(
+            f"{PREFIX}_ready",
+            "1 while the gateway is ready (listeners bound, database reachable at the last "
+            "check, policy loaded), 0 otherwise.", registry=r)
+        self.database_up = Gauge(
+            f"{PREFIX}_database_up",
+            "1 if the last database check (every few seconds) succeeded, 0 if not.", registry=r)
+
+        # ---------------------------------------------------------------- SMTP
         self.smtp_connections = Gauge(
-            f"{PREFIX}_smtp_connections_open", "SMTP connections open now.", registry=r
-        )
+            f"{PREFIX}_smtp_connections_open", "SMTP connections (sessions) open now.",
+            ["listener"], registry=r)
         self.smtp_connections_total = Counter(
-            f"{PREFIX}_smtp_connections_total", "SMTP connections accepted.", registry=r
-        )
+            f"{PREFIX}_smtp_connections_total", "SMTP connections accepted.",
+            ["listener"], registry=r)
         self.smtp_connections_refused = Counter(
             f"{PREFIX}_smtp_connections_refused_total",
-            "SMTP connections refused before the greeting, by reason.",
-            ["reason"],
-            registry=r,
-        )
+            "SMTP connections refused before the greeting, by reason "
+            "(total, per_ip, shutdown).", ["listener", "reason"], registry=r)
+        self.smtp_replies = Counter(
+            f"{PREFIX}_smtp_replies_total",
+            "Replies sent to SMTP clients, by reply code.", ["listener", "code"], registry=r)
         self.smtp_messages = Counter(
             f"{PREFIX}_smtp_messages_total",
-            "Messages at the end of DATA, by outcome (accepted, rejected, deferred).",
-            ["outcome"],
-            registry=r,
-        )
+            "Messages at the end of DATA, by reply class (2xx accepted, 4xx deferred, 5xx "
+            "rejected) and reason (ok, too_big, line_too_long, bare_newline, too_many_hops, "
+            "rule, storage).", ["listener", "class", "reason"], registry=r)
         self.smtp_recipients_refused = Counter(
             f"{PREFIX}_smtp_recipients_refused_total",
             "RCPT TO refused, by reason (relay, unknown_user, syntax, smtputf8, too_many).",
-            ["reason"],
-            registry=r,
-        )
+            ["listener", "reason"], registry=r)
         self.smtp_received_bytes = Counter(
-            f"{PREFIX}_smtp_received_bytes_total", "Message bytes accepted.", registry=r
-        )
+            f"{PREFIX}_smtp_received_bytes_total", "Message bytes accepted.",
+            ["listener"], registry=r)
         self.accept_latency = Histogram(
             f"{PREFIX}_accept_latency_seconds",
             "Time from the end of DATA to the 250 reply (includes the durable commit).",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
-            registry=r,
-        )
+            ["listener"], buckets=LATENCY_BUCKETS, registry=r)
+        self.messages_accepted = Counter(
+            f"{PREFIX}_messages_accepted_total",
+            "Message copies stored (one per tenant the message was for).",
+            ["tenant"], registry=r)
         self.commit_batch_size = Histogram(
-            f"{PREFIX}_commit_batch_messages",
-            "Messages written per group commit.",
-            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
-            registry=r,
-        )
+            f"{PREFIX}_commit_batch_messages", "Messages written per group commit.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512), registry=r)
         self.commit_duration = Histogram(
-            f"{PREFIX}_commit_duration_seconds",
-            "Duration of one group commit.",
-            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1),
-            registry=r,
-        )
+            f"{PREFIX}_commit_duration_seconds", "Duration of one group commit.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1), registry=r)
+
+        # ------------------------------------------------------------ pipeline
         self.pipeline_messages = Counter(
             f"{PREFIX}_pipeline_messages_total",
             "Messages through the pipeline, by outcome (processed, unparseable, quarantined).",
-            ["outcome"],
-            registry=r,
-        )
+            ["tenant", "outcome"], registry=r)
+        self.pipeline_stage = Histogram(
+            f"{PREFIX}_pipeline_stage_duration_seconds",
+            "Duration of a pipeline stage (parse: per message, in a parser process; rules: "
+            "per message; save: per batch).", ["stage"], buckets=STAGE_BUCKETS, registry=r)
+        self.pipeline_failures = Counter(
+            f"{PREFIX}_pipeline_failures_total",
+            "Pipeline stage failures, by stage (claim, read, prepare, save); the work is "
+            "retried or the message quarantined.", ["stage"], registry=r)
+        self.pipeline_backlog = Gauge(
+            f"{PREFIX}_pipeline_backlog_messages",
+            "Messages stored but not processed yet (at the last check).", registry=r)
+        self.pipeline_oldest = Gauge(
+            f"{PREFIX}_pipeline_oldest_age_seconds",
+            "Age of the oldest message not processed yet (0 when none).", registry=r)
+        self.rule_hits = Counter(
+            f"{PREFIX}_workflow_rule_hits_total",
+            "Workflow rules that matched a message, by tenant and rule name.",
+            ["tenant", "rule"], registry=r)
 
+        # ------------------------------------------------------------ delivery
         self.deliveries = Counter(
             f"{PREFIX}_deliveries_total",
-            "Delivery attempts, by kind (cc, bcc, route) and result "
-            "(sent, deferred, failed, held).",
-            ["kind", "result"],
-            registry=r,
-        )
+            "Delivery attempts, by kind (cc, bcc, route, dsn, notice, outbound), result "
+            "(sent, deferred, failed, held) and destination (a configured destination or "
+            "subprocessor, relay, or mx).",
+            ["tenant", "kind", "result", "destination"], registry=r)
+        self.delivery_duration = Histogram(
+            f"{PREFIX}_delivery_duration_seconds",
+            "Duration of one delivery attempt (connect to final reply).",
+            ["destination"], buckets=DELIVERY_BUCKETS, registry=r)
+        self.dsns = Counter(
+            f"{PREFIX}_dsns_total",
+            "Delivery status notifications (bounces) generated for failed deliveries.",
+            ["tenant"], registry=r)
+        self.queue_depth = Gauge(
+            f"{PREFIX}_delivery_queue_messages",
+            "Deliveries waiting, by state (pending: due or deferred; held: waiting for an "
+            "operator or a policy), at the last check.", ["tenant", "state"], registry=r)
+        self.queue_oldest = Gauge(
+            f"{PREFIX}_delivery_queue_oldest_age_seconds",
+            "Age of the oldest pending delivery (0 when none), at the last check.",
+            ["tenant"], registry=r)
 
+        # ------------------------------------------------------------- policies
         self.policy_reloads = Counter(
             f"{PREFIX}_policy_reloads_total",
             "Policy reloads (SIGHUP or a change in the policy directory), by result "
-            "(success, failure; a failure keeps the policy in force).",
-            ["result"],
-            registry=r,
-        )
+            "(success, failure; a failure keeps the policy in force).", ["result"], registry=r)
+        self.policy_reload_failing = Gauge(
+            f"{PREFIX}_policy_reload_failing",
+            "1 while the last reload was refused (the files on disk are not in force), "
+            "0 after a reload that took effect or found nothing changed.", registry=r)
         self.policy_last_success = Gauge(
             f"{PREFIX}_policy_last_reload_success_timestamp_seconds",
-            "When the policy in force was loaded (Unix time).",
-            registry=r,
-        )
+            "When the policy in force was loaded (Unix time).", registry=r)
         self.policy_info = Gauge(
             f"{PREFIX}_policy_info",
             "The policy set in force: 1 for its version (a hash of the files).",
-            ["version"],
-            registry=r,
-        )
+            ["version"], registry=r)
+        self.tls_reloads = Counter(
+            f"{PREFIX}_tls_reloads_total",
+            "Reloads of the TLS certificate and key on SIGHUP, by result (success, failure: "
+            "the certificate in use stays).", ["result"], registry=r)
         self.retention_sweeps = Counter(
             f"{PREFIX}_retention_sweeps_total",
             "Retention sweeps, by result (success, failure, skipped: another instance swept).",
-            ["result"],
-            registry=r,
-        )
+            ["result"], registry=r)
         self.retention_deleted = Counter(
             f"{PREFIX}_retention_deleted_messages_total",
             "Messages deleted because their retention period had passed.",
-            registry=r,
-        )
+            ["tenant"], registry=r)
         self.retention_held = Gauge(
             f"{PREFIX}_retention_held_messages",
-            "Expired messages kept by a legal hold, at the last sweep.",
-            registry=r,
-        )
+            "Expired messages kept by a legal hold, at the last sweep.", registry=r)
         self.retention_last_sweep = Gauge(
             f"{PREFIX}_retention_last_sweep_timestamp_seconds",
-            "When the last retention sweep finished (Unix time).",
-            registry=r,
-        )
+            "When the last retention sweep finished (Unix time).", registry=r)
+
+    def reply(self, listener: str, code: str) -> None:
+        """Count one SMTP reply (on every command: the labelled child is cached)."""
+        child = self._replies.get((listener, code))
+        if child is None:
+            child = self._replies[(listener, code)] = self.smtp_replies.labels(listener, code)
+        child.inc()
+
+    def tenant(self, tenant_id: str) -> str:
+        return tenant_id if self.tenant_labels else ALL_TENANTS
 
     def policy_loaded(self, version: str, at: float, previous: str | None = None) -> None:
         if previous is not None and previous != version:
@@ -126,5 +201,40 @@ class Metrics:
         self.commit_batch_size.observe(batch)
         self.commit_duration.observe(seconds)
 
-    def pipeline_outcome(self, outcome: str) -> None:
-        self.pipeline_messages.labels(outcome).inc()
+    def pipeline_outcome(self, tenant_id: str, outcome: str, rules: list[str]) -> None:
+        tenant = self.tenant(tenant_id)
+        self.pipeline_messages.labels(tenant, outcome).inc()
+        for rule in rules:
+            self.rule_hits.labels(tenant, rule).inc()
+
+    def queue_levels(self, stats: QueueStats) -> None:
+        """Set the backlog gauges from one look at the database."""
+        self.pipeline_backlog.set(stats.pipeline_waiting)
+        self.pipeline_oldest.set(stats.pipeline_oldest)
+        depth: dict[tuple[str, str], int] = {}
+        oldest: dict[str, float] = {}
+        for tenant_id, state, count, age in stats.deliveries:
+            tenant = self.tenant(tenant_id)
+            depth[(tenant, state)] = depth.get((tenant, state), 0) + count
+            if state == "pending":
+                oldest[tenant] = max(oldest.get(tenant, 0.0), age)
+        # Series of tenants whose queue emptied go to 0, not away: alerts see the drop.
+        for key in self._depth_seen:
+            depth.setdefault(key, 0)
+        for tenant in self._oldest_seen:
+            oldest.setdefault(tenant, 0.0)
+        self._depth_seen |= depth.keys()
+        self._oldest_seen |= oldest.keys()
+        for (tenant, state), count in depth.items():
+            self.queue_depth.labels(tenant, state).set(count)
+        for tenant, age in oldest.items():
+            self.queue_oldest.labels(tenant).set(age)
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """Backlog figures read from the database (see ``Store.queue_stats``)."""
+
+    pipeline_waiting: int
+    pipeline_oldest: float  # seconds
+    deliveries: list[tuple[str, str, int, float]]  # (tenant, state, count, oldest age in s)

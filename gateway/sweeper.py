@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 
+from gateway import logs
 from gateway.policy.retention import RetentionPolicy
 from gateway.store.repository import RetentionGroup, Store, utcnow
 
@@ -127,8 +128,13 @@ class Sweeper:
         deleted = 0
         while not self.stopping:
             began = time.monotonic()
-            n = self.store.delete_expired(tenant, group.tag_key, cutoff, addresses,
-                                          self.batch_size)
+            gone = self.store.delete_expired(tenant, group.tag_key, cutoff, addresses,
+                                             self.batch_size)
+            for queue_id, message_id in gone:
+                logs.event(log, "deleted", queue_id=queue_id, tenant=tenant,
+                           msgid=logs.msgid_hash(message_id), reason="retention",
+                           rule=decision.rule)
+            n = len(gone)
             deleted += n
             if n < self.batch_size:
                 break

@@ -10,6 +10,7 @@ those tests are skipped with the reason, unless MAILFLOWR_TEST_REQUIRE_POSTGRES=
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import smtplib
 import socket
@@ -32,6 +33,8 @@ from gateway.store.repository import Store
 ROOT = Path(__file__).resolve().parent.parent
 PG_ENV = "MAILFLOWR_TEST_POSTGRES_URL"
 PG_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_POSTGRES") == "1"
+# CI installs every system peer (promtool, systemd-analyze, ...): there a missing one fails.
+PEERS_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_PEERS") == "1"
 BACKENDS = ["sqlite", "postgresql"]
 
 BASE_CONFIG: dict[str, Any] = {
@@ -91,6 +94,28 @@ def postgres_server_url() -> str:
     return url
 
 
+def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until ``predicate()`` is truthy and return that value; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = predicate()
+        if result:
+            return result
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def need_tool(tool: str, package: str) -> str:
+    """The path of a system tool a test talks to; skip (fail in CI) without it."""
+    path = shutil.which(tool)
+    if path is None:
+        why = f"{tool} is not installed (Debian package {package})"
+        if PEERS_REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
 class PostgresDatabase:
     """A throwaway database on the test server."""
 
@@ -148,13 +173,14 @@ class Gateway:
             raise AssertionError(f"{args} failed: {result.stderr.decode()}")
         return result
 
-    def start(self, wait: bool = True) -> Gateway:
+    def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Gateway:
         if not database.is_sqlite(self.db_url):
             self.cli("db", "upgrade", check=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
+            env={**os.environ, **(env or {})},
         )
         log.close()
         if wait:

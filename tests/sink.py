@@ -31,7 +31,7 @@ class Received:
 
 @dataclass
 class SinkHandler:
-    mode: str = "accept"  # accept | tempfail | permfail | drop
+    mode: str = "accept"  # accept | tempfail | permfail | permfail_echo | drop
     messages: list[Received] = field(default_factory=list)
     attempts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -43,6 +43,8 @@ class SinkHandler:
             return "451 4.3.0 Try again later"
         if self.mode == "permfail":
             return "550 5.1.1 No such user here"
+        if self.mode == "permfail_echo":  # as Postfix words it: the address in the reply
+            return f"550 5.1.1 <{envelope.rcpt_tos[0]}>: Recipient address rejected"
         if self.mode == "drop":
             server.transport.close()
             return "421 4.3.0 gone"

@@ -246,7 +246,8 @@ def test_two_daemons_on_one_database_send_each_delivery_once(make_gateway, tmp_p
     assert len(rows) == 60
     # both instances did part of the work
     logs = first.log() + second.log()
-    assert first.log().count(": sent (") > 0 and second.log().count(": sent (") > 0, logs[-2000:]
+    assert first.log().count(" delivered queue_id=") > 0, logs[-2000:]
+    assert second.log().count(" delivered queue_id=") > 0, logs[-2000:]
 
 
 MX_WORKFLOWS = """

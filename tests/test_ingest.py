@@ -346,14 +346,14 @@ def test_cli_lists_shows_and_exports(gateway, tmp_path):
 
 
 def test_swaks_delivers(gateway):
-    import shutil
     import subprocess
 
-    if shutil.which("swaks") is None:
-        pytest.skip("swaks is not installed (apt-get install swaks)")
+    from tests.conftest import need_tool
+
     result = subprocess.run(
-        ["swaks", "--server", f"127.0.0.1:{gateway.port}", "--from", "a@sender.test",
-         "--to", "info@acme-mail.test", "--header", "Subject: via swaks", "--silent", "2"],
+        [need_tool("swaks", "swaks"), "--server", f"127.0.0.1:{gateway.port}",
+         "--from", "a@sender.test", "--to", "info@acme-mail.test",
+         "--header", "Subject: via swaks", "--silent", "2"],
         capture_output=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr

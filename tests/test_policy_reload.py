@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy.loader import read_files, version_of
-from tests.conftest import free_port, simple_message
+from tests.conftest import free_port, simple_message, wait_for
 
 RETENTION = "default: 1y\ntags:\n  alpha: 1y\n  beta: 2y\ntenants:\n  acme: {tags: [%s]}\n"
 WORKFLOWS = """
@@ -33,15 +33,6 @@ def _write(directory: Path, tag: str) -> str:
 def _metrics(port: int) -> str:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         return r.read().decode()
-
-
-def _wait(predicate, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _send(gw, count=1):
@@ -95,18 +86,18 @@ def test_a_broken_edit_keeps_the_policy_in_force(make_gateway, tmp_path):
         else:
             path.write_text(content)
         if expected is None:  # a valid edit (beta removed, and nothing uses it): takes effect
-            _wait(lambda: "policy reloaded (files changed)" in gw.log(), what="reload")
+            wait_for(lambda: "policy reloaded (files changed)" in gw.log(), what="reload")
             _write(policies, "alpha")
-            _wait(lambda: gw.log().count("policy reloaded (files changed)") == 2, what="reload")
+            wait_for(lambda: gw.log().count("policy reloaded (files changed)") == 2, what="reload")
             continue
         failures += 1
-        _wait(lambda n=failures: gw.log().count("refused, policy") == n,
+        wait_for(lambda n=failures: gw.log().count("refused, policy") == n,
               what=f"refusal of {name}: {content!r}")
         refusal = [line for line in gw.log().splitlines() if "refused, policy" in line][-1]
         assert f"policy {good} stays in force" in refusal
         assert f"{policies}/{expected}" in refusal, refusal
         _send(gw)  # processed under the good policy all the same
-        _wait(lambda: all(r["status"] == "processed" for r in gw.messages()), what="processing")
+        wait_for(lambda: all(r["status"] == "processed" for r in gw.messages()), what="processing")
         last = gw.messages()[-1]
         assert (last["tags"], last["policy_version"]) == (["alpha"], good)
         assert _copies(gw)[last["id"]] == {"alpha@vault.test"}
@@ -130,16 +121,16 @@ def test_sighup_reloads_and_the_next_message_follows_the_new_policy(make_gateway
     second = _write(policies, "beta")
     time.sleep(0.3)
     _send(gw)  # no watcher: still the first policy
-    _wait(lambda: len(gw.messages()) == 2 and gw.messages()[1]["status"] == "processed")
+    wait_for(lambda: len(gw.messages()) == 2 and gw.messages()[1]["status"] == "processed")
     assert gw.messages()[1]["policy_version"] == first
     gw.proc.send_signal(signal.SIGHUP)
-    _wait(lambda: f"policy reloaded (SIGHUP): {first} -> {second}" in gw.log(), what="SIGHUP")
+    wait_for(lambda: f"policy reloaded (SIGHUP): {first} -> {second}" in gw.log(), what="SIGHUP")
     _send(gw)
     rows = gw.wait_processed(3)
     assert [(r["tags"], r["policy_version"]) for r in rows] == [
         (["alpha"], first), (["alpha"], first), (["beta"], second)]
     gw.proc.send_signal(signal.SIGHUP)
-    _wait(lambda: f"policy reload (SIGHUP): no change (policy {second})" in gw.log())
+    wait_for(lambda: f"policy reload (SIGHUP): no change (policy {second})" in gw.log())
 
 
 @pytest.mark.parametrize("backend", ["sqlite"], indirect=True)

@@ -18,7 +18,7 @@ from gateway.policy.subprocessors import (
     SubprocessorPolicy,
     TenantTerms,
 )
-from tests.conftest import simple_message
+from tests.conftest import simple_message, wait_for
 from tests.sink import Sink
 
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
@@ -217,16 +217,6 @@ def relays():
         s.stop()
 
 
-def _wait(predicate, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
 def _gateway(make_gateway, tmp_path, relays, **extra):
     policies = tmp_path / "policies"
     policies.mkdir()
@@ -249,7 +239,7 @@ def test_copies_leave_only_through_authorised_relays(make_gateway, tmp_path, rel
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message("for acme"))
         s.sendmail("a@sender.test", ["x@globex.test"], simple_message("for globex"))
-    _wait(lambda: len(eu.messages) + len(us.messages) >= 2, what="both copies")
+    wait_for(lambda: len(eu.messages) + len(us.messages) >= 2, what="both copies")
     time.sleep(0.5)
     # acme allows the EU only: relay-us is skipped although the rule names it first
     assert [m.rcpt_tos for m in eu.messages] == [["archive@vault.test"]]
@@ -265,7 +255,7 @@ def test_copies_leave_only_through_authorised_relays(make_gateway, tmp_path, rel
     time.sleep(5.5)  # the delivery worker re-reads objections every 5 s
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message("after objection"))
-    _wait(lambda: eu2.messages, what="relay-eu-2")
+    wait_for(lambda: eu2.messages, what="relay-eu-2")
     assert b"after objection" in eu2.messages[0].data
     assert len(eu.messages) == 1
     events = [e for e in gw.store.audit_events("acme") if e["action"] == "subprocessor.objection"]
@@ -276,7 +266,7 @@ def test_copies_leave_only_through_authorised_relays(make_gateway, tmp_path, rel
     time.sleep(5.5)
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message("nowhere to go"))
-    held = _wait(lambda: [d for d in _queue(gw) if d["status"] == "held"], what="a hold")
+    held = wait_for(lambda: [d for d in _queue(gw) if d["status"] == "held"], what="a hold")
     assert "no authorised subprocessor (rule us-first)" in held[0]["reason"]
     assert "tenant acme objected to relay-eu" in held[0]["reason"]
     assert "relay-us is in US, tenant acme allows EU" in held[0]["reason"]
@@ -303,7 +293,7 @@ def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_
 """).replace("via: [relay-us, relay-eu, relay-eu-2]", "via: [relay-new, relay-us, relay-eu]")
         (policies / "subprocessors.yaml").write_text(text)
         gw.proc.send_signal(__import__("signal").SIGHUP)
-        _wait(lambda: "subprocessor relay-new added" in gw.log(), what="the reload")
+        wait_for(lambda: "subprocessor relay-new added" in gw.log(), what="the reload")
         # acme (authorised: all) is notified; globex did not authorise relay-new
         notices = json.loads(gw.cli("subprocessors", "notices", "--json", check=True).stdout)
         assert [(n["tenant"], n["subprocessor"], n["change"]) for n in notices] == [
@@ -312,14 +302,14 @@ def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_
         sent = datetime.fromisoformat(notices[0]["sent_at"])
         assert ends - sent == timedelta(days=5)
         # the notice email goes to the privacy contact through acme's relay (relay-eu)
-        mail = _wait(lambda: [m for m in eu.messages if m.rcpt_tos == ["privacy@acme.test"]],
+        mail = wait_for(lambda: [m for m in eu.messages if m.rcpt_tos == ["privacy@acme.test"]],
                      what="the notice email")
         assert b"added relay-new (New Relay B.V., EU); object until" in mail[0].data
         assert b"Subject: Subprocessor change" in mail[0].data
         # within the window, acme's copies do not use relay-new
         with gw.smtp() as s:
             s.sendmail("a@sender.test", ["support@acme.test"], simple_message("in the window"))
-        _wait(lambda: [m for m in eu.messages if b"in the window" in m.data], what="copy")
+        wait_for(lambda: [m for m in eu.messages if b"in the window" in m.data], what="copy")
         assert new.messages == []
         listing = json.loads(gw.cli("subprocessors", "list", "--json", check=True).stdout)
         assert "objection window" in listing["tenants"]["acme"]["relay-new"]

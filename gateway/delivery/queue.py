@@ -20,7 +20,9 @@ import socket
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
+from typing import Any
 
+from gateway import logs
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
@@ -96,18 +98,18 @@ class DeliveryWorker:
             dest = self.config.destinations.get(job.destination)
             if dest is None:
                 return f"destination {job.destination!r} is not configured"
-            return [Target(dest.host, dest.port, dest.tls)]
+            return [Target(dest.host, dest.port, dest.tls, name=job.destination)]
         routing = self.policies().subprocessors
         if routing is not None:  # only relays the tenant has authorised, in the rule's order
             route = routing.route(job.tenant_id, job.tags, job.kind, job.recipient,
                                   await self.consent(), self.clock())
             if route.held:
                 return route.held
-            return [Target(sp.relay.host, sp.relay.port, sp.relay.tls)
+            return [Target(sp.relay.host, sp.relay.port, sp.relay.tls, name=sp.name)
                     for sp in route.relays if sp.relay is not None]
         if self.settings.relay is not None:
             host, port = parse_hostport(self.settings.relay)
-            return [Target(host, port, self.settings.relay_tls)]
+            return [Target(host, port, self.settings.relay_tls, name="relay")]
         if self.mx is None:
             return "no relay configured (delivery.relay) for copies to other domains"
         domain = job.recipient.rpartition("@")[2].lower()
@@ -216,32 +218,36 @@ class DeliveryWorker:
                 continue
             pause = 0.5
             for (job, result), ok in zip(group, saved, strict=True):
-                label = "deferred" if result.status == PENDING else result.status
-                self.metrics.deliveries.labels(job.kind, label).inc()
                 if not ok:
                     log.warning("delivery %d: lease lost before its result was saved", job.id)
-                elif result.bounce is not None:
-                    log.info("delivery %d of %s failed: DSN %s for the sender", job.id,
-                             job.message_id, result.bounce.id)
+                    continue
+                tenant = self.metrics.tenant(job.tenant_id)
+                label = "deferred" if result.status == PENDING else result.status
+                self.metrics.deliveries.labels(tenant, job.kind, label, result.where).inc()
+                if result.bounce is not None:
+                    self.metrics.dsns.labels(tenant).inc()
             group = []
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""
         targets = await self.targets_for(job)
         if isinstance(targets, str):
-            log.warning("delivery %d of %s held: %s", job.id, job.message_id, targets)
-            return AttemptResult(job.id, HELD, targets)
+            self._event(job, "held", logging.WARNING, reason=targets)
+            return AttemptResult(job.id, HELD, targets, where="none")
         content = await asyncio.to_thread(self.store.delivery_content, job.message_id)
         if content is None:
-            return AttemptResult(job.id, FAILED, "the stored message is gone")
+            return AttemptResult(job.id, FAILED, "the stored message is gone", where="none")
+        name, host = "mx", "DNS"
         if isinstance(targets, Result):
-            result, where = targets, "DNS"
+            result = targets
         else:
             data = compose(content[0], content[1], kind=job.kind, recipient=job.recipient)
             for target in targets:  # the next host only when this one could not be reached
+                started = time.monotonic()
                 result = await self.sender.send(target, sender=job.mail_from,
                                                 recipient=job.recipient, data=data)
-                where = f"{target.host}:{target.port}"
+                name, host = target.name, f"{target.host}:{target.port}"
+                self.metrics.delivery_duration.labels(name).observe(time.monotonic() - started)
                 if result.connected:
                     break
         status, retry_at = self._next(job, result)
@@ -254,10 +260,20 @@ class DeliveryWorker:
                 expired=result.outcome != PERMANENT, original_id=job.message_id,
                 original=content[1], arrival=job.created_at, now=self.clock(),
             )
-        log.info("delivery %d of %s via %s: %s (%s)", job.id, job.message_id, where,
-                 status if status != PENDING else "deferred", result.detail)
+        kind = {SENT_STATUS: "delivered", FAILED: "bounced"}.get(status, "deferred")
+        self._event(job, kind, logging.INFO if status == SENT_STATUS else logging.WARNING,
+                    code=int(result.detail[:3]) if result.detail[:3].isdigit() else None,
+                    via=name, relay=host, detail=result.detail,
+                    dsn=bounce.id if bounce is not None else None)
         return AttemptResult(job.id, status, None if status == SENT_STATUS else result.detail,
-                             retry_at, bounce)
+                             retry_at, bounce, where=name)
+
+    def _event(self, job: DeliveryJob, kind: str, level: int, **fields: Any) -> None:
+        delay = (self.clock() - job.created_at).total_seconds()
+        logs.event(log, kind, level, queue_id=job.message_id, tenant=job.tenant_id,
+                   msgid=logs.msgid_hash(job.header_message_id), delivery=job.id,
+                   type=job.kind, recipient=job.recipient, attempt=job.attempts + 1,
+                   delay=f"{delay:.1f}", **fields)
 
     def _next(self, job: DeliveryJob, result: Result) -> tuple[str, datetime | None]:
         if result.outcome == SENT:

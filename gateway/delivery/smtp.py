@@ -25,6 +25,7 @@ class Target:
     port: int
     tls: str  # none | opportunistic | required
     verify: bool = True  # check the certificate (not for MX hosts found by lookup)
+    name: str = "mx"  # in metrics and logs: the destination, subprocessor, relay or mx
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,7 +141,7 @@ async def _transaction(client: aiosmtplib.SMTP, sender: str, recipient: str,
     if errors:
         response = next(iter(errors.values()))
         return _classify(response.code, response.message), await _reset(client)
-    return Result(SENT, message[:500]), True
+    return Result(SENT, _reply(250, message)), True  # sendmail only succeeds on 250
 
 
 async def _reset(client: aiosmtplib.SMTP) -> bool:

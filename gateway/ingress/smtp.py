@@ -30,9 +30,10 @@ from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gateway import logs
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
-from gateway.metrics import Metrics
+from gateway.metrics import Metrics, reply_class
 from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.store.ids import new_id
 from gateway.store.repository import NewMessage, Store, utcnow
@@ -231,6 +232,7 @@ class GatewaySMTP(SMTP):
         tracker: ConnectionTracker,
         metrics: Metrics,
         submission: bool = False,
+        listener: str = "smtp",
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -247,6 +249,7 @@ class GatewaySMTP(SMTP):
         self.tracker = tracker
         self.metrics = metrics
         self.submission = submission
+        self.listener = listener  # the metrics label: smtp or submission
         self._peer_ip = ""
         self._admitted = False
         self._greeted = False
@@ -264,20 +267,21 @@ class GatewaySMTP(SMTP):
         self._peer_ip = str(peer[0]) if peer else "unknown"
         refusal = self.tracker.admit(self._peer_ip)
         if refusal is not None:
-            self.metrics.smtp_connections_refused.labels(refusal).inc()
+            self.metrics.smtp_connections_refused.labels(self.listener, refusal).inc()
             text = {
                 "total": "421 4.7.0 {host} Error: too many connections",
                 "per_ip": "421 4.7.0 {host} Error: too many connections from {ip}",
                 "shutdown": SHUTTING_DOWN,
             }[refusal].format(host=self.hostname, ip=self._peer_ip)
             log.warning("connection from %s refused: %s", self._peer_ip, refusal)
+            self._count(text)
             _write(transport, text.encode() + b"\r\n")
             transport.close()
             return
         self._admitted = True
         self.tracker.add(self, self._peer_ip)
-        self.metrics.smtp_connections.inc()
-        self.metrics.smtp_connections_total.inc()
+        self.metrics.smtp_connections.labels(self.listener).inc()
+        self.metrics.smtp_connections_total.labels(self.listener).inc()
         super().connection_made(transport)
 
     def connection_lost(self, error: Exception | None) -> None:
@@ -285,7 +289,7 @@ class GatewaySMTP(SMTP):
             return
         self._admitted = False
         self.tracker.remove(self, self._peer_ip)
-        self.metrics.smtp_connections.dec()
+        self.metrics.smtp_connections.labels(self.listener).dec()
         if self._data_reader is not None and not self._data_reader.future.done():
             self._data_reader.future.cancel()
         super().connection_lost(error)
@@ -302,8 +306,25 @@ class GatewaySMTP(SMTP):
         transport = self.transport
         if transport is None or transport.is_closing():
             return
+        self._count(reply)
         _write(transport, reply.encode() + b"\r\n")
         transport.close()
+
+    def _count(self, reply: str) -> None:
+        code = reply[:3]
+        if code.isdigit():
+            self.metrics.reply(self.listener, code)
+
+    def refuse_data(self, reply: str, reason: str, size: int | None = None) -> str:
+        """A message refused or deferred at the end of DATA: count it, log it, reply."""
+        self.metrics.smtp_messages.labels(self.listener, reply_class(reply), reason).inc()
+        envelope = self.envelope
+        tenants = ",".join(_state(envelope).tenants) if envelope is not None else ""
+        logs.event(log, "rejected", logging.WARNING if reply[:1] == "4" else logging.INFO,
+                   listener=self.listener, tenant=tenants or "-", code=int(reply[:3]),
+                   reason=reason, size=size, client=self._peer_ip,
+                   sender=(envelope.mail_from if envelope is not None else None) or "<>")
+        return reply
 
     def _pending_input(self) -> int:
         """Bytes the client sent that no command has read yet.
@@ -336,6 +357,7 @@ class GatewaySMTP(SMTP):
         reply = text if self._verbatim else rewrite_reply(text)
         if self.transport is None or self.transport.is_closing():
             return
+        self._count(reply)
         await super().push(reply)
         if reply[:1] in "45" and not reply.startswith("421"):
             self._errors += 1
@@ -414,17 +436,14 @@ class GatewaySMTP(SMTP):
 
     async def _finish_data(self, wire: bytes | None) -> str:
         if wire is None:
-            self.metrics.smtp_messages.labels("rejected").inc()
-            return TOO_BIG
+            return self.refuse_data(TOO_BIG, "too_big")
         content = unstuff(wire)
         if has_bare_newline(content):
             if self.settings.bare_newline == "reject":
-                self.metrics.smtp_messages.labels("rejected").inc()
-                return BARE_NEWLINE
+                return self.refuse_data(BARE_NEWLINE, "bare_newline")
             content = normalize_newlines(content)
         if longest_line(content) > MAX_TEXT_LINE:
-            self.metrics.smtp_messages.labels("rejected").inc()
-            return LINE_TOO_LONG
+            return self.refuse_data(LINE_TOO_LONG, "line_too_long")
         assert self.envelope is not None
         self.envelope.content = content
         self.envelope.original_content = content
@@ -490,12 +509,10 @@ class IngressHandler:
         rcpt_options: list[str],
     ) -> str:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            self.metrics.smtp_recipients_refused.labels("too_many").inc()
-            return TOO_MANY_RCPTS
+            return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
         verdict = self.directory.resolve(address, smtputf8=envelope.smtp_utf8)
         if not isinstance(verdict, Accepted):
-            self.metrics.smtp_recipients_refused.labels(verdict.reason).inc()
-            return verdict.reply
+            return refuse_rcpt(server, verdict.reply, verdict.reason)
         state = _state(envelope)
         group = state.tenants.setdefault(verdict.tenant_id, [])
         if verdict.address.lower() not in (r.lower() for r in group):
@@ -505,6 +522,7 @@ class IngressHandler:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         started = self.clock()
+        smtp = cast(GatewaySMTP, server)
         data = envelope.original_content
         assert isinstance(data, bytes)
         now = utcnow()
@@ -512,13 +530,10 @@ class IngressHandler:
         client = client_address(session)
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         if hop_count(data) >= self.settings.max_hops:
-            self.metrics.smtp_messages.labels("rejected").inc()
-            log.warning("message from %s refused: too many hops", client)
-            return TOO_MANY_HOPS
+            return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
         groups = self._early_rules(_state(envelope).tenants, mail_from, data)
         if isinstance(groups, str):
-            self.metrics.smtp_messages.labels("rejected").inc()
-            return groups
+            return smtp.refuse_data(groups, "rule", len(data))
         batch = [
             build_message(session, envelope, data, tenant_id=tenant_id, recipients=recipients,
                           hostname=self.settings.hostname, mail_from=mail_from, now=now,
@@ -528,17 +543,9 @@ class IngressHandler:
         try:
             await self.store.accept(batch)
         except TempFailure as exc:
-            self.metrics.smtp_messages.labels("deferred").inc()
             log.error("message from %s not stored: %s", client, exc)
-            return QUEUE_WRITE_ERROR
-        self.metrics.smtp_messages.labels("accepted").inc(len(batch))
-        self.metrics.smtp_received_bytes.inc(len(data) * len(batch))
-        self.metrics.accept_latency.observe(self.clock() - started)
-        ids = " ".join(m.id for m in batch)
-        log.info("%s: accepted from %s, %d bytes, %d recipients", ids, client, len(data),
-                 sum(len(m.recipients) for m in batch))
-        return f"250 2.0.0 Ok: queued as {ids}"
-
+            return smtp.refuse_data(QUEUE_WRITE_ERROR, "storage", len(data))
+        return accepted(smtp, batch, data, self.clock() - started)
 
     def _early_rules(self, groups: dict[str, list[str]], sender: str,
                      data: bytes) -> dict[str, list[str]] | str:
@@ -566,6 +573,40 @@ class IngressHandler:
                 log.info("message for tenant %s rejected by rule %s", tenant, verdict[0])
                 reply = verdict[1]
         return keep or reply
+
+
+_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
+
+
+def message_id_of(content: bytes) -> str | None:
+    """The Message-ID field's value (unfolded), from the header block only; None if none."""
+    end = content.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
+    match = _MESSAGE_ID.search(content, 0, end if end >= 0 else HEADER_BLOCK_LIMIT)
+    if match is None:
+        return None
+    return " ".join(match.group(1).decode("utf-8", "replace").split()) or None
+
+
+def refuse_rcpt(server: SMTP, reply: str, reason: str) -> str:
+    smtp = cast(GatewaySMTP, server)
+    smtp.metrics.smtp_recipients_refused.labels(smtp.listener, reason).inc()
+    return reply
+
+
+def accepted(smtp: GatewaySMTP, batch: list[NewMessage], data: bytes, latency: float,
+             user: str | None = None) -> str:
+    """Count and log the stored copies of a message; the 250 reply for them."""
+    metrics, listener = smtp.metrics, smtp.listener
+    metrics.smtp_messages.labels(listener, "2xx", "ok").inc()
+    metrics.smtp_received_bytes.labels(listener).inc(len(data))
+    metrics.accept_latency.labels(listener).observe(latency)
+    msgid = logs.msgid_hash(message_id_of(data))
+    for m in batch:
+        metrics.messages_accepted.labels(metrics.tenant(m.tenant_id)).inc()
+        logs.event(log, "accepted", queue_id=m.id, tenant=m.tenant_id, msgid=msgid, code=250,
+                   size=len(data), rcpts=len(m.recipients), listener=listener,
+                   client=m.client_address, user=user, sender=m.mail_from or "<>")
+    return f"250 2.0.0 Ok: queued as {' '.join(m.id for m in batch)}"
 
 
 def ehlo_lines(responses: list[str], *, auth: bool) -> list[str]:
@@ -664,10 +705,12 @@ def received_header(
 
 def protocol_factory(
     handler: Any, settings: SMTPConfig, tracker: ConnectionTracker, metrics: Metrics,
-    tls_context: Any = None, **kwargs: Any,
+    tls_context: Callable[[], Any] = lambda: None, **kwargs: Any,
 ) -> Callable[[], GatewaySMTP]:
+    """Protocols for one listener; each new connection takes the TLS context in force
+    (SIGHUP may have loaded a renewed certificate)."""
     def make() -> GatewaySMTP:
         return GatewaySMTP(handler, settings=settings, tracker=tracker, metrics=metrics,
-                           tls_context=tls_context, **kwargs)
+                           tls_context=tls_context(), **kwargs)
 
     return make

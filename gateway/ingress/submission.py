@@ -19,6 +19,7 @@ import logging
 import time
 from collections import defaultdict, deque
 from collections.abc import Callable, Mapping
+from typing import cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
@@ -29,10 +30,12 @@ from gateway.ingress.smtp import (
     TOO_MANY_HOPS,
     TOO_MANY_RCPTS,
     GatewaySMTP,
+    accepted,
     build_message,
     client_address,
     ehlo_lines,
     hop_count,
+    refuse_rcpt,
     sender_refusal,
     take_sender,
 )
@@ -160,22 +163,23 @@ class SubmissionHandler:
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            self.metrics.smtp_recipients_refused.labels("too_many").inc()
-            return TOO_MANY_RCPTS
+            return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
         if not address.isascii() and not envelope.smtp_utf8:
-            return NEED_SMTPUTF8
+            return refuse_rcpt(server, NEED_SMTPUTF8, "smtputf8")
         local, at, domain = address.rpartition("@")
         if has_unsafe_chars(address) or not at or not local or not domain or "@" in local:
-            return BAD_SYNTAX
+            return refuse_rcpt(server, BAD_SYNTAX, "syntax")
         if address.lower() not in (r.lower() for r in envelope.rcpt_tos):
             envelope.rcpt_tos.append(address)
         return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
+        started = time.monotonic()
+        smtp = cast(GatewaySMTP, server)
         data = envelope.original_content
         assert isinstance(data, bytes)
         if hop_count(data) >= self.settings.max_hops:
-            return TOO_MANY_HOPS
+            return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
         login = str(session.login_data)
         tenant_id, _ = self.users[login]
         client = client_address(session)
@@ -188,13 +192,10 @@ class SubmissionHandler:
         try:
             await self.store.accept([message])
         except TempFailure as exc:
-            self.metrics.smtp_messages.labels("deferred").inc()
             log.error("submitted message from %s not stored: %s", client, exc)
-            return QUEUE_WRITE_ERROR
-        self.metrics.smtp_messages.labels("accepted").inc()
-        log.info("%s: submitted by %s, %d bytes, %d recipients", message.id,
-                 _login_ref(login), len(data), len(message.recipients))
-        return f"250 2.0.0 Ok: queued as {message.id}"
+            return smtp.refuse_data(QUEUE_WRITE_ERROR, "storage", len(data))
+        return accepted(smtp, [message], data, time.monotonic() - started,
+                        user=_login_ref(login))
 
 
 _DUMMY_HASH = (

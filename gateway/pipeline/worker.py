@@ -19,9 +19,12 @@ import dataclasses
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from gateway import logs
+from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
 from gateway.store.repository import Outcome, ParsedFields, PipelineInput, Store
@@ -38,6 +41,7 @@ class Prepared:
     """A message the stages have run on, waiting to be saved."""
 
     id: str
+    tenant_id: str
     parsed: ParsedFields
     outcome: Outcome
     rules: list[str]
@@ -54,7 +58,7 @@ class PipelineWorker:
         lease_time: float,
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
-        on_outcome: Callable[[str], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store = store
         self.parser = parser
@@ -66,7 +70,7 @@ class PipelineWorker:
         self.host = socket.gethostname()[:40]
         self.owner = f"{self.host}:{os.getpid()}"
         self.wakeup = asyncio.Event()
-        self._on_outcome = on_outcome
+        self.metrics = metrics
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -96,6 +100,7 @@ class PipelineWorker:
                 )
             except Exception:  # loop boundary: the database may be away; try again later
                 log.exception("pipeline: claiming work failed")
+                self._failed("claim")
                 ids = []
             if ids:
                 await self._process_claim(ids)
@@ -116,6 +121,7 @@ class PipelineWorker:
             inputs = await asyncio.to_thread(self.store.pipeline_inputs, ids)
         except Exception:  # loop boundary: the claim is ours and is taken again next round
             log.exception("pipeline: reading %d claimed messages failed", len(ids))
+            self._failed("read")
             return
         slots = asyncio.Semaphore(self.parser.size)  # as many in flight as there are parsers
         prepared = await asyncio.gather(*(self._prepare_guarded(i, inputs.get(i), slots)
@@ -126,13 +132,16 @@ class PipelineWorker:
             await asyncio.to_thread(self.store.release, skipped, self.owner)
         if not ready:
             return
+        started = time.monotonic()
         try:
             saved = await asyncio.to_thread(
                 self.store.finish_many, self.owner, [(p.id, p.parsed, p.outcome) for p in ready]
             )
         except Exception:  # loop boundary: the database may be away; leases will expire
             log.exception("pipeline: saving %d results failed; they will be redone", len(ready))
+            self._failed("save")
             return
+        self._timed("save", started)
         planned = False
         for p, ok in zip(ready, saved, strict=True):
             if not ok:
@@ -140,12 +149,15 @@ class PipelineWorker:
                             p.id)
                 continue
             planned = planned or bool(p.outcome.deliveries)
-            log.info("%s: processed message-id=%s rules=%s tags=%s deliveries=%d policy=%s",
-                     p.id, p.parsed.message_id, ",".join(p.rules) or "-",
-                     ",".join(p.outcome.tags) or "-", len(p.outcome.deliveries),
-                     p.outcome.policy_version)
-            if self._on_outcome is not None:
-                self._on_outcome("unparseable" if p.parsed.parse_failed else "processed")
+            outcome = "unparseable" if p.parsed.parse_failed else "processed"
+            logs.event(log, "processed", queue_id=p.id, tenant=p.tenant_id,
+                       msgid=logs.msgid_hash(p.parsed.message_id),
+                       result=outcome, rules=",".join(p.rules) or "-",
+                       tags=",".join(p.outcome.tags) or "-",
+                       deliveries=len(p.outcome.deliveries), policy=p.outcome.policy_version,
+                       subject=p.parsed.subject)
+            if self.metrics is not None:
+                self.metrics.pipeline_outcome(p.tenant_id, outcome, p.rules)
         if planned and self.deliveries_planned is not None:
             self.deliveries_planned.set()
 
@@ -159,14 +171,17 @@ class PipelineWorker:
                     raise LookupError("message or its raw original missing")
                 return await self.prepare(item)
             except Exception as exc:  # the one catch-all per message
-                log.exception("%s: pipeline failed, quarantined", message_id)
+                logs.event(log, "quarantined", logging.ERROR, exc_info=True,
+                           queue_id=message_id, tenant=item.tenant_id if item else "-",
+                           reason=exc.__class__.__name__)
+                self._failed("prepare")
                 try:
                     await asyncio.to_thread(self.store.quarantine, message_id, self.owner,
                                             f"{exc.__class__.__name__}: {exc}")
                 except Exception:
                     log.exception("%s: could not record quarantine", message_id)
-                if self._on_outcome is not None:
-                    self._on_outcome("quarantined")
+                if self.metrics is not None and item is not None:
+                    self.metrics.pipeline_outcome(item.tenant_id, "quarantined", [])
                 return None
 
     async def prepare(self, item: PipelineInput) -> Prepared:
@@ -174,7 +189,9 @@ class PipelineWorker:
         message_id = item.id
         policy = self.policies()
         retention = policy.retention
+        started = time.monotonic()
         result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
+        self._timed("parse", started)
         parsed = to_fields(result)
         if parsed.parse_failed:
             log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
@@ -189,10 +206,21 @@ class PipelineWorker:
                               for a in parsed.attachments),
             size=item.size, tags=frozenset(tags),
         )
+        started = time.monotonic()
         plan = evaluate(policy.workflows.for_tenant(item.tenant_id), view)
         outcome = actions.outcome(plan, item.recipients, tags, item.direction)
         outcome = dataclasses.replace(outcome, policy_version=policy.version)
-        return Prepared(message_id, parsed, outcome, [name for name, _ in plan.matched])
+        self._timed("rules", started)
+        return Prepared(message_id, item.tenant_id, parsed, outcome,
+                        [name for name, _ in plan.matched])
+
+    def _timed(self, stage: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.pipeline_stage.labels(stage).observe(time.monotonic() - started)
+
+    def _failed(self, stage: str) -> None:
+        if self.metrics is not None:
+            self.metrics.pipeline_failures.labels(stage).inc()
 
 def _pid_alive(pid: int) -> bool:
     try:

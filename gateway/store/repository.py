@@ -40,6 +40,7 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
+from gateway.metrics import QueueStats
 from gateway.store.models import (
     FAILED,
     HELD,
@@ -230,6 +231,7 @@ class DeliveryJob:
     created_at: datetime
     direction: str = "inbound"
     tags: tuple[str, ...] = ()  # of the message: subprocessor routing may depend on them
+    header_message_id: str | None = None  # the Message-ID field, for logs (hashed)
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +243,7 @@ class AttemptResult:
     error: str | None = None
     retry_at: datetime | None = None
     bounce: NewMessage | None = None
+    where: str = "none"  # the destination label of the attempt (metrics only, not stored)
 
 
 class Store:
@@ -615,7 +618,7 @@ class Store:
                 select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
                        deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
                        deliveries.c.attempts, deliveries.c.created_at, messages.c.mail_from,
-                       messages.c.direction, messages.c.tags)
+                       messages.c.direction, messages.c.tags, messages.c.message_id.label("mid"))
                 .join(messages, messages.c.id == deliveries.c.message_id)
                 .where(
                     deliveries.c.status == PENDING,
@@ -635,7 +638,7 @@ class Store:
         return [
             DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
                         r.mail_from, r.attempts, aware(r.created_at), r.direction,
-                        tuple(r.tags or ()))
+                        tuple(r.tags or ()), r.mid)
             for r in rows
         ]
 
@@ -686,6 +689,33 @@ class Store:
                 q.values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
                          lease_until=None)
             ).rowcount)
+
+    def ping(self) -> None:
+        """Raise unless the database answers a query that reads it (readiness)."""
+        with self.engine.connect() as conn:
+            conn.execute(select(tenants.c.id).limit(1)).all()
+
+    def queue_stats(self) -> QueueStats:
+        """The backlog: messages waiting for the pipeline, deliveries waiting by
+        tenant and state, and the age of the oldest of each (for the metrics)."""
+        now = utcnow()
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            waiting, oldest = conn.execute(
+                select(func.count(), func.min(messages.c.received_at))
+                .where(messages.c.status == RECEIVED)
+            ).one()
+            rows = conn.execute(
+                select(deliveries.c.tenant_id, deliveries.c.status, func.count(),
+                       func.min(deliveries.c.created_at))
+                .where(deliveries.c.status.in_((PENDING, HELD)))
+                .group_by(deliveries.c.tenant_id, deliveries.c.status)
+            ).all()
+
+        def age(when: datetime | None) -> float:
+            return max((now - aware(when)).total_seconds(), 0.0) if when is not None else 0.0
+
+        return QueueStats(int(waiting), age(oldest),
+                          [(r[0], r[1], int(r[2]), age(r[3])) for r in rows])
 
     def release_held(self, reason_prefix: str) -> int:
         """Make held deliveries whose reason starts with ``reason_prefix`` due now
@@ -747,25 +777,26 @@ class Store:
             ).scalar_one())
 
     def delete_expired(self, tenant: str, key: str, cutoff: datetime,
-                       held_addresses: Sequence[str], limit: int) -> int:
+                       held_addresses: Sequence[str], limit: int) -> list[tuple[str, str | None]]:
         """Delete up to ``limit`` expired messages of a group, completely, in one transaction.
 
         Everything the gateway keeps of a message goes with it: the raw original,
         its addresses and its deliveries (pending ones included), then the row.
+        Returns (queue id, Message-ID field) of each message deleted.
         """
         with self._write_turn, self.engine.begin() as conn:
-            ids = list(conn.execute(
-                select(messages.c.id)
+            rows = [(r.id, r.message_id) for r in conn.execute(
+                select(messages.c.id, messages.c.message_id)
                 .where(*self._expired(tenant, key, cutoff, held_addresses))
                 .order_by(messages.c.received_at)
                 .limit(limit)
                 .with_for_update(skip_locked=True)
-            ).scalars())
-            if ids:
-                _delete_messages(conn, ids)
-        if ids and self._sqlite:
+            )]
+            if rows:
+                _delete_messages(conn, [queue_id for queue_id, _ in rows])
+        if rows and self._sqlite:
             self._checkpoint()
-        return len(ids)
+        return rows
 
     def _checkpoint(self) -> None:
         """Copy the WAL back into the database now, without waiting for anyone.
