@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("check", help="validate the configuration without starting")
     _config_arg(p)
+    p.add_argument("--dns", action="store_true",
+                   help="also check that DNS publishes each DKIM key (delivery.dns_servers)")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("status", help="what the running daemon is doing (from its metrics port)")
@@ -61,6 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the daemon's metrics port (default: http://metrics.listen)")
     p.add_argument("--json", action="store_true", help="the status document as JSON")
     p.set_defaults(func=cmd_status)
+
+    dkim = sub.add_parser("dkim", help="DKIM signing keys")
+    dsub = dkim.add_subparsers(dest="dkim_command", required=True, parser_class=_Parser)
+    p = dsub.add_parser("keygen", help="write a new private key (mode 0600) and print its "
+                                       "DNS record")
+    p.add_argument("--domain", required=True, help="the signing domain (d=)")
+    p.add_argument("--selector", required=True, help="the selector (s=), e.g. mf2026a")
+    p.add_argument("--algorithm", choices=["rsa", "ed25519"], default="rsa")
+    p.add_argument("--bits", type=_positive_int, default=2048, help="RSA key size (2048)")
+    p.add_argument("--out", metavar="FILE",
+                   help="where to write the key (default: DOMAIN.SELECTOR.key here)")
+    p.set_defaults(func=cmd_dkim_keygen)
 
     db = sub.add_parser("db", help="database schema")
     dbsub = db.add_subparsers(dest="db_command", required=True, parser_class=_Parser)
@@ -217,7 +232,36 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     config = _config(args)
     policies = _policies(config)  # a policy set that does not validate stops the start
-    return serve(config, policies)
+    return serve(config, policies, Path(args.config))
+
+
+def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from gateway.auth import keys
+
+    algorithm = keys.ED25519 if args.algorithm == "ed25519" else keys.RSA
+    domain = args.domain.lower().rstrip(".")
+    if not re.fullmatch(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", domain) or "." not in domain:
+        raise CommandError(f"not a domain: {args.domain!r}")
+    if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?", args.selector):
+        raise CommandError(f"not a selector (letters, digits, - and .): {args.selector!r}")
+    out = Path(args.out or f"{domain}.{args.selector}.key")
+    try:
+        data = keys.generate(algorithm, args.bits)
+        keys.write_private(out, data)
+    except keys.KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    except FileExistsError:
+        raise CommandError(f"{out}: exists; a key is never overwritten") from None
+    except OSError as exc:
+        raise CommandError(f"{out}: {exc.strerror}") from None
+    _, public, _ = keys.parse(data, algorithm)
+    name = f"{args.selector}._domainkey.{domain}"
+    print(f"; private key written to {out} (mode 0600); publish this record:")
+    print(keys.txt_zone_line(name, keys.dns_record(algorithm, public)))
+    print("; then add to gateway.yaml, after any older key of the domain:")
+    print(f"; dkim:\n;   keys:\n;     - {{domain: {domain}, selector: {args.selector}, "
+          f"algorithm: {algorithm}, key_file: {out.resolve()}}}")
+    return EXIT_OK
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -290,7 +334,35 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
     print(f"policy version {policies.version}")
-    return EXIT_OK
+    return _check_dkim(config, args.dns)
+
+
+def _check_dkim(config: GatewayConfig, dns: bool) -> int:
+    from gateway.auth import keys, signing
+
+    signer = signing.from_config(config)  # each key was read and checked while loading
+    in_use = {k.record_name for ks in signer.by_domain.values() for k in ks}
+    status = EXIT_OK
+    for setting in config.dkim.keys:
+        key = keys.load(setting.key_file, setting.domain, setting.selector, setting.algorithm)
+        size = f", {key.bits} bits" if key.algorithm == keys.RSA else ""
+        role = "signs" if key.record_name in in_use else "kept (a later key signs)"
+        line = f"dkim {key.record_name} ({key.algorithm}{size}): {role}"
+        if key.algorithm == keys.RSA and key.bits < keys.GOOD_RSA_BITS:
+            line += f"; warning: use {keys.GOOD_RSA_BITS} bits"
+        if dns:
+            servers = [parse_hostport(s) for s in config.delivery.dns_servers]
+            problem = keys.published_problem(key, servers, config.delivery.dns_timeout)
+            line += "; DNS publishes it" if problem is None else f"; NOT IN DNS: {problem}"
+            if problem is not None:
+                status = EXIT_FAILURE
+        print(line)
+    unsigned = sorted(tid for tid, t in config.tenants.items()
+                      if not any(d.lower() in signer.by_domain for d in t.domains))
+    if unsigned:
+        print(f"dkim: no key for any domain of tenant {', '.join(unsigned)}: "
+              "what the gateway sends for them goes out unsigned")
+    return status
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:

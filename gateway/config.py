@@ -324,6 +324,48 @@ class RetentionConfig(_Section):
     batch_pause: Duration = 0.02
 
 
+class DKIMKeyConfig(_Section):
+    """One signing key: its DNS record is SELECTOR._domainkey.DOMAIN."""
+
+    domain: str
+    selector: str
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
+    key_file: Path
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, v: str) -> str:
+        v = v.lower().rstrip(".")
+        if not _HOSTNAME.match(v):
+            raise ValueError(f"not a domain: {v!r}")
+        return v
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                            r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*", v):
+            raise ValueError(f"not a selector (letters, digits, - and .): {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _readable(self) -> DKIMKeyConfig:
+        from gateway.auth.keys import KeyFileError, load
+
+        try:
+            load(self.key_file, self.domain, self.selector, self.algorithm)
+        except KeyFileError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+
+class DKIMConfig(_Section):
+    """Keys that sign what the gateway sends; the last one listed per domain and
+    algorithm signs (list a new selector after the old one to rotate)."""
+
+    keys: list[DKIMKeyConfig] = []
+
+
 class GatewayConfig(_Section):
     smtp: SMTPConfig = SMTPConfig()
     database: DatabaseConfig = DatabaseConfig()
@@ -335,6 +377,7 @@ class GatewayConfig(_Section):
     delivery: DeliveryConfig = DeliveryConfig()
     policies: PoliciesConfig = PoliciesConfig()
     retention: RetentionConfig = RetentionConfig()
+    dkim: DKIMConfig = DKIMConfig()
     destinations: dict[str, DestinationConfig] = {}
     tenants: dict[str, TenantConfig] = {}
 

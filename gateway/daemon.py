@@ -30,14 +30,19 @@ import ssl
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import __version__, httpd, logs
+from gateway.auth import signing
+from gateway.auth.keys import KeyFileError
 from gateway.config import GatewayConfig, parse_hostport
+from gateway.config import load as load_config
 from gateway.delivery import notices
 from gateway.delivery.queue import DeliveryWorker
+from gateway.errors import ConfigError
 from gateway.httpd import HTTPServer
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
@@ -113,8 +118,10 @@ PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
 
 class App:
     def __init__(self, config: GatewayConfig, policies: PolicySet,
-                 notifier: Notifier | None = None) -> None:
+                 notifier: Notifier | None = None, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path  # re-read on SIGHUP for the DKIM keys
+        self.signer = signing.from_config(config)
         self.policies = PolicyHolder(config.policies.directory, config.tenants.keys(),
                                      config.destinations.keys(), policies)
         self.metrics = Metrics(tenant_labels=config.metrics.tenant_labels)
@@ -142,6 +149,7 @@ class App:
         loop.add_signal_handler(signal.SIGUSR1, self.log_status)
         self.metrics.policy_loaded(self.policies.current.version,
                                    self.policies.current.loaded_at.timestamp())
+        self.metrics.signing_keys(k for keys in self.signer.by_domain.values() for k in keys)
         http = self._start_http()  # first: /healthz answers while the rest starts
         try:
             return await self._run(loop)
@@ -168,7 +176,8 @@ class App:
         await parser.start()
         self.store = store
         await self.sync_subprocessors(None)
-        delivery = DeliveryWorker(store, config, self.metrics, policies=self.policies.get)
+        delivery = DeliveryWorker(store, config, self.metrics, policies=self.policies.get,
+                                  signer=lambda: self.signer)
         worker = PipelineWorker(
             store, parser,
             batch_size=config.pipeline.batch_size,
@@ -399,8 +408,33 @@ class App:
         try:
             await self.reload_policies(why)
             self.reload_tls()
+            await asyncio.to_thread(self.reload_dkim)
         finally:
             self.notifier.ready(self.status_line())
+
+    def reload_dkim(self) -> None:
+        """Read ``dkim.keys`` from the configuration file again and load the keys it
+        names (a new selector listed after the old one takes over signing). Other
+        changes in the file wait for a restart. Keys that do not load are refused
+        and the keys in use stay."""
+        if self.config_path is None:
+            return
+        try:
+            fresh = load_config(self.config_path)
+            signer = signing.from_config(fresh)
+        except (ConfigError, KeyFileError) as exc:
+            self.metrics.dkim_reloads.labels("failure").inc()
+            problems = exc.problems if isinstance(exc, ConfigError) else [str(exc)]
+            log.error("DKIM key reload refused, the keys in use stay: %s", "; ".join(problems))
+            return
+        keys = [k for ks in signer.by_domain.values() for k in ks]
+        before = {repr(k) for ks in self.signer.by_domain.values() for k in ks}
+        self.signer = signer
+        self.metrics.dkim_reloads.labels("success").inc()
+        self.metrics.signing_keys(keys)
+        if {repr(k) for k in keys} != before:
+            log.info("DKIM signing keys now: %s",
+                     ", ".join(f"{k.record_name} ({k.algorithm})" for k in keys) or "none")
 
     def reload_tls(self) -> None:
         """Load a renewed certificate and key; new connections use them, open ones
@@ -555,9 +589,9 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def serve(config: GatewayConfig, policies: PolicySet) -> int:
+def serve(config: GatewayConfig, policies: PolicySet, config_path: Path | None = None) -> int:
     logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
-    app = App(config, policies)
+    app = App(config, policies, config_path=config_path)
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.smtp.event_loop)) as runner:
             return runner.run(app.run())

@@ -11,7 +11,9 @@ The README's metrics table documents every family; a test holds it to that.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.gc_collector import GCCollector
@@ -19,6 +21,9 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
+
+if TYPE_CHECKING:
+    from gateway.auth.keys import SigningKey
 
 PREFIX = "mailflowr_gateway"
 ALL_TENANTS = "all"
@@ -146,6 +151,22 @@ class Metrics:
             "Age of the oldest pending delivery (0 when none), at the last check.",
             ["tenant"], registry=r)
 
+        # ---------------------------------------------------------------- DKIM
+        self.dkim_signatures = Counter(
+            f"{PREFIX}_dkim_signatures_total",
+            "DKIM signing of outgoing messages, by algorithm and result (signed; no_key: "
+            "sent unsigned, no key for the author's or the tenant's domains; error: sent "
+            "unsigned, the message could not be signed).",
+            ["tenant", "algorithm", "result"], registry=r)
+        self.dkim_keys = Gauge(
+            f"{PREFIX}_dkim_signing_keys",
+            "Signing keys in use (1 per domain, selector and algorithm that signs).",
+            ["domain", "selector", "algorithm"], registry=r)
+        self.dkim_reloads = Counter(
+            f"{PREFIX}_dkim_key_reloads_total",
+            "Reloads of the DKIM keys on SIGHUP, by result (success, failure: the keys in use "
+            "stay).", ["result"], registry=r)
+
         # ------------------------------------------------------------- policies
         self.policy_reloads = Counter(
             f"{PREFIX}_policy_reloads_total",
@@ -187,6 +208,12 @@ class Metrics:
         if child is None:
             child = self._replies[(listener, code)] = self.smtp_replies.labels(listener, code)
         child.inc()
+
+    def signing_keys(self, keys: Iterable[SigningKey]) -> None:
+        """Show exactly these keys as in use."""
+        self.dkim_keys.clear()
+        for key in keys:
+            self.dkim_keys.labels(key.domain, key.selector, key.algorithm).set(1)
 
     def tenant(self, tenant_id: str) -> str:
         return tenant_id if self.tenant_labels else ALL_TENANTS

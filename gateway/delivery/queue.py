@@ -23,6 +23,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway import logs
+from gateway.auth.signing import Signer
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
@@ -49,8 +50,10 @@ def backoff(attempts: int, base: float, maximum: float) -> float:
 class DeliveryWorker:
     def __init__(self, store: Store, config: GatewayConfig, metrics: Metrics,
                  clock: Callable[[], datetime] = utcnow,
-                 policies: Callable[[], PolicySet] = PolicySet) -> None:
+                 policies: Callable[[], PolicySet] = PolicySet,
+                 signer: Callable[[], Signer] | None = None) -> None:
         self.store = store
+        self.signer = signer  # the DKIM keys in force (SIGHUP may swap them)
         self.policies = policies
         self.config = config
         self.settings = config.delivery
@@ -241,7 +244,8 @@ class DeliveryWorker:
         if isinstance(targets, Result):
             result = targets
         else:
-            data = compose(content[0], content[1], kind=job.kind, recipient=job.recipient)
+            data = await self._signed(job, compose(content[0], content[1], kind=job.kind,
+                                                   recipient=job.recipient))
             for target in targets:  # the next host only when this one could not be reached
                 started = time.monotonic()
                 result = await self.sender.send(target, sender=job.mail_from,
@@ -267,6 +271,25 @@ class DeliveryWorker:
                     dsn=bounce.id if bounce is not None else None)
         return AttemptResult(job.id, status, None if status == SENT_STATUS else result.detail,
                              retry_at, bounce, where=name)
+
+    async def _signed(self, job: DeliveryJob, data: bytes) -> bytes:
+        """The message with our DKIM signatures; unsigned (and counted) when no key
+        applies or signing fails: a message is never held back for want of one."""
+        if self.signer is None:
+            return data
+        tenant = self.metrics.tenant(job.tenant_id)
+        try:
+            signed = await asyncio.to_thread(self.signer().sign, data, job.tenant_id)
+        except Exception as exc:  # dkimpy refuses some malformed headers; send as it is
+            self.metrics.dkim_signatures.labels(tenant, "none", "error").inc()
+            log.warning("delivery %d of %s: not DKIM-signed: %s", job.id, job.message_id,
+                        exc.__class__.__name__)
+            return data
+        if not signed.keys:
+            self.metrics.dkim_signatures.labels(tenant, "none", "no_key").inc()
+        for key in signed.keys:
+            self.metrics.dkim_signatures.labels(tenant, key.algorithm, "signed").inc()
+        return signed.data
 
     def _event(self, job: DeliveryJob, kind: str, level: int, **fields: Any) -> None:
         delay = (self.clock() - job.created_at).total_seconds()

@@ -1,0 +1,314 @@
+"""Outbound DKIM: keys made by `dkim keygen`, checked by `check`, and signatures on what
+the gateway sends, verified by dkimpy and by Perl's Mail::DKIM against a local DNS zone."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import dkim
+import dns.message
+import dns.query
+import dns.rdatatype
+import pytest
+import yaml
+
+from gateway.auth import keys
+from gateway.auth.signing import Signer, author_domain
+from tests.conftest import PEERS_REQUIRED, ROOT, need_tool, simple_message, wait_for
+from tests.dns_server import ZoneServer
+from tests.sink import Sink
+from tests.test_operations import metrics_port, samples, value
+
+WORKFLOWS = """
+tenants:
+  acme:
+    rules:
+      - name: copies
+        match: {recipient: "support@acme.test"}
+        actions: {cc: [manager@partner.test]}
+"""
+
+
+def keygen(directory: Path, domain: str, selector: str, algorithm: str = "rsa",
+           extra: tuple[str, ...] = ()) -> tuple[Path, str]:
+    """(key file, DNS record) from the real command."""
+    out = directory / f"{domain}.{selector}.key"
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "dkim", "keygen", "--domain", domain,
+         "--selector", selector, "--algorithm", algorithm, "--out", str(out), *extra],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    zone_line = next(line for line in result.stdout.splitlines() if " IN TXT " in line)
+    return out, "".join(re.findall(r'"([^"]*)"', zone_line))
+
+
+def txt(record: str) -> list[str]:
+    """The record as zone data: strings of at most 255 octets."""
+    return [" ".join(f'"{record[i:i + 255]}"' for i in range(0, len(record), 255))]
+
+
+def dkimpy_results(data: bytes, zone: ZoneServer) -> list[tuple[str, str, bool]]:
+    """(d=, s=, verified) per DKIM-Signature, the keys fetched from the test zone."""
+
+    def dnsfunc(name: bytes | str, timeout: int = 5) -> bytes | None:
+        qname = name.decode() if isinstance(name, bytes) else name
+        answer = dns.query.udp(dns.message.make_query(qname, "TXT"), "127.0.0.1",
+                               port=zone.port, timeout=timeout)
+        for rrset in answer.answer:
+            if rrset.rdtype == dns.rdatatype.TXT:
+                return b"".join(next(iter(rrset)).strings)
+        return None
+
+    checker = dkim.DKIM(data)
+    out = []
+    for index, sig in enumerate(dkim_fields(data)):
+        tags = dict(t.strip().split("=", 1) for t in sig.split(";") if "=" in t)
+        try:
+            ok = bool(checker.verify(idx=index, dnsfunc=dnsfunc))
+        except dkim.DKIMException:  # e.g. "body hash mismatch": dkimpy raises some failures
+            ok = False
+        out.append((tags["d"], tags["s"], ok))
+    return out
+
+
+def dkim_fields(data: bytes) -> list[str]:
+    header = data.split(b"\r\n\r\n", 1)[0].decode()
+    return [re.sub(r"\s+", "", m) for m in
+            re.findall(r"(?ims)^DKIM-Signature:(.*?)(?=^\S)", header + "\r\nX: end")]
+
+
+def perl_results(data: bytes, zone: ZoneServer) -> list[str]:
+    perl = need_tool("perl", "perl")
+    check = subprocess.run([perl, "-MMail::DKIM::Verifier", "-e", "1"], capture_output=True)
+    if check.returncode != 0:
+        why = "Perl's Mail::DKIM is not installed (Debian package libmail-dkim-perl)"
+        if PEERS_REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    result = subprocess.run([perl, str(ROOT / "tests/peers/dkim_verify.pl"), str(zone.port)],
+                            input=data, capture_output=True, timeout=60)
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode().splitlines()
+
+
+@pytest.fixture
+def relay():
+    sink = Sink()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def signing_keys(tmp_path):
+    directory = tmp_path / "dkim"
+    directory.mkdir()
+    rsa_file, rsa_record = keygen(directory, "acme.test", "s1")
+    ed_file, ed_record = keygen(directory, "acme.test", "e1", "ed25519")
+    zone = ZoneServer({("s1._domainkey.acme.test", "TXT"): txt(rsa_record),
+                       ("e1._domainkey.acme.test", "TXT"): txt(ed_record)})
+    yield {"dir": directory, "rsa": rsa_file, "ed": ed_file, "zone": zone}
+    zone.stop()
+
+
+def _gateway(make_gateway, tmp_path, relay, dkim_keys):
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "workflows.yaml").write_text(WORKFLOWS)
+    from tests.conftest import free_port
+
+    return make_gateway({
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "policies": {"directory": str(policies)},
+        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
+                     "poll_interval": "0.2s", "timeout": "10s"},
+        "dkim": {"keys": dkim_keys},
+    })
+
+
+def test_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
+    key_file, record = keygen(tmp_path, "acme.test", "s1")
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    key = keys.load(key_file, "acme.test", "s1", keys.RSA)
+    assert key.bits == 2048 and record == f"v=DKIM1; k=rsa; p={key.public}"
+    ed_file, ed_record = keygen(tmp_path, "acme.test", "e1", "ed25519")
+    ed_key = keys.load(ed_file, "acme.test", "e1", keys.ED25519)
+    assert ed_record == f"v=DKIM1; k=ed25519; p={ed_key.public}"
+    again = subprocess.run([sys.executable, "-m", "gateway", "dkim", "keygen", "--domain",
+                            "acme.test", "--selector", "s1", "--out", str(key_file)],
+                           capture_output=True, text=True, timeout=60)
+    assert again.returncode == 1 and "never overwritten" in again.stderr
+    bad = subprocess.run([sys.executable, "-m", "gateway", "dkim", "keygen", "--domain",
+                          "not a domain", "--selector", "s1"], capture_output=True, text=True,
+                         cwd=tmp_path, timeout=60)
+    assert bad.returncode == 1 and "not a domain" in bad.stderr and "Traceback" not in bad.stderr
+    assert "PRIVATE" not in repr(key) and key.private.decode()[40:80] not in repr(key)
+
+
+def _check(gw: Any, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return gw.cli("check", *args)
+
+
+def test_check_refuses_unsafe_short_or_missing_keys(make_gateway, tmp_path, relay):
+    weak = tmp_path / "weak.key"
+    openssl = need_tool("openssl", "openssl")
+    subprocess.run([openssl, "genrsa", "-out", str(weak), "768"], check=True,
+                   capture_output=True)
+    weak.chmod(0o600)
+    readable, _ = keygen(tmp_path, "acme.test", "open")
+    readable.chmod(0o644)
+    gw = _gateway(make_gateway, tmp_path, relay, [])  # a valid config to edit
+    gw.close()
+    cases = {
+        str(weak): "768 bits: under 1024 bits it is not valid (RFC 8301)",
+        str(readable): "readable by everyone",
+        str(tmp_path / "absent.key"): "No such file or directory",
+    }
+    for path, problem in cases.items():
+        config = yaml.safe_load(gw.config_path.read_text())
+        config["dkim"] = {"keys": [{"domain": "acme.test", "selector": "s1",
+                                    "key_file": path}]}
+        gw.config_path.write_text(yaml.safe_dump(config))
+        result = _check(gw)
+        assert result.returncode == 2, result.stdout
+        err = result.stderr.decode()
+        assert problem in err and "dkim" in err and "Traceback" not in err, err
+        assert re.search(r"gateway\.yaml:\d+", err), err
+    # An ed25519 seed named as RSA is refused too.
+    ed, _ = keygen(tmp_path, "acme.test", "e9", "ed25519")
+    config["dkim"] = {"keys": [{"domain": "acme.test", "selector": "e9", "key_file": str(ed)}]}
+    gw.config_path.write_text(yaml.safe_dump(config))
+    assert "not an unencrypted RSA private key" in _check(gw).stderr.decode()
+
+
+def test_check_dns_compares_the_published_key(make_gateway, tmp_path, relay, signing_keys):
+    _, other_record = keygen(tmp_path, "acme.test", "x1")
+    zone = ZoneServer({("s1._domainkey.acme.test", "TXT"): txt(other_record),
+                       ("e1._domainkey.acme.test", "TXT"): ['"v=DKIM1; k=ed25519; p="']})
+    try:
+        gw = _gateway(make_gateway, tmp_path, relay, [
+            {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])},
+            {"domain": "acme.test", "selector": "e1", "algorithm": "ed25519-sha256",
+             "key_file": str(signing_keys["ed"])}])
+        config = yaml.safe_load(gw.config_path.read_text())
+        config["delivery"]["dns_servers"] = [signing_keys["zone"].address]
+        gw.config_path.write_text(yaml.safe_dump(config))
+        good = _check(gw, "--dns")
+        out = good.stdout.decode()
+        assert good.returncode == 0, out + good.stderr.decode()
+        assert ("dkim s1._domainkey.acme.test (rsa-sha256, 2048 bits): signs; "
+                "DNS publishes it") in out
+        assert "dkim e1._domainkey.acme.test (ed25519-sha256): signs; DNS publishes it" in out
+        config["delivery"]["dns_servers"] = [zone.address]
+        gw.config_path.write_text(yaml.safe_dump(config))
+        bad = _check(gw, "--dns")
+        out = bad.stdout.decode()
+        assert bad.returncode == 1
+        assert "NOT IN DNS: s1._domainkey.acme.test publishes a different key" in out
+        assert "empty p=: the key is revoked" in out
+    finally:
+        zone.stop()
+
+
+def test_signer_prefers_the_author_domain_and_falls_back_to_the_tenant():
+    made = {}
+    for domain, selector in (("acme.test", "a1"), ("acme-mail.test", "m1"),
+                             ("acme-mail.test", "m2")):
+        private, public, bits = keys.parse(keys.generate(keys.RSA), keys.RSA)
+        made[selector] = keys.SigningKey(domain, selector, keys.RSA, private, public, bits)
+    signer = Signer(made.values(), {"acme": ["acme.test", "acme-mail.test"], "globex": []})
+    assert [k.selector for k in signer.keys_for("acme-mail.test", "acme")] == ["m2"]
+    assert [k.selector for k in signer.keys_for("sender.test", "acme")] == ["a1"]
+    assert signer.keys_for("sender.test", "globex") == ()
+    assert author_domain(b"From: \"Doe, J\" <j@Acme-Mail.Test>\r\nTo: x@y\r\n\r\nbody") == \
+        "acme-mail.test"
+    assert author_domain(b"To: x@y\r\n\r\nFrom: a@b.test\r\n") is None
+    unsigned = signer.sign(b"From: a@sender.test\r\n\r\nhi\r\n", "globex")
+    assert unsigned.keys == () and unsigned.data == b"From: a@sender.test\r\n\r\nhi\r\n"
+
+
+def test_copies_are_signed_and_verify_with_two_implementations(
+        make_gateway, tmp_path, relay, signing_keys):
+    zone = signing_keys["zone"]
+    gw = _gateway(make_gateway, tmp_path, relay, [
+        {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])},
+        {"domain": "acme.test", "selector": "e1", "algorithm": "ed25519-sha256",
+         "key_file": str(signing_keys["ed"])}])
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["support@acme.test"],
+                   simple_message(body="Line one.\r\n" * 50))
+    data = relay.wait(1)[0].data
+    fields = dkim_fields(data)
+    assert len(fields) == 2
+    for field in fields:
+        tags = dict(t.split("=", 1) for t in field.split(";") if "=" in t)
+        assert tags["d"] == "acme.test" and tags["c"] == "relaxed/relaxed"
+        assert "l" not in tags  # never a length limit
+        signed = tags["h"].lower().split(":")
+        assert signed.count("from") == 2  # From oversigned
+        assert {"to", "cc", "subject", "date", "message-id", "reply-to",
+                "mime-version", "content-type"} <= set(signed)
+    assert {(d, s) for d, s, ok in dkimpy_results(data, zone) if ok} == \
+        {("acme.test", "s1"), ("acme.test", "e1")}
+    assert "acme.test s1 rsa-sha256 pass" in perl_results(data, zone)
+
+    tampered = data.replace(b"Line one.", b"Line 0ne.", 1)
+    assert not any(ok for *_, ok in dkimpy_results(tampered, zone))
+    assert "acme.test s1 rsa-sha256 fail (body has been altered)" in perl_results(tampered, zone)
+
+    _, v = samples(metrics_port(gw))
+    for algorithm in ("rsa-sha256", "ed25519-sha256"):
+        assert value(v, "mailflowr_gateway_dkim_signatures_total", tenant="acme",
+                     algorithm=algorithm, result="signed") == 1
+        assert value(v, "mailflowr_gateway_dkim_signing_keys", domain="acme.test",
+                     algorithm=algorithm, selector="s1" if algorithm == "rsa-sha256"
+                     else "e1") == 1
+    log = gw.log()
+    private = signing_keys["rsa"].read_text().splitlines()[3]
+    assert private not in log and signing_keys["ed"].read_text().strip() not in log
+
+
+def test_rotation_on_sighup_and_unsigned_mail_is_counted(make_gateway, tmp_path, relay,
+                                                          signing_keys):
+    gw = _gateway(make_gateway, tmp_path, relay, [])
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["support@acme.test"], simple_message())
+    assert dkim_fields(relay.wait(1)[0].data) == []
+    _, v = samples(metrics_port(gw))
+    assert value(v, "mailflowr_gateway_dkim_signatures_total", tenant="acme",
+                 algorithm="none", result="no_key") == 1
+
+    new_file, new_record = keygen(signing_keys["dir"], "acme.test", "s2")
+    config = yaml.safe_load(gw.config_path.read_text())
+    config["dkim"] = {"keys": [
+        {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])},
+        {"domain": "acme.test", "selector": "s2", "key_file": str(new_file)}]}
+    gw.config_path.write_text(yaml.safe_dump(config))
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "DKIM signing keys now: s2._domainkey.acme.test" in gw.log(),
+             what="the key reload")
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["support@acme.test"], simple_message())
+    data = relay.wait(2)[1].data
+    [field] = dkim_fields(data)
+    assert "s=s2;" in field
+    zone = ZoneServer({("s2._domainkey.acme.test", "TXT"): txt(new_record)})
+    try:
+        assert dkimpy_results(data, zone) == [("acme.test", "s2", True)]
+    finally:
+        zone.stop()
+
+    new_file.chmod(0o644)  # a broken key on the next reload: refused, s2 keeps signing
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "DKIM key reload refused" in gw.log(), what="the refusal")
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["support@acme.test"], simple_message())
+    assert "s=s2;" in dkim_fields(relay.wait(3)[2].data)[0]
+    _, v = samples(metrics_port(gw))
+    assert value(v, "mailflowr_gateway_dkim_key_reloads_total", result="failure") == 1
+    assert value(v, "mailflowr_gateway_dkim_signatures_total", tenant="acme",
+                 algorithm="rsa-sha256", result="signed") == 2
