@@ -312,3 +312,39 @@ def test_rotation_on_sighup_and_unsigned_mail_is_counted(make_gateway, tmp_path,
     assert value(v, "mailflowr_gateway_dkim_key_reloads_total", result="failure") == 1
     assert value(v, "mailflowr_gateway_dkim_signatures_total", tenant="acme",
                  algorithm="rsa-sha256", result="signed") == 2
+
+
+@pytest.mark.parametrize("signed_cc", [True, False])
+def test_a_forwarded_copy_keeps_the_authors_signature(make_gateway, tmp_path, relay,
+                                                      signing_keys, signed_cc):
+    private, public, _ = keys.parse(keys.generate(keys.RSA), keys.RSA)
+    original = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
+                b"Cc: someone@sender.test\r\nSubject: signed by the author\r\n"
+                b"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <a1@sender.test>\r\n"
+                b"\r\nThe body, exactly.\r\n")
+    covered = [b"from", b"to", b"subject", b"date", b"message-id"] + \
+        ([b"cc"] if signed_cc else [])
+    original = dkim.sign(original, b"ext", b"sender.test", private,
+                         canonicalize=(b"simple", b"simple"), include_headers=covered) + original
+    zone = ZoneServer({
+        ("ext._domainkey.sender.test", "TXT"): txt(keys.dns_record(keys.RSA, public)),
+        **signing_keys["zone"].zone})
+    try:
+        gw = _gateway(make_gateway, tmp_path, relay, [
+            {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])}])
+        with gw.smtp() as s:
+            s.sendmail("alice@sender.test", ["support@acme.test"], original)
+        data = relay.wait(1)[0].data
+        assert dkimpy_results(data, zone) == [("acme.test", "s1", True),
+                                              ("sender.test", "ext", True)]
+        perl = perl_results(data, zone)
+        assert "sender.test ext rsa-sha256 pass" in perl and "acme.test s1 rsa-sha256 pass" in perl
+        header = data.split(b"\r\n\r\n")[0]
+        cc = [ln for ln in header.split(b"\r\n") if ln.lower().startswith(b"cc:")]
+        if signed_cc:  # the author's signature covers Cc: it stays as the author wrote it
+            assert cc == [b"Cc: someone@sender.test"]
+        else:
+            assert b"manager@partner.test" in header
+        assert data.endswith(b"\r\n\r\nThe body, exactly.\r\n")
+    finally:
+        zone.stop()

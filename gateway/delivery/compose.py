@@ -2,8 +2,9 @@
 
 Pure.  Every copy drops any Bcc header the sender's client left in the original
 (Bcc never appears in delivered headers).  A Cc copy names its address in the
-Cc header: appended to the existing Cc field, or as a new field.  Nothing else
-of the original changes.  Stored messages are already CRLF-only, so what this
+Cc header: appended to the existing Cc field, or as a new field; unless a DKIM
+or ARC signature of the original covers Cc, which that would break.  Nothing
+else of the original changes.  Stored messages are already CRLF-only, so what this
 returns has no bare CR or LF; SMTP dot-stuffing is the sender's job.
 """
 
@@ -37,10 +38,27 @@ def _name(field: bytes) -> bytes:
     return field.split(b":", 1)[0].strip().lower()
 
 
+_SIGNERS = (b"dkim-signature", b"arc-message-signature")
+_H_TAG = re.compile(rb"(?:^|;)\s*h\s*=([^;]*)")
+
+
+def signed_names(fields: list[bytes]) -> set[bytes]:
+    """Header names a DKIM or ARC signature of the message covers (its h= tag)."""
+    names: set[bytes] = set()
+    for f in fields:
+        if _name(f) in _SIGNERS:
+            match = _H_TAG.search(f.split(b":", 1)[1])
+            if match is not None:
+                names.update(n.strip().lower() for n in match.group(1).split(b":"))
+    return names
+
+
 def compose(trace_header: str, raw: bytes, *, kind: str, recipient: str) -> bytes:
     header, rest = _split(raw)
     fields = [f for f in _fields(header) if _name(f) != b"bcc"]
-    if kind == "cc":
+    # A copy must not break the author's signature: when one covers Cc, the copy's
+    # address is not written into it (the envelope still carries the copy).
+    if kind == "cc" and b"cc" not in signed_names(fields):
         address = recipient.encode("utf-8")
         for i, f in enumerate(fields):
             if _name(f) == b"cc":
