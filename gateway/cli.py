@@ -505,6 +505,9 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
             "helo": row["helo"], "protocol": row["protocol"],
             "processed_at": _jsonable(row["processed_at"]), "last_error": row["last_error"],
             "attempts": row["attempts"], "policy_version": row["policy_version"],
+            "dkim": [f"{r['result']}" + (f" d={r['domain']} s={r['selector']}" if r["domain"]
+                                         else "") + (f" ({r['reason']})" if r["reason"] else "")
+                     for r in (row["auth_results"] or {}).get("dkim", [])],
         }
     )
     data.update(_retention_of(_config(args), row))

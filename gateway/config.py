@@ -359,6 +359,22 @@ class DKIMKeyConfig(_Section):
         return self
 
 
+class AuthConfig(_Section):
+    """Inbound authentication (DNS through delivery.dns_servers)."""
+
+    # Our name in Authentication-Results (RFC 8601); empty: smtp.hostname.
+    authserv_id: str | None = None
+    # Verify the DKIM signatures of inbound mail in the pipeline.
+    verify_dkim: bool = True
+
+    @field_validator("authserv_id")
+    @classmethod
+    def _authserv_id(cls, v: str | None) -> str | None:
+        if v is not None and not _HOSTNAME.match(v.lower()):
+            raise ValueError(f"an authserv-id is a host name: {v!r}")
+        return v
+
+
 class DKIMConfig(_Section):
     """Keys that sign what the gateway sends; the last one listed per domain and
     algorithm signs (list a new selector after the old one to rotate)."""
@@ -378,6 +394,7 @@ class GatewayConfig(_Section):
     policies: PoliciesConfig = PoliciesConfig()
     retention: RetentionConfig = RetentionConfig()
     dkim: DKIMConfig = DKIMConfig()
+    auth: AuthConfig = AuthConfig()
     destinations: dict[str, DestinationConfig] = {}
     tenants: dict[str, TenantConfig] = {}
 
@@ -406,6 +423,10 @@ class GatewayConfig(_Section):
             raise ValueError("submission.listen needs smtp.tls.cert_file and key_file: "
                              "AUTH is only offered after STARTTLS")
         return self
+
+    @property
+    def authserv_id(self) -> str:
+        return self.auth.authserv_id or self.smtp.hostname
 
     @property
     def sqlite_path(self) -> Path | None:

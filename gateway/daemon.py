@@ -38,6 +38,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import __version__, httpd, logs
 from gateway.auth import signing
 from gateway.auth.keys import KeyFileError
+from gateway.auth.verify import DKIMResult, dns_lookup
+from gateway.auth.verify import verify as verify_dkim
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.config import load as load_config
 from gateway.delivery import notices
@@ -186,6 +188,8 @@ class App:
             policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
             metrics=self.metrics,
+            authenticate=self._dkim_verifier() if config.auth.verify_dkim else None,
+            authserv_id=config.authserv_id,
         )
         worker.start()
         delivery.start()
@@ -261,6 +265,11 @@ class App:
         await self._stop_parts(worker, delivery, parser, store)
         log.info("stopped")
         return 0
+
+    def _dkim_verifier(self) -> Callable[[bytes], list[DKIMResult]]:
+        servers = [parse_hostport(s) for s in self.config.delivery.dns_servers]
+        lookup = dns_lookup(servers, min(self.config.delivery.dns_timeout, 10.0))
+        return lambda raw: verify_dkim(raw, lookup)
 
     def _start_http(self) -> HTTPServer | None:
         listen = self.config.metrics.listen

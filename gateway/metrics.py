@@ -111,7 +111,8 @@ class Metrics:
         self.pipeline_stage = Histogram(
             f"{PREFIX}_pipeline_stage_duration_seconds",
             "Duration of a pipeline stage (parse: per message, in a parser process; rules: "
-            "per message; save: per batch).", ["stage"], buckets=STAGE_BUCKETS, registry=r)
+            "per message; dkim: inbound verification, per message; save: per batch).",
+            ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.pipeline_failures = Counter(
             f"{PREFIX}_pipeline_failures_total",
             "Pipeline stage failures, by stage (claim, read, prepare, save); the work is "
@@ -158,6 +159,11 @@ class Metrics:
             "sent unsigned, no key for the author's or the tenant's domains; error: sent "
             "unsigned, the message could not be signed).",
             ["tenant", "algorithm", "result"], registry=r)
+        self.dkim_verifications = Counter(
+            f"{PREFIX}_dkim_verifications_total",
+            "DKIM signatures of inbound mail verified, by result (pass, fail, neutral: l= "
+            "leaves part of the body unsigned, none: no signature, temperror, permerror).",
+            ["result"], registry=r)
         self.dkim_keys = Gauge(
             f"{PREFIX}_dkim_signing_keys",
             "Signing keys in use (1 per domain, selector and algorithm that signs).",

@@ -115,7 +115,7 @@ def signing_keys(tmp_path):
     zone.stop()
 
 
-def _gateway(make_gateway, tmp_path, relay, dkim_keys):
+def _gateway(make_gateway, tmp_path, relay, dkim_keys, dns=None):
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "workflows.yaml").write_text(WORKFLOWS)
@@ -125,7 +125,8 @@ def _gateway(make_gateway, tmp_path, relay, dkim_keys):
         "metrics": {"listen": f"127.0.0.1:{free_port()}"},
         "policies": {"directory": str(policies)},
         "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
-                     "poll_interval": "0.2s", "timeout": "10s"},
+                     "poll_interval": "0.2s", "timeout": "10s",
+                     "dns_servers": [dns.address] if dns else []},
         "dkim": {"keys": dkim_keys},
     })
 
@@ -331,12 +332,14 @@ def test_a_forwarded_copy_keeps_the_authors_signature(make_gateway, tmp_path, re
         **signing_keys["zone"].zone})
     try:
         gw = _gateway(make_gateway, tmp_path, relay, [
-            {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])}])
+            {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])}],
+            dns=zone)
         with gw.smtp() as s:
             s.sendmail("alice@sender.test", ["support@acme.test"], original)
         data = relay.wait(1)[0].data
         assert dkimpy_results(data, zone) == [("acme.test", "s1", True),
                                               ("sender.test", "ext", True)]
+        assert b"dkim=pass header.d=sender.test header.s=ext" in b" ".join(data.split())
         perl = perl_results(data, zone)
         assert "sender.test ext rsa-sha256 pass" in perl and "acme.test s1 rsa-sha256 pass" in perl
         header = data.split(b"\r\n\r\n")[0]
@@ -346,5 +349,79 @@ def test_a_forwarded_copy_keeps_the_authors_signature(make_gateway, tmp_path, re
         else:
             assert b"manager@partner.test" in header
         assert data.endswith(b"\r\n\r\nThe body, exactly.\r\n")
+    finally:
+        zone.stop()
+
+
+INBOUND_RULES = """
+tenants:
+  acme:
+    rules:
+      - name: trusted
+        match: {recipient: "support@acme.test", auth: {dkim: [pass]}}
+        actions: {cc: [trusted@partner.test]}
+      - name: suspect
+        match: {recipient: "support@acme.test", auth: {dkim: [fail, permerror, temperror]}}
+        actions: {cc: [suspect@partner.test]}
+"""
+
+
+def test_inbound_signatures_are_verified_recorded_and_reported(make_gateway, tmp_path, relay,
+                                                                signing_keys):
+    import json
+
+    private, public, _ = keys.parse(keys.generate(keys.RSA), keys.RSA)
+    zone = ZoneServer({("ext._domainkey.sender.test", "TXT"):
+                       txt(keys.dns_record(keys.RSA, public))})
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "workflows.yaml").write_text(INBOUND_RULES)
+    from tests.conftest import free_port
+
+    gw = make_gateway({
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "policies": {"directory": str(policies)},
+        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
+                     "poll_interval": "0.2s", "timeout": "10s",
+                     "dns_servers": [zone.address], "dns_timeout": "3s"},
+    })
+    try:
+        def message(subject: bytes, tamper: bool = False) -> bytes:
+            body = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
+                    b"Subject: " + subject + b"\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n"
+                    b"Message-ID: <" + subject + b"@sender.test>\r\n\r\nSigned text.\r\n")
+            signed = dkim.sign(body, b"ext", b"sender.test", private,
+                               include_headers=[b"from", b"to", b"subject"]) + body
+            forged = (b"Authentication-Results: mx.gateway.test; dkim=pass header.d=bank.test\r\n"
+                      b"Authentication-Results: other.example; spf=pass\r\n")
+            out = forged + signed
+            return out.replace(b"Signed text.", b"Altered text.") if tamper else out
+
+        good, bad = message(b"good"), message(b"bad", tamper=True)
+        with gw.smtp() as s:
+            s.sendmail("alice@sender.test", ["support@acme.test"], good)
+            s.sendmail("alice@sender.test", ["support@acme.test"], bad)
+        copies = {m.rcpt_tos[0]: m.data for m in relay.wait(2)}
+        assert set(copies) == {"trusted@partner.test", "suspect@partner.test"}
+        trusted = copies["trusted@partner.test"].split(b"\r\n\r\n")[0].decode()
+        results = re.findall(r"(?m)^Authentication-Results: ([^\r\n]*(?:\r\n\t[^\r\n]*)*)",
+                             trusted)
+        assert len(results) == 2  # ours, and the other server's; the forged one is gone
+        ours = " ".join(results[0].split())
+        assert ours.startswith("mx.gateway.test; dkim=pass header.d=sender.test header.s=ext "
+                               "header.a=rsa-sha256 header.b=")
+        assert "bank.test" not in trusted and "other.example; spf=pass" in results[1]
+        suspect = copies["suspect@partner.test"].decode()
+        assert "dkim=fail reason=\"body hash mismatch\" header.d=sender.test" in \
+            " ".join(suspect.split())
+
+        rows = {r["subject"]: r for r in gw.wait_processed(2)}
+        assert gw.store.raw(rows["good"]["id"]) == good  # the original is stored untouched
+        shown = json.loads(gw.cli("messages", "show", rows["bad"]["id"], "--json",
+                                  check=True).stdout)
+        assert shown["dkim"] == ["fail d=sender.test s=ext (body hash mismatch)"]
+        _, v = samples(metrics_port(gw))
+        for result in ("pass", "fail"):
+            assert value(v, "mailflowr_gateway_dkim_verifications_total", result=result) == 1
     finally:
         zone.stop()

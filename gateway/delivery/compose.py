@@ -4,8 +4,10 @@ Pure.  Every copy drops any Bcc header the sender's client left in the original
 (Bcc never appears in delivered headers).  A Cc copy names its address in the
 Cc header: appended to the existing Cc field, or as a new field; unless a DKIM
 or ARC signature of the original covers Cc, which that would break.  Nothing
-else of the original changes.  Stored messages are already CRLF-only, so what this
-returns has no bare CR or LF; SMTP dot-stuffing is the sender's job.
+else of the original changes, except that Authentication-Results fields naming
+our authserv-id are removed: only we write those, so such a field is forged.
+Stored messages are already CRLF-only, so what this returns has no bare CR or
+LF; SMTP dot-stuffing is the sender's job.
 """
 
 from __future__ import annotations
@@ -53,9 +55,20 @@ def signed_names(fields: list[bytes]) -> set[bytes]:
     return names
 
 
-def compose(trace_header: str, raw: bytes, *, kind: str, recipient: str) -> bytes:
+def _claims_to_be_ours(field: bytes, authserv_id: bytes) -> bool:
+    """An Authentication-Results field in the original that names our authserv-id:
+    only we add those, so it is forged (RFC 8601 5)."""
+    value = field.split(b":", 1)[1].split(b";", 1)[0]
+    return value.strip().split(b" ")[0].lower() == authserv_id.lower()
+
+
+def compose(trace_header: str, raw: bytes, *, kind: str, recipient: str,
+            authserv_id: str | None = None) -> bytes:
     header, rest = _split(raw)
-    fields = [f for f in _fields(header) if _name(f) != b"bcc"]
+    ours = authserv_id.encode() if authserv_id else None
+    fields = [f for f in _fields(header) if _name(f) != b"bcc"
+              and not (ours and _name(f) == b"authentication-results"
+                       and _claims_to_be_ours(f, ours))]
     # A copy must not break the author's signature: when one covers Cc, the copy's
     # address is not written into it (the envelope still carries the copy).
     if kind == "cc" and b"cc" not in signed_names(fields):

@@ -244,8 +244,9 @@ class DeliveryWorker:
         if isinstance(targets, Result):
             result = targets
         else:
-            data = await self._signed(job, compose(content[0], content[1], kind=job.kind,
-                                                   recipient=job.recipient))
+            data = await self._signed(job, compose(
+                content[0], content[1], kind=job.kind, recipient=job.recipient,
+                authserv_id=self.config.authserv_id))
             for target in targets:  # the next host only when this one could not be reached
                 started = time.monotonic()
                 result = await self.sender.send(target, sender=job.mail_from,

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import logs
+from gateway.auth.verify import DKIMResult, aggregate, authentication_results
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
@@ -59,6 +60,8 @@ class PipelineWorker:
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
         metrics: Metrics | None = None,
+        authenticate: Callable[[bytes], list[DKIMResult]] | None = None,
+        authserv_id: str = "localhost",
     ) -> None:
         self.store = store
         self.parser = parser
@@ -71,6 +74,8 @@ class PipelineWorker:
         self.owner = f"{self.host}:{os.getpid()}"
         self.wakeup = asyncio.Event()
         self.metrics = metrics
+        self.authenticate = authenticate  # DKIM verification of inbound mail (blocking)
+        self.authserv_id = authserv_id
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -190,7 +195,13 @@ class PipelineWorker:
         policy = self.policies()
         retention = policy.retention
         started = time.monotonic()
-        result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
+        verifying = None
+        if self.authenticate is not None and item.direction == "inbound":
+            verifying = asyncio.create_task(self._verify(item.raw))
+        try:
+            result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
+        finally:
+            dkim_results = await verifying if verifying is not None else None
         self._timed("parse", started)
         parsed = to_fields(result)
         if parsed.parse_failed:
@@ -205,14 +216,30 @@ class PipelineWorker:
             attachments=tuple((a["filename"] or "", a["content_type"] or "")
                               for a in parsed.attachments),
             size=item.size, tags=frozenset(tags),
+            auth=(("dkim", aggregate(dkim_results)),) if dkim_results is not None else (),
         )
         started = time.monotonic()
         plan = evaluate(policy.workflows.for_tenant(item.tenant_id), view)
         outcome = actions.outcome(plan, item.recipients, tags, item.direction)
         outcome = dataclasses.replace(outcome, policy_version=policy.version)
+        if dkim_results is not None:
+            outcome = dataclasses.replace(
+                outcome, auth_results={"dkim": [r.as_dict() for r in dkim_results]},
+                auth_header=authentication_results(self.authserv_id, dkim_results))
         self._timed("rules", started)
         return Prepared(message_id, item.tenant_id, parsed, outcome,
                         [name for name, _ in plan.matched])
+
+    async def _verify(self, raw: bytes) -> list[DKIMResult]:
+        """DKIM results of an inbound message (in a thread: DNS and CPU)."""
+        assert self.authenticate is not None
+        started = time.monotonic()
+        results = await asyncio.to_thread(self.authenticate, raw)
+        self._timed("dkim", started)
+        if self.metrics is not None:
+            for r in results:
+                self.metrics.dkim_verifications.labels(r.result).inc()
+        return results
 
     def _timed(self, stage: str, started: float) -> None:
         if self.metrics is not None:

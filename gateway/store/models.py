@@ -78,6 +78,9 @@ messages = Table(
     # The tags sorted and comma-joined ('' for none): what the retention sweep selects by.
     Column("tag_key", Text, nullable=False, default="", server_default=""),
     Column("policy_version", String(16)),  # the policy set the pipeline applied
+    # {"dkim": [{result, domain, selector, algorithm, reason, header_b}, ...]}
+    Column("auth_results", JSON),
+    Column("auth_header", Text),  # our Authentication-Results field, added to what we deliver
     Column("defects", JSON),
     Column("parse_failed", Boolean, nullable=False, default=False),
     Column("processed_at", DateTime(timezone=True)),

@@ -78,6 +78,8 @@ _FINISH = (
         defects=bindparam("b_defects", type_=messages.c.defects.type),
         tags=bindparam("b_tags", type_=messages.c.tags.type), tag_key=bindparam("b_tag_key"),
         policy_version=bindparam("b_policy_version"), parse_failed=bindparam("b_parse_failed"),
+        auth_results=bindparam("b_auth_results", type_=messages.c.auth_results.type),
+        auth_header=bindparam("b_auth_header"),
         lease_owner=None, lease_until=None, last_error=None,
     )
 )
@@ -96,7 +98,7 @@ _ATTEMPT = (
     )
 )
 _CONTENT = (
-    select(messages.c.trace_header, message_blobs.c.data)
+    select(messages.c.trace_header, messages.c.auth_header, message_blobs.c.data)
     .join(message_blobs, message_blobs.c.message_id == messages.c.id)
     .where(messages.c.id == bindparam("b_id"))
 )
@@ -184,6 +186,8 @@ class Outcome:
     deliveries: tuple[PlannedDelivery, ...] = ()
     notes: tuple[str, ...] = ()
     policy_version: str | None = None
+    auth_results: dict[str, Any] | None = None  # see messages.auth_results
+    auth_header: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +518,7 @@ class Store:
             "b_defects": [*parsed.defects, *outcome.notes], "b_tags": list(outcome.tags),
             "b_tag_key": tag_key(outcome.tags), "b_policy_version": outcome.policy_version,
             "b_parse_failed": parsed.parse_failed,
+            "b_auth_results": outcome.auth_results, "b_auth_header": outcome.auth_header,
         }).rowcount
         if done != 1:
             return False
@@ -643,10 +648,11 @@ class Store:
         ]
 
     def delivery_content(self, message_id: str) -> tuple[str, bytes] | None:
-        """The trace header and original of a message, for composing what we send."""
+        """Our header fields (Received, Authentication-Results) and the original of a
+        message, for composing what we send."""
         with self.engine.connect().execution_options(readonly=True) as conn:
             row = conn.execute(_CONTENT, {"b_id": message_id}).first()
-        return None if row is None else (row.trace_header, row.data)
+        return None if row is None else (row.trace_header + (row.auth_header or ""), row.data)
 
     def delivery_results(self, owner: str, results: Sequence[AttemptResult]) -> list[bool]:
         """Record attempts, in one transaction.
