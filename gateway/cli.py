@@ -339,10 +339,13 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_dkim(config: GatewayConfig, dns: bool) -> int:
     from gateway.auth import keys, signing
+    from gateway.auth.verify import dns_lookup
 
     signer = signing.from_config(config)  # each key was read and checked while loading
     in_use = {k.record_name for ks in signer.by_domain.values() for k in ks}
     status = EXIT_OK
+    lookup = dns_lookup([parse_hostport(s) for s in config.delivery.dns_servers],
+                        config.delivery.dns_timeout)
     for setting in config.dkim.keys:
         key = keys.load(setting.key_file, setting.domain, setting.selector, setting.algorithm)
         size = f", {key.bits} bits" if key.algorithm == keys.RSA else ""
@@ -351,8 +354,7 @@ def _check_dkim(config: GatewayConfig, dns: bool) -> int:
         if key.algorithm == keys.RSA and key.bits < keys.GOOD_RSA_BITS:
             line += f"; warning: use {keys.GOOD_RSA_BITS} bits"
         if dns:
-            servers = [parse_hostport(s) for s in config.delivery.dns_servers]
-            problem = keys.published_problem(key, servers, config.delivery.dns_timeout)
+            problem = keys.published_problem(key, lookup)
             line += "; DNS publishes it" if problem is None else f"; NOT IN DNS: {problem}"
             if problem is not None:
                 status = EXIT_FAILURE

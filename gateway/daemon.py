@@ -55,7 +55,7 @@ from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.sdnotify import Notifier
 from gateway.store import database
-from gateway.store.repository import Store
+from gateway.store.repository import Store, one_line
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
 
@@ -326,7 +326,7 @@ class App:
         except concurrent.futures.TimeoutError:
             return f"no answer within {PROBE_TIMEOUT:g} s"
         except Exception as exc:  # any failure means "not reachable"; the text says which
-            return _one_line(exc)
+            return one_line(exc)
         return None
 
     def status(self) -> tuple[int, dict[str, Any]]:
@@ -398,7 +398,7 @@ class App:
                 self.queue = await asyncio.to_thread(store.queue_stats)
             except Exception as exc:  # loop boundary: the database may be away
                 if self.database_up:
-                    log.error("database check failed: %s", _one_line(exc))
+                    log.error("database check failed: %s", one_line(exc))
                 self.database_up = False
             else:
                 if not self.database_up:
@@ -568,11 +568,6 @@ class App:
         await store.close()
         await parser.close()
         store.engine.dispose()
-
-
-def _one_line(exc: BaseException) -> str:
-    lines = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {lines[0] if lines else ''}"
 
 
 def _database_name(store: Store) -> str:

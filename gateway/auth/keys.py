@@ -13,12 +13,16 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
+from dkim.util import InvalidTagValueList, parse_tag_value
+
+from gateway.auth.verify import Lookup, TempLookupError
 
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
@@ -133,33 +137,22 @@ def write_private(path: Path, data: bytes) -> None:
         f.write(data)
 
 
-def published_problem(key: SigningKey, servers: list[tuple[str, int]],
-                      timeout: float) -> str | None:
-    """None when DNS publishes this key's public half at its selector; else what is wrong."""
-    import dns.exception
-    import dns.nameserver
-    import dns.resolver
-
-    resolver = dns.resolver.Resolver(configure=not servers)
-    if servers:
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
-    resolver.lifetime = timeout
+def published_problem(key: SigningKey, lookup: Lookup) -> str | None:
+    """None when DNS publishes this key's public half at its selector; else what is wrong.
+    ``lookup`` is the one inbound verification uses (``verify.dns_lookup``)."""
     try:
-        answer = resolver.resolve(key.record_name, "TXT", search=False)
-    except dns.resolver.NXDOMAIN:
+        record = lookup(key.record_name)
+    except TempLookupError as exc:
+        return f"DNS lookup of {key.record_name} failed: {exc}"
+    if record is None:
         return f"no TXT record at {key.record_name}"
-    except dns.resolver.NoAnswer:
-        return f"no TXT record at {key.record_name}"
-    except dns.exception.DNSException as exc:
-        return f"DNS lookup of {key.record_name} failed: {exc.__class__.__name__}"
-    for rdata in answer:
-        text = b"".join(rdata.strings).decode("ascii", "replace")
-        tags = dict(p.strip().split("=", 1) for p in text.split(";") if "=" in p)
-        published = "".join(tags.get("p", "").split())
-        if published == key.public:
-            return None
-        if published:
-            return f"{key.record_name} publishes a different key (p= does not match)"
-        if "p" in tags:
-            return f"{key.record_name} publishes an empty p=: the key is revoked"
-    return f"{key.record_name} has TXT records but none is a DKIM key"
+    try:
+        tags = parse_tag_value(record)
+    except InvalidTagValueList:
+        return f"{key.record_name} has a malformed DKIM record"
+    published = re.sub(rb"\s", b"", tags.get(b"p", b"")).decode("ascii", "replace")
+    if not published:
+        return f"{key.record_name} publishes an empty p=: the key is revoked"
+    if published != key.public:
+        return f"{key.record_name} publishes a different key (p= does not match)"
+    return None

@@ -31,6 +31,7 @@ from dkim.canonicalization import CanonicalizationPolicy
 
 from gateway.auth.keys import ED25519, SigningKey, load
 from gateway.config import GatewayConfig
+from gateway.headers import header_end
 
 SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
                   b"in-reply-to", b"references", b"mime-version", b"content-type",
@@ -38,14 +39,9 @@ SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"r
 _FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*)(?:\r\n[ \t][^\r\n]*)*)")
 
 
-def _header_end(data: bytes) -> int:
-    end = data.find(b"\r\n\r\n")
-    return end + 2 if end >= 0 else len(data)
-
-
 def author_domain(data: bytes) -> str | None:
     """The domain of the (first) From address, from the header block; None if none."""
-    match = _FROM.search(data, 0, _header_end(data))
+    match = _FROM.search(data, 0, header_end(data))
     if match is None:
         return None
     value = match.group(1).decode("utf-8", "replace").replace("\r\n", "")
@@ -96,7 +92,7 @@ class Signer:
         keys = self.keys_for(author_domain(data), tenant_id)
         if not keys:
             return Signed(data, ())
-        present = len(_FROM.findall(data, 0, _header_end(data)))
+        present = len(_FROM.findall(data, 0, header_end(data)))
         include = (*SIGNED_HEADERS, *([b"from"] * max(present, 1)))
         headers, body = dkim.rfc822_parse(data)
         canonical_headers = RELAXED.canonicalize_headers(headers)

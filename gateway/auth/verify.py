@@ -30,6 +30,8 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import UnparsableKeyError, parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from gateway.headers import header_end
+
 MIN_RSA_BITS = 1024
 
 
@@ -58,14 +60,9 @@ class DKIMResult:
 _SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*)(?:\r?\n[ \t][^\r\n]*)*)")
 
 
-def _header_block(data: bytes) -> bytes:
-    end = data.find(b"\r\n\r\n")
-    return data[: end + 2] if end >= 0 else data
-
-
 def verify(data: bytes, lookup: Lookup) -> list[DKIMResult]:
     """One result per DKIM-Signature, top first; ``[none]`` when there is none."""
-    fields = _SIGNATURE.findall(_header_block(data))
+    fields = _SIGNATURE.findall(data, 0, header_end(data))
     if not fields:
         return [DKIMResult("none", reason="no DKIM-Signature")]
     checker = dkim.DKIM(data, minkey=MIN_RSA_BITS)

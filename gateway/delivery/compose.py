@@ -14,17 +14,15 @@ from __future__ import annotations
 
 import re
 
+from gateway.headers import header_end
+
 _FIELD_START = re.compile(rb"(?m)^(?=[^ \t\r\n])")
 
 
 def _split(raw: bytes) -> tuple[bytes, bytes]:
     """Header block (with its final CRLF) and the rest (blank line and body)."""
-    if raw.startswith(b"\r\n"):
-        return b"", raw
-    end = raw.find(b"\r\n\r\n")
-    if end < 0:
-        return raw, b""
-    return raw[: end + 2], raw[end + 2:]
+    end = 0 if raw.startswith(b"\r\n") else header_end(raw)
+    return raw[:end], raw[end:]
 
 
 def _fields(header: bytes) -> list[bytes]:

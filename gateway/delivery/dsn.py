@@ -12,6 +12,7 @@ import hashlib
 import os
 from datetime import datetime
 
+from gateway.headers import header_end
 from gateway.store.ids import new_id
 from gateway.store.repository import NewMessage
 
@@ -35,8 +36,7 @@ def build(*, hostname: str, tenant_id: str, sender: str, recipient: str, diagnos
     """The DSN as a new message for the sender (stored, then handled like any mail)."""
     boundary = f"dsn-{os.urandom(8).hex()}"
     status = _status_code(diagnostic, expired)
-    header_end = original.find(b"\r\n\r\n")
-    original_headers = original[: header_end + 2] if header_end >= 0 else original
+    original_headers = original[: header_end(original)]
     reason = ("it could not be delivered in time (the last try said: " + diagnostic + ")"
               if expired else "the receiving server refused it: " + diagnostic)
     text = (

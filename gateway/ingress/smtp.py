@@ -33,6 +33,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from gateway import logs
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
+from gateway.headers import header_end
 from gateway.metrics import Metrics, reply_class
 from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.store.ids import new_id
@@ -211,8 +212,7 @@ def abort(transport: asyncio.BaseTransport | None) -> None:
 
 def hop_count(content: bytes) -> int:
     """Received header fields in the header block (a loop shows as many of them)."""
-    end = content.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
-    return len(_RECEIVED.findall(content, 0, end if end >= 0 else HEADER_BLOCK_LIMIT))
+    return len(_RECEIVED.findall(content, 0, header_end(content, HEADER_BLOCK_LIMIT)))
 
 
 def longest_line(content: bytes) -> int:
@@ -580,8 +580,7 @@ _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^
 
 def message_id_of(content: bytes) -> str | None:
     """The Message-ID field's value (unfolded), from the header block only; None if none."""
-    end = content.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
-    match = _MESSAGE_ID.search(content, 0, end if end >= 0 else HEADER_BLOCK_LIMIT)
+    match = _MESSAGE_ID.search(content, 0, header_end(content, HEADER_BLOCK_LIMIT))
     if match is None:
         return None
     return " ".join(match.group(1).decode("utf-8", "replace").split()) or None
@@ -595,18 +594,26 @@ def refuse_rcpt(server: SMTP, reply: str, reason: str) -> str:
 
 def accepted(smtp: GatewaySMTP, batch: list[NewMessage], data: bytes, latency: float,
              user: str | None = None) -> str:
-    """Count and log the stored copies of a message; the 250 reply for them."""
+    """Count the stored copies of a message; the 250 reply for them. Their log lines
+    are written once the reply is on its way: the client does not wait for them."""
     metrics, listener = smtp.metrics, smtp.listener
     metrics.smtp_messages.labels(listener, "2xx", "ok").inc()
     metrics.smtp_received_bytes.labels(listener).inc(len(data))
     metrics.accept_latency.labels(listener).observe(latency)
-    msgid = logs.msgid_hash(message_id_of(data))
     for m in batch:
         metrics.messages_accepted.labels(metrics.tenant(m.tenant_id)).inc()
+    if log.isEnabledFor(logging.INFO):
+        smtp.loop.call_soon(_log_accepted, batch, data, listener, user)
+    return f"250 2.0.0 Ok: queued as {' '.join(m.id for m in batch)}"
+
+
+def _log_accepted(batch: list[NewMessage], data: bytes, listener: str,
+                  user: str | None) -> None:
+    msgid = logs.msgid_hash(message_id_of(data))
+    for m in batch:
         logs.event(log, "accepted", queue_id=m.id, tenant=m.tenant_id, msgid=msgid, code=250,
                    size=len(data), rcpts=len(m.recipients), listener=listener,
                    client=m.client_address, user=user, sender=m.mail_from or "<>")
-    return f"250 2.0.0 Ok: queued as {' '.join(m.id for m in batch)}"
 
 
 def ehlo_lines(responses: list[str], *, auth: bool) -> list[str]:

@@ -23,6 +23,7 @@ import signal
 from dataclasses import dataclass
 from typing import Any
 
+from gateway.headers import header_end
 from gateway.pipeline.classify import Classifier
 from gateway.store.repository import ParsedFields
 
@@ -72,8 +73,7 @@ def header_fields(raw: bytes) -> list[tuple[str, str]]:
     import email.parser
     import email.policy
 
-    end = raw.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
-    block = raw[: end + 2] if end >= 0 else raw[:HEADER_BLOCK_LIMIT]
+    block = raw[: header_end(raw, HEADER_BLOCK_LIMIT)]
     headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
     return [(str(name).lower()[:MAX_FIELD], _clip(_decoded(value)) or "")
             for name, value in list(headers.items())[:MAX_HEADERS]]

@@ -332,11 +332,11 @@ class Store:
                     for item in group:
                         await self._commit_single(loop, item)
                 else:
-                    log.error("commit of %d messages failed: %s", count, _one_line(exc))
+                    log.error("commit of %d messages failed: %s", count, one_line(exc))
                     _fail(group, exc)
                 continue
             except (SQLAlchemyError, OSError) as exc:
-                log.error("commit of %d messages failed: %s", count, _one_line(exc))
+                log.error("commit of %d messages failed: %s", count, one_line(exc))
                 _fail(group, exc)
                 continue
             if self._on_commit is not None:
@@ -351,7 +351,7 @@ class Store:
         try:
             await loop.run_in_executor(self._executor, self._write_group, [item])
         except (SQLAlchemyError, OSError) as exc:
-            log.error("commit of message %s failed: %s", item.messages[0].id, _one_line(exc))
+            log.error("commit of message %s failed: %s", item.messages[0].id, one_line(exc))
             _fail([item], exc)
         else:
             if not item.future.done():
@@ -986,12 +986,14 @@ def _is_connection_error(exc: DBAPIError) -> bool:
     return bool(exc.connection_invalidated) or exc.__class__.__name__ == "OperationalError"
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
+def one_line(exc: BaseException) -> str:
+    """An exception as one log line: its class and the first line of its text (the
+    driver's own message for a database error, without SQLAlchemy's SQL dump)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
     return f"{exc.__class__.__name__}: {text[0] if text else ''}"
 
 
 def _fail(group: Sequence[_Pending], exc: BaseException) -> None:
     for item in group:
         if not item.future.done():
-            item.future.set_exception(TempFailure(_one_line(exc)))
+            item.future.set_exception(TempFailure(one_line(exc)))
