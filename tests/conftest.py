@@ -323,6 +323,59 @@ def gateway(make_gateway: Any) -> Any:
     return make_gateway()
 
 
+@pytest.fixture
+def relay() -> Iterator[Any]:
+    """A real downstream SMTP server (tests.sink), e.g. for delivery.relay."""
+    from tests.sink import Sink
+
+    sink = Sink()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def sinks() -> Iterator[list[Any]]:
+    """Two downstream servers: a relay and a destination."""
+    from tests.sink import Sink
+
+    made = [Sink(), Sink()]
+    yield made
+    for s in made:
+        s.stop()
+
+
+def http_get(port: int, path: str) -> tuple[int, str]:
+    """(status, body) of GET http://127.0.0.1:PORT/PATH, error statuses included."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
+            return reply.status, reply.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def samples(port: int) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
+    """The /metrics text of a gateway and its samples by (name, labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = http_get(port, "/metrics")[1]
+    out = {}
+    for family in text_string_to_metric_families(body):
+        for s in family.samples:
+            out[(s.name, frozenset(s.labels.items()))] = s.value
+    return body, out
+
+
+def value(values: dict[Any, float], name: str, **labels: str) -> float:
+    return values.get((name, frozenset(labels.items())), 0.0)
+
+
+def metrics_port(gw: Gateway) -> int:
+    return int(gw.config["metrics"]["listen"].rsplit(":", 1)[1])
+
+
 def simple_message(subject: str = "hello", body: str = "Hello there.\r\n",
                    sender: str = "alice@sender.test", to: str = "support@acme.test") -> bytes:
     return (

@@ -13,6 +13,11 @@ import dns.rdatatype
 import dns.rrset
 
 
+def txt(record: str) -> list[str]:
+    """A TXT record as zone data: one record of strings of at most 255 octets (RFC 1035)."""
+    return [" ".join(f'"{record[i:i + 255]}"' for i in range(0, len(record), 255))]
+
+
 class ZoneServer:
     """zone: {(name, type): [rdata text, ...]}; names in ``servfail`` answer SERVFAIL.
 

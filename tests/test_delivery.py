@@ -9,7 +9,6 @@ from datetime import timedelta
 import pytest
 
 from tests.conftest import simple_message
-from tests.sink import Sink
 
 RETENTION = """
 default: 1y
@@ -36,14 +35,6 @@ tenants:
         match: {attachment_name: "*.exe"}
         actions: {reject: "550 5.7.1 No executables"}
 """
-
-
-@pytest.fixture
-def sinks():
-    made = [Sink(), Sink()]
-    yield made
-    for s in made:
-        s.stop()
 
 
 def _gateway(make_gateway, tmp_path, sinks, **delivery):

@@ -19,10 +19,17 @@ import yaml
 
 from gateway.auth import keys
 from gateway.auth.signing import Signer, author_domain
-from tests.conftest import PEERS_REQUIRED, ROOT, need_tool, simple_message, wait_for
-from tests.dns_server import ZoneServer
-from tests.sink import Sink
-from tests.test_operations import metrics_port, samples, value
+from tests.conftest import (
+    PEERS_REQUIRED,
+    ROOT,
+    metrics_port,
+    need_tool,
+    samples,
+    simple_message,
+    value,
+    wait_for,
+)
+from tests.dns_server import ZoneServer, txt
 
 WORKFLOWS = """
 tenants:
@@ -45,11 +52,6 @@ def keygen(directory: Path, domain: str, selector: str, algorithm: str = "rsa",
     assert result.returncode == 0, result.stderr
     zone_line = next(line for line in result.stdout.splitlines() if " IN TXT " in line)
     return out, "".join(re.findall(r'"([^"]*)"', zone_line))
-
-
-def txt(record: str) -> list[str]:
-    """The record as zone data: strings of at most 255 octets."""
-    return [" ".join(f'"{record[i:i + 255]}"' for i in range(0, len(record), 255))]
 
 
 def dkimpy_results(data: bytes, zone: ZoneServer) -> list[tuple[str, str, bool]]:
@@ -94,13 +96,6 @@ def perl_results(data: bytes, zone: ZoneServer) -> list[str]:
                             input=data, capture_output=True, timeout=60)
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode().splitlines()
-
-
-@pytest.fixture
-def relay():
-    sink = Sink()
-    yield sink
-    sink.stop()
 
 
 @pytest.fixture

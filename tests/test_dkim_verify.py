@@ -12,8 +12,7 @@ from gateway.auth import keys
 from gateway.auth.signing import Signer
 from gateway.auth.verify import DKIMResult, TempLookupError, dns_lookup, verify
 from tests.conftest import free_port, need_tool
-from tests.dns_server import ZoneServer
-from tests.test_dkim import txt
+from tests.dns_server import ZoneServer, txt
 
 MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
            b"Subject: hello\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n"

@@ -12,17 +12,24 @@ import socket
 import ssl
 import subprocess
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import create_engine, text
 
 from gateway.logs import msgid_hash
-from tests.conftest import ROOT, client_context, free_port, need_tool, simple_message, wait_for
-from tests.sink import Sink
+from tests.conftest import (
+    ROOT,
+    client_context,
+    free_port,
+    http_get,
+    metrics_port,
+    need_tool,
+    samples,
+    simple_message,
+    value,
+    wait_for,
+)
 
 WORKFLOWS = """
 tenants:
@@ -35,35 +42,6 @@ tenants:
         match: {recipient: "billing@acme.test"}
         actions: {route: finance}
 """
-
-
-def get(port: int, path: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-
-
-def samples(port: int) -> tuple[str, dict[tuple[str, frozenset[tuple[str, str]]], float]]:
-    body = get(port, "/metrics")[1]
-    out = {}
-    for family in text_string_to_metric_families(body):
-        for s in family.samples:
-            out[(s.name, frozenset(s.labels.items()))] = s.value
-    return body, out
-
-
-def value(values: dict[Any, float], name: str, **labels: str) -> float:
-    return values.get((name, frozenset(labels.items())), 0.0)
-
-
-@pytest.fixture
-def sinks():
-    made = [Sink(), Sink()]
-    yield made
-    for s in made:
-        s.stop()
 
 
 def _gateway(make_gateway, tmp_path, sinks, extra=None, start=True):
@@ -81,10 +59,6 @@ def _gateway(make_gateway, tmp_path, sinks, extra=None, start=True):
     for key, settings in (extra or {}).items():
         overrides[key] = {**overrides.get(key, {}), **settings}
     return make_gateway(overrides, start=start)
-
-
-def metrics_port(gw) -> int:
-    return int(gw.config["metrics"]["listen"].rsplit(":", 1)[1])
 
 
 def test_metrics_move_with_the_mail_and_pass_promtool(make_gateway, tmp_path, sinks):
@@ -173,14 +147,14 @@ def test_every_metric_is_documented_in_the_readme():
 def test_health_readiness_and_status(make_gateway, tmp_path, sinks):
     gw = _gateway(make_gateway, tmp_path, sinks)
     port = metrics_port(gw)
-    code, body = get(port, "/healthz")
+    code, body = http_get(port, "/healthz")
     assert code == 200 and json.loads(body)["status"] == "ok"
-    code, body = get(port, "/readyz")
+    code, body = http_get(port, "/readyz")
     doc = json.loads(body)
     assert code == 200 and doc["ready"] is True
     assert doc["checks"]["listeners"]["bound"] == {"smtp": f"127.0.0.1:{gw.port}"}
     assert doc["checks"]["policy"]["version"] and doc["checks"]["database"]["ok"]
-    assert get(port, "/nothing")[0] == 404
+    assert http_get(port, "/nothing")[0] == 404
 
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["billing@acme.test"], simple_message(to="billing@acme.test"))
@@ -208,7 +182,7 @@ def test_health_readiness_and_status(make_gateway, tmp_path, sinks):
 def test_readiness_flips_when_the_database_goes_away(make_gateway, tmp_path, sinks, backend):
     gw = _gateway(make_gateway, tmp_path, sinks)
     port = metrics_port(gw)
-    assert get(port, "/readyz")[0] == 200
+    assert http_get(port, "/readyz")[0] == 200
     name = gw.db_url.rsplit("/", 1)[1]
     admin = create_engine(gw.db_url.rsplit("/", 1)[0] + "/postgres", isolation_level="AUTOCOMMIT")
     try:
@@ -216,17 +190,17 @@ def test_readiness_flips_when_the_database_goes_away(make_gateway, tmp_path, sin
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS false'))
             conn.execute(text("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
                               "WHERE datname = :n"), {"n": name})
-        _, body = wait_for(lambda: (r := get(port, "/readyz"))[0] == 503 and r,
+        _, body = wait_for(lambda: (r := http_get(port, "/readyz"))[0] == 503 and r,
                               what="readiness to drop")
         doc = json.loads(body)
         assert doc["ready"] is False and doc["checks"]["database"]["ok"] is False
         assert doc["checks"]["database"]["error"]
-        assert get(port, "/healthz")[0] == 200  # alive: systemd must not restart it
+        assert http_get(port, "/healthz")[0] == 200  # alive: systemd must not restart it
         wait_for(lambda: value(samples(port)[1], "mailflowr_gateway_database_up") == 0
                  or None, what="database_up to drop")
         with admin.connect() as conn:
             conn.execute(text(f'ALTER DATABASE "{name}" ALLOW_CONNECTIONS true'))
-        wait_for(lambda: get(port, "/readyz")[0] == 200, what="readiness to come back")
+        wait_for(lambda: http_get(port, "/readyz")[0] == 200, what="readiness to come back")
         wait_for(lambda: value(samples(port)[1], "mailflowr_gateway_database_up") == 1,
                  what="database_up to come back")
     finally:

@@ -10,7 +10,6 @@ import pytest
 
 from gateway.passwords import hash_password
 from tests.conftest import client_context, free_port, simple_message
-from tests.sink import Sink
 
 PASSWORD = "correct horse battery"
 WORKFLOWS = """
@@ -26,13 +25,6 @@ tenants:
 @pytest.fixture(scope="module")
 def password_hash():
     return hash_password(PASSWORD)
-
-
-@pytest.fixture
-def relay():
-    sink = Sink()
-    yield sink
-    sink.stop()
 
 
 @pytest.fixture
