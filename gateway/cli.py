@@ -507,9 +507,7 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
             "helo": row["helo"], "protocol": row["protocol"],
             "processed_at": _jsonable(row["processed_at"]), "last_error": row["last_error"],
             "attempts": row["attempts"], "policy_version": row["policy_version"],
-            "dkim": [f"{r['result']}" + (f" d={r['domain']} s={r['selector']}" if r["domain"]
-                                         else "") + (f" ({r['reason']})" if r["reason"] else "")
-                     for r in (row["auth_results"] or {}).get("dkim", [])],
+            **_auth_summary(row["auth_results"] or {}),
         }
     )
     data.update(_retention_of(_config(args), row))
@@ -522,6 +520,27 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
             value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
         print(f"{key + ':':16}{_printable(value)}")
     return EXIT_OK
+
+
+def _auth_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The stored authentication results, one line per check."""
+    def line(r: dict[str, str], detail: str) -> str:
+        return r["result"] + detail + (f" ({r['reason']})" if r.get("reason") else "")
+
+    out: dict[str, Any] = {"dkim": [
+        line(r, f" d={r['domain']} s={r['selector']}" if r["domain"] else "")
+        for r in results.get("dkim", [])]}
+    if "spf" in results:
+        spf = results["spf"]
+        out["spf"] = line(spf, f" {spf['identity']}={spf['domain']}" if spf["domain"] else "")
+    if "arc" in results:
+        out["arc"] = line(results["arc"], "")
+    if "dmarc" in results:
+        d = results["dmarc"]
+        out["dmarc"] = line(d, (f" from={d['domain']}" if d["domain"] else "")
+                            + (f" p={d['policy']} disposition={d['disposition']}"
+                               if d["policy"] else ""))
+    return out
 
 
 def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:

@@ -212,6 +212,13 @@ class TenantConfig(_Section):
     addresses: list[str] = []
     catch_all: bool = False
     users: dict[str, UserConfig] = {}
+    # Mail failing DMARC from a domain that publishes p=reject: tag (accept it; the
+    # result is stored, in Authentication-Results, and rules match dmarc: fail) or
+    # reject (550 5.7.1 at the end of DATA).
+    dmarc: Literal["tag", "reject"] = "tag"
+    # The domain of rewritten (SRS) senders of copies forwarded for this tenant: one of
+    # its domains; empty: the first.
+    srs_domain: str | None = None
 
     @field_validator("domains")
     @classmethod
@@ -238,6 +245,9 @@ class TenantConfig(_Section):
             for a in user.send_as:
                 if a.rpartition("@")[2].lower() not in self.domains:
                     raise ValueError(f"user {login}: send_as {a!r} is not in this tenant's domains")
+        if self.srs_domain is not None:
+            if self.srs_domain.lower().rstrip(".") not in self.domains:
+                raise ValueError(f"srs_domain {self.srs_domain!r} is not one of its domains")
         return self
 
 
@@ -366,6 +376,12 @@ class AuthConfig(_Section):
     authserv_id: str | None = None
     # Verify the DKIM signatures of inbound mail in the pipeline.
     verify_dkim: bool = True
+    # Check SPF for the envelope sender (HELO for the null sender).
+    check_spf: bool = True
+    # Validate the ARC chain of earlier forwarders.
+    check_arc: bool = True
+    # Evaluate DMARC (needs DKIM and SPF results; computes them when those are off).
+    check_dmarc: bool = True
 
     @field_validator("authserv_id")
     @classmethod
@@ -373,6 +389,26 @@ class AuthConfig(_Section):
         if v is not None and not _HOSTNAME.match(v.lower()):
             raise ValueError(f"an authserv-id is a host name: {v!r}")
         return v
+
+
+class SRSConfig(_Section):
+    """Sender rewriting of forwarded copies, so that they pass SPF at the receiver."""
+
+    # The HMAC secret(s), one per line, first one signs; mode 0600. Empty: no rewriting.
+    secret_file: str | None = None
+    # Days a bounce to a rewritten sender is accepted.
+    max_age_days: int = Field(default=21, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _secrets_load(self) -> SRSConfig:
+        if self.secret_file:
+            from gateway.auth.srs import load_secrets
+
+            try:
+                load_secrets(self.secret_file)
+            except OSError as exc:
+                raise ValueError(f"{self.secret_file}: {exc.strerror}") from None
+        return self
 
 
 class DKIMConfig(_Section):
@@ -395,6 +431,7 @@ class GatewayConfig(_Section):
     retention: RetentionConfig = RetentionConfig()
     dkim: DKIMConfig = DKIMConfig()
     auth: AuthConfig = AuthConfig()
+    srs: SRSConfig = SRSConfig()
     destinations: dict[str, DestinationConfig] = {}
     tenants: dict[str, TenantConfig] = {}
 
@@ -422,6 +459,14 @@ class GatewayConfig(_Section):
         if self.submission.listen and not self.smtp.tls.enabled:
             raise ValueError("submission.listen needs smtp.tls.cert_file and key_file: "
                              "AUTH is only offered after STARTTLS")
+        return self
+
+    @model_validator(mode="after")
+    def _dmarc_reject_needs_dmarc(self) -> GatewayConfig:
+        rejecting = [t for t, tenant in self.tenants.items() if tenant.dmarc == "reject"]
+        if rejecting and not self.auth.check_dmarc:
+            raise ValueError(f"tenant {rejecting[0]} has dmarc: reject, but auth.check_dmarc "
+                             "is false")
         return self
 
     @property

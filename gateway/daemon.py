@@ -37,9 +37,10 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import __version__, httpd, logs
 from gateway.auth import signing
+from gateway.auth.dns import Resolver
+from gateway.auth.inbound import Authenticator, AuthResults
 from gateway.auth.keys import KeyFileError
-from gateway.auth.verify import DKIMResult, dns_lookup
-from gateway.auth.verify import verify as verify_dkim
+from gateway.auth.srs import SRS, load_secrets
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.config import load as load_config
 from gateway.delivery import notices
@@ -55,7 +56,7 @@ from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.sdnotify import Notifier
 from gateway.store import database
-from gateway.store.repository import Store, one_line
+from gateway.store.repository import PipelineInput, Store, one_line
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
 
@@ -124,6 +125,8 @@ class App:
         self.config = config
         self.config_path = config_path  # re-read on SIGHUP for the DKIM keys
         self.signer = signing.from_config(config)
+        self.srs = (SRS(load_secrets(config.srs.secret_file), config.srs.max_age_days)
+                    if config.srs.secret_file else None)
         self.policies = PolicyHolder(config.policies.directory, config.tenants.keys(),
                                      config.destinations.keys(), policies)
         self.metrics = Metrics(tenant_labels=config.metrics.tenant_labels)
@@ -179,7 +182,8 @@ class App:
         self.store = store
         await self.sync_subprocessors(None)
         delivery = DeliveryWorker(store, config, self.metrics, policies=self.policies.get,
-                                  signer=lambda: self.signer)
+                                  signer=lambda: self.signer, srs=lambda: self.srs)
+        authenticator = self._authenticator()
         worker = PipelineWorker(
             store, parser,
             batch_size=config.pipeline.batch_size,
@@ -188,8 +192,9 @@ class App:
             policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
             metrics=self.metrics,
-            authenticate=self._dkim_verifier() if config.auth.verify_dkim else None,
+            authenticate=_for_pipeline(authenticator) if authenticator is not None else None,
             authserv_id=config.authserv_id,
+            srs=self.srs is not None,
         )
         worker.start()
         delivery.start()
@@ -203,7 +208,10 @@ class App:
             sweeping = asyncio.create_task(self._sweep_loop(self.sweeper), name="retention")
 
         handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
-                                 self.policies.workflows)
+                                 self.policies.workflows, authenticator=authenticator,
+                                 dmarc_rejecting={t for t, tenant in config.tenants.items()
+                                                  if tenant.dmarc == "reject"},
+                                 srs=lambda: self.srs)
         listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
             ("smtp", config.smtp.listen, handler, {})
         ]
@@ -266,10 +274,15 @@ class App:
         log.info("stopped")
         return 0
 
-    def _dkim_verifier(self) -> Callable[[bytes], list[DKIMResult]]:
+    def _authenticator(self) -> Authenticator | None:
+        """The checks of inbound mail, as ``auth:`` configures them; None for none."""
+        auth = self.config.auth
+        if not (auth.verify_dkim or auth.check_spf or auth.check_arc or auth.check_dmarc):
+            return None
         servers = [parse_hostport(s) for s in self.config.delivery.dns_servers]
-        lookup = dns_lookup(servers, min(self.config.delivery.dns_timeout, 10.0))
-        return lambda raw: verify_dkim(raw, lookup)
+        resolver = Resolver(servers, min(self.config.delivery.dns_timeout, 10.0))
+        return Authenticator(resolver, dkim=auth.verify_dkim, spf=auth.check_spf,
+                             arc=auth.check_arc, dmarc=auth.check_dmarc)
 
     def _start_http(self) -> HTTPServer | None:
         listen = self.config.metrics.listen
@@ -418,6 +431,7 @@ class App:
             await self.reload_policies(why)
             self.reload_tls()
             await asyncio.to_thread(self.reload_dkim)
+            self.reload_srs()
         finally:
             self.notifier.ready(self.status_line())
 
@@ -444,6 +458,20 @@ class App:
         if {repr(k) for k in keys} != before:
             log.info("DKIM signing keys now: %s",
                      ", ".join(f"{k.record_name} ({k.algorithm})" for k in keys) or "none")
+
+    def reload_srs(self) -> None:
+        """Read the SRS secrets again: to rotate, put the new secret on the first line
+        and keep the old ones below it until their bounces are past max_age_days."""
+        if self.srs is None or not self.config.srs.secret_file:
+            return
+        try:
+            secrets = load_secrets(self.config.srs.secret_file)
+        except (OSError, ValueError) as exc:
+            log.error("SRS secret reload refused, the secrets in use stay: %s", exc)
+            return
+        if list(secrets) != list(self.srs.secrets):
+            self.srs = SRS(secrets, self.config.srs.max_age_days)
+            log.info("SRS secrets reloaded: %d in use", len(secrets))
 
     def reload_tls(self) -> None:
         """Load a renewed certificate and key; new connections use them, open ones
@@ -568,6 +596,14 @@ class App:
         await store.close()
         await parser.close()
         store.engine.dispose()
+
+
+def _for_pipeline(authenticator: Authenticator) -> Callable[[PipelineInput], AuthResults]:
+    def authenticate(item: PipelineInput) -> AuthResults:
+        return authenticator(item.raw, mail_from=item.mail_from, helo=item.helo,
+                             client_ip=item.client_address)
+
+    return authenticate
 
 
 def _database_name(store: Store) -> str:

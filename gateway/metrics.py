@@ -23,6 +23,7 @@ from prometheus_client.process_collector import ProcessCollector
 from gateway import __version__
 
 if TYPE_CHECKING:
+    from gateway.auth.inbound import AuthResults
     from gateway.auth.keys import SigningKey
 
 PREFIX = "mailflowr_gateway"
@@ -80,10 +81,12 @@ class Metrics:
             f"{PREFIX}_smtp_messages_total",
             "Messages at the end of DATA, by reply class (2xx accepted, 4xx deferred, 5xx "
             "rejected) and reason (ok, too_big, line_too_long, bare_newline, too_many_hops, "
-            "rule, storage).", ["listener", "class", "reason"], registry=r)
+            "rule, dmarc, storage).", ["listener", "class", "reason"], registry=r)
         self.smtp_recipients_refused = Counter(
             f"{PREFIX}_smtp_recipients_refused_total",
-            "RCPT TO refused, by reason (relay, unknown_user, syntax, smtputf8, too_many).",
+            "RCPT TO refused, by reason (relay, unknown_user, syntax, smtputf8, too_many, "
+            "srs_forged, srs_expired, srs_malformed: a bounce to a rewritten sender that is "
+            "not ours or too old).",
             ["listener", "reason"], registry=r)
         self.smtp_received_bytes = Counter(
             f"{PREFIX}_smtp_received_bytes_total", "Message bytes accepted.",
@@ -111,7 +114,8 @@ class Metrics:
         self.pipeline_stage = Histogram(
             f"{PREFIX}_pipeline_stage_duration_seconds",
             "Duration of a pipeline stage (parse: per message, in a parser process; rules: "
-            "per message; dkim: inbound verification, per message; save: per batch).",
+            "per message; auth: DKIM, SPF, ARC and DMARC of inbound mail, per message; save: "
+            "per batch).",
             ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.pipeline_failures = Counter(
             f"{PREFIX}_pipeline_failures_total",
@@ -131,7 +135,9 @@ class Metrics:
         # ------------------------------------------------------------ delivery
         self.deliveries = Counter(
             f"{PREFIX}_deliveries_total",
-            "Delivery attempts, by kind (cc, bcc, route, dsn, notice, outbound), result "
+            "Delivery attempts, by kind (cc, bcc, route; rcpt: a recipient of a user's or "
+            "the gateway's own message, DSNs and notices included; return: a bounce going "
+            "back through our SRS address), result "
             "(sent, deferred, failed, held) and destination (a configured destination or "
             "subprocessor, relay, or mx).",
             ["tenant", "kind", "result", "destination"], registry=r)
@@ -159,11 +165,16 @@ class Metrics:
             "sent unsigned, no key for the author's or the tenant's domains; error: sent "
             "unsigned, the message could not be signed).",
             ["tenant", "algorithm", "result"], registry=r)
-        self.dkim_verifications = Counter(
-            f"{PREFIX}_dkim_verifications_total",
-            "DKIM signatures of inbound mail verified, by result (pass, fail, neutral: l= "
-            "leaves part of the body unsigned, none: no signature, temperror, permerror).",
-            ["result"], registry=r)
+        self.arc_seals = Counter(
+            f"{PREFIX}_arc_seals_total",
+            "Forwarded copies of inbound mail by ARC sealing result (sealed; none: no RSA "
+            "key for the tenant's domains, or a chain that cannot be extended; error: sent "
+            "unsealed).", ["tenant", "result"], registry=r)
+        self.auth_checks = Counter(
+            f"{PREFIX}_auth_results_total",
+            "Authentication checks of inbound mail, by method (dkim: per signature, spf, "
+            "arc, dmarc) and RFC 8601 result (pass, fail, softfail, neutral, none, "
+            "temperror, permerror).", ["method", "result"], registry=r)
         self.dkim_keys = Gauge(
             f"{PREFIX}_dkim_signing_keys",
             "Signing keys in use (1 per domain, selector and algorithm that signs).",
@@ -223,6 +234,13 @@ class Metrics:
 
     def tenant(self, tenant_id: str) -> str:
         return tenant_id if self.tenant_labels else ALL_TENANTS
+
+    def auth_results(self, results: AuthResults) -> None:
+        for r in results.dkim:
+            self.auth_checks.labels("dkim", r.result).inc()
+        for method, result in results.for_rules():
+            if method != "dkim":  # counted per signature above
+                self.auth_checks.labels(method, result).inc()
 
     def policy_loaded(self, version: str, at: float, previous: str | None = None) -> None:
         if previous is not None and previous != version:

@@ -13,11 +13,13 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from gateway.auth.srs import SRS, SRSError, is_srs
 from gateway.config import TenantConfig
 
 RELAY_DENIED = "554 5.7.1 <{addr}>: Relay access denied"
 USER_UNKNOWN = "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"
 BAD_SYNTAX = "501 5.1.3 Bad recipient address syntax"
+SRS_REFUSED = "550 5.7.1 <{addr}>: Recipient address rejected: {why}"
 NEED_SMTPUTF8 = "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
 
 _ROUTING_CHARS = ("@", "%", "!", ":")
@@ -32,7 +34,9 @@ class Accepted:
 @dataclass(frozen=True, slots=True)
 class Refused:
     reply: str
-    reason: str  # a metric label: relay, unknown_user, syntax, smtputf8
+    # a metric label: relay, unknown_user, syntax, smtputf8, srs_forged, srs_expired,
+    # srs_malformed
+    reason: str
 
 
 def has_unsafe_chars(address: str) -> bool:
@@ -64,7 +68,10 @@ class TenantDirectory:
     def owner_of_domain(self, domain: str) -> str | None:
         return self._domain_owner.get(domain.lower().rstrip("."))
 
-    def resolve(self, address: str, *, smtputf8: bool) -> Accepted | Refused:
+    def resolve(self, address: str, *, smtputf8: bool, srs: SRS | None = None
+                ) -> Accepted | Refused:
+        """Whose recipient this is. With ``srs``, SRS addresses in a tenant's domains
+        are bounces to copies we forwarded: accepted only when ours and fresh."""
         shown = _sanitize(address)
         if not address.isascii() and not smtputf8:
             return Refused(NEED_SMTPUTF8, "smtputf8")
@@ -90,6 +97,12 @@ class TenantDirectory:
             # user%other@ours, "user@other"@ours, other!user@ours
             return Refused(RELAY_DENIED.format(addr=shown), "relay")
         canonical = f"{local}@{domain}"
+        if srs is not None and is_srs(bare):
+            try:
+                srs.reverse(canonical)
+            except SRSError as exc:
+                return Refused(SRS_REFUSED.format(addr=shown, why=exc), f"srs_{exc.reason}")
+            return Accepted(tenant, canonical)
         if tenant in self._catch_all:
             return Accepted(tenant, canonical)
         base = bare.lower()

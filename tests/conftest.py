@@ -9,6 +9,7 @@ those tests are skipped with the reason, unless MAILFLOWR_TEST_REQUIRE_POSTGRES=
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import signal
@@ -29,6 +30,7 @@ from sqlalchemy.engine import make_url
 
 from gateway.store import database
 from gateway.store.repository import Store
+from tests.dns_server import ZoneServer
 
 ROOT = Path(__file__).resolve().parent.parent
 PG_ENV = "MAILFLOWR_TEST_POSTGRES_URL"
@@ -58,6 +60,12 @@ BASE_CONFIG: dict[str, Any] = {
         "globex": {"name": "Globex", "domains": ["globex.test"], "catch_all": True},
     },
 }
+
+
+@functools.cache
+def empty_zone() -> ZoneServer:
+    """A DNS server for the whole test run that knows no name (NXDOMAIN for all)."""
+    return ZoneServer({})
 
 
 def free_port() -> int:
@@ -116,6 +124,17 @@ def need_tool(tool: str, package: str) -> str:
     return path
 
 
+def need_perl_module(module: str, package: str) -> str:
+    """perl, with a module an interoperability test runs; skip (fail in CI) without it."""
+    perl = need_tool("perl", "perl")
+    if subprocess.run([perl, f"-M{module}", "-e", "1"], capture_output=True).returncode != 0:
+        why = f"Perl's {module} is not installed (Debian package {package})"
+        if PEERS_REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    return perl
+
+
 class PostgresDatabase:
     """A throwaway database on the test server."""
 
@@ -153,6 +172,9 @@ class Gateway:
         self.db_url = db_url
         self.port = free_port()
         config = _merge(BASE_CONFIG, overrides or {})
+        if not config.get("delivery", {}).get("dns_servers"):
+            # SPF and DMARC look up every inbound sender: never on the public DNS
+            config = _merge(config, {"delivery": {"dns_servers": [empty_zone().address]}})
         config = _merge(config, {"smtp": {"listen": f"127.0.0.1:{self.port}"},
                                  "database": {"url": db_url}})
         self.config = config

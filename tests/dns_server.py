@@ -26,12 +26,12 @@ class ZoneServer:
     """
 
     def __init__(self, zone: dict[tuple[str, str], list[str]],
-                 servfail: set[str] | None = None) -> None:
+                 servfail: set[str] | None = None, port: int = 0) -> None:
         self.zone = {(n.lower().rstrip("."), t.upper()): v for (n, t), v in zone.items()}
         self.names = {n for n, _ in self.zone}
         self.servfail = {n.lower() for n in (servfail or set())}
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock.bind(("127.0.0.1", port))
         self.port = self.sock.getsockname()[1]
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()

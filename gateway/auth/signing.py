@@ -29,7 +29,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
-from gateway.auth.keys import ED25519, SigningKey, load
+from gateway.auth import arc
+from gateway.auth.keys import ED25519, RSA, SigningKey, load
 from gateway.config import GatewayConfig
 from gateway.headers import header_end
 
@@ -86,6 +87,25 @@ class Signer:
             if own in self.by_domain:
                 return self.by_domain[own]
         return ()
+
+    def sealing_key(self, tenant_id: str) -> SigningKey | None:
+        """The RSA key of the tenant's first domain that has one (ARC is RSA only)."""
+        for own in self.tenant_domains.get(tenant_id, ()):
+            for key in self.by_domain.get(own, ()):
+                if key.algorithm == RSA:
+                    return key
+        return None
+
+    def seal(self, data: bytes, tenant_id: str, authserv_id: str) -> Signed:
+        """``data`` with our ARC set (see gateway.auth.arc); unchanged, with no key,
+        when the tenant has no RSA key or there is nothing to seal."""
+        key = self.sealing_key(tenant_id)
+        if key is None:
+            return Signed(data, ())
+        private = self._private[key]
+        assert isinstance(private, rsa.RSAPrivateKey)
+        sealed = arc.seal(data, key, private, authserv_id)
+        return Signed(data, ()) if sealed is None else Signed(sealed, (key,))
 
     def sign(self, data: bytes, tenant_id: str) -> Signed:
         """``data`` with a DKIM-Signature field per key on top (CPU-bound: run in a thread)."""

@@ -30,14 +30,10 @@ from dkim.canonicalization import CanonicalizationPolicy
 from dkim.crypto import UnparsableKeyError, parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from gateway.auth.dns import Resolver, TempLookupError
 from gateway.headers import header_end
 
 MIN_RSA_BITS = 1024
-
-
-class TempLookupError(Exception):
-    """The key's DNS lookup failed for now (timeout, SERVFAIL): temperror."""
-
 
 # name -> the TXT record's text, None when there is none (NXDOMAIN, no TXT)
 Lookup = Callable[[str], bytes | None]
@@ -145,28 +141,14 @@ def _key_problem(record: bytes) -> str | None:
 
 
 def dns_lookup(servers: list[tuple[str, int]], timeout: float) -> Lookup:
-    """A Lookup on the given DNS servers (the system's when empty), with dnspython."""
-    import dns.exception
-    import dns.nameserver
-    import dns.resolver
+    """A Lookup on the given DNS servers (the system's when empty)."""
+    return key_lookup(Resolver(servers, timeout))
 
-    resolver = dns.resolver.Resolver(configure=not servers)
-    if servers:
-        resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
-    resolver.lifetime = timeout
 
+def key_lookup(resolver: Resolver) -> Lookup:
+    """DKIM key records through a resolver: the first TXT record with a p= tag."""
     def lookup(name: str) -> bytes | None:
-        try:
-            answer = resolver.resolve(name, "TXT", search=False)
-        except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
-            return None
-        except dns.exception.DNSException as exc:  # timeout, SERVFAIL, no servers
-            raise TempLookupError(exc.__class__.__name__) from None
-        for rdata in answer:
-            text = b"".join(rdata.strings)
-            if b"p=" in text:
-                return text
-        return None
+        return next((text for text in resolver.txt(name) if b"p=" in text), None)
 
     return lookup
 
@@ -177,36 +159,3 @@ def aggregate(results: list[DKIMResult]) -> str:
     if any(r.result == "pass" for r in results):
         return "pass"
     return results[0].result if results else "none"
-
-
-_TSPECIALS = re.compile(r'[()<>@,;:\\"/\[\]?=\s]')
-
-
-def _value(text: str) -> str:
-    """An RFC 8601 value: the token as it is, or a quoted string (printable ASCII only)."""
-    clean = "".join(c for c in text if 32 <= ord(c) < 127)[:200]
-    if clean and not _TSPECIALS.search(clean):
-        return clean
-    return '"' + clean.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def authentication_results(authserv_id: str, results: list[DKIMResult]) -> str:
-    """Our Authentication-Results field (RFC 8601), folded, with its CRLF."""
-    parts = []
-    for r in results:
-        if r.result == "none":
-            parts.append("dkim=none")
-            continue
-        part = f"dkim={r.result}"
-        if r.reason:
-            part += f" reason={_value(r.reason)}"
-        if r.domain:
-            part += f" header.d={_value(r.domain)}"
-        if r.selector:
-            part += f" header.s={_value(r.selector)}"
-        if r.algorithm:
-            part += f" header.a={_value(r.algorithm)}"
-        if r.header_b:
-            part += f" header.b={_value(r.header_b)}"
-        parts.append(part)
-    return f"Authentication-Results: {authserv_id};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"

@@ -24,6 +24,7 @@ from typing import Any
 
 from gateway import logs
 from gateway.auth.signing import Signer
+from gateway.auth.srs import SRS
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CONSENT_TTL = 5.0  # seconds an objection recorded elsewhere may take to be seen
 HOLD_RECHECK = 600.0  # seconds between re-checks of subprocessor holds
+FORWARDED = ("cc", "bcc", "route")  # kinds that send inbound mail on: SRS and ARC apply
 
 
 def backoff(attempts: int, base: float, maximum: float) -> float:
@@ -51,9 +53,11 @@ class DeliveryWorker:
     def __init__(self, store: Store, config: GatewayConfig, metrics: Metrics,
                  clock: Callable[[], datetime] = utcnow,
                  policies: Callable[[], PolicySet] = PolicySet,
-                 signer: Callable[[], Signer] | None = None) -> None:
+                 signer: Callable[[], Signer] | None = None,
+                 srs: Callable[[], SRS | None] = lambda: None) -> None:
         self.store = store
         self.signer = signer  # the DKIM keys in force (SIGHUP may swap them)
+        self.srs = srs  # the SRS secrets in force: forwarded copies get a rewritten sender
         self.policies = policies
         self.config = config
         self.settings = config.delivery
@@ -247,9 +251,10 @@ class DeliveryWorker:
             data = await self._signed(job, compose(
                 content[0], content[1], kind=job.kind, recipient=job.recipient,
                 authserv_id=self.config.authserv_id))
+            sender = self.envelope_sender(job)
             for target in targets:  # the next host only when this one could not be reached
                 started = time.monotonic()
-                result = await self.sender.send(target, sender=job.mail_from,
+                result = await self.sender.send(target, sender=sender,
                                                 recipient=job.recipient, data=data)
                 name, host = target.name, f"{target.host}:{target.port}"
                 self.metrics.delivery_duration.labels(name).observe(time.monotonic() - started)
@@ -273,14 +278,40 @@ class DeliveryWorker:
         return AttemptResult(job.id, status, None if status == SENT_STATUS else result.detail,
                              retry_at, bounce, where=name)
 
+    def envelope_sender(self, job: DeliveryJob) -> str:
+        """MAIL FROM of a delivery: for a copy of inbound mail from another domain,
+        the sender rewritten with SRS in the tenant's domain, so that SPF passes at
+        the receiver and a bounce comes back to us (and goes on to the sender)."""
+        srs = self.srs()
+        tenant = self.config.tenants.get(job.tenant_id)
+        if (srs is None or tenant is None or not job.mail_from or job.direction != "inbound"
+                or job.kind not in FORWARDED
+                or job.mail_from.rpartition("@")[2].lower() in tenant.domains):
+            return job.mail_from
+        domain = tenant.srs_domain.lower().rstrip(".") if tenant.srs_domain else tenant.domains[0]
+        return srs.forward(job.mail_from, domain)
+
     async def _signed(self, job: DeliveryJob, data: bytes) -> bytes:
-        """The message with our DKIM signatures; unsigned (and counted) when no key
-        applies or signing fails: a message is never held back for want of one."""
+        """The message with our ARC set (a forwarded copy of inbound mail) and our DKIM
+        signatures; unsealed or unsigned (and counted) when no key applies or it
+        fails: a message is never held back for want of one."""
         if self.signer is None:
             return data
+        signer = self.signer()
         tenant = self.metrics.tenant(job.tenant_id)
+        if job.direction == "inbound" and job.kind in FORWARDED:
+            try:
+                sealed = await asyncio.to_thread(signer.seal, data, job.tenant_id,
+                                                 self.config.authserv_id)
+            except Exception as exc:  # dkimpy refuses some malformed headers; send as it is
+                self.metrics.arc_seals.labels(tenant, "error").inc()
+                log.warning("delivery %d of %s: not ARC-sealed: %s", job.id, job.message_id,
+                            exc.__class__.__name__)
+            else:
+                self.metrics.arc_seals.labels(tenant, "sealed" if sealed.keys else "none").inc()
+                data = sealed.data
         try:
-            signed = await asyncio.to_thread(self.signer().sign, data, job.tenant_id)
+            signed = await asyncio.to_thread(signer.sign, data, job.tenant_id)
         except Exception as exc:  # dkimpy refuses some malformed headers; send as it is
             self.metrics.dkim_signatures.labels(tenant, "none", "error").inc()
             log.warning("delivery %d of %s: not DKIM-signed: %s", job.id, job.message_id,

@@ -31,6 +31,8 @@ from typing import Any, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import logs
+from gateway.auth.inbound import Authenticator
+from gateway.auth.srs import SRS
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
 from gateway.headers import header_end
@@ -57,6 +59,8 @@ BARE_NEWLINE = "550 5.5.2 Error: bare CR or LF in message data"
 TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission channel"
 TOO_MANY_HOPS = "554 5.4.6 Too many hops"
+DMARC_REJECTED = "550 5.7.1 Message rejected: DMARC policy of {domain} is reject"
+AUTH_DEADLINE = 30.0  # seconds the DMARC check before the reply may take
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 # aiosmtpd's own reply texts, as Postfix would word them, with enhanced codes.
@@ -479,6 +483,9 @@ class IngressHandler:
         metrics: Metrics,
         workflows: Callable[[], Workflows] = Workflows,
         clock: Callable[[], float] = time.monotonic,
+        authenticator: Authenticator | None = None,
+        dmarc_rejecting: set[str] | None = None,
+        srs: Callable[[], SRS | None] = lambda: None,
     ) -> None:
         self.settings = settings
         self.directory = directory
@@ -486,6 +493,9 @@ class IngressHandler:
         self.metrics = metrics
         self.workflows = workflows  # the rules in force (they change on a policy reload)
         self.clock = clock
+        self.authenticator = authenticator
+        self.dmarc_rejecting = dmarc_rejecting or set()  # tenants with dmarc: reject
+        self.srs = srs  # the SRS secrets in force: bounces to our rewritten senders
 
     async def handle_EHLO(
         self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
@@ -510,7 +520,7 @@ class IngressHandler:
     ) -> str:
         if len(envelope.rcpt_tos) >= self.settings.max_recipients:
             return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
-        verdict = self.directory.resolve(address, smtputf8=envelope.smtp_utf8)
+        verdict = self.directory.resolve(address, smtputf8=envelope.smtp_utf8, srs=self.srs())
         if not isinstance(verdict, Accepted):
             return refuse_rcpt(server, verdict.reply, verdict.reason)
         state = _state(envelope)
@@ -534,6 +544,9 @@ class IngressHandler:
         groups = self._early_rules(_state(envelope).tenants, mail_from, data)
         if isinstance(groups, str):
             return smtp.refuse_data(groups, "rule", len(data))
+        groups = await self._dmarc(groups, session, mail_from, data, client)
+        if isinstance(groups, str):
+            return smtp.refuse_data(groups, "dmarc", len(data))
         batch = [
             build_message(session, envelope, data, tenant_id=tenant_id, recipients=recipients,
                           hostname=self.settings.hostname, mail_from=mail_from, now=now,
@@ -573,6 +586,32 @@ class IngressHandler:
                 log.info("message for tenant %s rejected by rule %s", tenant, verdict[0])
                 reply = verdict[1]
         return keep or reply
+
+    async def _dmarc(self, groups: dict[str, list[str]], session: Session, sender: str,
+                     data: bytes, client: str) -> dict[str, list[str]] | str:
+        """Drop the tenants that refuse mail failing DMARC under p=reject.
+
+        Only a message for such a tenant pays for DNS before the reply.  A check
+        that errs or takes too long never refuses: the message is accepted and
+        the pipeline records its results.
+        """
+        if self.authenticator is None or not self.dmarc_rejecting.intersection(groups):
+            return groups
+        try:
+            results = await asyncio.wait_for(asyncio.to_thread(
+                self.authenticator, data, mail_from=sender, helo=_safe_helo(session.host_name),
+                client_ip=client), AUTH_DEADLINE)
+        except Exception as exc:  # DNS trouble or a bug in a check: accept, never refuse
+            log.warning("DMARC check before the reply failed (%s); accepting",
+                        exc.__class__.__name__)
+            return groups
+        verdict = results.dmarc
+        if verdict is None or verdict.result != "fail" or verdict.disposition != "reject":
+            return groups
+        keep = {t: r for t, r in groups.items() if t not in self.dmarc_rejecting}
+        log.info("message from %s fails DMARC of %s (p=reject): refused for %s", client,
+                 verdict.domain, ",".join(t for t in groups if t not in keep))
+        return keep or DMARC_REJECTED.format(domain=verdict.domain)
 
 
 _MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")

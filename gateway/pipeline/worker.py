@@ -24,7 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway import logs
-from gateway.auth.verify import DKIMResult, aggregate, authentication_results
+from gateway.auth import srs
+from gateway.auth.inbound import AuthResults
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
@@ -60,8 +61,9 @@ class PipelineWorker:
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
         metrics: Metrics | None = None,
-        authenticate: Callable[[bytes], list[DKIMResult]] | None = None,
+        authenticate: Callable[[PipelineInput], AuthResults] | None = None,
         authserv_id: str = "localhost",
+        srs: bool = False,
     ) -> None:
         self.store = store
         self.parser = parser
@@ -74,8 +76,9 @@ class PipelineWorker:
         self.owner = f"{self.host}:{os.getpid()}"
         self.wakeup = asyncio.Event()
         self.metrics = metrics
-        self.authenticate = authenticate  # DKIM verification of inbound mail (blocking)
+        self.authenticate = authenticate  # DKIM/SPF/ARC/DMARC of inbound mail (blocking)
         self.authserv_id = authserv_id
+        self.srs = srs  # recipients that are our SRS addresses get the message back
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -197,11 +200,11 @@ class PipelineWorker:
         started = time.monotonic()
         verifying = None
         if self.authenticate is not None and item.direction == "inbound":
-            verifying = asyncio.create_task(self._verify(item.raw))
+            verifying = asyncio.create_task(self._verify(item))
         try:
             result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
         finally:
-            dkim_results = await verifying if verifying is not None else None
+            auth = await verifying if verifying is not None else None
         self._timed("parse", started)
         parsed = to_fields(result)
         if parsed.parse_failed:
@@ -216,29 +219,28 @@ class PipelineWorker:
             attachments=tuple((a["filename"] or "", a["content_type"] or "")
                               for a in parsed.attachments),
             size=item.size, tags=frozenset(tags),
-            auth=(("dkim", aggregate(dkim_results)),) if dkim_results is not None else (),
+            auth=auth.for_rules() if auth is not None else (),
         )
         started = time.monotonic()
         plan = evaluate(policy.workflows.for_tenant(item.tenant_id), view)
-        outcome = actions.outcome(plan, item.recipients, tags, item.direction)
+        returns = _returns(item) if self.srs else ()
+        outcome = actions.outcome(plan, item.recipients, tags, item.direction, returns)
         outcome = dataclasses.replace(outcome, policy_version=policy.version)
-        if dkim_results is not None:
-            outcome = dataclasses.replace(
-                outcome, auth_results={"dkim": [r.as_dict() for r in dkim_results]},
-                auth_header=authentication_results(self.authserv_id, dkim_results))
+        if auth is not None:
+            outcome = dataclasses.replace(outcome, auth_results=auth.as_dict(),
+                                          auth_header=auth.header(self.authserv_id))
         self._timed("rules", started)
         return Prepared(message_id, item.tenant_id, parsed, outcome,
                         [name for name, _ in plan.matched])
 
-    async def _verify(self, raw: bytes) -> list[DKIMResult]:
-        """DKIM results of an inbound message (in a thread: DNS and CPU)."""
+    async def _verify(self, item: PipelineInput) -> AuthResults:
+        """Authentication results of an inbound message (in a thread: DNS and CPU)."""
         assert self.authenticate is not None
         started = time.monotonic()
-        results = await asyncio.to_thread(self.authenticate, raw)
-        self._timed("dkim", started)
+        results = await asyncio.to_thread(self.authenticate, item)
+        self._timed("auth", started)
         if self.metrics is not None:
-            for r in results:
-                self.metrics.dkim_verifications.labels(r.result).inc()
+            self.metrics.auth_results(results)
         return results
 
     def _timed(self, stage: str, started: float) -> None:
@@ -248,6 +250,21 @@ class PipelineWorker:
     def _failed(self, stage: str) -> None:
         if self.metrics is not None:
             self.metrics.pipeline_failures.labels(stage).inc()
+
+def _returns(item: PipelineInput) -> tuple[str, ...]:
+    """Where a bounce to our SRS addresses goes back to (the listener checked them)."""
+    if item.direction != "inbound":
+        return ()
+    out = []
+    for r in item.recipients:
+        if srs.is_srs(r):
+            try:
+                out.append(srs.decode(r))
+            except srs.SRSError:
+                log.warning("%s: recipient %s is not an SRS address we can decode", item.id,
+                            logs.mask(r))
+    return tuple(out)
+
 
 def _pid_alive(pid: int) -> bool:
     try:

@@ -26,7 +26,7 @@ from gateway.yamlfile import Checker, KeyPath, YamlDocument
 
 HELD_PREFIX = "no authorised subprocessor"  # the start of every hold reason from routing
 PURPOSES = ("outbound-relay", "archive", "scanning", "other")
-KINDS = ("cc", "bcc", "rcpt")  # deliveries that leave through a relay
+KINDS = ("cc", "bcc", "rcpt", "return")  # deliveries that leave through a relay
 _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
 _COUNTRY = re.compile(r"^[A-Z]{2}$")
 

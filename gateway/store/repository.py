@@ -168,11 +168,13 @@ class PipelineInput:
     tags: tuple[str, ...]
     raw: bytes
     direction: str = "inbound"
+    client_address: str = ""  # for SPF
+    helo: str = ""
 
 
 @dataclass(frozen=True, slots=True)
 class PlannedDelivery:
-    kind: str  # cc | bcc | route
+    kind: str  # cc | bcc | route | rcpt | return
     recipient: str
     destination: str | None  # None: the relay
     rule: str
@@ -476,7 +478,7 @@ class Store:
             rows = conn.execute(
                 select(messages.c.id, messages.c.tenant_id, messages.c.mail_from,
                        messages.c.size, messages.c.tags, messages.c.direction,
-                       message_blobs.c.data)
+                       messages.c.client_address, messages.c.helo, message_blobs.c.data)
                 .join(message_blobs, message_blobs.c.message_id == messages.c.id)
                 .where(messages.c.id.in_(list(message_ids)))
             ).all()
@@ -484,7 +486,7 @@ class Store:
         return {
             r.id: PipelineInput(r.id, r.tenant_id, r.mail_from,
                                 tuple(recipients.get(r.id, [])), r.size, tuple(r.tags or ()),
-                                r.data, r.direction)
+                                r.data, r.direction, r.client_address, r.helo)
             for r in rows
         }
 

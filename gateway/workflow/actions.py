@@ -7,7 +7,8 @@ from gateway.workflow.rules import Plan
 
 
 def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, ...],
-            direction: str = "inbound") -> Outcome:
+            direction: str = "inbound", returns: tuple[str, ...] = ()) -> Outcome:
+    """``returns``: where bounces to our rewritten (SRS) senders go back to."""
     tags = tuple(dict.fromkeys((*existing_tags, *plan.tags)))
     if plan.reject is not None:
         # The rule needed more than the envelope and headers, so it could only be
@@ -24,4 +25,5 @@ def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, .
     for destination in plan.routes:
         planned += [PlannedDelivery("route", r, destination, plan.origin[destination])
                     for r in recipients]
+    planned += [PlannedDelivery("return", r, None, "(srs)") for r in returns]
     return Outcome(tags=tags, deliveries=tuple(planned))

@@ -174,7 +174,7 @@ class _Checker(Checker):
             self._known_tags(tags, p)
             return TagTest(frozenset(tags)) if tags else None
         if key == "auth":
-            spec = self.mapping(v, p, {"dkim", "spf", "dmarc"}, "auth")
+            spec = self.mapping(v, p, {"dkim", "spf", "dmarc", "arc"}, "auth")
             if spec is None:
                 return None
             tests = []
