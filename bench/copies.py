@@ -39,6 +39,19 @@ def counts(engine) -> dict[str, int]:
     return result
 
 
+def signer(spec: str | None):
+    """FILE:DOMAIN:SELECTOR -> a function that puts an RSA DKIM signature on a message."""
+    if not spec:
+        return None
+    from gateway.auth import keys
+    from gateway.auth.signing import Signer
+
+    path, domain, selector = spec.split(":")
+    key = keys.load(Path(path), domain, selector, keys.RSA)
+    author = Signer([key], {"author": [domain]})
+    return lambda message: author.sign(message, "author").data
+
+
 async def main(args: argparse.Namespace) -> None:
     engine = database.create(args.db)
     before = counts(engine).get("sent", 0)
@@ -55,7 +68,8 @@ async def main(args: argparse.Namespace) -> None:
     watcher = asyncio.create_task(watch())
     load_args = argparse.Namespace(host="127.0.0.1", port=args.port, messages=args.messages,
                                    concurrency=args.concurrency, size=args.size,
-                                   per_connection=1, pid=None, idle=None, rate=args.rate)
+                                   per_connection=1, pid=None, idle=None, rate=args.rate,
+                                   sender=args.sender, sign=signer(args.sign_key))
     await smtp_load.load(load_args)
     accepted_at = time.perf_counter() - started
     wanted = before + 2 * args.messages
@@ -92,4 +106,6 @@ if __name__ == "__main__":
     p.add_argument("--size", type=int, default=4096)
     p.add_argument("--timeout", type=float, default=300)
     p.add_argument("--rate", type=float, help="offered messages per second (open loop)")
+    p.add_argument("--sender", default="bench@bench.test", help="envelope sender and From")
+    p.add_argument("--sign-key", help="FILE:DOMAIN:SELECTOR: DKIM-sign every message with it")
     asyncio.run(main(p.parse_args()))

@@ -108,8 +108,8 @@ class RSSSampler:
                 pass
 
 
-def make_message(size: int, n: int) -> bytes:
-    head = (f"From: bench@bench.test\r\nTo: sink@bench.test\r\nSubject: bench {n}\r\n"
+def make_message(size: int, n: int, sender: str = "bench@bench.test") -> bytes:
+    head = (f"From: {sender}\r\nTo: sink@bench.test\r\nSubject: bench {n}\r\n"
             f"Message-ID: <{n}.{time.time_ns()}@bench.test>\r\n\r\n").encode()
     line = b"abcdefghijklmnopqrstuvwxyz0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789\r\n"
     body = (line * (max(size - len(head), 0) // len(line) + 1))[: max(size - len(head), 2)]
@@ -128,7 +128,7 @@ async def reply(reader: asyncio.StreamReader) -> bytes:
 
 
 async def session(host: str, port: int, messages: list[bytes], dot_lat: list[float],
-                  sess_lat: list[float]) -> int:
+                  sess_lat: list[float], sender: str = "bench@bench.test") -> int:
     started = time.perf_counter()
     reader, writer = await asyncio.open_connection(host, port)
     ok = 0
@@ -137,7 +137,8 @@ async def session(host: str, port: int, messages: list[bytes], dot_lat: list[flo
         writer.write(b"EHLO bench.test\r\n")
         await reply(reader)
         for msg in messages:
-            writer.write(b"MAIL FROM:<bench@bench.test>\r\nRCPT TO:<sink@bench.test>\r\nDATA\r\n")
+            writer.write(f"MAIL FROM:<{sender}>\r\nRCPT TO:<sink@bench.test>\r\nDATA\r\n"
+                         .encode())
             for _ in range(3):
                 await reply(reader)
             writer.write(msg)
@@ -170,11 +171,14 @@ async def load(args: argparse.Namespace) -> None:
     per = args.per_connection
     sessions_needed = (args.messages + per - 1) // per
     queue: asyncio.Queue[list[bytes]] = asyncio.Queue()
+    sender = getattr(args, "sender", None) or "bench@bench.test"
+    sign = getattr(args, "sign", None)  # bytes -> bytes: e.g. a DKIM signature on top
     n = 0
     for _ in range(sessions_needed):
         batch = []
         for _ in range(min(per, args.messages - n)):
-            batch.append(make_message(args.size, n))
+            message = make_message(args.size, n, sender)
+            batch.append(sign(message) if sign else message)
             n += 1
         queue.put_nowait(batch)
     dot_lat: list[float] = []
@@ -197,7 +201,7 @@ async def load(args: argparse.Namespace) -> None:
                 if wait > 0:
                     await asyncio.sleep(wait)
             try:
-                ok = await session(args.host, args.port, batch, dot_lat, sess_lat)
+                ok = await session(args.host, args.port, batch, dot_lat, sess_lat, sender)
             except (OSError, ConnectionError):
                 failures += 1
             else:

@@ -3,79 +3,115 @@
 A copy of inbound mail is changed on its way (our trace header, the Bcc field
 removed, a Cc address added), which can break the author's DKIM signature.  The
 ARC set we add records, under our signature, the results we found on arrival:
-ARC-Authentication-Results (our Authentication-Results field with ``i=``),
-ARC-Message-Signature over the message as we send it, and ARC-Seal over the
-chain, with ``cv=`` from our ARC check of the sets earlier forwarders added.
 
-dkimpy builds the set; only its RSA operation is replaced by OpenSSL's
-(dkimpy's own RSA takes 6 ms per signature in Python, and a seal needs two).
-ARC is defined for rsa-sha256 only, so a domain needs an RSA key to seal.
+* ARC-Authentication-Results: our Authentication-Results field, with ``i=``;
+* ARC-Message-Signature: a DKIM-like signature of the copy as we send it;
+* ARC-Seal: a signature over every ARC set in instance order, with ``cv=`` from
+  our check of the sets earlier forwarders added (``arc=`` in our results).
+
+It is built here with dkimpy's canonicalization and the private-key operation
+in OpenSSL, the way ``dkim.ARC.sign`` builds it (that one parses every
+Authentication-Results field with authres and signs in Python: 18 ms per
+seal against 0.6 ms here).  dkimpy and Perl's Mail::DKIM validate the result
+in the tests.  ARC is defined for rsa-sha256 only.
 """
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import re
-from typing import Any
+import time
 
 import dkim
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
+from cryptography.hazmat.primitives.asymmetric import rsa
 
+from gateway.auth import fields
+from gateway.auth.fields import RELAXED
 from gateway.auth.keys import SigningKey
 
 # What the ARC-Message-Signature covers (absent fields too, so they cannot be added).
 SEALED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
                   b"in-reply-to", b"references", b"mime-version", b"content-type",
                   b"content-transfer-encoding")
+MAX_INSTANCE = 50  # RFC 8617 4.2.1
+
+_AAR, _AMS, _AS = b"ARC-Authentication-Results", b"ARC-Message-Signature", b"ARC-Seal"
+_SET_ORDER = (_AAR.lower(), _AMS.lower(), _AS.lower())
+_INSTANCE = re.compile(rb"^\s*i\s*=\s*(\d+)\s*;")
+_INSTANCE_TAG = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d+)")
+_CHAIN = re.compile(rb"\barc\s*=\s*([a-z]+)", re.IGNORECASE)
 
 
-class _Sealer(dkim.ARC):
-    def __init__(self, message: bytes, private: rsa.RSAPrivateKey) -> None:
-        super().__init__(message, signature_algorithm=b"rsa-sha256")
-        self._private = private
-
-    def gen_header(self, fields: list[tuple[bytes, bytes]], include_headers: Any,
-                   canon_policy: Any, header_name: bytes, pk: Any,
-                   standardize: bool = False) -> bytes:
-        """dkimpy's DomainSigner.gen_header (unstandardized), signing with OpenSSL."""
-        value = dkim.fold(b"; ".join(b"=".join(x) for x in fields), namelen=len(header_name),
-                          linesep=b"\r\n")
-        value = dkim.RE_BTAG.sub(b"\\1", value)
-        digest = hashlib.sha256()
-        self.signed_headers = dkim.hash_headers(
-            digest, canon_policy, canon_policy.canonicalize_headers(self.headers),
-            include_headers, (header_name, b" " + value), dict(fields))
-        signature = self._private.sign(digest.digest(), padding.PKCS1v15(),
-                                       Prehashed(hashes.SHA256()))
-        index = next(i for i, (name, _) in enumerate(fields) if name == b"b")
-        fields[index] = (b"b", base64.b64encode(signature))
-        value = b"; ".join(b"=".join(x) for x in fields) + self.linesep
-        return bytes(dkim.fold(value, namelen=len(header_name), linesep=self.linesep))
+def _ours(headers: list[tuple[bytes, bytes]], authserv_id: bytes) -> bytes | None:
+    """The value of our Authentication-Results field, None if there is none."""
+    for name, value in headers:
+        if name.lower() == b"authentication-results":
+            served = value.split(b";", 1)[0].strip().split()
+            if served and served[0].lower() == authserv_id.lower():
+                return value
+    return None
 
 
-def _chain_checked(data: bytes, authserv_id: str) -> bool:
-    """Whether our Authentication-Results field gives the chain a state ``cv=`` can carry
-    (pass, fail, none; or no arc= at all, for a message without a chain)."""
-    ours = re.search(rb"(?im)^authentication-results:[ \t]*" + re.escape(authserv_id.encode())
-                     + rb"[ \t]*;[^\r\n]*(?:\r\n[ \t][^\r\n]*)*", data)
-    if ours is None:
-        return False
-    found = re.search(rb"\barc=([a-z]+)", ours.group(0), re.IGNORECASE)
-    return found is None or found.group(1).lower() in (b"pass", b"fail", b"none")
+def _sets(headers: list[tuple[bytes, bytes]]) -> dict[int, dict[bytes, tuple[bytes, bytes]]]:
+    """The ARC header fields earlier forwarders added, by instance and name."""
+    sets: dict[int, dict[bytes, tuple[bytes, bytes]]] = {}
+    for name, value in headers:
+        lower = name.lower()
+        if lower in _SET_ORDER:
+            found = (_INSTANCE if lower == _AAR.lower() else _INSTANCE_TAG).search(value)
+            if found is not None:
+                sets.setdefault(int(found.group(1)), {})[lower] = (name, value)
+    return sets
 
 
 def seal(data: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
          authserv_id: str) -> bytes | None:
     """``data`` with our ARC set on top; None when there is nothing to seal: no
     Authentication-Results of ours in it, or a chain we cannot extend (RFC 8617 5.1)."""
-    if not _chain_checked(data, authserv_id):
+    headers, body = dkim.rfc822_parse(data)
+    results = _ours(headers, authserv_id.encode())
+    if results is None:
         return None
-    fields = _Sealer(data, private).sign(key.selector.encode(), key.domain.encode(),
-                                         key.private, authserv_id.encode(),
-                                         include_headers=SEALED_HEADERS)
-    if not fields:
-        return None
-    return b"".join(fields) + data
+    chain = _CHAIN.search(results)
+    cv = chain.group(1).lower() if chain else b"none"
+    sets = _sets(headers)
+    instance = max(sets, default=0) + 1
+    if cv not in (b"pass", b"fail", b"none") or instance > MAX_INSTANCE:
+        return None  # a chain we could not check (temperror) or one that is too long
+    if (instance == 1) != (cv == b"none"):
+        return None  # results that do not match the chain in the message
+    if cv != b"fail" and sorted(sets) != list(range(1, instance)):
+        return None  # a gap or a half set: the chain is broken, not ours to extend
+    domain, selector = key.domain.encode(), key.selector.encode()
+    now = str(int(time.time())).encode()
+    number = str(instance).encode()
+
+    aar = _AAR + b": i=" + number + b"; " + results.strip() + b"\r\n"
+
+    ams_tags = [(b"i", number), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"),
+                (b"d", domain), (b"s", selector), (b"t", now),
+                (b"h", b" : ".join(SEALED_HEADERS)), (b"bh", fields.body_hash(body)),
+                (b"b", b"0" * 60)]
+    digest = hashlib.sha256()
+    dkim.hash_headers(digest, RELAXED, RELAXED.canonicalize_headers(headers), SEALED_HEADERS,
+                      (_AMS, b" " + fields.unsigned(_AMS, ams_tags)), dict(ams_tags))
+    ams = fields.signed(_AMS, ams_tags, digest.digest(), private)
+
+    as_tags = [(b"i", number), (b"cv", cv), (b"a", b"rsa-sha256"), (b"d", domain),
+               (b"s", selector), (b"t", now), (b"b", b"0" * 60)]
+    # Every set in instance order, AAR, AMS, AS each; after a failed chain, only ours.
+    sealed: list[tuple[bytes, bytes]] = []
+    if cv != b"fail":
+        for i in sorted(sets):
+            sealed += [sets[i][n] for n in _SET_ORDER if n in sets[i]]
+    for field in (aar, ams):
+        name, _, value = field.partition(b":")
+        sealed.append((name, value))
+    digest = hashlib.sha256()
+    for name, value in RELAXED.canonicalize_headers(sealed):
+        digest.update(name + b":" + value)
+    seal_value = fields.unsigned(_AS, as_tags)
+    for name, value in RELAXED.canonicalize_headers([(_AS, b" " + seal_value)]):
+        digest.update(name + b":" + value.rstrip())
+    arc_seal = fields.signed(_AS, as_tags, digest.digest(), private)
+    return arc_seal + ams + aar + data

@@ -24,12 +24,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 import dkim
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
-from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
-from dkim.canonicalization import CanonicalizationPolicy
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
-from gateway.auth import arc
+from gateway.auth import arc, fields
+from gateway.auth.fields import RELAXED
 from gateway.auth.keys import ED25519, RSA, SigningKey, load
 from gateway.config import GatewayConfig
 from gateway.headers import header_end
@@ -51,7 +50,6 @@ def author_domain(data: bytes) -> str | None:
     return domain or None
 
 
-RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
 _NAME = b"DKIM-Signature"
 
 
@@ -116,35 +114,25 @@ class Signer:
         include = (*SIGNED_HEADERS, *([b"from"] * max(present, 1)))
         headers, body = dkim.rfc822_parse(data)
         canonical_headers = RELAXED.canonicalize_headers(headers)
-        body_hash = base64.b64encode(hashlib.sha256(RELAXED.canonicalize_body(body)).digest())
+        body_hash = fields.body_hash(body)
         now = str(int(time.time())).encode()
-        fields = b"".join(self._signature(key, canonical_headers, body_hash, include, now)
-                          for key in keys)
-        return Signed(fields + data, keys)
+        signatures = b"".join(self._signature(key, canonical_headers, body_hash, include, now)
+                              for key in keys)
+        return Signed(signatures + data, keys)
 
     def _signature(self, key: SigningKey, headers: list[tuple[bytes, bytes]],
                    body_hash: bytes, include: tuple[bytes, ...], now: bytes) -> bytes:
         """One DKIM-Signature field (RFC 6376 3.5, 3.7), as dkimpy's ``DKIM.sign``
-        builds it, with the private-key operation done by OpenSSL: dkimpy's own
-        RSA in Python takes 6 ms per signature, OpenSSL's well under 1."""
+        builds it, with the private-key operation done by OpenSSL."""
         domain = key.domain.encode()
         tags = [(b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
                 (b"d", domain), (b"i", b"@" + domain), (b"q", b"dns/txt"),
                 (b"s", key.selector.encode()), (b"t", now), (b"h", b" : ".join(include)),
                 (b"bh", body_hash), (b"b", b"0" * 60)]  # b= folds onto its own line
-        value = dkim.fold(b"; ".join(b"=".join(t) for t in tags), namelen=len(_NAME))
-        value = dkim.RE_BTAG.sub(b"\\1", value)
         digest = hashlib.sha256()
-        dkim.hash_headers(digest, RELAXED, headers, include, (_NAME, b" " + value), dict(tags))
-        private = self._private[key]
-        if isinstance(private, rsa.RSAPrivateKey):
-            signature = private.sign(digest.digest(), padding.PKCS1v15(),
-                                     Prehashed(hashes.SHA256()))
-        else:  # RFC 8463: ed25519 signs the SHA-256 digest of the header data
-            signature = private.sign(digest.digest())
-        tags[-1] = (b"b", base64.b64encode(signature))
-        value = dkim.fold(b"; ".join(b"=".join(t) for t in tags) + b"\r\n", namelen=len(_NAME))
-        return _NAME + b": " + value
+        dkim.hash_headers(digest, RELAXED, headers, include,
+                          (_NAME, b" " + fields.unsigned(_NAME, tags)), dict(tags))
+        return fields.signed(_NAME, tags, digest.digest(), self._private[key])
 
 
 def from_config(config: GatewayConfig) -> Signer:
