@@ -402,12 +402,13 @@ class SRSConfig(_Section):
     @model_validator(mode="after")
     def _secrets_load(self) -> SRSConfig:
         if self.secret_file:
+            from gateway.auth.keys import KeyFileError
             from gateway.auth.srs import load_secrets
 
             try:
                 load_secrets(self.secret_file)
-            except OSError as exc:
-                raise ValueError(f"{self.secret_file}: {exc.strerror}") from None
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
         return self
 
 

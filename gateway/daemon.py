@@ -208,7 +208,8 @@ class App:
             sweeping = asyncio.create_task(self._sweep_loop(self.sweeper), name="retention")
 
         handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
-                                 self.policies.workflows, authenticator=authenticator,
+                                 self.policies.workflows,
+                                 authenticator=authenticator.for_dmarc() if authenticator else None,
                                  dmarc_rejecting={t for t, tenant in config.tenants.items()
                                                   if tenant.dmarc == "reject"},
                                  srs=lambda: self.srs)
@@ -466,7 +467,7 @@ class App:
             return
         try:
             secrets = load_secrets(self.config.srs.secret_file)
-        except (OSError, ValueError) as exc:
+        except KeyFileError as exc:
             log.error("SRS secret reload refused, the secrets in use stay: %s", exc)
             return
         if list(secrets) != list(self.srs.secrets):

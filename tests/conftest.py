@@ -68,6 +68,21 @@ def empty_zone() -> ZoneServer:
     return ZoneServer({})
 
 
+def gateway_with_rules(make_gateway: Any, tmp_path: Path, relay: Any, rules: str,
+                       overrides: dict[str, Any] | None = None) -> Gateway:
+    """A gateway running ``rules`` as policies/workflows.yaml, sending copies to the
+    ``relay`` sink, with a metrics port; ``overrides`` as for make_gateway."""
+    policies = tmp_path / "policies"
+    policies.mkdir(exist_ok=True)
+    (policies / "workflows.yaml").write_text(rules)
+    return make_gateway(_merge({
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "policies": {"directory": str(policies)},
+        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
+                     "poll_interval": "0.2s"},
+    }, overrides or {}))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -12,7 +12,14 @@ from gateway.auth import keys
 from gateway.auth.dns import Resolver
 from gateway.auth.inbound import Authenticator
 from gateway.auth.signing import Signer
-from tests.conftest import ROOT, free_port, metrics_port, need_perl_module, samples, value
+from tests.conftest import (
+    ROOT,
+    gateway_with_rules,
+    metrics_port,
+    need_perl_module,
+    samples,
+    value,
+)
 from tests.dns_server import ZoneServer, txt
 from tests.test_dkim import keygen
 from tests.test_srs import FORWARD_RULES
@@ -92,15 +99,8 @@ def test_forwarded_copy_is_sealed_and_a_removed_bcc_is_covered(make_gateway, tmp
     author = signing_key("sender.test", "ext")
     zone = ZoneServer({("s1._domainkey.acme.test", "TXT"): txt(record),
                        (author.record_name, "TXT"): txt(author.dns_record())})
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "workflows.yaml").write_text(FORWARD_RULES)
-    gw = make_gateway({
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "policies": {"directory": str(policies)},
-        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
-                     "poll_interval": "0.2s", "dns_servers": [zone.address],
-                     "dns_timeout": "3s"},
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, FORWARD_RULES, {
+        "delivery": {"dns_servers": [zone.address], "dns_timeout": "3s"},
         "dkim": {"keys": [{"domain": "acme.test", "selector": "s1", "key_file": str(key_file)}]},
     })
     try:

@@ -21,6 +21,7 @@ from gateway.auth import keys
 from gateway.auth.signing import Signer, author_domain
 from tests.conftest import (
     ROOT,
+    gateway_with_rules,
     metrics_port,
     need_perl_module,
     need_tool,
@@ -105,17 +106,8 @@ def signing_keys(tmp_path):
 
 
 def _gateway(make_gateway, tmp_path, relay, dkim_keys, dns=None):
-    policies = tmp_path / "policies"
-    policies.mkdir(exist_ok=True)
-    (policies / "workflows.yaml").write_text(WORKFLOWS)
-    from tests.conftest import free_port
-
-    return make_gateway({
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "policies": {"directory": str(policies)},
-        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
-                     "poll_interval": "0.2s", "timeout": "10s",
-                     "dns_servers": [dns.address] if dns else []},
+    return gateway_with_rules(make_gateway, tmp_path, relay, WORKFLOWS, {
+        "delivery": {"timeout": "10s", "dns_servers": [dns.address] if dns else []},
         "dkim": {"keys": dkim_keys},
     })
 
@@ -362,17 +354,8 @@ def test_inbound_signatures_are_verified_recorded_and_reported(make_gateway, tmp
     private, public, _ = keys.parse(keys.generate(keys.RSA), keys.RSA)
     zone = ZoneServer({("ext._domainkey.sender.test", "TXT"):
                        txt(keys.dns_record(keys.RSA, public))})
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "workflows.yaml").write_text(INBOUND_RULES)
-    from tests.conftest import free_port
-
-    gw = make_gateway({
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "policies": {"directory": str(policies)},
-        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
-                     "poll_interval": "0.2s", "timeout": "10s",
-                     "dns_servers": [zone.address], "dns_timeout": "3s"},
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, INBOUND_RULES, {
+        "delivery": {"timeout": "10s", "dns_servers": [zone.address], "dns_timeout": "3s"},
     })
     try:
         def message(subject: bytes, tamper: bool = False) -> bytes:

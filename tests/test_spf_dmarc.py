@@ -13,7 +13,7 @@ from gateway.auth.dmarc import evaluate, organizational_domain
 from gateway.auth.dns import Resolver
 from gateway.auth.spf import SPFResult, check
 from gateway.auth.verify import DKIMResult
-from tests.conftest import free_port, metrics_port, samples, value
+from tests.conftest import gateway_with_rules, metrics_port, samples, value
 from tests.dns_server import ZoneServer, txt
 
 SPF_ZONE = {
@@ -178,14 +178,8 @@ def test_dmarc_reject_at_end_of_data_and_tagging(make_gateway, tmp_path, relay):
         ("friendly.test", "TXT"): txt("v=spf1 ip4:127.0.0.0/8 -all"),
         ("_dmarc.friendly.test", "TXT"): txt("v=DMARC1; p=reject"),
     })
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "workflows.yaml").write_text(AUTH_RULES)
-    gw = make_gateway({
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "policies": {"directory": str(policies)},
-        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
-                     "poll_interval": "0.2s", "dns_servers": [zone.address], "dns_timeout": "3s"},
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, AUTH_RULES, {
+        "delivery": {"dns_servers": [zone.address], "dns_timeout": "3s"},
         "tenants": {"acme": {"dmarc": "reject"}},
     })
     try:

@@ -12,7 +12,14 @@ import time
 import pytest
 
 from gateway.auth.srs import SRS, SRSError, decode
-from tests.conftest import ROOT, free_port, metrics_port, need_perl_module, samples, value
+from tests.conftest import (
+    ROOT,
+    gateway_with_rules,
+    metrics_port,
+    need_perl_module,
+    samples,
+    value,
+)
 
 SECRET = b"0123456789abcdef-test-secret"
 DAY = 86400.0
@@ -115,15 +122,8 @@ def secret_file(tmp_path):
 
 
 def test_copies_are_rewritten_and_bounces_return(make_gateway, tmp_path, relay, secret_file):
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "workflows.yaml").write_text(FORWARD_RULES)
-    gw = make_gateway({
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
-        "policies": {"directory": str(policies)},
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, FORWARD_RULES, {
         "srs": {"secret_file": str(secret_file)},
-        "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
-                     "poll_interval": "0.2s"},
         "tenants": {"acme": {"srs_domain": "acme-mail.test"}},
     })
     original = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
@@ -180,5 +180,6 @@ def test_a_secret_file_others_can_read_is_refused(tmp_path, secret_file):
     out = subprocess.run([sys.executable, "-m", "gateway", "check", "--config", str(config)],
                          capture_output=True, cwd=ROOT, timeout=60)
     err = out.stderr.decode()
-    assert out.returncode == 2 and "readable or writable by others" in err and "srs" in err
+    assert out.returncode == 2 and "srs" in err
+    assert "readable by everyone or writable by others" in err
     assert "Traceback" not in err

@@ -26,13 +26,10 @@ import dkim
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.auth import fields
-from gateway.auth.fields import RELAXED
+from gateway.auth.fields import RELAXED, SIGNED_HEADERS
 from gateway.auth.keys import SigningKey
+from gateway.headers import authserv_id_of
 
-# What the ARC-Message-Signature covers (absent fields too, so they cannot be added).
-SEALED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
-                  b"in-reply-to", b"references", b"mime-version", b"content-type",
-                  b"content-transfer-encoding")
 MAX_INSTANCE = 50  # RFC 8617 4.2.1
 
 _AAR, _AMS, _AS = b"ARC-Authentication-Results", b"ARC-Message-Signature", b"ARC-Seal"
@@ -45,10 +42,9 @@ _CHAIN = re.compile(rb"\barc\s*=\s*([a-z]+)", re.IGNORECASE)
 def _ours(headers: list[tuple[bytes, bytes]], authserv_id: bytes) -> bytes | None:
     """The value of our Authentication-Results field, None if there is none."""
     for name, value in headers:
-        if name.lower() == b"authentication-results":
-            served = value.split(b";", 1)[0].strip().split()
-            if served and served[0].lower() == authserv_id.lower():
-                return value
+        if name.lower() == b"authentication-results" and \
+                authserv_id_of(value) == authserv_id.lower():
+            return value
     return None
 
 
@@ -90,10 +86,10 @@ def seal(data: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
 
     ams_tags = [(b"i", number), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"),
                 (b"d", domain), (b"s", selector), (b"t", now),
-                (b"h", b" : ".join(SEALED_HEADERS)), (b"bh", fields.body_hash(body)),
+                (b"h", b" : ".join(SIGNED_HEADERS)), (b"bh", fields.body_hash(body)),
                 (b"b", b"0" * 60)]
     digest = hashlib.sha256()
-    dkim.hash_headers(digest, RELAXED, RELAXED.canonicalize_headers(headers), SEALED_HEADERS,
+    dkim.hash_headers(digest, RELAXED, RELAXED.canonicalize_headers(headers), SIGNED_HEADERS,
                       (_AMS, b" " + fields.unsigned(_AMS, ams_tags)), dict(ams_tags))
     ams = fields.signed(_AMS, ams_tags, digest.digest(), private)
 

@@ -27,7 +27,7 @@ from publicsuffixlist import PublicSuffixList
 from gateway.auth.dns import Resolver, TempLookupError
 from gateway.auth.spf import SPFResult, valid_domain
 from gateway.auth.verify import DKIMResult
-from gateway.headers import header_end
+from gateway.headers import field_values
 
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -61,12 +61,9 @@ def aligned(a: str, b: str, strict: bool) -> bool:
     return a == b if strict else organizational_domain(a) == organizational_domain(b)
 
 
-_FROM = re.compile(rb"(?im)^from[ \t]*:([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)")
-
-
 def from_domain(data: bytes) -> str | DMARCResult:
     """The one RFC5322.From domain, or the permerror that there is none or several."""
-    fields = _FROM.findall(data, 0, header_end(data))
+    fields = field_values(data, b"from")
     if len(fields) != 1:
         return DMARCResult("permerror", reason=f"{len(fields)} From fields")
     value = re.sub(rb"\r?\n", b"", fields[0]).decode("utf-8", "replace")

@@ -10,6 +10,8 @@ the ingress and the pipeline may ask about the same message.
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import dns.exception
 import dns.name
 import dns.nameserver
@@ -21,14 +23,22 @@ class TempLookupError(Exception):
     """The lookup failed for now (timeout, SERVFAIL): a temperror result."""
 
 
+R = TypeVar("R", bound=dns.resolver.BaseResolver)
+
+
+def configured(kind: type[R], servers: list[tuple[str, int]], timeout: float) -> R:
+    """A dnspython resolver (sync or async) on these servers, the system's when none."""
+    resolver = kind(configure=not servers)
+    if servers:
+        resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p) for h, p in servers]
+    resolver.lifetime = timeout
+    return resolver
+
+
 class Resolver:
     def __init__(self, servers: list[tuple[str, int]], timeout: float,
                  cache: bool = True) -> None:
-        self._resolver = dns.resolver.Resolver(configure=not servers)
-        if servers:
-            self._resolver.nameservers = [dns.nameserver.Do53Nameserver(h, p)
-                                          for h, p in servers]
-        self._resolver.lifetime = timeout
+        self._resolver = configured(dns.resolver.Resolver, servers, timeout)
         if cache:
             self._resolver.cache = dns.resolver.LRUCache(4096)
 

@@ -14,6 +14,11 @@ from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 from dkim.canonicalization import CanonicalizationPolicy
 
 RELAXED = CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+# What our DKIM signatures and ARC-Message-Signatures cover, also where absent (so
+# these fields cannot be added later).
+SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
+                  b"in-reply-to", b"references", b"mime-version", b"content-type",
+                  b"content-transfer-encoding")
 Tags = list[tuple[bytes, bytes]]
 PrivateKey = rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 

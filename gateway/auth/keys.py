@@ -109,7 +109,9 @@ def parse(data: bytes, algorithm: str) -> tuple[bytes, str, int]:
     return pkcs1, base64.b64encode(public).decode(), key.key_size
 
 
-def load(path: Path, domain: str, selector: str, algorithm: str) -> SigningKey:
+def read_secret(path: Path) -> bytes:
+    """A file of secret material (a key, SRS secrets); refused unless it is a plain file
+    that others can neither read nor write."""
     try:
         info = path.stat()
     except OSError as exc:
@@ -123,6 +125,11 @@ def load(path: Path, domain: str, selector: str, algorithm: str) -> SigningKey:
         data = path.read_bytes()
     except OSError as exc:
         raise KeyFileError(f"{path}: {exc.strerror}") from None
+    return data
+
+
+def load(path: Path, domain: str, selector: str, algorithm: str) -> SigningKey:
+    data = read_secret(path)
     try:
         private, public, bits = parse(data, algorithm)
     except KeyFileError as exc:

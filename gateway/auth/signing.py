@@ -18,7 +18,6 @@ from __future__ import annotations
 import base64
 import email.utils
 import hashlib
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -28,23 +27,18 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from gateway.auth import arc, fields
-from gateway.auth.fields import RELAXED
+from gateway.auth.fields import RELAXED, SIGNED_HEADERS
 from gateway.auth.keys import ED25519, RSA, SigningKey, load
 from gateway.config import GatewayConfig
-from gateway.headers import header_end
-
-SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"reply-to",
-                  b"in-reply-to", b"references", b"mime-version", b"content-type",
-                  b"content-transfer-encoding")
-_FROM = re.compile(rb"(?im)^from[ \t]*:((?:[^\r\n]*)(?:\r\n[ \t][^\r\n]*)*)")
+from gateway.headers import field_values
 
 
 def author_domain(data: bytes) -> str | None:
     """The domain of the (first) From address, from the header block; None if none."""
-    match = _FROM.search(data, 0, header_end(data))
-    if match is None:
+    fields = field_values(data, b"from")
+    if not fields:
         return None
-    value = match.group(1).decode("utf-8", "replace").replace("\r\n", "")
+    value = fields[0].decode("utf-8", "replace").replace("\r\n", "")
     address = email.utils.parseaddr(value)[1]
     domain = address.rpartition("@")[2].strip().lower().rstrip(".")
     return domain or None
@@ -110,7 +104,7 @@ class Signer:
         keys = self.keys_for(author_domain(data), tenant_id)
         if not keys:
             return Signed(data, ())
-        present = len(_FROM.findall(data, 0, header_end(data)))
+        present = len(field_values(data, b"from"))
         include = (*SIGNED_HEADERS, *([b"from"] * max(present, 1)))
         headers, body = dkim.rfc822_parse(data)
         canonical_headers = RELAXED.canonicalize_headers(headers)

@@ -24,6 +24,9 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+from gateway.auth.keys import KeyFileError, read_secret
 
 HASH_LENGTH = 4
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
@@ -142,17 +145,12 @@ def decode(address: str) -> str:
 
 
 def load_secrets(path: str) -> list[bytes]:
-    """Secrets from a file, one per line (the first signs); refused when others may read it."""
-    import os
-    import stat
-
-    info = os.stat(path)
-    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH):
-        raise ValueError(f"{path}: readable or writable by others; chmod 600 it")
-    with open(path, "rb") as f:
-        secrets = [line.strip() for line in f.read().splitlines() if line.strip()]
+    """Secrets from a file, one per line (the first signs); KeyFileError when others may
+    read or write it, or it holds no usable secret."""
+    data = read_secret(Path(path))
+    secrets = [line.strip() for line in data.splitlines() if line.strip()]
     if not secrets:
-        raise ValueError(f"{path}: no secret in the file")
+        raise KeyFileError(f"{path}: no secret in the file")
     if len(secrets[0]) < 16:
-        raise ValueError(f"{path}: the first secret is shorter than 16 characters")
+        raise KeyFileError(f"{path}: the first secret is shorter than 16 characters")
     return secrets

@@ -31,7 +31,7 @@ from dkim.crypto import UnparsableKeyError, parse_public_key
 from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.auth.dns import Resolver, TempLookupError
-from gateway.headers import header_end
+from gateway.headers import field_values
 
 MIN_RSA_BITS = 1024
 
@@ -53,12 +53,9 @@ class DKIMResult:
                 "algorithm": self.algorithm, "reason": self.reason, "header_b": self.header_b}
 
 
-_SIGNATURE = re.compile(rb"(?im)^dkim-signature[ \t]*:((?:[^\r\n]*)(?:\r?\n[ \t][^\r\n]*)*)")
-
-
 def verify(data: bytes, lookup: Lookup) -> list[DKIMResult]:
     """One result per DKIM-Signature, top first; ``[none]`` when there is none."""
-    fields = _SIGNATURE.findall(data, 0, header_end(data))
+    fields = field_values(data, b"dkim-signature")
     if not fields:
         return [DKIMResult("none", reason="no DKIM-Signature")]
     checker = dkim.DKIM(data, minkey=MIN_RSA_BITS)

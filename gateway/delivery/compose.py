@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import re
 
-from gateway.headers import header_end
+from gateway.headers import authserv_id_of, header_end
 
 _FIELD_START = re.compile(rb"(?m)^(?=[^ \t\r\n])")
 
@@ -53,20 +53,15 @@ def signed_names(fields: list[bytes]) -> set[bytes]:
     return names
 
 
-def _claims_to_be_ours(field: bytes, authserv_id: bytes) -> bool:
-    """An Authentication-Results field in the original that names our authserv-id:
-    only we add those, so it is forged (RFC 8601 5)."""
-    value = field.split(b":", 1)[1].split(b";", 1)[0]
-    return value.strip().split(b" ")[0].lower() == authserv_id.lower()
-
-
 def compose(trace_header: str, raw: bytes, *, kind: str, recipient: str,
             authserv_id: str | None = None) -> bytes:
     header, rest = _split(raw)
-    ours = authserv_id.encode() if authserv_id else None
+    # An Authentication-Results field in the original that names our authserv-id is
+    # forged: only we add those (RFC 8601 5).
+    ours = authserv_id.lower().encode() if authserv_id else None
     fields = [f for f in _fields(header) if _name(f) != b"bcc"
               and not (ours and _name(f) == b"authentication-results"
-                       and _claims_to_be_ours(f, ours))]
+                       and authserv_id_of(f.split(b":", 1)[1]) == ours)]
     # A copy must not break the author's signature: when one covers Cc, the copy's
     # address is not written into it (the envelope still carries the copy).
     if kind == "cc" and b"cc" not in signed_names(fields):

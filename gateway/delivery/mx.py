@@ -16,6 +16,7 @@ import dns.nameserver
 import dns.rdatatype
 import dns.resolver
 
+from gateway.auth.dns import configured
 from gateway.config import parse_hostport
 
 MAX_HOSTS = 10
@@ -30,14 +31,8 @@ class LookupFailed(Exception):
 
 class MXResolver:
     def __init__(self, servers: list[str], timeout: float) -> None:
-        self.resolver = dns.asyncresolver.Resolver(configure=not servers)
-        if servers:
-            nameservers: list[str | dns.nameserver.Nameserver] = []
-            for server in servers:
-                host, port = parse_hostport(server)
-                nameservers.append(dns.nameserver.Do53Nameserver(host, port))
-            self.resolver.nameservers = nameservers
-        self.resolver.lifetime = timeout
+        self.resolver = configured(dns.asyncresolver.Resolver,
+                                   [parse_hostport(s) for s in servers], timeout)
 
     async def _query(self, name: str, rdtype: str) -> list[Any]:
         try:

@@ -35,7 +35,7 @@ from gateway.auth.inbound import Authenticator
 from gateway.auth.srs import SRS
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
-from gateway.headers import header_end
+from gateway.headers import field_values, header_end
 from gateway.metrics import Metrics, reply_class
 from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.store.ids import new_id
@@ -614,15 +614,12 @@ class IngressHandler:
         return keep or DMARC_REJECTED.format(domain=verdict.domain)
 
 
-_MESSAGE_ID = re.compile(rb"(?im)^message-id[ \t]*:[ \t]*([^\r\n]*(?:\r\n[ \t][^\r\n]*)*)")
-
-
 def message_id_of(content: bytes) -> str | None:
     """The Message-ID field's value (unfolded), from the header block only; None if none."""
-    match = _MESSAGE_ID.search(content, 0, header_end(content, HEADER_BLOCK_LIMIT))
-    if match is None:
+    values = field_values(content, b"message-id", HEADER_BLOCK_LIMIT)
+    if not values:
         return None
-    return " ".join(match.group(1).decode("utf-8", "replace").split()) or None
+    return " ".join(values[0].decode("utf-8", "replace").split()) or None
 
 
 def refuse_rcpt(server: SMTP, reply: str, reason: str) -> str:
