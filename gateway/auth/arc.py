@@ -62,9 +62,19 @@ def _sets(headers: list[tuple[bytes, bytes]]) -> dict[int, dict[bytes, tuple[byt
 
 def seal(data: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
          authserv_id: str) -> bytes | None:
-    """``data`` with our ARC set on top; None when there is nothing to seal: no
-    Authentication-Results of ours in it, or a chain we cannot extend (RFC 8617 5.1)."""
+    """``data`` with our ARC set on top; None when there is nothing to seal (see ``arc_set``)."""
     headers, body = dkim.rfc822_parse(data)
+    found = arc_set(headers, RELAXED.canonicalize_headers(headers), fields.body_hash(body),
+                    key, private, authserv_id)
+    return None if found is None else found + data
+
+
+def arc_set(headers: list[tuple[bytes, bytes]], canonical: list[tuple[bytes, bytes]],
+            body_hash: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
+            authserv_id: str) -> bytes | None:
+    """Our ARC set (AS, AMS, AAR) for a message with these header fields (as parsed,
+    and relaxed-canonicalized) and this body hash; None when there is nothing to seal:
+    no Authentication-Results of ours in it, or a chain we cannot extend (RFC 8617 5.1)."""
     results = _ours(headers, authserv_id.encode())
     if results is None:
         return None
@@ -86,10 +96,10 @@ def seal(data: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
 
     ams_tags = [(b"i", number), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"),
                 (b"d", domain), (b"s", selector), (b"t", now),
-                (b"h", b" : ".join(SIGNED_HEADERS)), (b"bh", fields.body_hash(body)),
+                (b"h", b" : ".join(SIGNED_HEADERS)), (b"bh", body_hash),
                 (b"b", b"0" * 60)]
     digest = hashlib.sha256()
-    dkim.hash_headers(digest, RELAXED, RELAXED.canonicalize_headers(headers), SIGNED_HEADERS,
+    dkim.hash_headers(digest, RELAXED, canonical, SIGNED_HEADERS,
                       (_AMS, b" " + fields.unsigned(_AMS, ams_tags)), dict(ams_tags))
     ams = fields.signed(_AMS, ams_tags, digest.digest(), private)
 
@@ -110,4 +120,4 @@ def seal(data: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
     for name, value in RELAXED.canonicalize_headers([(_AS, b" " + seal_value)]):
         digest.update(name + b":" + value.rstrip())
     arc_seal = fields.signed(_AS, as_tags, digest.digest(), private)
-    return arc_seal + ams + aar + data
+    return arc_seal + ams + aar

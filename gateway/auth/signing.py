@@ -19,7 +19,7 @@ import base64
 import email.utils
 import hashlib
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 import dkim
@@ -47,7 +47,7 @@ def author_domain(data: bytes) -> str | None:
 _NAME = b"DKIM-Signature"
 
 
-def _private_key(key: SigningKey) -> rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey:
+def _private_key(key: SigningKey) -> fields.PrivateKey:
     if key.algorithm == ED25519:
         return ed25519.Ed25519PrivateKey.from_private_bytes(base64.b64decode(key.private))
     loaded = serialization.load_pem_private_key(key.private, password=None)
@@ -61,6 +61,38 @@ class Signed:
     keys: tuple[SigningKey, ...]  # the keys that signed; empty when none applied
 
 
+@dataclass(frozen=True)
+class Protected:
+    """A copy with our ARC set and DKIM signatures, and what went into them."""
+
+    data: bytes
+    sealed: tuple[SigningKey, ...]  # the key of our ARC set; empty when none was added
+    signed: tuple[SigningKey, ...]  # the keys of our DKIM signatures
+    seal_error: str = ""  # why the copy could not be sealed (dkimpy refused a header)
+    sign_error: str = ""  # why it could not be signed
+
+
+Private = Callable[[SigningKey], fields.PrivateKey]
+
+
+class PrivateKeys:
+    """The private-key objects of the keys used so far, loaded once each (an RSA key
+    takes 35 ms to load: its checks, not the signing, would be most of the cost)."""
+
+    LIMIT = 256  # keys kept; more than that many are only there after many rotations
+
+    def __init__(self) -> None:
+        self._loaded: dict[SigningKey, fields.PrivateKey] = {}
+
+    def __call__(self, key: SigningKey) -> fields.PrivateKey:
+        private = self._loaded.get(key)
+        if private is None:
+            if len(self._loaded) >= self.LIMIT:
+                self._loaded.clear()
+            private = self._loaded[key] = _private_key(key)
+        return private
+
+
 class Signer:
     def __init__(self, keys: Iterable[SigningKey],
                  tenant_domains: Mapping[str, Iterable[str]]) -> None:
@@ -69,8 +101,10 @@ class Signer:
             by_domain.setdefault(key.domain, {})[key.algorithm] = key
         self.by_domain = {d: tuple(k.values()) for d, k in by_domain.items()}
         self.tenant_domains = {t: [d.lower() for d in ds] for t, ds in tenant_domains.items()}
-        self._private: dict[SigningKey, rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey] = {
-            k: _private_key(k) for ks in self.by_domain.values() for k in ks}
+        self.private = PrivateKeys()
+        for ks in self.by_domain.values():  # loaded now: a key that cannot be used fails here
+            for k in ks:
+                self.private(k)
 
     def keys_for(self, domain: str | None, tenant_id: str) -> tuple[SigningKey, ...]:
         if domain is not None and domain in self.by_domain:
@@ -94,7 +128,7 @@ class Signer:
         key = self.sealing_key(tenant_id)
         if key is None:
             return Signed(data, ())
-        private = self._private[key]
+        private = self.private(key)
         assert isinstance(private, rsa.RSAPrivateKey)
         sealed = arc.seal(data, key, private, authserv_id)
         return Signed(data, ()) if sealed is None else Signed(sealed, (key,))
@@ -104,29 +138,71 @@ class Signer:
         keys = self.keys_for(author_domain(data), tenant_id)
         if not keys:
             return Signed(data, ())
-        present = len(field_values(data, b"from"))
-        include = (*SIGNED_HEADERS, *([b"from"] * max(present, 1)))
         headers, body = dkim.rfc822_parse(data)
-        canonical_headers = RELAXED.canonicalize_headers(headers)
-        body_hash = fields.body_hash(body)
-        now = str(int(time.time())).encode()
-        signatures = b"".join(self._signature(key, canonical_headers, body_hash, include, now)
-                              for key in keys)
-        return Signed(signatures + data, keys)
+        return Signed(signatures(data, keys, RELAXED.canonicalize_headers(headers),
+                                 fields.body_hash(body), self.private) + data, keys)
 
-    def _signature(self, key: SigningKey, headers: list[tuple[bytes, bytes]],
-                   body_hash: bytes, include: tuple[bytes, ...], now: bytes) -> bytes:
-        """One DKIM-Signature field (RFC 6376 3.5, 3.7), as dkimpy's ``DKIM.sign``
-        builds it, with the private-key operation done by OpenSSL."""
+    def plan(self, data: bytes, tenant_id: str, *,
+             seal: bool) -> tuple[SigningKey | None, tuple[SigningKey, ...]]:
+        """The keys ``protect`` takes for a copy: the ARC sealing key (when ``seal``
+        and the tenant has one) and the DKIM keys."""
+        return (self.sealing_key(tenant_id) if seal else None,
+                self.keys_for(author_domain(data), tenant_id))
+
+
+def protect(data: bytes, seal_key: SigningKey | None, sign_keys: tuple[SigningKey, ...],
+            authserv_id: str, private: Private) -> Protected:
+    """``data`` with our ARC set (with ``seal_key``) and our DKIM signatures (one per
+    key of ``sign_keys``) on top, the message parsed and its body hashed once for
+    both.  A step that fails leaves the copy without it, and says why."""
+    try:
+        headers, body = dkim.rfc822_parse(data)
+        canonical = RELAXED.canonicalize_headers(headers)
+        body_hash = fields.body_hash(body)
+    except Exception as exc:  # dkimpy refuses some malformed headers: send it as it is
+        why = exc.__class__.__name__
+        return Protected(data, (), (), why if seal_key else "", why if sign_keys else "")
+    arc_fields, seal_error = b"", ""
+    sealed: tuple[SigningKey, ...] = ()
+    if seal_key is not None:
+        try:
+            key = private(seal_key)
+            assert isinstance(key, rsa.RSAPrivateKey)
+            arc_fields = arc.arc_set(headers, canonical, body_hash, seal_key, key,
+                                     authserv_id) or b""
+            sealed = (seal_key,) if arc_fields else ()
+        except Exception as exc:  # as above: the copy goes unsealed
+            seal_error = exc.__class__.__name__
+    signed, sign_error, dkim_fields = sign_keys, "", b""
+    if sign_keys:
+        # Our DKIM signature covers none of the ARC fields: the same header list serves.
+        try:
+            dkim_fields = signatures(data, sign_keys, canonical, body_hash, private)
+        except Exception as exc:  # as above: the copy goes unsigned
+            signed, sign_error = (), exc.__class__.__name__
+    return Protected(dkim_fields + arc_fields + data, sealed, signed, seal_error, sign_error)
+
+
+def signatures(data: bytes, keys: tuple[SigningKey, ...], canonical: list[tuple[bytes, bytes]],
+               body_hash: bytes, private: Private) -> bytes:
+    """A DKIM-Signature field per key (RFC 6376 3.5, 3.7) for a message with these
+    canonicalized header fields, as dkimpy's ``DKIM.sign`` builds them, with the
+    private-key operation done by OpenSSL."""
+    present = len(field_values(data, b"from"))
+    include = (*SIGNED_HEADERS, *([b"from"] * max(present, 1)))
+    now = str(int(time.time())).encode()
+    out = []
+    for key in keys:
         domain = key.domain.encode()
         tags = [(b"v", b"1"), (b"a", key.algorithm.encode()), (b"c", b"relaxed/relaxed"),
                 (b"d", domain), (b"i", b"@" + domain), (b"q", b"dns/txt"),
                 (b"s", key.selector.encode()), (b"t", now), (b"h", b" : ".join(include)),
                 (b"bh", body_hash), (b"b", b"0" * 60)]  # b= folds onto its own line
         digest = hashlib.sha256()
-        dkim.hash_headers(digest, RELAXED, headers, include,
+        dkim.hash_headers(digest, RELAXED, canonical, include,
                           (_NAME, b" " + fields.unsigned(_NAME, tags)), dict(tags))
-        return fields.signed(_NAME, tags, digest.digest(), self._private[key])
+        out.append(fields.signed(_NAME, tags, digest.digest(), private(key)))
+    return b"".join(out)
 
 
 def from_config(config: GatewayConfig) -> Signer:
