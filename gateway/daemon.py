@@ -38,9 +38,10 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import __version__, httpd, logs
 from gateway.auth import signing
 from gateway.auth.dns import Resolver
-from gateway.auth.inbound import Authenticator, AuthResults
+from gateway.auth.inbound import Authenticator
 from gateway.auth.keys import KeyFileError
 from gateway.auth.srs import SRS, load_secrets
+from gateway.auth.work import AuthCalls, AuthWork
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.config import load as load_config
 from gateway.delivery import notices
@@ -56,9 +57,10 @@ from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.sdnotify import Notifier
 from gateway.store import database
-from gateway.store.repository import PipelineInput, Store, one_line
+from gateway.store.repository import Store, one_line
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
+from gateway.workers import WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,8 @@ LISTENERS = ("smtp", "submission")
 STATS_INTERVAL = 5.0  # seconds between looks at the backlog (gauges, STATUS=, readiness)
 LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loop stalled
 PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
+AUTH_THREADS = 8  # calls an auth process runs at once: most wait on DNS, not on the CPU
+AUTH_CALL_TIMEOUT = 300.0  # seconds before an auth process is taken for stuck and replaced
 
 
 class App:
@@ -179,11 +183,15 @@ class App:
         await store.start()
         parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
         await parser.start()
+        authenticator = self._authenticator()
+        auth_pool = WorkerPool("auth", config.auth.workers, AUTH_THREADS,
+                               AuthWork(authenticator), AUTH_CALL_TIMEOUT)
+        await auth_pool.start()
+        auth = AuthCalls(auth_pool)
         self.store = store
         await self.sync_subprocessors(None)
         delivery = DeliveryWorker(store, config, self.metrics, policies=self.policies.get,
-                                  signer=lambda: self.signer, srs=lambda: self.srs)
-        authenticator = self._authenticator()
+                                  signer=lambda: self.signer, srs=lambda: self.srs, auth=auth)
         worker = PipelineWorker(
             store, parser,
             batch_size=config.pipeline.batch_size,
@@ -192,7 +200,7 @@ class App:
             policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
             metrics=self.metrics,
-            authenticate=_for_pipeline(authenticator) if authenticator is not None else None,
+            auth=auth if auth.checking else None,
             authserv_id=config.authserv_id,
             srs=self.srs is not None,
         )
@@ -209,7 +217,7 @@ class App:
 
         handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
                                  self.policies.workflows,
-                                 authenticator=authenticator.for_dmarc() if authenticator else None,
+                                 auth=auth if auth.checking else None,
                                  dmarc_rejecting={t for t, tenant in config.tenants.items()
                                                   if tenant.dmarc == "reject"},
                                  srs=lambda: self.srs)
@@ -238,7 +246,7 @@ class App:
                     started.close()
                 await self._stop_sweeping(sweeping)
                 await self._stop_background()
-                await self._stop_parts(worker, delivery, parser, store)
+                await self._stop_parts(worker, delivery, parser, auth_pool, store)
                 raise StartupError(f"{listen}: {exc.strerror}") from None
             servers.append(server)
             self.trackers[name] = tracker
@@ -271,7 +279,7 @@ class App:
                     abort(session.transport)
         await self._stop_sweeping(sweeping)
         await self._stop_background()
-        await self._stop_parts(worker, delivery, parser, store)
+        await self._stop_parts(worker, delivery, parser, auth_pool, store)
         log.info("stopped")
         return 0
 
@@ -591,20 +599,13 @@ class App:
 
     @staticmethod
     async def _stop_parts(worker: PipelineWorker, delivery: DeliveryWorker, parser: ParserPool,
-                          store: Store) -> None:
+                          auth_pool: WorkerPool[AuthWork], store: Store) -> None:
         await worker.stop()
         await delivery.stop()
         await store.close()
         await parser.close()
+        await auth_pool.close()
         store.engine.dispose()
-
-
-def _for_pipeline(authenticator: Authenticator) -> Callable[[PipelineInput], AuthResults]:
-    def authenticate(item: PipelineInput) -> AuthResults:
-        return authenticator(item.raw, mail_from=item.mail_from, helo=item.helo,
-                             client_ip=item.client_address)
-
-    return authenticate
 
 
 def _database_name(store: Store) -> str:

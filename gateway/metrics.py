@@ -114,7 +114,8 @@ class Metrics:
         self.pipeline_stage = Histogram(
             f"{PREFIX}_pipeline_stage_duration_seconds",
             "Duration of a pipeline stage (parse: per message, in a parser process; rules: "
-            "per message; auth: DKIM, SPF, ARC and DMARC of inbound mail, per message; save: "
+            "per message; auth: DKIM, SPF, ARC and DMARC of inbound mail, per message, in an "
+            "auth process; save: "
             "per batch).",
             ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.pipeline_failures = Counter(

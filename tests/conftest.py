@@ -224,14 +224,15 @@ class Gateway:
             self.wait_listening()
         return self
 
-    def wait_listening(self, timeout: float = 30) -> None:
+    def wait_listening(self, timeout: float = 30, port: int | None = None) -> None:
+        """Until the SMTP listener (or the one on ``port``) greets."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 raise AssertionError(f"gateway exited {self.proc.returncode}:\n{self.log()}")
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1) as s:
+                with socket.create_connection(("127.0.0.1", port or self.port), timeout=1) as s:
                     s.recv(100)
                 return
             except OSError:

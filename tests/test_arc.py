@@ -34,10 +34,19 @@ def signing_key(domain: str, selector: str = "s1") -> keys.SigningKey:
     return keys.SigningKey(domain, selector, keys.RSA, private, public, bits)
 
 
+def dns_lookup(records: dict[str, str]):
+    """A dkimpy ``dnsfunc`` answering from ``records`` (TXT by name)."""
+    table = {f"{name.rstrip('.')}.".encode(): text.encode() for name, text in records.items()}
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        return table.get(name if name.endswith(b".") else name + b".")
+
+    return lookup
+
+
 def arc_result(data: bytes, *published: keys.SigningKey) -> tuple[str, int]:
-    records = {f"{k.record_name}.".encode(): k.dns_record().encode() for k in published}
-    cv, sets, _ = dkim.arc_verify(data, dnsfunc=lambda name, timeout=5: records.get(
-        name if name.endswith(b".") else name + b"."))
+    lookup = dns_lookup({k.record_name: k.dns_record() for k in published})
+    cv, sets, _ = dkim.arc_verify(data, dnsfunc=lookup)
     return cv.decode(), len(sets)
 
 
@@ -116,12 +125,8 @@ def test_forwarded_copy_is_sealed_and_a_removed_bcc_is_covered(make_gateway, tmp
             s.sendmail("alice@sender.test", ["support@acme.test"], original)
         copy = relay.wait(1)[0].data
         assert b"\r\nBcc:" not in copy.split(b"\r\n\r\n")[0]
-        records = {f"{author.record_name}.".encode(): author.dns_record().encode(),
-                   b"s1._domainkey.acme.test.": record.encode()}
-
-        def lookup(name: bytes, timeout: int = 5) -> bytes | None:
-            return records.get(name if name.endswith(b".") else name + b".")
-
+        lookup = dns_lookup({author.record_name: author.dns_record(),
+                             "s1._domainkey.acme.test": record})
         cv, sets, reason = dkim.arc_verify(copy, dnsfunc=lookup)
         assert (cv, len(sets)) == (b"pass", 1), reason
         assert sets[0]["ams-domain"] == b"acme.test"

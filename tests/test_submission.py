@@ -42,6 +42,7 @@ def gw(make_gateway, tmp_path, tls_files, password_hash, relay):
         "tenants": {"acme": {"users": {"agent@acme.test": {"password_hash": password_hash}}}},
     })
     gateway.submission_port = int(gateway.config["submission"]["listen"].rsplit(":", 1)[1])
+    gateway.wait_listening(port=gateway.submission_port)  # it opens just after the SMTP one
     return gateway
 
 

@@ -38,9 +38,14 @@ def configured(kind: type[R], servers: list[tuple[str, int]], timeout: float) ->
 class Resolver:
     def __init__(self, servers: list[tuple[str, int]], timeout: float,
                  cache: bool = True) -> None:
+        self.servers, self.timeout, self.cache = servers, timeout, cache
         self._resolver = configured(dns.resolver.Resolver, servers, timeout)
         if cache:
             self._resolver.cache = dns.resolver.LRUCache(4096)
+
+    def __reduce__(self) -> tuple[type[Resolver], tuple[list[tuple[str, int]], float, bool]]:
+        """Pickled as its settings: a worker process starts with an empty cache."""
+        return Resolver, (self.servers, self.timeout, self.cache)
 
     def _answer(self, name: str, rdtype: str) -> list[object]:
         try:

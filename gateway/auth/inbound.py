@@ -9,6 +9,7 @@ workflow rules match on, and our Authentication-Results field (RFC 8601).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -109,6 +110,11 @@ class Authenticator:
         self.resolver = resolver
         self.lookup = key_lookup(resolver)
         self.dkim, self.spf, self.dmarc, self.arc = dkim, spf, dmarc, arc
+
+    def __reduce__(self) -> tuple[Any, tuple[Resolver]]:
+        """Pickled as its settings (for a worker process; see gateway.auth.work)."""
+        return functools.partial(Authenticator, dkim=self.dkim, spf=self.spf,
+                                 dmarc=self.dmarc, arc=self.arc), (self.resolver,)
 
     def for_dmarc(self) -> Authenticator:
         """The checks a DMARC verdict needs and nothing more (before a reply is sent)."""

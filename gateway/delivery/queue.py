@@ -23,8 +23,9 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from gateway import logs
-from gateway.auth.signing import Signer
+from gateway.auth.signing import Protected, Signer
 from gateway.auth.srs import SRS
+from gateway.auth.work import AuthCalls
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
@@ -54,9 +55,11 @@ class DeliveryWorker:
                  clock: Callable[[], datetime] = utcnow,
                  policies: Callable[[], PolicySet] = PolicySet,
                  signer: Callable[[], Signer] | None = None,
-                 srs: Callable[[], SRS | None] = lambda: None) -> None:
+                 srs: Callable[[], SRS | None] = lambda: None,
+                 auth: AuthCalls | None = None) -> None:
         self.store = store
         self.signer = signer  # the DKIM keys in force (SIGHUP may swap them)
+        self.auth = auth  # where copies are sealed and signed (worker processes)
         self.srs = srs  # the SRS secrets in force: forwarded copies get a rewritten sender
         self.policies = policies
         self.config = config
@@ -295,33 +298,30 @@ class DeliveryWorker:
         """The message with our ARC set (a forwarded copy of inbound mail) and our DKIM
         signatures; unsealed or unsigned (and counted) when no key applies or it
         fails: a message is never held back for want of one."""
-        if self.signer is None:
+        if self.signer is None or self.auth is None:
             return data
-        signer = self.signer()
         tenant = self.metrics.tenant(job.tenant_id)
-        if job.direction == "inbound" and job.kind in FORWARDED:
-            try:
-                sealed = await asyncio.to_thread(signer.seal, data, job.tenant_id,
-                                                 self.config.authserv_id)
-            except Exception as exc:  # dkimpy refuses some malformed headers; send as it is
-                self.metrics.arc_seals.labels(tenant, "error").inc()
-                log.warning("delivery %d of %s: not ARC-sealed: %s", job.id, job.message_id,
-                            exc.__class__.__name__)
-            else:
-                self.metrics.arc_seals.labels(tenant, "sealed" if sealed.keys else "none").inc()
-                data = sealed.data
-        try:
-            signed = await asyncio.to_thread(signer.sign, data, job.tenant_id)
-        except Exception as exc:  # dkimpy refuses some malformed headers; send as it is
+        forwarded = job.direction == "inbound" and job.kind in FORWARDED
+        seal_key, sign_keys = self.signer().plan(data, job.tenant_id, seal=forwarded)
+        if seal_key is not None or sign_keys:
+            done = await self.auth.protect(data, seal_key, sign_keys, self.config.authserv_id)
+        else:
+            done = Protected(data, (), ())
+        if forwarded:
+            seal = "error" if done.seal_error else "sealed" if done.sealed else "none"
+            self.metrics.arc_seals.labels(tenant, seal).inc()
+        if done.seal_error:
+            log.warning("delivery %d of %s: not ARC-sealed: %s", job.id, job.message_id,
+                        done.seal_error)
+        if done.sign_error:
             self.metrics.dkim_signatures.labels(tenant, "none", "error").inc()
             log.warning("delivery %d of %s: not DKIM-signed: %s", job.id, job.message_id,
-                        exc.__class__.__name__)
-            return data
-        if not signed.keys:
+                        done.sign_error)
+        elif not done.signed:
             self.metrics.dkim_signatures.labels(tenant, "none", "no_key").inc()
-        for key in signed.keys:
+        for key in done.signed:
             self.metrics.dkim_signatures.labels(tenant, key.algorithm, "signed").inc()
-        return signed.data
+        return done.data
 
     def _event(self, job: DeliveryJob, kind: str, level: int, **fields: Any) -> None:
         delay = (self.clock() - job.created_at).total_seconds()

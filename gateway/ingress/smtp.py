@@ -31,8 +31,8 @@ from typing import Any, cast
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import logs
-from gateway.auth.inbound import Authenticator
 from gateway.auth.srs import SRS
+from gateway.auth.work import AuthCalls
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
 from gateway.headers import field_values, header_end
@@ -483,7 +483,7 @@ class IngressHandler:
         metrics: Metrics,
         workflows: Callable[[], Workflows] = Workflows,
         clock: Callable[[], float] = time.monotonic,
-        authenticator: Authenticator | None = None,
+        auth: AuthCalls | None = None,
         dmarc_rejecting: set[str] | None = None,
         srs: Callable[[], SRS | None] = lambda: None,
     ) -> None:
@@ -493,7 +493,7 @@ class IngressHandler:
         self.metrics = metrics
         self.workflows = workflows  # the rules in force (they change on a policy reload)
         self.clock = clock
-        self.authenticator = authenticator
+        self.auth = auth  # the checks of inbound mail; None: not configured
         self.dmarc_rejecting = dmarc_rejecting or set()  # tenants with dmarc: reject
         self.srs = srs  # the SRS secrets in force: bounces to our rewritten senders
 
@@ -595,12 +595,12 @@ class IngressHandler:
         that errs or takes too long never refuses: the message is accepted and
         the pipeline records its results.
         """
-        if self.authenticator is None or not self.dmarc_rejecting.intersection(groups):
+        if self.auth is None or not self.dmarc_rejecting.intersection(groups):
             return groups
         try:
-            results = await asyncio.wait_for(asyncio.to_thread(
-                self.authenticator, data, mail_from=sender, helo=_safe_helo(session.host_name),
-                client_ip=client), AUTH_DEADLINE)
+            results = await asyncio.wait_for(self.auth.check(
+                data, mail_from=sender, helo=_safe_helo(session.host_name), client_ip=client,
+                dmarc_only=True), AUTH_DEADLINE)
         except Exception as exc:  # DNS trouble or a bug in a check: accept, never refuse
             log.warning("DMARC check before the reply failed (%s); accepting",
                         exc.__class__.__name__)

@@ -11,21 +11,19 @@ message stays stored and is flagged, never lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import concurrent.futures
 import email.utils
 import logging
 import multiprocessing
 import multiprocessing.connection
-import os
 import re
-import resource
-import signal
 from dataclasses import dataclass
 from typing import Any
 
 from gateway.headers import header_end
 from gateway.pipeline.classify import Classifier
 from gateway.store.repository import ParsedFields
+from gateway.workers import child_setup
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +31,6 @@ MAX_FIELD = 998  # longest header text we keep per field (RFC 5322 line length)
 MAX_ADDRESSES = 1000  # header addresses indexed per message
 MAX_ATTACHMENTS = 1000
 MAX_HEADERS = 500  # header fields kept for workflow rules
-CHILD_MEMORY = 2 << 30  # address-space cap of a parser process
 
 
 def _clip(text: Any) -> str | None:
@@ -152,13 +149,7 @@ def to_fields(result: dict[str, Any]) -> ParsedFields:
 
 def _serve(conn: multiprocessing.connection.Connection) -> None:
     """The parser process: one message in, one result out, until the pipe closes."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon decides when we stop
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
-    # Parsing can wait; accepting mail cannot: under load, the SMTP side gets the CPU first.
-    with contextlib.suppress(OSError):
-        os.nice(10)
+    child_setup("mailflowr-parse")
     while True:
         try:
             raw, classifier = conn.recv()
@@ -186,6 +177,9 @@ class ParserPool:
         self._ctx = multiprocessing.get_context("spawn")
         self._idle: asyncio.Queue[_Child] | None = None
         self._children: list[_Child] = []
+        # A thread per parser waits for its answer: not the loop's executor threads,
+        # which wait on the database (a parse would wait behind them).
+        self._waiting = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="parse")
 
     def _spawn(self) -> _Child:
         parent, child = self._ctx.Pipe()
@@ -207,7 +201,8 @@ class ParserPool:
         child = await self._idle.get()
         healthy = False
         try:
-            result, healthy = await asyncio.to_thread(self._run, child, raw, classifier)
+            result, healthy = await asyncio.get_running_loop().run_in_executor(
+                self._waiting, self._run, child, raw, classifier)
             return result
         finally:
             if healthy:
@@ -237,3 +232,4 @@ class ParserPool:
     async def close(self) -> None:
         for child in list(self._children):
             await asyncio.to_thread(self._kill, child)
+        self._waiting.shutdown(wait=False)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from gateway import logs
 from gateway.auth import srs
 from gateway.auth.inbound import AuthResults
+from gateway.auth.work import AuthCalls
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
@@ -36,6 +37,7 @@ from gateway.workflow.rules import MessageView, evaluate
 log = logging.getLogger(__name__)
 
 LINGER = 0.2  # seconds to wait after a partial batch
+IN_FLIGHT_PER_PARSER = 4  # messages prepared at once per parser process
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +63,7 @@ class PipelineWorker:
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
         metrics: Metrics | None = None,
-        authenticate: Callable[[PipelineInput], AuthResults] | None = None,
+        auth: AuthCalls | None = None,
         authserv_id: str = "localhost",
         srs: bool = False,
     ) -> None:
@@ -76,7 +78,7 @@ class PipelineWorker:
         self.owner = f"{self.host}:{os.getpid()}"
         self.wakeup = asyncio.Event()
         self.metrics = metrics
-        self.authenticate = authenticate  # DKIM/SPF/ARC/DMARC of inbound mail (blocking)
+        self.auth = auth  # DKIM/SPF/ARC/DMARC of inbound mail; None: not checked
         self.authserv_id = authserv_id
         self.srs = srs  # recipients that are our SRS addresses get the message back
         self._stopping = False
@@ -131,7 +133,9 @@ class PipelineWorker:
             log.exception("pipeline: reading %d claimed messages failed", len(ids))
             self._failed("read")
             return
-        slots = asyncio.Semaphore(self.parser.size)  # as many in flight as there are parsers
+        # A few messages per parser in flight: while one is parsed, the checks of the
+        # next ones run in the auth processes.
+        slots = asyncio.Semaphore(self.parser.size * IN_FLIGHT_PER_PARSER)
         prepared = await asyncio.gather(*(self._prepare_guarded(i, inputs.get(i), slots)
                                           for i in ids))
         ready = [p for p in prepared if p is not None]
@@ -199,13 +203,13 @@ class PipelineWorker:
         retention = policy.retention
         started = time.monotonic()
         verifying = None
-        if self.authenticate is not None and item.direction == "inbound":
+        if self.auth is not None and item.direction == "inbound":
             verifying = asyncio.create_task(self._verify(item))
         try:
             result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
+            self._timed("parse", started)
         finally:
             auth = await verifying if verifying is not None else None
-        self._timed("parse", started)
         parsed = to_fields(result)
         if parsed.parse_failed:
             log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
@@ -234,10 +238,11 @@ class PipelineWorker:
                         [name for name, _ in plan.matched])
 
     async def _verify(self, item: PipelineInput) -> AuthResults:
-        """Authentication results of an inbound message (in a thread: DNS and CPU)."""
-        assert self.authenticate is not None
+        """Authentication results of an inbound message (DNS and CPU: in a worker process)."""
+        assert self.auth is not None
         started = time.monotonic()
-        results = await asyncio.to_thread(self.authenticate, item)
+        results = await self.auth.check(item.raw, mail_from=item.mail_from, helo=item.helo,
+                                        client_ip=item.client_address)
         self._timed("auth", started)
         if self.metrics is not None:
             self.metrics.auth_results(results)

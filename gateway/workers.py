@@ -1,0 +1,251 @@
+"""Worker processes for CPU-bound work the event loop hands off: a call returns a future.
+
+The daemon's one process accepts mail, runs the pipeline and delivers; Python
+runs one thread at a time in it, so CPU work done there in threads (RSA, DKIM
+canonicalization, SPF and DMARC evaluation) slows all of that down however
+many cores the machine has.  A ``WorkerPool`` runs such work in child
+processes instead.  Each child serves several calls at once, in threads, so a
+call waiting on DNS does not hold up the others; each is given the pool's
+``context`` once, at start, and runs ``fn(context, *args)`` with the
+module-level ``fn`` a call names.
+
+A call runs in a thread of the daemon instead when there is no worker
+process (``size`` 0) or its process failed it: the call raised there (it
+raises here too, the way the caller expects), the process ended, or the call
+overran the pool's time bound, which also has its process killed and
+replaced.  Nothing depends on the worker processes being healthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import queue
+import resource
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+C = TypeVar("C")  # what the processes are given once: the context of every call
+CHILD_MEMORY = 2 << 30  # address-space cap of a worker process
+SHORT_LIFE = 10.0  # seconds: a process that ends sooner is restarted only after a pause
+MAX_PAUSE = 60.0  # seconds: the longest pause before a restart
+
+
+class WorkerError(Exception):
+    """A call a worker process did not complete; the text says why."""
+
+
+def child_setup(name: str) -> None:
+    """What every worker process of the daemon does first (the parsers' too)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon decides when we stop
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
+    # This work can wait; accepting mail cannot: under load, the SMTP side gets the CPU first.
+    with contextlib.suppress(OSError):
+        os.nice(10)
+    # The name ps, top and the OOM killer's report show (Linux; 15 characters at most).
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+
+
+def _serve(conn: multiprocessing.connection.Connection, name: str, threads: int,
+           context: object) -> None:
+    """A worker process: calls in, results out, until the pipe closes."""
+    child_setup(name)
+    sending = threading.Lock()
+
+    def call(number: int, fn: Callable[..., Any], args: tuple[Any, ...]) -> None:
+        try:
+            reply: tuple[int, bool, Any] = (number, True, fn(context, *args))
+        except Exception as exc:
+            reply = (number, False, f"{exc.__class__.__name__}: {str(exc)[:200]}")
+        with sending:
+            try:
+                conn.send(reply)
+            except (OSError, ValueError):
+                pass  # the daemon is gone or closed the pipe: nobody waits for this
+            except Exception as exc:  # a result that cannot be pickled
+                conn.send((number, False, f"unsendable result: {exc.__class__.__name__}"))
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="call") as pool:
+        while True:
+            try:
+                number, fn, args = conn.recv()
+            except (EOFError, OSError):
+                return
+            pool.submit(call, number, fn, args)
+
+
+@dataclass(eq=False)
+class _Child:
+    process: multiprocessing.process.BaseProcess
+    conn: multiprocessing.connection.Connection
+    pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    started: float = field(default_factory=time.monotonic)
+    # Calls on their way to the process, sent by a thread of their own: never by the
+    # loop (a large message would block it), nor by the loop's executor threads (those
+    # wait on the database, and a call would wait behind them).
+    outbox: queue.SimpleQueue[tuple[int, Callable[..., Any], tuple[Any, ...]] | None] = field(
+        default_factory=queue.SimpleQueue)
+
+
+class WorkerPool(Generic[C]):
+    """``size`` processes, ``threads`` calls at a time each; ``run()`` never blocks the loop."""
+
+    def __init__(self, name: str, size: int, threads: int, context: C,
+                 timeout: float) -> None:
+        self.name = name
+        self.size = size
+        self.threads = threads
+        self.context = context
+        self.timeout = timeout
+        self._ctx = multiprocessing.get_context("spawn")
+        self._children: list[_Child] = []
+        self._numbers = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing = False
+        self._respawns: set[asyncio.Task[None]] = set()
+        self._short_lives = 0  # processes in a row that ended soon after they started
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        for _ in range(self.size):
+            await asyncio.to_thread(self._spawn)
+
+    def _spawn(self) -> None:
+        parent, child_end = self._ctx.Pipe()
+        process = self._ctx.Process(target=_serve,
+                                    args=(child_end, f"mailflowr-{self.name}", self.threads,
+                                          self.context),
+                                    name=f"mailflowr-{self.name}", daemon=True)
+        process.start()
+        child_end.close()
+        child = _Child(process, parent)
+        self._children.append(child)
+        threading.Thread(target=self._read, args=(child,), name=f"{self.name}-reader",
+                         daemon=True).start()
+        threading.Thread(target=self._write, args=(child,), name=f"{self.name}-writer",
+                         daemon=True).start()
+
+    def _write(self, child: _Child) -> None:
+        """Calls to one child, until it ends."""
+        assert self._loop is not None
+        while (message := child.outbox.get()) is not None:
+            try:
+                child.conn.send(message)
+            except Exception as exc:  # a closed pipe, or arguments that cannot be pickled
+                why = f"{self.name} process unreachable: {exc.__class__.__name__}: {exc}"
+                with contextlib.suppress(RuntimeError):  # the loop closed
+                    self._loop.call_soon_threadsafe(self._settle, child, message[0], False, why)
+
+    def _read(self, child: _Child) -> None:
+        """Results of one child, handed to the loop; its end, when the pipe closes."""
+        assert self._loop is not None
+        while True:
+            try:
+                number, ok, value = child.conn.recv()
+            except (EOFError, OSError):
+                break
+            with contextlib.suppress(RuntimeError):  # the loop closed
+                self._loop.call_soon_threadsafe(self._settle, child, number, ok, value)
+        child.process.join(5)  # here, not on the loop: a process may take a moment to end
+        with contextlib.suppress(RuntimeError):
+            self._loop.call_soon_threadsafe(self._lost, child)
+
+    @staticmethod
+    def _settle(child: _Child, number: int, ok: bool, value: Any) -> None:
+        future = child.pending.pop(number, None)
+        if future is None or future.done():
+            return  # the caller gave up on it
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(WorkerError(value))
+
+    def _lost(self, child: _Child) -> None:
+        """A child ended: its calls fail, and (unless we are closing) another takes its
+        place; after a process that ended soon after it started, only after a pause that
+        doubles each time (one that cannot start must not be restarted in a busy loop)."""
+        reason = f"{self.name} process ended (exit code {child.process.exitcode})"
+        for future in child.pending.values():
+            if not future.done():
+                future.set_exception(WorkerError(reason))
+        child.pending.clear()
+        child.outbox.put(None)
+        child.conn.close()
+        if child not in self._children:
+            return
+        self._children.remove(child)
+        if self._closing:
+            return
+        if time.monotonic() - child.started < SHORT_LIFE:
+            self._short_lives += 1
+        else:
+            self._short_lives = 0
+        pause = min(2.0 ** self._short_lives, MAX_PAUSE) if self._short_lives else 0.0
+        log.warning("%s; starting another%s", reason, f" in {pause:g} s" if pause else "")
+        task = asyncio.get_running_loop().create_task(self._respawn(pause))
+        self._respawns.add(task)
+        task.add_done_callback(self._respawns.discard)
+
+    async def _respawn(self, pause: float) -> None:
+        await asyncio.sleep(pause)
+        if not self._closing:
+            await asyncio.to_thread(self._spawn)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(context, *args)`` in a worker process (``fn`` must be module-level),
+        or in a thread here when none can."""
+        if self._children:
+            try:
+                return await self._remote(fn, *args)
+            except WorkerError as exc:
+                log.warning("%s: %s; running it in the daemon", fn.__name__, exc)
+        return await asyncio.to_thread(fn, self.context, *args)
+
+    async def _remote(self, fn: Callable[..., T], *args: Any) -> T:
+        child = min(self._children, key=lambda c: len(c.pending))
+        number = next(self._numbers)
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        child.pending[number] = future
+        try:
+            child.outbox.put((number, fn, args))
+            try:
+                return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+            except TimeoutError:
+                log.warning("%s: a call ran longer than %g s; replacing its process",
+                            self.name, self.timeout)
+                self._kill(child)
+                raise WorkerError(f"{self.name} call took longer than {self.timeout:g} s")\
+                    from None
+        finally:
+            child.pending.pop(number, None)
+
+    @staticmethod
+    def _kill(child: _Child) -> None:
+        if child.process.is_alive():
+            child.process.kill()
+
+    async def close(self) -> None:
+        self._closing = True
+        for task in self._respawns:
+            task.cancel()
+        await asyncio.gather(*self._respawns, return_exceptions=True)
+        for child in list(self._children):
+            self._kill(child)
+            await asyncio.to_thread(child.process.join, 5)
+        self._children.clear()

@@ -1,0 +1,231 @@
+"""Worker processes: calls run in them, and when one fails a call, dies or hangs, the
+call still completes (in the daemon) and the process is replaced.  Then the gateway
+itself: its auth processes killed, inbound mail is still checked and copies signed."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import dkim
+import pytest
+
+from gateway.workers import WorkerPool
+from tests.conftest import gateway_with_rules, wait_for
+from tests.dns_server import ZoneServer, txt
+from tests.test_arc import dns_lookup, signing_key
+from tests.test_dkim import keygen
+from tests.test_srs import FORWARD_RULES
+
+# The calls (module-level: a worker process imports them by name).
+
+
+def whoami(context: str, x: int) -> tuple[int, str, int]:
+    return os.getpid(), context, x
+
+
+def refuse(context: str) -> None:
+    raise ValueError("not this one")
+
+
+def die_unless_in(context: str, daemon: int) -> str:
+    """Ends the worker process it runs in; in the daemon (the fallback), answers."""
+    if os.getpid() != daemon:
+        os._exit(3)
+    return "answered in the daemon"
+
+
+def hang_unless_in(context: str, daemon: int) -> str:
+    if os.getpid() != daemon:
+        time.sleep(30)
+    return "answered in the daemon"
+
+
+def run(size: int, calls, timeout: float = 30.0, threads: int = 2):
+    async def main():
+        pool = WorkerPool("test", size, threads, "the context", timeout)
+        await pool.start()
+        try:
+            return await calls(pool), [c.process for c in pool._children]
+        finally:
+            await pool.close()
+
+    return asyncio.run(main())
+
+
+def test_calls_run_in_the_worker_processes_with_their_context():
+    async def calls(pool):
+        return await asyncio.gather(*(pool.run(whoami, n) for n in range(20)))
+
+    results, processes = run(2, calls)
+    assert [x for _, _, x in results] == list(range(20))
+    assert {c for _, c, _ in results} == {"the context"}
+    pids = {pid for pid, _, _ in results}
+    assert os.getpid() not in pids
+    assert pids <= {p.pid for p in processes}
+    comm = Path(f"/proc/{processes[0].pid}/comm")
+    if comm.exists():
+        assert comm.read_text().strip() == "mailflowr-test"
+
+
+def test_without_processes_calls_run_in_the_daemon():
+    async def calls(pool):
+        return await pool.run(whoami, 7)
+
+    (pid, context, x), processes = run(0, calls)
+    assert (pid, context, x, processes) == (os.getpid(), "the context", 7, [])
+
+
+def test_a_call_that_raises_raises_its_own_error(caplog):
+    async def calls(pool):
+        with pytest.raises(ValueError, match="not this one"):
+            await pool.run(refuse)
+        return await pool.run(whoami, 1)
+
+    (pid, _, _), processes = run(1, calls)
+    assert pid == processes[0].pid  # the process that failed the call still serves
+    assert "refuse: ValueError: not this one; running it in the daemon" in caplog.text
+
+
+def test_a_process_that_dies_is_replaced_and_its_call_completes(caplog):
+    async def calls(pool):
+        first = pool._children[0].process
+        answer = await pool.run(die_unless_in, os.getpid())
+        first.join(5)
+        await wait_for_children(pool, 1)
+        after = await pool.run(whoami, 2)
+        return answer, first, after
+
+    (answer, first, (pid, _, _)), processes = run(1, calls)
+    assert answer == "answered in the daemon"
+    assert first.exitcode == 3
+    assert pid == processes[0].pid != first.pid
+    assert "test process ended (exit code 3); starting another" in caplog.text
+
+
+def test_a_call_that_overruns_has_its_process_replaced(caplog):
+    async def calls(pool):
+        first = pool._children[0].process
+        started = time.monotonic()
+        answer = await pool.run(hang_unless_in, os.getpid())
+        took = time.monotonic() - started
+        await wait_for_children(pool, 1, not_pid=first.pid)
+        return answer, took, first, await pool.run(whoami, 3)
+
+    (answer, took, first, (pid, _, _)), processes = run(1, calls, timeout=1.0)
+    assert answer == "answered in the daemon"
+    assert took < 10
+    assert not first.is_alive()
+    assert pid == processes[0].pid != first.pid
+    assert "a call ran longer than 1 s; replacing its process" in caplog.text
+
+
+class Unloadable:
+    """A context a worker process cannot load: every process ends as it starts."""
+
+    def __reduce__(self):
+        return refuse_to_load, ()
+
+
+def refuse_to_load():
+    raise RuntimeError("cannot be loaded in a worker process")
+
+
+def test_a_process_that_cannot_start_is_restarted_after_growing_pauses(caplog):
+    async def main():
+        pool = WorkerPool("test", 1, 1, Unloadable(), 30.0)
+        await pool.start()
+        try:
+            started = time.monotonic()
+            answers = []
+            while time.monotonic() - started < 4:
+                answers.append(await pool.run(whoami, 1))
+                await asyncio.sleep(0.05)
+            return answers
+        finally:
+            await pool.close()
+
+    answers = asyncio.run(main())
+    assert answers and all(pid == os.getpid() for pid, _, _ in answers)  # done in the daemon
+    ended = caplog.text.count("test process ended (exit code 1); starting another")
+    assert 1 <= ended <= 3  # not a busy loop: restarted after 2 s, then 4 s
+    assert "test process ended (exit code 1); starting another in 2 s" in caplog.text
+
+
+async def wait_for_children(pool: WorkerPool, count: int, not_pid: int | None = None) -> None:
+    for _ in range(300):
+        alive = [c for c in pool._children if c.process.pid != not_pid]
+        if len(alive) == count and all(c.process.is_alive() for c in alive):
+            return
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"no {count} live worker processes")
+
+
+def children(pid: int, name: str) -> list[int]:
+    """Processes whose parent is ``pid`` and whose name is ``name``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            status = (entry / "status").read_text()
+            comm = (entry / "comm").read_text().strip()
+        except OSError:
+            continue
+        if f"\nPPid:\t{pid}\n" in status and comm == name:
+            found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="needs Linux /proc")
+@pytest.mark.parametrize("workers", [0, 2])
+def test_inbound_checks_and_copy_signatures_survive_killed_auth_processes(
+        make_gateway, tmp_path, relay, workers):
+    key_dir = tmp_path / "keys"
+    key_dir.mkdir()
+    key_file, record = keygen(key_dir, "acme.test", "s1")
+    author = signing_key("sender.test", "ext")
+    zone = ZoneServer({("s1._domainkey.acme.test", "TXT"): txt(record),
+                       (author.record_name, "TXT"): txt(author.dns_record()),
+                       ("sender.test", "TXT"): txt("v=spf1 ip4:127.0.0.0/8 -all")})
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, FORWARD_RULES, {
+        "delivery": {"dns_servers": [zone.address], "dns_timeout": "3s"},
+        "dkim": {"keys": [{"domain": "acme.test", "selector": "s1", "key_file": str(key_file)}]},
+        "auth": {"workers": workers},
+    })
+    try:
+        assert gw.proc is not None
+        if workers:
+            killed = wait_for(lambda: len(children(gw.proc.pid, "mailflowr-auth")) == workers
+                              and children(gw.proc.pid, "mailflowr-auth"),
+                              what="the auth processes")
+            for pid in killed:
+                os.kill(pid, signal.SIGKILL)
+        body = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
+                b"Subject: checked and signed\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n"
+                b"\r\nThe body.\r\n")
+        original = dkim.sign(body, b"ext", b"sender.test", author.private) + body
+        with gw.smtp() as s:
+            s.sendmail("alice@sender.test", ["support@acme.test"], original)
+        copy = relay.wait(1)[0].data
+        results = gw.wait_processed(1)[0]["auth_results"]
+        assert results["dkim"][0]["result"] == "pass"
+        assert results["spf"]["result"] == "pass"
+        lookup = dns_lookup({author.record_name: author.dns_record(),
+                             "s1._domainkey.acme.test": record})
+        cv, sets, reason = dkim.arc_verify(copy, dnsfunc=lookup)
+        assert (cv, len(sets)) == (b"pass", 1), reason
+        assert dkim.DKIM(copy).verify(idx=0, dnsfunc=lookup)  # ours, on top
+        if workers:
+            assert "auth process ended (exit code -9); starting another" in gw.log()
+            replaced = wait_for(lambda: len(children(gw.proc.pid, "mailflowr-auth")) == workers
+                                and children(gw.proc.pid, "mailflowr-auth"),
+                                what="new auth processes")
+            assert not set(replaced) & set(killed)
+        else:
+            assert children(gw.proc.pid, "mailflowr-auth") == []
+    finally:
+        zone.stop()
