@@ -7,6 +7,7 @@
 #   bench/copies-auth.sh on -n 3000 -c 20    # DKIM, SPF, ARC and DMARC checks; every
 #                                            # copy SRS-rewritten, ARC-sealed, DKIM-signed
 # and, to see where the cost is, "verify" (the checks only) or "sign" (the copies only).
+# AUTH_WORKERS=N sets auth.workers (the processes that check, seal and sign; default 1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:?usage: bench/copies-auth.sh off|verify|sign|on [copies.py options]}
@@ -21,17 +22,18 @@ done
 head -c 24 /dev/urandom | base64 >"$work/srs.secret"
 chmod 600 "$work/srs.secret"
 .venv/bin/python - "$work" "$mode" <<'PY'
-import sys, yaml
+import os, sys, yaml
 work, mode = sys.argv[1], sys.argv[2]
 config = yaml.safe_load(open("bench/gateway-copies.yaml"))
 config["delivery"]["dns_servers"] = ["127.0.0.1:5399"]
+config["auth"] = {"workers": int(os.environ.get("AUTH_WORKERS", "1"))}
 if mode in ("on", "sign"):
     config["dkim"] = {"keys": [{"domain": "bench.test", "selector": "s1",
                                 "key_file": f"{work}/bench.key"}]}
     config["srs"] = {"secret_file": f"{work}/srs.secret"}
 if mode in ("off", "sign"):
-    config["auth"] = {"verify_dkim": False, "check_spf": False, "check_arc": False,
-                      "check_dmarc": False}
+    config["auth"].update(verify_dkim=False, check_spf=False, check_arc=False,
+                          check_dmarc=False)
 yaml.safe_dump(config, open(f"{work}/gateway.yaml", "w"))
 PY
 .venv/bin/python - "$work" <<'PY' &
