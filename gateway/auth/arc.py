@@ -60,15 +60,6 @@ def _sets(headers: list[tuple[bytes, bytes]]) -> dict[int, dict[bytes, tuple[byt
     return sets
 
 
-def seal(data: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
-         authserv_id: str) -> bytes | None:
-    """``data`` with our ARC set on top; None when there is nothing to seal (see ``arc_set``)."""
-    headers, body = dkim.rfc822_parse(data)
-    found = arc_set(headers, RELAXED.canonicalize_headers(headers), fields.body_hash(body),
-                    key, private, authserv_id)
-    return None if found is None else found + data
-
-
 def arc_set(headers: list[tuple[bytes, bytes]], canonical: list[tuple[bytes, bytes]],
             body_hash: bytes, key: SigningKey, private: rsa.RSAPrivateKey,
             authserv_id: str) -> bytes | None:

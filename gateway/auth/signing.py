@@ -123,24 +123,19 @@ class Signer:
         return None
 
     def seal(self, data: bytes, tenant_id: str, authserv_id: str) -> Signed:
-        """``data`` with our ARC set (see gateway.auth.arc); unchanged, with no key,
+        """``data`` with our ARC set only (see gateway.auth.arc); unchanged, with no key,
         when the tenant has no RSA key or there is nothing to seal."""
-        key = self.sealing_key(tenant_id)
-        if key is None:
-            return Signed(data, ())
-        private = self.private(key)
-        assert isinstance(private, rsa.RSAPrivateKey)
-        sealed = arc.seal(data, key, private, authserv_id)
-        return Signed(data, ()) if sealed is None else Signed(sealed, (key,))
+        done = protect(data, self.sealing_key(tenant_id), (), authserv_id, self.private)
+        if done.seal_error:
+            raise ValueError(f"not sealed: {done.seal_error}")
+        return Signed(done.data, done.sealed)
 
     def sign(self, data: bytes, tenant_id: str) -> Signed:
-        """``data`` with a DKIM-Signature field per key on top (CPU-bound: run in a thread)."""
-        keys = self.keys_for(author_domain(data), tenant_id)
-        if not keys:
-            return Signed(data, ())
-        headers, body = dkim.rfc822_parse(data)
-        return Signed(signatures(data, keys, RELAXED.canonicalize_headers(headers),
-                                 fields.body_hash(body), self.private) + data, keys)
+        """``data`` with a DKIM-Signature field per key on top, and no ARC set."""
+        done = protect(data, None, self.plan(data, tenant_id, seal=False)[1], "", self.private)
+        if done.sign_error:
+            raise ValueError(f"not signed: {done.sign_error}")
+        return Signed(done.data, done.signed)
 
     def plan(self, data: bytes, tenant_id: str, *,
              seal: bool) -> tuple[SigningKey | None, tuple[SigningKey, ...]]:
@@ -155,6 +150,8 @@ def protect(data: bytes, seal_key: SigningKey | None, sign_keys: tuple[SigningKe
     """``data`` with our ARC set (with ``seal_key``) and our DKIM signatures (one per
     key of ``sign_keys``) on top, the message parsed and its body hashed once for
     both.  A step that fails leaves the copy without it, and says why."""
+    if seal_key is None and not sign_keys:
+        return Protected(data, (), ())
     try:
         headers, body = dkim.rfc822_parse(data)
         canonical = RELAXED.canonicalize_headers(headers)
