@@ -739,11 +739,13 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
         json.dump(items, sys.stdout, indent=1)
         print()
         return EXIT_OK
-    print(f"{'ID':>6} {'MESSAGE':26} {'KIND':5} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':25} "
+    print(f"{'ID':>6} {'MESSAGE':26} {'KIND':6} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':25} "
           f"{'RECIPIENT':30} REASON")
     for d in items:
-        print(f"{d['id']:>6} {d['message']:26} {d['kind']:5} {d['status']:7} {d['attempts']:>5} "
-              f"{d['next_attempt_at'] or '-':25} {_printable(d['recipient'], 30):30} "
+        # a kept original's "recipient" is a folder of an IMAP account
+        to = f"{d['destination']}:{d['recipient']}" if d["kind"] == "append" else d["recipient"]
+        print(f"{d['id']:>6} {d['message']:26} {d['kind']:6} {d['status']:7} {d['attempts']:>5} "
+              f"{d['next_attempt_at'] or '-':25} {_printable(to, 30):30} "
               f"{_printable(d['reason'] or '-', 80)}")
     return EXIT_OK
 

@@ -86,6 +86,18 @@ def _hostport(value: str | None) -> str | None:
 OptionalHostPort = Annotated[str | None, AfterValidator(_hostport)]
 
 
+def host_name(value: str) -> str:
+    """A host name, an IP address, or an IPv6 address in brackets."""
+    if value.startswith("[") and value.endswith("]"):
+        return value
+    if not _HOSTNAME.match(value.lower()) and not re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", value):
+        raise ValueError(f"not a host name or address: {value!r}")
+    return value
+
+
+HostName = Annotated[str, AfterValidator(host_name)]
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -189,6 +201,158 @@ class LoggingConfig(_Section):
     personal_data: bool = False  # True writes addresses and subjects (debugging only)
 
 
+_FLAG = re.compile(r"^\\?[A-Za-z0-9$_.\-]{1,64}$")
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+def imap_folder(value: str) -> str:
+    """A folder name as written in the configuration: anything printable, no CR, LF or
+    NUL (those would end the IMAP command it is sent in)."""
+    if not value or len(value) > 255 or any(c in value for c in "\r\n\x00"):
+        raise ValueError(f"not a folder name (1-255 characters, no CR, LF or NUL): {value!r}")
+    return value
+
+
+Folder = Annotated[str, AfterValidator(imap_folder)]
+
+
+class ImapAccountConfig(_Section):
+    """A login on a customer's IMAP server (for keep_original and imap_pull)."""
+
+    host: HostName
+    # Default: 993 with tls: implicit, 143 otherwise.
+    port: int | None = Field(default=None, ge=1, le=65535)
+    # implicit: TLS from the start (993); starttls: required on the plain port; none:
+    # plain text (loopback or a private network only).
+    tls: Literal["implicit", "starttls", "none"] = "implicit"
+    # CA certificates to trust (PEM); empty: the system's.
+    ca_file: Path | None = None
+    # Check the server's certificate and name (turn off only for a test server).
+    verify: bool = True
+    username: str
+    # The password: a file (mode 0600 or 0640), or an environment variable (set for
+    # example by systemd's EnvironmentFile=).  Never inline.
+    password_file: Path | None = None
+    password_env: str | None = None
+    # Seconds to wait for the server's answer to one command.
+    timeout: Duration = 60.0
+    # Connections kept open at most for appending originals.
+    connections: int = Field(default=4, ge=1, le=50)
+
+
+    @field_validator("username")
+    @classmethod
+    def _username(cls, v: str) -> str:
+        if not v or any(c in v for c in "\r\n\x00"):
+            raise ValueError("a user name has no CR, LF or NUL")
+        return v
+
+    @field_validator("password_env")
+    @classmethod
+    def _env_name(cls, v: str | None) -> str | None:
+        if v is not None and not _ENV_NAME.match(v):
+            raise ValueError(f"not an environment variable name: {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_password(self) -> ImapAccountConfig:
+        if (self.password_file is None) == (self.password_env is None):
+            raise ValueError("give exactly one of password_file and password_env")
+        if self.password_file is not None:
+            from gateway.auth.keys import KeyFileError, read_secret
+
+            try:
+                read_secret(self.password_file)
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
+        if self.ca_file is not None and not self.ca_file.is_file():
+            raise ValueError(f"{self.ca_file}: no such file")
+        return self
+
+    @property
+    def server_port(self) -> int:
+        return self.port or (993 if self.tls == "implicit" else 143)
+
+    def password(self, env: Mapping[str, str] | None = None) -> str:
+        """The password now (a rotated file or a changed environment is read anew);
+        ValueError saying what is missing."""
+        if self.password_file is not None:
+            from gateway.auth.keys import KeyFileError, read_secret
+
+            try:
+                data = read_secret(self.password_file)
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
+            return data.decode("utf-8").rstrip("\r\n")
+        assert self.password_env is not None
+        value = (os.environ if env is None else env).get(self.password_env)
+        if not value:
+            raise ValueError(f"environment variable {self.password_env} is not set")
+        return value
+
+
+class KeepOriginalConfig(_Section):
+    """Keep the untouched original of each inbound message on the tenant's own server."""
+
+    # An imap_accounts entry: the original is appended to folder (IMAP APPEND) ...
+    imap: str | None = None
+    folder: Folder = "INBOX"
+    # Flags the kept original gets, e.g. ["\\Seen"].
+    flags: list[str] = []
+    # Create folder when it does not exist.
+    create_folder: bool = True
+    # ... or a destinations entry: the original is relayed there by SMTP, to its
+    # envelope recipients.
+    destination: str | None = None
+    # true: every inbound message; false: only those a workflow rule keeps
+    # (action keep_original: true).
+    all_mail: bool = True
+
+    @field_validator("flags")
+    @classmethod
+    def _flags(cls, v: list[str]) -> list[str]:
+        for flag in v:
+            if not _FLAG.match(flag) or flag.lower() == "\\recent":
+                raise ValueError(f"not a flag that can be set: {flag!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _one_target(self) -> KeepOriginalConfig:
+        if (self.imap is None) == (self.destination is None):
+            raise ValueError("give exactly one of imap (an imap_accounts entry) and "
+                             "destination (a destinations entry)")
+        return self
+
+
+class ImapPullConfig(_Section):
+    """A mailbox the gateway fetches the tenant's mail from."""
+
+    # An imap_accounts entry.
+    account: str
+    folders: list[Folder] = ["INBOX"]
+    # The envelope recipient imported mail is stored with (an address of the tenant):
+    # what workflow rules see as the recipient.
+    recipient: str
+    # Seconds between checks; with IDLE (when the server offers it), new mail is
+    # fetched at once and this is the longest wait.
+    interval: Duration = 60.0
+    idle: bool = True
+    # What happens to a message on the server once its import is committed: keep
+    # (untouched, not even marked \\Seen), mark_seen, move (to move_to) or delete.
+    after_import: Literal["keep", "mark_seen", "move", "delete"] = "keep"
+    move_to: Folder | None = None
+    # Messages fetched per round trip (and per transaction).
+    batch_size: int = Field(default=100, ge=1, le=200)
+
+    @model_validator(mode="after")
+    def _move_to(self) -> ImapPullConfig:
+        if (self.after_import == "move") != (self.move_to is not None):
+            raise ValueError("move_to goes with after_import: move, and only with it")
+        if not self.folders:
+            raise ValueError("folders: name at least one")
+        return self
+
+
 class UserConfig(_Section):
     """An internal user of the submission service."""
 
@@ -219,6 +383,10 @@ class TenantConfig(_Section):
     # The domain of rewritten (SRS) senders of copies forwarded for this tenant: one of
     # its domains; empty: the first.
     srs_domain: str | None = None
+    # Keep each inbound original on the tenant's own mail server (see KeepOriginalConfig).
+    keep_original: KeepOriginalConfig | None = None
+    # Mailboxes to import mail from, by name (see ImapPullConfig).
+    imap_pull: dict[str, ImapPullConfig] = {}
 
     @field_validator("domains")
     @classmethod
@@ -248,6 +416,12 @@ class TenantConfig(_Section):
         if self.srs_domain is not None:
             if self.srs_domain.lower().rstrip(".") not in self.domains:
                 raise ValueError(f"srs_domain {self.srs_domain!r} is not one of its domains")
+        for name, pull in self.imap_pull.items():
+            if not _TENANT_ID.match(name):
+                raise ValueError(f"imap_pull {name!r}: use lower-case letters, digits, - and _")
+            if pull.recipient.rpartition("@")[2].lower() not in self.domains:
+                raise ValueError(f"imap_pull {name}: recipient {pull.recipient!r} is not in "
+                                 "this tenant's domains")
         return self
 
 
@@ -265,19 +439,11 @@ class SubmissionConfig(_Section):
 class DestinationConfig(_Section):
     """A downstream SMTP server that rules may route to."""
 
-    host: str
+    host: HostName
     port: int = Field(default=25, ge=1, le=65535)
     # none: plain; opportunistic: STARTTLS when offered; required: fail without it.
     tls: Literal["none", "opportunistic", "required"] = "opportunistic"
 
-    @field_validator("host")
-    @classmethod
-    def _host(cls, v: str) -> str:
-        if v.startswith("[") and v.endswith("]"):
-            return v
-        if not _HOSTNAME.match(v.lower()) and not re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", v):
-            raise ValueError(f"not a host name or address: {v!r}")
-        return v
 
 
 class DeliveryConfig(_Section):
@@ -437,6 +603,7 @@ class GatewayConfig(_Section):
     auth: AuthConfig = AuthConfig()
     srs: SRSConfig = SRSConfig()
     destinations: dict[str, DestinationConfig] = {}
+    imap_accounts: dict[str, ImapAccountConfig] = {}
     tenants: dict[str, TenantConfig] = {}
 
     @field_validator("tenants")
@@ -471,6 +638,23 @@ class GatewayConfig(_Section):
         if rejecting and not self.auth.check_dmarc:
             raise ValueError(f"tenant {rejecting[0]} has dmarc: reject, but auth.check_dmarc "
                              "is false")
+        return self
+
+    @model_validator(mode="after")
+    def _imap_references(self) -> GatewayConfig:
+        for tid, tenant in self.tenants.items():
+            keep = tenant.keep_original
+            if keep is not None and keep.imap is not None and keep.imap not in self.imap_accounts:
+                raise ValueError(f"tenant {tid}: keep_original.imap {keep.imap!r} is not in "
+                                 "imap_accounts")
+            if (keep is not None and keep.destination is not None
+                    and keep.destination not in self.destinations):
+                raise ValueError(f"tenant {tid}: keep_original.destination "
+                                 f"{keep.destination!r} is not in destinations")
+            for name, pull in tenant.imap_pull.items():
+                if pull.account not in self.imap_accounts:
+                    raise ValueError(f"tenant {tid}: imap_pull {name}: account "
+                                     f"{pull.account!r} is not in imap_accounts")
         return self
 
     @property

@@ -203,6 +203,8 @@ class App:
             auth=auth if auth.checking else None,
             authserv_id=config.authserv_id,
             srs=self.srs is not None,
+            keep_original={tid: t.keep_original for tid, t in config.tenants.items()
+                           if t.keep_original is not None},
         )
         worker.start()
         delivery.start()

@@ -138,9 +138,10 @@ class Metrics:
             f"{PREFIX}_deliveries_total",
             "Delivery attempts, by kind (cc, bcc, route; rcpt: a recipient of a user's or "
             "the gateway's own message, DSNs and notices included; return: a bounce going "
-            "back through our SRS address), result "
+            "back through our SRS address; keep: an original relayed to the tenant's own "
+            "server, append: an original appended to its IMAP folder), result "
             "(sent, deferred, failed, held) and destination (a configured destination or "
-            "subprocessor, relay, or mx).",
+            "subprocessor, relay, mx, or the IMAP account).",
             ["tenant", "kind", "result", "destination"], registry=r)
         self.delivery_duration = Histogram(
             f"{PREFIX}_delivery_duration_seconds",

@@ -307,6 +307,45 @@ def client_context(ca: Any) -> Any:
     return context
 
 
+def need_dovecot() -> str:
+    """The dovecot binary (Debian package dovecot-imapd); skip (fail in CI) without it."""
+    path = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists()
+                                       else None)
+    if path is None or not Path("/usr/lib/dovecot/imap").exists():
+        why = "Dovecot is not installed (Debian package dovecot-imapd)"
+        if PEERS_REQUIRED:
+            pytest.fail(why)
+        pytest.skip(why)
+    return path
+
+
+@pytest.fixture(scope="session")
+def dovecot_server(tls_files) -> Iterator[Any]:
+    """One Dovecot for the test run; each test takes logins of its own (``user()``)."""
+    from tests.dovecot import Dovecot
+
+    server = Dovecot(need_dovecot(), tls_files[0]).start()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def dovecot(dovecot_server) -> Any:
+    assert dovecot_server.proc is not None and dovecot_server.proc.poll() is None, \
+        dovecot_server.log()
+    return dovecot_server
+
+
+@pytest.fixture
+def own_dovecot(tls_files) -> Iterator[Any]:
+    """A Dovecot of the test's own, which it may stop and start (not yet started)."""
+    from tests.dovecot import Dovecot
+
+    server = Dovecot(need_dovecot(), tls_files[0])
+    yield server
+    server.close()
+
+
 @pytest.fixture(autouse=True)
 def _close_raw_clients() -> Iterator[None]:
     yield

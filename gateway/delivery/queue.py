@@ -9,6 +9,9 @@ through a relay the tenant has authorised (see gateway.policy.subprocessors).
 A row that cannot go anywhere (no relay configured, a destination removed
 from the configuration, no authorised subprocessor) is held with the reason,
 visible in ``queue list``, until a policy reload or an operator retries it.
+Keep-original jobs are deliveries too: ``keep`` relays the untouched original
+to a destination by SMTP, ``append`` puts it in an IMAP folder
+(gateway.delivery.imap_append); neither is signed, sealed or rewritten.
 """
 
 from __future__ import annotations
@@ -26,9 +29,10 @@ from gateway import logs
 from gateway.auth.signing import Protected, Signer
 from gateway.auth.srs import SRS
 from gateway.auth.work import AuthCalls
-from gateway.config import GatewayConfig, parse_hostport
+from gateway.config import GatewayConfig, KeepOriginalConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
+from gateway.delivery.imap_append import Appender, AppendJob
 from gateway.delivery.mx import LookupFailed, MXResolver
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
 from gateway.metrics import Metrics
@@ -37,6 +41,7 @@ from gateway.policy.subprocessors import HELD_PREFIX, Consent
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
 from gateway.store.repository import AttemptResult, DeliveryJob, Store, utcnow
+from gateway.workflow.actions import APPEND, KEEP
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,7 @@ class DeliveryWorker:
                              max_idle=self.settings.concurrency)
         self.mx = (MXResolver(self.settings.dns_servers, self.settings.dns_timeout)
                    if self.settings.mx_lookup else None)
+        self.appender = Appender(config.imap_accounts, self._keep_setting)
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
         self._consent: tuple[float, Consent] | None = None
@@ -100,6 +106,11 @@ class DeliveryWorker:
             await self._results.put(None)
             await self._writer
         await self.sender.close()
+        await self.appender.close()
+
+    def _keep_setting(self, tenant: str) -> KeepOriginalConfig | None:
+        settings = self.config.tenants.get(tenant)
+        return settings.keep_original if settings is not None else None
 
     async def targets_for(self, job: DeliveryJob) -> list[Target] | Result | str:
         """Where a delivery goes (hosts in the order to try), a lookup failure as a
@@ -240,7 +251,8 @@ class DeliveryWorker:
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""
-        targets = await self.targets_for(job)
+        targets = (self.appender.held(job.destination or "") or []
+                   if job.kind == APPEND else await self.targets_for(job))
         if isinstance(targets, str):
             self._event(job, "held", logging.WARNING, reason=targets)
             return AttemptResult(job.id, HELD, targets, where="none")
@@ -248,10 +260,20 @@ class DeliveryWorker:
         if content is None:
             return AttemptResult(job.id, FAILED, "the stored message is gone", where="none")
         name, host = "mx", "DNS"
-        if isinstance(targets, Result):
+        if job.kind == APPEND:  # the original, byte for byte, into the tenant's folder
+            assert job.destination is not None
+            name = job.destination
+            account = self.config.imap_accounts[name]
+            host = f"{account.host}:{account.server_port}"
+            started = time.monotonic()
+            result = await self.appender.append(job.tenant_id, AppendJob(
+                name, job.recipient, content[1], job.header_message_id,
+                look_first=job.interrupted or job.attempts > 0))
+            self.metrics.delivery_duration.labels(name).observe(time.monotonic() - started)
+        elif isinstance(targets, Result):
             result = targets
         else:
-            data = await self._signed(job, compose(
+            data = content[1] if job.kind == KEEP else await self._signed(job, compose(
                 content[0], content[1], kind=job.kind, recipient=job.recipient,
                 authserv_id=self.config.authserv_id))
             sender = self.envelope_sender(job)

@@ -20,13 +20,14 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from gateway import logs
 from gateway.auth import srs
 from gateway.auth.inbound import AuthResults
 from gateway.auth.work import AuthCalls
+from gateway.config import KeepOriginalConfig
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
@@ -66,6 +67,7 @@ class PipelineWorker:
         auth: AuthCalls | None = None,
         authserv_id: str = "localhost",
         srs: bool = False,
+        keep_original: Mapping[str, KeepOriginalConfig] | None = None,
     ) -> None:
         self.store = store
         self.parser = parser
@@ -81,6 +83,7 @@ class PipelineWorker:
         self.auth = auth  # DKIM/SPF/ARC/DMARC of inbound mail; None: not checked
         self.authserv_id = authserv_id
         self.srs = srs  # recipients that are our SRS addresses get the message back
+        self.keep_original = keep_original or {}  # by tenant: where originals are kept
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
 
@@ -228,7 +231,9 @@ class PipelineWorker:
         started = time.monotonic()
         plan = evaluate(policy.workflows.for_tenant(item.tenant_id), view)
         returns = _returns(item) if self.srs else ()
-        outcome = actions.outcome(plan, item.recipients, tags, item.direction, returns)
+        # Mail imported from the tenant's own mailbox is already kept there.
+        keep = None if item.protocol == "IMAP" else self.keep_original.get(item.tenant_id)
+        outcome = actions.outcome(plan, item.recipients, tags, item.direction, returns, keep)
         outcome = dataclasses.replace(outcome, policy_version=policy.version)
         if auth is not None:
             outcome = dataclasses.replace(outcome, auth_results=auth.as_dict(),

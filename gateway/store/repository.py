@@ -170,6 +170,7 @@ class PipelineInput:
     direction: str = "inbound"
     client_address: str = ""  # for SPF
     helo: str = ""
+    protocol: str = "ESMTP"  # IMAP: imported from the tenant's own mailbox
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +239,9 @@ class DeliveryJob:
     direction: str = "inbound"
     tags: tuple[str, ...] = ()  # of the message: subprocessor routing may depend on them
     header_message_id: str | None = None  # the Message-ID field, for logs (hashed)
+    # An earlier claim ended without a recorded result (a crash, a lost lease): what
+    # it sent may have arrived, so an IMAP APPEND looks before it appends again.
+    interrupted: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -478,7 +482,8 @@ class Store:
             rows = conn.execute(
                 select(messages.c.id, messages.c.tenant_id, messages.c.mail_from,
                        messages.c.size, messages.c.tags, messages.c.direction,
-                       messages.c.client_address, messages.c.helo, message_blobs.c.data)
+                       messages.c.client_address, messages.c.helo, messages.c.protocol,
+                       message_blobs.c.data)
                 .join(message_blobs, message_blobs.c.message_id == messages.c.id)
                 .where(messages.c.id.in_(list(message_ids)))
             ).all()
@@ -486,7 +491,7 @@ class Store:
         return {
             r.id: PipelineInput(r.id, r.tenant_id, r.mail_from,
                                 tuple(recipients.get(r.id, [])), r.size, tuple(r.tags or ()),
-                                r.data, r.direction, r.client_address, r.helo)
+                                r.data, r.direction, r.client_address, r.helo, r.protocol)
             for r in rows
         }
 
@@ -624,7 +629,8 @@ class Store:
             rows = conn.execute(
                 select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
                        deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
-                       deliveries.c.attempts, deliveries.c.created_at, messages.c.mail_from,
+                       deliveries.c.attempts, deliveries.c.created_at, deliveries.c.lease_owner,
+                       messages.c.mail_from,
                        messages.c.direction, messages.c.tags, messages.c.message_id.label("mid"))
                 .join(messages, messages.c.id == deliveries.c.message_id)
                 .where(
@@ -645,7 +651,7 @@ class Store:
         return [
             DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
                         r.mail_from, r.attempts, aware(r.created_at), r.direction,
-                        tuple(r.tags or ()), r.mid)
+                        tuple(r.tags or ()), r.mid, r.lease_owner is not None)
             for r in rows
         ]
 

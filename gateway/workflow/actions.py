@@ -2,13 +2,37 @@
 
 from __future__ import annotations
 
+from gateway.config import KeepOriginalConfig
 from gateway.store.repository import Outcome, PlannedDelivery
 from gateway.workflow.rules import Plan
 
+APPEND = "append"  # keep the original by IMAP APPEND: recipient is the folder
+KEEP = "keep"  # keep the original by SMTP, untouched, at a destination
+
+
+def keep_original(plan: Plan, keep: KeepOriginalConfig | None, recipients: tuple[str, ...],
+                  direction: str) -> tuple[PlannedDelivery, ...]:
+    """The jobs that keep an inbound original on the tenant's own server: for all of
+    its mail, or when a rule asked (``keep_original: true``)."""
+    if keep is None or direction != "inbound":
+        return ()
+    if keep.all_mail:
+        why = "(keep_original)"
+    elif plan.keep_original is not None:
+        why = plan.keep_original
+    else:
+        return ()
+    if keep.imap is not None:
+        return (PlannedDelivery(APPEND, keep.folder, keep.imap, why),)
+    return tuple(PlannedDelivery(KEEP, r, keep.destination, why) for r in recipients)
+
 
 def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, ...],
-            direction: str = "inbound", returns: tuple[str, ...] = ()) -> Outcome:
-    """``returns``: where bounces to our rewritten (SRS) senders go back to."""
+            direction: str = "inbound", returns: tuple[str, ...] = (),
+            keep: KeepOriginalConfig | None = None) -> Outcome:
+    """``returns``: where bounces to our rewritten (SRS) senders go back to; ``keep``:
+    the tenant's keep_original setting (None: it keeps nothing, or the message came
+    from its own server)."""
     tags = tuple(dict.fromkeys((*existing_tags, *plan.tags)))
     if plan.reject is not None:
         # The rule needed more than the envelope and headers, so it could only be
@@ -26,4 +50,9 @@ def outcome(plan: Plan, recipients: tuple[str, ...], existing_tags: tuple[str, .
         planned += [PlannedDelivery("route", r, destination, plan.origin[destination])
                     for r in recipients]
     planned += [PlannedDelivery("return", r, None, "(srs)") for r in returns]
-    return Outcome(tags=tags, deliveries=tuple(planned))
+    planned += keep_original(plan, keep, recipients, direction)
+    notes: tuple[str, ...] = ()
+    if plan.keep_original is not None and keep is None and direction == "inbound":
+        notes = (f"rule {plan.keep_original} keeps the original, but no keep_original target "
+                 "applies (none configured, or the message came from the tenant's own server)",)
+    return Outcome(tags=tags, deliveries=tuple(planned), notes=notes)

@@ -49,7 +49,7 @@ _AUTH_RESULTS = {"pass", "fail", "softfail", "neutral", "none", "temperror", "pe
 MATCH_KEYS = {"all", "any", "not", "direction", "sender", "recipient", "header",
               "has_attachments", "attachment_type", "attachment_name", "size_over",
               "size_under", "tagged", "auth"}
-ACTION_KEYS = {"cc", "bcc", "route", "tag", "reject", "discard", "stop"}
+ACTION_KEYS = {"cc", "bcc", "route", "tag", "reject", "discard", "stop", "keep_original"}
 
 
 @dataclass
@@ -218,12 +218,13 @@ class _Checker(Checker):
             self.problem((*path, "reject"), "reject takes a reply such as "
                          "'550 5.7.1 Not accepted here' (5xx, one line)")
             reject = None
-        flags = {key: self.boolean(spec, key, path, False) for key in ("discard", "stop")}
+        flags = {key: self.boolean(spec, key, path, False)
+                 for key in ("discard", "stop", "keep_original")}
         return Actions(
             cc=self.addresses(spec.get("cc", []), (*path, "cc"), "cc"),
             bcc=self.addresses(spec.get("bcc", []), (*path, "bcc"), "bcc"),
             route=route, tag=tuple(tags), reject=reject,
-            discard=flags["discard"], stop=flags["stop"],
+            discard=flags["discard"], stop=flags["stop"], keep_original=flags["keep_original"],
         )
 
     def workflows(self) -> Workflows:

@@ -4,8 +4,8 @@ A tenant's rules are an ordered list.  Every rule whose ``match`` holds
 contributes its actions, in order, until a rule says ``stop`` (then no later
 rule is looked at) or ends the message with ``reject`` or ``discard``.  The
 outcome is a ``Plan``: the Cc and Bcc copy targets (each address once), the
-destinations to route to, the tags to set, and why each rule matched, for
-``mailflowr-gateway rules test``.
+destinations to route to, whether to keep the original, the tags to set, and
+why each rule matched, for ``mailflowr-gateway rules test``.
 
 Copies come only from rules: nothing in a message's headers adds a target.
 """
@@ -242,6 +242,7 @@ class Actions:
     reject: str | None = None
     discard: bool = False
     stop: bool = False
+    keep_original: bool = False  # keep the original on the tenant's own server
 
 
 @dataclass(frozen=True)
@@ -265,6 +266,7 @@ class Plan:
     matched: list[tuple[str, str]] = field(default_factory=list)  # (rule name, why)
     stopped_by: str | None = None
     origin: dict[str, str] = field(default_factory=dict)  # copy address or route -> rule name
+    keep_original: str | None = None  # the first rule that asked to keep the original
 
     @property
     def ended(self) -> bool:
@@ -301,6 +303,8 @@ def evaluate(rules: Sequence[Rule], msg: MessageView,
         if a.route and a.route not in plan.routes:
             plan.routes.append(a.route)
             plan.origin[a.route] = rule.name
+        if a.keep_original and plan.keep_original is None:
+            plan.keep_original = rule.name
         for t in a.tag:
             if t not in tags:
                 tags.add(t)
