@@ -167,6 +167,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--note", default="", help="e.g. how and when the objection arrived")
     p.set_defaults(func=cmd_subprocessors_object)
 
+    imap = sub.add_parser("imap", help="mailbox import and kept originals (IMAP)")
+    isub = imap.add_subparsers(dest="imap_command", required=True, parser_class=_Parser)
+    p = isub.add_parser("status", help="each mailbox source and keep-original folder: "
+                                       "last success, last error, backlog")
+    _config_arg(p)
+    p.add_argument("--json", action="store_true", help="as JSON")
+    p.set_defaults(func=cmd_imap_status)
+
     rules = sub.add_parser("rules", help="workflow rules")
     rsub = rules.add_subparsers(dest="rules_command", required=True, parser_class=_Parser)
     p = rsub.add_parser("test", help="which rules match a message, and the plan (sends nothing)")
@@ -365,6 +373,48 @@ def _check_dkim(config: GatewayConfig, dns: bool) -> int:
         print(f"dkim: no key for any domain of tenant {', '.join(unsigned)}: "
               "what the gateway sends for them goes out unsigned")
     return status
+
+
+def cmd_imap_status(args: argparse.Namespace) -> int:
+    from gateway.store.mailboxes import MailboxState
+
+    config = _config(args)
+    state = MailboxState(_store(args))
+    seen = {(r["tenant_id"], r["source"], r["folder"]): r for r in state.status()}
+    sources = []
+    for tid, tenant in config.tenants.items():  # configured ones, looked at or not yet
+        for name, source in tenant.imap_pull.items():
+            for folder in source.folders:
+                row = seen.get((tid, name, folder), {})
+                sources.append({
+                    "tenant": tid, "source": name, "folder": folder, "account": source.account,
+                    "after_import": source.after_import,
+                    "uidvalidity": row.get("uidvalidity"), "last_uid": row.get("last_uid", 0),
+                    "imported": row.get("imported", 0), "backlog": row.get("backlog", 0),
+                    "last_success_at": _jsonable(row.get("last_success_at")),
+                    "last_error": row.get("last_error"),
+                    "last_error_at": _jsonable(row.get("last_error_at")),
+                })
+    keep = [{k: _jsonable(v) for k, v in t.items()} for t in state.keep_targets()]
+    if args.json:
+        json.dump({"sources": sources, "keep_original": keep}, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print("mailbox import:" if sources else "mailbox import: none configured")
+    for s in sources:
+        error = f"; last error {s['last_error_at']}: {_printable(s['last_error'], 120)}" \
+            if s["last_error"] else ""
+        print(f"  {s['tenant']}/{s['source']} {_printable(s['folder'], 40)!r} "
+              f"({s['account']}, {s['after_import']}): {s['imported']} imported, "
+              f"backlog {s['backlog']}, last success {s['last_success_at'] or 'never'}{error}")
+    print("kept originals:" if keep else "kept originals: none yet")
+    for k in keep:
+        error = f"; last error {k['last_error_at']}: {_printable(k['last_error'], 120)}" \
+            if k["last_error"] else ""
+        print(f"  {k['tenant']} {k['account']}:{_printable(k['folder'], 40)}: {k['sent']} "
+              f"appended, backlog {k['pending'] + k['held']} ({k['held']} held), "
+              f"{k['failed']} failed, last success {k['last_success_at'] or 'never'}{error}")
+    return EXIT_OK
 
 
 def cmd_rules_test(args: argparse.Namespace) -> int:

@@ -48,6 +48,7 @@ from gateway.delivery import notices
 from gateway.delivery.queue import DeliveryWorker
 from gateway.errors import ConfigError
 from gateway.httpd import HTTPServer
+from gateway.ingress.imap_pull import ImapPull
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics, QueueStats
@@ -208,6 +209,8 @@ class App:
         )
         worker.start()
         delivery.start()
+        imap_pull = ImapPull(config, store, self.metrics, imported=worker.wakeup.set)
+        imap_pull.start()
         self._spawn(self._heartbeat())
         if config.policies.watch_interval > 0:
             self._spawn(self._watch_policies(config.policies.watch_interval))
@@ -248,7 +251,7 @@ class App:
                     started.close()
                 await self._stop_sweeping(sweeping)
                 await self._stop_background()
-                await self._stop_parts(worker, delivery, parser, auth_pool, store)
+                await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
                 raise StartupError(f"{listen}: {exc.strerror}") from None
             servers.append(server)
             self.trackers[name] = tracker
@@ -281,7 +284,7 @@ class App:
                     abort(session.transport)
         await self._stop_sweeping(sweeping)
         await self._stop_background()
-        await self._stop_parts(worker, delivery, parser, auth_pool, store)
+        await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
         log.info("stopped")
         return 0
 
@@ -600,8 +603,10 @@ class App:
                          report.seconds)
 
     @staticmethod
-    async def _stop_parts(worker: PipelineWorker, delivery: DeliveryWorker, parser: ParserPool,
-                          auth_pool: WorkerPool[AuthWork], store: Store) -> None:
+    async def _stop_parts(imap_pull: ImapPull, worker: PipelineWorker, delivery: DeliveryWorker,
+                          parser: ParserPool, auth_pool: WorkerPool[AuthWork],
+                          store: Store) -> None:
+        await imap_pull.stop()
         await worker.stop()
         await delivery.stop()
         await store.close()

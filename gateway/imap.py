@@ -261,13 +261,15 @@ class ImapConnection:
             if command is not None and not command._event.is_set():
                 command._exception = aioimaplib.Abort("the server closed the connection")
                 command.close(b"connection lost", "BYE")
+        proto.idle_queue.put_nowait(aioimaplib.STOP_WAIT_SERVER_PUSH)  # ends a wait in IDLE
 
     async def close(self) -> None:
         """Log out politely when possible; always drop the connection."""
         client, self._client = self._client, None
         if client is None:
             return
-        if not self.broken and client.protocol.transport is not None:
+        proto = client.protocol
+        if not self.broken and proto.transport is not None and proto.pending_sync_command is None:
             try:
                 await asyncio.wait_for(client.logout(), min(self.timeout, 5.0))
             except (OSError, TimeoutError, aioimaplib.AioImapException):
@@ -285,6 +287,7 @@ class ImapConnection:
         """Run one aioimaplib call: a deadline, connection errors as ImapError, NO/BAD
         as ImapError with the server's text and response code."""
         if self._client is None or self.broken:
+            call.close()  # never started
             raise ImapError(f"{self.where}: {what}: not connected", broken=True)
         try:
             response = await asyncio.wait_for(call, self.timeout)
@@ -415,7 +418,8 @@ class ImapConnection:
         try:
             task = await asyncio.wait_for(client.idle_start(timeout=seconds), self.timeout)
             push = await client.wait_server_push(timeout=seconds + self.timeout)
-            client.idle_done()
+            if not self.broken:
+                client.idle_done()
             await asyncio.wait_for(task, self.timeout)
         except TimeoutError:
             self.broken = True

@@ -134,3 +134,4 @@ def setup(level: str, fmt: str = "text", personal_data: bool = False) -> None:
     # the peer of every connection); its warnings and errors are kept.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
     logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("aioimaplib").setLevel(logging.WARNING)  # every untagged line at INFO

@@ -147,6 +147,20 @@ class Metrics:
             f"{PREFIX}_delivery_duration_seconds",
             "Duration of one delivery attempt (connect to final reply).",
             ["destination"], buckets=DELIVERY_BUCKETS, registry=r)
+        self.imap_imports = Counter(
+            f"{PREFIX}_imap_imports_total",
+            "Messages found in a tenant's mailbox (tenants.ID.imap_pull), by source and "
+            "outcome (imported; duplicate: already imported, recognised by content; "
+            "too_large: over smtp.max_message_size, left on the server).",
+            ["tenant", "source", "outcome"], registry=r)
+        self.imap_errors = Counter(
+            f"{PREFIX}_imap_errors_total",
+            "Import rounds of a mailbox source that failed (server away, connection lost, "
+            "NO or BAD); each is retried.", ["tenant", "source"], registry=r)
+        self.imap_backlog = Gauge(
+            f"{PREFIX}_imap_backlog",
+            "Messages of a mailbox source waiting to be imported, at the last look.",
+            ["tenant", "source"], registry=r)
         self.dsns = Counter(
             f"{PREFIX}_dsns_total",
             "Delivery status notifications (bounces) generated for failed deliveries.",

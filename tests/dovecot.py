@@ -121,8 +121,33 @@ class Dovecot:
                 time.sleep(0.05)
         raise AssertionError(f"dovecot did not listen:\n{self.log()}")
 
+    def _descendants(self) -> list[int]:
+        """Processes the master started (login and imap processes), from /proc."""
+        if self.proc is None:
+            return []
+        parents: dict[int, int] = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parents[int(stat.parent.name)] = int(fields[1])
+        found, frontier = [], [self.proc.pid]
+        while frontier:
+            parent = frontier.pop()
+            children = [pid for pid, ppid in parents.items() if ppid == parent]
+            found += children
+            frontier += children
+        return found
+
     def stop(self) -> None:
+        """Stop the server, and with it every session (connections drop)."""
         if self.proc is not None and self.proc.poll() is None:
+            for pid in self._descendants():  # imap processes outlive the master otherwise
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(10)
@@ -155,12 +180,32 @@ class Dovecot:
         """Put messages in a folder by APPEND (as the customer's other clients would)."""
         conn = self.client(user)
         try:
-            conn.create(folder) if folder != "INBOX" else None
+            if folder != "INBOX":
+                conn.create(_quote(folder))
             for data in messages:
-                typ, _ = conn.append(folder, f"({flags})" if flags else None, None, data)
+                typ, _ = conn.append(_quote(folder), f"({flags})" if flags else None, None, data)
                 assert typ == "OK"
         finally:
             conn.logout()
+
+    def drop(self, user: str, folder: str, messages: list[bytes]) -> None:
+        """Put many messages into a maildir folder at once, as a local delivery agent
+        would (files in new/); Dovecot finds them at its next look."""
+        conn = self.client(user)  # the folder exists, with its maildir
+        try:
+            if folder != "INBOX":
+                conn.create(_quote(folder))
+            assert conn.select(_quote(folder))[0] == "OK"
+        finally:
+            conn.logout()
+        base = self.dir / "mail" / user
+        path = base if folder == "INBOX" else base / ("." + folder.replace("/", "."))
+        new = path / "new"
+        stamp = int(time.time())
+        for i, data in enumerate(messages):
+            name = new / f"{stamp}.M{i}P{os.getpid()}.test"
+            name.write_bytes(data.replace(b"\r\n", b"\n"))
+            os.chown(name, self.uid, self.gid)
 
     def contents(self, user: str, folder: str) -> list[tuple[int, tuple[bytes, ...], bytes]]:
         """(uid, flags, bytes) of every message in a folder, read without changing it."""

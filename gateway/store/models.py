@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     Column,
     DateTime,
@@ -201,4 +202,47 @@ subprocessor_objections = Table(
     Column("recorded_at", DateTime(timezone=True), nullable=False),
     Column("actor", Text, nullable=False),
     Column("note", Text, nullable=False),
+)
+
+
+# A folder of a mailbox the gateway imports from (tenants.ID.imap_pull): where the
+# import stands.  last_uid: every message up to it is imported (or skipped, see
+# last_error) under uidvalidity; done_uid: the after_import handling on the server
+# is done up to it.  uidvalidity NULL: never looked at yet.
+imap_folders = Table(
+    "imap_folders",
+    metadata,
+    Column("tenant_id", String(64), primary_key=True),
+    Column("source", String(64), primary_key=True),
+    Column("folder", String(255), primary_key=True),
+    Column("uidvalidity", BigInteger),
+    Column("last_uid", BigInteger, nullable=False, default=0),
+    Column("done_uid", BigInteger, nullable=False, default=0),
+    Column("imported", Integer, nullable=False, default=0),
+    Column("backlog", Integer, nullable=False, default=0),  # not yet imported, at last look
+    Column("last_success_at", DateTime(timezone=True)),
+    Column("last_error", Text),
+    Column("last_error_at", DateTime(timezone=True)),
+    Column("lease_owner", String(64)),
+    Column("lease_until", DateTime(timezone=True)),
+)
+
+# One row per message imported from a folder: what a UIDVALIDITY change is resynced
+# against (by content hash and Message-ID hash, never by the address or subject),
+# and which UIDs the after_import handling applies to.
+imap_imports = Table(
+    "imap_imports",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(64), nullable=False),
+    Column("source", String(64), nullable=False),
+    Column("folder", String(255), nullable=False),
+    Column("uidvalidity", BigInteger, nullable=False),
+    Column("uid", BigInteger, nullable=False),
+    Column("message_id", String(26), nullable=False),  # ours (messages.id)
+    Column("sha256", String(64), nullable=False),
+    Column("msgid_hash", String(64)),  # SHA-256 of the Message-ID field, if any
+    Index("ix_imap_imports_folder_uid", "tenant_id", "source", "folder", "uidvalidity", "uid"),
+    Index("ix_imap_imports_sha256", "tenant_id", "source", "sha256"),
+    Index("ix_imap_imports_msgid_hash", "tenant_id", "source", "msgid_hash"),
 )
