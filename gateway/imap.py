@@ -40,6 +40,7 @@ _ITEM_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _ITEM_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _CODE = re.compile(r"^\[([A-Z-]+)(?: ([^\]]*))?\]")
 _RESP_CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT) (\d+)\]")
+MULTIAPPEND_MAX = 50  # messages in one APPEND at most
 
 
 class ImapError(Exception):
@@ -125,6 +126,20 @@ def uid_set(uids: Iterable[int]) -> str:
         start = prev = uid
     ranges.append(f"{start}:{prev}" if prev != start else str(start))
     return ",".join(ranges)
+
+
+def _appended_uids(text: str) -> list[int | None]:
+    """The UIDs of APPENDUID (RFC 4315): "[APPENDUID 38505 3955]" or "... 5:7,9"."""
+    match = re.search(r"\[APPENDUID \d+ ([0-9:,]+)\]", text)
+    if match is None:
+        return []
+    uids: list[int | None] = []
+    for part in match.group(1).split(","):
+        low, _, high = part.partition(":")
+        if not low.isdigit() or (high and not high.isdigit()):
+            return []
+        uids += range(int(low), int(high or low) + 1)
+    return uids
 
 
 def _text(lines: Sequence[Any]) -> str:
@@ -317,16 +332,62 @@ class ImapConnection:
             if exc.broken or exc.code != "ALREADYEXISTS":
                 raise
 
+    @property
+    def batch_limit(self) -> int:
+        """How many messages one APPEND may carry (MULTIAPPEND, RFC 3502)."""
+        return MULTIAPPEND_MAX if "MULTIAPPEND" in self.capabilities else 1
+
     async def append(self, folder: str, data: bytes, flags: Sequence[str] = ()) -> int | None:
         """APPEND ``data`` to ``folder``; the new UID when the server says (UIDPLUS)."""
-        assert self._client is not None
-        response = await self._run(
-            self._client.protocol.append(data, folder_arg(folder),
-                                         "(" + " ".join(flags) + ")" if flags else None,
-                                         timeout=self.timeout),
-            f"APPEND to {folder!r}")
-        match = re.search(r"\[APPENDUID \d+ (\d+)\]", _text(response.lines))
-        return int(match.group(1)) if match else None
+        return (await self.append_many(folder, [data], flags))[0]
+
+    async def append_many(self, folder: str, datas: Sequence[bytes],
+                          flags: Sequence[str] = ()) -> list[int | None]:
+        """APPEND several messages in one command (MULTIAPPEND: all or none are
+        appended); their new UIDs when the server says (UIDPLUS).  With LITERAL+ the
+        messages follow the command at once, without waiting for "+" each time."""
+        assert self._client is not None and datas
+        if len(datas) > self.batch_limit:
+            raise ValueError(f"{len(datas)} messages in one APPEND; the server takes "
+                             f"{self.batch_limit}")
+        proto = self._client.protocol
+        flag_list = "(" + " ".join(flags) + ")" if flags else None
+        what = f"APPEND to {folder!r}" + (f" ({len(datas)} messages)" if len(datas) > 1 else "")
+        if "LITERAL+" in self.capabilities:
+            call = self._append_nonsync(folder_arg(folder), datas, flag_list)
+        else:
+            call = proto.append(datas[0], folder_arg(folder), flag_list, timeout=self.timeout)
+        response = await self._run(call, what)
+        uids = _appended_uids(_text(response.lines))
+        return uids if len(uids) == len(datas) else [None] * len(datas)
+
+    async def _append_nonsync(self, folder: str, datas: Sequence[bytes],
+                              flags: str | None) -> Any:
+        """APPEND with non-synchronizing literals (RFC 7888), as aioimaplib's execute()
+        runs a synchronous command, but writing the literals right after the line."""
+        proto = self._client.protocol  # type: ignore[union-attr]
+        prefix = [flags] if flags else []
+        command = aioimaplib.Command("APPEND", proto.new_tag(), folder, *prefix,
+                                     f"{{{len(datas[0])}+}}", loop=proto.loop,
+                                     timeout=self.timeout)
+        if proto.pending_sync_command is not None:
+            await proto.pending_sync_command.wait()
+        if proto.pending_async_commands:
+            await proto.wait_async_pending_commands()
+        proto.pending_sync_command = command
+        proto.send(str(command))
+        parts = [datas[0]]
+        for data in datas[1:]:
+            parts.append(f" {flags + ' ' if flags else ''}{{{len(data)}+}}\r\n".encode())
+            parts.append(data)
+        parts.append(b"\r\n")
+        proto.transport.write(b"".join(parts))
+        try:
+            await command.wait()
+        except aioimaplib.CommandTimeout:
+            proto.pending_sync_command = None
+            raise
+        return command.response
 
     async def select(self, folder: str, *, readonly: bool) -> Selected:
         """SELECT (or EXAMINE: nothing can change, not even \\Recent or \\Seen)."""

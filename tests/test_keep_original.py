@@ -114,17 +114,18 @@ def test_no_second_copy_after_a_crash_between_append_and_bookkeeping(make_gatewa
     rows = sent_appends(gw, 3)
     assert len(dovecot.contents(user, "Kept/Gateway")) == 3
     # The daemon died after the server's OK, before the result was written (its lease
-    # was left behind), or the OK was lost with the connection (an attempt recorded).
+    # was left behind), or the OK was lost with the connection (recorded as uncertain).
     for i, row in enumerate(rows):
         if i % 2:
             _interrupt(gw, row["id"], lease_owner="gone:1", lease_until=row["created_at"])
         else:
-            _interrupt(gw, row["id"], attempts=1)
+            _interrupt(gw, row["id"], uncertain=True)
     done = sent_appends(gw, 3)
     assert [d["attempts"] for d in done] == [2, 2, 2]  # each was tried again
+    assert not any(d["uncertain"] for d in done)
     kept = dovecot.contents(user, "Kept/Gateway")
     assert sorted(c[2] for c in kept) == sorted([ORIGINAL, hostile, no_id])
-    # and a job that never reached the server is appended on its retry
+    # and a job whose attempt never reached the server is appended on its retry
     conn = dovecot.client(user)
     conn.select('"Kept/Gateway"')
     conn.uid("STORE", "1:*", "+FLAGS", "(\\Deleted)")

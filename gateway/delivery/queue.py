@@ -268,7 +268,7 @@ class DeliveryWorker:
             started = time.monotonic()
             result = await self.appender.append(job.tenant_id, AppendJob(
                 name, job.recipient, content[1], job.header_message_id,
-                look_first=job.interrupted or job.attempts > 0))
+                look_first=job.interrupted))
             self.metrics.delivery_duration.labels(name).observe(time.monotonic() - started)
         elif isinstance(targets, Result):
             result = targets
@@ -300,8 +300,10 @@ class DeliveryWorker:
                     code=int(result.detail[:3]) if result.detail[:3].isdigit() else None,
                     via=name, relay=host, detail=result.detail,
                     dsn=bounce.id if bounce is not None else None)
+        # An APPEND whose connection broke may have arrived: the retry looks first.
+        uncertain = job.kind == APPEND and status != SENT_STATUS and result.connected
         return AttemptResult(job.id, status, None if status == SENT_STATUS else result.detail,
-                             retry_at, bounce, where=name)
+                             retry_at, bounce, where=name, uncertain=uncertain)
 
     def envelope_sender(self, job: DeliveryJob) -> str:
         """MAIL FROM of a delivery: for a copy of inbound mail from another domain,

@@ -153,6 +153,9 @@ deliveries = Table(
     Column("last_error", Text),
     Column("lease_owner", String(64)),
     Column("lease_until", DateTime(timezone=True)),
+    # The last attempt failed after the message may have reached the server (IMAP
+    # APPEND: the connection broke before the answer): the next one looks first.
+    Column("uncertain", Boolean, nullable=False, default=False, server_default="0"),
     Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
 )
 

@@ -95,6 +95,7 @@ _ATTEMPT = (
         status=bindparam("b_status"), attempts=deliveries.c.attempts + 1,
         last_attempt_at=bindparam("b_now"), last_error=bindparam("b_error"),
         next_attempt_at=bindparam("b_next"), lease_owner=None, lease_until=None,
+        uncertain=bindparam("b_uncertain"),
     )
 )
 _CONTENT = (
@@ -239,8 +240,9 @@ class DeliveryJob:
     direction: str = "inbound"
     tags: tuple[str, ...] = ()  # of the message: subprocessor routing may depend on them
     header_message_id: str | None = None  # the Message-ID field, for logs (hashed)
-    # An earlier claim ended without a recorded result (a crash, a lost lease): what
-    # it sent may have arrived, so an IMAP APPEND looks before it appends again.
+    # An earlier claim ended without a recorded result (a crash, a lost lease), or an
+    # attempt failed after the message may have reached the server (the connection
+    # broke before the answer): an IMAP APPEND then looks before it appends again.
     interrupted: bool = False
 
 
@@ -254,6 +256,7 @@ class AttemptResult:
     retry_at: datetime | None = None
     bounce: NewMessage | None = None
     where: str = "none"  # the destination label of the attempt (metrics only, not stored)
+    uncertain: bool = False  # it failed after the message may have reached the server
 
 
 class Store:
@@ -630,6 +633,7 @@ class Store:
                 select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
                        deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
                        deliveries.c.attempts, deliveries.c.created_at, deliveries.c.lease_owner,
+                       deliveries.c.uncertain,
                        messages.c.mail_from,
                        messages.c.direction, messages.c.tags, messages.c.message_id.label("mid"))
                 .join(messages, messages.c.id == deliveries.c.message_id)
@@ -651,7 +655,7 @@ class Store:
         return [
             DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
                         r.mail_from, r.attempts, aware(r.created_at), r.direction,
-                        tuple(r.tags or ()), r.mid, r.lease_owner is not None)
+                        tuple(r.tags or ()), r.mid, r.lease_owner is not None or r.uncertain)
             for r in rows
         ]
 
@@ -676,7 +680,7 @@ class Store:
                 done = conn.execute(_ATTEMPT, {
                     "b_id": r.delivery_id, "b_owner": owner, "b_status": r.status,
                     "b_now": now, "b_error": r.error[:1000] if r.error else None,
-                    "b_next": r.retry_at or now,
+                    "b_next": r.retry_at or now, "b_uncertain": r.uncertain,
                 }).rowcount
                 if done == 1 and r.bounce is not None:
                     _insert_messages(conn, [r.bounce])

@@ -1,4 +1,5 @@
-"""Mailbox import: where each imported folder stands, and what was imported from it.
+"""Mailbox import: where each imported folder stands, and what was imported from it;
+and per delivery whether its last attempt may have reached the server.
 
 Revision ID: 0007
 Revises: 0006
@@ -15,6 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
+    with op.batch_alter_table("deliveries") as batch:
+        batch.add_column(sa.Column("uncertain", sa.Boolean(), nullable=False,
+                                   server_default=sa.false()))
     op.create_table(
         "imap_folders",
         sa.Column("tenant_id", sa.String(64), nullable=False),
@@ -53,5 +57,7 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("deliveries") as batch:
+        batch.drop_column("uncertain")
     op.drop_table("imap_imports")
     op.drop_table("imap_folders")
