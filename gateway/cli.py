@@ -342,7 +342,37 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
     print(f"policy version {policies.version}")
+    _check_imap(config)
     return _check_dkim(config, args.dns)
+
+
+def _check_imap(config: GatewayConfig) -> None:
+    """Each IMAP account, with warnings for what works but should not stay so."""
+    import ipaddress
+
+    used: dict[str, list[str]] = {}
+    for tid, tenant in config.tenants.items():
+        if tenant.keep_original is not None and tenant.keep_original.imap is not None:
+            used.setdefault(tenant.keep_original.imap, []).append(f"{tid} keep_original")
+        for name, source in tenant.imap_pull.items():
+            used.setdefault(source.account, []).append(f"{tid} imap_pull {name}")
+    for name, account in config.imap_accounts.items():
+        where = f"{account.host}:{account.server_port}"
+        roles = ", ".join(used.get(name, [])) or "not used"
+        line = f"imap {name} ({where}, tls {account.tls}): {roles}"
+        warnings = []
+        if account.password_env is not None and not os.environ.get(account.password_env):
+            warnings.append(f"password_env {account.password_env} is not set here (the "
+                            "daemon needs it in its environment)")
+        if account.tls != "none" and not account.verify:
+            warnings.append("verify: false: the server's certificate is not checked")
+        try:
+            local = ipaddress.ip_address(account.host.strip("[]")).is_loopback
+        except ValueError:
+            local = account.host == "localhost"
+        if account.tls == "none" and not local:
+            warnings.append("tls: none: the password crosses the network in clear text")
+        print(line + "".join(f"; warning: {w}" for w in warnings))
 
 
 def _check_dkim(config: GatewayConfig, dns: bool) -> int:

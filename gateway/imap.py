@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import os
 import re
 import ssl
 from collections.abc import Iterable, Sequence
@@ -494,6 +495,8 @@ class ImapConnection:
 def _describe(exc: BaseException) -> str:
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate not trusted: {exc.verify_message}"
+    if isinstance(exc, OSError) and exc.errno:  # asyncio's own text names no reason
+        return os.strerror(exc.errno)
     if isinstance(exc, OSError) and exc.strerror:
         return exc.strerror
     return " ".join(str(exc).split()) or exc.__class__.__name__

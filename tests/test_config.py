@@ -116,3 +116,52 @@ def test_bad_arguments_are_one_line_exit_2():
 def test_every_shipped_config_checks(path):
     result = _run("check", "--config", path)
     assert result.returncode == 0, result.stderr.decode()
+
+
+def test_imap_accounts_are_checked_and_passwords_never_inline(tmp_path):
+    secret = tmp_path / "imap.pw"
+    secret.write_text("s3cret\n")
+    secret.chmod(0o600)
+    config = tmp_path / "gw.yaml"
+    (tmp_path / "policies").mkdir()
+    config.write_text(f"""
+policies:
+  directory: {tmp_path / "policies"}
+imap_accounts:
+  own:
+    host: imap.customer.test
+    tls: none
+    username: gw@customer.test
+    password_env: MAILFLOWR_TEST_UNSET_PW
+  safe:
+    host: 127.0.0.1
+    port: 1143
+    tls: starttls
+    verify: false
+    username: gw@customer.test
+    password_file: {secret}
+tenants:
+  t:
+    domains: [customer.test]
+    catch_all: true
+    keep_original: {{imap: own, folder: Archive}}
+    imap_pull:
+      box: {{account: safe, recipient: help@customer.test, after_import: mark_seen}}
+""")
+    result = _run("check", "--config", str(config))
+    out = result.stdout.decode()
+    assert result.returncode == 0, result.stderr.decode()
+    assert "imap own (imap.customer.test:143, tls none): t keep_original" in out
+    assert "password_env MAILFLOWR_TEST_UNSET_PW is not set here" in out
+    assert "the password crosses the network in clear text" in out
+    assert "imap safe (127.0.0.1:1143, tls starttls): t imap_pull box" in out
+    assert "verify: false" in out
+    inline = config.read_text().replace(f"password_file: {secret}", "password: s3cret")
+    config.write_text(inline)
+    result = _run("check", "--config", str(config))
+    err = result.stderr.decode()
+    assert result.returncode == 2 and "imap_accounts.safe.password: unknown key" in err
+    secret.chmod(0o644)
+    config.write_text(inline.replace("password: s3cret", f"password_file: {secret}"))
+    result = _run("check", "--config", str(config))
+    assert result.returncode == 2 and "readable by everyone" in result.stderr.decode()

@@ -8,7 +8,7 @@ import time
 import pytest
 from sqlalchemy import create_engine, text
 
-from tests.conftest import wait_for
+from tests.conftest import free_port, samples, value, wait_for
 
 PW_ENV = {"MAILFLOWR_TEST_IMAP_PW": "secret"}
 
@@ -25,6 +25,7 @@ def pull_gateway(make_gateway, dovecot, user, start=True, **source):
     gw = make_gateway({
         "imap_accounts": {"customer": dovecot.account(user)},
         "tenants": {"acme": {"imap_pull": {"helpdesk": settings}}},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
     }, start=False)
     return gw.start(env=PW_ENV) if start else gw
 
@@ -36,6 +37,12 @@ def imported(gw):
 def wait_imported(gw, count, timeout=30):
     return wait_for(lambda: len(imported(gw)) >= count and imported(gw), timeout,
                     f"{count} imported messages")
+
+
+def imports(gw, outcome):
+    _, values = samples(int(gw.config["metrics"]["listen"].rsplit(":", 1)[1]))
+    return value(values, "mailflowr_gateway_imap_imports_total", tenant="acme",
+                 source="helpdesk", outcome=outcome)
 
 
 def originals(gw):
@@ -65,6 +72,11 @@ def test_each_message_once_across_restarts_and_keep_leaves_flags(make_gateway, d
     time.sleep(1.5)
     assert sorted(originals(gw)) == sorted(message(n) for n in range(1, 5))
     assert len(dovecot.contents(user, "INBOX")) == 4
+    assert imports(gw, "imported") == 1  # since the restart
+    status = json.loads(gw.cli("imap", "status", "--json", env=PW_ENV).stdout)["sources"]
+    assert [(s["tenant"], s["source"], s["folder"], s["imported"], s["backlog"], s["last_uid"])
+            for s in status] == [("acme", "helpdesk", "INBOX", 4, 0, 4)]
+    assert status[0]["last_success_at"] and status[0]["last_error"] is None
 
 
 @pytest.mark.parametrize("mode", ["mark_seen", "move", "delete"])
@@ -133,6 +145,7 @@ def test_uidvalidity_change_resyncs_without_reimporting(make_gateway, dovecot):
     wait_for(lambda: "imap_resync" in gw.log(), 10, "the resync logged")
     time.sleep(1.5)
     assert originals(gw) == sorted(message(n) for n in range(1, 5))
+    assert (imports(gw, "imported"), imports(gw, "duplicate")) == (1, 3)
 
 
 def test_server_lost_mid_import_resumes_exactly_once(make_gateway, own_dovecot):

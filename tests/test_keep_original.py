@@ -90,9 +90,19 @@ def test_retried_until_the_server_is_back(make_gateway, tmp_path, own_dovecot):
     assert "refused" in deferred[0]["last_error"].lower()
     listed = json.loads(gw.cli("queue", "list", "--json").stdout)
     assert [(d["kind"], d["status"]) for d in listed] == [("append", "pending")]
+    status = json.loads(gw.cli("imap", "status", "--json").stdout)["keep_original"]
+    assert [(k["tenant"], k["account"], k["folder"], k["pending"], k["sent"]) for k in status] \
+        == [("acme", "customer", "Kept/Gateway", 1, 0)]
+    assert "refused" in status[0]["last_error"].lower() and status[0]["last_success_at"] is None
+    assert not deferred[0]["uncertain"]  # nothing reached the server: no need to look
     own_dovecot.start()
     sent_appends(gw, 1)
     assert [c[2] for c in own_dovecot.contents(user, "Kept/Gateway")] == [ORIGINAL]
+    status = json.loads(gw.cli("imap", "status", "--json").stdout)["keep_original"]
+    assert (status[0]["pending"], status[0]["sent"], status[0]["last_error"]) == (0, 1, None)
+    assert status[0]["last_success_at"] is not None
+    text = gw.cli("imap", "status").stdout.decode()
+    assert "acme customer:Kept/Gateway: 1 appended, backlog 0" in text
 
 
 def _interrupt(gw, row_id, **values):
