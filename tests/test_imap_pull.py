@@ -189,3 +189,18 @@ def test_bad_folder_large_message_and_hostile_names(make_gateway, dovecot):
     dovecot.fill(user, "Missing", [message(3)])
     wait_imported(gw, 3)
     assert gw.proc.poll() is None
+
+
+def test_a_mailbox_of_5000_is_imported_exactly_once(make_gateway, dovecot):
+    """(Its memory and speed: bench/imap.py.)"""
+    user = dovecot.user()
+    dovecot.drop(user, "Archive", [message(n, 1000) for n in range(5000)])
+    gw = pull_gateway(make_gateway, dovecot, user, folders=["Archive"], batch_size=200)
+    wait_for(lambda: len(gw.messages(limit=6000)) >= 5000, 120, "5,000 imported")
+    time.sleep(1.5)
+    rows = [m for m in gw.messages(limit=6000) if m["protocol"] == "IMAP"]
+    assert len(rows) == 5000
+    assert imports(gw, "imported") == 5000 and imports(gw, "duplicate") == 0
+    status = json.loads(gw.cli("imap", "status", "--json", env=PW_ENV).stdout)["sources"]
+    assert (status[0]["imported"], status[0]["backlog"], status[0]["last_uid"]) == (5000, 0, 5000)
+    assert gw.log().count("imported queue_id=") == 5000
