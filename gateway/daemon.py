@@ -169,9 +169,15 @@ class App:
             self._probe.shutdown(wait=False, cancel_futures=True)
             self.notifier.close()
 
+    def _step(self, what: str) -> None:
+        """A step of the start, for the log and systemctl status (a start that hangs
+        shows where)."""
+        log.info("starting: %s", what)
+        self.notifier.status(what)
+
     async def _run(self, loop: asyncio.AbstractEventLoop) -> int:
         config = self.config
-        self.notifier.status("opening the database")
+        self._step("opening the database")
         store = await asyncio.to_thread(
             lambda: open_store(config, on_commit=self.metrics.observe_commit)
         )
@@ -182,6 +188,7 @@ class App:
         self.metrics.database_up.set(1)
         self.tls = tls_context(config)
         await store.start()
+        self._step("starting the worker processes")
         parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
         await parser.start()
         authenticator = self._authenticator()
@@ -190,6 +197,7 @@ class App:
         await auth_pool.start()
         auth = AuthCalls(auth_pool)
         self.store = store
+        self._step("reading the subprocessor registry")
         await self.sync_subprocessors(None)
         delivery = DeliveryWorker(store, config, self.metrics, policies=self.policies.get,
                                   signer=lambda: self.signer, srs=lambda: self.srs, auth=auth)
