@@ -42,6 +42,7 @@ _ITEM_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _CODE = re.compile(r"^\[([A-Z-]+)(?: ([^\]]*))?\]")
 _RESP_CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT) (\d+)\]")
 MULTIAPPEND_MAX = 50  # messages in one APPEND at most
+_EXISTS = re.compile(rb"^\* \d+ EXISTS")
 
 
 class ImapError(Exception):
@@ -208,6 +209,9 @@ class ImapConnection:
         self.selected: Selected | None = None
         self._client: aioimaplib.IMAP4 | None = None
         self._gone = asyncio.Event()  # set once the transport is closed
+        # The server announced new messages (EXISTS) since this was last cleared: also
+        # when it came beside another command's answer, which aioimaplib drops.
+        self.new_mail = False
 
     @property
     def where(self) -> str:
@@ -243,8 +247,16 @@ class ImapConnection:
             host=settings.host.strip("[]"), port=settings.server_port, timeout=self.timeout,
             conn_lost_cb=self._lost,
             ssl_context=context if settings.tls == "implicit" else None)
-        await self._client.wait_hello_from_server()
         proto = self._client.protocol
+        untagged = proto._untagged_response
+
+        def observe(line: bytes) -> Any:
+            if _EXISTS.match(line):
+                self.new_mail = True
+            return untagged(line)
+
+        proto._untagged_response = observe
+        await self._client.wait_hello_from_server()
         if settings.tls == "starttls":
             if "STARTTLS" not in {c.upper() for c in proto.capabilities}:
                 raise ImapError(f"{self.where}: the server does not offer STARTTLS",

@@ -153,3 +153,24 @@ def test_password_file_must_be_private(tmp_path):
     settings = ImapAccountConfig(host="127.0.0.1", username="u", password_file=secret)
     assert settings.password() == "s3cret"
     assert settings.server_port == 993
+
+
+def test_new_mail_announced_beside_another_answer_is_noticed(dovecot):
+    """Dovecot tells of new messages with the answer to whatever command comes next;
+    aioimaplib drops such lines, so a mailbox import would wait a whole interval."""
+    user = dovecot.user()
+
+    async def run():
+        conn = await connect(account(dovecot, user))
+        try:
+            await conn.select("INBOX", readonly=True)
+            conn.new_mail = False
+            quiet = await conn.uid_search("ALL")
+            before = conn.new_mail
+            await asyncio.to_thread(dovecot.fill, user, "INBOX", [b"Subject: n\r\n\r\nx\r\n"])
+            await conn.uid_search("ALL")  # its answer carries "* 1 EXISTS"
+            return quiet, before, conn.new_mail
+        finally:
+            await conn.close()
+
+    assert asyncio.run(run()) == ([], False, True)

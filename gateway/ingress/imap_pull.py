@@ -148,6 +148,8 @@ class FolderImport:
 
     async def _wait(self, seconds: float, idle: bool) -> None:
         conn = self.conn
+        if idle and conn is not None and not conn.broken and conn.new_mail:
+            return  # mail came in during the round: another round at once
         if (idle and conn is not None and not conn.broken and self.settings.idle
                 and "IDLE" in conn.capabilities and seconds >= 1):
             try:
@@ -202,6 +204,7 @@ class FolderImport:
                 self.state.restart, self.key, self.owner, state, selected.uidvalidity))
         if state.done_uid < state.last_uid:
             state = await self._after_import(conn, state, state.last_uid)
+        conn.new_mail = False  # from here on, an EXISTS means mail this round may miss
         uids = [u for u in await conn.uid_search(f"UID {state.last_uid + 1}:*")
                 if u > state.last_uid]
         uids.sort()
