@@ -430,20 +430,21 @@ def cmd_imap_status(args: argparse.Namespace) -> int:
         json.dump({"sources": sources, "keep_original": keep}, sys.stdout, indent=1)
         print()
         return EXIT_OK
+    def outcome(entry: dict[str, Any]) -> str:
+        error = (f"; last error {entry['last_error_at']}: {_printable(entry['last_error'], 120)}"
+                 if entry["last_error"] else "")
+        return f"last success {entry['last_success_at'] or 'never'}{error}"
+
     print("mailbox import:" if sources else "mailbox import: none configured")
     for s in sources:
-        error = f"; last error {s['last_error_at']}: {_printable(s['last_error'], 120)}" \
-            if s["last_error"] else ""
         print(f"  {s['tenant']}/{s['source']} {_printable(s['folder'], 40)!r} "
               f"({s['account']}, {s['after_import']}): {s['imported']} imported, "
-              f"backlog {s['backlog']}, last success {s['last_success_at'] or 'never'}{error}")
+              f"backlog {s['backlog']}, {outcome(s)}")
     print("kept originals:" if keep else "kept originals: none yet")
     for k in keep:
-        error = f"; last error {k['last_error_at']}: {_printable(k['last_error'], 120)}" \
-            if k["last_error"] else ""
         print(f"  {k['tenant']} {k['account']}:{_printable(k['folder'], 40)}: {k['sent']} "
               f"appended, backlog {k['pending'] + k['held']} ({k['held']} held), "
-              f"{k['failed']} failed, last success {k['last_success_at'] or 'never'}{error}")
+              f"{k['failed']} failed, {outcome(k)}")
     return EXIT_OK
 
 

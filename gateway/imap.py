@@ -40,7 +40,7 @@ _ITEM_UID = re.compile(rb"\bUID (\d+)")
 _ITEM_SIZE = re.compile(rb"\bRFC822\.SIZE (\d+)")
 _ITEM_FLAGS = re.compile(rb"\bFLAGS \(([^)]*)\)")
 _CODE = re.compile(r"^\[([A-Z-]+)(?: ([^\]]*))?\]")
-_RESP_CODE = re.compile(rb"\[(UIDVALIDITY|UIDNEXT) (\d+)\]")
+_RESP_CODE = re.compile(rb"\[(UIDVALIDITY) (\d+)\]")
 MULTIAPPEND_MAX = 50  # messages in one APPEND at most
 _EXISTS = re.compile(rb"^\* \d+ EXISTS")
 
@@ -57,11 +57,8 @@ class ImapError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class Selected:
-    folder: str
     uidvalidity: int
     exists: int
-    uidnext: int | None
-    readonly: bool
 
 
 @dataclass(slots=True)
@@ -206,7 +203,6 @@ class ImapConnection:
         self.settings = settings
         self.timeout = settings.timeout
         self.broken = False
-        self.selected: Selected | None = None
         self._client: aioimaplib.IMAP4 | None = None
         self._gone = asyncio.Event()  # set once the transport is closed
         # The server announced new messages (EXISTS) since this was last cleared: also
@@ -426,9 +422,7 @@ class ImapConnection:
             self.broken = True
             raise ImapError(f"{self.where}: {verb} {folder!r}: no UIDVALIDITY in the answer",
                             broken=True)
-        self.selected = Selected(folder, found[b"UIDVALIDITY"], exists, found.get(b"UIDNEXT"),
-                                 readonly)
-        return self.selected
+        return Selected(found[b"UIDVALIDITY"], exists)
 
     async def uid_search(self, *criteria: str) -> list[int]:
         """UIDs matching ``criteria`` (atoms; quote strings with ``quoted``)."""

@@ -105,7 +105,8 @@ class Appender:
         flags = tuple(keep.flags) if keep is not None else ()
         create = keep.create_folder if keep is not None else False
         if job.look_first:  # alone: it may have to look in the folder first
-            return (await self._send(job.account, [job], flags, create, look_first=True))[0]
+            async with self._slot(job.account):
+                return (await self._send(job.account, [job], flags, create, True))[0]
         key = (job.account, job.folder, flags, create)
         done: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
         gathering = self._gathering.get(key)
@@ -117,7 +118,7 @@ class Appender:
             async with self._slot(job.account):
                 del self._gathering[key]  # from here on, new jobs gather anew
                 results = await self._send(job.account, [j for j, _ in group], flags, create,
-                                           look_first=False, have_slot=True)
+                                           False)
             for (_, future), result in zip(group, results, strict=True):
                 future.set_result(result)
         finally:
@@ -134,11 +135,8 @@ class Appender:
             account, asyncio.Semaphore(self.accounts[account].connections))
 
     async def _send(self, account: str, jobs: list[AppendJob], flags: tuple[str, ...],
-                    create: bool, *, look_first: bool, have_slot: bool = False) -> list[Result]:
-        if not have_slot:
-            async with self._slot(account):
-                return await self._send(account, jobs, flags, create, look_first=look_first,
-                                        have_slot=True)
+                    create: bool, look_first: bool) -> list[Result]:
+        """Append ``jobs`` on one connection (the caller holds a slot of the account)."""
         results: list[Result] = []
         for _ in range(2):  # a second time only on a fresh connection
             try:

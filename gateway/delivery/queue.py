@@ -251,8 +251,10 @@ class DeliveryWorker:
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""
-        targets = (self.appender.held(job.destination or "") or []
-                   if job.kind == APPEND else await self.targets_for(job))
+        if job.kind == APPEND:  # no SMTP targets: held only when its account is gone
+            targets: list[Target] | Result | str = self.appender.held(job.destination or "") or []
+        else:
+            targets = await self.targets_for(job)
         if isinstance(targets, str):
             self._event(job, "held", logging.WARNING, reason=targets)
             return AttemptResult(job.id, HELD, targets, where="none")

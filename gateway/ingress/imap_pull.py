@@ -98,7 +98,6 @@ class FolderImport:
         self.imported = imported  # called after each committed batch (wakes the pipeline)
         self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}"
         self.lease = settings.interval + LEASE_MARGIN
-        self.readonly = settings.after_import == "keep"
         self.conn: ImapConnection | None = None
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
@@ -193,7 +192,9 @@ class FolderImport:
             log.debug("imap %s: another instance holds it", self.key)
             raise LeaseLost
         conn = await self._connection()
-        selected = await conn.select(self.key.folder, readonly=self.readonly)
+        # keep: EXAMINE, so that nothing changes on the server, not even \\Seen
+        selected = await conn.select(self.key.folder,
+                                     readonly=self.settings.after_import == "keep")
         if state.uidvalidity != selected.uidvalidity:
             if state.uidvalidity is not None:
                 logs.event(log, "imap_resync", logging.WARNING, source=str(self.key),
@@ -211,7 +212,7 @@ class FolderImport:
         backlog = len(uids)
         self._gauge(backlog)
         if not uids:
-            await asyncio.to_thread(self.state.looked, self.key, self.owner, 0)
+            await asyncio.to_thread(self.state.looked, self.key, self.owner)
             return
         size = self.settings.batch_size
         for start in range(0, len(uids), size):
@@ -326,22 +327,23 @@ class FolderImport:
                             upto: int) -> FolderState:
         """Mark, move or delete on the server what is committed up to ``upto``."""
         mode = self.settings.after_import
-        if mode != "keep" and upto > state.done_uid:
-            assert state.uidvalidity is not None
-            uids = await asyncio.to_thread(self.state.imported_uids, self.key,
-                                           state.uidvalidity, state.done_uid, upto)
-            for start in range(0, len(uids), 200):
-                part = uids[start:start + 200]
-                if mode == "mark_seen":
-                    await conn.add_flags(part, ["\\Seen"])
-                elif mode == "delete":
-                    await conn.add_flags(part, ["\\Deleted"])
-                    await conn.expunge(part)
-                else:
-                    assert self.settings.move_to is not None
-                    await self._move(conn, part, self.settings.move_to)
         if upto == state.done_uid:
             return state
+        # keep records its (empty) handling too: a later switch to delete or move
+        # applies to what is imported from then on, never to the mail kept so far
+        assert state.uidvalidity is not None
+        uids = [] if mode == "keep" else await asyncio.to_thread(
+            self.state.imported_uids, self.key, state.uidvalidity, state.done_uid, upto)
+        for start in range(0, len(uids), 200):
+            part = uids[start:start + 200]
+            if mode == "mark_seen":
+                await conn.add_flags(part, ["\\Seen"])
+            elif mode == "delete":
+                await conn.add_flags(part, ["\\Deleted"])
+                await conn.expunge(part)
+            else:
+                assert self.settings.move_to is not None
+                await self._move(conn, part, self.settings.move_to)
         return self._held(await asyncio.to_thread(self.state.handled, self.key, self.owner,
                                                   state, upto))
 

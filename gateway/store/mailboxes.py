@@ -10,7 +10,7 @@ changes nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -152,12 +152,12 @@ class MailboxState:
                 return None
         return FolderState(state.uidvalidity, state.last_uid, done_uid)
 
-    def looked(self, key: FolderKey, owner: str, backlog: int) -> None:
-        """A look that found nothing new (or only the backlog): success, time and count."""
+    def looked(self, key: FolderKey, owner: str) -> None:
+        """A look that found nothing new: a success, with no backlog."""
         with self.store._write_turn, self.engine.begin() as conn:
             conn.execute(update(imap_folders)
                          .where(*key.where(), imap_folders.c.lease_owner == owner)
-                         .values(last_success_at=utcnow(), last_error=None, backlog=backlog))
+                         .values(last_success_at=utcnow(), last_error=None, backlog=0))
 
     def failed(self, key: FolderKey, owner: str, error: str) -> None:
         with self.store._write_turn, self.engine.begin() as conn:
@@ -177,23 +177,19 @@ class MailboxState:
                     imap_imports.c.uid <= upto).order_by(imap_imports.c.uid))
             return [r.uid for r in rows]
 
-    def known_hashes(self, key: FolderKey, sha256s: Iterable[str] = (),
-                     msgid_hashes: Iterable[str] = ()) -> dict[str, str]:
-        """Of the given content or Message-ID hashes, those imported from this source
-        before (any folder, any UIDVALIDITY): hash -> our message id."""
-        out: dict[str, str] = {}
+    def known_hashes(self, key: FolderKey, sha256s: Sequence[str]) -> dict[str, str]:
+        """Of these content hashes, those imported from this source before (any folder,
+        any UIDVALIDITY): hash -> our message id."""
+        if not sha256s:
+            return {}
         with self.engine.connect().execution_options(readonly=True) as conn:
-            for column, values in ((imap_imports.c.sha256, list(sha256s)),
-                                   (imap_imports.c.msgid_hash, list(msgid_hashes))):
-                if not values:
-                    continue
-                rows = conn.execute(
-                    select(column.label("h"), func.min(imap_imports.c.message_id).label("m"))
-                    .where(imap_imports.c.tenant_id == key.tenant_id,
-                           imap_imports.c.source == key.source, column.in_(values))
-                    .group_by(column))
-                out.update({r.h: r.m for r in rows})
-        return out
+            rows = conn.execute(
+                select(imap_imports.c.sha256, func.min(imap_imports.c.message_id).label("m"))
+                .where(imap_imports.c.tenant_id == key.tenant_id,
+                       imap_imports.c.source == key.source,
+                       imap_imports.c.sha256.in_(list(sha256s)))
+                .group_by(imap_imports.c.sha256))
+            return {r.sha256: r.m for r in rows}
 
     def status(self) -> list[dict[str, Any]]:
         with self.engine.connect().execution_options(readonly=True) as conn:
