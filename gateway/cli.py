@@ -186,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipient", action="append",
                    help="envelope recipient, repeatable (default: To and Cc addresses)")
     p.set_defaults(func=cmd_rules_test)
+
+    from gateway.privacy import commands as privacy_commands
+
+    privacy_commands.add_parsers(sub, _config_arg)
     return parser
 
 

@@ -581,6 +581,15 @@ class SRSConfig(_Section):
         return self
 
 
+class PrivacyConfig(_Section):
+    """Data-subject requests, the audit chain and tenant deactivation."""
+
+    # The gateway's own secret (64 hex digits, mode 0600), made at first start when
+    # missing. It keys the audit chain and the hashes erasure names people by; keep it
+    # out of database backups, and give every instance on one database the same file.
+    key_file: Path = Path("var/privacy.key")
+
+
 class DKIMConfig(_Section):
     """Keys that sign what the gateway sends; the last one listed per domain and
     algorithm signs (list a new selector after the old one to rotate)."""
@@ -602,6 +611,7 @@ class GatewayConfig(_Section):
     dkim: DKIMConfig = DKIMConfig()
     auth: AuthConfig = AuthConfig()
     srs: SRSConfig = SRSConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
     destinations: dict[str, DestinationConfig] = {}
     imap_accounts: dict[str, ImapAccountConfig] = {}
     tenants: dict[str, TenantConfig] = {}

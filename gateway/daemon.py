@@ -56,8 +56,10 @@ from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
 from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
+from gateway.privacy import keys as privacy_keys
 from gateway.sdnotify import Notifier
 from gateway.store import database
+from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import Store, one_line
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
@@ -93,12 +95,18 @@ def open_store(
         engine.dispose()
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise StartupError(f"database unreachable: {first[0] if first else exc}") from None
+    try:
+        key = privacy_keys.load_or_create(config.privacy.key_file)
+    except KeyFileError as exc:
+        engine.dispose()
+        raise StartupError(f"privacy.key_file: {exc}") from None
     return Store(
         engine,
         commit_batch_max=config.database.commit_batch_max,
         sqlite_path=config.sqlite_path,
         min_free_space=config.storage.min_free_space,
         on_commit=on_commit,
+        audit_key=key.chain,
     )
 
 
@@ -118,6 +126,7 @@ def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
 
 LISTENERS = ("smtp", "submission")
 STATS_INTERVAL = 5.0  # seconds between looks at the backlog (gauges, STATUS=, readiness)
+TENANTS_INTERVAL = 2.0  # seconds between looks for tenants deactivated meanwhile
 LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loop stalled
 PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
 AUTH_THREADS = 8  # calls an auth process runs at once: most wait on DNS, not on the CPU
@@ -138,6 +147,7 @@ class App:
         self.notifier = notifier if notifier is not None else Notifier()
         self.stopping = asyncio.Event()
         self.sweeper: Sweeper | None = None
+        self.inactive: set[str] = set()  # deactivated tenants, as last read
         self.store: Store | None = None
         self.tls: ssl.SSLContext | None = None
         self.started = time.time()
@@ -184,6 +194,10 @@ class App:
         await asyncio.to_thread(
             store.sync_tenants, {tid: t.name for tid, t in config.tenants.items()}
         )
+        self.inactive = await asyncio.to_thread(PrivacyStore(store).inactive_tenants)
+        for tid in sorted(self.inactive & config.tenants.keys()):
+            log.warning("tenant %s is deactivated: its mail is refused; remove it from the "
+                        "configuration", tid)
         self.database_up = True
         self.metrics.database_up.set(1)
         self.tls = tls_context(config)
@@ -228,7 +242,8 @@ class App:
                                    pause=config.retention.batch_pause)
             sweeping = asyncio.create_task(self._sweep_loop(self.sweeper), name="retention")
 
-        handler = IngressHandler(config.smtp, TenantDirectory(config.tenants), store, self.metrics,
+        directory = TenantDirectory(config.tenants)
+        handler = IngressHandler(config.smtp, directory, store, self.metrics,
                                  self.policies.workflows,
                                  auth=auth if auth.checking else None,
                                  dmarc_rejecting={t for t, tenant in config.tenants.items()
@@ -237,6 +252,7 @@ class App:
         listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
             ("smtp", config.smtp.listen, handler, {})
         ]
+        submission = None
         if config.submission.listen:
             submission = SubmissionHandler(config.smtp, config.submission, config.tenants,
                                            store, self.metrics)
@@ -265,6 +281,7 @@ class App:
             self.trackers[name] = tracker
             self.listening[name] = listen
         self._spawn(self._watch_stats())
+        self._spawn(self._watch_tenants(directory, submission))
         log.info("listening for SMTP on %s%s (%d tenants, database %s)", config.smtp.listen,
                  f", submission on {config.submission.listen}" if config.submission.listen
                  else "", len(config.tenants), _database_name(store))
@@ -446,6 +463,33 @@ class App:
             self.notifier.status(self.status_line())
             await asyncio.sleep(STATS_INTERVAL)
 
+    async def _watch_tenants(self, directory: TenantDirectory,
+                             submission: SubmissionHandler | None) -> None:
+        """Every few seconds: which tenants `tenant deactivate` has switched off (on
+        this or another instance); their mail is refused from then on, and whatever
+        of theirs was stored meanwhile is deleted."""
+        store = self.store
+        assert store is not None
+        privacy = PrivacyStore(store)
+        purged: set[str] = set()
+        while True:
+            directory.inactive = frozenset(self.inactive)
+            if submission is not None:
+                submission.inactive = frozenset(self.inactive)
+            try:
+                for tid in sorted(self.inactive - purged):
+                    removed = await asyncio.to_thread(privacy.purge_tenant, tid, "daemon")
+                    if removed.messages or removed.deliveries:
+                        log.info("tenant %s is deactivated: deleted %d messages and %d "
+                                 "deliveries stored meanwhile", tid, removed.messages,
+                                 removed.deliveries)
+                    purged.add(tid)
+                await asyncio.sleep(TENANTS_INTERVAL)
+                self.inactive = await asyncio.to_thread(privacy.inactive_tenants)
+            except SQLAlchemyError as exc:  # the database may be away; _watch_stats says so
+                log.debug("tenant states not read: %s", one_line(exc))
+                await asyncio.sleep(TENANTS_INTERVAL)
+
     async def reload(self, why: str) -> None:
         """SIGHUP: the policy set, then the TLS certificate; READY=1 again when done."""
         self.notifier.reloading()
@@ -536,10 +580,22 @@ class App:
                                        previous.version)
             log.info("policy reloaded (%s): %s -> %s (%s)", why, previous.version,
                      current.version, ", ".join(current.files) or "no files")
+            await self._audit("policy.reload", {
+                "from": previous.version, "to": current.version, "why": why,
+                "files": sorted(current.files)})
             try:
                 await self.sync_subprocessors(previous)
             except Exception:  # the database may be away; the next reload or restart retries
                 log.exception("recording subprocessor changes failed")
+
+    async def _audit(self, action: str, detail: dict[str, Any]) -> None:
+        """Record a daemon event in the audit log; the database may be away."""
+        if self.store is None:
+            return
+        try:
+            await asyncio.to_thread(self.store.audit, "daemon", action, detail=detail)
+        except SQLAlchemyError as exc:
+            log.error("audit event %s not recorded: %s", action, one_line(exc))
 
     async def sync_subprocessors(self, previous: PolicySet | None) -> None:
         """Record registry changes with their notices; let held copies try again."""

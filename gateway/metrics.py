@@ -85,8 +85,8 @@ class Metrics:
         self.smtp_recipients_refused = Counter(
             f"{PREFIX}_smtp_recipients_refused_total",
             "RCPT TO refused, by reason (relay, unknown_user, syntax, smtputf8, too_many, "
-            "srs_forged, srs_expired, srs_malformed: a bounce to a rewritten sender that is "
-            "not ours or too old).",
+            "inactive (a deactivated tenant), srs_forged, srs_expired, srs_malformed: a bounce "
+            "to a rewritten sender that is not ours or too old).",
             ["listener", "reason"], registry=r)
         self.smtp_received_bytes = Counter(
             f"{PREFIX}_smtp_received_bytes_total", "Message bytes accepted.",

@@ -58,6 +58,9 @@ class TenantDirectory:
         self._domain_owner: dict[str, str] = {}
         self._addresses: set[str] = set()
         self._catch_all: set[str] = set()
+        # Deactivated tenants (`tenant deactivate`): their recipients are refused as
+        # unknown.  The daemon keeps this current from the database.
+        self.inactive: frozenset[str] = frozenset()
         for tid, tenant in tenants.items():
             for domain in tenant.domains:
                 self._domain_owner[domain] = tid
@@ -90,6 +93,8 @@ class TenantDirectory:
         tenant = self._domain_owner.get(domain)
         if tenant is None:
             return Refused(RELAY_DENIED.format(addr=shown), "relay")
+        if tenant in self.inactive:
+            return Refused(USER_UNKNOWN.format(addr=shown), "inactive")
         bare = local
         if len(bare) >= 2 and bare.startswith('"') and bare.endswith('"'):
             bare = bare[1:-1].replace('\\"', '"').replace("\\\\", "\\")

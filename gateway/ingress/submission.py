@@ -72,6 +72,7 @@ class SubmissionHandler:
         self.users = {login.lower(): (tid, user) for tid, t in tenants.items()
                       for login, user in t.users.items()}
         self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self.inactive: frozenset[str] = frozenset()  # deactivated tenants: logins refused
 
     # ---------------------------------------------------------- authentication
     def _recent_failures(self, ip: str) -> int:
@@ -104,7 +105,8 @@ class SubmissionHandler:
         entry = self.users.get(login.lower())
         # Without a user, verify against a dummy hash all the same: equal timing.
         encoded = entry[1].password_hash if entry else _DUMMY_HASH
-        ok = await asyncio.to_thread(verify, password, encoded) and entry is not None
+        ok = (await asyncio.to_thread(verify, password, encoded) and entry is not None
+              and entry[0] not in self.inactive)
         if not ok:
             self._failures[ip].append(self.clock())
             log.warning("submission: failed login from %s", ip)

@@ -25,6 +25,7 @@ from gateway.store.models import (
     deliveries,
     imap_folders,
     imap_imports,
+    tenants,
 )
 from gateway.store.repository import NewMessage, Store, _insert_messages, aware, utcnow
 
@@ -78,6 +79,9 @@ class MailboxState:
         """Take (or keep) the folder's lease; None while another instance holds it."""
         now = utcnow()
         with self.store._write_turn, self.engine.begin() as conn:
+            if conn.execute(select(tenants.c.id).where(tenants.c.id == key.tenant_id,
+                                                       tenants.c.active.is_(False))).first():
+                return None  # deactivated: nothing more is imported for it
             found = conn.execute(select(imap_folders.c.folder).where(*key.where())).first()
             if found is None:
                 conn.execute(insert(imap_folders).values(

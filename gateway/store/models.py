@@ -22,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    func,
 )
 
 metadata = MetaData(
@@ -46,6 +47,8 @@ tenants = Table(
     Column("name", Text, nullable=False, default=""),
     Column("active", Boolean, nullable=False, default=True),
     Column("created_at", DateTime(timezone=True), nullable=False),
+    # set by `tenant deactivate`: its mail is refused and its data deleted for good
+    Column("deactivated_at", DateTime(timezone=True)),
 )
 
 messages = Table(
@@ -117,8 +120,9 @@ message_addresses = Table(
         index=True,
     ),
     Column("role", String(16), nullable=False),
-    Column("address", Text, nullable=False, index=True),
+    Column("address", Text, nullable=False),  # as written; looked up in lower case
 )
+Index("ix_message_addresses_lower_address", func.lower(message_addresses.c.address))
 
 # Delivery states: pending (due at next_attempt_at; deferred ones carry last_error),
 # held (waiting for something an operator must provide, reason in last_error),
@@ -158,6 +162,7 @@ deliveries = Table(
     Column("uncertain", Boolean, nullable=False, default=False, server_default="0"),
     Index("ix_deliveries_status_next_attempt_at", "status", "next_attempt_at"),
 )
+Index("ix_deliveries_lower_recipient", func.lower(deliveries.c.recipient))
 
 audit_events = Table(
     "audit_events",
@@ -169,6 +174,9 @@ audit_events = Table(
     Column("action", String(64), nullable=False),
     Column("message_id", String(26)),
     Column("detail", JSON, nullable=False),
+    # the chain (store.audit): HMAC of the event and prev_hash; NULL before it began
+    Column("prev_hash", String(64)),
+    Column("hash", String(64)),
 )
 
 # Subprocessors as the database remembers them.  baseline: in the registry when
@@ -248,4 +256,5 @@ imap_imports = Table(
     Index("ix_imap_imports_folder_uid", "tenant_id", "source", "folder", "uidvalidity", "uid"),
     Index("ix_imap_imports_sha256", "tenant_id", "source", "sha256"),
     Index("ix_imap_imports_msgid_hash", "tenant_id", "source", "msgid_hash"),
+    Index("ix_imap_imports_message_id", "message_id"),
 )

@@ -41,6 +41,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
 from gateway.metrics import QueueStats
+from gateway.store import audit as audit_chain
 from gateway.store.models import (
     FAILED,
     HELD,
@@ -270,8 +271,10 @@ class Store:
         sqlite_path: Path | None = None,
         min_free_space: int = 0,
         on_commit: Callable[[int, float], None] | None = None,
+        audit_key: bytes = b"",
     ) -> None:
         self.engine = engine
+        self.audit_key = audit_key  # the chain key of audit events (privacy.key_file)
         self.commit_batch_max = commit_batch_max
         self.sqlite_path = sqlite_path
         self.min_free_space = min_free_space
@@ -781,7 +784,7 @@ class Store:
         if held_addresses:
             where.append(~exists().where(
                 message_addresses.c.message_id == messages.c.id,
-                message_addresses.c.address.in_(list(held_addresses)),
+                func.lower(message_addresses.c.address).in_(list(held_addresses)),
             ))
         return where
 
@@ -897,6 +900,13 @@ class Store:
                         {"tenant_id": n.tenant_id, "subprocessor": n.subprocessor,
                          "change": n.change, "created_at": now, "effective_at": n.effective_at,
                          "message_id": n.message.id if n.message else None} for n in made])
+                for n in made:
+                    audit_chain.append(conn, self.audit_key, actor="daemon",
+                                 action="subprocessor.notice", tenant_id=n.tenant_id,
+                                 message_id=n.message.id if n.message else None, at=now,
+                                 detail={"subprocessor": n.subprocessor, "change": n.change,
+                                         "effective_at": n.effective_at.isoformat(),
+                                         "emailed": n.message is not None})
         return added, removed
 
     def consent_rows(self) -> ConsentRows:
@@ -927,9 +937,9 @@ class Store:
             conn.execute(insert(subprocessor_objections).values(
                 tenant_id=tenant, subprocessor=subprocessor, recorded_at=utcnow(),
                 actor=actor, note=note))
-            conn.execute(insert(audit_events).values(
-                at=utcnow(), actor=actor, action="subprocessor.objection", tenant_id=tenant,
-                detail={"subprocessor": subprocessor, "note": note[:500]}))
+            audit_chain.append(conn, self.audit_key, actor=actor, action="subprocessor.objection",
+                         tenant_id=tenant,
+                         detail={"subprocessor": subprocessor, "note": note[:500]})
 
     # ------------------------------------------------------------ audit
     def audit(
@@ -943,19 +953,45 @@ class Store:
     ) -> None:
         """Append an audit event (who did what to which data, never content)."""
         with self.engine.begin() as conn:
-            conn.execute(
-                insert(audit_events).values(
-                    at=utcnow(), actor=actor, action=action, tenant_id=tenant_id,
-                    message_id=message_id, detail=detail or {},
-                )
-            )
+            audit_chain.append(conn, self.audit_key, actor=actor, action=action,
+                         tenant_id=tenant_id, message_id=message_id, detail=detail)
 
-    def audit_events(self, tenant_id: str | None = None) -> list[dict[str, Any]]:
-        q = select(audit_events).order_by(audit_events.c.id)
+    def audit_events(self, tenant_id: str | None = None, *, action: str | None = None,
+                     subject_hash: str | None = None, since: datetime | None = None,
+                     limit: int | None = None) -> list[dict[str, Any]]:
+        """Audit events, oldest first (the newest ``limit`` of them)."""
+        q = select(audit_events).order_by(audit_events.c.id.desc())
         if tenant_id is not None:
             q = q.where(audit_events.c.tenant_id == tenant_id)
+        if action is not None:
+            q = q.where(or_(audit_events.c.action == action,
+                            audit_events.c.action.startswith(action + ".", autoescape=True)))
+        if since is not None:
+            q = q.where(audit_events.c.at >= since)
         with self.engine.connect().execution_options(readonly=True) as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+            rows = []
+            result = conn.execution_options(yield_per=1000).execute(q)
+            for r in result:
+                row = dict(r._mapping)
+                if subject_hash is not None and (row["detail"] or {}).get("subject") \
+                        != subject_hash:
+                    continue
+                rows.append(row)
+                if limit is not None and len(rows) >= limit:
+                    break
+            result.close()
+        rows.reverse()
+        return rows
+
+    def verify_audit(self, anchor: str | None = None) -> audit_chain.Verdict:
+        """Walk the whole audit chain (streamed, in id order)."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = conn.execution_options(yield_per=2000).execute(
+                select(audit_events).order_by(audit_events.c.id))
+            try:
+                return audit_chain.verify(iter(rows), self.audit_key, anchor)
+            finally:
+                rows.close()  # it may stop at the first problem
 
 
 def _insert_messages(conn: Any, batch: Sequence[NewMessage]) -> None:

@@ -1,0 +1,239 @@
+"""Command line for data-subject requests and the tenant lifecycle:
+``erase``, ``tenant deactivate``, ``audit verify`` and ``audit list``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from datetime import UTC, datetime
+from typing import Any
+
+from gateway import cli
+from gateway.cli import CommandError, _jsonable, _printable
+from gateway.config import GatewayConfig
+
+
+def actor() -> str:
+    return f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def add_parsers(sub: Any, config_arg: Any) -> None:
+    p = sub.add_parser("erase", help="erase every message of one person from one tenant")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--subject", required=True, type=subject_address, metavar="ADDRESS",
+                   help="the person's e-mail address (sender or recipient, any case)")
+    p.add_argument("--dry-run", action="store_true", help="count, erase nothing")
+    p.add_argument("--override-hold", action="store_true",
+                   help="erase even what a legal hold covers (needs --reason)")
+    p.add_argument("--reason", help="why the holds are overridden (kept in the audit log)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_erase)
+
+    tenant = sub.add_parser("tenant", help="the tenant lifecycle")
+    tsub = tenant.add_subparsers(dest="tenant_command", required=True, parser_class=cli._Parser)
+    p = tsub.add_parser("deactivate", help="refuse the tenant's mail from now on and delete "
+                                           "all its data (cannot be undone)")
+    config_arg(p)
+    p.add_argument("tenant")
+    p.add_argument("--yes", action="store_true", help="do not ask (when run from a terminal)")
+    p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    p.set_defaults(func=cmd_tenant_deactivate)
+
+    audit = sub.add_parser("audit", help="the tamper-evident audit log")
+    asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=cli._Parser)
+    p = asub.add_parser("verify", help="check that no event was changed, removed or inserted")
+    config_arg(p)
+    p.add_argument("--anchor", metavar="HASH", type=_hash,
+                   help="a head printed by an earlier verify: it must still be in the chain")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit_verify)
+    p = asub.add_parser("list", help="audit events, oldest first")
+    config_arg(p)
+    p.add_argument("--tenant")
+    p.add_argument("--action", help="e.g. subject.erase, or a prefix such as tenant")
+    p.add_argument("--subject", type=subject_address, metavar="ADDRESS",
+                   help="only events about this person (erasures, exports)")
+    p.add_argument("--since", type=_day, metavar="YYYY-MM-DD")
+    p.add_argument("--limit", type=cli._positive_int, help="the newest this many")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_audit_list)
+
+
+_ADDRESS = re.compile(r"[^\s@<>]+@[^\s@<>]+\.?[^\s@<>]*")
+
+
+def subject_address(text: str) -> str:
+    value = text.strip()
+    if value.startswith("<") and value.endswith(">"):
+        value = value[1:-1]
+    if not _ADDRESS.fullmatch(value) or not value.isprintable():
+        raise argparse.ArgumentTypeError(f"not an e-mail address: {text!r}")
+    return value
+
+
+def _hash(text: str) -> str:
+    if not re.fullmatch(r"[0-9a-f]{64}", text):
+        raise argparse.ArgumentTypeError("an event hash is 64 hexadecimal digits")
+    return text
+
+
+def _day(text: str) -> datetime:
+    try:
+        return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _privacy(args: argparse.Namespace) -> tuple[GatewayConfig, Any, Any]:
+    """The configuration, the privacy key and the privacy store."""
+    from gateway.auth.keys import KeyFileError
+    from gateway.privacy.keys import load_or_create
+    from gateway.store.privacy import PrivacyStore
+
+    config = cli._config(args)
+    try:
+        key = load_or_create(config.privacy.key_file)
+    except KeyFileError as exc:
+        raise CommandError(f"privacy.key_file: {exc}") from None
+    return config, key, PrivacyStore(cli._store(args))
+
+
+def _known_tenant(config: GatewayConfig, store: Any, tenant: str) -> dict[str, Any] | None:
+    row = store.tenant_row(tenant)
+    if row is None and tenant not in config.tenants:
+        raise CommandError(f"no tenant {tenant!r} in the configuration or the database")
+    result: dict[str, Any] | None = row
+    return result
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from gateway.privacy import erasure
+    from gateway.store.repository import utcnow
+
+    if args.override_hold and not (args.reason or "").strip():
+        raise CommandError("--override-hold needs --reason TEXT (it is kept in the audit log)")
+    config, key, store = _privacy(args)
+    _known_tenant(config, store, args.tenant)
+    retention = cli._policies(config).retention
+    p = erasure.plan(store, retention, config, args.tenant, args.subject, utcnow())
+    result: dict[str, Any] = {
+        "tenant": args.tenant, "dry_run": args.dry_run, "messages": len(p.found),
+        "held": p.held, "still_in_configuration": p.config_mentions,
+    }
+    if args.dry_run:
+        pass
+    else:
+        try:
+            removed = erasure.erase(store, key, p, actor=actor(),
+                                    override_reason=args.reason if args.override_hold else None)
+        except erasure.ErasureRefused as exc:
+            raise CommandError(str(exc)) from None
+        result.update(removed.as_dict())
+    if config.logging.personal_data:
+        result["note"] = ("logging.personal_data is on: the journal may still hold this "
+                          "address; it is outside what erase can reach")
+    if args.json:
+        json.dump(result, sys.stdout, indent=1)
+        print()
+        return cli.EXIT_OK
+    if args.dry_run:
+        print(f"would erase {len(p.found)} messages of tenant {args.tenant} "
+              f"({sum(1 for f in p.found if f.status == 'received')} not yet processed)")
+        for name, count in sorted(p.held.items()):
+            print(f"  legal hold {name} covers {count} of them: erase would refuse "
+                  "without --override-hold")
+    else:
+        print(f"erased {result['messages']} messages of tenant {args.tenant}: "
+              f"{result['deliveries']} deliveries ({result['pending_deliveries']} still to go, "
+              f"now cancelled), {result['imported']} import records")
+        if p.held:
+            print(f"  legal holds overridden: {', '.join(sorted(p.held))}")
+    for where in p.config_mentions:
+        print(f"  the address is still in the configuration at {where}: remove it there")
+    if "note" in result:
+        print(f"  {result['note']}")
+    return cli.EXIT_OK
+
+
+def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
+    config, _key, store = _privacy(args)
+    row = _known_tenant(config, store, args.tenant)
+    if args.dry_run:
+        print(f"would refuse mail for tenant {args.tenant} and delete its "
+              f"{store.count_messages(args.tenant)} messages, their deliveries, import state "
+              "and consent records")
+        return cli.EXIT_OK
+    if row is not None and not row["active"]:
+        print(f"tenant {args.tenant} was deactivated at {_jsonable(row['deactivated_at'])}; "
+              "deleting whatever is left")
+    else:
+        if sys.stdin.isatty() and not args.yes:
+            answer = input(f"This deletes all data of tenant {args.tenant} for good. "
+                           "Type the tenant id to go on: ")
+            if answer.strip() != args.tenant:
+                raise CommandError("not confirmed: nothing changed")
+        if row is None:
+            store.store.sync_tenants({args.tenant: config.tenants[args.tenant].name})
+        store.deactivate(args.tenant, actor())
+        print(f"tenant {args.tenant} deactivated: its mail is refused (550 5.1.1) "
+              "once the daemon notices, within seconds")
+    removed = store.purge_tenant(args.tenant, actor())
+    scrubbed = store.scrub()
+    print(f"deleted {removed.messages} messages, {removed.deliveries} deliveries "
+          f"({removed.pending} still to go, now cancelled), {removed.imports} import records")
+    if not scrubbed:
+        print("  the database's write-ahead log could not be truncated now (a reader was "
+              "busy); the old pages go at its next checkpoint")
+    if args.tenant in config.tenants:
+        print(f"  tenant {args.tenant} is still in {args.config}: remove it there; "
+              "while it stays, its mail is refused")
+    return cli.EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    verdict = cli._store(args).verify_audit(args.anchor)
+    if args.json:
+        json.dump({"ok": verdict.ok, "events": verdict.events, "unchained": verdict.unchained,
+                   "head": verdict.head, "problem": verdict.problem,
+                   "anchor_found": verdict.anchor_found}, sys.stdout, indent=1)
+        print()
+        return cli.EXIT_OK if verdict.ok else cli.EXIT_FAILURE
+    if verdict.problem:
+        print(f"audit log TAMPERED: {verdict.problem}", file=sys.stderr)
+        return cli.EXIT_FAILURE
+    if verdict.anchor_found is False:
+        print(f"audit log TAMPERED: the anchor {args.anchor} is not in the chain: events "
+              "were removed from its end", file=sys.stderr)
+        return cli.EXIT_FAILURE
+    before = f" ({verdict.unchained} from before the chain began)" if verdict.unchained else ""
+    print(f"audit log intact: {verdict.events} events{before}, head {verdict.head or '-'}")
+    return cli.EXIT_OK
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    subject_hash = None
+    if args.subject:
+        _config, key, _store = _privacy(args)
+        subject_hash = key.subject_hash(args.subject)
+    rows = cli._store(args).audit_events(args.tenant, action=args.action,
+                                         subject_hash=subject_hash, since=args.since,
+                                         limit=args.limit)
+    items = [{"id": r["id"], "at": _jsonable(r["at"]), "tenant": r["tenant_id"],
+              "actor": r["actor"], "action": r["action"], "message": r["message_id"],
+              "detail": r["detail"], "hash": r["hash"]} for r in rows]
+    if args.json:
+        json.dump(items, sys.stdout, indent=1)
+        print()
+        return cli.EXIT_OK
+    print(f"{'ID':>6} {'AT':32} {'TENANT':14} {'ACTOR':18} {'ACTION':24} DETAIL")
+    for e in items:
+        detail = json.dumps(e["detail"], sort_keys=True, ensure_ascii=False)
+        if e["message"]:
+            detail = f"message={e['message']} {detail}"
+        print(f"{e['id']:>6} {e['at']:32} {_printable(e['tenant'], 14):14} "
+              f"{_printable(e['actor'], 18):18} {e['action']:24} {_printable(detail, 100)}")
+    return cli.EXIT_OK

@@ -1,0 +1,89 @@
+"""Erasure of one person's mail from one tenant (GDPR art. 17), on the controller's request.
+
+``plan()`` finds every message of the tenant in which the address appears
+(envelope sender or recipient, an address header, the recipient of a copy)
+and the legal holds of the retention policy that cover any of them.
+``erase()`` then deletes them completely (see ``store.privacy``) unless a hold
+covers one: then nothing is deleted, unless the operator overrides the holds
+with a reason.  The audit event names the person only by a keyed hash and
+records the counts, the holds overridden and the reason.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime
+
+from gateway.config import GatewayConfig
+from gateway.logs import mask
+from gateway.policy.retention import RetentionPolicy
+from gateway.privacy.keys import PrivacyKey
+from gateway.store.privacy import Found, PrivacyStore, Removed
+
+
+class ErasureRefused(Exception):
+    """Legal holds cover some of the messages and no override was given."""
+
+
+@dataclass
+class Plan:
+    tenant: str
+    subject: str
+    found: list[Found]
+    held: dict[str, int] = field(default_factory=dict)  # hold name -> messages it covers
+    config_mentions: list[str] = field(default_factory=list)
+
+    @property
+    def ids(self) -> list[str]:
+        return [f.id for f in self.found]
+
+
+def plan(store: PrivacyStore, policy: RetentionPolicy | None, config: GatewayConfig,
+         tenant: str, subject: str, now: datetime) -> Plan:
+    found = store.find_subject(tenant, subject)
+    result = Plan(tenant, subject, found, config_mentions=config_mentions(config, tenant,
+                                                                          subject))
+    if policy is not None:
+        held: Counter[str] = Counter()
+        holds = policy.active_holds(now)
+        for f in found:
+            for h in holds:
+                if h.covers(tenant, f.tags) and (h.address is None or h.address in f.addresses):
+                    held[h.name] += 1
+        result.held = dict(held)
+    return result
+
+
+def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str,
+          override_reason: str | None = None) -> Removed:
+    if p.held and override_reason is None:
+        holds = ", ".join(f"{name} ({n} messages)" for name, n in sorted(p.held.items()))
+        raise ErasureRefused(f"legal hold {holds} covers mail of this person: nothing erased "
+                             "(--override-hold --reason TEXT erases it anyway)")
+    detail: dict[str, object] = {"subject": key.subject_hash(p.subject)}
+    if p.held:
+        detail["holds_overridden"] = sorted(p.held)
+        detail["reason"] = mask(override_reason or "")[:500]
+    removed = store.delete(p.ids, audit_event={
+        "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
+    store.scrub()
+    return removed
+
+
+def config_mentions(config: GatewayConfig, tenant: str, subject: str) -> list[str]:
+    """Where gateway.yaml itself names the address (erasure cannot edit the file)."""
+    t = config.tenants.get(tenant)
+    if t is None:
+        return []
+    address = subject.strip().lower()
+    found = []
+    if address in (a.lower() for a in t.addresses):
+        found.append(f"tenants.{tenant}.addresses")
+    for login, user in t.users.items():
+        if login.lower() == address or address in (a.lower() for a in user.send_as):
+            found.append(f"tenants.{tenant}.users.{login}")
+    for name, pull in t.imap_pull.items():
+        if pull.recipient.lower() == address:
+            found.append(f"tenants.{tenant}.imap_pull.{name}.recipient")
+    return found

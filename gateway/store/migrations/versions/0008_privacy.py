@@ -1,0 +1,41 @@
+"""Privacy: the audit chain, tenant deactivation, and indexes that let erasure find a
+person's mail without reading every row (addresses and copy recipients in lower case,
+imported messages by our id).
+
+Revision ID: 0008
+Revises: 0007
+Create Date: 2026-11-25 12:00:00
+"""
+
+import sqlalchemy as sa
+from alembic import op
+
+revision = "0008"
+down_revision = "0007"
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("audit_events") as batch:
+        batch.add_column(sa.Column("prev_hash", sa.String(64), nullable=True))
+        batch.add_column(sa.Column("hash", sa.String(64), nullable=True))
+    with op.batch_alter_table("tenants") as batch:
+        batch.add_column(sa.Column("deactivated_at", sa.DateTime(timezone=True), nullable=True))
+    op.drop_index("ix_message_addresses_address", table_name="message_addresses")
+    op.create_index("ix_message_addresses_lower_address", "message_addresses",
+                    [sa.text("lower(address)")])
+    op.create_index("ix_deliveries_lower_recipient", "deliveries", [sa.text("lower(recipient)")])
+    op.create_index("ix_imap_imports_message_id", "imap_imports", ["message_id"])
+
+
+def downgrade() -> None:
+    op.drop_index("ix_imap_imports_message_id", table_name="imap_imports")
+    op.drop_index("ix_deliveries_lower_recipient", table_name="deliveries")
+    op.drop_index("ix_message_addresses_lower_address", table_name="message_addresses")
+    op.create_index("ix_message_addresses_address", "message_addresses", ["address"])
+    with op.batch_alter_table("tenants") as batch:
+        batch.drop_column("deactivated_at")
+    with op.batch_alter_table("audit_events") as batch:
+        batch.drop_column("hash")
+        batch.drop_column("prev_hash")

@@ -1,0 +1,244 @@
+"""The reads and deletes behind erasure and deactivation.
+
+A message is deleted with everything the gateway keeps of it: its deliveries
+(pending copies and keep-original jobs are cancelled with them), its address
+index rows, its raw original, the record of where it was imported from, and
+the row itself; a subprocessor notice that was this message forgets which
+message it was.  Deleting runs in batches, one transaction each, so that
+acceptance is never kept waiting long for the write lock.
+
+On SQLite, ``secure_delete`` (set on every connection) overwrites what is
+deleted, and ``scrub()`` copies the WAL back and truncates it, so no old page
+still holding the data stays on disk in either file.
+"""
+
+from __future__ import annotations
+
+import email.parser
+import email.policy
+import email.utils
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+
+from gateway.store import audit
+from gateway.store.models import (
+    PENDING,
+    RECEIVED,
+    deliveries,
+    imap_folders,
+    imap_imports,
+    message_addresses,
+    message_blobs,
+    messages,
+    subprocessor_notices,
+    subprocessor_objections,
+    tenants,
+)
+from gateway.store.repository import Store, utcnow
+
+BATCH = 500
+_HEADER_ROLES = ("from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-to",
+                 "resent-cc", "resent-bcc")
+
+
+def lookup_forms(address: str) -> list[str]:
+    """The lower-case forms an address is looked up by: Python's (Unicode) and
+    SQLite's (ASCII letters only), so the lookup is case-blind on both databases."""
+    value = address.strip()
+    ascii_only = "".join(chr(ord(c) + 32) if "A" <= c <= "Z" else c for c in value)
+    return sorted({value.lower(), ascii_only})
+
+
+@dataclass
+class Found:
+    """A message that mentions the subject."""
+
+    id: str
+    status: str
+    tags: list[str]
+    addresses: set[str] = field(default_factory=set)  # every address it carries, lower case
+
+
+@dataclass
+class Removed:
+    messages: int = 0
+    deliveries: int = 0
+    pending: int = 0  # deliveries and keep-original jobs that were still to go
+    imports: int = 0
+
+    def add(self, other: Removed) -> None:
+        self.messages += other.messages
+        self.deliveries += other.deliveries
+        self.pending += other.pending
+        self.imports += other.imports
+
+    def as_dict(self) -> dict[str, int]:
+        return {"messages": self.messages, "deliveries": self.deliveries,
+                "pending_deliveries": self.pending, "imported": self.imports}
+
+
+class PrivacyStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.engine = store.engine
+
+    # ------------------------------------------------------------ finding
+    def find_subject(self, tenant: str, subject: str) -> list[Found]:
+        """Every message of ``tenant`` that has ``subject`` as envelope sender or
+        recipient, in an address header, or as the recipient of a copy.
+
+        Messages the pipeline has not parsed yet have only their envelope in the
+        index; their headers are read here.
+        """
+        forms = lookup_forms(subject)
+        lowered = subject.strip().lower()
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            ids = set(conn.execute(
+                select(message_addresses.c.message_id)
+                .join(messages, messages.c.id == message_addresses.c.message_id)
+                .where(messages.c.tenant_id == tenant,
+                       func.lower(message_addresses.c.address).in_(forms))
+            ).scalars())
+            ids.update(conn.execute(
+                select(deliveries.c.message_id)
+                .where(deliveries.c.tenant_id == tenant,
+                       func.lower(deliveries.c.recipient).in_(forms))
+            ).scalars())
+            unparsed = conn.execution_options(yield_per=200).execute(
+                select(messages.c.id, message_blobs.c.data)
+                .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+                .where(messages.c.tenant_id == tenant, messages.c.status == RECEIVED)
+            )
+            for row in unparsed:
+                if row.id not in ids and lowered in header_addresses(row.data):
+                    ids.add(row.id)
+            return self._describe(conn, sorted(ids))
+
+    def _describe(self, conn: Any, ids: Sequence[str]) -> list[Found]:
+        found: dict[str, Found] = {}
+        for chunk in _chunks(ids):
+            for r in conn.execute(select(messages.c.id, messages.c.status, messages.c.tags)
+                                  .where(messages.c.id.in_(chunk))):
+                found[r.id] = Found(r.id, r.status, list(r.tags or []))
+            for r in conn.execute(select(message_addresses.c.message_id,
+                                         message_addresses.c.address)
+                                  .where(message_addresses.c.message_id.in_(chunk))):
+                found[r.message_id].addresses.add(r.address.lower())
+        return [found[i] for i in ids if i in found]
+
+    # ------------------------------------------------------------ deleting
+    def delete(self, ids: Sequence[str], *, audit_event: dict[str, Any] | None = None
+               ) -> Removed:
+        """Delete these messages completely, in batches; the audit event (the keyword
+        arguments of ``audit.append``) is written with the last batch."""
+        total = Removed()
+        chunks = list(_chunks(ids)) or [[]]
+        for n, chunk in enumerate(chunks):
+            with self.store._write_turn, self.engine.begin() as conn:
+                total.add(_delete(conn, chunk))
+                if audit_event is not None and n == len(chunks) - 1:
+                    detail = {**audit_event.get("detail", {}), **total.as_dict()}
+                    audit.append(conn, self.store.audit_key, **{**audit_event, "detail": detail})
+        return total
+
+    def scrub(self, attempts: int = 5) -> bool:
+        """SQLite: copy the WAL into the database and truncate it, so pages from before
+        a delete are gone from disk.  False when a reader kept it from finishing."""
+        if self.engine.dialect.name != "sqlite":
+            return True
+        for _ in range(attempts):
+            raw = self.engine.raw_connection()
+            try:
+                busy = raw.driver_connection.execute(  # type: ignore[union-attr]
+                    "PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+            finally:
+                raw.close()
+            if not busy:
+                return True
+        return False
+
+    # ------------------------------------------------------------ tenants
+    def tenant_row(self, tenant: str) -> dict[str, Any] | None:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(select(tenants).where(tenants.c.id == tenant)).first()
+        return dict(row._mapping) if row else None
+
+    def count_messages(self, tenant: str) -> int:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return int(conn.execute(select(func.count()).select_from(messages)
+                                    .where(messages.c.tenant_id == tenant)).scalar_one())
+
+    def inactive_tenants(self) -> set[str]:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return set(conn.execute(
+                select(tenants.c.id).where(tenants.c.active.is_(False))).scalars())
+
+    def deactivate(self, tenant: str, actor: str) -> datetime:
+        """Mark the tenant inactive (its mail is refused from now on); when it was."""
+        now = utcnow()
+        with self.store._write_turn, self.engine.begin() as conn:
+            conn.execute(update(tenants).where(tenants.c.id == tenant)
+                         .values(active=False, deactivated_at=now))
+            audit.append(conn, self.store.audit_key, actor=actor, action="tenant.deactivate",
+                         tenant_id=tenant, at=now, detail={"step": "mail refused"})
+        return now
+
+    def purge_tenant(self, tenant: str, actor: str) -> Removed:
+        """Delete every message and every record of an (inactive) tenant."""
+        total = Removed()
+        while True:
+            with self.engine.connect().execution_options(readonly=True) as conn:
+                ids = list(conn.execute(select(messages.c.id)
+                                        .where(messages.c.tenant_id == tenant)
+                                        .limit(BATCH)).scalars())
+            if not ids:
+                break
+            total.add(self.delete(ids))
+        with self.store._write_turn, self.engine.begin() as conn:
+            # copies whose message is gone already, import state, consent records
+            total.deliveries += conn.execute(
+                delete(deliveries).where(deliveries.c.tenant_id == tenant)).rowcount
+            total.imports += conn.execute(
+                delete(imap_imports).where(imap_imports.c.tenant_id == tenant)).rowcount
+            for table in (imap_folders, subprocessor_notices, subprocessor_objections):
+                conn.execute(delete(table).where(table.c.tenant_id == tenant))
+            if total.messages or total.deliveries or total.imports:
+                audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",
+                             tenant_id=tenant, detail=total.as_dict())
+        return total
+
+
+def _delete(conn: Any, ids: Sequence[str]) -> Removed:
+    if not ids:
+        return Removed()
+    pending = conn.execute(select(func.count()).select_from(deliveries).where(
+        deliveries.c.message_id.in_(ids), deliveries.c.status == PENDING)).scalar_one()
+    removed = Removed(pending=pending)
+    removed.deliveries = conn.execute(
+        delete(deliveries).where(deliveries.c.message_id.in_(ids))).rowcount
+    removed.imports = conn.execute(
+        delete(imap_imports).where(imap_imports.c.message_id.in_(ids))).rowcount
+    conn.execute(update(subprocessor_notices).where(subprocessor_notices.c.message_id.in_(ids))
+                 .values(message_id=None))
+    for table in (message_addresses, message_blobs):
+        conn.execute(delete(table).where(table.c.message_id.in_(ids)))
+    removed.messages = conn.execute(delete(messages).where(messages.c.id.in_(ids))).rowcount
+    return removed
+
+
+def header_addresses(raw: bytes) -> set[str]:
+    """The addresses in a message's address fields, lower case (headers only)."""
+    end = raw.find(b"\r\n\r\n")
+    head = raw if end < 0 else raw[:end + 2]
+    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
+    values = [str(v) for name in _HEADER_ROLES for v in (parsed.get_all(name) or [])]
+    return {addr.strip().lower() for _, addr in email.utils.getaddresses(values) if addr}
+
+
+def _chunks(ids: Sequence[str]) -> Iterable[list[str]]:
+    for start in range(0, len(ids), BATCH):
+        yield list(ids[start:start + BATCH])

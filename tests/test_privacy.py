@@ -1,0 +1,354 @@
+"""Erasure of a data subject, tenant deactivation and the audit chain, end to end:
+the real daemon, real SMTP, the command line, and the database files themselves."""
+
+from __future__ import annotations
+
+import json
+import re
+import smtplib
+import threading
+import time
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from sqlalchemy import delete, insert, select, text, update
+
+from gateway.privacy.keys import load_or_create
+from gateway.store import audit
+from gateway.store.models import audit_events, metadata
+from gateway.store.privacy import PrivacyStore, header_addresses
+from gateway.store.repository import NewMessage, _insert_messages, utcnow
+from tests.conftest import free_port, gateway_with_rules, wait_for
+
+SUBJECT = "jane.doe@sender.test"
+RULES = """
+tenants:
+  acme:
+    rules:
+      - name: archive
+        actions: {bcc: [archive@copies.test]}
+"""
+
+
+def _json(result: Any) -> Any:
+    assert result.returncode == 0, result.stderr.decode()
+    return json.loads(result.stdout)
+
+
+def _send(gw: Any, sender: str, to: str, body: str, cc: str | None = None,
+          rcpts: list[str] | None = None) -> None:
+    head = f"From: <{sender}>\r\nTo: <{to}>\r\n" + (f"Cc: <{cc}>\r\n" if cc else "")
+    with gw.smtp() as s:
+        s.sendmail(sender, rcpts or [to], f"{head}Subject: {body}\r\n\r\n{body}\r\n".encode())
+
+
+def _unreachable_relay() -> Any:
+    """Copies wait in the queue (pending): nothing listens at this port."""
+    return SimpleNamespace(port=free_port())
+
+
+def _mixed_mail(gw: Any) -> None:
+    """Three messages of acme name the subject (as sender in mixed case, as sender,
+    in a Cc header); two of acme do not; globex has one from the subject too."""
+    _send(gw, "Jane.Doe@Sender.test", "support@acme.test", "erasetoken-one")
+    _send(gw, SUBJECT, "billing@acme.test", "erasetoken-two")
+    _send(gw, "bob@client.test", "support@acme.test", "erasetoken-three", cc=SUBJECT)
+    _send(gw, "bob@client.test", "support@acme.test", "keeptoken-one")
+    _send(gw, "carol@client.test", "billing@acme.test", "keeptoken-two")
+    _send(gw, SUBJECT, "anyone@globex.test", "globextoken")
+
+
+def _database_bytes(gw: Any) -> bytes:
+    """Everything the database holds, as bytes: the SQLite files as they are on disk,
+    or on PostgreSQL every row of every table."""
+    if gw.db_url.startswith("sqlite"):
+        db = Path(gw.db_url.removeprefix("sqlite:///"))
+        return b"".join(p.read_bytes() for p in db.parent.glob(db.name + "*"))
+    out = []
+    with gw.store.engine.connect() as conn:
+        for table in metadata.sorted_tables:
+            for row in conn.execute(select(table)):
+                for v in row:
+                    out.append(v if isinstance(v, bytes) else str(v).encode())
+    return b"\n".join(out)
+
+
+def test_erasure_removes_the_person_everywhere_and_nothing_else(make_gateway, tmp_path):
+    gw = gateway_with_rules(make_gateway, tmp_path, _unreachable_relay(), RULES)
+    _mixed_mail(gw)
+    gw.wait_processed(6)
+    queue = _json(gw.cli("queue", "list", "--json"))
+    assert len(queue) == 5 and {d["status"] for d in queue} == {"pending"}
+    before = _database_bytes(gw).lower()
+    assert SUBJECT.encode() in before and b"erasetoken-one" in before
+
+    dry = _json(gw.cli("erase", "--tenant", "acme", "--subject", SUBJECT, "--dry-run",
+                       "--json"))
+    assert dry["messages"] == 3 and dry["dry_run"] is True
+    assert len(gw.messages()) == 6
+
+    done = _json(gw.cli("erase", "--tenant", "acme", "--subject", "JANE.DOE@sender.test",
+                        "--json"))
+    assert (done["messages"], done["deliveries"], done["pending_deliveries"]) == (3, 3, 3)
+    assert {r["subject"] for r in gw.messages()} == {"keeptoken-one", "keeptoken-two",
+                                                     "globextoken"}
+    assert len(_json(gw.cli("queue", "list", "--json"))) == 2
+    # globex's mail from the same person is another controller's: untouched by acme's request
+    assert [r["subject"] for r in gw.messages(tenant="globex")] == ["globextoken"]
+    _json(gw.cli("erase", "--tenant", "globex", "--subject", SUBJECT, "--json"))
+
+    after = _database_bytes(gw).lower()
+    for gone in (SUBJECT.encode(), b"erasetoken-one", b"erasetoken-two", b"erasetoken-three",
+                 b"globextoken"):
+        assert gone not in after, gone
+    # the scan does see what was kept: it would have found the erased data too
+    for kept in (b"keeptoken-one", b"keeptoken-two", b"bob@client.test", b"carol@client.test"):
+        assert kept in after, kept
+    assert SUBJECT not in gw.log().lower()  # the daemon's log masks addresses
+
+    events = _json(gw.cli("audit", "list", "--action", "subject.erase", "--json"))
+    assert [(e["tenant"], e["detail"]["messages"]) for e in events] == [("acme", 3),
+                                                                        ("globex", 1)]
+    assert re.fullmatch(r"[0-9a-f]{64}", events[0]["detail"]["subject"])
+    assert "jane" not in json.dumps(events).lower()
+    found = _json(gw.cli("audit", "list", "--subject", "Jane.Doe@SENDER.test", "--json"))
+    assert [e["id"] for e in found] == [e["id"] for e in events]
+    assert _json(gw.cli("audit", "list", "--subject", "bob@client.test", "--json")) == []
+
+
+HOLD_RETENTION = """
+default: 1y
+holds:
+  - {name: dispute-117, reason: "case 2026-117", address: jane.doe@sender.test}
+"""
+
+
+def test_a_legal_hold_blocks_erasure_until_overridden_with_a_reason(make_gateway, tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "retention.yaml").write_text(HOLD_RETENTION)
+    gw = make_gateway({"policies": {"directory": str(policies)}})
+    _send(gw, SUBJECT, "support@acme.test", "held mail")
+    _send(gw, "bob@client.test", "support@acme.test", "other mail")
+    gw.wait_processed(2)
+
+    refused = gw.cli("erase", "--tenant", "acme", "--subject", SUBJECT)
+    assert refused.returncode == 1
+    assert b"legal hold dispute-117 (1 messages)" in refused.stderr
+    assert b"nothing erased" in refused.stderr
+    assert len(gw.messages()) == 2
+
+    no_reason = gw.cli("erase", "--tenant", "acme", "--subject", SUBJECT, "--override-hold")
+    assert no_reason.returncode == 1 and b"needs --reason" in no_reason.stderr
+    assert len(gw.messages()) == 2
+
+    done = _json(gw.cli("erase", "--tenant", "acme", "--subject", SUBJECT, "--override-hold",
+                        "--reason", "hold lifted by counsel, ticket 88", "--json"))
+    assert done["messages"] == 1 and done["held"] == {"dispute-117": 1}
+    assert [r["subject"] for r in gw.messages()] == ["other mail"]
+    event = _json(gw.cli("audit", "list", "--action", "subject.erase", "--json"))[-1]
+    assert event["detail"]["holds_overridden"] == ["dispute-117"]
+    assert event["detail"]["reason"] == "hold lifted by counsel, ticket 88"
+
+
+def test_erase_arguments_are_checked(gateway):
+    bad = gateway.cli("erase", "--tenant", "acme", "--subject", "not an address")
+    assert bad.returncode == 2 and b"not an e-mail address" in bad.stderr
+    unknown = gateway.cli("erase", "--tenant", "nobody", "--subject", SUBJECT)
+    assert unknown.returncode == 1
+    assert b"no tenant 'nobody'" in unknown.stderr and b"Traceback" not in unknown.stderr
+
+
+def test_deactivation_refuses_mail_and_deletes_everything_of_the_tenant(make_gateway,
+                                                                          tmp_path):
+    gw = gateway_with_rules(make_gateway, tmp_path, _unreachable_relay(), RULES)
+    _send(gw, "bob@client.test", "support@acme.test", "acme one")
+    _send(gw, "bob@client.test", "billing@acme.test", "acme two")
+    _send(gw, "bob@client.test", "x@globex.test", "globex one")
+    gw.wait_processed(3)
+    assert len(_json(gw.cli("queue", "list", "--json"))) == 2
+
+    result = gw.cli("tenant", "deactivate", "acme")
+    assert result.returncode == 0, result.stderr.decode()
+    out = result.stdout.decode()
+    assert "deleted 2 messages, 2 deliveries (2 still to go" in out
+    assert "still in" in out  # the operator is told to remove it from gateway.yaml
+
+    def refused() -> bool:
+        with gw.smtp() as s:
+            s.ehlo()
+            s.mail("bob@client.test")
+            code, reply = s.rcpt("support@acme.test")
+            return code == 550 and b"5.1.1" in reply
+
+    wait_for(refused, 15, "RCPT for the deactivated tenant refused")
+    _send(gw, "bob@client.test", "x@globex.test", "globex two")  # others go on
+    assert {r["tenant_id"] for r in gw.messages()} == {"globex"}
+    assert _json(gw.cli("queue", "list", "--json")) == []
+    actions = [e["action"] for e in _json(gw.cli("audit", "list", "--tenant", "acme",
+                                                 "--json"))]
+    assert actions[-2:] == ["tenant.deactivate", "tenant.purge"]
+
+    # a restart does not bring it back, though it is still configured
+    gw.terminate()
+    gw.start()
+    with gw.smtp() as s, pytest.raises(smtplib.SMTPRecipientsRefused):
+        s.sendmail("bob@client.test", ["support@acme.test"], b"Subject: x\r\n\r\nx\r\n")
+    assert "tenant acme is deactivated" in gw.log()
+    assert _json(gw.cli("audit", "verify", "--json"))["ok"] is True
+
+
+def test_the_audit_chain_detects_edits_removals_and_a_cut_end(store):
+    for n in range(5):
+        store.audit("cli:test", "message.export", tenant_id="acme", detail={"n": n})
+    verdict = store.verify_audit()
+    assert verdict.ok and verdict.events == 5 and verdict.head
+    head = verdict.head
+
+    with store.engine.begin() as conn:  # someone edits event 3 in the database
+        conn.execute(update(audit_events).where(audit_events.c.id == 3)
+                     .values(detail={"n": 99}))
+    assert store.verify_audit().problem == "event 3 was changed after it was written"
+    with store.engine.begin() as conn:
+        conn.execute(update(audit_events).where(audit_events.c.id == 3)
+                     .values(detail={"n": 2}))
+    assert store.verify_audit().ok
+
+    with store.engine.begin() as conn:  # ... or removes event 2
+        row = dict(conn.execute(select(audit_events).where(audit_events.c.id == 2))
+                   .one()._mapping)
+        conn.execute(delete(audit_events).where(audit_events.c.id == 2))
+    assert "event 3 does not follow" in store.verify_audit().problem
+    with store.engine.begin() as conn:
+        conn.execute(insert(audit_events).values(**row))
+    assert store.verify_audit().ok
+
+    with store.engine.begin() as conn:  # ... or cuts off the end: only an anchor shows it
+        conn.execute(delete(audit_events).where(audit_events.c.id == 5))
+    assert store.verify_audit().ok
+    cut = store.verify_audit(anchor=head)
+    assert not cut.ok and cut.anchor_found is False
+
+
+def test_an_edit_cannot_be_hidden_without_the_key(store):
+    """Recomputing every hash after an edit needs the privacy key."""
+    store.audit_key = b"k" * 32
+    for n in range(3):
+        store.audit("cli:test", "message.export", tenant_id="acme", detail={"n": n})
+    with store.engine.begin() as conn:
+        prev = audit.GENESIS
+        for r in conn.execute(select(audit_events).order_by(audit_events.c.id)).all():
+            event = dict(r._mapping)
+            if event["id"] == 2:
+                event["detail"] = {"n": 42}
+            forged = audit.digest(b"guess", prev, event)  # an attacker's best try
+            conn.execute(update(audit_events).where(audit_events.c.id == event["id"])
+                         .values(detail=event["detail"], prev_hash=prev, hash=forged))
+            prev = forged
+    assert store.verify_audit().problem == "event 1 was changed after it was written"
+
+
+def test_concurrent_appends_keep_one_chain(store):
+    def writer(n: int) -> None:
+        for i in range(15):
+            store.audit(f"writer-{n}", "test.append", detail={"i": i})
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    verdict = store.verify_audit()
+    assert verdict.ok and verdict.events == 60
+
+
+def test_audit_verify_on_the_command_line(gateway):
+    gateway.cli("queue", "drop", "999", "--reason", "x")  # unknown: nothing audited
+    with gateway.smtp() as s:
+        s.sendmail("bob@client.test", ["support@acme.test"], b"Subject: x\r\n\r\nx\r\n")
+    row = gateway.wait_processed(1)[0]
+    gateway.cli("messages", "export", row["id"], "--out", "/dev/null", check=True)
+    gateway.cli("messages", "export", row["id"], "--out", "/dev/null", check=True)
+    ok = gateway.cli("audit", "verify")
+    assert ok.returncode == 0
+    assert re.match(rb"audit log intact: 2 events, head [0-9a-f]{64}\n", ok.stdout)
+    head = ok.stdout.split()[-1].decode()
+
+    with gateway.store.engine.begin() as conn:
+        conn.execute(update(audit_events).where(audit_events.c.id == 1)
+                     .values(actor="someone-else"))
+    bad = gateway.cli("audit", "verify")
+    assert bad.returncode == 1
+    assert b"audit log TAMPERED: event 1 was changed after it was written" in bad.stderr
+    assert gateway.cli("audit", "verify", "--anchor", "x").returncode == 2
+    with gateway.store.engine.begin() as conn:
+        conn.execute(update(audit_events).where(audit_events.c.id == 1)
+                     .values(actor=f"cli:{__import__('os').environ.get('USER', 'unknown')}"))
+        conn.execute(delete(audit_events).where(audit_events.c.id == 2))
+    cut = gateway.cli("audit", "verify", "--anchor", head)
+    assert cut.returncode == 1 and b"removed from its end" in cut.stderr
+
+
+def test_policy_reloads_are_audited(make_gateway, tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "retention.yaml").write_text("default: 1y\n")
+    gw = make_gateway({"policies": {"directory": str(policies), "watch_interval": "0.2s"}})
+    (policies / "retention.yaml").write_text("default: 2y\n")
+
+    def reloaded() -> list[Any]:
+        return [e for e in gw.store.audit_events() if e["action"] == "policy.reload"]
+
+    events = wait_for(reloaded, 15, "policy.reload audited")
+    assert events[0]["actor"] == "daemon" and events[0]["detail"]["files"] == ["retention.yaml"]
+
+
+def test_unparsed_mail_is_found_by_its_headers(store):
+    """Mail the pipeline has not parsed yet has only its envelope in the index."""
+    raw = (b"From: Bob <bob@client.test>\r\nTo: support@acme.test\r\n"
+           b"Cc: \"Jane\" <Jane.Doe@sender.test>\r\nSubject: x\r\n\r\njane.doe@sender.test\r\n")
+    plain = b"From: bob@client.test\r\nSubject: y\r\n\r\njane.doe@sender.test in the body\r\n"
+    now = utcnow()
+    batch = [NewMessage(id=f"01JTEST{n:019d}", tenant_id="acme", mail_from="bob@client.test",
+                        recipients=("support@acme.test",), data=data, sha256="0" * 64,
+                        received_at=now, client_address="127.0.0.1", helo="h",
+                        protocol="ESMTP", trace_header="", smtputf8=False)
+             for n, data in enumerate((raw, plain))]
+    with store.engine.begin() as conn:
+        _insert_messages(conn, batch)
+    assert header_addresses(raw) == {"bob@client.test", "support@acme.test", SUBJECT}
+    found = PrivacyStore(store).find_subject("acme", SUBJECT)
+    assert [f.id for f in found] == [batch[0].id]  # a mention in the body is not enough
+    assert PrivacyStore(store).find_subject("globex", SUBJECT) == []
+
+
+def test_the_privacy_key_is_made_once_and_must_be_private(tmp_path):
+    path = tmp_path / "var" / "privacy.key"
+    key = load_or_create(path)
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert load_or_create(path).secret == key.secret
+    assert key.subject_hash("A@B.test") == key.subject_hash("a@b.test")
+    path.chmod(0o644)
+    from gateway.auth.keys import KeyFileError
+
+    with pytest.raises(KeyFileError, match="readable by everyone"):
+        load_or_create(path)
+
+
+def test_the_migration_keeps_events_written_before_the_chain(store):
+    """Events from before the chain (hash NULL) may only come first."""
+    with store.engine.begin() as conn:
+        conn.execute(insert(audit_events).values(id=1, at=utcnow(), actor="old", action="x",
+                                                 detail={}))
+    store.audit("cli:test", "after")
+    verdict = store.verify_audit()
+    assert verdict.ok and (verdict.events, verdict.unchained) == (2, 1)
+    with store.engine.begin() as conn:
+        conn.execute(insert(audit_events).values(id=3, at=utcnow(), actor="sneaky",
+                                                 action="x", detail={}))
+    assert store.verify_audit().problem == "event 3 has no hash: it was written around the chain"
+    time.sleep(0)  # keep the engine's pool quiet before the fixture drops the database
+    with store.engine.connect() as conn:
+        conn.execute(text("SELECT 1"))
