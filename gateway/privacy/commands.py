@@ -1,5 +1,5 @@
 """Command line for data-subject requests and the tenant lifecycle:
-``erase``, ``tenant deactivate``, ``audit verify`` and ``audit list``."""
+``export``, ``erase``, ``tenant deactivate``, ``audit verify`` and ``audit list``."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 import os
 import re
 import sys
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,6 +33,17 @@ def add_parsers(sub: Any, config_arg: Any) -> None:
     p.add_argument("--reason", help="why the holds are overridden (kept in the audit log)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_erase)
+
+    p = sub.add_parser("export", help="write everything held about a tenant, or one person "
+                                      "of it, to a ZIP archive (.eml, mbox, JSON, manifest)")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--out", "-o", required=True, metavar="FILE.zip",
+                   help="the archive to write (never over an existing file)")
+    p.add_argument("--subject", type=subject_address, metavar="ADDRESS",
+                   help="only this person's data (an access or portability request)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_export)
 
     tenant = sub.add_parser("tenant", help="the tenant lifecycle")
     tsub = tenant.add_subparsers(dest="tenant_command", required=True, parser_class=cli._Parser)
@@ -119,6 +131,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
     config, key, store = _privacy(args)
     _known_tenant(config, store, args.tenant)
     retention = cli._policies(config).retention
+    started = time.monotonic()
     p = erasure.plan(store, retention, config, args.tenant, args.subject, utcnow())
     result: dict[str, Any] = {
         "tenant": args.tenant, "dry_run": args.dry_run, "messages": len(p.found),
@@ -133,6 +146,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         except erasure.ErasureRefused as exc:
             raise CommandError(str(exc)) from None
         result.update(removed.as_dict())
+    result["seconds"] = round(time.monotonic() - started, 3)
     if config.logging.personal_data:
         result["note"] = ("logging.personal_data is on: the journal may still hold this "
                           "address; it is outside what erase can reach")
@@ -149,13 +163,52 @@ def cmd_erase(args: argparse.Namespace) -> int:
     else:
         print(f"erased {result['messages']} messages of tenant {args.tenant}: "
               f"{result['deliveries']} deliveries ({result['pending_deliveries']} still to go, "
-              f"now cancelled), {result['imported']} import records")
+              f"now cancelled), {result['imported']} import records, in "
+              f"{result['seconds']:.1f} s")
         if p.held:
             print(f"  legal holds overridden: {', '.join(sorted(p.held))}")
     for where in p.config_mentions:
         print(f"  the address is still in the configuration at {where}: remove it there")
     if "note" in result:
         print(f"  {result['note']}")
+    return cli.EXIT_OK
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.privacy.export import export
+
+    out = Path(args.out)
+    if out.exists():
+        raise CommandError(f"{out}: exists; an export never overwrites a file")
+    if not out.parent.is_dir():
+        raise CommandError(f"{out.parent}: no such directory")
+    config, key, store = _privacy(args)
+    _known_tenant(config, store, args.tenant)
+    subject_hash = key.subject_hash(args.subject) if args.subject else None
+    try:
+        result = export(store, config, args.tenant, out, subject=args.subject,
+                        subject_hash=subject_hash,
+                        audit_events=store.store.audit_events(args.tenant))
+    except OSError as exc:
+        raise CommandError(f"{out}: {exc.strerror or exc}") from None
+    detail: dict[str, Any] = {"messages": result.messages, "bytes": result.size,
+                              "manifest_sha256": result.manifest_sha256}
+    if subject_hash:
+        detail["subject"] = subject_hash
+    store.store.audit(actor(), "subject.export" if args.subject else "tenant.export",
+                      tenant_id=args.tenant, detail=detail)
+    rate = result.size / 1e6 / result.seconds if result.seconds else 0.0
+    if args.json:
+        json.dump({"path": str(out), "messages": result.messages, "files": result.files,
+                   "bytes": result.size, "seconds": round(result.seconds, 3),
+                   "manifest_sha256": result.manifest_sha256, "counts": result.counts},
+                  sys.stdout, indent=1)
+        print()
+        return cli.EXIT_OK
+    print(f"{out}: {result.messages} messages, {result.files} files, {result.size} bytes "
+          f"in {result.seconds:.1f} s ({rate:.1f} MB/s)")
     return cli.EXIT_OK
 
 

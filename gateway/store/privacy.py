@@ -242,3 +242,113 @@ def header_addresses(raw: bytes) -> set[str]:
 def _chunks(ids: Sequence[str]) -> Iterable[list[str]]:
     for start in range(0, len(ids), BATCH):
         yield list(ids[start:start + BATCH])
+
+
+# ---------------------------------------------------------------- export reads
+class ExportReader:
+    """A tenant's data, read page by page (keyset pagination): an export of any size
+    holds one page in memory, and no transaction stays open for its whole length."""
+
+    PAGE = 200
+    BLOB_BYTES = 8 << 20
+
+    def __init__(self, store: Store) -> None:
+        self.engine = store.engine
+
+    def _read(self) -> Any:
+        return self.engine.connect().execution_options(readonly=True)
+
+    def messages(self, tenant: str, ids: Sequence[str] | None = None
+                 ) -> Iterable[dict[str, Any]]:
+        """Message rows in id order, each with ``data`` (the original) and
+        ``addresses`` [(role, address)]; only ``ids`` (sorted) when given.  Originals
+        are read in groups of at most BLOB_BYTES, so memory holds one group."""
+        after = ""
+        while True:
+            with self._read() as conn:
+                q = (select(messages)
+                     .where(messages.c.tenant_id == tenant, messages.c.id > after)
+                     .order_by(messages.c.id).limit(self.PAGE))
+                if ids is not None:
+                    chunk = [i for i in ids if i > after][:self.PAGE]
+                    if not chunk:
+                        return
+                    q = q.where(messages.c.id.in_(chunk))
+                page = [dict(r._mapping) for r in conn.execute(q)]
+                if not page:
+                    return
+                by_id = {r["id"]: r for r in page}
+                for r in page:
+                    r["addresses"] = []
+                for a in conn.execute(select(message_addresses.c.message_id,
+                                             message_addresses.c.role,
+                                             message_addresses.c.address)
+                                      .where(message_addresses.c.message_id.in_(list(by_id)))
+                                      .order_by(message_addresses.c.id)):
+                    by_id[a.message_id]["addresses"].append((a.role, a.address))
+            after = page[-1]["id"]
+            for group in _by_size(page, self.BLOB_BYTES):
+                with self._read() as conn:
+                    data = {b.message_id: b.data for b in conn.execute(
+                        select(message_blobs.c.message_id, message_blobs.c.data)
+                        .where(message_blobs.c.message_id.in_([r["id"] for r in group])))}
+                for r in group:
+                    if r["id"] in data:  # else deleted meanwhile
+                        r["data"] = data.pop(r["id"])
+                        yield r
+                        del r["data"]
+
+    def deliveries(self, tenant: str, message_ids: Sequence[str] | None = None
+                   ) -> Iterable[dict[str, Any]]:
+        after = 0
+        while True:
+            with self._read() as conn:
+                q = (select(deliveries).where(deliveries.c.tenant_id == tenant,
+                                              deliveries.c.id > after)
+                     .order_by(deliveries.c.id).limit(self.PAGE * 5))
+                if message_ids is not None:
+                    q = q.where(deliveries.c.message_id.in_(list(message_ids)))
+                rows = [dict(r._mapping) for r in conn.execute(q)]
+            if not rows:
+                return
+            yield from rows
+            after = rows[-1]["id"]
+
+    def contacts(self, tenant: str) -> Iterable[dict[str, Any]]:
+        """Every address seen in the tenant's mail: in which roles, how often, when."""
+        address = func.lower(message_addresses.c.address)
+        with self._read() as conn:
+            result = conn.execution_options(yield_per=1000).execute(
+                select(address.label("address"), message_addresses.c.role,
+                       func.count().label("messages"),
+                       func.min(messages.c.received_at).label("first_seen"),
+                       func.max(messages.c.received_at).label("last_seen"))
+                .join(messages, messages.c.id == message_addresses.c.message_id)
+                .where(messages.c.tenant_id == tenant, message_addresses.c.address != "")
+                .group_by(address, message_addresses.c.role)
+                .order_by(address, message_addresses.c.role))
+            try:
+                for r in result:
+                    yield dict(r._mapping)
+            finally:
+                result.close()
+
+    def rows(self, table: Any, tenant: str) -> list[dict[str, Any]]:
+        """The tenant's rows of a small table (import state, notices, objections)."""
+        with self._read() as conn:
+            return [dict(r._mapping) for r in conn.execute(
+                select(table).where(table.c.tenant_id == tenant))]
+
+
+def _by_size(rows: list[dict[str, Any]], limit: int) -> Iterable[list[dict[str, Any]]]:
+    """Consecutive groups of rows whose sizes add up to at most ``limit`` (or one row)."""
+    group: list[dict[str, Any]] = []
+    total = 0
+    for r in rows:
+        if group and total + r["size"] > limit:
+            yield group
+            group, total = [], 0
+        group.append(r)
+        total += r["size"]
+    if group:
+        yield group

@@ -1,0 +1,355 @@
+"""The export archive: everything the gateway holds about a tenant, or about one
+data subject within a tenant, as one tar file (POSIX pax; ``tar xf`` and every
+archive program open it).
+
+::
+
+    manifest.json        format, tenant, counts, and every other file's size and SHA-256
+    messages/ID.eml      each message exactly as it was received (our trace not added)
+    mailbox.mbox         all of them in one mbox (mboxrd, LF line ends), for mail clients
+    messages.json        metadata: envelope, headers, size, attachments, tags, checks
+    deliveries.json      copies, routes and kept originals, with their outcome
+    contacts.json        every address seen, in which roles, how often, first and last
+    settings.json        domains, addresses, keep-original, mailbox import, workflow,
+                         retention and subprocessor terms of the tenant
+    users.json           users of the submission service (never password hashes)
+    mailboxes.json       where each imported mailbox folder stands
+    notices.json         subprocessor notices and objections
+    audit.json           the tenant's audit events
+
+A subject export (``--subject``) holds only the messages in which the person
+appears, the copies sent to them, their own user entry and the audit events
+about them; of each message's envelope only the recipients visible in its
+headers and the person themself, and the Bcc field is left out of the .eml
+unless the person sent it: other people's Bcc data is not theirs to receive.
+
+Written as it is read: the originals go into the archive one by one, the mbox
+and the JSON files grow in temporary files beside it, so memory stays flat
+whatever the size of the tenant.  The archive appears under its name only when
+complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import IO, Any
+
+import yaml
+
+from gateway import __version__
+from gateway.config import GatewayConfig
+from gateway.store.models import imap_folders, subprocessor_notices, subprocessor_objections
+from gateway.store.privacy import ExportReader, PrivacyStore
+from gateway.store.repository import aware
+
+FORMAT = "mailflowr-export/1"
+_MBOX_FROM = re.compile(rb"^(>*From )", re.MULTILINE)
+_BCC = re.compile(rb"^Bcc:.*(?:\r?\n[ \t].*)*\r?\n", re.IGNORECASE | re.MULTILINE)
+_COPY_CHUNK = 1 << 20
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    messages: int = 0
+    bytes: int = 0  # of the originals
+    size: int = 0  # of the archive
+    seconds: float = 0.0
+    manifest_sha256: str = ""
+    files: int = 0
+    counts: dict[str, int] = field(default_factory=dict)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return aware(value).isoformat()
+    if isinstance(value, bytes | bytearray):
+        return value.decode("utf-8", "replace")
+    return str(value)
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, default=_json_default, ensure_ascii=False, sort_keys=True)
+
+
+class _Hashed:
+    """A temporary file that counts and hashes what is written to it."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        self.name = name
+        self.file: IO[bytes] = tempfile.TemporaryFile(dir=directory)
+        self.sha = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.file.write(data)
+        self.sha.update(data)
+        self.size += len(data)
+
+
+class _JsonArray(_Hashed):
+    def __init__(self, directory: Path, name: str) -> None:
+        super().__init__(directory, name)
+        self.count = 0
+        self.write(b"[")
+
+    def add(self, item: Any) -> None:
+        self.write((",\n" if self.count else "\n").encode() + _dumps(item).encode())
+        self.count += 1
+
+    def close(self) -> None:
+        self.write(b"\n]\n")
+
+
+class ArchiveWriter:
+    """A tar archive (POSIX pax) written as a stream, with the manifest of every file.
+
+    tar rather than ZIP: a ZIP's directory at the end must be held in memory entry
+    by entry until then, a tar needs nothing but the next header.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        # personal data: readable by the owner only, from the first byte
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        self.file = os.fdopen(fd, "wb", buffering=_COPY_CHUNK)
+        self.listing = tempfile.TemporaryFile(dir=path.parent)  # the manifest's file list
+        self.files = 0
+        self.mtime = int(time.time())
+
+    def _header(self, name: str, size: int) -> None:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, self.mtime, 0o644
+        # plain ustar for our own short ASCII names (pax only where a name needs it)
+        simple = name.isascii() and len(name) < 100 and size < 0o77777777777
+        self.file.write(info.tobuf(tarfile.USTAR_FORMAT if simple else tarfile.PAX_FORMAT,
+                                   "utf-8", "surrogateescape"))
+
+    def _pad(self, size: int) -> None:
+        if size % tarfile.BLOCKSIZE:
+            self.file.write(b"\0" * (tarfile.BLOCKSIZE - size % tarfile.BLOCKSIZE))
+
+    def _listed(self, name: str, size: int, sha256: str) -> None:
+        self.listing.write((_dumps({"path": name, "size": size, "sha256": sha256})
+                            + "\n").encode())
+        self.files += 1
+
+    def add_bytes(self, name: str, data: bytes) -> None:
+        self._header(name, len(data))
+        self.file.write(data)
+        self._pad(len(data))
+        self._listed(name, len(data), hashlib.sha256(data).hexdigest())
+
+    def add_temp(self, temp: _Hashed, listed: bool = True) -> None:
+        temp.file.seek(0)
+        self._header(temp.name, temp.size)
+        shutil.copyfileobj(temp.file, self.file, _COPY_CHUNK)
+        self._pad(temp.size)
+        temp.file.close()
+        if listed:
+            self._listed(temp.name, temp.size, temp.sha.hexdigest())
+
+    def finish(self, header: dict[str, Any]) -> str:
+        """Add manifest.json (header + file list), end the archive, move it into place;
+        the manifest's SHA-256."""
+        manifest = _Hashed(self.path.parent, "manifest.json")
+        head = _dumps({**header, "files": []})
+        cut = head.rindex("[]")
+        manifest.write(head[:cut].encode() + b"[")
+        self.listing.seek(0)
+        for n, line in enumerate(self.listing):
+            manifest.write((b",\n  " if n else b"\n  ") + line.rstrip(b"\n"))
+        manifest.write(b"\n]" + head[cut + 2:].encode() + b"\n")
+        self.listing.close()
+        self.add_temp(manifest, listed=False)
+        end = self.file.tell() + 2 * tarfile.BLOCKSIZE
+        self.file.write(b"\0" * (2 * tarfile.BLOCKSIZE + (-end) % tarfile.RECORDSIZE))
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        self.tmp.replace(self.path)
+        return manifest.sha.hexdigest()
+
+    def abandon(self) -> None:
+        self.file.close()
+        self.listing.close()
+        with contextlib.suppress(OSError):
+            self.tmp.unlink()
+
+
+def mbox_entry(row: dict[str, Any], raw: bytes) -> bytes:
+    """One message as an mbox entry: a From_ line, the message with LF line ends and
+    mboxrd quoting (a '>' before any line of '>'s and 'From '), a blank line."""
+    sender = row["mail_from"] or "MAILER-DAEMON"
+    if len(sender.split()) != 1:  # a From_ line separates by whitespace
+        sender = "MAILER-DAEMON"
+    when = aware(row["received_at"]).astimezone(UTC).strftime("%a %b %e %H:%M:%S %Y")
+    body = raw.replace(b"\r\n", b"\n")
+    if body.startswith((b"From ", b">")) or b"\nFrom " in body or b"\n>" in body:
+        body = _MBOX_FROM.sub(rb">\1", body)
+    if not body.endswith(b"\n"):
+        body += b"\n"
+    return f"From {sender} {when}\n".encode("utf-8", "surrogateescape") + body + b"\n"
+
+
+def _metadata(row: dict[str, Any], visible: set[str] | None) -> dict[str, Any]:
+    """What messages.json says about one message; ``visible``: a subject export's
+    filter of the addresses it may show (None: all)."""
+    recipients = [a for role, a in row["addresses"] if role == "rcpt_to"]
+    headers = [{"role": role, "address": a} for role, a in row["addresses"]
+               if role not in ("mail_from", "rcpt_to")]
+    if visible is not None:
+        recipients = [a for a in recipients if a.lower() in visible]
+        headers = [h for h in headers if h["role"] != "bcc" or h["address"] in visible]
+    auth = row["auth_results"] or {}
+    return {
+        "id": row["id"], "received_at": row["received_at"], "status": row["status"],
+        "direction": row["direction"], "protocol": row["protocol"],
+        "client_address": row["client_address"], "helo": row["helo"],
+        "sender": row["mail_from"], "recipients": recipients,
+        "submitted_by": row["submitted_by"], "message_id": row["message_id"],
+        "from": row["header_from"], "to": row["header_to"], "cc": row["header_cc"],
+        "subject": row["subject"], "date": row["date"], "header_addresses": headers,
+        "size": row["size"], "sha256": row["sha256"], "attachments": row["attachments"] or [],
+        "tags": row["tags"] or [], "policy_version": row["policy_version"],
+        "authentication": {k: auth[k] for k in ("dkim", "spf", "dmarc", "arc") if k in auth},
+        "parse_failed": row["parse_failed"], "defects": row["defects"] or [],
+        "processed_at": row["processed_at"], "file": f"messages/{row['id']}.eml",
+    }
+
+
+def _delivery(row: dict[str, Any]) -> dict[str, Any]:
+    return {k: row[k] for k in ("id", "message_id", "kind", "recipient", "destination",
+                                "rule", "status", "attempts", "created_at", "last_attempt_at",
+                                "last_error")}
+
+
+def _settings(config: GatewayConfig, tenant: str) -> dict[str, Any]:
+    t = config.tenants.get(tenant)
+    out: dict[str, Any] = {"tenant": tenant}
+    if t is not None:
+        out.update(t.model_dump(mode="json", exclude={"users"}))
+    for name in ("workflows.yaml", "retention.yaml", "subprocessors.yaml"):
+        path = config.policies.directory / name
+        try:
+            doc = yaml.safe_load(path.read_text())
+        except (OSError, yaml.YAMLError):
+            continue
+        section = (doc or {}).get("tenants", {}) if isinstance(doc, dict) else {}
+        if isinstance(section, dict) and tenant in section:
+            out[name.removesuffix(".yaml")] = section[tenant]
+    return out
+
+
+def _users(config: GatewayConfig, tenant: str, subject: str | None) -> list[dict[str, Any]]:
+    t = config.tenants.get(tenant)
+    if t is None:
+        return []
+    return [{"login": login, "send_as": list(u.send_as)} for login, u in t.users.items()
+            if subject is None or login.lower() == subject
+            or subject in (a.lower() for a in u.send_as)]
+
+
+def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *,
+           subject: str | None = None, subject_hash: str | None = None,
+           audit_events: Iterable[dict[str, Any]] = ()) -> ExportResult:
+    """Write the archive for ``tenant`` (or one ``subject`` of it) to ``out``."""
+    started = time.monotonic()
+    reader = ExportReader(store.store)
+    who = subject.strip().lower() if subject else None
+    ids = [f.id for f in store.find_subject(tenant, subject)] if subject else None
+    result = ExportResult(out)
+    archive = ArchiveWriter(out)
+    try:
+        temps = out.parent
+        mbox = _Hashed(temps, "mailbox.mbox")
+        meta = _JsonArray(temps, "messages.json")
+        for row in reader.messages(tenant, ids):
+            raw: bytes = row["data"]
+            visible = _visible(row, who) if who else None
+            if who and who not in _senders(row):
+                raw = without_bcc(raw)
+            archive.add_bytes(f"messages/{row['id']}.eml", raw)
+            mbox.write(mbox_entry(row, raw))
+            meta.add(_metadata(row, visible))
+            result.messages += 1
+            result.bytes += len(raw)
+        meta.close()
+        archive.add_temp(mbox)
+        archive.add_temp(meta)
+
+        deliveries = _JsonArray(temps, "deliveries.json")
+        for d in reader.deliveries(tenant, ids):
+            if who is None or d["recipient"].lower() == who:
+                deliveries.add(_delivery(d))
+        deliveries.close()
+        archive.add_temp(deliveries)
+
+        contacts = _JsonArray(temps, "contacts.json")
+        if who is None:
+            for c in reader.contacts(tenant):
+                contacts.add(c)
+        contacts.close()
+        archive.add_temp(contacts)
+
+        archive.add_bytes("users.json", _dumps(_users(config, tenant, who)).encode())
+        if who is None:
+            archive.add_bytes("settings.json", _dumps(_settings(config, tenant)).encode())
+            archive.add_bytes("mailboxes.json",
+                              _dumps(reader.rows(imap_folders, tenant)).encode())
+            archive.add_bytes("notices.json", _dumps({
+                "notices": reader.rows(subprocessor_notices, tenant),
+                "objections": reader.rows(subprocessor_objections, tenant)}).encode())
+        audit = _JsonArray(temps, "audit.json")
+        wanted = set(ids or ())
+        for e in audit_events:
+            if who is None or e["message_id"] in wanted or \
+                    (e["detail"] or {}).get("subject") == subject_hash:
+                audit.add({k: e[k] for k in ("id", "at", "actor", "action", "message_id",
+                                             "detail", "hash")})
+        audit.close()
+        archive.add_temp(audit)
+        result.counts = {"messages": result.messages, "deliveries": deliveries.count,
+                         "contacts": contacts.count, "audit_events": audit.count}
+        header = {"format": FORMAT, "gateway_version": __version__, "tenant": tenant,
+                  "subject": subject_hash, "created_at": datetime.now(UTC).isoformat(),
+                  "counts": result.counts, "message_bytes": result.bytes}
+        result.files = archive.files
+        result.manifest_sha256 = archive.finish(header)
+    except BaseException:
+        archive.abandon()
+        raise
+    result.size = out.stat().st_size
+    result.seconds = time.monotonic() - started
+    return result
+
+
+def _senders(row: dict[str, Any]) -> set[str]:
+    return {a.lower() for role, a in row["addresses"] if role in ("mail_from", "from", "sender")}
+
+
+def _visible(row: dict[str, Any], who: str) -> set[str]:
+    """The addresses a subject export may show: those in the visible headers, and the
+    person themself (a Bcc recipient sees only that they received it)."""
+    shown = {a.lower() for role, a in row["addresses"] if role not in ("rcpt_to", "bcc")}
+    return shown | {who}
+
+
+def without_bcc(raw: bytes) -> bytes:
+    """The message without its Bcc fields (header section only)."""
+    end = raw.find(b"\r\n\r\n")
+    head, rest = (raw, b"") if end < 0 else (raw[:end + 2], raw[end + 2:])
+    return _BCC.sub(b"", head) + rest
