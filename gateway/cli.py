@@ -207,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     from gateway.policy.loader import PolicyError
+    from gateway.store.keystore import KeyUnavailable
 
     try:
         return func(args)
@@ -221,6 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CommandError as exc:
         print(f"mailflowr-gateway: {exc}", file=sys.stderr)
         return EXIT_FAILURE
+    except KeyUnavailable as exc:  # an encrypted original whose key is not here
+        print(f"mailflowr-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except BrokenPipeError:  # e.g. `messages list | head`
         return EXIT_OK
 
@@ -233,7 +237,7 @@ def _store(args: argparse.Namespace) -> Any:
     from gateway.daemon import StartupError, open_store
 
     try:
-        return open_store(_config(args), upgrade_sqlite=False)
+        return open_store(_config(args), upgrade_sqlite=False, need_keys=False)
     except StartupError as exc:
         raise CommandError(str(exc)) from None
 
@@ -346,8 +350,28 @@ def cmd_check(args: argparse.Namespace) -> int:
     else:
         print(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
     print(f"policy version {policies.version}")
+    _check_privacy(config)
     _check_imap(config)
     return _check_dkim(config, args.dns)
+
+
+def _check_privacy(config: GatewayConfig) -> None:
+    """Whether originals are encrypted at rest, and with which master key."""
+    from gateway.auth.keys import KeyFileError
+    from gateway.store.keystore import master_id
+
+    privacy = config.privacy
+    try:
+        master = privacy.master_key()
+    except KeyFileError as exc:  # only a missing variable gets this far
+        print(f"encryption at rest: warning: {exc} here; the daemon does not start without it")
+        return
+    if master is None:
+        print("encryption at rest: off; warning: originals are stored in clear "
+              "(privacy.master_key_file or master_key_env)")
+    else:
+        print(f"encryption at rest: on (master key {master_id(master)}, data keys in "
+              f"{privacy.keystore})")
 
 
 def _check_imap(config: GatewayConfig) -> None:

@@ -588,6 +588,43 @@ class PrivacyConfig(_Section):
     # missing. It keys the audit chain and the hashes erasure names people by; keep it
     # out of database backups, and give every instance on one database the same file.
     key_file: Path = Path("var/privacy.key")
+    # Encryption at rest of the raw originals: the master key (64 hex digits) in a file
+    # (mode 0600) or in an environment variable named here. Neither: stored in clear.
+    master_key_file: Path | None = None
+    master_key_env: str | None = None
+    # Where the tenants' data keys are kept, wrapped by the master key. Not in the
+    # database, so deactivating a tenant makes its mail in database backups unreadable.
+    keystore: Path = Path("var/keys")
+
+    @model_validator(mode="after")
+    def _master_key(self) -> PrivacyConfig:
+        if self.master_key_file and self.master_key_env:
+            raise ValueError("give master_key_file or master_key_env, not both")
+        # The file must be right wherever the configuration is read; the variable may
+        # be missing in a shell that only lists messages (the daemon insists on it).
+        if self.master_key_file or (self.master_key_env and self.master_key_env in os.environ):
+            from gateway.auth.keys import KeyFileError
+
+            try:
+                self.master_key()
+            except KeyFileError as exc:
+                raise ValueError(str(exc)) from None
+        return self
+
+    def master_key(self) -> bytes | None:
+        """The master key, or None when encryption at rest is off; KeyFileError."""
+        from gateway.auth.keys import KeyFileError
+        from gateway.store.keystore import parse_master, read_master
+
+        if self.master_key_file:
+            return read_master(self.master_key_file)
+        if self.master_key_env:
+            value = os.environ.get(self.master_key_env)
+            if not value:
+                raise KeyFileError(f"environment variable {self.master_key_env} "
+                                   "(master_key_env) is not set")
+            return parse_master(value, f"environment variable {self.master_key_env}")
+        return None
 
 
 class DKIMConfig(_Section):

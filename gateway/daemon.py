@@ -59,6 +59,7 @@ from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.privacy import keys as privacy_keys
 from gateway.sdnotify import Notifier
 from gateway.store import database
+from gateway.store.keystore import KeyStore
 from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import Store, one_line
 from gateway.sweeper import Sweeper
@@ -77,8 +78,11 @@ def open_store(
     *,
     upgrade_sqlite: bool = True,
     on_commit: Callable[[int, float], None] | None = None,
+    need_keys: bool = True,
 ) -> Store:
-    """Connect, make sure the schema is current, and return the Store."""
+    """Connect, make sure the schema is current, and return the Store.  Without
+    ``need_keys`` a master key that cannot be had only matters once an encrypted
+    original is read (commands that never read one still work)."""
     engine = database.create(config.database.url, pool_size=config.database.pool_size)
     try:
         current = database.current_revision(engine)
@@ -95,11 +99,19 @@ def open_store(
         engine.dispose()
         first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
         raise StartupError(f"database unreachable: {first[0] if first else exc}") from None
+    problem = None
     try:
         key = privacy_keys.load_or_create(config.privacy.key_file)
+        try:
+            master = config.privacy.master_key()
+        except KeyFileError as exc:
+            if need_keys:
+                raise
+            master, problem = None, str(exc)
     except KeyFileError as exc:
         engine.dispose()
-        raise StartupError(f"privacy.key_file: {exc}") from None
+        raise StartupError(f"privacy: {exc}") from None
+    keystore = None if master is None else KeyStore(config.privacy.keystore, master)
     return Store(
         engine,
         commit_batch_max=config.database.commit_batch_max,
@@ -107,6 +119,8 @@ def open_store(
         min_free_space=config.storage.min_free_space,
         on_commit=on_commit,
         audit_key=key.chain,
+        keystore=keystore,
+        keystore_problem=problem,
     )
 
 
@@ -194,7 +208,21 @@ class App:
         await asyncio.to_thread(
             store.sync_tenants, {tid: t.name for tid, t in config.tenants.items()}
         )
+        if store.keystore is None:
+            log.warning("encryption at rest is off: originals are stored in clear "
+                        "(set privacy.master_key_file or privacy.master_key_env)")
         self.inactive = await asyncio.to_thread(PrivacyStore(store).inactive_tenants)
+        if store.keystore is not None:
+            # every active tenant's key now: a keystore the master key does not open
+            # stops the start, instead of failing every message later
+            keystore = store.keystore
+            try:
+                for tid in sorted(config.tenants.keys() - self.inactive):
+                    await asyncio.to_thread(keystore.current, tid)
+            except (KeyFileError, OSError) as exc:
+                raise StartupError(f"privacy.keystore: {exc}") from None
+            log.info("encryption at rest is on: master key %s, data keys in %s",
+                     keystore.master_id, keystore.directory)
         for tid in sorted(self.inactive & config.tenants.keys()):
             log.warning("tenant %s is deactivated: its mail is refused; remove it from the "
                         "configuration", tid)
@@ -478,7 +506,11 @@ class App:
                 submission.inactive = frozenset(self.inactive)
             try:
                 for tid in sorted(self.inactive - purged):
+                    if store.keystore is not None:
+                        store.keystore.forget(tid)
                     removed = await asyncio.to_thread(privacy.purge_tenant, tid, "daemon")
+                    if store.keystore is not None:  # made again by mail stored meanwhile?
+                        await asyncio.to_thread(store.keystore.destroy, tid)
                     if removed.messages or removed.deliveries:
                         log.info("tenant %s is deactivated: deleted %d messages and %d "
                                  "deliveries stored meanwhile", tid, removed.messages,

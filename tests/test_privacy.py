@@ -189,7 +189,7 @@ def test_deactivation_refuses_mail_and_deletes_everything_of_the_tenant(make_gat
     assert _json(gw.cli("queue", "list", "--json")) == []
     actions = [e["action"] for e in _json(gw.cli("audit", "list", "--tenant", "acme",
                                                  "--json"))]
-    assert actions[-2:] == ["tenant.deactivate", "tenant.purge"]
+    assert actions[-3:] == ["tenant.deactivate", "tenant.purge", "tenant.shred"]
 
     # a restart does not bring it back, though it is still configured
     gw.terminate()

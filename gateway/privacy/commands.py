@@ -55,6 +55,22 @@ def add_parsers(sub: Any, config_arg: Any) -> None:
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
     p.set_defaults(func=cmd_tenant_deactivate)
 
+    keys = sub.add_parser("keys", help="encryption at rest: the master key and data keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True, parser_class=cli._Parser)
+    p = ksub.add_parser("generate", help="write a new master key file (mode 0600)")
+    config_arg(p)
+    p.add_argument("--out", required=True, metavar="FILE", help="never over an existing file")
+    p.set_defaults(func=cmd_keys_generate)
+    p = ksub.add_parser("status", help="the master key in use and each tenant's data keys")
+    config_arg(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_keys_status)
+    p = ksub.add_parser("rotate", help="wrap every data key under a new master key")
+    config_arg(p)
+    p.add_argument("--new-master-file", required=True, metavar="FILE",
+                   help="the new master key (from keys generate)")
+    p.set_defaults(func=cmd_keys_rotate)
+
     audit = sub.add_parser("audit", help="the tamper-evident audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=cli._Parser)
     p = asub.add_parser("verify", help="check that no event was changed, removed or inserted")
@@ -213,6 +229,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
+    from gateway.store import keystore
+
     config, _key, store = _privacy(args)
     row = _known_tenant(config, store, args.tenant)
     if args.dry_run:
@@ -236,8 +254,19 @@ def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
               "once the daemon notices, within seconds")
     removed = store.purge_tenant(args.tenant, actor())
     scrubbed = store.scrub()
+    shredded = keystore.shred(config.privacy.keystore, args.tenant)
+    if store.store.keystore is not None:
+        store.store.keystore.forget(args.tenant)
+    store.store.audit(actor(), "tenant.shred", tenant_id=args.tenant,
+                      detail={"data_key_destroyed": shredded})
     print(f"deleted {removed.messages} messages, {removed.deliveries} deliveries "
           f"({removed.pending} still to go, now cancelled), {removed.imports} import records")
+    if shredded:
+        print("  its data key is destroyed: copies of its mail in database backups can no "
+              "longer be opened")
+    elif store.store.keystore is None:
+        print("  encryption at rest is off: copies of its mail in database backups stay "
+              "readable until those backups expire")
     if not scrubbed:
         print("  the database's write-ahead log could not be truncated now (a reader was "
               "busy); the old pages go at its next checkpoint")
@@ -289,4 +318,77 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             detail = f"message={e['message']} {detail}"
         print(f"{e['id']:>6} {e['at']:32} {_printable(e['tenant'], 14):14} "
               f"{_printable(e['actor'], 18):18} {e['action']:24} {_printable(detail, 100)}")
+    return cli.EXIT_OK
+
+
+def cmd_keys_generate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.auth.keys import write_private
+    from gateway.store.keystore import master_id, new_master
+
+    out = Path(args.out)
+    key = new_master()
+    try:
+        write_private(out, (key + "\n").encode())
+    except FileExistsError:
+        raise CommandError(f"{out}: exists; a key is never overwritten") from None
+    except OSError as exc:
+        raise CommandError(f"{out}: {exc.strerror}") from None
+    print(f"master key {master_id(bytes.fromhex(key))} written to {out} (mode 0600); "
+          f"set privacy.master_key_file: {out.resolve()}")
+    return cli.EXIT_OK
+
+
+def _keystore(config: GatewayConfig) -> Any:
+    from gateway.auth.keys import KeyFileError
+    from gateway.store.keystore import KeyStore
+
+    try:
+        master = config.privacy.master_key()
+    except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    if master is None:
+        raise CommandError("encryption at rest is off: set privacy.master_key_file or "
+                           "privacy.master_key_env")
+    return KeyStore(config.privacy.keystore, master)
+
+
+def cmd_keys_status(args: argparse.Namespace) -> int:
+    config = cli._config(args)
+    store = _keystore(config)
+    entries = store.describe()
+    if args.json:
+        json.dump({"master": store.master_id, "keystore": str(store.directory),
+                   "tenants": entries}, sys.stdout, indent=1)
+        print()
+        return cli.EXIT_OK
+    print(f"master key {store.master_id}, keystore {store.directory}")
+    for e in entries:
+        if "problem" in e:
+            print(f"  {e['tenant']:16} {e['problem']}")
+            continue
+        state = "ok" if e["master"] == store.master_id else f"wrapped by {e['master']}"
+        for k in e["keys"]:
+            print(f"  {e['tenant']:16} {k['id']:40} {k['created'][:19]}  {state}")
+    return cli.EXIT_OK
+
+
+def cmd_keys_rotate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.auth.keys import KeyFileError
+    from gateway.store.keystore import master_id, read_master
+
+    config = cli._config(args)
+    store = _keystore(config)
+    try:
+        new = read_master(Path(args.new_master_file))
+        count = store.rewrap(new)
+    except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    cli._store(args).audit(actor(), "keys.rotate", detail={
+        "from": store.master_id, "to": master_id(new), "tenants": count})
+    print(f"{count} tenants' data keys now wrapped by master key {master_id(new)}: point "
+          f"privacy.master_key_file at {args.new_master_file} and restart every instance")
     return cli.EXIT_OK

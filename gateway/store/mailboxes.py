@@ -139,7 +139,7 @@ class MailboxState:
                                 last_success_at=now, last_error=None):
                 return None
             if new:
-                _insert_messages(conn, new)
+                _insert_messages(conn, new, self.store.keystore)
             if batch:
                 conn.execute(insert(imap_imports), [
                     {"tenant_id": key.tenant_id, "source": key.source, "folder": key.folder,

@@ -104,6 +104,8 @@ message_blobs = Table(
         "message_id", String(26), ForeignKey("messages.id", ondelete="CASCADE"), primary_key=True
     ),
     Column("data", LargeBinary, nullable=False),
+    # the data key that sealed it (store.keystore); NULL: stored in clear
+    Column("key_id", String(90)),
 )
 
 # role: mail_from | rcpt_to (envelope, written at acceptance) and

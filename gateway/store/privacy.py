@@ -109,12 +109,13 @@ class PrivacyStore:
                        func.lower(deliveries.c.recipient).in_(forms))
             ).scalars())
             unparsed = conn.execution_options(yield_per=200).execute(
-                select(messages.c.id, message_blobs.c.data)
+                select(messages.c.id, message_blobs.c.data, message_blobs.c.key_id)
                 .join(message_blobs, message_blobs.c.message_id == messages.c.id)
                 .where(messages.c.tenant_id == tenant, messages.c.status == RECEIVED)
             )
             for row in unparsed:
-                if row.id not in ids and lowered in header_addresses(row.data):
+                if row.id not in ids and lowered in header_addresses(
+                        self.store.plain(row.id, row.key_id, row.data)):
                     ids.add(row.id)
             return self._describe(conn, sorted(ids))
 
@@ -253,6 +254,7 @@ class ExportReader:
     BLOB_BYTES = 8 << 20
 
     def __init__(self, store: Store) -> None:
+        self.store = store
         self.engine = store.engine
 
     def _read(self) -> Any:
@@ -289,9 +291,12 @@ class ExportReader:
             after = page[-1]["id"]
             for group in _by_size(page, self.BLOB_BYTES):
                 with self._read() as conn:
-                    data = {b.message_id: b.data for b in conn.execute(
-                        select(message_blobs.c.message_id, message_blobs.c.data)
-                        .where(message_blobs.c.message_id.in_([r["id"] for r in group])))}
+                    data = {b.message_id: self.store.plain(b.message_id, b.key_id, b.data)
+                            for b in conn.execute(
+                                select(message_blobs.c.message_id, message_blobs.c.data,
+                                       message_blobs.c.key_id)
+                                .where(message_blobs.c.message_id.in_(
+                                    [r["id"] for r in group])))}
                 for r in group:
                     if r["id"] in data:  # else deleted meanwhile
                         r["data"] = data.pop(r["id"])

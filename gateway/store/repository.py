@@ -42,6 +42,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 from gateway.errors import TempFailure
 from gateway.metrics import QueueStats
 from gateway.store import audit as audit_chain
+from gateway.store.keystore import KeyStore, KeyUnavailable
 from gateway.store.models import (
     FAILED,
     HELD,
@@ -100,7 +101,8 @@ _ATTEMPT = (
     )
 )
 _CONTENT = (
-    select(messages.c.trace_header, messages.c.auth_header, message_blobs.c.data)
+    select(messages.c.trace_header, messages.c.auth_header, message_blobs.c.data,
+           message_blobs.c.key_id)
     .join(message_blobs, message_blobs.c.message_id == messages.c.id)
     .where(messages.c.id == bindparam("b_id"))
 )
@@ -272,8 +274,12 @@ class Store:
         min_free_space: int = 0,
         on_commit: Callable[[int, float], None] | None = None,
         audit_key: bytes = b"",
+        keystore: KeyStore | None = None,
+        keystore_problem: str | None = None,
     ) -> None:
         self.engine = engine
+        self.keystore = keystore  # None: originals are stored in clear
+        self.keystore_problem = keystore_problem  # why there is none, when one is configured
         self.audit_key = audit_key  # the chain key of audit events (privacy.key_file)
         self.commit_batch_max = commit_batch_max
         self.sqlite_path = sqlite_path
@@ -371,7 +377,7 @@ class Store:
 
     def _write_group(self, group: Sequence[_Pending]) -> None:
         with self._write_turn, self.engine.begin() as conn:
-            _insert_messages(conn, [m for item in group for m in item.messages])
+            _insert_messages(conn, [m for item in group for m in item.messages], self.keystore)
 
     def has_free_space(self) -> bool:
         """False when the disk holding the SQLite database is below min_free_space.
@@ -489,7 +495,7 @@ class Store:
                 select(messages.c.id, messages.c.tenant_id, messages.c.mail_from,
                        messages.c.size, messages.c.tags, messages.c.direction,
                        messages.c.client_address, messages.c.helo, messages.c.protocol,
-                       message_blobs.c.data)
+                       message_blobs.c.data, message_blobs.c.key_id)
                 .join(message_blobs, message_blobs.c.message_id == messages.c.id)
                 .where(messages.c.id.in_(list(message_ids)))
             ).all()
@@ -497,15 +503,29 @@ class Store:
         return {
             r.id: PipelineInput(r.id, r.tenant_id, r.mail_from,
                                 tuple(recipients.get(r.id, [])), r.size, tuple(r.tags or ()),
-                                r.data, r.direction, r.client_address, r.helo, r.protocol)
+                                self.plain(r.id, r.key_id, r.data), r.direction,
+                                r.client_address, r.helo, r.protocol)
             for r in rows
         }
 
     def raw(self, message_id: str) -> bytes | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
-            return conn.execute(
-                select(message_blobs.c.data).where(message_blobs.c.message_id == message_id)
-            ).scalar_one_or_none()
+            row = conn.execute(
+                select(message_blobs.c.data, message_blobs.c.key_id)
+                .where(message_blobs.c.message_id == message_id)
+            ).first()
+        return None if row is None else self.plain(message_id, row.key_id, row.data)
+
+    def plain(self, message_id: str, key_id: str | None, data: bytes) -> bytes:
+        """A stored original as it was received: opened with its tenant's key when it
+        was sealed (KeyUnavailable when that key is gone or not configured here)."""
+        if key_id is None:
+            return data
+        if self.keystore is None:
+            why = self.keystore_problem or ("no master key is configured "
+                                            "(privacy.master_key_file or master_key_env)")
+            raise KeyUnavailable(f"message {message_id} is encrypted (key {key_id}): {why}")
+        return self.keystore.open(message_id, key_id, data)
 
     def finish_many(self, owner: str,
                     items: Sequence[tuple[str, ParsedFields, Outcome]]) -> list[bool]:
@@ -667,7 +687,8 @@ class Store:
         message, for composing what we send."""
         with self.engine.connect().execution_options(readonly=True) as conn:
             row = conn.execute(_CONTENT, {"b_id": message_id}).first()
-        return None if row is None else (row.trace_header + (row.auth_header or ""), row.data)
+        return None if row is None else (row.trace_header + (row.auth_header or ""),
+                                         self.plain(message_id, row.key_id, row.data))
 
     def delivery_results(self, owner: str, results: Sequence[AttemptResult]) -> list[bool]:
         """Record attempts, in one transaction.
@@ -686,7 +707,7 @@ class Store:
                     "b_next": r.retry_at or now, "b_uncertain": r.uncertain,
                 }).rowcount
                 if done == 1 and r.bounce is not None:
-                    _insert_messages(conn, [r.bounce])
+                    _insert_messages(conn, [r.bounce], self.keystore)
                 out.append(done == 1)
         return out
 
@@ -894,7 +915,7 @@ class Store:
                 made = notices(added, removed)
                 emails = [n.message for n in made if n.message is not None]
                 if emails:
-                    _insert_messages(conn, emails)
+                    _insert_messages(conn, emails, self.keystore)
                 if made:
                     conn.execute(insert(subprocessor_notices), [
                         {"tenant_id": n.tenant_id, "subprocessor": n.subprocessor,
@@ -994,8 +1015,10 @@ class Store:
                 rows.close()  # it may stop at the first problem
 
 
-def _insert_messages(conn: Any, batch: Sequence[NewMessage]) -> None:
-    """Rows, originals and envelope addresses of new messages, in the caller's transaction."""
+def _insert_messages(conn: Any, batch: Sequence[NewMessage],
+                     keystore: KeyStore | None = None) -> None:
+    """Rows, originals and envelope addresses of new messages, in the caller's transaction;
+    with a keystore, each original sealed under its tenant's data key."""
     rows, blobs, addresses = [], [], []
     for m in batch:
         rows.append(
@@ -1009,7 +1032,11 @@ def _insert_messages(conn: Any, batch: Sequence[NewMessage]) -> None:
                 "attempts": 0,
             }
         )
-        blobs.append({"message_id": m.id, "data": m.data})
+        if keystore is None:
+            blobs.append({"message_id": m.id, "data": m.data, "key_id": None})
+        else:
+            key_id, sealed = keystore.seal(m.tenant_id, m.id, m.data)
+            blobs.append({"message_id": m.id, "data": sealed, "key_id": key_id})
         addresses.append({"message_id": m.id, "role": "mail_from", "address": m.mail_from})
         addresses.extend(
             {"message_id": m.id, "role": "rcpt_to", "address": r} for r in m.recipients

@@ -1,4 +1,5 @@
-"""Privacy: the audit chain, tenant deactivation, and indexes that let erasure find a
+"""Privacy: the audit chain, tenant deactivation, the key that sealed each original, and
+indexes that let erasure find a
 person's mail without reading every row (addresses and copy recipients in lower case,
 imported messages by our id).
 
@@ -22,6 +23,8 @@ def upgrade() -> None:
         batch.add_column(sa.Column("hash", sa.String(64), nullable=True))
     with op.batch_alter_table("tenants") as batch:
         batch.add_column(sa.Column("deactivated_at", sa.DateTime(timezone=True), nullable=True))
+    with op.batch_alter_table("message_blobs") as batch:
+        batch.add_column(sa.Column("key_id", sa.String(90), nullable=True))
     op.drop_index("ix_message_addresses_address", table_name="message_addresses")
     op.create_index("ix_message_addresses_lower_address", "message_addresses",
                     [sa.text("lower(address)")])
@@ -34,6 +37,8 @@ def downgrade() -> None:
     op.drop_index("ix_deliveries_lower_recipient", table_name="deliveries")
     op.drop_index("ix_message_addresses_lower_address", table_name="message_addresses")
     op.create_index("ix_message_addresses_address", "message_addresses", ["address"])
+    with op.batch_alter_table("message_blobs") as batch:
+        batch.drop_column("key_id")
     with op.batch_alter_table("tenants") as batch:
         batch.drop_column("deactivated_at")
     with op.batch_alter_table("audit_events") as batch:
