@@ -627,6 +627,27 @@ class PrivacyConfig(_Section):
         return None
 
 
+class AdminAPIConfig(_Section):
+    """The admin HTTP API: a tenant's messages, exports, erasure and audit log, per
+    tenant token (`mailflowr-gateway token create --tenant T`)."""
+
+    # host:port, e.g. 127.0.0.1:9467. Empty: no admin API.
+    listen: OptionalHostPort = None
+    # A certificate and key for HTTPS; empty: plain HTTP (keep it on loopback then).
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    # Where exports started over the API are written (one directory per tenant).
+    export_directory: Path = Path("var/exports")
+    # The largest request body accepted (413 above).
+    max_body: Size = 1_000_000
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> AdminAPIConfig:
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ValueError("tls_cert_file and tls_key_file go together")
+        return self
+
+
 class DKIMConfig(_Section):
     """Keys that sign what the gateway sends; the last one listed per domain and
     algorithm signs (list a new selector after the old one to rotate)."""
@@ -649,6 +670,7 @@ class GatewayConfig(_Section):
     auth: AuthConfig = AuthConfig()
     srs: SRSConfig = SRSConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    admin_api: AdminAPIConfig = AdminAPIConfig()
     destinations: dict[str, DestinationConfig] = {}
     imap_accounts: dict[str, ImapAccountConfig] = {}
     tenants: dict[str, TenantConfig] = {}

@@ -25,13 +25,14 @@ import concurrent.futures
 import json
 import logging
 import os
+import shutil
 import signal
 import ssl
 import time
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -65,6 +66,9 @@ from gateway.store.repository import Store, one_line
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
 from gateway.workers import WorkerPool
+
+if TYPE_CHECKING:
+    from gateway.api import AdminAPI
 
 log = logging.getLogger(__name__)
 
@@ -308,6 +312,15 @@ class App:
             servers.append(server)
             self.trackers[name] = tracker
             self.listening[name] = listen
+        try:
+            admin = await self._start_admin_api(store)
+        except StartupError:
+            for started in servers:
+                started.close()
+            await self._stop_sweeping(sweeping)
+            await self._stop_background()
+            await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
+            raise
         self._spawn(self._watch_stats())
         self._spawn(self._watch_tenants(directory, submission))
         log.info("listening for SMTP on %s%s (%d tenants, database %s)", config.smtp.listen,
@@ -335,6 +348,8 @@ class App:
                 log.warning("cutting %d sessions open at the deadline", len(tracker.sessions))
                 for session in list(tracker.sessions):
                     abort(session.transport)
+        if admin is not None:
+            await admin.close()
         await self._stop_sweeping(sweeping)
         await self._stop_background()
         await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
@@ -361,6 +376,33 @@ class App:
             return HTTPServer(host, port, httpd.app(self.metrics.registry, routes))
         except OSError as exc:
             raise StartupError(f"metrics.listen {listen}: {exc.strerror}") from None
+
+    async def _start_admin_api(self, store: Store) -> AdminAPI | None:
+        settings = self.config.admin_api
+        if not settings.listen:
+            return None
+        context = None
+        if settings.tls_cert_file and settings.tls_key_file:
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            try:
+                context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
+            except (OSError, ssl.SSLError) as exc:
+                raise StartupError(f"admin_api TLS: {exc}") from None
+        try:
+            key = privacy_keys.load_or_create(self.config.privacy.key_file)
+        except KeyFileError as exc:
+            raise StartupError(f"privacy.key_file: {exc}") from None
+        from gateway.api import AdminAPI  # aiohttp is loaded only when the API is on
+
+        admin = AdminAPI(self.config, store, key, lambda: self.policies.get().retention)
+        host, port = parse_hostport(settings.listen)
+        try:
+            await admin.start(host, port, context)
+        except OSError as exc:
+            await admin.close()
+            raise StartupError(f"admin_api.listen {settings.listen}: {exc.strerror}") from None
+        log.info("admin API on %s://%s", "https" if context else "http", settings.listen)
+        return admin
 
     async def _stop_sweeping(self, sweeping: asyncio.Task[None] | None) -> None:
         if sweeping is not None and self.sweeper is not None:
@@ -511,6 +553,9 @@ class App:
                     removed = await asyncio.to_thread(privacy.purge_tenant, tid, "daemon")
                     if store.keystore is not None:  # made again by mail stored meanwhile?
                         await asyncio.to_thread(store.keystore.destroy, tid)
+                    await asyncio.to_thread(shutil.rmtree,
+                                            self.config.admin_api.export_directory / tid,
+                                            ignore_errors=True)
                     if removed.messages or removed.deliveries:
                         log.info("tenant %s is deactivated: deleted %d messages and %d "
                                  "deliveries stored meanwhile", tid, removed.messages,

@@ -50,24 +50,35 @@ def _unknown(name: str) -> Subprocessor:
 
 def _email(policy: SubprocessorPolicy, tenant: str, contact: str, body: str, hostname: str,
            now: datetime) -> NewMessage:
+    return local_message(tenant=tenant, sender=policy.notice_from, to=contact,
+                         subject=policy.notice_subject, body=body, hostname=hostname, now=now,
+                         kind="notice", submitted_by="(subprocessor notice)")
+
+
+def local_message(*, tenant: str, sender: str, to: str, subject: str, body: str,
+                  hostname: str, now: datetime, kind: str, submitted_by: str,
+                  extra_headers: str = "") -> NewMessage:
+    """A plain-text message the gateway itself writes to someone on a tenant's behalf,
+    stored as the tenant's outbound mail (so it is delivered like any other)."""
     message_id = new_id()
     text = (
-        f"From: <{policy.notice_from}>\r\n"
-        f"To: <{contact}>\r\n"
-        f"Subject: {policy.notice_subject}\r\n"
+        f"From: <{sender}>\r\n"
+        f"To: <{to}>\r\n"
+        f"Subject: {subject}\r\n"
         f"Date: {email.utils.format_datetime(now)}\r\n"
-        f"Message-ID: <{message_id}.notice@{hostname}>\r\n"
+        f"Message-ID: <{message_id}.{kind}@{hostname}>\r\n"
         f"Auto-Submitted: auto-generated\r\n"
+        f"{extra_headers}"
         f"MIME-Version: 1.0\r\n"
         f"Content-Type: text/plain; charset=utf-8\r\n"
         f"Content-Transfer-Encoding: 8bit\r\n"
         f"\r\n"
     ).encode() + body.replace("\r\n", "\n").replace("\n", "\r\n").encode()
     trace = (f"Received: by {hostname} (MailFlowr Gateway) id {message_id}\r\n"
-             f"\tfor <{contact}>; {email.utils.format_datetime(now)}\r\n")
+             f"\tfor <{to}>; {email.utils.format_datetime(now)}\r\n")
     return NewMessage(
-        id=message_id, tenant_id=tenant, mail_from=policy.notice_from, recipients=(contact,),
+        id=message_id, tenant_id=tenant, mail_from=sender, recipients=(to,),
         data=text, sha256=hashlib.sha256(text).hexdigest(), received_at=now,
         client_address="127.0.0.1", helo=hostname, protocol="local", trace_header=trace,
-        smtputf8=False, direction="outbound", submitted_by="(subprocessor notice)",
+        smtputf8=False, direction="outbound", submitted_by=submitted_by,
     )

@@ -1,5 +1,5 @@
-"""Command line for data-subject requests and the tenant lifecycle:
-``export``, ``erase``, ``tenant deactivate``, ``audit verify`` and ``audit list``."""
+"""Command line for data-subject requests and the tenant lifecycle: ``export``,
+``erase``, ``tenant deactivate``, ``keys``, ``token``, ``incident notify`` and ``audit``."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import sys
 import time
 from datetime import UTC, datetime
@@ -71,6 +72,41 @@ def add_parsers(sub: Any, config_arg: Any) -> None:
                    help="the new master key (from keys generate)")
     p.set_defaults(func=cmd_keys_rotate)
 
+    token = sub.add_parser("token", help="admin API tokens")
+    tsub2 = token.add_subparsers(dest="token_command", required=True, parser_class=cli._Parser)
+    p = tsub2.add_parser("create", help="make a token for one tenant (shown once)")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--name", default="", help="what it is for, e.g. the tool that uses it")
+    p.set_defaults(func=cmd_token_create)
+    p = tsub2.add_parser("list", help="tokens, without their secrets")
+    config_arg(p)
+    p.add_argument("--tenant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_token_list)
+    p = tsub2.add_parser("revoke", help="refuse a token from now on")
+    config_arg(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_token_revoke)
+
+    incident = sub.add_parser("incident", help="personal-data breach notices")
+    isub = incident.add_subparsers(dest="incident_command", required=True,
+                                   parser_class=cli._Parser)
+    p = isub.add_parser("notify", help="send a breach notice to the tenant's privacy contact "
+                                       "through the delivery queue (audited)")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--file", required=True, metavar="NOTICE.txt", help="the notice (UTF-8)")
+    p.add_argument("--discovered", required=True, type=_when, metavar="TIME",
+                   help="when the incident was discovered (ISO 8601, e.g. 2026-11-24T09:30Z)")
+    p.add_argument("--title", default="Notice of a personal data breach",
+                   help="the subject of the mail")
+    p.add_argument("--to", type=subject_address, metavar="ADDRESS",
+                   help="instead of the privacy_contact in subprocessors.yaml")
+    p.add_argument("--from", dest="sender", type=subject_address, metavar="ADDRESS",
+                   help="the sender (default: notice.from of subprocessors.yaml)")
+    p.set_defaults(func=cmd_incident_notify)
+
     audit = sub.add_parser("audit", help="the tamper-evident audit log")
     asub = audit.add_subparsers(dest="audit_command", required=True, parser_class=cli._Parser)
     p = asub.add_parser("verify", help="check that no event was changed, removed or inserted")
@@ -114,6 +150,17 @@ def _day(text: str) -> datetime:
         return datetime.strptime(text, "%Y-%m-%d").replace(tzinfo=UTC)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
+
+
+def _when(text: str) -> datetime:
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time (ISO 8601): {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def _privacy(args: argparse.Namespace) -> tuple[GatewayConfig, Any, Any]:
@@ -255,6 +302,7 @@ def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
     removed = store.purge_tenant(args.tenant, actor())
     scrubbed = store.scrub()
     shredded = keystore.shred(config.privacy.keystore, args.tenant)
+    shutil.rmtree(config.admin_api.export_directory / args.tenant, ignore_errors=True)
     if store.store.keystore is not None:
         store.store.keystore.forget(args.tenant)
     store.store.audit(actor(), "tenant.shred", tenant_id=args.tenant,
@@ -391,4 +439,89 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         "from": store.master_id, "to": master_id(new), "tenants": count})
     print(f"{count} tenants' data keys now wrapped by master key {master_id(new)}: point "
           f"privacy.master_key_file at {args.new_master_file} and restart every instance")
+    return cli.EXIT_OK
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    from gateway.store.tokens import TokenStore
+
+    config, _key, store = _privacy(args)
+    row = _known_tenant(config, store, args.tenant)
+    if row is not None and not row["active"]:
+        raise CommandError(f"tenant {args.tenant} is deactivated")
+    token_id, token = TokenStore(store.store).create(args.tenant, args.name)
+    store.store.audit(actor(), "token.create", tenant_id=args.tenant,
+                      detail={"token": token_id, "name": args.name[:200]})
+    print(f"token {token_id} for tenant {args.tenant}; it is shown only now:")
+    print(token)
+    return cli.EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    from gateway.store.tokens import TokenStore
+
+    rows = TokenStore(cli._store(args)).list(args.tenant)
+    items = [{"id": r["id"], "tenant": r["tenant_id"], "name": r["name"],
+              "created_at": _jsonable(r["created_at"]),
+              "last_used_at": _jsonable(r["last_used_at"]),
+              "revoked_at": _jsonable(r["revoked_at"])} for r in rows]
+    if args.json:
+        json.dump(items, sys.stdout, indent=1)
+        print()
+        return cli.EXIT_OK
+    print(f"{'ID':12} {'TENANT':16} {'CREATED':25} {'LAST USED':25} {'REVOKED':25} NAME")
+    for t in items:
+        print(f"{t['id']:12} {_printable(t['tenant'], 16):16} {t['created_at'][:25]:25} "
+              f"{(t['last_used_at'] or '-')[:25]:25} {(t['revoked_at'] or '-')[:25]:25} "
+              f"{_printable(t['name'])}")
+    return cli.EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    from gateway.store.tokens import TokenStore
+
+    store = cli._store(args)
+    if not TokenStore(store).revoke(args.id):
+        raise CommandError(f"no token {args.id} that could be revoked (unknown, or revoked)")
+    store.audit(actor(), "token.revoke", detail={"token": args.id})
+    print(f"token {args.id} revoked")
+    return cli.EXIT_OK
+
+
+def cmd_incident_notify(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from gateway.privacy import incident
+    from gateway.store.repository import utcnow
+
+    config, _key, store = _privacy(args)
+    row = _known_tenant(config, store, args.tenant)
+    if row is not None and not row["active"]:
+        raise CommandError(f"tenant {args.tenant} is deactivated")
+    routing = cli._policies(config).subprocessors
+    terms = routing.tenants.get(args.tenant) if routing is not None else None
+    to = args.to or (terms.privacy_contact if terms is not None else None)
+    if not to:
+        raise CommandError(f"tenant {args.tenant} has no privacy_contact in "
+                           "subprocessors.yaml: give --to ADDRESS")
+    sender = args.sender or (routing.notice_from if routing is not None else "") \
+        or f"postmaster@{config.smtp.hostname}"
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise CommandError(f"{args.file}: {exc.strerror}") from None
+    tenant = config.tenants.get(args.tenant)
+    try:
+        notice = incident.build(
+            tenant=args.tenant, tenant_name=(tenant.name if tenant else "") or args.tenant,
+            sender=sender, to=to, text=incident.read_text(data, args.file), title=args.title,
+            discovered_at=args.discovered, now=utcnow(), hostname=config.smtp.hostname)
+    except incident.NoticeError as exc:
+        raise CommandError(str(exc)) from None
+    store.queue_notice(notice.message, actor(), "incident.notify", notice.audit_detail())
+    print(f"notice {notice.message.id} queued for {to}, {notice.hours:.1f} hours after "
+          "discovery; follow it with: queue list --all")
+    if notice.hours > incident.PROMISE_HOURS:
+        print(f"mailflowr-gateway: warning: this is later than the {incident.PROMISE_HOURS} "
+              "hours promised; the audit log records it", file=sys.stderr)
     return cli.EXIT_OK

@@ -181,6 +181,35 @@ audit_events = Table(
     Column("hash", String(64)),
 )
 
+# Admin API tokens (store.tokens): one tenant each; only the secret's SHA-256 is kept.
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("id", String(12), primary_key=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("name", Text, nullable=False),
+    Column("secret_sha256", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("last_used_at", DateTime(timezone=True)),
+    Column("revoked_at", DateTime(timezone=True)),
+)
+
+# Exports started over the admin API: status running | done | failed; path on the
+# instance that wrote it.
+api_exports = Table(
+    "api_exports",
+    metadata,
+    Column("id", String(26), primary_key=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("subject", String(64)),  # the keyed hash of a subject export's address
+    Column("status", String(8), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True)),
+    Column("path", Text),
+    Column("size", BigInteger),
+    Column("error", Text),
+)
+
 # Subprocessors as the database remembers them.  baseline: in the registry when
 # notices began to be kept (covered by the agreement; usable without a notice).
 subprocessor_registry = Table(

@@ -22,12 +22,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from gateway.store import audit
 from gateway.store.models import (
     PENDING,
     RECEIVED,
+    api_exports,
+    api_tokens,
     deliveries,
     imap_folders,
     imap_imports,
@@ -38,7 +40,7 @@ from gateway.store.models import (
     subprocessor_objections,
     tenants,
 )
-from gateway.store.repository import Store, utcnow
+from gateway.store.repository import NewMessage, Store, _insert_messages, utcnow
 
 BATCH = 500
 _HEADER_ROLES = ("from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-to",
@@ -162,6 +164,64 @@ class PrivacyStore:
                 return True
         return False
 
+    # ------------------------------------------------------------ admin API
+    def search(self, tenant: str, *, after: str | None, limit: int, address: str | None,
+               since: datetime | None, until: datetime | None) -> list[dict[str, Any]]:
+        """A page of the tenant's messages (id order), with their envelope recipients."""
+        q = select(messages).where(messages.c.tenant_id == tenant)
+        if after:
+            q = q.where(messages.c.id > after)
+        if since is not None:
+            q = q.where(messages.c.received_at >= since)
+        if until is not None:
+            q = q.where(messages.c.received_at < until)
+        if address is not None:
+            q = q.where(messages.c.id.in_(
+                select(message_addresses.c.message_id)
+                .where(func.lower(message_addresses.c.address).in_(lookup_forms(address)))))
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = [dict(r._mapping) for r in conn.execute(q.order_by(messages.c.id)
+                                                           .limit(limit))]
+            recipients: dict[str, list[str]] = {r["id"]: [] for r in rows}
+            if rows:
+                for a in conn.execute(select(message_addresses.c.message_id,
+                                             message_addresses.c.address)
+                                      .where(message_addresses.c.message_id.in_(
+                                          list(recipients)),
+                                          message_addresses.c.role == "rcpt_to")
+                                      .order_by(message_addresses.c.id)):
+                    recipients[a.message_id].append(a.address)
+        for r in rows:
+            r["recipients"] = recipients[r["id"]]
+        return rows
+
+    def record_export(self, export_id: str, tenant: str, subject: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(insert(api_exports).values(
+                id=export_id, tenant_id=tenant, subject=subject, status="running",
+                created_at=utcnow()))
+
+    def finish_export(self, export_id: str, path: str | None, size: int,
+                      error: str | None) -> None:
+        with self.engine.begin() as conn:
+            conn.execute(update(api_exports).where(api_exports.c.id == export_id).values(
+                status="failed" if error else "done", finished_at=utcnow(), path=path,
+                size=size, error=error))
+
+    def get_export(self, export_id: str) -> dict[str, Any] | None:
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(select(api_exports).where(api_exports.c.id == export_id)).first()
+        return dict(row._mapping) if row else None
+
+    # ------------------------------------------------------------ notices
+    def queue_notice(self, message: NewMessage, actor: str, action: str,
+                     detail: dict[str, Any]) -> None:
+        """Store an outbound notice and its audit event in one transaction."""
+        with self.store._write_turn, self.engine.begin() as conn:
+            _insert_messages(conn, [message], self.store.keystore)
+            audit.append(conn, self.store.audit_key, actor=actor, action=action,
+                         tenant_id=message.tenant_id, message_id=message.id, detail=detail)
+
     # ------------------------------------------------------------ tenants
     def tenant_row(self, tenant: str) -> dict[str, Any] | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
@@ -205,7 +265,8 @@ class PrivacyStore:
                 delete(deliveries).where(deliveries.c.tenant_id == tenant)).rowcount
             total.imports += conn.execute(
                 delete(imap_imports).where(imap_imports.c.tenant_id == tenant)).rowcount
-            for table in (imap_folders, subprocessor_notices, subprocessor_objections):
+            for table in (imap_folders, subprocessor_notices, subprocessor_objections,
+                          api_tokens, api_exports):
                 conn.execute(delete(table).where(table.c.tenant_id == tenant))
             if total.messages or total.deliveries or total.imports:
                 audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",

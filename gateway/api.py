@@ -1,0 +1,427 @@
+"""The admin HTTP API: a tenant's own data, for the tenant's own tools (aiohttp).
+
+Every request but ``GET /api/v1/openapi.json`` carries ``Authorization: Bearer
+TOKEN``; the token (``token create --tenant T``) belongs to one tenant, and
+every query is limited to that tenant.  Anything of another tenant answers
+404 exactly as something that does not exist, so a token cannot even learn
+what exists elsewhere.  Errors are JSON: ``{"error": "..."}`` with 400, 401,
+404, 405, 409, 413 or 500; never a traceback.  Every call is an audit event
+(``api.*``, naming the token, never the content).
+
+The database work runs in threads; exports run in the background, into
+``admin_api.export_directory``, and are downloaded when done.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import ssl
+import time
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway import __version__
+from gateway.config import GatewayConfig
+from gateway.privacy import erasure
+from gateway.privacy.export import export
+from gateway.privacy.keys import PrivacyKey
+from gateway.store.ids import new_id
+from gateway.store.privacy import PrivacyStore
+from gateway.store.repository import Store, aware, one_line
+from gateway.store.tokens import TokenOwner, TokenStore
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OWNER = web.RequestKey("owner", TokenOwner)
+_ID = re.compile(r"^[0-9A-Z]{26}$")
+_ADDRESS = re.compile(r"^[^\s@<>]+@[^\s@<>]+$")
+MAX_LIMIT = 1000
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _json(doc: Any, status: int = 200) -> web.Response:
+    return web.json_response(doc, status=status, dumps=lambda d: json.dumps(
+        d, default=_default, ensure_ascii=False, sort_keys=True))
+
+
+def _default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return aware(value).isoformat()
+    return str(value)
+
+
+def _not_found() -> ApiError:
+    return ApiError(404, "not found")
+
+
+class AdminAPI:
+    def __init__(self, config: GatewayConfig, store: Store, key: PrivacyKey,
+                 retention: Callable[[], Any]) -> None:
+        self.config = config
+        self.store = store
+        self.privacy = PrivacyStore(store)
+        self.tokens = TokenStore(store)
+        self.key = key
+        self.retention = retention  # the retention policy in force (legal holds)
+        self.exports_dir = config.admin_api.export_directory
+        self.runner: web.AppRunner | None = None
+        self._exports: set[asyncio.Task[None]] = set()
+
+    # ------------------------------------------------------------ serving
+    def app(self) -> web.Application:
+        app = web.Application(middlewares=[self._errors, self._auth],
+                              client_max_size=self.config.admin_api.max_body)
+        r = app.router
+        r.add_get("/api/v1/openapi.json", self.openapi)
+        r.add_get("/api/v1/messages", self.list_messages)
+        r.add_get("/api/v1/messages/{id}", self.get_message)
+        r.add_get("/api/v1/messages/{id}/eml", self.get_eml)
+        r.add_post("/api/v1/exports", self.start_export)
+        r.add_get("/api/v1/exports/{id}", self.get_export)
+        r.add_get("/api/v1/exports/{id}/archive", self.download_export)
+        r.add_post("/api/v1/erasures", self.erase)
+        r.add_get("/api/v1/audit", self.audit)
+        return app
+
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
+        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, host, port, ssl_context=tls,
+                          reuse_address=True).start()
+
+    async def close(self) -> None:
+        for task in list(self._exports):
+            task.cancel()
+        await asyncio.gather(*self._exports, return_exceptions=True)
+        if self.runner is not None:
+            await self.runner.cleanup()
+
+    # ------------------------------------------------------------ middlewares
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return _json({"error": str(exc)}, exc.status)
+        except web.HTTPRequestEntityTooLarge:
+            return _json({"error": "the request body is too large"}, 413)
+        except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method
+            return _json({"error": exc.reason.lower()}, exc.status)
+        except Exception as exc:  # a request fails, the daemon goes on
+            log.error("admin API %s %s failed: %s", request.method, request.path,
+                      one_line(exc))
+            return _json({"error": "internal error"}, 500)
+
+    @web.middleware
+    async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path == "/api/v1/openapi.json":
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        owner = None
+        if scheme.lower() == "bearer" and token:
+            owner = await asyncio.to_thread(self.tokens.verify, token.strip())
+        if owner is None:
+            raise ApiError(401, "a valid API token is needed: Authorization: Bearer TOKEN")
+        request[OWNER] = owner
+        response = await handler(request)
+        await asyncio.to_thread(
+            self.store.audit, f"api:{owner.id}",
+            f"api.{request.method.lower()}", tenant_id=owner.tenant_id,
+            detail={"path": request.match_info.route.resource.canonical
+                    if request.match_info.route.resource else request.path,
+                    "status": response.status})
+        return response
+
+    # ------------------------------------------------------------ input
+    @staticmethod
+    def _tenant(request: web.Request) -> str:
+        tenant: str = request[OWNER].tenant_id
+        return tenant
+
+    @staticmethod
+    def _message_id(request: web.Request) -> str:
+        value = request.match_info["id"].upper()
+        if not _ID.match(value):
+            raise _not_found()
+        return value
+
+    @staticmethod
+    def _int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+        text = request.query.get(name)
+        if text is None:
+            return default
+        try:
+            value = int(text)
+        except ValueError:
+            raise ApiError(400, f"{name}: not a whole number: {text[:40]!r}") from None
+        if not low <= value <= high:
+            raise ApiError(400, f"{name}: must be {low} to {high}")
+        return value
+
+    @staticmethod
+    def _time(request: web.Request, name: str) -> datetime | None:
+        text = request.query.get(name)
+        if text is None:
+            return None
+        try:
+            value = datetime.fromisoformat(text)
+        except ValueError:
+            raise ApiError(400, f"{name}: not an ISO 8601 time: {text[:40]!r}") from None
+        return value if value.tzinfo else value.replace(tzinfo=UTC)
+
+    @staticmethod
+    async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+        if request.content_type != "application/json":
+            raise ApiError(400, "the body must be JSON (Content-Type: application/json)")
+        try:
+            body = await request.json()
+        except ValueError:
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        unknown = set(body) - allowed
+        if unknown:
+            raise ApiError(400, f"unknown field {sorted(unknown)[0]!r} (known: "
+                                f"{', '.join(sorted(allowed))})")
+        return body
+
+    @staticmethod
+    def _subject(value: Any, required: bool) -> str | None:
+        if value is None and not required:
+            return None
+        if not isinstance(value, str) or not _ADDRESS.match(value.strip()) \
+                or not value.isprintable():
+            raise ApiError(400, "subject: an e-mail address is needed")
+        return value.strip()
+
+    # ------------------------------------------------------------ messages
+    async def list_messages(self, request: web.Request) -> web.Response:
+        limit = self._int(request, "limit", 100, 1, MAX_LIMIT)
+        after = request.query.get("after", "").upper()
+        if after and not _ID.match(after):
+            raise ApiError(400, "after: a message id is needed")
+        address = request.query.get("address")
+        if address is not None and not _ADDRESS.match(address):
+            raise ApiError(400, "address: an e-mail address is needed")
+        since, until = self._time(request, "since"), self._time(request, "until")
+        rows = await asyncio.to_thread(
+            self.privacy.search, self._tenant(request), after=after or None, limit=limit,
+            address=address, since=since, until=until)
+        return _json({"messages": [_summary(r) for r in rows],
+                      "next": rows[-1]["id"] if len(rows) == limit else None})
+
+    async def _own(self, request: web.Request) -> dict[str, Any]:
+        row = await asyncio.to_thread(self.store.get_message, self._message_id(request))
+        if row is None or row["tenant_id"] != self._tenant(request):
+            raise _not_found()
+        result: dict[str, Any] = row
+        return result
+
+    async def get_message(self, request: web.Request) -> web.Response:
+        row = await self._own(request)
+        doc = _summary(row)
+        doc.update({"header_addresses": [{"role": role, "address": a}
+                                         for role, a in row["addresses"]],
+                    "attachments": row["attachments"] or [], "sha256": row["sha256"],
+                    "defects": row["defects"] or [], "direction": row["direction"]})
+        return _json(doc)
+
+    async def get_eml(self, request: web.Request) -> web.Response:
+        row = await self._own(request)
+        raw = await asyncio.to_thread(self.store.raw, row["id"])
+        if raw is None:
+            raise _not_found()
+        return web.Response(body=raw, content_type="message/rfc822", headers={
+            "Content-Disposition": f'attachment; filename="{row["id"]}.eml"'})
+
+    # ------------------------------------------------------------ exports
+    async def start_export(self, request: web.Request) -> web.Response:
+        body = await self._body(request, {"subject"})
+        subject = self._subject(body.get("subject"), required=False)
+        tenant = self._tenant(request)
+        export_id = new_id()
+        directory = self.exports_dir / tenant
+        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(self.privacy.record_export, export_id, tenant,
+                                self.key.subject_hash(subject) if subject else None)
+        task = asyncio.create_task(self._run_export(export_id, tenant, subject,
+                                                    request[OWNER].id))
+        self._exports.add(task)
+        task.add_done_callback(self._exports.discard)
+        return _json({"id": export_id, "status": "running"}, 202)
+
+    async def _run_export(self, export_id: str, tenant: str, subject: str | None,
+                          token: str) -> None:
+        path = self.exports_dir / tenant / f"{export_id}.tar"
+        subject_hash = self.key.subject_hash(subject) if subject else None
+        try:
+            events = await asyncio.to_thread(self.store.audit_events, tenant)
+            result = await asyncio.to_thread(
+                export, self.privacy, self.config, tenant, path, subject=subject,
+                subject_hash=subject_hash, audit_events=events)
+        except Exception as exc:
+            log.error("export %s of tenant %s failed: %s", export_id, tenant, one_line(exc))
+            await asyncio.to_thread(self.privacy.finish_export, export_id, None, 0,
+                                    one_line(exc))
+            return
+        detail: dict[str, Any] = {"messages": result.messages, "bytes": result.size,
+                                  "manifest_sha256": result.manifest_sha256,
+                                  "export": export_id}
+        if subject_hash:
+            detail["subject"] = subject_hash
+        await asyncio.to_thread(self.privacy.finish_export, export_id, str(path), result.size,
+                                None)
+        await asyncio.to_thread(self.store.audit, f"api:{token}",
+                                "subject.export" if subject else "tenant.export",
+                                tenant_id=tenant, detail=detail)
+
+    async def _own_export(self, request: web.Request) -> dict[str, Any]:
+        export_id = self._message_id(request)
+        row = await asyncio.to_thread(self.privacy.get_export, export_id)
+        if row is None or row["tenant_id"] != self._tenant(request):
+            raise _not_found()
+        return row
+
+    async def get_export(self, request: web.Request) -> web.Response:
+        row = await self._own_export(request)
+        return _json({"id": row["id"], "status": row["status"], "created_at": row["created_at"],
+                      "finished_at": row["finished_at"], "bytes": row["size"],
+                      "error": row["error"],
+                      "archive": f"/api/v1/exports/{row['id']}/archive"
+                      if row["status"] == "done" else None})
+
+    async def download_export(self, request: web.Request) -> web.StreamResponse:
+        row = await self._own_export(request)
+        if row["status"] != "done":
+            raise ApiError(409, f"the export is {row['status']}")
+        path = Path(row["path"])
+        if not await asyncio.to_thread(path.is_file):
+            raise ApiError(404, "the archive is not on this instance (or was removed)")
+        return web.FileResponse(path, headers={
+            "Content-Type": "application/x-tar",
+            "Content-Disposition": f'attachment; filename="{row["tenant_id"]}-{row["id"]}.tar"'})
+
+    # ------------------------------------------------------------ erasure
+    async def erase(self, request: web.Request) -> web.Response:
+        body = await self._body(request, {"subject", "dry_run"})
+        subject = self._subject(body.get("subject"), required=True)
+        assert subject is not None
+        dry_run = body.get("dry_run", False)
+        if not isinstance(dry_run, bool):
+            raise ApiError(400, "dry_run: true or false")
+        tenant = self._tenant(request)
+        started = time.monotonic()
+        plan = await asyncio.to_thread(erasure.plan, self.privacy, self.retention(),
+                                       self.config, tenant, subject, datetime.now(UTC))
+        doc: dict[str, Any] = {"dry_run": dry_run, "messages": len(plan.found),
+                               "held": plan.held}
+        if not dry_run:
+            try:
+                removed = await asyncio.to_thread(erasure.erase, self.privacy, self.key, plan,
+                                                  actor=f"api:{request[OWNER].id}")
+            except erasure.ErasureRefused as exc:
+                raise ApiError(409, str(exc).replace(
+                    " (--override-hold --reason TEXT erases it anyway)", "")) from None
+            doc.update(removed.as_dict())
+        doc["seconds"] = round(time.monotonic() - started, 3)
+        return _json(doc)
+
+    # ------------------------------------------------------------ audit
+    async def audit(self, request: web.Request) -> web.Response:
+        limit = self._int(request, "limit", 100, 1, MAX_LIMIT)
+        since = self._time(request, "since")
+        rows = await asyncio.to_thread(self.store.audit_events, self._tenant(request),
+                                       since=since, limit=limit)
+        return _json({"events": [{k: r[k] for k in ("id", "at", "actor", "action",
+                                                     "message_id", "detail", "hash")}
+                                 for r in rows]})
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        return _json(openapi_document())
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {"id": row["id"], "received_at": row["received_at"], "status": row["status"],
+            "sender": row["mail_from"], "recipients": row.get("recipients", []),
+            "message_id": row["message_id"], "from": row["header_from"],
+            "to": row["header_to"], "cc": row["header_cc"], "subject": row["subject"],
+            "date": row["date"], "size": row["size"], "tags": row["tags"] or []}
+
+
+def openapi_document() -> dict[str, Any]:
+    """The OpenAPI 3.1 description of this API."""
+    def op(summary: str, params: list[dict[str, Any]] | None = None,
+           body: dict[str, Any] | None = None, ok: str = "200",
+           content: str = "application/json") -> dict[str, Any]:
+        doc: dict[str, Any] = {
+            "summary": summary, "security": [{"token": []}],
+            "responses": {ok: {"description": "success", "content": {content: {}}},
+                          "400": {"$ref": "#/components/responses/error"},
+                          "401": {"$ref": "#/components/responses/error"},
+                          "404": {"$ref": "#/components/responses/error"}}}
+        if params:
+            doc["parameters"] = params
+        if body:
+            doc["requestBody"] = {"required": True, "content": {"application/json": {
+                "schema": body}}}
+        return doc
+
+    def q(name: str, schema: dict[str, Any], what: str) -> dict[str, Any]:
+        return {"name": name, "in": "query", "required": False, "schema": schema,
+                "description": what}
+
+    path_id = {"name": "id", "in": "path", "required": True, "schema": {"type": "string"}}
+    address = {"type": "string", "format": "email"}
+    erase = op("Erase every message of the tenant in which an address appears",
+               body={"type": "object", "required": ["subject"], "additionalProperties": False,
+                     "properties": {"subject": address, "dry_run": {"type": "boolean"}}})
+    erase["responses"]["409"] = {"$ref": "#/components/responses/error"}
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "MailFlowr Gateway admin API", "version": __version__,
+                 "description": "A tenant's own data. Every token belongs to one tenant; "
+                                "whatever is not that tenant's answers 404."},
+        "components": {
+            "securitySchemes": {"token": {"type": "http", "scheme": "bearer",
+                                          "description": "from `token create --tenant T`"}},
+            "responses": {"error": {"description": "an error", "content": {
+                "application/json": {"schema": {"type": "object", "properties": {
+                    "error": {"type": "string"}}}}}}},
+        },
+        "paths": {
+            "/api/v1/messages": {"get": op("List the tenant's messages, oldest first", [
+                q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "at most"),
+                q("after", {"type": "string"}, "the 'next' of the previous page"),
+                q("address", address, "only messages with this address (any role)"),
+                q("since", {"type": "string", "format": "date-time"}, "received at or after"),
+                q("until", {"type": "string", "format": "date-time"}, "received before")])},
+            "/api/v1/messages/{id}": {"get": op("One message's metadata", [path_id])},
+            "/api/v1/messages/{id}/eml": {"get": op("One message as received (.eml)", [path_id],
+                                                    content="message/rfc822")},
+            "/api/v1/exports": {"post": op(
+                "Start an export of the tenant, or of one person (subject)", ok="202",
+                body={"type": "object", "additionalProperties": False,
+                      "properties": {"subject": address}})},
+            "/api/v1/exports/{id}": {"get": op("An export's state", [path_id])},
+            "/api/v1/exports/{id}/archive": {"get": op("Download a finished export (tar)",
+                                                       [path_id], content="application/x-tar")},
+            "/api/v1/erasures": {"post": erase},
+            "/api/v1/audit": {"get": op("The tenant's audit events, oldest first", [
+                q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}, "the newest"),
+                q("since", {"type": "string", "format": "date-time"}, "at or after")])},
+        },
+    }

@@ -1,0 +1,86 @@
+"""Admin API tokens: one tenant each, stored as a hash, shown once when made.
+
+A token reads ``mfr_<id>_<secret>``: the id (12 hex digits) finds the row, the
+secret (256 random bits) is compared with the stored SHA-256 in constant time.
+A slow password hash is not needed: the secret is random, not chosen by a person.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import insert, select, update
+
+from gateway.store.models import api_tokens
+from gateway.store.repository import Store, utcnow
+
+_TOKEN = re.compile(r"^mfr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
+_TOUCH_EVERY = timedelta(minutes=1)  # last_used_at is written at most this often
+
+
+@dataclass(frozen=True)
+class TokenOwner:
+    id: str
+    tenant_id: str
+
+
+def _digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self.engine = store.engine
+
+    def create(self, tenant: str, name: str) -> tuple[str, str]:
+        """(id, token); the token is not kept anywhere and cannot be shown again."""
+        token_id = secrets.token_hex(6)
+        secret = secrets.token_urlsafe(32)
+        with self.engine.begin() as conn:
+            conn.execute(insert(api_tokens).values(
+                id=token_id, tenant_id=tenant, name=name[:200], secret_sha256=_digest(secret),
+                created_at=utcnow()))
+        return token_id, f"mfr_{token_id}_{secret}"
+
+    def verify(self, token: str) -> TokenOwner | None:
+        m = _TOKEN.match(token)
+        if m is None:
+            return None
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(select(api_tokens).where(api_tokens.c.id == m.group(1))).first()
+        if row is None or row.revoked_at is not None:
+            return None
+        if not hmac.compare_digest(row.secret_sha256, _digest(m.group(2))):
+            return None
+        now = utcnow()
+        last = row.last_used_at
+        if last is None or now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo)) \
+                > _TOUCH_EVERY:
+            with self.engine.begin() as conn:
+                conn.execute(update(api_tokens).where(api_tokens.c.id == row.id)
+                             .values(last_used_at=now))
+        return TokenOwner(row.id, row.tenant_id)
+
+    def list(self, tenant: str | None = None) -> list[dict[str, Any]]:
+        q = select(api_tokens.c.id, api_tokens.c.tenant_id, api_tokens.c.name,
+                   api_tokens.c.created_at, api_tokens.c.last_used_at,
+                   api_tokens.c.revoked_at).order_by(api_tokens.c.created_at)
+        if tenant is not None:
+            q = q.where(api_tokens.c.tenant_id == tenant)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def revoke(self, token_id: str, when: datetime | None = None) -> bool:
+        with self.engine.begin() as conn:
+            done = conn.execute(update(api_tokens)
+                                .where(api_tokens.c.id == token_id,
+                                       api_tokens.c.revoked_at.is_(None))
+                                .values(revoked_at=when or utcnow())).rowcount
+        return bool(done == 1)

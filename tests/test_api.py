@@ -1,0 +1,216 @@
+"""The admin HTTP API against the real daemon: tokens, every endpoint, tenant isolation
+on every endpoint, input errors, exports and erasures, the OpenAPI description."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import pytest
+from sqlalchemy import select
+
+from gateway.store.models import api_tokens
+from tests.conftest import free_port
+
+SUBJECT = "jane.doe@sender.test"
+
+
+class Api:
+    def __init__(self, port: int) -> None:
+        self.base = f"http://127.0.0.1:{port}"
+
+    def call(self, method: str, path: str, token: str | None = None, body: Any = None,
+             raw: bytes | None = None, content_type: str = "application/json",
+             ) -> tuple[int, Any, dict[str, str]]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        request = urllib.request.Request(self.base + path, data=data, method=method)
+        if token:
+            request.add_header("Authorization", f"Bearer {token}")
+        if data is not None:
+            request.add_header("Content-Type", content_type)
+        try:
+            with urllib.request.urlopen(request, timeout=30) as reply:
+                status, payload, headers = reply.status, reply.read(), dict(reply.headers)
+        except urllib.error.HTTPError as exc:
+            status, payload, headers = exc.code, exc.read(), dict(exc.headers)
+        if headers.get("Content-Type", "").startswith("application/json"):
+            return status, json.loads(payload), headers
+        return status, payload, headers
+
+
+def _token(gw: Any, tenant: str) -> str:
+    result = gw.cli("token", "create", "--tenant", tenant, "--name", f"{tenant} tools")
+    assert result.returncode == 0, result.stderr.decode()
+    return result.stdout.decode().split()[-1]
+
+
+@pytest.fixture
+def api_gateway(make_gateway: Any, tmp_path: Any) -> tuple[Any, Api]:
+    port = free_port()
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "retention.yaml").write_text(
+        "default: 1y\nholds:\n  - {name: case-9, reason: court, address: held@client.test}\n")
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}"},
+                       "policies": {"directory": str(policies)}})
+    with gw.smtp() as s:
+        for sender, to, subject in ((SUBJECT, "support@acme.test", "acme from jane"),
+                                    ("bob@client.test", "support@acme.test", "acme from bob"),
+                                    ("held@client.test", "support@acme.test", "acme held"),
+                                    (SUBJECT, "x@globex.test", "globex from jane")):
+            s.sendmail(sender, [to], f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
+                                     f"\r\nbody of {subject}\r\n".encode())
+    gw.wait_processed(4)
+    return gw, Api(port)
+
+
+def test_tokens_are_shown_once_and_stored_hashed(api_gateway):
+    gw, api = api_gateway
+    token = _token(gw, "acme")
+    assert token.startswith("mfr_")
+    with gw.store.engine.connect() as conn:
+        rows = [tuple(r) for r in conn.execute(select(api_tokens))]
+    assert token.split("_")[2] not in repr(rows)
+    listed = json.loads(gw.cli("token", "list", "--json", check=True).stdout)
+    assert [(t["tenant"], t["name"], t["revoked_at"]) for t in listed] == [
+        ("acme", "acme tools", None)]
+    assert "secret" not in json.dumps(listed)
+    assert api.call("GET", "/api/v1/messages", token)[0] == 200
+    gw.cli("token", "revoke", listed[0]["id"], check=True)
+    status, doc, _ = api.call("GET", "/api/v1/messages", token)
+    assert status == 401 and "API token" in doc["error"]
+    unknown = gw.cli("token", "create", "--tenant", "nobody")
+    assert unknown.returncode == 1 and b"no tenant 'nobody'" in unknown.stderr
+
+
+def test_every_endpoint_serves_the_tenant_and_hides_every_other(api_gateway):
+    gw, api = api_gateway
+    acme, globex = _token(gw, "acme"), _token(gw, "globex")
+    status, doc, _ = api.call("GET", "/api/v1/messages?limit=2", acme)
+    assert status == 200 and len(doc["messages"]) == 2 and doc["next"]
+    rest = api.call("GET", f"/api/v1/messages?after={doc['next']}", acme)[1]
+    acme_ids = [m["id"] for m in doc["messages"] + rest["messages"]]
+    assert len(acme_ids) == 3 and rest["next"] is None
+    mine = api.call("GET", f"/api/v1/messages?address={SUBJECT.upper()}", acme)[1]
+    assert [m["subject"] for m in mine["messages"]] == ["acme from jane"]
+    one = acme_ids[0]
+    status, doc, _ = api.call("GET", f"/api/v1/messages/{one}", acme)
+    assert status == 200 and doc["id"] == one
+    status, eml, headers = api.call("GET", f"/api/v1/messages/{one}/eml", acme)
+    assert status == 200 and headers["Content-Type"] == "message/rfc822"
+    assert eml == gw.cli("messages", "export", one, check=True).stdout
+
+    status, started, _ = api.call("POST", "/api/v1/exports", acme, {})
+    assert status == 202
+    export_id = started["id"]
+    deadline = time.monotonic() + 30
+    while (state := api.call("GET", f"/api/v1/exports/{export_id}", acme)[1])["status"] \
+            == "running" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert state["status"] == "done", state
+    status, archive, _ = api.call("GET", state["archive"], acme)
+    assert status == 200
+    with tarfile.open(fileobj=io.BytesIO(archive)) as t:
+        manifest = json.load(t.extractfile("manifest.json"))
+    assert manifest["tenant"] == "acme" and manifest["counts"]["messages"] == 3
+
+    # globex's token: nothing of acme's exists for it, in the same words as a bad id
+    missing = api.call("GET", "/api/v1/messages/01ZZZZZZZZZZZZZZZZZZZZZZZZ", globex)
+    assert missing[0] == 404
+    listed = api.call("GET", "/api/v1/messages", globex)[1]["messages"]
+    assert [m["subject"] for m in listed] == ["globex from jane"]
+    for path in (f"/api/v1/messages/{one}", f"/api/v1/messages/{one}/eml",
+                 f"/api/v1/exports/{export_id}", f"/api/v1/exports/{export_id}/archive"):
+        status, doc, _ = api.call("GET", path, globex)
+        assert (status, doc) == (404, missing[1]), path
+    assert all(e["action"] != "tenant.export" or e["actor"] != f"api:{acme.split('_')[1]}"
+               for e in api.call("GET", "/api/v1/audit", globex)[1]["events"])
+    assert {e["action"] for e in api.call("GET", "/api/v1/audit?limit=1000", acme)[1]
+            ["events"]} >= {"api.get", "api.post", "tenant.export"}
+    erased = api.call("POST", "/api/v1/erasures", globex, {"subject": SUBJECT})[1]
+    assert erased["messages"] == 1  # globex's own message from Jane, not acme's
+    assert [m["subject"] for m in gw.messages(tenant="acme")].count("acme from jane") == 1
+
+
+def test_erasure_over_the_api_respects_legal_holds(api_gateway):
+    gw, api = api_gateway
+    acme = _token(gw, "acme")
+    status, doc, _ = api.call("POST", "/api/v1/erasures", acme,
+                              {"subject": SUBJECT, "dry_run": True})
+    assert status == 200 and doc["messages"] == 1 and doc["dry_run"] is True
+    status, doc, _ = api.call("POST", "/api/v1/erasures", acme, {"subject": SUBJECT})
+    assert status == 200 and doc["messages"] == 1
+    assert "acme from jane" not in {r["subject"] for r in gw.messages()}
+    status, doc, _ = api.call("POST", "/api/v1/erasures", acme,
+                              {"subject": "held@client.test"})
+    assert status == 409 and "legal hold case-9" in doc["error"]
+    assert "acme held" in {r["subject"] for r in gw.messages()}
+    events = json.loads(gw.cli("audit", "list", "--action", "subject.erase", "--json",
+                               check=True).stdout)
+    assert events[-1]["actor"] == f"api:{acme.split('_')[1]}"
+
+
+BAD_INPUT = [
+    ("GET", "/api/v1/messages?limit=abc", None, 400, "limit: not a whole number"),
+    ("GET", "/api/v1/messages?limit=0", None, 400, "limit: must be 1 to 1000"),
+    ("GET", "/api/v1/messages?since=yesterday", None, 400, "since: not an ISO 8601 time"),
+    ("GET", "/api/v1/messages?after=x", None, 400, "after: a message id"),
+    ("GET", "/api/v1/messages?address=nobody", None, 400, "address: an e-mail address"),
+    ("GET", "/api/v1/messages/not-an-id", None, 404, "not found"),
+    ("GET", "/api/v1/nothing-here", None, 404, "not found"),
+    ("DELETE", "/api/v1/messages", None, 405, "method not allowed"),
+    ("POST", "/api/v1/erasures", b"{not json", 400, "not valid JSON"),
+    ("POST", "/api/v1/erasures", [1, 2], 400, "a JSON object"),
+    ("POST", "/api/v1/erasures", {}, 400, "subject: an e-mail address is needed"),
+    ("POST", "/api/v1/erasures", {"subject": "x y@z"}, 400, "subject: an e-mail address"),
+    ("POST", "/api/v1/erasures", {"subject": SUBJECT, "dry_run": "yes"}, 400, "dry_run"),
+    ("POST", "/api/v1/erasures", {"subject": SUBJECT, "force": True}, 400, "unknown field"),
+    ("POST", "/api/v1/exports", {"subject": 5}, 400, "subject: an e-mail address"),
+    ("POST", "/api/v1/exports", b"x" * 2_000_000, 413, "too large"),
+]
+
+
+def test_bad_input_gets_a_json_error(api_gateway):
+    gw, api = api_gateway
+    token = _token(gw, "acme")
+    for method, path, body, status, words in BAD_INPUT:
+        raw = body if isinstance(body, bytes) else None
+        got, doc, headers = api.call(method, path, token, None if raw else body, raw=raw)
+        assert got == status, (method, path, doc)
+        assert headers["Content-Type"].startswith("application/json"), path
+        assert words in doc["error"], (path, doc)
+        assert "Traceback" not in json.dumps(doc)
+
+
+def test_without_a_valid_token_nothing_is_served(api_gateway):
+    _gw, api = api_gateway
+    for token in (None, "mfr_000000000000_" + "A" * 43, "garbage"):
+        status, doc, _ = api.call("GET", "/api/v1/messages", token)
+        assert status == 401 and "API token" in doc["error"]
+    status, doc, _ = api.call("GET", "/api/v1/openapi.json")
+    assert status == 200 and doc["openapi"] == "3.1.0"
+
+
+def test_the_openapi_description_covers_every_route():
+    from gateway.api import openapi_document
+
+    doc = openapi_document()
+    routes = {("GET", "/api/v1/messages"), ("GET", "/api/v1/messages/{id}"),
+              ("GET", "/api/v1/messages/{id}/eml"), ("POST", "/api/v1/exports"),
+              ("GET", "/api/v1/exports/{id}"), ("GET", "/api/v1/exports/{id}/archive"),
+              ("POST", "/api/v1/erasures"), ("GET", "/api/v1/audit")}
+    described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
+    assert described == routes
+    from gateway.api import AdminAPI
+    from gateway.config import GatewayConfig
+
+    api = AdminAPI.__new__(AdminAPI)  # only the routing table is wanted here
+    api.config = GatewayConfig()
+    served = {(r.method, r.resource.canonical) for r in api.app().router.routes()
+              if r.method != "HEAD"}
+    assert served == routes | {("GET", "/api/v1/openapi.json")}
