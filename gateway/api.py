@@ -137,14 +137,24 @@ class AdminAPI:
         if owner is None:
             raise ApiError(401, "a valid API token is needed: Authorization: Bearer TOKEN")
         request[OWNER] = owner
-        response = await handler(request)
-        await asyncio.to_thread(
-            self.store.audit, f"api:{owner.id}",
-            f"api.{request.method.lower()}", tenant_id=owner.tenant_id,
-            detail={"path": request.match_info.route.resource.canonical
-                    if request.match_info.route.resource else request.path,
-                    "status": response.status})
-        return response
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except ApiError as exc:  # refusals are audited too: a token probing for ids shows
+            status = exc.status
+            raise
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            await asyncio.to_thread(
+                self.store.audit, f"api:{owner.id}", f"api.{request.method.lower()}",
+                tenant_id=owner.tenant_id,
+                detail={"path": resource.canonical if resource else request.path[:200],
+                        "status": status})
 
     # ------------------------------------------------------------ input
     @staticmethod

@@ -132,6 +132,10 @@ def test_every_endpoint_serves_the_tenant_and_hides_every_other(api_gateway):
                for e in api.call("GET", "/api/v1/audit", globex)[1]["events"])
     assert {e["action"] for e in api.call("GET", "/api/v1/audit?limit=1000", acme)[1]
             ["events"]} >= {"api.get", "api.post", "tenant.export"}
+    probes = [e for e in api.call("GET", "/api/v1/audit?limit=1000", globex)[1]["events"]
+              if e["detail"].get("status") == 404]
+    assert {e["detail"]["path"] for e in probes} >= {"/api/v1/messages/{id}",
+                                                     "/api/v1/exports/{id}/archive"}
     erased = api.call("POST", "/api/v1/erasures", globex, {"subject": SUBJECT})[1]
     assert erased["messages"] == 1  # globex's own message from Jane, not acme's
     assert [m["subject"] for m in gw.messages(tenant="acme")].count("acme from jane") == 1

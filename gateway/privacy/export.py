@@ -35,16 +35,18 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
 import shutil
 import tarfile
 import tempfile
+import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import yaml
 
@@ -54,6 +56,7 @@ from gateway.store.models import imap_folders, subprocessor_notices, subprocesso
 from gateway.store.privacy import ExportReader, PrivacyStore
 from gateway.store.repository import aware
 
+T = TypeVar("T")
 FORMAT = "mailflowr-export/1"
 _MBOX_FROM = re.compile(rb"^(>*From )", re.MULTILINE)
 _BCC = re.compile(rb"^Bcc:.*(?:\r?\n[ \t].*)*\r?\n", re.IGNORECASE | re.MULTILINE)
@@ -277,7 +280,7 @@ def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *
         temps = out.parent
         mbox = _Hashed(temps, "mailbox.mbox")
         meta = _JsonArray(temps, "messages.json")
-        for row in reader.messages(tenant, ids):
+        for row in _rows(prefetched(reader.messages(tenant, ids))):
             raw: bytes = row["data"]
             visible = _visible(row, who) if who else None
             if who and who not in _senders(row):
@@ -346,6 +349,53 @@ def _visible(row: dict[str, Any], who: str) -> set[str]:
     person themself (a Bcc recipient sees only that they received it)."""
     shown = {a.lower() for role, a in row["addresses"] if role not in ("rcpt_to", "bcc")}
     return shown | {who}
+
+
+def _rows(groups: Iterable[list[dict[str, Any]]]) -> Iterator[dict[str, Any]]:
+    for group in groups:
+        yield from group
+
+
+def prefetched(groups: Iterable[T], depth: int = 2) -> Iterator[T]:
+    """``groups``, read by a thread of their own up to ``depth`` ahead: the database
+    works on the next group while this one is written (memory: depth + 1 groups)."""
+    slots: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for group in groups:
+                while not stop.is_set():
+                    try:
+                        slots.put(group, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            slots.put(done)
+        except BaseException as exc:  # handed to the consumer, raised there
+            slots.put(_Failed(exc))
+
+    thread = threading.Thread(target=produce, name="export-read", daemon=True)
+    thread.start()
+    try:
+        while (item := slots.get()) is not done:
+            if isinstance(item, _Failed):
+                raise item.exc
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # let a producer blocked on a full queue see the stop
+            with contextlib.suppress(queue.Empty):
+                slots.get(timeout=0.2)
+        thread.join()
+
+
+@dataclass
+class _Failed:
+    exc: BaseException
 
 
 def without_bcc(raw: bytes) -> bytes:

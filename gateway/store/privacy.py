@@ -322,10 +322,10 @@ class ExportReader:
         return self.engine.connect().execution_options(readonly=True)
 
     def messages(self, tenant: str, ids: Sequence[str] | None = None
-                 ) -> Iterable[dict[str, Any]]:
+                 ) -> Iterable[list[dict[str, Any]]]:
         """Message rows in id order, each with ``data`` (the original) and
-        ``addresses`` [(role, address)]; only ``ids`` (sorted) when given.  Originals
-        are read in groups of at most BLOB_BYTES, so memory holds one group."""
+        ``addresses`` [(role, address)]; only ``ids`` (sorted) when given.  Yielded in
+        groups whose originals add up to at most BLOB_BYTES (or one message)."""
         after = ""
         while True:
             with self._read() as conn:
@@ -358,11 +358,12 @@ class ExportReader:
                                        message_blobs.c.key_id)
                                 .where(message_blobs.c.message_id.in_(
                                     [r["id"] for r in group])))}
+                found = []
                 for r in group:
                     if r["id"] in data:  # else deleted meanwhile
                         r["data"] = data.pop(r["id"])
-                        yield r
-                        del r["data"]
+                        found.append(r)
+                yield found
 
     def deliveries(self, tenant: str, message_ids: Sequence[str] | None = None
                    ) -> Iterable[dict[str, Any]]:
