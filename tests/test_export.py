@@ -245,3 +245,12 @@ def test_the_read_ahead_thread_passes_errors_on_and_stops_with_its_reader():
     assert next(endless) == [0]
     endless.close()  # the consumer gives up (e.g. the disk is full): the thread ends
     assert not [t for t in threading.enumerate() if t.name == "export-read"]
+
+
+def test_our_tar_headers_are_the_ones_tarfile_writes():
+    from gateway.privacy.export import ustar_header
+
+    info = tarfile.TarInfo("messages/01JD0000000000000000000000.eml")
+    info.size, info.mtime, info.mode = 123456, 1_790_000_000, 0o644
+    assert ustar_header(info.name.encode(), 123456, 1_790_000_000) == info.tobuf(
+        tarfile.USTAR_FORMAT, "utf-8", "surrogateescape")
