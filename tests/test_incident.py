@@ -7,6 +7,8 @@ import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import pytest
+
 from tests.conftest import wait_for
 
 SUBPROCESSORS = """
@@ -64,6 +66,7 @@ def test_a_notice_reaches_the_privacy_contact_and_is_audited(make_gateway, tmp_p
     assert detail["to"] == "dpo@customer.test" and detail["title"] == "Incident 2026-11"
 
 
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
 def test_notice_input_is_checked(make_gateway, tmp_path, relay):
     gw = _gateway(make_gateway, tmp_path, relay)
     notice = tmp_path / "notice.txt"
