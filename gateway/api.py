@@ -29,7 +29,7 @@ from aiohttp import web
 
 from gateway import __version__
 from gateway.config import GatewayConfig
-from gateway.privacy import erasure
+from gateway.privacy import erasure, subject_address
 from gateway.privacy.export import export
 from gateway.privacy.keys import PrivacyKey
 from gateway.store.ids import new_id
@@ -42,7 +42,6 @@ log = logging.getLogger(__name__)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OWNER = web.RequestKey("owner", TokenOwner)
 _ID = re.compile(r"^[0-9A-Z]{26}$")
-_ADDRESS = re.compile(r"^[^\s@<>]+@[^\s@<>]+$")
 MAX_LIMIT = 1000
 
 
@@ -68,13 +67,14 @@ def _not_found() -> ApiError:
 
 
 class AdminAPI:
-    def __init__(self, config: GatewayConfig, store: Store, key: PrivacyKey,
+    def __init__(self, config: GatewayConfig, store: Store,
                  retention: Callable[[], Any]) -> None:
         self.config = config
         self.store = store
         self.privacy = PrivacyStore(store)
         self.tokens = TokenStore(store)
-        self.key = key
+        assert store.privacy_key is not None, "open_store() gives every Store its key"
+        self.key: PrivacyKey = store.privacy_key
         self.retention = retention  # the retention policy in force (legal holds)
         self.exports_dir = config.admin_api.export_directory
         self.runner: web.AppRunner | None = None
@@ -213,10 +213,10 @@ class AdminAPI:
     def _subject(value: Any, required: bool) -> str | None:
         if value is None and not required:
             return None
-        if not isinstance(value, str) or not _ADDRESS.match(value.strip()) \
-                or not value.isprintable():
+        address = subject_address(value) if isinstance(value, str) else None
+        if address is None:
             raise ApiError(400, "subject: an e-mail address is needed")
-        return value.strip()
+        return address
 
     # ------------------------------------------------------------ messages
     async def list_messages(self, request: web.Request) -> web.Response:
@@ -225,7 +225,7 @@ class AdminAPI:
         if after and not _ID.match(after):
             raise ApiError(400, "after: a message id is needed")
         address = request.query.get("address")
-        if address is not None and not _ADDRESS.match(address):
+        if address is not None and subject_address(address) is None:
             raise ApiError(400, "address: an e-mail address is needed")
         since, until = self._time(request, "since"), self._time(request, "until")
         rows = await asyncio.to_thread(
@@ -277,27 +277,17 @@ class AdminAPI:
     async def _run_export(self, export_id: str, tenant: str, subject: str | None,
                           token: str) -> None:
         path = self.exports_dir / tenant / f"{export_id}.tar"
-        subject_hash = self.key.subject_hash(subject) if subject else None
         try:
-            events = await asyncio.to_thread(self.store.audit_events, tenant)
             result = await asyncio.to_thread(
-                export, self.privacy, self.config, tenant, path, subject=subject,
-                subject_hash=subject_hash, audit_events=events)
+                export, self.privacy, self.config, tenant, path, actor=f"api:{token}",
+                subject=subject, audit_detail={"export": export_id})
         except Exception as exc:
             log.error("export %s of tenant %s failed: %s", export_id, tenant, one_line(exc))
             await asyncio.to_thread(self.privacy.finish_export, export_id, None, 0,
                                     one_line(exc))
             return
-        detail: dict[str, Any] = {"messages": result.messages, "bytes": result.size,
-                                  "manifest_sha256": result.manifest_sha256,
-                                  "export": export_id}
-        if subject_hash:
-            detail["subject"] = subject_hash
         await asyncio.to_thread(self.privacy.finish_export, export_id, str(path), result.size,
                                 None)
-        await asyncio.to_thread(self.store.audit, f"api:{token}",
-                                "subject.export" if subject else "tenant.export",
-                                tenant_id=tenant, detail=detail)
 
     async def _own_export(self, request: web.Request) -> dict[str, Any]:
         export_id = self._message_id(request)

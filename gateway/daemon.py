@@ -25,7 +25,6 @@ import concurrent.futures
 import json
 import logging
 import os
-import shutil
 import signal
 import ssl
 import time
@@ -58,6 +57,7 @@ from gateway.pipeline.worker import PipelineWorker
 from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.privacy import keys as privacy_keys
+from gateway.privacy.erasure import purge_tenant
 from gateway.sdnotify import Notifier
 from gateway.store import database
 from gateway.store.keystore import KeyStore
@@ -122,7 +122,7 @@ def open_store(
         sqlite_path=config.sqlite_path,
         min_free_space=config.storage.min_free_space,
         on_commit=on_commit,
-        audit_key=key.chain,
+        privacy_key=key,
         keystore=keystore,
         keystore_problem=problem,
     )
@@ -388,13 +388,9 @@ class App:
                 context.load_cert_chain(str(settings.tls_cert_file), str(settings.tls_key_file))
             except (OSError, ssl.SSLError) as exc:
                 raise StartupError(f"admin_api TLS: {exc}") from None
-        try:
-            key = privacy_keys.load_or_create(self.config.privacy.key_file)
-        except KeyFileError as exc:
-            raise StartupError(f"privacy.key_file: {exc}") from None
         from gateway.api import AdminAPI  # aiohttp is loaded only when the API is on
 
-        admin = AdminAPI(self.config, store, key, lambda: self.policies.get().retention)
+        admin = AdminAPI(self.config, store, lambda: self.policies.get().retention)
         host, port = parse_hostport(settings.listen)
         try:
             await admin.start(host, port, context)
@@ -548,14 +544,12 @@ class App:
                 submission.inactive = frozenset(self.inactive)
             try:
                 for tid in sorted(self.inactive - purged):
-                    if store.keystore is not None:
-                        store.keystore.forget(tid)
-                    removed = await asyncio.to_thread(privacy.purge_tenant, tid, "daemon")
-                    if store.keystore is not None:  # made again by mail stored meanwhile?
-                        await asyncio.to_thread(store.keystore.destroy, tid)
-                    await asyncio.to_thread(shutil.rmtree,
-                                            self.config.admin_api.export_directory / tid,
-                                            ignore_errors=True)
+                    done = await asyncio.to_thread(purge_tenant, privacy, self.config, tid,
+                                                   "daemon")
+                    if done.shredded:  # made again by mail stored meanwhile
+                        await self._audit("tenant.shred", {"data_key_destroyed": True},
+                                          tenant_id=tid)
+                    removed = done.removed
                     if removed.messages or removed.deliveries:
                         log.info("tenant %s is deactivated: deleted %d messages and %d "
                                  "deliveries stored meanwhile", tid, removed.messages,
@@ -665,12 +659,14 @@ class App:
             except Exception:  # the database may be away; the next reload or restart retries
                 log.exception("recording subprocessor changes failed")
 
-    async def _audit(self, action: str, detail: dict[str, Any]) -> None:
+    async def _audit(self, action: str, detail: dict[str, Any],
+                     tenant_id: str | None = None) -> None:
         """Record a daemon event in the audit log; the database may be away."""
         if self.store is None:
             return
         try:
-            await asyncio.to_thread(self.store.audit, "daemon", action, detail=detail)
+            await asyncio.to_thread(self.store.audit, "daemon", action, tenant_id=tenant_id,
+                                    detail=detail)
         except SQLAlchemyError as exc:
             log.error("audit event %s not recorded: %s", action, one_line(exc))
 

@@ -195,7 +195,7 @@ def _peak(store: Any, tmp_path: Path, name: str) -> tuple[int, int]:
         {"tenants": {"acme": {"domains": ["acme.test"], "catch_all": True}}})
     tracemalloc.start()
     try:
-        result = export(PrivacyStore(store), config, "acme", tmp_path / name)
+        result = export(PrivacyStore(store), config, "acme", tmp_path / name, actor="test")
         return tracemalloc.get_traced_memory()[1], result.bytes
     finally:
         tracemalloc.stop()

@@ -7,13 +7,12 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import time
 from datetime import UTC, datetime
 from typing import Any
 
-from gateway import cli
+from gateway import cli, privacy
 from gateway.cli import CommandError, _jsonable, _printable
 from gateway.config import GatewayConfig
 
@@ -127,14 +126,9 @@ def add_parsers(sub: Any, config_arg: Any) -> None:
     p.set_defaults(func=cmd_audit_list)
 
 
-_ADDRESS = re.compile(r"[^\s@<>]+@[^\s@<>]+\.?[^\s@<>]*")
-
-
 def subject_address(text: str) -> str:
-    value = text.strip()
-    if value.startswith("<") and value.endswith(">"):
-        value = value[1:-1]
-    if not _ADDRESS.fullmatch(value) or not value.isprintable():
+    value = privacy.subject_address(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"not an e-mail address: {text!r}")
     return value
 
@@ -165,22 +159,21 @@ def _when(text: str) -> datetime:
 
 def _privacy(args: argparse.Namespace) -> tuple[GatewayConfig, Any, Any]:
     """The configuration, the privacy key and the privacy store."""
-    from gateway.auth.keys import KeyFileError
-    from gateway.privacy.keys import load_or_create
     from gateway.store.privacy import PrivacyStore
 
-    config = cli._config(args)
-    try:
-        key = load_or_create(config.privacy.key_file)
-    except KeyFileError as exc:
-        raise CommandError(f"privacy.key_file: {exc}") from None
-    return config, key, PrivacyStore(cli._store(args))
+    store = cli._store(args)  # open_store() has loaded the key, or said why not
+    return cli._config(args), store.privacy_key, PrivacyStore(store)
 
 
-def _known_tenant(config: GatewayConfig, store: Any, tenant: str) -> dict[str, Any] | None:
+def _known_tenant(config: GatewayConfig, store: Any, tenant: str, *, active: bool = False
+                  ) -> dict[str, Any] | None:
+    """The tenant's row (None: configured, no mail stored yet); with ``active``, a
+    deactivated tenant is refused too."""
     row = store.tenant_row(tenant)
     if row is None and tenant not in config.tenants:
         raise CommandError(f"no tenant {tenant!r} in the configuration or the database")
+    if active and row is not None and not row["active"]:
+        raise CommandError(f"tenant {tenant} is deactivated")
     result: dict[str, Any] | None = row
     return result
 
@@ -247,21 +240,12 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CommandError(f"{out}: exists; an export never overwrites a file")
     if not out.parent.is_dir():
         raise CommandError(f"{out.parent}: no such directory")
-    config, key, store = _privacy(args)
+    config, _key, store = _privacy(args)
     _known_tenant(config, store, args.tenant)
-    subject_hash = key.subject_hash(args.subject) if args.subject else None
     try:
-        result = export(store, config, args.tenant, out, subject=args.subject,
-                        subject_hash=subject_hash,
-                        audit_events=store.store.audit_events(args.tenant))
+        result = export(store, config, args.tenant, out, actor=actor(), subject=args.subject)
     except OSError as exc:
         raise CommandError(f"{out}: {exc.strerror or exc}") from None
-    detail: dict[str, Any] = {"messages": result.messages, "bytes": result.size,
-                              "manifest_sha256": result.manifest_sha256}
-    if subject_hash:
-        detail["subject"] = subject_hash
-    store.store.audit(actor(), "subject.export" if args.subject else "tenant.export",
-                      tenant_id=args.tenant, detail=detail)
     rate = result.size / 1e6 / result.seconds if result.seconds else 0.0
     if args.json:
         json.dump({"path": str(out), "messages": result.messages, "files": result.files,
@@ -276,7 +260,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
-    from gateway.store import keystore
+    from gateway.privacy.erasure import purge_tenant
 
     config, _key, store = _privacy(args)
     row = _known_tenant(config, store, args.tenant)
@@ -299,23 +283,19 @@ def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
         store.deactivate(args.tenant, actor())
         print(f"tenant {args.tenant} deactivated: its mail is refused (550 5.1.1) "
               "once the daemon notices, within seconds")
-    removed = store.purge_tenant(args.tenant, actor())
-    scrubbed = store.scrub()
-    shredded = keystore.shred(config.privacy.keystore, args.tenant)
-    shutil.rmtree(config.admin_api.export_directory / args.tenant, ignore_errors=True)
-    if store.store.keystore is not None:
-        store.store.keystore.forget(args.tenant)
+    purged = purge_tenant(store, config, args.tenant, actor())
+    removed = purged.removed
     store.store.audit(actor(), "tenant.shred", tenant_id=args.tenant,
-                      detail={"data_key_destroyed": shredded})
+                      detail={"data_key_destroyed": purged.shredded})
     print(f"deleted {removed.messages} messages, {removed.deliveries} deliveries "
           f"({removed.pending} still to go, now cancelled), {removed.imports} import records")
-    if shredded:
+    if purged.shredded:
         print("  its data key is destroyed: copies of its mail in database backups can no "
               "longer be opened")
     elif store.store.keystore is None:
         print("  encryption at rest is off: copies of its mail in database backups stay "
               "readable until those backups expire")
-    if not scrubbed:
+    if not purged.scrubbed:
         print("  the database's write-ahead log could not be truncated now (a reader was "
               "busy); the old pages go at its next checkpoint")
     if args.tenant in config.tenants:
@@ -446,9 +426,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     from gateway.store.tokens import TokenStore
 
     config, _key, store = _privacy(args)
-    row = _known_tenant(config, store, args.tenant)
-    if row is not None and not row["active"]:
-        raise CommandError(f"tenant {args.tenant} is deactivated")
+    _known_tenant(config, store, args.tenant, active=True)
     token_id, token = TokenStore(store.store).create(args.tenant, args.name)
     store.store.audit(actor(), "token.create", tenant_id=args.tenant,
                       detail={"token": token_id, "name": args.name[:200]})
@@ -495,9 +473,7 @@ def cmd_incident_notify(args: argparse.Namespace) -> int:
     from gateway.store.repository import utcnow
 
     config, _key, store = _privacy(args)
-    row = _known_tenant(config, store, args.tenant)
-    if row is not None and not row["active"]:
-        raise CommandError(f"tenant {args.tenant} is deactivated")
+    _known_tenant(config, store, args.tenant, active=True)
     routing = cli._policies(config).subprocessors
     terms = routing.tenants.get(args.tenant) if routing is not None else None
     to = args.to or (terms.privacy_contact if terms is not None else None)

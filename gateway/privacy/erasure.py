@@ -11,6 +11,7 @@ records the counts, the holds overridden and the reason.
 
 from __future__ import annotations
 
+import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,7 @@ from gateway.config import GatewayConfig
 from gateway.logs import mask
 from gateway.policy.retention import RetentionPolicy
 from gateway.privacy.keys import PrivacyKey
+from gateway.store import keystore
 from gateway.store.privacy import Found, PrivacyStore, Removed
 
 
@@ -69,6 +71,27 @@ def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str,
         "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
     store.scrub()
     return removed
+
+
+@dataclass
+class Purged:
+    removed: Removed
+    shredded: bool  # its data key was destroyed here and now
+    scrubbed: bool  # SQLite's WAL truncated (False: a reader kept it; the next checkpoint)
+
+
+def purge_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor: str
+                 ) -> Purged:
+    """Everything of a deactivated tenant, wherever the gateway put it: its data in the
+    database, its data key (crypto-shredding), the exports made over the API.  Run by
+    `tenant deactivate`, and by every daemon when it sees the tenant inactive (for
+    anything stored meanwhile); doing it twice does no harm."""
+    if store.store.keystore is not None:
+        store.store.keystore.forget(tenant)
+    removed = store.purge_tenant(tenant, actor)
+    shredded = keystore.shred(config.privacy.keystore, tenant)
+    shutil.rmtree(config.admin_api.export_directory / tenant, ignore_errors=True)
+    return Purged(removed, shredded, store.scrub() if removed.messages else True)
 
 
 def config_mentions(config: GatewayConfig, tenant: str, subject: str) -> list[str]:

@@ -283,10 +283,14 @@ def _users(config: GatewayConfig, tenant: str, subject: str | None) -> list[dict
 
 
 def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *,
-           subject: str | None = None, subject_hash: str | None = None,
-           audit_events: Iterable[dict[str, Any]] = ()) -> ExportResult:
-    """Write the archive for ``tenant`` (or one ``subject`` of it) to ``out``."""
+           actor: str, subject: str | None = None,
+           audit_detail: dict[str, Any] | None = None) -> ExportResult:
+    """Write the archive for ``tenant`` (or one ``subject`` of it) to ``out``, and
+    record it in the audit log (``audit_detail`` added to the event's detail)."""
     started = time.monotonic()
+    key = store.store.privacy_key
+    subject_hash = key.subject_hash(subject) if subject and key is not None else None
+    audit_events = store.store.audit_events(tenant)
     reader = ExportReader(store.store)
     who = subject.strip().lower() if subject else None
     ids = [f.id for f in store.find_subject(tenant, subject)] if subject else None
@@ -350,6 +354,12 @@ def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *
         raise
     result.size = out.stat().st_size
     result.seconds = time.monotonic() - started
+    detail: dict[str, Any] = {"messages": result.messages, "bytes": result.size,
+                              "manifest_sha256": result.manifest_sha256, **(audit_detail or {})}
+    if subject_hash:
+        detail["subject"] = subject_hash
+    store.store.audit(actor, "subject.export" if subject else "tenant.export",
+                      tenant_id=tenant, detail=detail)
     return result
 
 

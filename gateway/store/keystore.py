@@ -153,12 +153,6 @@ class KeyStore:
                "keys": [self._wrap(key_id, AESGCM.generate_key(bit_length=256))]}
         _write_new(self._file(tenant), json.dumps(doc, indent=1).encode())
 
-    def destroy(self, tenant: str) -> bool:
-        """Overwrite and remove the tenant's keys (crypto-shredding); True if there were."""
-        with self._lock:
-            self._drop(tenant)
-            return shred(self.directory, tenant)
-
     def forget(self, tenant: str) -> None:
         """Drop the tenant's keys from memory (its file is gone or going)."""
         with self._lock:

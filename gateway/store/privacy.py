@@ -26,7 +26,6 @@ from sqlalchemy import delete, func, insert, select, update
 
 from gateway.store import audit
 from gateway.store.models import (
-    PENDING,
     RECEIVED,
     api_exports,
     api_tokens,
@@ -40,7 +39,14 @@ from gateway.store.models import (
     subprocessor_objections,
     tenants,
 )
-from gateway.store.repository import NewMessage, Store, _insert_messages, utcnow
+from gateway.store.repository import (
+    NewMessage,
+    Removed,
+    Store,
+    _delete_messages,
+    _insert_messages,
+    utcnow,
+)
 
 BATCH = 500
 _HEADER_ROLES = ("from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-to",
@@ -63,24 +69,6 @@ class Found:
     status: str
     tags: list[str]
     addresses: set[str] = field(default_factory=set)  # every address it carries, lower case
-
-
-@dataclass
-class Removed:
-    messages: int = 0
-    deliveries: int = 0
-    pending: int = 0  # deliveries and keep-original jobs that were still to go
-    imports: int = 0
-
-    def add(self, other: Removed) -> None:
-        self.messages += other.messages
-        self.deliveries += other.deliveries
-        self.pending += other.pending
-        self.imports += other.imports
-
-    def as_dict(self) -> dict[str, int]:
-        return {"messages": self.messages, "deliveries": self.deliveries,
-                "pending_deliveries": self.pending, "imported": self.imports}
 
 
 class PrivacyStore:
@@ -142,7 +130,7 @@ class PrivacyStore:
         chunks = list(_chunks(ids)) or [[]]
         for n, chunk in enumerate(chunks):
             with self.store._write_turn, self.engine.begin() as conn:
-                total.add(_delete(conn, chunk))
+                total.add(_delete_messages(conn, chunk))
                 if audit_event is not None and n == len(chunks) - 1:
                     detail = {**audit_event.get("detail", {}), **total.as_dict()}
                     audit.append(conn, self.store.audit_key, **{**audit_event, "detail": detail})
@@ -272,24 +260,6 @@ class PrivacyStore:
                 audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",
                              tenant_id=tenant, detail=total.as_dict())
         return total
-
-
-def _delete(conn: Any, ids: Sequence[str]) -> Removed:
-    if not ids:
-        return Removed()
-    pending = conn.execute(select(func.count()).select_from(deliveries).where(
-        deliveries.c.message_id.in_(ids), deliveries.c.status == PENDING)).scalar_one()
-    removed = Removed(pending=pending)
-    removed.deliveries = conn.execute(
-        delete(deliveries).where(deliveries.c.message_id.in_(ids))).rowcount
-    removed.imports = conn.execute(
-        delete(imap_imports).where(imap_imports.c.message_id.in_(ids))).rowcount
-    conn.execute(update(subprocessor_notices).where(subprocessor_notices.c.message_id.in_(ids))
-                 .values(message_id=None))
-    for table in (message_addresses, message_blobs):
-        conn.execute(delete(table).where(table.c.message_id.in_(ids)))
-    removed.messages = conn.execute(delete(messages).where(messages.c.id.in_(ids))).rowcount
-    return removed
 
 
 def header_addresses(raw: bytes) -> set[str]:

@@ -41,6 +41,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
 from gateway.errors import TempFailure
 from gateway.metrics import QueueStats
+from gateway.privacy.keys import PrivacyKey
 from gateway.store import audit as audit_chain
 from gateway.store.keystore import KeyStore, KeyUnavailable
 from gateway.store.models import (
@@ -52,6 +53,7 @@ from gateway.store.models import (
     RECEIVED,
     audit_events,
     deliveries,
+    imap_imports,
     message_addresses,
     message_blobs,
     messages,
@@ -273,14 +275,15 @@ class Store:
         sqlite_path: Path | None = None,
         min_free_space: int = 0,
         on_commit: Callable[[int, float], None] | None = None,
-        audit_key: bytes = b"",
+        privacy_key: PrivacyKey | None = None,
         keystore: KeyStore | None = None,
         keystore_problem: str | None = None,
     ) -> None:
         self.engine = engine
         self.keystore = keystore  # None: originals are stored in clear
         self.keystore_problem = keystore_problem  # why there is none, when one is configured
-        self.audit_key = audit_key  # the chain key of audit events (privacy.key_file)
+        self.privacy_key = privacy_key  # privacy.key_file: subject hashes, the audit chain
+        self.audit_key = privacy_key.chain if privacy_key is not None else b""
         self.commit_batch_max = commit_batch_max
         self.sqlite_path = sqlite_path
         self.min_free_space = min_free_space
@@ -376,8 +379,10 @@ class Store:
                 item.future.set_result(None)
 
     def _write_group(self, group: Sequence[_Pending]) -> None:
+        batch = [m for item in group for m in item.messages]
+        blobs = _blobs(batch, self.keystore)  # sealed before the write lock is taken
         with self._write_turn, self.engine.begin() as conn:
-            _insert_messages(conn, [m for item in group for m in item.messages], self.keystore)
+            _insert_messages(conn, batch, blobs=blobs)
 
     def has_free_space(self) -> bool:
         """False when the disk holding the SQLite database is below min_free_space.
@@ -923,11 +928,12 @@ class Store:
                          "message_id": n.message.id if n.message else None} for n in made])
                 for n in made:
                     audit_chain.append(conn, self.audit_key, actor="daemon",
-                                 action="subprocessor.notice", tenant_id=n.tenant_id,
-                                 message_id=n.message.id if n.message else None, at=now,
-                                 detail={"subprocessor": n.subprocessor, "change": n.change,
-                                         "effective_at": n.effective_at.isoformat(),
-                                         "emailed": n.message is not None})
+                                       action="subprocessor.notice", tenant_id=n.tenant_id,
+                                       message_id=n.message.id if n.message else None, at=now,
+                                       detail={"subprocessor": n.subprocessor,
+                                               "change": n.change,
+                                               "effective_at": n.effective_at.isoformat(),
+                                               "emailed": n.message is not None})
         return added, removed
 
     def consent_rows(self) -> ConsentRows:
@@ -958,9 +964,9 @@ class Store:
             conn.execute(insert(subprocessor_objections).values(
                 tenant_id=tenant, subprocessor=subprocessor, recorded_at=utcnow(),
                 actor=actor, note=note))
-            audit_chain.append(conn, self.audit_key, actor=actor, action="subprocessor.objection",
-                         tenant_id=tenant,
-                         detail={"subprocessor": subprocessor, "note": note[:500]})
+            audit_chain.append(conn, self.audit_key, actor=actor,
+                               action="subprocessor.objection", tenant_id=tenant,
+                               detail={"subprocessor": subprocessor, "note": note[:500]})
 
     # ------------------------------------------------------------ audit
     def audit(
@@ -975,7 +981,7 @@ class Store:
         """Append an audit event (who did what to which data, never content)."""
         with self.engine.begin() as conn:
             audit_chain.append(conn, self.audit_key, actor=actor, action=action,
-                         tenant_id=tenant_id, message_id=message_id, detail=detail)
+                               tenant_id=tenant_id, message_id=message_id, detail=detail)
 
     def audit_events(self, tenant_id: str | None = None, *, action: str | None = None,
                      subject_hash: str | None = None, since: datetime | None = None,
@@ -1015,11 +1021,24 @@ class Store:
                 rows.close()  # it may stop at the first problem
 
 
+def _blobs(batch: Sequence[NewMessage], keystore: KeyStore | None) -> list[dict[str, Any]]:
+    """The message_blobs rows of new messages: with a keystore, each original sealed
+    under its tenant's data key."""
+    if keystore is None:
+        return [{"message_id": m.id, "data": m.data, "key_id": None} for m in batch]
+    out = []
+    for m in batch:
+        key_id, sealed = keystore.seal(m.tenant_id, m.id, m.data)
+        out.append({"message_id": m.id, "data": sealed, "key_id": key_id})
+    return out
+
+
 def _insert_messages(conn: Any, batch: Sequence[NewMessage],
-                     keystore: KeyStore | None = None) -> None:
+                     keystore: KeyStore | None = None, *,
+                     blobs: list[dict[str, Any]] | None = None) -> None:
     """Rows, originals and envelope addresses of new messages, in the caller's transaction;
-    with a keystore, each original sealed under its tenant's data key."""
-    rows, blobs, addresses = [], [], []
+    ``blobs`` when the originals were prepared already (``_blobs``)."""
+    rows, addresses = [], []
     for m in batch:
         rows.append(
             {
@@ -1032,24 +1051,57 @@ def _insert_messages(conn: Any, batch: Sequence[NewMessage],
                 "attempts": 0,
             }
         )
-        if keystore is None:
-            blobs.append({"message_id": m.id, "data": m.data, "key_id": None})
-        else:
-            key_id, sealed = keystore.seal(m.tenant_id, m.id, m.data)
-            blobs.append({"message_id": m.id, "data": sealed, "key_id": key_id})
         addresses.append({"message_id": m.id, "role": "mail_from", "address": m.mail_from})
         addresses.extend(
             {"message_id": m.id, "role": "rcpt_to", "address": r} for r in m.recipients
         )
     conn.execute(insert(messages), rows)
-    conn.execute(insert(message_blobs), blobs)
+    conn.execute(insert(message_blobs), blobs if blobs is not None else _blobs(batch, keystore))
     conn.execute(insert(message_addresses), addresses)
 
 
-def _delete_messages(conn: Any, ids: list[str]) -> None:
-    for table in (deliveries, message_addresses, message_blobs):
+@dataclass
+class Removed:
+    """What deleting messages took with them."""
+
+    messages: int = 0
+    deliveries: int = 0
+    pending: int = 0  # deliveries and keep-original jobs that were still to go
+    imports: int = 0
+
+    def add(self, other: Removed) -> None:
+        self.messages += other.messages
+        self.deliveries += other.deliveries
+        self.pending += other.pending
+        self.imports += other.imports
+
+    def as_dict(self) -> dict[str, int]:
+        return {"messages": self.messages, "deliveries": self.deliveries,
+                "pending_deliveries": self.pending, "imported": self.imports}
+
+
+def _delete_messages(conn: Any, ids: Sequence[str]) -> Removed:
+    """Delete messages with everything the gateway keeps of them, in the caller's
+    transaction: deliveries (pending copies and keep-original jobs are cancelled with
+    them), address rows, originals, the record of the mailbox they were imported from;
+    a subprocessor notice that was one of them forgets which.  Retention and erasure
+    both delete through here."""
+    if not ids:
+        return Removed()
+    ids = list(ids)
+    pending = conn.execute(select(func.count()).select_from(deliveries).where(
+        deliveries.c.message_id.in_(ids), deliveries.c.status == PENDING)).scalar_one()
+    removed = Removed(pending=pending)
+    removed.deliveries = conn.execute(
+        delete(deliveries).where(deliveries.c.message_id.in_(ids))).rowcount
+    removed.imports = conn.execute(
+        delete(imap_imports).where(imap_imports.c.message_id.in_(ids))).rowcount
+    conn.execute(update(subprocessor_notices).where(subprocessor_notices.c.message_id.in_(ids))
+                 .values(message_id=None))
+    for table in (message_addresses, message_blobs):
         conn.execute(delete(table).where(table.c.message_id.in_(ids)))
-    conn.execute(delete(messages).where(messages.c.id.in_(ids)))
+    removed.messages = conn.execute(delete(messages).where(messages.c.id.in_(ids))).rowcount
+    return removed
 
 
 def aware(value: datetime) -> datetime:
