@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 import yaml
+from hypothesis import settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
@@ -38,6 +39,9 @@ PG_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_POSTGRES") == "1"
 # CI installs every system peer (promtool, systemd-analyze, ...): there a missing one fails.
 PEERS_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_PEERS") == "1"
 BACKENDS = ["sqlite", "postgresql"]
+
+# tests/test_fuzz.py: 100 examples a test in the suite; `make fuzz` runs the long profile.
+settings.register_profile("long", max_examples=5000, print_blob=True)
 
 BASE_CONFIG: dict[str, Any] = {
     "smtp": {

@@ -310,6 +310,9 @@ def test_bad_parameters_get_a_clear_reply(gateway):
     reply = c.command("MAIL FROM:<a@sender.test> BODY=BINARYMIME")
     assert reply.startswith("501 5.5.4")
     assert "Traceback" not in reply and "Exception" not in reply
+    # EHLO's own refusal gets its enhanced code too (its 250 lines stay as they are)
+    assert c.command("EHLO").startswith("501 5.5.4 Syntax: EHLO hostname")
+    assert c.command("HELO").startswith("501 5.5.4 Syntax: HELO hostname")
     c.close()
 
 

@@ -358,7 +358,8 @@ class GatewaySMTP(SMTP):
                 self._say_and_close(SYNC_ERROR)
                 return
         text = status.decode("utf-8", "replace") if isinstance(status, bytes) else status
-        reply = text if self._verbatim else rewrite_reply(text)
+        # EHLO's capability lines go out as they are; its refusals get a code like all.
+        reply = text if self._verbatim and text[:1] == "2" else rewrite_reply(text)
         if self.transport is None or self.transport.is_closing():
             return
         self._count(reply)
