@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import threading
@@ -35,6 +36,26 @@ class SinkHandler:
     messages: list[Received] = field(default_factory=list)
     attempts: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
+    hold: bool = False  # keep RCPT TO unanswered while set (no message data has come yet)
+    held: int = 0  # transactions waiting at RCPT TO now
+    cut: int = 0  # transactions whose client went away while held
+
+    async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
+        if self.hold:
+            with self.lock:
+                self.held += 1
+            try:
+                while self.hold:  # noqa: ASYNC110 (set from the test thread)
+                    await asyncio.sleep(0.02)
+            except asyncio.CancelledError:  # aiosmtpd cancels a session whose client left
+                with self.lock:
+                    self.cut += 1
+                raise
+            finally:
+                with self.lock:
+                    self.held -= 1
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 Ok"
 
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
