@@ -25,6 +25,7 @@ import concurrent.futures
 import json
 import logging
 import os
+import resource
 import signal
 import ssl
 import time
@@ -775,8 +776,31 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
+def open_files_needed(config: GatewayConfig) -> int:
+    """File descriptors the configured caps may use at once: every SMTP session at its
+    cap on each listener, the delivery connections, the database pool, and a reserve
+    for logs, the metrics port, the parser and authentication processes."""
+    listeners = 2 if config.submission.listen else 1
+    return (listeners * config.smtp.max_connections + 2 * config.delivery.concurrency
+            + config.database.pool_size + 10 + 256)
+
+
+def ensure_open_files(needed: int) -> None:
+    """Raise the soft RLIMIT_NOFILE to ``needed`` (up to the hard limit), so that the
+    connection caps, not the descriptor table, are what stop new sessions."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        target = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning("open files limit is %d, below the %d smtp.max_connections needs: raise "
+                    "it (LimitNOFILE= in the unit, ulimit -n) or lower the caps", soft, needed)
+
+
 def serve(config: GatewayConfig, policies: PolicySet, config_path: Path | None = None) -> int:
     logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
+    ensure_open_files(open_files_needed(config))
     app = App(config, policies, config_path=config_path)
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.smtp.event_loop)) as runner:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import resource
+import smtplib
 import socket
+from pathlib import Path
 
 import pytest
 
-from tests.conftest import RawClient
+from tests.conftest import RawClient, simple_message, wait_for
 from tests.conftest import client_context as _client_context
 
 # Every non-CRLF "end of data" a smuggler may try, each followed by a second message.
@@ -128,3 +131,45 @@ def test_idle_client_times_out_with_421(make_gateway):
     c.sock.settimeout(10)
     assert c.reply().startswith("421 4.4.2")
     assert c.closed()
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+def test_two_thousand_idle_connections(make_gateway, backend):
+    """2,000 idle sessions from 40 addresses: all greeted, the next one refused by the
+    total cap, every one closed with 421 at the idle timeout, descriptors given back."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 4500:
+        pytest.skip(f"the open files hard limit ({hard}) is below the 4,500 this test needs")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 4500), hard))
+    gw = make_gateway({"smtp": {"max_connections": 2000, "max_connections_per_ip": 50,
+                                "idle_timeout": "10s"}})
+    fds = Path(f"/proc/{gw.proc.pid}/fd")
+    baseline = len(list(fds.iterdir()))
+    held: list[socket.socket] = []
+    try:
+        for n in range(2000):
+            s = socket.socket()
+            s.settimeout(10)
+            s.bind((f"127.0.1.{n // 50 + 1}", 0))
+            s.connect(("127.0.0.1", gw.port))
+            held.append(s)
+        assert all(s.recv(200).startswith(b"220 ") for s in held)
+        extra = RawClient(gw.port)
+        assert extra.reply().startswith("421 4.7.0")
+        assert extra.closed()
+        limit = int(next(line.split()[3] for line in
+                         Path(f"/proc/{gw.proc.pid}/limits").read_text().splitlines()
+                         if line.startswith("Max open files")))
+        assert 2000 <= len(list(fds.iterdir())) < limit
+        for s in held:  # each gets its 421 at the idle timeout and is closed
+            s.settimeout(30)
+            assert s.recv(200).startswith(b"421 4.4.2")
+            assert s.recv(200) == b""
+    finally:
+        for s in held:
+            s.close()
+    wait_for(lambda: len(list(fds.iterdir())) <= baseline + 5, timeout=10,
+             what="descriptors given back")
+    with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
+        client.sendmail("a@sender.test", ["support@acme.test"], simple_message())
+    assert len(gw.messages()) == 1
