@@ -328,12 +328,10 @@ class ExportReader:
                                        message_blobs.c.key_id)
                                 .where(message_blobs.c.message_id.in_(
                                     [r["id"] for r in group])))}
-                found = []
-                for r in group:
-                    if r["id"] in data:  # else deleted meanwhile
-                        r["data"] = data.pop(r["id"])
-                        found.append(r)
-                yield found
+                # Copies: the page's own rows must not keep the originals alive (a page
+                # of large messages would be held whole until its last group is written).
+                yield [{**r, "data": data.pop(r["id"])} for r in group
+                       if r["id"] in data]  # else deleted meanwhile
 
     def deliveries(self, tenant: str, message_ids: Sequence[str] | None = None
                    ) -> Iterable[dict[str, Any]]:
