@@ -811,10 +811,15 @@ def cmd_messages_export(args: argparse.Namespace) -> int:
     data = (row["trace_header"].encode() if args.with_trace else b"") + raw
     if args.out:
         out = Path(args.out)
-        tmp = out.with_name(f".{out.name}.tmp")
         try:
-            tmp.write_bytes(data)
-            tmp.replace(out)
+            if out.exists() and not out.is_file():
+                # a device or a pipe (/dev/stdout, a FIFO) is written to, never replaced
+                with out.open("ab") as f:
+                    f.write(data)
+            else:  # a file appears whole or not at all
+                tmp = out.with_name(f".{out.name}.tmp")
+                tmp.write_bytes(data)
+                tmp.replace(out)
         except OSError as exc:
             raise CommandError(f"{args.out}: {exc.strerror}") from None
     else:

@@ -4,8 +4,10 @@ the real daemon, real SMTP, the command line, and the database files themselves.
 from __future__ import annotations
 
 import json
+import os
 import re
 import smtplib
+import stat
 import threading
 import time
 from pathlib import Path
@@ -270,8 +272,17 @@ def test_audit_verify_on_the_command_line(gateway):
     with gateway.smtp() as s:
         s.sendmail("bob@client.test", ["support@acme.test"], b"Subject: x\r\n\r\nx\r\n")
     row = gateway.wait_processed(1)[0]
-    gateway.cli("messages", "export", row["id"], "--out", "/dev/null", check=True)
-    gateway.cli("messages", "export", row["id"], "--out", "/dev/null", check=True)
+    # to a pipe, twice: written to, and still a pipe afterwards
+    fifo = gateway.directory / "out.fifo"
+    os.mkfifo(fifo)
+    got: list[bytes] = []
+    for _ in range(2):
+        reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+        reader.start()
+        gateway.cli("messages", "export", row["id"], "--out", str(fifo), check=True)
+        reader.join(30)
+    assert got == [gateway.store.raw(row["id"])] * 2
+    assert stat.S_ISFIFO(fifo.stat().st_mode)
     ok = gateway.cli("audit", "verify")
     assert ok.returncode == 0
     assert re.match(rb"audit log intact: 2 events, head [0-9a-f]{64}\n", ok.stdout)
