@@ -357,9 +357,24 @@ def _close_raw_clients() -> Iterator[None]:
         RawClient.opened.pop().close()
 
 
-@pytest.fixture(params=BACKENDS)
+@pytest.fixture
 def backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Every test that uses a database runs on SQLite and on PostgreSQL, except those
+    marked ``sqlite_only`` (what they check does not depend on the database: protocol
+    replies, mail authentication, input checks) and those that name their backends."""
+    if "backend" not in metafunc.fixturenames:
+        return
+    for mark in metafunc.definition.iter_markers("parametrize"):
+        names = mark.args[0]
+        if "backend" in ([n.strip() for n in names.split(",")] if isinstance(names, str)
+                         else names):
+            return
+    only = metafunc.definition.get_closest_marker("sqlite_only") is not None
+    metafunc.parametrize("backend", ["sqlite"] if only else BACKENDS, indirect=True)
 
 
 @pytest.fixture

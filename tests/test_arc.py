@@ -7,6 +7,7 @@ import re
 import subprocess
 
 import dkim
+import pytest
 
 from gateway.auth import keys
 from gateway.auth.dns import Resolver
@@ -23,6 +24,8 @@ from tests.conftest import (
 from tests.dns_server import ZoneServer, txt
 from tests.test_dkim import keygen
 from tests.test_srs import FORWARD_RULES
+
+pytestmark = pytest.mark.sqlite_only  # ARC sealing is computed from the message alone
 
 AR = b"Authentication-Results: mx.gateway.test; dkim=pass header.d=sender.test; arc=none\r\n"
 MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"

@@ -32,6 +32,8 @@ from tests.conftest import (
 )
 from tests.dns_server import ZoneServer, txt
 
+pytestmark = pytest.mark.sqlite_only  # signing and key checks do not touch the database
+
 WORKFLOWS = """
 tenants:
   acme:

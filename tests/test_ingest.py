@@ -38,6 +38,7 @@ def test_accepts_stores_and_processes_a_message(gateway):
     assert ("to", "support@acme.test") in addresses
 
 
+@pytest.mark.sqlite_only
 def test_reply_names_the_queue_id(gateway):
     with gateway.smtp() as s:
         s.ehlo()
@@ -50,6 +51,7 @@ def test_reply_names_the_queue_id(gateway):
     assert [r["id"] for r in gateway.messages()] == [queue_id]
 
 
+@pytest.mark.sqlite_only
 def test_unknown_recipient_of_a_tenant_domain_is_550(gateway):
     with gateway.smtp() as s:
         s.ehlo()
@@ -61,6 +63,7 @@ def test_unknown_recipient_of_a_tenant_domain_is_550(gateway):
         assert s.rcpt("anyone@globex.test")[0] == 250  # catch-all tenant
 
 
+@pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     "address",
     [
@@ -85,6 +88,7 @@ def test_relay_tricks_are_refused(gateway, address):
     assert gateway.messages() == []
 
 
+@pytest.mark.sqlite_only
 def test_source_route_is_refused(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -107,6 +111,7 @@ def test_null_sender_is_accepted(gateway):
     assert gateway.wait_processed(1)[0]["mail_from"] == ""
 
 
+@pytest.mark.sqlite_only
 def test_size_limit_at_mail_and_for_an_oversize_stream(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -129,6 +134,7 @@ def test_size_limit_at_mail_and_for_an_oversize_stream(gateway):
     assert [r["subject"] for r in rows] == ["small"]
 
 
+@pytest.mark.sqlite_only
 def test_recipient_cap_is_452(gateway):
     with gateway.smtp() as s:
         s.ehlo()
@@ -170,6 +176,7 @@ def test_smtputf8(gateway):
     assert gateway.store.raw(row["id"]) == body
 
 
+@pytest.mark.sqlite_only
 def test_command_and_text_line_length(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -184,6 +191,7 @@ def test_command_and_text_line_length(gateway):
     assert gateway.messages() == []
 
 
+@pytest.mark.sqlite_only
 def test_too_many_errors_closes_with_421(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -196,6 +204,7 @@ def test_too_many_errors_closes_with_421(gateway):
     assert c.closed()
 
 
+@pytest.mark.sqlite_only
 def test_unknown_commands_close_with_421(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -205,6 +214,7 @@ def test_unknown_commands_close_with_421(gateway):
     assert c.closed()
 
 
+@pytest.mark.sqlite_only
 def test_legal_pipelining_works(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -222,6 +232,7 @@ def test_legal_pipelining_works(gateway):
     assert sorted(r["subject"] for r in gateway.wait_processed(2)) == ["piped", "second"]
 
 
+@pytest.mark.sqlite_only
 def test_unauthorised_pipelining_after_ehlo_is_554(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -230,6 +241,7 @@ def test_unauthorised_pipelining_after_ehlo_is_554(gateway):
     assert c.closed()
 
 
+@pytest.mark.sqlite_only
 def test_message_text_before_354_is_554(gateway):
     c = RawClient(gateway.port)
     c.reply()
@@ -293,6 +305,7 @@ def test_concurrent_clients(gateway):
     )
 
 
+@pytest.mark.sqlite_only
 def test_bare_newline_reject_mode(make_gateway):
     gw = make_gateway({"smtp": {"bare_newline": "reject"}})
     c = RawClient(gw.port)
@@ -302,6 +315,7 @@ def test_bare_newline_reject_mode(make_gateway):
     assert gw.messages() == []
 
 
+@pytest.mark.sqlite_only
 def test_bad_parameters_get_a_clear_reply(gateway):
     """Unsupported parameters: a 5.5.4 reply, no exception text."""
     c = RawClient(gateway.port)
@@ -348,6 +362,7 @@ def test_cli_lists_shows_and_exports(gateway, tmp_path):
     )
 
 
+@pytest.mark.sqlite_only
 def test_swaks_delivers(gateway):
     import subprocess
 
@@ -363,6 +378,7 @@ def test_swaks_delivers(gateway):
     assert [r["subject"] for r in gateway.wait_processed(1)] == ["via swaks"]
 
 
+@pytest.mark.sqlite_only
 def test_smtplib_sees_enhanced_codes(gateway):
     with gateway.smtp() as s:
         s.ehlo()

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.conftest import RawClient, simple_message
+
+pytestmark = pytest.mark.sqlite_only  # envelope rules decide before the store
 
 WORKFLOWS = """
 tenants:

@@ -10,6 +10,8 @@ import pytest
 from gateway.pipeline.parse import ParserPool, parse_message
 from tests.conftest import simple_message
 
+pytestmark = pytest.mark.sqlite_only  # parsing works on the bytes alone
+
 DEEP = (
     b"Subject: deep\r\nContent-Type: multipart/mixed; boundary=a0\r\n\r\n"
     + b"".join(b"--a%d\r\nContent-Type: multipart/mixed; boundary=a%d\r\n\r\n" % (i, i + 1)

@@ -12,6 +12,8 @@ import pytest
 from gateway.policy.loader import read_files, version_of
 from tests.conftest import free_port, simple_message, wait_for
 
+pytestmark = pytest.mark.sqlite_only  # policy files are read from disk
+
 RETENTION = "default: 1y\ntags:\n  alpha: 1y\n  beta: 2y\ntenants:\n  acme: {tags: [%s]}\n"
 WORKFLOWS = """
 tenants:

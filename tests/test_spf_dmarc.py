@@ -16,6 +16,8 @@ from gateway.auth.verify import DKIMResult
 from tests.conftest import gateway_with_rules, metrics_port, samples, value
 from tests.dns_server import ZoneServer, txt
 
+pytestmark = pytest.mark.sqlite_only  # SPF and DMARC verdicts come from DNS and the message
+
 SPF_ZONE = {
     ("sender.test", "TXT"): txt("v=spf1 ip4:192.0.2.0/24 -all"),
     ("soft.test", "TXT"): txt("v=spf1 ~all"),

@@ -21,6 +21,8 @@ from tests.conftest import (
     value,
 )
 
+pytestmark = pytest.mark.sqlite_only  # SRS rewriting is computed from addresses and secrets
+
 SECRET = b"0123456789abcdef-test-secret"
 DAY = 86400.0
 

@@ -11,6 +11,8 @@ import pytest
 from gateway.passwords import hash_password
 from tests.conftest import client_context, free_port, simple_message
 
+pytestmark = pytest.mark.sqlite_only  # AUTH and sender checks happen before the store
+
 PASSWORD = "correct horse battery"
 WORKFLOWS = """
 tenants:

@@ -20,6 +20,8 @@ from tests.test_arc import dns_lookup, signing_key
 from tests.test_dkim import keygen
 from tests.test_srs import FORWARD_RULES
 
+pytestmark = pytest.mark.sqlite_only  # the process pool does not touch the database
+
 # The calls (module-level: a worker process imports them by name).
 
 
