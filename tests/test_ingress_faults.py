@@ -56,3 +56,42 @@ def test_unexpected_exception_is_451_without_detail():
     finally:
         state["loop"].call_soon_threadsafe(state["stop"].set)
         thread.join(10)
+
+
+def test_protocols_built_from_the_cached_tables_match_aiosmtpd_own():
+    """The second and later protocols of a listener skip aiosmtpd's introspection; they
+    must come out exactly as aiosmtpd's own __init__ makes them."""
+    import aiosmtpd
+
+    from gateway.ingress import smtp as ingress
+
+    class Handler:
+        async def handle_DATA(self, server, session, envelope):
+            return "250 2.0.0 Ok"
+
+    async def build():
+        make = protocol_factory(Handler(), SMTPConfig(hostname="mx.cache.test"),
+                                ConnectionTracker(10, 10), Metrics())
+        return make(), make()
+
+    first, second = asyncio.run(build())
+    if aiosmtpd.__version__ not in ingress._FAST_INIT_VERSIONS:
+        assert not ingress._TABLES  # an unknown release: aiosmtpd's own __init__ every time
+        return
+    assert set(vars(second)) == set(vars(first))
+    for name, value in vars(first).items():
+        other = vars(second)[name]
+        if name == "_smtp_methods":
+            assert other.keys() == value.keys()
+            assert all(m.__self__ is second and m.__func__ is value[k].__func__
+                       for k, m in other.items())
+        elif name == "_auth_methods":
+            assert {k: (a.method.__func__, a.is_builtin) for k, a in other.items()} == \
+                   {k: (a.method.__func__, a.is_builtin) for k, a in value.items()}
+        elif name in {"_handle_hooks", "_ehlo_hook_ver", "_auth_callback", "event_handler",
+                      "hostname", "data_size_limit", "enable_SMTPUTF8", "_decode_data",
+                      "tls_context", "require_starttls", "_timeout_duration",
+                      "_auth_require_tls", "_auth_required", "_enforce_call_limit",
+                      "__ident__", "settings", "listener", "submission"}:
+            assert other == value, name
+    assert second.command_size_limits is not first.command_size_limits

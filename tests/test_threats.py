@@ -176,3 +176,17 @@ def test_two_thousand_idle_connections(make_gateway, backend):
     with smtplib.SMTP("127.0.0.1", gw.port, timeout=10) as client:
         client.sendmail("a@sender.test", ["support@acme.test"], simple_message())
     assert len(gw.messages()) == 1
+
+
+def test_one_session_cannot_raise_another_sessions_command_limit(gateway):
+    """aiosmtpd keeps command limits in one dict for all sessions and EHLO raises the
+    MAIL limit in it; here each session has its own."""
+    other = RawClient(gateway.port)
+    other.reply()
+    assert other.command("EHLO other.test").startswith("250")
+    noisy = RawClient(gateway.port)
+    noisy.reply()
+    for _ in range(20):
+        assert noisy.command("EHLO noisy.test").startswith("250")
+    long_mail = "MAIL FROM:<" + "a" * 850 + "@sender.test>"
+    assert other.command(long_mail).startswith("500 5.5.2 Error: command line too long")

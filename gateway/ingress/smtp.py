@@ -23,11 +23,13 @@ import hashlib
 import logging
 import re
 import time
+import types
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+import aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import logs
@@ -225,6 +227,39 @@ def longest_line(content: bytes) -> int:
     return max(len(line) for line in content.split(b"\n")) - 1
 
 
+# <dot-atom@domain> and what follows: the common path, parsed here as email's address
+# parser (which aiosmtpd uses for every MAIL and RCPT) would parse it, at a tenth the cost.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(
+    rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>[ \t]*([^( \t].*|)\Z", re.DOTALL)
+
+# aiosmtpd releases whose SMTP.__init__ GatewaySMTP._init_from reproduces.
+_FAST_INIT_VERSIONS = {"1.4.6"}
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """What aiosmtpd's SMTP.__init__ finds by introspection, for one protocol class and
+    one handler object: the same for every connection of a listener."""
+
+    smtp_functions: dict[str, Callable[..., Any]]
+    handle_hooks: dict[str, Callable[..., Any]]
+    auth_methods: dict[str, Any]
+    ehlo_hook_ver: str | None
+    auth_callback: Any
+
+    @classmethod
+    def of(cls, protocol: SMTP) -> _Tables:
+        p = cast(Any, protocol)
+        return cls({name: method.__func__ for name, method in p._smtp_methods.items()},
+                   dict(p._handle_hooks), dict(p._auth_methods), p._ehlo_hook_ver,
+                   p._auth_callback)
+
+
+_TABLES: dict[tuple[type, Any], _Tables] = {}
+
+
 class GatewaySMTP(SMTP):
     """aiosmtpd's protocol, hardened (see the module docstring)."""
 
@@ -239,16 +274,19 @@ class GatewaySMTP(SMTP):
         listener: str = "smtp",
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            handler,
-            data_size_limit=settings.max_message_size,
-            enable_SMTPUTF8=True,
-            decode_data=False,
-            hostname=settings.hostname,
-            ident="ESMTP MailFlowr",
-            timeout=settings.idle_timeout,
-            **kwargs,
-        )
+        options = {"data_size_limit": settings.max_message_size, "enable_SMTPUTF8": True,
+                   "decode_data": False, "hostname": settings.hostname,
+                   "ident": "ESMTP MailFlowr", "timeout": settings.idle_timeout, **kwargs}
+        tables = _TABLES.get((type(self), handler))
+        if tables is not None and kwargs.keys() <= {"tls_context"}:
+            self._init_from(tables, handler, options)
+        else:
+            super().__init__(handler, **options)
+            if aiosmtpd.__version__ in _FAST_INIT_VERSIONS and kwargs.keys() <= {"tls_context"}:
+                _TABLES[(type(self), handler)] = _Tables.of(self)
+        # aiosmtpd keeps these limits in a dict shared by all sessions (EHLO raises the
+        # MAIL limit for everyone, each new connection resets it): one per session.
+        self.command_size_limits = defaultdict(lambda: SMTP.command_size_limit)
         self.settings = settings
         self.tracker = tracker
         self.metrics = metrics
@@ -261,6 +299,48 @@ class GatewaySMTP(SMTP):
         self._data_reader: DataReader | None = None
         self._in_data = False
         self._verbatim = False  # EHLO/HELO replies carry no enhanced status codes
+
+    def _init_from(self, tables: _Tables, handler: Any, options: dict[str, Any]) -> None:
+        """What ``SMTP.__init__`` (aiosmtpd 1.4.6) does for the MX listener, without
+        looking the command, hook and AUTH tables up again: that introspection (dir(),
+        getmembers on the protocol and the handler) took 45% of the event loop's Python
+        time at one connection per message. Same attributes; tests/test_ingress_faults.py holds
+        the two paths to the same state."""
+        self.__ident__ = options["ident"]
+        self.loop = asyncio.get_running_loop()
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=self.loop)
+        self.event_handler = handler
+        self.data_size_limit = options["data_size_limit"]
+        self.enable_SMTPUTF8 = options["enable_SMTPUTF8"]
+        self._decode_data = options["decode_data"]
+        self.hostname = options["hostname"]
+        self.tls_context = options.get("tls_context")
+        self.require_starttls = self.tls_context and False  # as aiosmtpd: None without TLS
+        self._timeout_duration = options["timeout"]
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = tables.auth_callback
+        self._auth_required = False
+        self._auth_methods = {name: type(attr)(types.MethodType(attr.method.__func__, self)
+                                               if attr.is_builtin else attr.method,
+                                               attr.is_builtin)
+                              for name, attr in tables.auth_methods.items()}
+        self._handle_hooks = tables.handle_hooks  # bound to the one shared handler
+        self._ehlo_hook_ver = tables.ehlo_hook_ver
+        self._smtp_methods = {name: types.MethodType(function, self)
+                              for name, function in tables.smtp_functions.items()}
+        self._enforce_call_limit = False
 
     # ---------------------------------------------------------- connections
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -386,6 +466,9 @@ class GatewaySMTP(SMTP):
         if stripped.startswith("<@"):
             inner, sep, rest = stripped[1:].partition(">")
             return (inner, rest) if sep else (None, None)
+        plain = _PLAIN_PATH.match(arg)
+        if plain:  # what email's address parser would return, without its cost
+            return plain.group(1), plain.group(2)
         return super()._getaddr(arg)
 
     async def smtp_EHLO(self, hostname: str) -> None:
