@@ -21,6 +21,7 @@ import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import dkim
 from cryptography.hazmat.primitives import serialization
@@ -29,8 +30,10 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from gateway.auth import arc, fields
 from gateway.auth.fields import RELAXED, SIGNED_HEADERS
 from gateway.auth.keys import ED25519, RSA, SigningKey, load
-from gateway.config import GatewayConfig
 from gateway.headers import field_values
+
+if TYPE_CHECKING:  # the authentication processes import this module: no pydantic there
+    from gateway.config import GatewayConfig
 
 
 def author_domain(data: bytes) -> str | None:

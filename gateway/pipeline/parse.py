@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.headers import header_end
 from gateway.pipeline.classify import Classifier
-from gateway.store.repository import ParsedFields
+from gateway.store.records import ParsedFields
 from gateway.workers import child_setup
 
 log = logging.getLogger(__name__)

@@ -62,6 +62,7 @@ from gateway.store.models import (
     subprocessor_registry,
     tenants,
 )
+from gateway.store.records import ParsedFields
 
 log = logging.getLogger(__name__)
 
@@ -144,22 +145,6 @@ class _Pending:
     messages: Sequence[NewMessage]
     future: asyncio.Future[None]
     queued_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True, slots=True)
-class ParsedFields:
-    """What the parse stage learned about a message."""
-
-    message_id: str | None
-    header_from: str | None
-    header_to: str | None
-    header_cc: str | None
-    subject: str | None
-    date: str | None
-    attachments: list[dict[str, Any]]
-    defects: list[str]
-    parse_failed: bool
-    addresses: list[tuple[str, str]]  # (role, address) from headers
 
 
 @dataclass(frozen=True, slots=True)
