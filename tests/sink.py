@@ -39,6 +39,7 @@ class SinkHandler:
     hold: bool = False  # keep RCPT TO unanswered while set (no message data has come yet)
     held: int = 0  # transactions waiting at RCPT TO now
     cut: int = 0  # transactions whose client went away while held
+    delay: float = 0.0  # seconds before the answer to the final dot (a slow server)
 
     async def handle_RCPT(self, server, session, envelope, address, rcpt_options):
         if self.hold:
@@ -60,6 +61,8 @@ class SinkHandler:
     async def handle_DATA(self, server, session, envelope):
         with self.lock:
             self.attempts += 1
+        if self.delay:
+            await asyncio.sleep(self.delay)
         if self.mode == "tempfail":
             return "451 4.3.0 Try again later"
         if self.mode == "permfail":
