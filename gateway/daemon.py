@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import json
 import logging
 import os
@@ -324,6 +325,11 @@ class App:
             raise
         self._spawn(self._watch_stats())
         self._spawn(self._watch_tenants(directory, submission))
+        # Everything made so far lives as long as the daemon (modules, configuration,
+        # policies, pools): keep it out of the collector's full passes, which otherwise
+        # walk it all and stalled 1-5% of acceptances for 100-250 ms at 100 sessions.
+        gc.collect()
+        gc.freeze()
         log.info("listening for SMTP on %s%s (%d tenants, database %s)", config.smtp.listen,
                  f", submission on {config.submission.listen}" if config.submission.listen
                  else "", len(config.tenants), _database_name(store))
