@@ -21,7 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pytest
 import yaml
@@ -132,14 +132,19 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def peer_missing(why: str) -> NoReturn:
+    """Skip a test whose system peer is not here; in CI, where .ci/run installs every
+    peer, fail instead."""
+    if PEERS_REQUIRED:
+        pytest.fail(why)
+    pytest.skip(why)
+
+
 def need_tool(tool: str, package: str) -> str:
     """The path of a system tool a test talks to; skip (fail in CI) without it."""
     path = shutil.which(tool)
     if path is None:
-        why = f"{tool} is not installed (Debian package {package})"
-        if PEERS_REQUIRED:
-            pytest.fail(why)
-        pytest.skip(why)
+        peer_missing(f"{tool} is not installed (Debian package {package})")
     return path
 
 
@@ -147,10 +152,7 @@ def need_perl_module(module: str, package: str) -> str:
     """perl, with a module an interoperability test runs; skip (fail in CI) without it."""
     perl = need_tool("perl", "perl")
     if subprocess.run([perl, f"-M{module}", "-e", "1"], capture_output=True).returncode != 0:
-        why = f"Perl's {module} is not installed (Debian package {package})"
-        if PEERS_REQUIRED:
-            pytest.fail(why)
-        pytest.skip(why)
+        peer_missing(f"Perl's {module} is not installed (Debian package {package})")
     return perl
 
 
@@ -316,10 +318,7 @@ def need_dovecot() -> str:
     path = shutil.which("dovecot") or ("/usr/sbin/dovecot" if Path("/usr/sbin/dovecot").exists()
                                        else None)
     if path is None or not Path("/usr/lib/dovecot/imap").exists():
-        why = "Dovecot is not installed (Debian package dovecot-imapd)"
-        if PEERS_REQUIRED:
-            pytest.fail(why)
-        pytest.skip(why)
+        peer_missing("Dovecot is not installed (Debian package dovecot-imapd)")
     return path
 
 

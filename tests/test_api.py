@@ -180,7 +180,7 @@ BAD_INPUT = [
 ]
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_bad_input_gets_a_json_error(api_gateway):
     gw, api = api_gateway
     token = _token(gw, "acme")
@@ -193,7 +193,7 @@ def test_bad_input_gets_a_json_error(api_gateway):
         assert "Traceback" not in json.dumps(doc)
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_without_a_valid_token_nothing_is_served(api_gateway):
     _gw, api = api_gateway
     for token in (None, "mfr_000000000000_" + "A" * 43, "garbage"):

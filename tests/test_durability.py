@@ -13,9 +13,9 @@ import time
 import pytest
 
 from tests.conftest import (
-    PEERS_REQUIRED,
     RawClient,
     need_tool,
+    peer_missing,
     postgres_server_url,
     simple_message,
 )
@@ -161,7 +161,7 @@ def test_unreachable_database_at_start_is_one_clear_line(make_gateway, backend):
     assert "database unreachable" in err and "Traceback" not in err
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.sqlite_only
 def test_disk_nearly_full_gives_452_at_mail(make_gateway, backend):
     gw = make_gateway({"storage": {"min_free_space": "1000000GB"}})
     c = RawClient(gw.port)
@@ -172,10 +172,7 @@ def test_disk_nearly_full_gives_452_at_mail(make_gateway, backend):
 
 def _root_only(what: str) -> None:
     if os.geteuid() != 0:
-        why = f"{what} needs root"
-        if PEERS_REQUIRED:
-            pytest.fail(why)
-        pytest.skip(why)
+        peer_missing(f"{what} needs root")
 
 
 @pytest.fixture
@@ -204,7 +201,7 @@ def _fill(disk, leave: int) -> None:
             f.write(b"\1" * min(1 << 20, filler.stat().st_size - offset))
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.sqlite_only
 def test_disk_full_refuses_with_4xx_and_recovers_when_space_returns(make_gateway, small_disk,
                                                                      backend):
     gw = make_gateway({"smtp": {"max_message_size": "20MB"},
@@ -258,10 +255,7 @@ def _postgres_restarter(url: str):
     local = [line.split()[:2] for line in clusters.splitlines()
              if len(line.split()) > 2 and line.split()[2] == str(port)]
     if host not in ("127.0.0.1", "localhost", "::1") or not local:
-        why = f"PostgreSQL at {host}:{port} is not a cluster of this machine"
-        if PEERS_REQUIRED:
-            pytest.fail(why)
-        pytest.skip(why)
+        peer_missing(f"PostgreSQL at {host}:{port} is not a cluster of this machine")
     version, name = local[0]
 
     def restart() -> None:

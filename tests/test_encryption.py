@@ -138,7 +138,7 @@ def test_without_a_master_key_the_gateway_says_originals_are_in_clear(gateway):
     assert _blobs(gateway)[row["id"]] == (None, sent)
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_a_wrong_master_key_stops_the_start_with_a_clear_error(make_gateway, tmp_path):
     gw = _encrypted(make_gateway, tmp_path)
     gw.terminate()
@@ -151,7 +151,7 @@ def test_a_wrong_master_key_stops_the_start_with_a_clear_error(make_gateway, tmp
     assert "Traceback" not in gw.log()
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 @pytest.mark.parametrize("setting, message", [
     ({"master_key_file": "missing.key"}, "missing.key: No such file or directory"),
     ({"master_key_file": "k", "master_key_env": "X"}, "not both"),
@@ -162,7 +162,7 @@ def test_master_key_settings_are_checked(make_gateway, setting, message):
     assert result.returncode == 2 and message.encode() in result.stderr
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_a_missing_master_key_variable_is_a_warning_for_check_and_fatal_for_serve(
         make_gateway):
     gw = make_gateway({"privacy": {"master_key_env": "MAILFLOWR_TEST_NO_SUCH_VAR"}},

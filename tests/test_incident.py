@@ -66,7 +66,7 @@ def test_a_notice_reaches_the_privacy_contact_and_is_audited(make_gateway, tmp_p
     assert detail["to"] == "dpo@customer.test" and detail["title"] == "Incident 2026-11"
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_notice_input_is_checked(make_gateway, tmp_path, relay):
     gw = _gateway(make_gateway, tmp_path, relay)
     notice = tmp_path / "notice.txt"

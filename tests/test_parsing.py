@@ -106,7 +106,7 @@ def test_hostile_mime_through_the_daemon(make_gateway):
     assert "unparseable" in shown
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.sqlite_only
 def test_control_characters_are_not_printed(make_gateway, backend):
     gw = make_gateway()
     with gw.smtp() as s:

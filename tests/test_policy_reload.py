@@ -135,7 +135,7 @@ def test_sighup_reloads_and_the_next_message_follows_the_new_policy(make_gateway
     wait_for(lambda: f"policy reload (SIGHUP): no change (policy {second})" in gw.log())
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.sqlite_only
 def test_no_message_sees_a_mix_of_versions(make_gateway, tmp_path):
     policies = tmp_path / "policies"
     policies.mkdir()

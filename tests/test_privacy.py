@@ -155,7 +155,7 @@ def test_a_legal_hold_blocks_erasure_until_overridden_with_a_reason(make_gateway
     assert event["detail"]["reason"] == "hold lifted by counsel, ticket 88"
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_erase_arguments_are_checked(gateway):
     bad = gateway.cli("erase", "--tenant", "acme", "--subject", "not an address")
     assert bad.returncode == 2 and b"not an e-mail address" in bad.stderr
@@ -303,7 +303,7 @@ def test_audit_verify_on_the_command_line(gateway):
     assert cut.returncode == 1 and b"removed from its end" in cut.stderr
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # input checks: any database
+@pytest.mark.sqlite_only  # input checks: any database
 def test_policy_reloads_are_audited(make_gateway, tmp_path):
     policies = tmp_path / "policies"
     policies.mkdir()

@@ -136,7 +136,7 @@ def test_idle_client_times_out_with_421(make_gateway):
     assert c.closed()
 
 
-@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)
+@pytest.mark.sqlite_only
 def test_two_thousand_idle_connections(make_gateway, backend):
     """2,000 idle sessions from 40 addresses: all greeted, the next one refused by the
     total cap, every one closed with 421 at the idle timeout, descriptors given back."""
