@@ -277,12 +277,14 @@ class GatewaySMTP(SMTP):
         options = {"data_size_limit": settings.max_message_size, "enable_SMTPUTF8": True,
                    "decode_data": False, "hostname": settings.hostname,
                    "ident": "ESMTP MailFlowr", "timeout": settings.idle_timeout, **kwargs}
-        tables = _TABLES.get((type(self), handler))
-        if tables is not None and kwargs.keys() <= {"tls_context"}:
+        # the MX listener (no AUTH options) of a known aiosmtpd release: tables cached
+        cacheable = kwargs.keys() <= {"tls_context"} and aiosmtpd.__version__ in _FAST_INIT_VERSIONS
+        tables = _TABLES.get((type(self), handler)) if cacheable else None
+        if tables is not None:
             self._init_from(tables, handler, options)
         else:
             super().__init__(handler, **options)
-            if aiosmtpd.__version__ in _FAST_INIT_VERSIONS and kwargs.keys() <= {"tls_context"}:
+            if cacheable:
                 _TABLES[(type(self), handler)] = _Tables.of(self)
         # aiosmtpd keeps these limits in a dict shared by all sessions (EHLO raises the
         # MAIL limit for everyone, each new connection resets it): one per session.
