@@ -46,8 +46,8 @@ def listener_pid(port: int) -> int | None:
     return None
 
 
-def tree_rss_kib(root: int) -> int:
-    """RSS of ``root`` and its descendants, in KiB."""
+def tree_pids(root: int) -> list[int]:
+    """``root`` and its descendants."""
     children: dict[int, list[int]] = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -56,18 +56,37 @@ def tree_rss_kib(root: int) -> int:
             children.setdefault(ppid, []).append(int(pid))
         except (OSError, IndexError, ValueError):
             continue
-    total, todo = 0, [root]
+    found, todo = [], [root]
     while todo:
         pid = todo.pop()
+        found.append(pid)
         todo.extend(children.get(pid, []))
+    return found
+
+
+def tree_rss_kib(root: int) -> int:
+    """RSS of ``root`` and its descendants, in KiB (shared pages counted in each)."""
+    total = 0
+    for pid in tree_pids(root):
         try:
-            with open(f"/proc/{pid}/status") as f:
-                for line in f:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1])
+            total += process_rss_kib(pid)
         except OSError:
             continue
     return total
+
+
+def memory_kib(pid: int) -> tuple[str, int, int]:
+    """Name, RSS and PSS (shared pages divided among the processes sharing them)."""
+    with open(f"/proc/{pid}/comm") as f:
+        name = f.read().strip()
+    rss = pss = 0
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Rss:"):
+                rss = int(line.split()[1])
+            elif line.startswith("Pss:"):
+                pss = int(line.split()[1])
+    return name, rss, pss
 
 
 def process_rss_kib(pid: int) -> int:
@@ -248,6 +267,16 @@ async def idle(args: argparse.Namespace) -> None:
           f"(was {before_main / 1024:.0f}), {tree / 1024:.0f} MiB with children "
           f"(was {before_tree / 1024:.0f})")
     print(f"per connection    {(main - before_main) / max(len(conns), 1):.1f} KiB")
+    total_rss = total_pss = 0
+    for p in tree_pids(pid):
+        try:
+            name, rss, pss = memory_kib(p)
+        except OSError:
+            continue
+        total_rss, total_pss = total_rss + rss, total_pss + pss
+        print(f"  {p:>7} {name:<16} RSS {rss / 1024:6.1f} MiB   PSS {pss / 1024:6.1f} MiB")
+    print(f"  all processes            RSS {total_rss / 1024:6.1f} MiB   "
+          f"PSS {total_pss / 1024:6.1f} MiB")
     for w in conns:
         w.close()
 

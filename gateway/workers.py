@@ -14,6 +14,12 @@ process (``size`` 0) or its process failed it: the call raised there (it
 raises here too, the way the caller expects), the process ended, or the call
 overran the pool's time bound, which also has its process killed and
 replaced.  Nothing depends on the worker processes being healthy.
+
+Worker processes are started with ``spawn()``: a fresh interpreter that
+imports only what its work needs.  Not with multiprocessing's own start
+methods: its "spawn" imports the daemon's main module again in every child and
+keeps a resource tracker process beside them, another interpreter for
+semaphores and shared memory the daemon never uses.
 """
 
 from __future__ import annotations
@@ -22,12 +28,13 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import multiprocessing
 import multiprocessing.connection
 import os
 import queue
 import resource
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -42,6 +49,68 @@ C = TypeVar("C")  # what the processes are given once: the context of every call
 CHILD_MEMORY = 2 << 30  # address-space cap of a worker process
 SHORT_LIFE = 10.0  # seconds: a process that ends sooner is restarted only after a pause
 MAX_PAUSE = 60.0  # seconds: the longest pause before a restart
+
+
+# What a worker process runs first: the daemon's sys.path, then its work, from the pipe.
+_BOOT = """\
+import sys
+from multiprocessing.connection import Connection
+conn = Connection(int(sys.argv[1]))
+sys.path[:] = conn.recv()
+target, args = conn.recv()
+del sys, Connection
+target(conn, *args)
+"""
+
+
+class Process:
+    """A worker process: what the pools need of multiprocessing.Process."""
+
+    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
+        self._popen = popen
+        self.pid = popen.pid
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while it runs; negative: the signal that ended it."""
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self._popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._popen.wait(timeout)
+
+
+def spawn(target: Callable[..., None], *args: Any
+          ) -> tuple[Process, multiprocessing.connection.Connection]:
+    """A fresh interpreter that runs ``target(conn, *args)`` (``target`` module-level,
+    ``args`` picklable) with ``conn`` its end of the pipe returned here.  Blocks until
+    the child has read its work: call it from a thread, not the loop."""
+    ours, theirs = multiprocessing.connection.Pipe()
+    try:
+        popen = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno())],
+                                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+    process = Process(popen)
+    try:
+        ours.send(sys.path)
+        ours.send((target, args))
+    except BaseException:
+        process.kill()
+        process.join(5)
+        ours.close()
+        raise
+    return process, ours
 
 
 class WorkerError(Exception):
@@ -92,7 +161,7 @@ def _serve(conn: multiprocessing.connection.Connection, name: str, threads: int,
 
 @dataclass(eq=False)
 class _Child:
-    process: multiprocessing.process.BaseProcess
+    process: Process
     conn: multiprocessing.connection.Connection
     pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
     started: float = field(default_factory=time.monotonic)
@@ -113,7 +182,6 @@ class WorkerPool(Generic[C]):
         self.threads = threads
         self.context = context
         self.timeout = timeout
-        self._ctx = multiprocessing.get_context("spawn")
         self._children: list[_Child] = []
         self._numbers = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -127,14 +195,8 @@ class WorkerPool(Generic[C]):
             await asyncio.to_thread(self._spawn)
 
     def _spawn(self) -> None:
-        parent, child_end = self._ctx.Pipe()
-        process = self._ctx.Process(target=_serve,
-                                    args=(child_end, f"mailflowr-{self.name}", self.threads,
-                                          self.context),
-                                    name=f"mailflowr-{self.name}", daemon=True)
-        process.start()
-        child_end.close()
-        child = _Child(process, parent)
+        process, conn = spawn(_serve, f"mailflowr-{self.name}", self.threads, self.context)
+        child = _Child(process, conn)
         self._children.append(child)
         threading.Thread(target=self._read, args=(child,), name=f"{self.name}-reader",
                          daemon=True).start()

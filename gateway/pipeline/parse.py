@@ -14,7 +14,6 @@ import asyncio
 import concurrent.futures
 import email.utils
 import logging
-import multiprocessing
 import multiprocessing.connection
 import re
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from typing import Any
 from gateway.headers import header_end
 from gateway.pipeline.classify import Classifier
 from gateway.store.records import ParsedFields
-from gateway.workers import child_setup
+from gateway.workers import Process, child_setup, spawn
 
 log = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ def _serve(conn: multiprocessing.connection.Connection) -> None:
 
 @dataclass
 class _Child:
-    process: multiprocessing.process.BaseProcess
+    process: Process
     conn: multiprocessing.connection.Connection
 
 
@@ -174,7 +173,6 @@ class ParserPool:
     def __init__(self, size: int, timeout: float) -> None:
         self.size = size
         self.timeout = timeout
-        self._ctx = multiprocessing.get_context("spawn")
         self._idle: asyncio.Queue[_Child] | None = None
         self._children: list[_Child] = []
         # A thread per parser waits for its answer: not the loop's executor threads,
@@ -182,12 +180,7 @@ class ParserPool:
         self._waiting = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="parse")
 
     def _spawn(self) -> _Child:
-        parent, child = self._ctx.Pipe()
-        process = self._ctx.Process(target=_serve, args=(child,), name="mailflowr-parser",
-                                    daemon=True)
-        process.start()
-        child.close()
-        c = _Child(process, parent)
+        c = _Child(*spawn(_serve))
         self._children.append(c)
         return c
 
