@@ -67,7 +67,7 @@ from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import Store, one_line
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
-from gateway.workers import WorkerPool
+from gateway.workers import WorkerPool, spawn
 
 if TYPE_CHECKING:
     from gateway.api import AdminAPI
@@ -77,6 +77,26 @@ log = logging.getLogger(__name__)
 
 class StartupError(Exception):
     """The daemon cannot start; the text says why, in one line."""
+
+
+def upgrade_apart(url: str) -> None:
+    """Upgrade the database's schema in a process of its own, so the daemon does not
+    carry Alembic for its whole life (see gateway.store.database)."""
+    process, conn = spawn(database.upgrade_child, url)
+    try:
+        ok, value = conn.recv()
+    except (EOFError, OSError):
+        process.join(5)
+        raise StartupError("database schema upgrade failed: the upgrading process ended "
+                           f"(exit code {process.exitcode})") from None
+    finally:
+        conn.close()
+        process.join(30)
+    if not ok:
+        raise StartupError(f"database schema upgrade failed: {value}")
+    before, after = value
+    if before != after:
+        log.info("database schema upgraded from %s to %s", before or "empty", after)
 
 
 def open_store(
@@ -92,14 +112,13 @@ def open_store(
     engine = database.create(config.database.url, pool_size=config.database.pool_size)
     try:
         current = database.current_revision(engine)
-        head = database.head_revision()
-        if current != head:
+        if current != database.HEAD:
             if database.is_sqlite(engine) and upgrade_sqlite:
-                database.upgrade(engine)
+                upgrade_apart(config.database.url)
             else:
                 raise StartupError(
-                    f"database schema is at {current or 'nothing'}, this version needs {head}: "
-                    "run 'mailflowr-gateway db upgrade' first"
+                    f"database schema is at {current or 'nothing'}, this version needs "
+                    f"{database.HEAD}: run 'mailflowr-gateway db upgrade' first"
                 )
     except SQLAlchemyError as exc:
         engine.dispose()

@@ -11,7 +11,9 @@ import threading
 import time
 
 import pytest
+from sqlalchemy import text
 
+from gateway.store import database
 from tests.conftest import (
     RawClient,
     need_tool,
@@ -159,6 +161,44 @@ def test_unreachable_database_at_start_is_one_clear_line(make_gateway, backend):
     assert result.returncode == 1
     err = result.stderr.decode()
     assert "database unreachable" in err and "Traceback" not in err
+
+
+def test_the_schema_this_code_needs_is_the_newest_migration():
+    newest = database.head_revision()
+    assert database.HEAD == newest, f"set gateway.store.database.HEAD to {newest!r}"
+
+
+@pytest.mark.sqlite_only
+def test_a_new_sqlite_database_is_upgraded_at_start(make_gateway, backend):
+    gw = make_gateway()
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
+    assert len(gw.wait_processed(1)) == 1
+    assert database.current_revision(gw.store.engine) == database.HEAD
+    assert f"database schema upgraded from empty to {database.HEAD}" in gw.log()
+
+
+@pytest.mark.sqlite_only
+def test_a_failed_upgrade_at_start_is_one_clear_line(make_gateway, backend):
+    """A database from a newer version: no migration leads from its revision."""
+    gw = make_gateway(start=False)
+    gw.cli("db", "upgrade", check=True)
+    with gw.store.engine.begin() as conn:
+        conn.execute(text(f"UPDATE {database.VERSION_TABLE} SET version_num = '9999'"))
+    result = gw.cli("serve", timeout=60)
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert "database schema upgrade failed" in err and "9999" in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_postgresql_behind_the_code_is_not_upgraded_by_the_daemon(make_gateway, backend):
+    gw = make_gateway(start=False)
+    result = gw.cli("serve", timeout=60)
+    assert result.returncode == 1
+    assert "run 'mailflowr-gateway db upgrade' first" in result.stderr.decode()
+    assert database.current_revision(gw.store.engine) is None
 
 
 @pytest.mark.sqlite_only

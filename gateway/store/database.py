@@ -5,24 +5,32 @@ returns), foreign keys on, and write transactions that take the write lock at
 BEGIN (``BEGIN IMMEDIATE``), so two writers wait for each other instead of
 failing half-way.  PostgreSQL runs with synchronous_commit on.  Alembic
 migrations ship inside the package; ``upgrade()`` applies them.
+
+Alembic (with Mako and Pygments, 11 MiB) is loaded only to upgrade: the daemon
+reads the schema's revision with one query and, when a SQLite database needs
+an upgrade at start, has ``upgrade_child`` do it in a short-lived process.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.engine import make_url
+
+if TYPE_CHECKING:
+    from multiprocessing.connection import Connection
+
+    from alembic.config import Config as AlembicConfig
 
 log = logging.getLogger(__name__)
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+# The revision this code works with: the newest in migrations/versions (a test checks).
+HEAD = "0008"
+VERSION_TABLE = "alembic_version"  # where Alembic records a database's revision
 SQLITE_BUSY_TIMEOUT_MS = 30_000
 
 
@@ -75,6 +83,8 @@ def _sqlite_begin(conn: Any) -> None:
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:
+    from alembic.config import Config as AlembicConfig
+
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["engine"] = engine
@@ -82,19 +92,26 @@ def _alembic_config(engine: Engine) -> AlembicConfig:
 
 
 def head_revision() -> str:
-    script = ScriptDirectory(str(MIGRATIONS))
-    head = script.get_current_head()
+    """The newest revision among the migrations, as Alembic reads them."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
     assert head is not None
     return head
 
 
 def current_revision(engine: Engine) -> str | None:
-    with engine.connect() as conn:
-        return MigrationContext.configure(conn).get_current_revision()
+    """The database's revision; None for an empty database."""
+    with engine.connect().execution_options(readonly=True) as conn:
+        if not inspect(conn).has_table(VERSION_TABLE):
+            return None
+        return conn.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
 
 
 def upgrade(engine: Engine) -> tuple[str | None, str]:
     """Apply every pending migration; returns (revision before, revision after)."""
+    from alembic import command
+
     before = current_revision(engine)
     command.upgrade(_alembic_config(engine), "head")
     after = current_revision(engine)
@@ -102,3 +119,17 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     if before != after:
         log.info("database schema upgraded from %s to %s", before or "empty", after)
     return before, after
+
+
+def upgrade_child(conn: Connection, url: str) -> None:
+    """``upgrade()`` in a process of its own (see gateway.workers.spawn): sends back
+    (True, (before, after)), or (False, the error in one line)."""
+    engine = create(url, pool_size=1)
+    try:
+        result: tuple[bool, Any] = (True, upgrade(engine))
+    except Exception as exc:
+        first = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+        result = (False, first[0] if first else exc.__class__.__name__)
+    finally:
+        engine.dispose()
+    conn.send(result)
