@@ -8,7 +8,9 @@ One connection per message (like Postfix's smtp-source without -m reuse), unless
 --per-connection N.  Latency is measured from the final dot to the 250 (the time the
 server takes to store the message durably) and for the whole session.  The server's
 RSS is sampled from /proc every 20 ms (the process listening on the port and its
-children); the peak is printed.  Only 127.0.0.1/::1 targets are allowed.
+children); the peak is printed.  With --idle, each of those processes is listed with
+its RSS and PSS (the PSS column adds up to the memory the whole server holds; summed
+RSS counts shared libraries once per process).  Only 127.0.0.1/::1 targets are allowed.
 """
 
 from __future__ import annotations
