@@ -63,6 +63,8 @@ def parse_duration(value: Any) -> Any:
 
 Size = Annotated[int, BeforeValidator(parse_size), Field(ge=0)]
 Duration = Annotated[float, BeforeValidator(parse_duration), Field(ge=0)]
+# How long a dead instance's claims wait before others take them (renewed while alive).
+LeaseTime = Annotated[float, BeforeValidator(parse_duration), Field(ge=1)]
 
 
 def parse_hostport(value: str) -> tuple[str, int]:
@@ -186,7 +188,7 @@ class PipelineConfig(_Section):
     parse_timeout: Duration = 20.0
     batch_size: int = Field(default=50, ge=1)
     poll_interval: Duration = 2.0
-    lease_time: Duration = 300.0
+    lease_time: LeaseTime = 300.0
 
 
 class MetricsConfig(_Section):
@@ -456,7 +458,7 @@ class DeliveryConfig(_Section):
     retry_base: Duration = 60.0
     retry_max: Duration = 3600.0
     max_age: Duration = 5 * 86400.0
-    lease_time: Duration = 300.0
+    lease_time: LeaseTime = 300.0
     # Without a relay, copies may go straight to the recipient domain's MX hosts.
     mx_lookup: bool = False
     # host:port of DNS servers for MX lookups; empty: the system's (/etc/resolv.conf).

@@ -46,6 +46,8 @@ def _problems(tmp_path, text, env=None):
         ("smtp: [\n", "gw.yaml:2:1: "),
         ("smtp:\n  idle_timeout: forever\n", "gw.yaml:2:3: smtp.idle_timeout: expected a duration"),
         ("database:\n  url: mysql://x/y\n", "gw.yaml:2:3: database.url: only sqlite"),
+        ("delivery:\n  lease_time: 0s\n",
+         "gw.yaml:2:3: delivery.lease_time: Input should be greater than or equal to 1"),
         ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n  b:\n    domains: [a.test]\n"
          "    catch_all: true\n", "domain a.test belongs to both a and b"),
         ("tenants:\n  a:\n    domains: [a.test]\n    addresses: [x@b.test]\n",

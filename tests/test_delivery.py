@@ -8,7 +8,7 @@ from datetime import timedelta
 
 import pytest
 
-from tests.conftest import simple_message
+from tests.conftest import simple_message, wait_for
 
 RETENTION = """
 default: 1y
@@ -109,6 +109,28 @@ def test_route_to_a_destination(make_gateway, tmp_path, sinks):
     row = _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")[0]
     assert (row["kind"], row["destination"]) == ("route", "finance")
     assert gw.messages()[0]["tags"] == ["invoice"]
+
+
+def test_a_delivery_slower_than_its_lease_keeps_it_and_is_sent_once(make_gateway, tmp_path,
+                                                                     sinks):
+    """The destination takes 4 s to answer the dot; the lease is 1 s.  While the
+    attempt goes on its lease is renewed: neither this instance nor another claims
+    the delivery again, and the copy is sent once."""
+    _, finance = sinks
+    finance.handler.delay = 4.0
+    gw = _gateway(make_gateway, tmp_path, sinks, lease_time="1s")
+    _send_to_billing(gw)
+    wait_for(lambda: finance.handler.attempts == 1, what="the attempt to begin")
+    deadline = time.monotonic() + 3.0  # three lease times, the copy still on its way
+    while time.monotonic() < deadline:
+        assert gw.store.claim_deliveries("other-host:1", 10, 60) == []
+        time.sleep(0.2)
+    assert finance.messages == []  # the probes really ran while the attempt went on
+    finance.wait(1)
+    row = _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")[0]
+    assert (row["attempts"], row["lease_owner"]) == (1, None)
+    time.sleep(1.5)  # nothing is sent again once the lease would have run out
+    assert len(finance.messages) == 1 and finance.handler.attempts == 1
 
 
 def test_discard_and_late_reject_send_nothing(make_gateway, tmp_path, sinks):

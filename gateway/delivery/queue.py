@@ -35,6 +35,7 @@ from gateway.delivery.compose import compose
 from gateway.delivery.imap_append import Appender, AppendJob
 from gateway.delivery.mx import LookupFailed, MXResolver
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
+from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
 from gateway.policy.loader import PolicySet
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
@@ -73,6 +74,7 @@ class DeliveryWorker:
         self.clock = clock
         self.host = socket.gethostname()[:40]
         self.owner = f"{self.host}:{os.getpid()}"
+        self.leases = LeaseKeeper(store, "deliveries", self.owner, self.settings.lease_time)
         self.wakeup = asyncio.Event()
         self.sender = Sender(helo=config.smtp.hostname, reply_timeout=self.settings.timeout,
                              max_idle=self.settings.concurrency)
@@ -96,6 +98,7 @@ class DeliveryWorker:
         self._results: asyncio.Queue[tuple[DeliveryJob, AttemptResult] | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_results(), name="delivery-results")
         self._task = asyncio.create_task(self._run(), name="delivery")
+        self.leases.start()
 
     async def stop(self) -> None:
         """Let sends in flight finish, record their results, and stop."""
@@ -105,6 +108,7 @@ class DeliveryWorker:
             await self._task
             await self._results.put(None)
             await self._writer
+        await self.leases.stop()
         await self.sender.close()
         await self.appender.close()
 
@@ -166,6 +170,10 @@ class DeliveryWorker:
                     )
                 except Exception:  # loop boundary: the database may be away; try again later
                     log.exception("delivery: claiming work failed")
+            # one of ours still in hand, its lease run out while renewals failed: it is
+            # claimed again (the lease is ours once more) but not sent a second time
+            jobs = [job for job in jobs if job.id not in self.leases.held]
+            self.leases.hold(job.id for job in jobs)
             for job in jobs:
                 task = asyncio.create_task(self._guarded(job))
                 in_flight.add(task)
@@ -198,6 +206,7 @@ class DeliveryWorker:
             result = await self.deliver(job)
         except Exception:  # the one catch-all per delivery: its lease will expire
             log.exception("delivery %d of %s failed unexpectedly", job.id, job.message_id)
+            self.leases.drop((job.id,))
             return
         await self._results.put((job, result))
 
@@ -238,6 +247,7 @@ class DeliveryWorker:
                 pause = min(pause * 2, 30.0)
                 continue
             pause = 0.5
+            self.leases.drop(job.id for job, _ in group)
             for (job, result), ok in zip(group, saved, strict=True):
                 if not ok:
                     log.warning("delivery %d: lease lost before its result was saved", job.id)

@@ -28,6 +28,7 @@ from gateway.auth import srs
 from gateway.auth.inbound import AuthResults
 from gateway.auth.work import AuthCalls
 from gateway.config import KeepOriginalConfig
+from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
@@ -78,6 +79,7 @@ class PipelineWorker:
         self.lease_time = lease_time
         self.host = socket.gethostname()[:40]
         self.owner = f"{self.host}:{os.getpid()}"
+        self.leases = LeaseKeeper(store, "messages", self.owner, lease_time)
         self.wakeup = asyncio.Event()
         self.metrics = metrics
         self.auth = auth  # DKIM/SPF/ARC/DMARC of inbound mail; None: not checked
@@ -90,6 +92,7 @@ class PipelineWorker:
     def start(self) -> None:
         self.store.notify_on_commit(self.wakeup)
         self._task = asyncio.create_task(self._run(), name="pipeline")
+        self.leases.start()
 
     async def stop(self) -> None:
         """Finish the message in hand, give the rest of the claim back, and stop."""
@@ -97,6 +100,7 @@ class PipelineWorker:
         self.wakeup.set()
         if self._task is not None:
             await self._task
+        await self.leases.stop()
 
     async def _run(self) -> None:
         try:
@@ -116,7 +120,11 @@ class PipelineWorker:
                 self._failed("claim")
                 ids = []
             if ids:
-                await self._process_claim(ids)
+                self.leases.hold(ids)
+                try:
+                    await self._process_claim(ids)
+                finally:
+                    self.leases.drop(ids)
                 if len(ids) < self.batch_size and not self._stopping:
                     # Under a stream of mail, let a batch gather instead of waking for each
                     # commit: fewer, larger transactions, and more CPU left for accepting.

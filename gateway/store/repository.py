@@ -588,6 +588,18 @@ class Store:
                 .values(lease_owner=None, lease_until=None, attempts=messages.c.attempts - 1)
             )
 
+    def renew_leases(self, table: str, owner: str, ids: Sequence[str | int],
+                     lease: float) -> int:
+        """Extend ``owner``'s leases on these rows of ``messages`` or ``deliveries`` to
+        ``lease`` seconds from now; returns how many it still held."""
+        rows = {"messages": messages, "deliveries": deliveries}[table]
+        with self.engine.begin() as conn:
+            return conn.execute(
+                update(rows)
+                .where(rows.c.id.in_(list(ids)), rows.c.lease_owner == owner)
+                .values(lease_until=utcnow() + timedelta(seconds=lease))
+            ).rowcount
+
     # ------------------------------------------------------------ reading
     def list_messages(
         self, tenant: str | None = None, limit: int | None = None, status: str | None = None
