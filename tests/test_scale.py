@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import socket
 import time
 
 import pytest
 
-from tests.conftest import _merge, gateway_with_rules, wait_for
+from tests.conftest import _merge, gateway_with_rules, simple_message, wait_for
 from tests.load import Load
 
 RULES = """
@@ -65,3 +66,28 @@ def test_three_instances_under_load_survive_a_kill_9(make_gateway, tmp_path, rel
     assert {d["status"] for d in deliveries} == {"sent"}
     for gw in (first, third):
         assert " delivered queue_id=" in gw.log()
+
+
+def test_a_pipeline_step_slower_than_its_lease_keeps_the_claim(make_gateway):
+    """The inbound checks wait on a DNS server that never answers (2 x 2.5 s); the
+    lease is 1 s.  The claim is renewed meanwhile: another instance claiming then gets
+    nothing, and the message is processed once, on its first attempt."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        gw = make_gateway({
+            "pipeline": {"lease_time": "1s"},
+            "delivery": {"dns_servers": [f"127.0.0.1:{silent.getsockname()[1]}"],
+                         "dns_timeout": "2.5s"},
+        })
+        with gw.smtp() as s:
+            s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
+        wait_for(lambda: gw.messages()[0]["lease_owner"] is not None, what="the claim")
+        started = time.monotonic()
+        while gw.messages()[0]["status"] == "received":
+            assert gw.store.claim("other-host:1", 10, 60) == []
+            time.sleep(0.2)
+        slow = time.monotonic() - started
+    row = gw.messages()[0]
+    assert slow > 3.0, f"the checks took {slow:.1f} s: the lease was never at risk"
+    assert (row["status"], row["attempts"], row["lease_owner"]) == ("processed", 1, None)
+    assert "spf=temperror" in (row["auth_header"] or ""), row["auth_header"]
