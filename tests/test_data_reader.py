@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.ingress.smtp import DataReader
+from gateway.ingress.smtp import MAX_TEXT_LINE, DataReader, has_long_line
 
 
 def _read(chunks: list[bytes], limit: int) -> tuple[bytes | None, bytes]:
@@ -50,3 +50,39 @@ def test_oversize_is_refused_whichever_chunk_carries_the_end(split):
 def test_content_at_the_limit_is_accepted():
     content = b"a" * 198 + b"\r\n"
     assert _read([content + b".\r\n"], limit=200)[0] == content
+
+
+STUFFED = (b"..starts with a dot\r\n"
+           b"middle\r\n"
+           b"..\r\n"          # a line that is one dot
+           b".\r\r\n"        # a dot, then a bare CR: not the end
+           b"...three\r\n")
+UNSTUFFED = b".starts with a dot\r\nmiddle\r\n.\r\n\r\r\n..three\r\n"
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 5, 6, 7, 13, 1000])
+def test_stuffing_is_undone_across_any_chunk_boundary(cut):
+    stream = STUFFED + b".\r\nQUIT\r\n"
+    chunks = [stream[i:i + cut] for i in range(0, len(stream), cut)]
+    assert _read(chunks, limit=10_000) == (UNSTUFFED, b"QUIT\r\n")
+
+
+@pytest.mark.parametrize("cut", [1, 2, 3, 4, 5, 64])
+def test_a_message_without_stuffing_is_returned_as_sent(cut):
+    body = b"Subject: x\r\n\r\nno dots. at all.\r\n \r\n"
+    stream = body + b".\r\nQUIT\r\n"
+    chunks = [stream[i:i + cut] for i in range(0, len(stream), cut)]
+    assert _read(chunks, limit=10_000) == (body, b"QUIT\r\n")
+
+
+def test_long_lines_are_found_wherever_they_are():
+    short = b"x" * 76 + b"\r\n"
+    at_limit = b"y" * MAX_TEXT_LINE + b"\r\n"
+    over = b"z" * (MAX_TEXT_LINE + 1) + b"\r\n"
+    assert not has_long_line(b"")
+    assert not has_long_line(short * 2000)
+    assert not has_long_line(at_limit * 3 + short * 50 + at_limit)
+    for where in (0, 1, 700, 2000):
+        assert has_long_line(short * where + over + short * 3), where
+    assert has_long_line(short * 9 + over)  # the last line
+    assert has_long_line(b"w" * 5000)  # no line end at all
