@@ -7,6 +7,7 @@ import hashlib
 import json
 import mailbox
 import tarfile
+import time
 import tracemalloc
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import pytest
 
 from gateway.config import GatewayConfig
-from gateway.privacy.export import export, mbox_entry
+from gateway.privacy.export import ArchiveWriter, export, mbox_entry
 from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import NewMessage, _insert_messages, utcnow
 from tests.conftest import gateway_with_rules
@@ -208,10 +209,18 @@ def test_export_memory_does_not_grow_with_the_mail(store, tmp_path, monkeypatch)
     from gateway.store.models import message_addresses, message_blobs, messages
     from gateway.store.privacy import ExportReader
 
-    # Groups of at most 1 MB: each export is many times the working set, so both reach
-    # it whichever of the reading and the writing thread runs ahead.
+    # Groups of at most 1 MB: each export is many times the working set.  The writing
+    # side is the slow one (a slow disk), so the reading thread always runs ahead and
+    # both exports fill the read-ahead: which thread is faster must not decide the peak.
     monkeypatch.setattr(ExportReader, "PAGE", 50)
     monkeypatch.setattr(ExportReader, "BLOB_BYTES", 1 << 20)
+    add_bytes = ArchiveWriter.add_bytes
+
+    def slow_add_bytes(self: ArchiveWriter, *args: Any, **kw: Any) -> None:
+        time.sleep(0.001)
+        add_bytes(self, *args, **kw)
+
+    monkeypatch.setattr(ArchiveWriter, "add_bytes", slow_add_bytes)
     _fill(store, 1500, 20_000)
     small, small_bytes = _peak(store, tmp_path, "small.tar")
     with store.engine.begin() as conn:
