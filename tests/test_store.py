@@ -6,7 +6,8 @@ import asyncio
 import hashlib
 
 from gateway.store.ids import new_id
-from gateway.store.repository import NewMessage, utcnow
+from gateway.store.records import ParsedFields
+from gateway.store.repository import NewMessage, Outcome, PlannedDelivery, utcnow
 
 
 def _accept(store, count):
@@ -46,3 +47,39 @@ def test_dead_leases_of_this_host_are_freed(store):
     freed = store.release_dead_leases("thishost", alive=lambda pid: pid != 999999)
     assert freed == 2
     assert sorted(store.claim("thishost:1", 10, lease=300)) == sorted(ids)
+
+
+def _parsed(subject: str) -> ParsedFields:
+    return ParsedFields(message_id=f"<{subject}@sender.test>", header_from="a@sender.test",
+                        header_to="support@acme.test", header_cc=None, subject=subject,
+                        date=None, attachments=[], defects=[], parse_failed=False,
+                        addresses=[("from", "a@sender.test"), ("to", "support@acme.test")])
+
+
+def test_finishing_a_batch_saves_only_what_is_still_ours(store):
+    """One transaction for the batch; a message whose lease another worker took in the
+    meantime is left to it, untouched, and the others are saved whole."""
+    ids = sorted(_accept(store, 3))
+    assert sorted(store.claim("host:1", 10, lease=0)) == ids  # leases run out at once
+    [stolen] = store.claim("host:2", 1, lease=300)  # one is taken over
+    kept = [mid for mid in ids if mid != stolen]
+    copy = (PlannedDelivery("bcc", "archive@vault.test", None, "archive"),)
+    results = store.finish_many("host:1", [
+        (mid, _parsed(f"s-{mid}"), Outcome(tags=("support",), deliveries=copy)) for mid in ids
+    ])
+    assert results == [mid != stolen for mid in ids] and results.count(False) == 1
+    for mid in kept:
+        row = store.get_message(mid)
+        assert (row["status"], row["subject"], row["lease_owner"]) == ("processed", f"s-{mid}",
+                                                                       None)
+        assert row["tags"] == ["support"]
+        assert ("from", "a@sender.test") in row["addresses"]
+        assert ("rcpt_to", "support@acme.test") in row["addresses"]  # envelope rows kept
+    taken = store.get_message(stolen)
+    assert (taken["status"], taken["subject"], taken["lease_owner"]) == ("received", None,
+                                                                        "host:2")
+    planned = store.list_deliveries()
+    assert sorted(d["message_id"] for d in planned) == kept
+    assert {(d["tenant_id"], d["kind"], d["recipient"]) for d in planned} == {
+        ("acme", "bcc", "archive@vault.test")}
+    assert store.finish_many("host:1", [(stolen, _parsed("late"), Outcome())]) == [False]

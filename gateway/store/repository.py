@@ -88,11 +88,23 @@ _FINISH = (
         lease_owner=None, lease_until=None, last_error=None,
     )
 )
-_CLEAR_HEADER_ADDRESSES = delete(message_addresses).where(
-    message_addresses.c.message_id == bindparam("b_id"),
-    message_addresses.c.role.not_in(("mail_from", "rcpt_to")),
-)
-_TENANT_OF = select(messages.c.tenant_id).where(messages.c.id == bindparam("b_id"))
+
+
+def _finish_params(owner: str, now: datetime, message_id: str, parsed: ParsedFields,
+                   outcome: Outcome) -> dict[str, Any]:
+    return {
+        "b_id": message_id, "b_owner": owner, "b_now": now,
+        "b_message_id": parsed.message_id, "b_header_from": parsed.header_from,
+        "b_header_to": parsed.header_to, "b_header_cc": parsed.header_cc,
+        "b_subject": parsed.subject, "b_date": parsed.date,
+        "b_attachments": parsed.attachments,
+        "b_defects": [*parsed.defects, *outcome.notes], "b_tags": list(outcome.tags),
+        "b_tag_key": tag_key(outcome.tags), "b_policy_version": outcome.policy_version,
+        "b_parse_failed": parsed.parse_failed,
+        "b_auth_results": outcome.auth_results, "b_auth_header": outcome.auth_header,
+    }
+
+
 _ATTEMPT = (
     update(deliveries)
     .where(deliveries.c.id == bindparam("b_id"), deliveries.c.lease_owner == bindparam("b_owner"))
@@ -525,46 +537,36 @@ class Store:
         result, tags, planned deliveries and status change land together or not
         at all.  An entry is False (nothing changed) where the lease was lost.
         """
-        with self.engine.begin() as conn:
-            return [self._finish(conn, owner, *item) for item in items]
-
-    @staticmethod
-    def _finish(conn: Any, owner: str, message_id: str, parsed: ParsedFields,
-                outcome: Outcome) -> bool:
         now = utcnow()
-        done = conn.execute(_FINISH, {
-            "b_id": message_id, "b_owner": owner, "b_now": now,
-            "b_message_id": parsed.message_id, "b_header_from": parsed.header_from,
-            "b_header_to": parsed.header_to, "b_header_cc": parsed.header_cc,
-            "b_subject": parsed.subject, "b_date": parsed.date,
-            "b_attachments": parsed.attachments,
-            "b_defects": [*parsed.defects, *outcome.notes], "b_tags": list(outcome.tags),
-            "b_tag_key": tag_key(outcome.tags), "b_policy_version": outcome.policy_version,
-            "b_parse_failed": parsed.parse_failed,
-            "b_auth_results": outcome.auth_results, "b_auth_header": outcome.auth_header,
-        }).rowcount
-        if done != 1:
-            return False
-        conn.execute(_CLEAR_HEADER_ADDRESSES, {"b_id": message_id})
-        if parsed.addresses:
-            conn.execute(
-                insert(message_addresses),
-                [{"message_id": message_id, "role": role, "address": addr}
-                 for role, addr in parsed.addresses],
-            )
-        if outcome.deliveries:
-            tenant = conn.execute(_TENANT_OF, {"b_id": message_id}).scalar_one()
-            conn.execute(
-                insert(deliveries),
-                [
-                    {"message_id": message_id, "tenant_id": tenant, "kind": d.kind,
-                     "recipient": d.recipient, "destination": d.destination, "rule": d.rule,
-                     "status": PENDING, "attempts": 0, "created_at": now,
-                     "next_attempt_at": now}
-                    for d in outcome.deliveries
-                ],
-            )
-        return True
+        with self.engine.begin() as conn:
+            # The rows still ours, locked until the commit (SQLite: the write lock is).
+            held = {r.id: r.tenant_id for r in conn.execute(
+                select(messages.c.id, messages.c.tenant_id)
+                .where(messages.c.id.in_([message_id for message_id, _, _ in items]),
+                       messages.c.status == RECEIVED, messages.c.lease_owner == owner)
+                .with_for_update()
+            )}
+            mine = [item for item in items if item[0] in held]
+            if not mine:
+                return [False] * len(items)
+            conn.execute(_FINISH, [_finish_params(owner, now, *item) for item in mine])
+            conn.execute(delete(message_addresses).where(
+                message_addresses.c.message_id.in_([message_id for message_id, _, _ in mine]),
+                message_addresses.c.role.not_in(("mail_from", "rcpt_to")),
+            ))
+            addresses = [{"message_id": message_id, "role": role, "address": addr}
+                         for message_id, parsed, _ in mine for role, addr in parsed.addresses]
+            if addresses:
+                conn.execute(insert(message_addresses), addresses)
+            planned = [
+                {"message_id": message_id, "tenant_id": held[message_id], "kind": d.kind,
+                 "recipient": d.recipient, "destination": d.destination, "rule": d.rule,
+                 "status": PENDING, "attempts": 0, "created_at": now, "next_attempt_at": now}
+                for message_id, _, outcome in mine for d in outcome.deliveries
+            ]
+            if planned:
+                conn.execute(insert(deliveries), planned)
+        return [message_id in held for message_id, _, _ in items]
 
     def quarantine(self, message_id: str, owner: str, error: str) -> None:
         with self.engine.begin() as conn:
