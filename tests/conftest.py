@@ -9,6 +9,7 @@ those tests are skipped with the reason, unless MAILFLOWR_TEST_REQUIRE_POSTGRES=
 
 from __future__ import annotations
 
+import atexit
 import functools
 import os
 import shutil
@@ -17,6 +18,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -157,14 +159,15 @@ def need_perl_module(module: str, package: str) -> str:
 
 
 class PostgresDatabase:
-    """A throwaway database on the test server."""
+    """A throwaway database on the test server (a copy of ``template`` when given)."""
 
-    def __init__(self, server_url: str) -> None:
+    def __init__(self, server_url: str, template: str | None = None) -> None:
         self.server_url = server_url
         self.name = f"mailflowr_test_{uuid.uuid4().hex[:12]}"
+        copy = f' TEMPLATE "{template}"' if template else ""
         admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
-            conn.execute(text(f'CREATE DATABASE "{self.name}"'))
+            conn.execute(text(f'CREATE DATABASE "{self.name}"{copy}'))
         admin.dispose()
         self.url = make_url(server_url).set(database=self.name).render_as_string(
             hide_password=False
@@ -177,10 +180,34 @@ class PostgresDatabase:
         admin.dispose()
 
 
-def database_url(backend: str, directory: Path, cleanups: list[Any]) -> str:
+@functools.cache
+def _upgraded_template(backend: str) -> str:
+    """A database at the current schema, made once per run, that tests start from as a
+    copy: the daemon's own upgrade at start is tested on its own (test_durability)."""
     if backend == "sqlite":
+        folder = tempfile.mkdtemp(prefix="mailflowr-template-")
+        atexit.register(shutil.rmtree, folder, True)
+        url = f"sqlite:///{folder}/gateway.db"
+        name = f"{folder}/gateway.db"
+    else:
+        pg = PostgresDatabase(postgres_server_url())
+        atexit.register(pg.drop)
+        url, name = pg.url, pg.name
+    engine = database.create(url, pool_size=1)
+    database.upgrade(engine)
+    engine.dispose()
+    return name
+
+
+def database_url(backend: str, directory: Path, cleanups: list[Any],
+                 fresh: bool = False) -> str:
+    """A database of its own for a test: empty when ``fresh``, else at the current schema."""
+    template = None if fresh else _upgraded_template(backend)
+    if backend == "sqlite":
+        if template is not None:
+            shutil.copyfile(template, directory / "gateway.db")
         return f"sqlite:///{directory / 'gateway.db'}"
-    pg = PostgresDatabase(postgres_server_url())
+    pg = PostgresDatabase(postgres_server_url(), template)
     cleanups.append(pg.drop)
     return pg.url
 
@@ -217,7 +244,8 @@ class Gateway:
         return result
 
     def start(self, wait: bool = True, env: dict[str, str] | None = None) -> Gateway:
-        if not database.is_sqlite(self.db_url):
+        if (not database.is_sqlite(self.db_url)
+                and database.current_revision(self.store.engine) != database.HEAD):
             self.cli("db", "upgrade", check=True)
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
@@ -383,10 +411,10 @@ def make_gateway(tmp_path: Path, backend: str) -> Iterator[Any]:
     cleanups: list[Any] = []
 
     def make(overrides: dict[str, Any] | None = None, start: bool = True,
-             db_url: str | None = None) -> Gateway:
+             db_url: str | None = None, fresh: bool = False) -> Gateway:
         directory = tmp_path / f"gw{len(made)}"
         directory.mkdir()
-        url = db_url or database_url(backend, directory, cleanups)
+        url = db_url or database_url(backend, directory, cleanups, fresh)
         gw = Gateway(directory, url, overrides)
         made.append(gw)
         return gw.start() if start else gw

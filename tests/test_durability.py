@@ -170,7 +170,7 @@ def test_the_schema_this_code_needs_is_the_newest_migration():
 
 @pytest.mark.sqlite_only
 def test_a_new_sqlite_database_is_upgraded_at_start(make_gateway, backend):
-    gw = make_gateway()
+    gw = make_gateway(fresh=True)
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
     assert len(gw.wait_processed(1)) == 1
@@ -194,7 +194,7 @@ def test_a_failed_upgrade_at_start_is_one_clear_line(make_gateway, backend):
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_postgresql_behind_the_code_is_not_upgraded_by_the_daemon(make_gateway, backend):
-    gw = make_gateway(start=False)
+    gw = make_gateway(start=False, fresh=True)
     result = gw.cli("serve", timeout=60)
     assert result.returncode == 1
     assert "run 'mailflowr-gateway db upgrade' first" in result.stderr.decode()
