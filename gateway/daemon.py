@@ -2,7 +2,7 @@
 
 ``App.run()`` opens the database (SQLite is upgraded to the current schema;
 PostgreSQL must have been upgraded with ``mailflowr-gateway db upgrade``),
-starts the group committer, the parser processes, the pipeline worker, the
+starts the group committer, the worker processes, the pipeline worker, the
 metrics endpoint and the SMTP listener on this process's own event loop, and
 then waits.  SIGTERM or SIGINT only set a flag; shutdown then stops listening,
 lets sessions that are inside a transaction finish (up to
@@ -168,8 +168,8 @@ STATS_INTERVAL = 5.0  # seconds between looks at the backlog (gauges, STATUS=, r
 TENANTS_INTERVAL = 2.0  # seconds between looks for tenants deactivated meanwhile
 LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loop stalled
 PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
-AUTH_THREADS = 8  # calls an auth process runs at once: most wait on DNS, not on the CPU
-AUTH_CALL_TIMEOUT = 300.0  # seconds before an auth process is taken for stuck and replaced
+WORKER_THREADS = 8  # calls a worker process runs at once: most wait on DNS, not on the CPU
+AUTH_CALL_TIMEOUT = 300.0  # seconds before a worker process is taken for stuck and replaced
 
 
 class App:
@@ -256,13 +256,12 @@ class App:
         self.tls = tls_context(config)
         await store.start()
         self._step("starting the worker processes")
-        parser = ParserPool(config.pipeline.parse_workers, config.pipeline.parse_timeout)
-        await parser.start()
-        authenticator = self._authenticator()
-        auth_pool = WorkerPool("auth", config.auth.workers, AUTH_THREADS,
-                               AuthWork(authenticator), AUTH_CALL_TIMEOUT)
-        await auth_pool.start()
-        auth = AuthCalls(auth_pool)
+        # One set of processes parses and authenticates: each is a whole interpreter.
+        pool = WorkerPool("work", max(config.pipeline.parse_workers, config.auth.workers),
+                          WORKER_THREADS, AuthWork(self._authenticator()), AUTH_CALL_TIMEOUT)
+        await pool.start()
+        parser = ParserPool(pool, config.pipeline.parse_workers, config.pipeline.parse_timeout)
+        auth = AuthCalls(pool, config.auth.workers)
         self.store = store
         self._step("reading the subprocessor registry")
         await self.sync_subprocessors(None)
@@ -328,7 +327,7 @@ class App:
                     started.close()
                 await self._stop_sweeping(sweeping)
                 await self._stop_background()
-                await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
+                await self._stop_parts(imap_pull, worker, delivery, pool, store)
                 raise StartupError(f"{listen}: {exc.strerror}") from None
             servers.append(server)
             self.trackers[name] = tracker
@@ -340,7 +339,7 @@ class App:
                 started.close()
             await self._stop_sweeping(sweeping)
             await self._stop_background()
-            await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
+            await self._stop_parts(imap_pull, worker, delivery, pool, store)
             raise
         self._spawn(self._watch_stats())
         self._spawn(self._watch_tenants(directory, submission))
@@ -378,7 +377,7 @@ class App:
             await admin.close()
         await self._stop_sweeping(sweeping)
         await self._stop_background()
-        await self._stop_parts(imap_pull, worker, delivery, parser, auth_pool, store)
+        await self._stop_parts(imap_pull, worker, delivery, pool, store)
         log.info("stopped")
         return 0
 
@@ -767,14 +766,12 @@ class App:
 
     @staticmethod
     async def _stop_parts(imap_pull: ImapPull, worker: PipelineWorker, delivery: DeliveryWorker,
-                          parser: ParserPool, auth_pool: WorkerPool[AuthWork],
-                          store: Store) -> None:
+                          pool: WorkerPool[AuthWork], store: Store) -> None:
         await imap_pull.stop()
         await worker.stop()
         await delivery.stop()
         await store.close()
-        await parser.close()
-        await auth_pool.close()
+        await pool.close()
         store.engine.dispose()
 
 
@@ -804,7 +801,7 @@ def loop_factory(choice: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
 def open_files_needed(config: GatewayConfig) -> int:
     """File descriptors the configured caps may use at once: every SMTP session at its
     cap on each listener, the delivery connections, the database pool, and a reserve
-    for logs, the metrics port, the parser and authentication processes."""
+    for logs, the metrics port and the worker processes."""
     listeners = 2 if config.submission.listen else 1
     return (listeners * config.smtp.max_connections + 2 * config.delivery.concurrency
             + config.database.pool_size + 10 + 256)

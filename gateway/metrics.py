@@ -113,10 +113,9 @@ class Metrics:
             ["tenant", "outcome"], registry=r)
         self.pipeline_stage = Histogram(
             f"{PREFIX}_pipeline_stage_duration_seconds",
-            "Duration of a pipeline stage (parse: per message, in a parser process; rules: "
-            "per message; auth: DKIM, SPF, ARC and DMARC of inbound mail, per message, in an "
-            "auth process; save: "
-            "per batch).",
+            "Duration of a pipeline stage (parse: per message, in a worker process; rules: "
+            "per message; auth: DKIM, SPF, ARC and DMARC of inbound mail, per message, in a "
+            "worker process; save: per batch).",
             ["stage"], buckets=STAGE_BUCKETS, registry=r)
         self.pipeline_failures = Counter(
             f"{PREFIX}_pipeline_failures_total",

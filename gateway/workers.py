@@ -1,19 +1,27 @@
 """Worker processes for CPU-bound work the event loop hands off: a call returns a future.
 
 The daemon's one process accepts mail, runs the pipeline and delivers; Python
-runs one thread at a time in it, so CPU work done there in threads (RSA, DKIM
-canonicalization, SPF and DMARC evaluation) slows all of that down however
-many cores the machine has.  A ``WorkerPool`` runs such work in child
+runs one thread at a time in it, so CPU work done there in threads (parsing,
+RSA, DKIM canonicalization, SPF and DMARC evaluation) slows all of that down
+however many cores the machine has.  A ``WorkerPool`` runs such work in child
 processes instead.  Each child serves several calls at once, in threads, so a
 call waiting on DNS does not hold up the others; each is given the pool's
 ``context`` once, at start, and runs ``fn(context, *args)`` with the
-module-level ``fn`` a call names.
+module-level ``fn`` a call names.  One pool serves every kind of such work:
+each process is a whole interpreter with its libraries (20-25 MiB before any
+work), so the daemon keeps as few as the configuration asks for.
 
-A call runs in a thread of the daemon instead when there is no worker
-process (``size`` 0) or its process failed it: the call raised there (it
-raises here too, the way the caller expects), the process ended, or the call
-overran the pool's time bound, which also has its process killed and
-replaced.  Nothing depends on the worker processes being healthy.
+``run()`` is for work the daemon can also do itself: the call runs in a
+thread of the daemon instead when there is no worker process for it or its
+process failed it: the call raised there (it raises here too, the way the
+caller expects), the process ended, or the call overran the pool's time
+bound, which also has its process killed and replaced.  Nothing depends on
+the worker processes being healthy.
+
+``run_alone()`` is for work that must never run in the daemon (parsing
+hostile mail): one such call at a time in a process, with a time bound of its
+own.  When it overruns, its process is killed, so that only the call at fault
+fails; calls of the other kind that were in hand there finish in the daemon.
 
 Worker processes are started with ``spawn()``: a fresh interpreter that
 imports only what its work needs.  Not with multiprocessing's own start
@@ -117,6 +125,14 @@ class WorkerError(Exception):
     """A call a worker process did not complete; the text says why."""
 
 
+class ProcessEnded(WorkerError):
+    """The process ended with the call in hand (perhaps for another call's sake)."""
+
+
+class Overran(WorkerError):
+    """The call ran past its time bound; its process was killed."""
+
+
 def child_setup(name: str) -> None:
     """What every worker process of the daemon does first (the parsers' too)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -161,9 +177,12 @@ def _serve(conn: multiprocessing.connection.Connection, name: str, threads: int,
 
 @dataclass(eq=False)
 class _Child:
+    slot: int  # its place in the pool: a replacement takes the same one
     process: Process
     conn: multiprocessing.connection.Connection
     pending: dict[int, asyncio.Future[Any]] = field(default_factory=dict)
+    alone: bool = False  # a run_alone() call is in hand
+    killed: bool = False  # on its way out: no new calls
     started: float = field(default_factory=time.monotonic)
     # Calls on their way to the process, sent by a thread of their own: never by the
     # loop (a large message would block it), nor by the loop's executor threads (those
@@ -173,7 +192,11 @@ class _Child:
 
 
 class WorkerPool(Generic[C]):
-    """``size`` processes, ``threads`` calls at a time each; ``run()`` never blocks the loop."""
+    """``size`` processes, ``threads`` calls at a time each; no call blocks the loop.
+
+    A call may be limited to the processes of the first ``among`` slots: kinds of
+    work configured with fewer processes than the pool has share it that way.
+    """
 
     def __init__(self, name: str, size: int, threads: int, context: C,
                  timeout: float) -> None:
@@ -188,20 +211,36 @@ class WorkerPool(Generic[C]):
         self._closing = False
         self._respawns: set[asyncio.Task[None]] = set()
         self._short_lives = 0  # processes in a row that ended soon after they started
+        self._changed: asyncio.Condition | None = None  # a process freed or started
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        for _ in range(self.size):
-            await asyncio.to_thread(self._spawn)
+        self._changed = asyncio.Condition()
+        for slot in range(self.size):
+            await self._start_slot(slot)
 
-    def _spawn(self) -> None:
-        process, conn = spawn(_serve, f"mailflowr-{self.name}", self.threads, self.context)
-        child = _Child(process, conn)
+    async def _start_slot(self, slot: int) -> None:
+        child = await asyncio.to_thread(self._spawn, slot)
+        if self._closing:  # closed while it started: nobody will stop it otherwise
+            self._kill(child)
+            await asyncio.to_thread(child.process.join, 5)
+            return
         self._children.append(child)
+        await self._notify()
+
+    def _spawn(self, slot: int) -> _Child:
+        process, conn = spawn(_serve, f"mailflowr-{self.name}", self.threads, self.context)
+        child = _Child(slot, process, conn)
         threading.Thread(target=self._read, args=(child,), name=f"{self.name}-reader",
                          daemon=True).start()
         threading.Thread(target=self._write, args=(child,), name=f"{self.name}-writer",
                          daemon=True).start()
+        return child
+
+    async def _notify(self) -> None:
+        assert self._changed is not None
+        async with self._changed:
+            self._changed.notify_all()
 
     def _write(self, child: _Child) -> None:
         """Calls to one child, until it ends."""
@@ -211,8 +250,9 @@ class WorkerPool(Generic[C]):
                 child.conn.send(message)
             except Exception as exc:  # a closed pipe, or arguments that cannot be pickled
                 why = f"{self.name} process unreachable: {exc.__class__.__name__}: {exc}"
+                error = ProcessEnded(why) if isinstance(exc, OSError) else WorkerError(why)
                 with contextlib.suppress(RuntimeError):  # the loop closed
-                    self._loop.call_soon_threadsafe(self._settle, child, message[0], False, why)
+                    self._loop.call_soon_threadsafe(self._fail, child, message[0], error)
 
     def _read(self, child: _Child) -> None:
         """Results of one child, handed to the loop; its end, when the pipe closes."""
@@ -228,15 +268,20 @@ class WorkerPool(Generic[C]):
         with contextlib.suppress(RuntimeError):
             self._loop.call_soon_threadsafe(self._lost, child)
 
-    @staticmethod
-    def _settle(child: _Child, number: int, ok: bool, value: Any) -> None:
-        future = child.pending.pop(number, None)
-        if future is None or future.done():
-            return  # the caller gave up on it
+    @classmethod
+    def _settle(cls, child: _Child, number: int, ok: bool, value: Any) -> None:
         if ok:
-            future.set_result(value)
+            future = child.pending.pop(number, None)
+            if future is not None and not future.done():  # else the caller gave up on it
+                future.set_result(value)
         else:
-            future.set_exception(WorkerError(value))
+            cls._fail(child, number, WorkerError(value))
+
+    @staticmethod
+    def _fail(child: _Child, number: int, error: WorkerError) -> None:
+        future = child.pending.pop(number, None)
+        if future is not None and not future.done():
+            future.set_exception(error)
 
     def _lost(self, child: _Child) -> None:
         """A child ended: its calls fail, and (unless we are closing) another takes its
@@ -245,7 +290,7 @@ class WorkerPool(Generic[C]):
         reason = f"{self.name} process ended (exit code {child.process.exitcode})"
         for future in child.pending.values():
             if not future.done():
-                future.set_exception(WorkerError(reason))
+                future.set_exception(ProcessEnded(reason))
         child.pending.clear()
         child.outbox.put(None)
         child.conn.close()
@@ -260,45 +305,77 @@ class WorkerPool(Generic[C]):
             self._short_lives = 0
         pause = min(2.0 ** self._short_lives, MAX_PAUSE) if self._short_lives else 0.0
         log.warning("%s; starting another%s", reason, f" in {pause:g} s" if pause else "")
-        task = asyncio.get_running_loop().create_task(self._respawn(pause))
+        task = asyncio.get_running_loop().create_task(self._respawn(child.slot, pause))
         self._respawns.add(task)
         task.add_done_callback(self._respawns.discard)
 
-    async def _respawn(self, pause: float) -> None:
+    async def _respawn(self, slot: int, pause: float) -> None:
         await asyncio.sleep(pause)
         if not self._closing:
-            await asyncio.to_thread(self._spawn)
+            await self._start_slot(slot)
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    def _serving(self, among: int | None) -> list[_Child]:
+        limit = self.size if among is None else among
+        return [c for c in self._children if c.slot < limit and not c.killed]
+
+    async def run(self, fn: Callable[..., T], *args: Any, among: int | None = None) -> T:
         """``fn(context, *args)`` in a worker process (``fn`` must be module-level),
-        or in a thread here when none can."""
-        if self._children:
+        or in a thread here when none can.  ``among``: only the first so many slots."""
+        children = self._serving(among)
+        if children:
+            child = min(children, key=lambda c: len(c.pending))
             try:
-                return await self._remote(fn, *args)
+                return await self._remote(child, self.timeout, fn, *args)
             except WorkerError as exc:
                 log.warning("%s: %s; running it in the daemon", fn.__name__, exc)
         return await asyncio.to_thread(fn, self.context, *args)
 
-    async def _remote(self, fn: Callable[..., T], *args: Any) -> T:
-        child = min(self._children, key=lambda c: len(c.pending))
+    async def run_alone(self, fn: Callable[..., T], *args: Any, bound: float,
+                        among: int | None = None) -> T:
+        """``fn(context, *args)`` in a worker process running no other such call, within
+        ``bound`` seconds; waits for a free one.  Never in the daemon: raises
+        ``Overran`` (its process was killed), ``ProcessEnded``, or ``WorkerError`` (it
+        raised there)."""
+        assert self._changed is not None, "WorkerPool.start() was not awaited"
+        async with self._changed:
+            child = None
+            while child is None:
+                if self._closing:
+                    raise ProcessEnded(f"{self.name} processes are stopping")
+                free = [c for c in self._serving(among) if not c.alone]
+                if free:
+                    child = min(free, key=lambda c: len(c.pending))
+                else:
+                    await self._changed.wait()
+            child.alone = True
+        try:
+            return await self._remote(child, bound, fn, *args)
+        finally:
+            child.alone = False
+            await self._notify()
+
+    async def _remote(self, child: _Child, bound: float, fn: Callable[..., T],
+                      *args: Any) -> T:
+        if child.killed or child not in self._children:  # ended since it was chosen
+            raise ProcessEnded(f"{self.name} process ended (exit code {child.process.exitcode})")
         number = next(self._numbers)
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         child.pending[number] = future
         try:
             child.outbox.put((number, fn, args))
             try:
-                return await asyncio.wait_for(asyncio.shield(future), self.timeout)
+                return await asyncio.wait_for(asyncio.shield(future), bound)
             except TimeoutError:
                 log.warning("%s: a call ran longer than %g s; replacing its process",
-                            self.name, self.timeout)
+                            self.name, bound)
                 self._kill(child)
-                raise WorkerError(f"{self.name} call took longer than {self.timeout:g} s")\
-                    from None
+                raise Overran(f"{self.name} call took longer than {bound:g} s") from None
         finally:
             child.pending.pop(number, None)
 
     @staticmethod
     def _kill(child: _Child) -> None:
+        child.killed = True
         if child.process.is_alive():
             child.process.kill()
 
@@ -311,3 +388,5 @@ class WorkerPool(Generic[C]):
             self._kill(child)
             await asyncio.to_thread(child.process.join, 5)
         self._children.clear()
+        if self._changed is not None:
+            await self._notify()  # calls waiting for a process: there will be none

@@ -8,6 +8,7 @@ import time
 import pytest
 
 from gateway.pipeline.parse import ParserPool, parse_message
+from gateway.workers import WorkerPool
 from tests.conftest import simple_message
 
 pytestmark = pytest.mark.sqlite_only  # parsing works on the bytes alone
@@ -70,11 +71,12 @@ def test_redos_shaped_header_is_bounded():
 
 def test_pool_kills_a_parse_that_overruns_and_carries_on():
     async def run():
-        pool = ParserPool(1, timeout=0.5)
+        pool = WorkerPool("work", 1, 4, None, 30.0)
         await pool.start()
+        parser = ParserPool(pool, 1, timeout=0.5)
         try:
-            slow = await pool.parse(MANY)
-            fine = await pool.parse(simple_message(subject="after"))
+            slow = await parser.parse(MANY)
+            fine = await parser.parse(simple_message(subject="after"))
         finally:
             await pool.close()
         return slow, fine
@@ -83,6 +85,28 @@ def test_pool_kills_a_parse_that_overruns_and_carries_on():
     assert slow["parse_failed"] is True
     assert "longer than 0.5 s" in slow["defects"][0]
     assert fine["subject"] == "after"
+
+
+def test_a_parse_whose_process_is_killed_from_outside_is_parsed_again(caplog):
+    """A worker process may end for a reason that is not the message's (another call
+    overran there, the OOM killer): its parse is done again, not flagged unparseable."""
+    async def run():
+        pool = WorkerPool("work", 1, 4, None, 30.0)
+        await pool.start()
+        parser = ParserPool(pool, 1, timeout=30)
+        try:
+            first = pool._children[0].process
+            parsing = asyncio.create_task(parser.parse(MANY))  # seconds of work
+            await asyncio.sleep(0.5)
+            first.kill()
+            return await parsing, first
+        finally:
+            await pool.close()
+
+    result, first = asyncio.run(run())
+    assert first.exitcode == -9
+    assert "work process ended (exit code -9); starting another" in caplog.text
+    assert result["parse_failed"] is False and result["subject"] == "many"
 
 
 def test_hostile_mime_through_the_daemon(make_gateway):

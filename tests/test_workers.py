@@ -1,10 +1,11 @@
 """Worker processes: calls run in them, and when one fails a call, dies or hangs, the
 call still completes (in the daemon) and the process is replaced.  Then the gateway
-itself: its auth processes killed, inbound mail is still checked and copies signed."""
+itself: its worker processes killed, inbound mail is still checked and copies signed."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import dkim
 import pytest
 
-from gateway.workers import WorkerPool
+from gateway.workers import Overran, WorkerPool
 from tests.conftest import gateway_with_rules, wait_for
 from tests.dns_server import ZoneServer, txt
 from tests.test_arc import dns_lookup, signing_key
@@ -125,6 +126,49 @@ def test_a_call_that_overruns_has_its_process_replaced(caplog):
     assert "a call ran longer than 1 s; replacing its process" in caplog.text
 
 
+def span(context: str, seconds: float) -> tuple[int, float, float]:
+    started = time.monotonic()
+    time.sleep(seconds)
+    return os.getpid(), started, time.monotonic()
+
+
+def test_calls_alone_take_turns_in_a_process_beside_other_calls():
+    """One run_alone() call at a time in a process; ordinary calls go on beside it."""
+    async def calls(pool):
+        alone = [pool.run_alone(span, 0.3, bound=10) for _ in range(3)]
+        beside = [pool.run(span, 0.3) for _ in range(3)]
+        return await asyncio.gather(*alone), await asyncio.gather(*beside)
+
+    (alone, beside), processes = run(1, calls, threads=4)
+    assert {pid for pid, _, _ in alone + beside} == {processes[0].pid}
+    turns = sorted((start, end) for _, start, end in alone)
+    assert all(end <= next_start for (_, end), (next_start, _) in itertools.pairwise(turns))
+    together = sorted((start, end) for _, start, end in beside)
+    assert together[-1][0] < together[0][1]  # the ordinary ones did overlap
+
+
+def test_a_call_alone_that_overruns_fails_alone(caplog):
+    """Its process is killed: the call raises Overran, never runs in the daemon; an
+    ordinary call that was in hand there finishes in the daemon."""
+    async def calls(pool):
+        first = pool._children[0].process
+        beside = asyncio.create_task(pool.run(hang_unless_in, os.getpid()))
+        await asyncio.sleep(0.2)
+        with pytest.raises(Overran, match=r"longer than 0\.5 s"):
+            await pool.run_alone(hang_unless_in, -1, bound=0.5)
+        answer = await beside
+        await wait_for_children(pool, 1, not_pid=first.pid)
+        after = await pool.run_alone(whoami, 4, bound=10)
+        return answer, first, after
+
+    (answer, first, (pid, _, x)), processes = run(1, calls, threads=4)
+    assert answer == "answered in the daemon"
+    assert not first.is_alive()
+    assert (pid, x) == (processes[0].pid, 4) and pid != first.pid
+    assert "hang_unless_in: test process ended (exit code -9); running it in the daemon" \
+        in caplog.text
+
+
 class Unloadable:
     """A context a worker process cannot load: every process ends as it starts."""
 
@@ -184,8 +228,10 @@ def children(pid: int, name: str) -> list[int]:
 
 @pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("workers", [0, 2])
-def test_inbound_checks_and_copy_signatures_survive_killed_auth_processes(
+def test_inbound_checks_and_copy_signatures_survive_killed_worker_processes(
         make_gateway, tmp_path, relay, workers):
+    """auth.workers 0: the checks run in the daemon, and the one worker process only
+    parses; 2: two processes do both.  All of them killed, nothing is missed."""
     key_dir = tmp_path / "keys"
     key_dir.mkdir()
     key_file, record = keygen(key_dir, "acme.test", "s1")
@@ -198,14 +244,17 @@ def test_inbound_checks_and_copy_signatures_survive_killed_auth_processes(
         "dkim": {"keys": [{"domain": "acme.test", "selector": "s1", "key_file": str(key_file)}]},
         "auth": {"workers": workers},
     })
-    try:
+    processes = max(workers, 1)  # pipeline.parse_workers is 1
+
+    def worker_processes() -> list[int]:
         assert gw.proc is not None
-        if workers:
-            killed = wait_for(lambda: len(children(gw.proc.pid, "mailflowr-auth")) == workers
-                              and children(gw.proc.pid, "mailflowr-auth"),
-                              what="the auth processes")
-            for pid in killed:
-                os.kill(pid, signal.SIGKILL)
+        found = children(gw.proc.pid, "mailflowr-work")
+        return found if len(found) == processes else []
+
+    try:
+        killed = wait_for(worker_processes, what="the worker processes")
+        for pid in killed:
+            os.kill(pid, signal.SIGKILL)
         body = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
                 b"Subject: checked and signed\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n"
                 b"\r\nThe body.\r\n")
@@ -213,7 +262,9 @@ def test_inbound_checks_and_copy_signatures_survive_killed_auth_processes(
         with gw.smtp() as s:
             s.sendmail("alice@sender.test", ["support@acme.test"], original)
         copy = relay.wait(1)[0].data
-        results = gw.wait_processed(1)[0]["auth_results"]
+        row = gw.wait_processed(1)[0]
+        assert row["parse_failed"] is False and row["subject"] == "checked and signed"
+        results = row["auth_results"]
         assert results["dkim"][0]["result"] == "pass"
         assert results["spf"]["result"] == "pass"
         lookup = dns_lookup({author.record_name: author.dns_record(),
@@ -221,13 +272,8 @@ def test_inbound_checks_and_copy_signatures_survive_killed_auth_processes(
         cv, sets, reason = dkim.arc_verify(copy, dnsfunc=lookup)
         assert (cv, len(sets)) == (b"pass", 1), reason
         assert dkim.DKIM(copy).verify(idx=0, dnsfunc=lookup)  # ours, on top
-        if workers:
-            assert "auth process ended (exit code -9); starting another" in gw.log()
-            replaced = wait_for(lambda: len(children(gw.proc.pid, "mailflowr-auth")) == workers
-                                and children(gw.proc.pid, "mailflowr-auth"),
-                                what="new auth processes")
-            assert not set(replaced) & set(killed)
-        else:
-            assert children(gw.proc.pid, "mailflowr-auth") == []
+        assert "work process ended (exit code -9); starting another" in gw.log()
+        replaced = wait_for(worker_processes, what="new worker processes")
+        assert not set(replaced) & set(killed)
     finally:
         zone.stop()

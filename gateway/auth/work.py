@@ -42,17 +42,20 @@ def protect(work: AuthWork, data: bytes, seal_key: SigningKey | None,
 
 
 class AuthCalls:
-    """The daemon's way to these calls: in its worker processes (a thread here when
-    there are none, or one fails)."""
+    """The daemon's way to these calls: in the first ``processes`` of its worker
+    processes (a thread here when that is 0, or one fails)."""
 
-    def __init__(self, pool: WorkerPool[AuthWork]) -> None:
+    def __init__(self, pool: WorkerPool[AuthWork], processes: int) -> None:
         self.pool = pool
+        self.processes = processes
         self.checking = pool.context.authenticator is not None  # inbound checks configured
 
     async def check(self, raw: bytes, *, mail_from: str, helo: str, client_ip: str,
                     dmarc_only: bool = False) -> AuthResults:
-        return await self.pool.run(check, raw, mail_from, helo, client_ip, dmarc_only)
+        return await self.pool.run(check, raw, mail_from, helo, client_ip, dmarc_only,
+                                   among=self.processes)
 
     async def protect(self, data: bytes, seal_key: SigningKey | None,
                       sign_keys: tuple[SigningKey, ...], authserv_id: str) -> Protected:
-        return await self.pool.run(protect, data, seal_key, sign_keys, authserv_id)
+        return await self.pool.run(protect, data, seal_key, sign_keys, authserv_id,
+                                   among=self.processes)

@@ -1,28 +1,24 @@
-"""Parse stored messages with mail-parser, in child processes, with a time bound.
+"""Parse stored messages with mail-parser, in worker processes, with a time bound.
 
 mail-parser has had uncaught-exception and ReDoS advisories, and a hostile
 message (MIME nested 1,000 deep, 100,000 parts) can take seconds of CPU.  So
-parsing never runs on the event loop or in the daemon's process: each parser
-process takes one message at a time, a parse that overruns its time bound gets
+parsing never runs on the event loop or in the daemon's process: each worker
+process parses one message at a time, a parse that overruns its time bound gets
 its process killed and replaced, and any exception means "unparseable" — the
 message stays stored and is flagged, never lost.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import email.utils
 import logging
-import multiprocessing.connection
 import re
-from dataclasses import dataclass
 from typing import Any
 
 from gateway.headers import header_end
 from gateway.pipeline.classify import Classifier
 from gateway.store.records import ParsedFields
-from gateway.workers import Process, child_setup, spawn
+from gateway.workers import Overran, ProcessEnded, WorkerError, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -146,83 +142,34 @@ def to_fields(result: dict[str, Any]) -> ParsedFields:
     return ParsedFields(**{k: result[k] for k in ParsedFields.__slots__})
 
 
-def _serve(conn: multiprocessing.connection.Connection) -> None:
-    """The parser process: one message in, one result out, until the pipe closes."""
-    child_setup("mailflowr-parse")
-    while True:
-        try:
-            raw, classifier = conn.recv()
-        except (EOFError, OSError):
-            return
-        try:
-            result = parse_message(raw, classifier)
-        except MemoryError:
-            result = failed("MemoryError: over the parser's memory limit")
-        conn.send(result)
-
-
-@dataclass
-class _Child:
-    process: Process
-    conn: multiprocessing.connection.Connection
+def parse_in_worker(context: object, raw: bytes,
+                    classifier: Classifier | None) -> dict[str, Any]:
+    """``parse_message`` as a worker process runs it (the pool's context is not used)."""
+    return parse_message(raw, classifier)
 
 
 class ParserPool:
-    """A fixed number of parser processes; ``parse()`` never blocks the loop."""
+    """Parsing in the daemon's worker processes (``size`` of them take part), one
+    message at a time in each; ``parse()`` never blocks the loop and never raises."""
 
-    def __init__(self, size: int, timeout: float) -> None:
+    def __init__(self, pool: WorkerPool[Any], size: int, timeout: float) -> None:
+        assert 1 <= size <= pool.size, "parsing needs a worker process"
+        self.pool = pool
         self.size = size
         self.timeout = timeout
-        self._idle: asyncio.Queue[_Child] | None = None
-        self._children: list[_Child] = []
-        # A thread per parser waits for its answer: not the loop's executor threads,
-        # which wait on the database (a parse would wait behind them).
-        self._waiting = concurrent.futures.ThreadPoolExecutor(size, thread_name_prefix="parse")
-
-    def _spawn(self) -> _Child:
-        c = _Child(*spawn(_serve))
-        self._children.append(c)
-        return c
-
-    async def start(self) -> None:
-        self._idle = asyncio.Queue()
-        for _ in range(self.size):
-            self._idle.put_nowait(await asyncio.to_thread(self._spawn))
 
     async def parse(self, raw: bytes, classifier: Classifier | None = None) -> dict[str, Any]:
-        assert self._idle is not None, "ParserPool.start() was not awaited"
-        child = await self._idle.get()
-        healthy = False
-        try:
-            result, healthy = await asyncio.get_running_loop().run_in_executor(
-                self._waiting, self._run, child, raw, classifier)
-            return result
-        finally:
-            if healthy:
-                self._idle.put_nowait(child)
-            else:
-                self._kill(child)
-                self._idle.put_nowait(await asyncio.to_thread(self._spawn))
-
-    def _run(self, child: _Child, raw: bytes,
-             classifier: Classifier | None) -> tuple[dict[str, Any], bool]:
-        try:
-            child.conn.send((raw, classifier))
-            if not child.conn.poll(self.timeout):
-                return failed(f"parse took longer than {self.timeout:g} s"), False
-            return child.conn.recv(), True
-        except (EOFError, OSError, BrokenPipeError):
-            return failed(f"parser process ended (exit code {child.process.exitcode})"), False
-
-    def _kill(self, child: _Child) -> None:
-        if child in self._children:
-            self._children.remove(child)
-        child.conn.close()
-        if child.process.is_alive():
-            child.process.kill()
-        child.process.join(5)
-
-    async def close(self) -> None:
-        for child in list(self._children):
-            await asyncio.to_thread(self._kill, child)
-        self._waiting.shutdown(wait=False)
+        reason = ""
+        # A process may end with a parse in hand for another call's sake (one that
+        # overran, or was killed from outside): such a parse is tried once more.
+        for _ in range(2):
+            try:
+                return await self.pool.run_alone(parse_in_worker, raw, classifier,
+                                                  bound=self.timeout, among=self.size)
+            except Overran:
+                return failed(f"parse took longer than {self.timeout:g} s")
+            except ProcessEnded as exc:
+                reason = f"parser {exc}"
+            except WorkerError as exc:  # raised in the process: MemoryError, pickling
+                return failed(str(exc))
+        return failed(reason)
