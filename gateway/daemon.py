@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import __version__, httpd, logs
+from gateway import __version__, httpd, logs, memory
 from gateway.auth import signing
 from gateway.auth.dns import Resolver
 from gateway.auth.inbound import Authenticator
@@ -165,6 +165,7 @@ def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:
 
 LISTENERS = ("smtp", "submission")
 STATS_INTERVAL = 5.0  # seconds between looks at the backlog (gauges, STATUS=, readiness)
+TRIM_INTERVAL = 60.0  # seconds between returns of freed memory to the system
 TENANTS_INTERVAL = 2.0  # seconds between looks for tenants deactivated meanwhile
 LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loop stalled
 PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
@@ -342,6 +343,9 @@ class App:
             await self._stop_parts(imap_pull, worker, delivery, pool, store)
             raise
         self._spawn(self._watch_stats())
+        trim = memory.trimmer()
+        if trim is not None:
+            self._spawn(self._return_memory(trim))
         self._spawn(self._watch_tenants(directory, submission))
         # Everything made so far lives as long as the daemon (modules, configuration,
         # policies, pools): keep it out of the collector's full passes, which otherwise
@@ -553,6 +557,12 @@ class App:
                                    and not self.stopping.is_set() else 0)
             self.notifier.status(self.status_line())
             await asyncio.sleep(STATS_INTERVAL)
+
+    async def _return_memory(self, trim: Callable[[], None]) -> None:
+        """Every minute: what the C allocator holds free goes back to the system."""
+        while True:
+            await asyncio.sleep(TRIM_INTERVAL)
+            await asyncio.to_thread(trim)
 
     async def _watch_tenants(self, directory: TenantDirectory,
                              submission: SubmissionHandler | None) -> None:

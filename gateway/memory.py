@@ -1,0 +1,35 @@
+"""Give memory freed after a burst of mail back to the system.
+
+CPython hands large objects (message bytes, the buffers of sessions that have
+ended) back to the C allocator when they are freed, but glibc keeps what was
+freed inside its heaps mapped: after a burst, the daemon would go on holding
+the memory of its busiest minute.  ``malloc_trim(0)`` returns such free pages
+(``madvise``, without moving anything).  On a C library without it (musl),
+there is nothing to do and ``trimmer()`` returns None.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+from collections.abc import Callable
+
+
+def trimmer() -> Callable[[], None] | None:
+    """A function that returns the free memory of this process's heaps, if the C
+    library has one (it may take milliseconds: call it from a thread)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+
+    def run() -> None:
+        trim(0)
+
+    return run
