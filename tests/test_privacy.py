@@ -325,7 +325,7 @@ def test_unparsed_mail_is_found_by_its_headers(store):
     plain = b"From: bob@client.test\r\nSubject: y\r\n\r\njane.doe@sender.test in the body\r\n"
     now = utcnow()
     batch = [NewMessage(id=f"01JTEST{n:019d}", tenant_id="acme", mail_from="bob@client.test",
-                        recipients=("support@acme.test",), data=data, sha256="0" * 64,
+                        recipients=("support@acme.test",), data=data,
                         received_at=now, client_address="127.0.0.1", helo="h",
                         protocol="ESMTP", trace_header="", smtputf8=False)
              for n, data in enumerate((raw, plain))]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import re
 from datetime import UTC, date, datetime, timedelta
 
@@ -177,7 +176,7 @@ def _seed(store, *, tenant="acme", age_days, tags=(), addresses=(), status="proc
         _insert_messages(conn, [NewMessage(
             id=message_id, tenant_id=tenant, mail_from="someone@sender.test",
             recipients=("support@acme.test",), data=data,
-            sha256=hashlib.sha256(data).hexdigest(), received_at=NOW - timedelta(days=age_days),
+            received_at=NOW - timedelta(days=age_days),
             client_address="127.0.0.1", helo="t", protocol="ESMTP", trace_header="",
             smtputf8=False)])
         conn.execute(update(messages).where(messages.c.id == message_id).values(

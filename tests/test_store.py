@@ -16,7 +16,7 @@ def _accept(store, count):
         batch = [
             NewMessage(id=new_id(), tenant_id="acme", mail_from="a@sender.test",
                        recipients=("support@acme.test",), data=b"Subject: x\r\n\r\nx\r\n",
-                       sha256=hashlib.sha256(b"x").hexdigest(), received_at=utcnow(),
+                       received_at=utcnow(),
                        client_address="127.0.0.1", helo="t", protocol="ESMTP",
                        trace_header="Received: x\r\n", smtputf8=False)
             for _ in range(count)
@@ -26,6 +26,32 @@ def _accept(store, count):
         return [m.id for m in batch]
 
     return asyncio.run(run())
+
+
+def test_the_store_records_the_sha256_of_each_original(store):
+    """Taken by the store (off the event loop), once per original: a message for two
+    tenants is one bytes object in two rows."""
+    one = b"Subject: one\r\n\r\n" + b"x" * 100_000 + b"\r\n"
+    two = b"Subject: two\r\n\r\nshort\r\n"
+
+    def message(tenant, data):
+        return NewMessage(id=new_id(), tenant_id=tenant, mail_from="a@sender.test",
+                          recipients=(f"support@{tenant}.test",), data=data,
+                          received_at=utcnow(), client_address="127.0.0.1", helo="t",
+                          protocol="ESMTP", trace_header="", smtputf8=False)
+
+    async def run():
+        await store.start()
+        batch = [message("acme", one), message("globex", one), message("acme", two)]
+        await store.accept(batch)
+        await store.close()
+        return [m.id for m in batch]
+
+    a, b, c = asyncio.run(run())
+    assert store.get_message(a)["sha256"] == store.get_message(b)["sha256"] \
+        == hashlib.sha256(one).hexdigest()
+    assert store.get_message(c)["sha256"] == hashlib.sha256(two).hexdigest()
+    assert store.raw(a) == store.raw(b) == one
 
 
 def test_a_stale_claim_of_our_own_is_taken_back_at_once(store):

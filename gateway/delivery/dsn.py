@@ -8,7 +8,6 @@ authenticated internal user; never for the null sender.
 from __future__ import annotations
 
 import email.utils
-import hashlib
 import os
 from datetime import datetime
 
@@ -76,6 +75,6 @@ def build(*, hostname: str, tenant_id: str, sender: str, recipient: str, diagnos
              f"\tfor <{sender}>; {email.utils.format_datetime(now)}\r\n")
     return NewMessage(
         id=message_id, tenant_id=tenant_id, mail_from="", recipients=(sender,), data=text,
-        sha256=hashlib.sha256(text).hexdigest(), received_at=now, client_address="127.0.0.1",
+        received_at=now, client_address="127.0.0.1",
         helo=hostname, protocol="local", trace_header=trace, smtputf8=not sender.isascii(),
     )

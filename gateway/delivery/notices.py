@@ -12,7 +12,6 @@ them like any other mail (through the tenant's authorised relay).
 from __future__ import annotations
 
 import email.utils
-import hashlib
 from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 
@@ -78,7 +77,7 @@ def local_message(*, tenant: str, sender: str, to: str, subject: str, body: str,
              f"\tfor <{to}>; {email.utils.format_datetime(now)}\r\n")
     return NewMessage(
         id=message_id, tenant_id=tenant, mail_from=sender, recipients=(to,),
-        data=text, sha256=hashlib.sha256(text).hexdigest(), received_at=now,
+        data=text, received_at=now,
         client_address="127.0.0.1", helo=hostname, protocol="local", trace_header=trace,
         smtputf8=False, direction="outbound", submitted_by=submitted_by,
     )

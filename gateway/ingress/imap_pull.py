@@ -281,7 +281,7 @@ class FolderImport:
                 batch.append(Imported(uid, sha, msgid_hash(body), known=known[sha]))
             else:
                 batch.append(Imported(uid, sha, msgid_hash(body),
-                                      message=self._message(uid, body, sha, now)))
+                                      message=self._message(uid, body, now)))
         done = self._held(await asyncio.to_thread(
             self.state.import_batch, self.key, self.owner, state, max(chunk), batch, backlog))
         new = [i for i in batch if i.message is not None]
@@ -310,7 +310,7 @@ class FolderImport:
             self.metrics.imap_imports.labels(self.metrics.tenant(self.key.tenant_id),
                                              self.key.source, "too_large").inc()
 
-    def _message(self, uid: int, body: bytes, sha: str, now: datetime) -> NewMessage:
+    def _message(self, uid: int, body: bytes, now: datetime) -> NewMessage:
         queue_id = new_id()
         recipient = self.settings.recipient
         trace = (f"Received: from {_comment(self.account.host)} (IMAP "
@@ -319,7 +319,7 @@ class FolderImport:
                  f"\tfor <{recipient}>; {email.utils.format_datetime(now)}\r\n")
         return NewMessage(
             id=queue_id, tenant_id=self.key.tenant_id, mail_from=return_path(body),
-            recipients=(recipient,), data=body, sha256=sha, received_at=now,
+            recipients=(recipient,), data=body, received_at=now,
             client_address="", helo=_comment(self.account.host), protocol="IMAP",
             trace_header=trace, smtputf8=False)
 

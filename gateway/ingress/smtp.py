@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
+import functools
 import logging
 import re
 import time
@@ -27,6 +27,7 @@ import types
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, cast
 
 import aiosmtpd
@@ -200,7 +201,10 @@ class DataReader:
         assert self.buffer is not None
         # The limit holds however the stream was cut into chunks: the chunk that
         # carries the end may also be the one that crosses it.
-        content = bytes(self.buffer[2 : end + 2]) if end <= self.limit else None
+        content = None
+        if end <= self.limit:
+            with memoryview(self.buffer) as view:  # one copy, not a slice and then bytes
+                content = bytes(view[2 : end + 2])
         if content is not None and self.stuffed:
             content = unstuff(content)
         rest = bytes(self.buffer[end + 5:])
@@ -652,7 +656,6 @@ class IngressHandler:
         data = envelope.original_content
         assert isinstance(data, bytes)
         now = utcnow()
-        digest = hashlib.sha256(data).hexdigest()
         client = client_address(session)
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         if hop_count(data) >= self.settings.max_hops:
@@ -666,7 +669,7 @@ class IngressHandler:
         batch = [
             build_message(session, envelope, data, tenant_id=tenant_id, recipients=recipients,
                           hostname=self.settings.hostname, mail_from=mail_from, now=now,
-                          digest=digest, client=client)
+                          client=client)
             for tenant_id, recipients in groups.items()
         ]
         try:
@@ -801,7 +804,7 @@ def client_address(session: Session) -> str:
 
 def build_message(
     session: Session, envelope: Envelope, data: bytes, *, tenant_id: str,
-    recipients: list[str], hostname: str, mail_from: str, now: Any, digest: str, client: str,
+    recipients: list[str], hostname: str, mail_from: str, now: Any, client: str,
     direction: str = "inbound", submitted_by: str | None = None,
 ) -> NewMessage:
     """One tenant's copy of an accepted message, with our trace header beside it."""
@@ -812,7 +815,7 @@ def build_message(
                             queue_id=message_id, recipients=recipients, when=now)
     return NewMessage(
         id=message_id, tenant_id=tenant_id, mail_from=mail_from, recipients=tuple(recipients),
-        data=data, sha256=digest, received_at=now, client_address=client, helo=helo,
+        data=data, received_at=now, client_address=client, helo=helo,
         protocol=protocol, trace_header=trace, smtputf8=bool(envelope.smtp_utf8),
         direction=direction, submitted_by=submitted_by,
     )
@@ -846,20 +849,26 @@ def _protocol(session: Session, envelope: Envelope) -> str:
 
 def received_header(
     *, helo: str, client: str, hostname: str, protocol: str, queue_id: str,
-    recipients: list[str], when: Any,
+    recipients: list[str], when: datetime,
 ) -> str:
     """Our trace header, folded like Postfix's; 'for' only with one recipient."""
     parts = [
         f"Received: from {helo} ([{client}])",
         f"\tby {hostname} (MailFlowr Gateway) with {protocol} id {queue_id}",
     ]
-    date = email.utils.format_datetime(when)
+    date = _rfc5322_date(when.replace(microsecond=0))
     if len(recipients) == 1 and not has_unsafe_chars(recipients[0]):
         parts.append(f"\tfor <{recipients[0]}>; {date}")
     else:
         parts[-1] += ";"
         parts.append(f"\t{date}")
     return "\r\n".join(parts) + "\r\n"
+
+
+@functools.lru_cache(maxsize=4)
+def _rfc5322_date(when: datetime) -> str:
+    """The Date of a trace header: the same for every message of a second."""
+    return email.utils.format_datetime(when)
 
 
 def protocol_factory(

@@ -188,7 +188,7 @@ class SubmissionHandler:
         message = build_message(
             session, envelope, data, tenant_id=tenant_id, recipients=list(envelope.rcpt_tos),
             hostname=self.settings.hostname, mail_from=str(envelope.mail_from), now=utcnow(),
-            digest=hashlib.sha256(data).hexdigest(), client=client, direction="outbound",
+            client=client, direction="outbound",
             submitted_by=login,
         )
         try:

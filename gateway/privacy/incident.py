@@ -12,6 +12,7 @@ of having notified exists exactly when the notice does.
 from __future__ import annotations
 
 import email.header
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -43,7 +44,7 @@ class Notice:
                 "hours_after_discovery": round(self.hours, 2),
                 "within_promise": self.hours <= PROMISE_HOURS,
                 "to": self.message.recipients[0], "title": self.title,
-                "sha256": self.message.sha256}
+                "sha256": hashlib.sha256(self.message.data).hexdigest()}
 
 
 def read_text(data: bytes, where: str) -> str:

@@ -140,8 +140,7 @@ class NewMessage:
     tenant_id: str
     mail_from: str
     recipients: tuple[str, ...]
-    data: bytes
-    sha256: str
+    data: bytes  # its SHA-256 is taken by the store, off the event loop
     received_at: datetime
     client_address: str
     helo: str
@@ -377,9 +376,10 @@ class Store:
 
     def _write_group(self, group: Sequence[_Pending]) -> None:
         batch = [m for item in group for m in item.messages]
-        blobs = _blobs(batch, self.keystore)  # sealed before the write lock is taken
+        # Sealed and hashed before the write lock is taken.
+        blobs, digests = _blobs(batch, self.keystore), _digests(batch)
         with self._write_turn, self.engine.begin() as conn:
-            _insert_messages(conn, batch, blobs=blobs)
+            _insert_messages(conn, batch, blobs=blobs, digests=digests)
 
     def has_free_space(self) -> bool:
         """False when the disk holding the SQLite database is below min_free_space.
@@ -1032,19 +1032,30 @@ def _blobs(batch: Sequence[NewMessage], keystore: KeyStore | None) -> list[dict[
     return out
 
 
+def _digests(batch: Sequence[NewMessage]) -> dict[int, str]:
+    """SHA-256 of each original, once per original (a message for two tenants is two
+    NewMessages on one bytes object), by id() of its bytes.  Taken here, in the
+    committer's thread, where hashlib lets the event loop run meanwhile."""
+    return {id(m.data): hashlib.sha256(m.data).hexdigest()
+            for m in {id(m.data): m for m in batch}.values()}
+
+
 def _insert_messages(conn: Any, batch: Sequence[NewMessage],
                      keystore: KeyStore | None = None, *,
-                     blobs: list[dict[str, Any]] | None = None) -> None:
+                     blobs: list[dict[str, Any]] | None = None,
+                     digests: dict[int, str] | None = None) -> None:
     """Rows, originals and envelope addresses of new messages, in the caller's transaction;
-    ``blobs`` when the originals were prepared already (``_blobs``)."""
+    ``blobs`` and ``digests`` when they were prepared already (``_blobs``, ``_digests``)."""
     rows, addresses = [], []
+    if digests is None:
+        digests = _digests(batch)
     for m in batch:
         rows.append(
             {
                 "id": m.id, "tenant_id": m.tenant_id, "status": RECEIVED,
                 "received_at": m.received_at, "mail_from": m.mail_from, "size": len(m.data),
-                "sha256": m.sha256, "client_address": m.client_address, "helo": m.helo,
-                "protocol": m.protocol, "trace_header": m.trace_header,
+                "sha256": digests[id(m.data)], "client_address": m.client_address,
+                "helo": m.helo, "protocol": m.protocol, "trace_header": m.trace_header,
                 "smtputf8": m.smtputf8, "direction": m.direction,
                 "submitted_by": m.submitted_by, "tags": [], "parse_failed": False,
                 "attempts": 0,
