@@ -432,6 +432,7 @@ class App:
     async def _stop_sweeping(self, sweeping: asyncio.Task[None] | None) -> None:
         if sweeping is not None and self.sweeper is not None:
             self.sweeper.stopping = True  # ends the sweep between two batches
+            self.stopping.set()  # and the wait for the next one (a start that failed)
             await sweeping
 
     async def _stop_background(self) -> None:

@@ -192,6 +192,23 @@ def test_a_failed_upgrade_at_start_is_one_clear_line(make_gateway, backend):
     assert "Traceback" not in err
 
 
+@pytest.mark.sqlite_only
+def test_a_port_in_use_is_one_clear_line_and_a_prompt_exit(make_gateway, backend):
+    """Another server (or a second instance) holds the SMTP port: the daemon says so and
+    exits 1 at once, after stopping what it had started (its sweeper included)."""
+    gw = make_gateway(start=False)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", gw.port))
+        taken.listen()
+        started = time.monotonic()
+        result = gw.cli("serve", timeout=60)
+    assert result.returncode == 1
+    err = result.stderr.decode()
+    assert f"cannot start: 127.0.0.1:{gw.port}: " in err and "address already in use" in err
+    assert "Traceback" not in err
+    assert time.monotonic() - started < 20
+
+
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_postgresql_behind_the_code_is_not_upgraded_by_the_daemon(make_gateway, backend):
     gw = make_gateway(start=False, fresh=True)
