@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import re
 import time
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 
 from gateway.policy.loader import PolicyError, load
 from gateway.policy.subprocessors import (
@@ -315,3 +317,35 @@ def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_
         assert "objection window" in listing["tenants"]["acme"]["relay-new"]
     finally:
         new.stop()
+
+
+def test_instances_that_start_together_notice_a_registry_change_once(store):
+    """Two instances read the registry and write its change in one transaction each:
+    they take turns, so the second finds the change recorded and sends no notices
+    (without turns, PostgreSQL would give both the old registry)."""
+    now = datetime.now(UTC)
+    assert store.sync_subprocessors(["mailrelay"], now, lambda a, r: []) == ([], [])  # baseline
+    noticed: list[tuple[list[str], list[str]]] = []
+
+    def notices(added, removed):
+        noticed.append((added, removed))
+        time.sleep(0.5)  # the other instance reads meanwhile
+        return []
+
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(
+            lambda _: store.sync_subprocessors(["mailrelay", "archiver"], now, notices),
+            range(2)))
+    assert sorted(results) == [([], []), (["archiver"], [])]
+    assert noticed == [(["archiver"], [])]
+
+
+def test_instances_that_start_together_record_their_tenants_once(store):
+    configured = {f"t{n}": f"Tenant {n}" for n in range(20)}
+    for _ in range(5):  # a few rounds: each time, new tenants that all add at once
+        with ThreadPoolExecutor(4) as pool:
+            list(pool.map(store.sync_tenants, [configured] * 4))
+        configured = {f"{tid}x": name for tid, name in configured.items()}
+    with store.engine.connect() as conn:
+        rows = conn.execute(text("SELECT count(*) FROM tenants")).scalar_one()
+    assert rows == 2 + 5 * 20  # acme and globex, then each round's twenty

@@ -27,12 +27,11 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import insert, select
 
+from gateway.store.database import take_turn
 from gateway.store.models import audit_events
 
-_LOCK_KEY = int.from_bytes(hashlib.sha256(b"mailflowr audit chain").digest()[:8], "big",
-                           signed=True)
 GENESIS = ""
 
 
@@ -54,8 +53,7 @@ def append(conn: Any, key: bytes, *, actor: str, action: str, tenant_id: str | N
            message_id: str | None = None, detail: dict[str, Any] | None = None,
            at: datetime | None = None) -> str:
     """Write one event at the head of the chain, in ``conn``'s transaction; its hash."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(select(func.pg_advisory_xact_lock(_LOCK_KEY)))
+    take_turn(conn, "mailflowr audit chain")
     head = conn.execute(
         select(audit_events.c.id, audit_events.c.hash)
         .order_by(audit_events.c.id.desc()).limit(1)

@@ -13,11 +13,12 @@ an upgrade at start, has ``upgrade_child`` do it in a short-lived process.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, inspect, text
+from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
 from sqlalchemy.engine import make_url
 
 if TYPE_CHECKING:
@@ -62,6 +63,19 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
         pool_recycle=1800,
         connect_args={"connect_timeout": 5, "options": "-c synchronous_commit=on"},
     )
+
+
+def lock_key(name: str) -> int:
+    """The PostgreSQL advisory lock that stands for ``name`` (a signed 64-bit key)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def take_turn(conn: Any, name: str) -> None:
+    """Hold ``name``'s lock until ``conn``'s transaction ends: instances sharing a
+    PostgreSQL database take turns at what follows (a read, then writes that depend
+    on it).  On SQLite every write transaction holds the database's write lock."""
+    if conn.dialect.name == "postgresql":
+        conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

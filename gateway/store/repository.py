@@ -43,6 +43,7 @@ from gateway.errors import TempFailure
 from gateway.metrics import QueueStats
 from gateway.privacy.keys import PrivacyKey
 from gateway.store import audit as audit_chain
+from gateway.store import database
 from gateway.store.keystore import KeyStore, KeyUnavailable
 from gateway.store.models import (
     FAILED,
@@ -403,6 +404,7 @@ class Store:
     def sync_tenants(self, configured: Mapping[str, str]) -> None:
         """Make a row for every configured tenant (id -> display name)."""
         with self.engine.begin() as conn:
+            database.take_turn(conn, "tenants")  # instances that start together
             known = {r.id: r.name for r in conn.execute(select(tenants.c.id, tenants.c.name))}
             for tid, name in configured.items():
                 if tid not in known:
@@ -868,7 +870,7 @@ class Store:
         if self.engine.dialect.name != "postgresql":
             yield True
             return
-        key = int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+        key = database.lock_key(name)
         with self.engine.connect() as conn:
             got = bool(conn.execute(select(func.pg_try_advisory_lock(key))).scalar_one())
             conn.commit()
@@ -893,6 +895,8 @@ class Store:
         its notices, nor notified twice.
         """
         with self.engine.begin() as conn:
+            # Instances that start (or reload) together: one notices the change.
+            database.take_turn(conn, "subprocessor registry")
             known = {r.name: r for r in conn.execute(select(subprocessor_registry))}
             if not known:
                 if current:
