@@ -78,7 +78,7 @@ class MailboxState:
     def claim(self, key: FolderKey, owner: str, lease: float) -> FolderState | None:
         """Take (or keep) the folder's lease; None while another instance holds it."""
         now = utcnow()
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             if conn.execute(select(tenants.c.id).where(tenants.c.id == key.tenant_id,
                                                        tenants.c.active.is_(False))).first():
                 return None  # deactivated: nothing more is imported for it
@@ -101,7 +101,7 @@ class MailboxState:
         return FolderState(row.uidvalidity, row.last_uid, row.done_uid)
 
     def release(self, key: FolderKey, owner: str) -> None:
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(update(imap_folders)
                          .where(*key.where(), imap_folders.c.lease_owner == owner)
                          .values(lease_owner=None, lease_until=None))
@@ -121,7 +121,7 @@ class MailboxState:
     def restart(self, key: FolderKey, owner: str, state: FolderState,
                 uidvalidity: int) -> FolderState | None:
         """Start over under a new UIDVALIDITY (the first look, or the server renumbered)."""
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             if not self._update(conn, key, owner, state, uidvalidity=uidvalidity, last_uid=0,
                                 done_uid=0):
                 return None
@@ -133,7 +133,7 @@ class MailboxState:
         None when the lease or the state changed meanwhile (nothing is written)."""
         now = utcnow()
         new = [i.message for i in batch if i.message is not None]
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             if not self._update(conn, key, owner, state, last_uid=last_uid, backlog=backlog,
                                 imported=imap_folders.c.imported + len(new),
                                 last_success_at=now, last_error=None):
@@ -151,20 +151,20 @@ class MailboxState:
     def handled(self, key: FolderKey, owner: str, state: FolderState,
                 done_uid: int) -> FolderState | None:
         """The after_import handling is done up to done_uid."""
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             if not self._update(conn, key, owner, state, done_uid=done_uid):
                 return None
         return FolderState(state.uidvalidity, state.last_uid, done_uid)
 
     def looked(self, key: FolderKey, owner: str) -> None:
         """A look that found nothing new: a success, with no backlog."""
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(update(imap_folders)
                          .where(*key.where(), imap_folders.c.lease_owner == owner)
                          .values(last_success_at=utcnow(), last_error=None, backlog=0))
 
     def failed(self, key: FolderKey, owner: str, error: str) -> None:
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(update(imap_folders)
                          .where(*key.where(), imap_folders.c.lease_owner == owner)
                          .values(last_error=error[:1000], last_error_at=utcnow()))

@@ -129,7 +129,7 @@ class PrivacyStore:
         total = Removed()
         chunks = list(_chunks(ids)) or [[]]
         for n, chunk in enumerate(chunks):
-            with self.store._write_turn, self.engine.begin() as conn:
+            with self.store.writing() as conn:
                 total.add(_delete_messages(conn, chunk))
                 if audit_event is not None and n == len(chunks) - 1:
                     detail = {**audit_event.get("detail", {}), **total.as_dict()}
@@ -184,14 +184,14 @@ class PrivacyStore:
         return rows
 
     def record_export(self, export_id: str, tenant: str, subject: str | None) -> None:
-        with self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(insert(api_exports).values(
                 id=export_id, tenant_id=tenant, subject=subject, status="running",
                 created_at=utcnow()))
 
     def finish_export(self, export_id: str, path: str | None, size: int,
                       error: str | None) -> None:
-        with self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(update(api_exports).where(api_exports.c.id == export_id).values(
                 status="failed" if error else "done", finished_at=utcnow(), path=path,
                 size=size, error=error))
@@ -205,7 +205,7 @@ class PrivacyStore:
     def queue_notice(self, message: NewMessage, actor: str, action: str,
                      detail: dict[str, Any]) -> None:
         """Store an outbound notice and its audit event in one transaction."""
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             _insert_messages(conn, [message], self.store.keystore)
             audit.append(conn, self.store.audit_key, actor=actor, action=action,
                          tenant_id=message.tenant_id, message_id=message.id, detail=detail)
@@ -229,7 +229,7 @@ class PrivacyStore:
     def deactivate(self, tenant: str, actor: str) -> datetime:
         """Mark the tenant inactive (its mail is refused from now on); when it was."""
         now = utcnow()
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(update(tenants).where(tenants.c.id == tenant)
                          .values(active=False, deactivated_at=now))
             audit.append(conn, self.store.audit_key, actor=actor, action="tenant.deactivate",
@@ -247,7 +247,7 @@ class PrivacyStore:
             if not ids:
                 break
             total.add(self.delete(ids))
-        with self.store._write_turn, self.engine.begin() as conn:
+        with self.store.writing() as conn:
             # copies whose message is gone already, import state, consent records
             total.deliveries += conn.execute(
                 delete(deliveries).where(deliveries.c.tenant_id == tenant)).rowcount

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import (
+    Connection,
     Engine,
     and_,
     bindparam,
@@ -291,11 +292,20 @@ class Store:
         self._listeners: list[asyncio.Event] = []
         self._space_checked = 0.0
         self._space_ok = True
-        # SQLite has one writer at a time.  Between this process's two bulk writers,
-        # the group committer and the retention sweeper, a lock hands the turn over
-        # at once; SQLite's own busy handler would sleep in steps of up to 100 ms.
+        # SQLite has one writer at a time.  This process's writers (the group
+        # committer, the pipeline, deliveries, the sweeper) take turns through a lock
+        # that hands the turn over at once: SQLite's own busy handler sleeps in steps
+        # of up to 100 ms, and a commit with clients waiting must not sleep behind a
+        # pipeline update that ended a millisecond later.
         self._sqlite = engine.dialect.name == "sqlite"
-        self._write_turn = threading.Lock() if self._sqlite else contextlib.nullcontext()
+        self._write_turn = threading.RLock() if self._sqlite else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[Connection]:
+        """A write transaction, committed at the end of the block (every write of the
+        gateway goes through here: on SQLite, they take turns at once)."""
+        with self._write_turn, self.engine.begin() as conn:
+            yield conn
 
     # ------------------------------------------------------------ acceptance
     async def start(self) -> None:
@@ -379,7 +389,7 @@ class Store:
         batch = [m for item in group for m in item.messages]
         # Sealed and hashed before the write lock is taken.
         blobs, digests = _blobs(batch, self.keystore), _digests(batch)
-        with self._write_turn, self.engine.begin() as conn:
+        with self.writing() as conn:
             _insert_messages(conn, batch, blobs=blobs, digests=digests)
 
     def has_free_space(self) -> bool:
@@ -403,7 +413,7 @@ class Store:
     # ------------------------------------------------------------ tenants
     def sync_tenants(self, configured: Mapping[str, str]) -> None:
         """Make a row for every configured tenant (id -> display name)."""
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             database.take_turn(conn, "tenants")  # instances that start together
             known = {r.id: r.name for r in conn.execute(select(tenants.c.id, tenants.c.name))}
             for tid, name in configured.items():
@@ -422,7 +432,7 @@ class Store:
         SQLite's write lock (BEGIN IMMEDIATE) serialises the same statement.
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 update(messages)
                 .where(
@@ -472,7 +482,7 @@ class Store:
         instead of after the lease time.  Other hosts' leases expire on their own.
         """
         freed = 0
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             for table, status in ((messages, RECEIVED), (deliveries, PENDING)):
                 owners = conn.execute(
                     select(table.c.lease_owner)
@@ -540,7 +550,7 @@ class Store:
         at all.  An entry is False (nothing changed) where the lease was lost.
         """
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             # The rows still ours, locked until the commit (SQLite: the write lock is).
             held = {r.id: r.tenant_id for r in conn.execute(
                 select(messages.c.id, messages.c.tenant_id)
@@ -571,7 +581,7 @@ class Store:
         return [message_id in held for message_id, _, _ in items]
 
     def quarantine(self, message_id: str, owner: str, error: str) -> None:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 update(messages)
                 .where(messages.c.id == message_id, messages.c.lease_owner == owner)
@@ -584,7 +594,7 @@ class Store:
         ids = list(message_ids)
         if not ids:
             return
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(
                 update(messages)
                 .where(messages.c.id.in_(ids), messages.c.lease_owner == owner,
@@ -597,7 +607,7 @@ class Store:
         """Extend ``owner``'s leases on these rows of ``messages`` or ``deliveries`` to
         ``lease`` seconds from now; returns how many it still held."""
         rows = {"messages": messages, "deliveries": deliveries}[table]
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             return conn.execute(
                 update(rows)
                 .where(rows.c.id.in_(list(ids)), rows.c.lease_owner == owner)
@@ -657,7 +667,7 @@ class Store:
     def claim_deliveries(self, owner: str, limit: int, lease: float) -> list[DeliveryJob]:
         """Take due pending deliveries (SKIP LOCKED on PostgreSQL, like ``claim``)."""
         now = utcnow()
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             rows = conn.execute(
                 select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
                        deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
@@ -705,7 +715,7 @@ class Store:
         """
         now = utcnow()
         out = []
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             for r in results:
                 done = conn.execute(_ATTEMPT, {
                     "b_id": r.delivery_id, "b_owner": owner, "b_status": r.status,
@@ -732,7 +742,7 @@ class Store:
         q = update(deliveries).where(deliveries.c.status.in_((PENDING, HELD, FAILED)))
         if delivery_id is not None:
             q = q.where(deliveries.c.id == delivery_id)
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             return int(conn.execute(
                 q.values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
                          lease_until=None)
@@ -768,7 +778,7 @@ class Store:
     def release_held(self, reason_prefix: str) -> int:
         """Make held deliveries whose reason starts with ``reason_prefix`` due now
         (after a policy change that may have removed the reason)."""
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             return int(conn.execute(
                 update(deliveries)
                 .where(deliveries.c.status == HELD,
@@ -778,7 +788,7 @@ class Store:
             ).rowcount)
 
     def drop_delivery(self, delivery_id: int, reason: str) -> bool:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             done = conn.execute(
                 update(deliveries)
                 .where(deliveries.c.id == delivery_id, deliveries.c.status != "sent")
@@ -832,7 +842,7 @@ class Store:
         its addresses and its deliveries (pending ones included), then the row.
         Returns (queue id, Message-ID field) of each message deleted.
         """
-        with self._write_turn, self.engine.begin() as conn:
+        with self.writing() as conn:
             rows = [(r.id, r.message_id) for r in conn.execute(
                 select(messages.c.id, messages.c.message_id)
                 .where(*self._expired(tenant, key, cutoff, held_addresses))
@@ -894,7 +904,7 @@ class Store:
         together with the registry change: a change is never remembered without
         its notices, nor notified twice.
         """
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             # Instances that start (or reload) together: one notices the change.
             database.take_turn(conn, "subprocessor registry")
             known = {r.name: r for r in conn.execute(select(subprocessor_registry))}
@@ -963,7 +973,7 @@ class Store:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def record_objection(self, tenant: str, subprocessor: str, actor: str, note: str) -> None:
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             conn.execute(insert(subprocessor_objections).values(
                 tenant_id=tenant, subprocessor=subprocessor, recorded_at=utcnow(),
                 actor=actor, note=note))
@@ -982,7 +992,7 @@ class Store:
         detail: dict[str, Any] | None = None,
     ) -> None:
         """Append an audit event (who did what to which data, never content)."""
-        with self.engine.begin() as conn:
+        with self.writing() as conn:
             audit_chain.append(conn, self.audit_key, actor=actor, action=action,
                                tenant_id=tenant_id, message_id=message_id, detail=detail)
 

@@ -43,7 +43,7 @@ class TokenStore:
         """(id, token); the token is not kept anywhere and cannot be shown again."""
         token_id = secrets.token_hex(6)
         secret = secrets.token_urlsafe(32)
-        with self.engine.begin() as conn:
+        with self.store.writing() as conn:
             conn.execute(insert(api_tokens).values(
                 id=token_id, tenant_id=tenant, name=name[:200], secret_sha256=_digest(secret),
                 created_at=utcnow()))
@@ -63,7 +63,7 @@ class TokenStore:
         last = row.last_used_at
         if last is None or now - (last if last.tzinfo else last.replace(tzinfo=now.tzinfo)) \
                 > _TOUCH_EVERY:
-            with self.engine.begin() as conn:
+            with self.store.writing() as conn:
                 conn.execute(update(api_tokens).where(api_tokens.c.id == row.id)
                              .values(last_used_at=now))
         return TokenOwner(row.id, row.tenant_id)
@@ -78,7 +78,7 @@ class TokenStore:
             return [dict(r._mapping) for r in conn.execute(q)]
 
     def revoke(self, token_id: str, when: datetime | None = None) -> bool:
-        with self.engine.begin() as conn:
+        with self.store.writing() as conn:
             done = conn.execute(update(api_tokens)
                                 .where(api_tokens.c.id == token_id,
                                        api_tokens.c.revoked_at.is_(None))
