@@ -4,10 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import UTC, datetime
 
+import pytest
+from sqlalchemy import insert, select
+
+from gateway.errors import TempFailure
+from gateway.store import database, repository
 from gateway.store.ids import new_id
+from gateway.store.models import message_addresses, message_blobs, messages
 from gateway.store.records import ParsedFields
-from gateway.store.repository import NewMessage, Outcome, PlannedDelivery, utcnow
+from gateway.store.repository import (
+    HASH_ON_LOOP_MAX,
+    NewMessage,
+    Outcome,
+    PlannedDelivery,
+    utcnow,
+)
 
 
 def _accept(store, count):
@@ -29,10 +42,12 @@ def _accept(store, count):
 
 
 def test_the_store_records_the_sha256_of_each_original(store):
-    """Taken by the store (off the event loop), once per original: a message for two
-    tenants is one bytes object in two rows."""
+    """Taken by the store before the commit, once per original (a message for two
+    tenants is one bytes object in two rows); a batch over HASH_ON_LOOP_MAX is hashed
+    in a thread."""
     one = b"Subject: one\r\n\r\n" + b"x" * 100_000 + b"\r\n"
     two = b"Subject: two\r\n\r\nshort\r\n"
+    big = b"Subject: big\r\n\r\n" + b"y" * HASH_ON_LOOP_MAX + b"\r\n"
 
     def message(tenant, data):
         return NewMessage(id=new_id(), tenant_id=tenant, mail_from="a@sender.test",
@@ -44,14 +59,94 @@ def test_the_store_records_the_sha256_of_each_original(store):
         await store.start()
         batch = [message("acme", one), message("globex", one), message("acme", two)]
         await store.accept(batch)
+        large = [message("acme", big), message("globex", two)]
+        await store.accept(large)
         await store.close()
-        return [m.id for m in batch]
+        return [m.id for m in batch + large]
 
-    a, b, c = asyncio.run(run())
+    a, b, c, d, e = asyncio.run(run())
     assert store.get_message(a)["sha256"] == store.get_message(b)["sha256"] \
         == hashlib.sha256(one).hexdigest()
-    assert store.get_message(c)["sha256"] == hashlib.sha256(two).hexdigest()
+    assert store.get_message(c)["sha256"] == store.get_message(e)["sha256"] \
+        == hashlib.sha256(two).hexdigest()
+    assert store.get_message(d)["sha256"] == hashlib.sha256(big).hexdigest()
     assert store.raw(a) == store.raw(b) == one
+    assert store.raw(d) == big
+
+
+def test_rows_inserted_in_bulk_read_back_as_one_by_one(store):
+    """database.insert_rows (multi-row statements on SQLite) stores every type as
+    SQLAlchemy's executemany does: times with their zone, JSON, booleans, NULL, bytes,
+    the columns' defaults; more rows than one statement may bind go in several."""
+    when = datetime(2026, 12, 1, 22, 9, 29, 123456, tzinfo=UTC)
+
+    def row(message_id):
+        return {"id": message_id, "tenant_id": "acme", "status": "received",
+                "received_at": when, "mail_from": "", "size": 3, "sha256": "0" * 64,
+                "client_address": "::1", "helo": "h\u00e9lo", "protocol": "ESMTP",
+                "trace_header": "Received: x\r\n", "smtputf8": True, "direction": "inbound",
+                "submitted_by": None, "tags": ["a", {"b": 1}], "parse_failed": False,
+                "attempts": 0}
+
+    bulk, single = new_id(), new_id()
+    with store.writing() as conn:
+        database.insert_rows(conn, messages, [row(bulk)])
+        conn.execute(insert(messages), [row(single)])
+        database.insert_rows(conn, message_blobs, [
+            {"message_id": bulk, "data": b"\x00\xff\r\n", "key_id": None}])
+        conn.execute(insert(message_blobs),
+                     [{"message_id": single, "data": b"\x00\xff\r\n", "key_id": None}])
+        many = database.SQLITE_MAX_VALUES // 3 * 2 + 5  # three statements on SQLite
+        database.insert_rows(conn, message_addresses, [
+            {"message_id": bulk, "role": "rcpt_to", "address": f"r{i}@acme.test"}
+            for i in range(many)])
+    with store.engine.connect() as conn:
+        got = {r.id: r._asdict() for r in conn.execute(
+            select(messages).where(messages.c.id.in_([bulk, single])))}
+        blobs = dict(conn.execute(select(message_blobs.c.message_id, message_blobs.c.data)).all())
+        addresses = conn.execute(select(message_addresses.c.address)
+                                 .where(message_addresses.c.message_id == bulk)
+                                 .order_by(message_addresses.c.id)).scalars().all()
+    assert set(got) == {bulk, single}
+    got[bulk]["id"] = got[single]["id"]
+    assert got[bulk] == got[single]
+    assert got[bulk]["tags"] == ["a", {"b": 1}] and got[bulk]["smtputf8"] is True
+    assert got[bulk]["tag_key"] == "" and got[bulk]["received_at"].replace(tzinfo=UTC) == when
+    assert bytes(blobs[bulk]) == bytes(blobs[single]) == b"\x00\xff\r\n"
+    assert addresses == [f"r{i}@acme.test" for i in range(many)]
+
+
+def test_a_fault_in_a_commit_fails_that_group_and_the_next_commits(store, monkeypatch):
+    """An error nobody foresaw in the committer's thread answers the waiting sessions
+    (451 from TempFailure) and leaves the committer running for the next ones."""
+    real, calls = repository._blobs, []
+
+    def blobs_failing_once(batch, keystore):
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("unforeseen")
+        return real(batch, keystore)
+
+    monkeypatch.setattr(repository, "_blobs", blobs_failing_once)
+
+    def message():
+        return NewMessage(id=new_id(), tenant_id="acme", mail_from="a@sender.test",
+                          recipients=("support@acme.test",), data=b"Subject: x\r\n\r\nx\r\n",
+                          received_at=utcnow(), client_address="127.0.0.1", helo="t",
+                          protocol="ESMTP", trace_header="", smtputf8=False)
+
+    async def run():
+        await store.start()
+        first, second = message(), message()
+        with pytest.raises(TempFailure, match="unforeseen"):
+            await asyncio.wait_for(store.accept([first]), 10)
+        await asyncio.wait_for(store.accept([second]), 10)
+        await store.close()
+        return first.id, second.id
+
+    first, second = asyncio.run(run())
+    assert store.get_message(first) is None
+    assert store.raw(second) == b"Subject: x\r\n\r\nx\r\n"
 
 
 def test_a_stale_claim_of_our_own_is_taken_back_at_once(store):

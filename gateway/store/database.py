@@ -13,16 +13,33 @@ an upgrade at start, has ``upgrade_child`` do it in a short-lived process.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, create_engine, event, func, inspect, select, text
-from sqlalchemy.engine import make_url
+from sqlalchemy import (
+    Connection,
+    Engine,
+    Table,
+    bindparam,
+    create_engine,
+    event,
+    func,
+    insert,
+    inspect,
+    select,
+    text,
+)
+from sqlalchemy.engine import Dialect, make_url
+from sqlalchemy.schema import ColumnDefault
 
 if TYPE_CHECKING:
-    from multiprocessing.connection import Connection
+    from multiprocessing.connection import Connection as Pipe
 
     from alembic.config import Config as AlembicConfig
 
@@ -52,6 +69,8 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
             pool_size=pool_size,
             max_overflow=4,
         )
+        # executemany INSERTs go out as multi-row statements (see insert_rows)
+        engine.dialect.use_insertmanyvalues_wo_returning = True
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -76,6 +95,68 @@ def take_turn(conn: Any, name: str) -> None:
     on it).  On SQLite every write transaction holds the database's write lock."""
     if conn.dialect.name == "postgresql":
         conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
+
+
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    """INSERT ``rows`` (mappings with the same keys) into ``table``, in ``conn``'s
+    transaction.
+
+    On SQLite, in as few statements as its limit on bound values allows.  The driver
+    lets go of the GIL around every row it steps through and must take it back after
+    each; under load every take-back waits for the event loop, so a row-by-row
+    executemany of a group commit spent more time waiting than SQLite spent writing.
+    The statement is SQLAlchemy's own single-row INSERT with its VALUES repeated, the
+    values passed through the column types' bind processors, so what is stored is what
+    ``conn.execute(insert(table), rows)`` would store.  Elsewhere it is that executemany.
+    """
+    if not rows:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(insert(table), list(rows))
+        return
+    plan = _multirow_plan(conn.dialect, table, tuple(rows[0]))
+    per_statement = max(1, SQLITE_MAX_VALUES // len(plan.columns))
+    for start in range(0, len(rows), per_statement):
+        chunk = rows[start:start + per_statement]
+        values: list[Any] = []
+        for row in chunk:
+            for key, process, default in plan.columns:
+                value = row[key] if default is _GIVEN else default
+                values.append(process(value) if process is not None else value)
+        conn.exec_driver_sql(plan.head + ", ".join([plan.row] * len(chunk)), tuple(values))
+
+
+# SQLite's limit on bound values in one statement (999 before 3.32).
+SQLITE_MAX_VALUES = 32_766 if sqlite3.sqlite_version_info >= (3, 32) else 999
+_GIVEN = object()  # the column's value comes from the row
+
+
+@dataclass(frozen=True)
+class _MultirowPlan:
+    head: str  # INSERT INTO t (a, b) VALUES
+    row: str  # (?, ?)
+    # (key, bind processor, _GIVEN or the column's scalar default) in statement order
+    columns: tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]
+
+
+@functools.lru_cache(maxsize=64)
+def _multirow_plan(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _MultirowPlan:
+    compiled = insert(table).values({k: bindparam(k) for k in keys}).compile(dialect=dialect)
+    assert compiled.positiontup is not None, "a positional paramstyle (SQLite's qmark)"
+    head, found, row = str(compiled).partition(" VALUES ")
+    assert found, str(compiled)
+    columns = []
+    for key in compiled.positiontup:
+        column = table.c[key]
+        if key in keys:
+            default = _GIVEN
+        elif isinstance(column.default, ColumnDefault) and column.default.is_scalar:
+            default = column.default.arg
+        else:  # a default computed per row: no such column among the bulk inserts
+            raise ValueError(f"{table.name}.{key}: give a value for each row")
+        columns.append((key, column.type.dialect_impl(dialect).bind_processor(dialect),
+                        default))
+    return _MultirowPlan(head + " VALUES ", row, tuple(columns))
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
@@ -135,7 +216,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
     return before, after
 
 
-def upgrade_child(conn: Connection, url: str) -> None:
+def upgrade_child(conn: Pipe, url: str) -> None:
     """``upgrade()`` in a process of its own (see gateway.workers.spawn): sends back
     (True, (before, after)), or (False, the error in one line)."""
     engine = create(url, pool_size=1)
