@@ -4,8 +4,11 @@
 #   REPS=5 SIZE=100000 MSGS=1000 bench/instances.sh
 # Each rep starts from an empty database: first one instance takes all CONC sessions, then
 # two instances take CONC/2 each at the same time (one smtp-source per instance). Prints
-# accepted messages per second, the gateways' CPU ms per message and the ratio of two to
-# one. PG_URL names the server (default: the local one of the test suite).
+# accepted messages per second, the gateways' CPU ms per message, the ratio of two to
+# one, and how busy the machine's cores were during the run: all of them, the gateways
+# (acceptance and the pipeline running alongside), PostgreSQL when it runs on this
+# machine, and the rest (smtp-source, the kernel's loopback TCP).
+# PG_URL names the server (default: the local one of the test suite).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_URL=${PG_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
@@ -48,26 +51,45 @@ start() { # PORT...: one gateway per port; sets pids
     done
 }
 stop_all() { cleanup; pids=(); }
-cpu() { # PORT...: CPU seconds of the gateways listening there, summed
-    local total=0 port
-    for port in "$@"; do
-        total=$(python3 -c "print($total + $(python3 "$PROCSTAT" cpu "$(python3 "$PROCSTAT" listener "$port")"))")
-    done
-    echo "$total"
+cpu() { # -> "busy gateways postgres": CPU seconds since boot of all cores (outside idle,
+    # iowait and steal), of the started gateways with their worker processes, and of the
+    # local PostgreSQL's processes; read by one awk, so that it takes next to no time
+    local gateways="" postgres p
+    for p in "${pids[@]}"; do gateways+=" $p $(pgrep -P "$p" | tr '\n' ' ')"; done
+    postgres=$(pgrep -x postgres | tr '\n' ' ' || true)
+    awk -v gateways="$gateways" -v postgres="$postgres" '
+        function tree(list,    n, i, f, line, a, total) {
+            n = split(list, a, " "); total = 0
+            for (i = 1; i <= n; i++) {
+                f = "/proc/" a[i] "/stat"
+                if ((getline line < f) > 0) {  # utime stime cutime cstime
+                    sub(/^.*\) /, "", line); split(line, v, " ")
+                    total += v[12] + v[13] + v[14] + v[15]
+                }
+                close(f)
+            }
+            return total / 100
+        }
+        BEGIN {
+            getline line < "/proc/stat"; split(line, c, " ")
+            printf "%.2f %.2f %.2f\n", (c[2] + c[3] + c[4] + c[7] + c[8]) / 100,
+                tree(gateways), tree(postgres)
+        }'
 }
 fresh_db() {
     psql_admin "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)"
     psql_admin "CREATE DATABASE \"$DB\""
     .venv/bin/mailflowr-gateway db upgrade --config bench/gateway-bench.yaml >/dev/null
 }
-run() { # CONC MSGS PORT... -> "wall_s cpu_s": one smtp-source per port, all at once
+run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-source
+    # per port, all at once
     local conc=$1 msgs=$2 port t0 t1 c0 c1 sources=()
     shift 2
     for port in "$@"; do  # warm-up, not counted
         "$SMTP_SOURCE" -s 4 -m 100 -l "$SIZE" -f a@bench.test -t b@bench.test "127.0.0.1:$port"
     done
     sleep 1
-    c0=$(cpu "$@")
+    c0=$(cpu)
     t0=$(date +%s%N)
     for port in "$@"; do
         "$SMTP_SOURCE" -s "$conc" -m "$msgs" -l "$SIZE" -f a@bench.test -t b@bench.test \
@@ -76,8 +98,9 @@ run() { # CONC MSGS PORT... -> "wall_s cpu_s": one smtp-source per port, all at 
     done
     for port in "${sources[@]}"; do wait "$port"; done
     t1=$(date +%s%N)
-    c1=$(cpu "$@")
-    python3 -c "print(f'{($t1 - $t0) / 1e9:.3f} {$c1 - $c0:.2f}')"
+    c1=$(cpu)
+    python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}', *(f'{b - a:.2f}' for a, b in zip(
+        map(float, '$c0'.split()), map(float, '$c1'.split()))))"
 }
 
 mkdir -p bench/var
@@ -86,28 +109,32 @@ results=()
 for rep in $(seq 1 "$REPS"); do
     fresh_db
     start 2531
-    read -r wall cpu_s < <(run "$CONC" "$MSGS" 2531)
+    read -r one < <(run "$CONC" "$MSGS" 2531)
     stop_all
-    one="$wall $cpu_s"
     fresh_db
     start 2531 2532
-    read -r wall cpu_s < <(run $((CONC / 2)) $((MSGS / 2)) 2531 2532)
+    read -r two < <(run $((CONC / 2)) $((MSGS / 2)) 2531 2532)
     stop_all
-    two="$wall $cpu_s"
     results+=("$one $two")
-    echo "rep $rep: one instance $(python3 -c "print(f'{$MSGS / ${one% *}:.0f}')") msgs/s," \
-         "two $(python3 -c "print(f'{$MSGS / ${two% *}:.0f}')") msgs/s" >&2
+    echo "rep $rep: one instance $(python3 -c "print(f'{$MSGS / ${one%% *}:.0f}')") msgs/s," \
+         "two $(python3 -c "print(f'{$MSGS / ${two%% *}:.0f}')") msgs/s" >&2
 done
 printf '%s\n' "${results[@]}" | python3 -c "
 import statistics, sys
 msgs = $MSGS
 rows = [list(map(float, line.split())) for line in sys.stdin if line.strip()]
-one = statistics.median(msgs / r[0] for r in rows)
-two = statistics.median(msgs / r[2] for r in rows)
-cpu1 = statistics.median(r[1] / msgs * 1000 for r in rows)
-cpu2 = statistics.median(r[3] / msgs * 1000 for r in rows)
 print(f'PostgreSQL, {$SIZE} B, {$CONC} sessions in all, {msgs} messages, median of {len(rows)}')
-print(f'one instance   {one:6.0f} msgs/s   gateway CPU {cpu1:.2f} ms/msg')
-print(f'two instances  {two:6.0f} msgs/s   gateway CPU {cpu2:.2f} ms/msg')
-print(f'ratio          {two / one:.2f}x')
+print(f'{\"\":14s} {\"msgs/s\":>6s}  gateway CPU   cores busy of $(nproc): all, gateways, PostgreSQL, rest')
+rate, cost = [], []
+for name, at in (('one instance', 0), ('two instances', 4)):
+    med = lambda f: statistics.median(f(r[at:at + 4]) for r in rows)
+    rate.append(med(lambda r: msgs / r[0]))
+    cost.append(med(lambda r: r[1] / msgs))  # CPU seconds of the whole machine per message
+    busy, gw, pg = (med(lambda r: r[i] / r[0]) for i in (1, 2, 3))
+    print(f'{name:14s} {rate[-1]:6.0f} {med(lambda r: r[2] / msgs * 1000):6.2f} ms/msg'
+          f'   {busy:.2f}, {gw:.2f}, {pg:.2f}, {busy - gw - pg:.2f}')
+print(f'ratio          {rate[1] / rate[0]:.2f}x')
+bound = $(nproc) / cost[0]
+print(f'at one instance\'s {cost[0] * 1000:.2f} ms of machine CPU per message, $(nproc) cores '
+      f'allow at most {bound:.0f} msgs/s: {bound / rate[0]:.2f}x one instance')
 "
