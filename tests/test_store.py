@@ -76,8 +76,9 @@ def test_the_store_records_the_sha256_of_each_original(store):
 
 def test_rows_inserted_in_bulk_read_back_as_one_by_one(store):
     """database.insert_rows (multi-row statements on SQLite) stores every type as
-    SQLAlchemy's executemany does: times with their zone, JSON, booleans, NULL, bytes,
-    the columns' defaults; more rows than one statement may bind go in several."""
+    SQLAlchemy's executemany does: times with their zone, JSON, booleans, NULL, bytes
+    (also as bulky rows), the columns' defaults; more rows than one statement may bind
+    go in several."""
     when = datetime(2026, 12, 1, 22, 9, 29, 123456, tzinfo=UTC)
 
     def row(message_id):
@@ -93,7 +94,7 @@ def test_rows_inserted_in_bulk_read_back_as_one_by_one(store):
         database.insert_rows(conn, messages, [row(bulk)])
         conn.execute(insert(messages), [row(single)])
         database.insert_rows(conn, message_blobs, [
-            {"message_id": bulk, "data": b"\x00\xff\r\n", "key_id": None}])
+            {"message_id": bulk, "data": b"\x00\xff\r\n", "key_id": None}], bulky=True)
         conn.execute(insert(message_blobs),
                      [{"message_id": single, "data": b"\x00\xff\r\n", "key_id": None}])
         many = database.SQLITE_MAX_VALUES // 3 * 2 + 5  # three statements on SQLite

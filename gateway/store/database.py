@@ -69,8 +69,6 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
             pool_size=pool_size,
             max_overflow=4,
         )
-        # executemany INSERTs go out as multi-row statements (see insert_rows)
-        engine.dialect.use_insertmanyvalues_wo_returning = True
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
         return engine
@@ -97,7 +95,8 @@ def take_turn(conn: Any, name: str) -> None:
         conn.execute(select(func.pg_advisory_xact_lock(lock_key(name))))
 
 
-def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]], *,
+                bulky: bool = False) -> None:
     """INSERT ``rows`` (mappings with the same keys) into ``table``, in ``conn``'s
     transaction.
 
@@ -108,6 +107,11 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
     The statement is SQLAlchemy's own single-row INSERT with its VALUES repeated, the
     values passed through the column types' bind processors, so what is stored is what
     ``conn.execute(insert(table), rows)`` would store.  Elsewhere it is that executemany.
+
+    After a statement with ``bulky`` rows (originals) the same statement runs once more
+    with NULLs that insert nothing: the driver keeps a copy of the values last bound to
+    each statement it caches, so a statement of twenty originals would otherwise hold
+    twenty, on every pooled connection, until a group of twenty comes again.
     """
     if not rows:
         return
@@ -115,15 +119,27 @@ def insert_rows(conn: Connection, table: Table, rows: Sequence[Mapping[str, Any]
         conn.execute(insert(table), list(rows))
         return
     plan = _multirow_plan(conn.dialect, table, tuple(rows[0]))
-    per_statement = max(1, SQLITE_MAX_VALUES // len(plan.columns))
+    width = len(plan.columns)
+    per_statement = max(1, (SQLITE_MAX_VALUES - 1) // width)
     for start in range(0, len(rows), per_statement):
         chunk = rows[start:start + per_statement]
-        values: list[Any] = []
-        for row in chunk:
-            for key, process, default in plan.columns:
-                value = row[key] if default is _GIVEN else default
-                values.append(process(value) if process is not None else value)
-        conn.exec_driver_sql(plan.head + ", ".join([plan.row] * len(chunk)), tuple(values))
+        values = ", ".join([plan.row] * len(chunk))
+        if not bulky:
+            conn.exec_driver_sql(f"{plan.into} VALUES {values}", _values(plan, chunk))
+            continue
+        sql = f"{plan.into} SELECT * FROM (VALUES {values}) WHERE ?"
+        conn.exec_driver_sql(sql, (*_values(plan, chunk), 1))
+        conn.exec_driver_sql(sql, (None,) * (width * len(chunk)) + (0,))
+
+
+def _values(plan: _MultirowPlan, rows: Sequence[Mapping[str, Any]]) -> tuple[Any, ...]:
+    """The bound values of ``rows`` in the plan's order, as the database takes them."""
+    values: list[Any] = []
+    for row in rows:
+        for key, process, default in plan.columns:
+            value = row[key] if default is _GIVEN else default
+            values.append(process(value) if process is not None else value)
+    return tuple(values)
 
 
 # SQLite's limit on bound values in one statement (999 before 3.32).
@@ -133,7 +149,7 @@ _GIVEN = object()  # the column's value comes from the row
 
 @dataclass(frozen=True)
 class _MultirowPlan:
-    head: str  # INSERT INTO t (a, b) VALUES
+    into: str  # INSERT INTO t (a, b)
     row: str  # (?, ?)
     # (key, bind processor, _GIVEN or the column's scalar default) in statement order
     columns: tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]
@@ -156,7 +172,7 @@ def _multirow_plan(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Mu
             raise ValueError(f"{table.name}.{key}: give a value for each row")
         columns.append((key, column.type.dialect_impl(dialect).bind_processor(dialect),
                         default))
-    return _MultirowPlan(head + " VALUES ", row, tuple(columns))
+    return _MultirowPlan(head, row, tuple(columns))
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

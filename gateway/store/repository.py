@@ -363,33 +363,40 @@ class Store:
                     break
                 group.append(item)
                 count += len(item.messages)
-            started = time.monotonic()
-            try:
-                await loop.run_in_executor(self._executor, self._write_group, group)
-            except (IntegrityError, DBAPIError) as exc:
-                if len(group) > 1 and not _is_connection_error(exc):
-                    # One bad item must not fail the others: write them one by one.
-                    for item in group:
-                        await self._commit_single(loop, item)
-                else:
-                    log.error("commit of %d messages failed: %s", count, one_line(exc))
-                    _fail(group, exc)
-                continue
-            except (SQLAlchemyError, OSError) as exc:
+            first = item = None
+            await self._commit(loop, group, count)
+            # the wait for the next group must not keep this one's originals alive
+            group = []
+
+    async def _commit(self, loop: asyncio.AbstractEventLoop, group: list[_Pending],
+                      count: int) -> None:
+        started = time.monotonic()
+        try:
+            await loop.run_in_executor(self._executor, self._write_group, group)
+        except (IntegrityError, DBAPIError) as exc:
+            if len(group) > 1 and not _is_connection_error(exc):
+                # One bad item must not fail the others: write them one by one.
+                for item in group:
+                    await self._commit_single(loop, item)
+            else:
                 log.error("commit of %d messages failed: %s", count, one_line(exc))
                 _fail(group, exc)
-                continue
-            except Exception as exc:  # a bug must fail this group (451), not stop the loop
-                log.exception("commit of %d messages failed", count)
-                _fail(group, exc)
-                continue
-            if self._on_commit is not None:
-                self._on_commit(count, time.monotonic() - started)
-            for item in group:
-                if not item.future.done():
-                    item.future.set_result(None)
-            for event in self._listeners:
-                event.set()
+            return
+        except (SQLAlchemyError, OSError) as exc:
+            log.error("commit of %d messages failed: %s", count, one_line(exc))
+            _fail(group, exc)
+            return
+        except Exception as exc:  # a bug must fail this group (451), not stop the loop
+            log.exception("commit of %d messages failed", count)
+            _fail(group, exc)
+            return
+        if self._on_commit is not None:
+            self._on_commit(count, time.monotonic() - started)
+        for item in group:
+            if not item.future.done():
+                item.future.set_result(None)
+        for event in self._listeners:
+            event.set()
 
     async def _commit_single(self, loop: asyncio.AbstractEventLoop, item: _Pending) -> None:
         try:
@@ -1096,7 +1103,7 @@ def _insert_messages(conn: Any, batch: Sequence[NewMessage],
         )
     database.insert_rows(conn, messages, rows)
     database.insert_rows(conn, message_blobs,
-                         blobs if blobs is not None else _blobs(batch, keystore))
+                         blobs if blobs is not None else _blobs(batch, keystore), bulky=True)
     database.insert_rows(conn, message_addresses, addresses)
 
 
