@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
 
@@ -58,6 +59,9 @@ def test_each_message_once_across_restarts_and_keep_leaves_flags(make_gateway, d
     assert sorted(originals(gw)) == sorted([message(1), message(2), message(3)])
     stored = gw.store.get_message(rows[0]["id"])
     assert stored["mail_from"].startswith("sender") and stored["direction"] == "inbound"
+    for row in rows:  # the digest taken to find copies is the one stored
+        assert gw.store.get_message(row["id"])["sha256"] == \
+            hashlib.sha256(gw.store.raw(row["id"])).hexdigest()
     assert stored["recipients"] == ["support@acme.test"]
     gw.wait_processed(3)
     # keep: the server's copies are untouched, not even \Seen

@@ -138,8 +138,9 @@ class MailboxState:
                                 imported=imap_folders.c.imported + len(new),
                                 last_success_at=now, last_error=None):
                 return None
-            if new:
-                _insert_messages(conn, new, self.store.keystore)
+            if new:  # hashed already, to find copies of what is here
+                _insert_messages(conn, new, self.store.keystore, digests={
+                    id(i.message.data): i.sha256 for i in batch if i.message is not None})
             if batch:
                 conn.execute(insert(imap_imports), [
                     {"tenant_id": key.tenant_id, "source": key.source, "folder": key.folder,

@@ -142,7 +142,7 @@ class NewMessage:
     tenant_id: str
     mail_from: str
     recipients: tuple[str, ...]
-    data: bytes  # its SHA-256 is taken by the store, off the event loop
+    data: bytes  # its SHA-256 is taken by the store (see _digests)
     received_at: datetime
     client_address: str
     helo: str
