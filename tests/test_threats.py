@@ -5,6 +5,7 @@ from __future__ import annotations
 import resource
 import smtplib
 import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +134,23 @@ def test_idle_client_times_out_with_421(make_gateway):
     c.command("EHLO client.test")
     c.sock.settimeout(10)
     assert c.reply().startswith("421 4.4.2")
+    assert c.closed()
+
+
+def test_idle_timeout_counts_from_the_last_line(make_gateway):
+    """A client that talks every 0.6 s outlasts a 1 s idle timeout; once it falls
+    silent it gets its 421 about a second after its last line, not before."""
+    gw = make_gateway({"smtp": {"idle_timeout": "1s"}})
+    c = RawClient(gw.port)
+    c.reply()
+    assert c.command("EHLO client.test").startswith("250")
+    for _ in range(5):  # 3 s in all, three times the timeout
+        time.sleep(0.6)
+        assert c.command("NOOP").startswith("250 ")
+    last = time.monotonic()
+    c.sock.settimeout(10)
+    assert c.reply().startswith("421 4.4.2")
+    assert 0.9 <= time.monotonic() - last < 3
     assert c.closed()
 
 

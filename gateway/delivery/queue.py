@@ -254,9 +254,10 @@ class DeliveryWorker:
                     continue
                 tenant = self.metrics.tenant(job.tenant_id)
                 label = "deferred" if result.status == PENDING else result.status
-                self.metrics.deliveries.labels(tenant, job.kind, label, result.where).inc()
+                self.metrics.series(self.metrics.deliveries, tenant, job.kind, label,
+                                    result.where).inc()
                 if result.bounce is not None:
-                    self.metrics.dsns.labels(tenant).inc()
+                    self.metrics.series(self.metrics.dsns, tenant).inc()
             group = []
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
@@ -281,7 +282,8 @@ class DeliveryWorker:
             result = await self.appender.append(job.tenant_id, AppendJob(
                 name, job.recipient, content[1], job.header_message_id,
                 look_first=job.interrupted))
-            self.metrics.delivery_duration.labels(name).observe(time.monotonic() - started)
+            self.metrics.series(self.metrics.delivery_duration, name).observe(
+                time.monotonic() - started)
         elif isinstance(targets, Result):
             result = targets
         else:
@@ -294,7 +296,8 @@ class DeliveryWorker:
                 result = await self.sender.send(target, sender=sender,
                                                 recipient=job.recipient, data=data)
                 name, host = target.name, f"{target.host}:{target.port}"
-                self.metrics.delivery_duration.labels(name).observe(time.monotonic() - started)
+                self.metrics.series(self.metrics.delivery_duration, name).observe(
+                time.monotonic() - started)
                 if result.connected:
                     break
         status, retry_at = self._next(job, result)
@@ -345,18 +348,18 @@ class DeliveryWorker:
             done = Protected(data, (), ())
         if forwarded:
             seal = "error" if done.seal_error else "sealed" if done.sealed else "none"
-            self.metrics.arc_seals.labels(tenant, seal).inc()
+            self.metrics.series(self.metrics.arc_seals, tenant, seal).inc()
         if done.seal_error:
             log.warning("delivery %d of %s: not ARC-sealed: %s", job.id, job.message_id,
                         done.seal_error)
         if done.sign_error:
-            self.metrics.dkim_signatures.labels(tenant, "none", "error").inc()
+            self.metrics.series(self.metrics.dkim_signatures, tenant, "none", "error").inc()
             log.warning("delivery %d of %s: not DKIM-signed: %s", job.id, job.message_id,
                         done.sign_error)
         elif not done.signed:
-            self.metrics.dkim_signatures.labels(tenant, "none", "no_key").inc()
+            self.metrics.series(self.metrics.dkim_signatures, tenant, "none", "no_key").inc()
         for key in done.signed:
-            self.metrics.dkim_signatures.labels(tenant, key.algorithm, "signed").inc()
+            self.metrics.series(self.metrics.dkim_signatures, tenant, key.algorithm, "signed").inc()
         return done.data
 
     def _event(self, job: DeliveryJob, kind: str, level: int, **fields: Any) -> None:

@@ -263,11 +263,12 @@ class PipelineWorker:
 
     def _timed(self, stage: str, started: float) -> None:
         if self.metrics is not None:
-            self.metrics.pipeline_stage.labels(stage).observe(time.monotonic() - started)
+            self.metrics.series(self.metrics.pipeline_stage, stage).observe(
+                time.monotonic() - started)
 
     def _failed(self, stage: str) -> None:
         if self.metrics is not None:
-            self.metrics.pipeline_failures.labels(stage).inc()
+            self.metrics.series(self.metrics.pipeline_failures, stage).inc()
 
 def _returns(item: PipelineInput) -> tuple[str, ...]:
     """Where a bounce to our SRS addresses goes back to (the listener checked them)."""
