@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import pickle
 import signal
 import time
 from pathlib import Path
@@ -14,37 +15,30 @@ from pathlib import Path
 import dkim
 import pytest
 
+from gateway.auth.dmarc import DMARCResult
+from gateway.auth.inbound import ARCResult, AuthResults
+from gateway.auth.spf import SPFResult
+from gateway.auth.verify import DKIMResult
 from gateway.workers import Overran, WorkerPool
 from tests.conftest import gateway_with_rules, wait_for
 from tests.dns_server import ZoneServer, txt
 from tests.test_arc import dns_lookup, signing_key
 from tests.test_dkim import keygen
 from tests.test_srs import FORWARD_RULES
+from tests.worker_calls import (
+    Unloadable,
+    Unreadable,
+    die_unless_in,
+    hang_unless_in,
+    refuse,
+    reverse,
+    send_unreadable,
+    span,
+    whoami,
+)
 
 pytestmark = pytest.mark.sqlite_only  # the process pool does not touch the database
 
-# The calls (module-level: a worker process imports them by name).
-
-
-def whoami(context: str, x: int) -> tuple[int, str, int]:
-    return os.getpid(), context, x
-
-
-def refuse(context: str) -> None:
-    raise ValueError("not this one")
-
-
-def die_unless_in(context: str, daemon: int) -> str:
-    """Ends the worker process it runs in; in the daemon (the fallback), answers."""
-    if os.getpid() != daemon:
-        os._exit(3)
-    return "answered in the daemon"
-
-
-def hang_unless_in(context: str, daemon: int) -> str:
-    if os.getpid() != daemon:
-        time.sleep(30)
-    return "answered in the daemon"
 
 
 def run(size: int, calls, timeout: float = 30.0, threads: int = 2):
@@ -126,10 +120,31 @@ def test_a_call_that_overruns_has_its_process_replaced(caplog):
     assert "a call ran longer than 1 s; replacing its process" in caplog.text
 
 
-def span(context: str, seconds: float) -> tuple[int, float, float]:
-    started = time.monotonic()
-    time.sleep(seconds)
-    return os.getpid(), started, time.monotonic()
+def test_calls_and_results_larger_than_the_pipe_arrive_whole():
+    """Megabytes each way, several calls at once: the loop writes each call as the pipe
+    drains and puts each result together from many reads, none mixed with another."""
+    payloads = [os.urandom(size) for size in (3, 70_000, 3 << 20, 9 << 20, 65_536)]
+
+    async def calls(pool):
+        return await asyncio.gather(*(pool.run(reverse, p) for p in payloads))
+
+    results, processes = run(1, calls)
+    assert [data for _, data in results] == [p[::-1] for p in payloads]
+    assert {pid for pid, _ in results} == {processes[0].pid}
+
+
+def test_a_result_that_cannot_be_read_replaces_the_process(caplog):
+    async def calls(pool):
+        first = pool._children[0].process
+        answer = await pool.run(send_unreadable)
+        await wait_for_children(pool, 1, not_pid=first.pid)
+        return answer, first, await pool.run(whoami, 4)
+
+    (answer, first, (pid, _, x)), processes = run(1, calls)
+    assert isinstance(answer, Unreadable)  # run again in the daemon, where it needs no pipe
+    assert not first.is_alive()
+    assert (pid, x) == (processes[0].pid, 4) and pid != first.pid
+    assert "test process sent a result that could not be read; replacing it" in caplog.text
 
 
 def test_calls_alone_take_turns_in_a_process_beside_other_calls():
@@ -167,17 +182,6 @@ def test_a_call_alone_that_overruns_fails_alone(caplog):
     assert (pid, x) == (processes[0].pid, 4) and pid != first.pid
     assert "hang_unless_in: test process ended (exit code -9); running it in the daemon" \
         in caplog.text
-
-
-class Unloadable:
-    """A context a worker process cannot load: every process ends as it starts."""
-
-    def __reduce__(self):
-        return refuse_to_load, ()
-
-
-def refuse_to_load():
-    raise RuntimeError("cannot be loaded in a worker process")
 
 
 def test_a_process_that_cannot_start_is_restarted_after_growing_pauses(caplog):
@@ -277,3 +281,18 @@ def test_inbound_checks_and_copy_signatures_survive_killed_worker_processes(
         assert not set(replaced) & set(killed)
     finally:
         zone.stop()
+
+
+def test_authentication_results_cross_to_the_daemon_whole():
+    """The result classes pickle as their field values (``workers.by_value``): every
+    field, nested ones too, comes back equal, defaults and all."""
+    full = AuthResults(
+        (DKIMResult("pass", "a.test", "s1", "rsa-sha256", "", "abcdefgh"),
+         DKIMResult("fail", "b.test", reason="body hash did not verify")),
+        SPFResult("softfail", "mailfrom", "a.test", "~all"),
+        DMARCResult("fail", "a.test", "reject", "reject", "no aligned pass"),
+        ARCResult("pass"))
+    for results in (full, AuthResults()):
+        back = pickle.loads(pickle.dumps(results))
+        assert back == results and type(back) is AuthResults
+        assert back.header("mx.test") == results.header("mx.test")

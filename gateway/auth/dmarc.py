@@ -28,11 +28,13 @@ from gateway.auth.dns import Resolver, TempLookupError
 from gateway.auth.spf import SPFResult, valid_domain
 from gateway.auth.verify import DKIMResult
 from gateway.headers import field_values
+from gateway.workers import by_value
 
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
 
 
+@by_value
 @dataclass(frozen=True, slots=True)
 class DMARCResult:
     result: str  # none | pass | fail | temperror | permerror

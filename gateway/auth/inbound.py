@@ -23,8 +23,10 @@ from gateway.auth.dns import Resolver, TempLookupError
 from gateway.auth.spf import SPFResult
 from gateway.auth.verify import MIN_RSA_BITS, DKIMResult, aggregate, key_lookup, verify
 from gateway.headers import field_values
+from gateway.workers import by_value
 
 
+@by_value
 @dataclass(frozen=True, slots=True)
 class ARCResult:
     result: str  # none | pass | fail | temperror
@@ -34,6 +36,7 @@ class ARCResult:
         return {"result": self.result, "reason": self.reason}
 
 
+@by_value
 @dataclass(frozen=True, slots=True)
 class AuthResults:
     dkim: tuple[DKIMResult, ...] = ()

@@ -19,6 +19,7 @@ import urllib.parse
 from dataclasses import dataclass
 
 from gateway.auth.dns import Resolver, TempLookupError
+from gateway.workers import by_value
 
 MAX_LOOKUPS = 10
 MAX_VOID = 2
@@ -27,6 +28,7 @@ MAX_NAMES = 10
 IP = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
+@by_value
 @dataclass(frozen=True, slots=True)
 class SPFResult:
     result: str  # none | neutral | pass | fail | softfail | temperror | permerror

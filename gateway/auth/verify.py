@@ -32,6 +32,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 
 from gateway.auth.dns import Resolver, TempLookupError
 from gateway.headers import field_values
+from gateway.workers import by_value
 
 MIN_RSA_BITS = 1024
 
@@ -39,6 +40,7 @@ MIN_RSA_BITS = 1024
 Lookup = Callable[[str], bytes | None]
 
 
+@by_value
 @dataclass(frozen=True, slots=True)
 class DKIMResult:
     result: str  # none | pass | fail | neutral | temperror | permerror
