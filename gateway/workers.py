@@ -51,7 +51,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
@@ -233,7 +233,7 @@ class WorkerPool(Generic[C]):
         self._numbers = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._closing = False
-        self._respawns: set[asyncio.Task[None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()  # reaping and restarting processes
         self._short_lives = 0  # processes in a row that ended soon after they started
         self._changed: asyncio.Condition | None = None  # a process freed or started
 
@@ -338,10 +338,7 @@ class WorkerPool(Generic[C]):
         if child.ended:
             return
         self._detach(child)
-        assert self._loop is not None
-        task = self._loop.create_task(self._reap(child))
-        self._respawns.add(task)
-        task.add_done_callback(self._respawns.discard)
+        self._track(self._reap(child))
 
     def _detach(self, child: _Child) -> None:
         """The loop stops watching the child's pipe (closed in ``_lost``)."""
@@ -396,9 +393,13 @@ class WorkerPool(Generic[C]):
             self._short_lives = 0
         pause = min(2.0 ** self._short_lives, MAX_PAUSE) if self._short_lives else 0.0
         log.warning("%s; starting another%s", reason, f" in {pause:g} s" if pause else "")
-        task = asyncio.get_running_loop().create_task(self._respawn(child.slot, pause))
-        self._respawns.add(task)
-        task.add_done_callback(self._respawns.discard)
+        self._track(self._respawn(child.slot, pause))
+
+    def _track(self, work: Coroutine[Any, Any, None]) -> None:
+        """Run ``work`` as a task of the pool's own (``close()`` cancels those)."""
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _respawn(self, slot: int, pause: float) -> None:
         await asyncio.sleep(pause)
@@ -481,9 +482,9 @@ class WorkerPool(Generic[C]):
 
     async def close(self) -> None:
         self._closing = True
-        for task in self._respawns:
+        for task in self._tasks:
             task.cancel()
-        await asyncio.gather(*self._respawns, return_exceptions=True)
+        await asyncio.gather(*self._tasks, return_exceptions=True)
         for child in list(self._children):
             self._kill(child)
             await asyncio.to_thread(child.process.join, 5)

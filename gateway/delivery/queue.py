@@ -297,7 +297,7 @@ class DeliveryWorker:
                                                 recipient=job.recipient, data=data)
                 name, host = target.name, f"{target.host}:{target.port}"
                 self.metrics.series(self.metrics.delivery_duration, name).observe(
-                time.monotonic() - started)
+                    time.monotonic() - started)
                 if result.connected:
                     break
         status, retry_at = self._next(job, result)
