@@ -87,6 +87,42 @@ def test_pool_kills_a_parse_that_overruns_and_carries_on():
     assert fine["subject"] == "after"
 
 
+def test_messages_parsed_together_come_back_in_order():
+    async def run():
+        pool = WorkerPool("work", 1, 4, None, 30.0)
+        await pool.start()
+        try:
+            return await ParserPool(pool, 1, timeout=30).parse_many(
+                [(simple_message(subject=f"number {n}"), None) for n in range(5)])
+        finally:
+            await pool.close()
+
+    results = asyncio.run(run())
+    assert [r["subject"] for r in results] == [f"number {n}" for n in range(5)]
+    assert all(r["parse_failed"] is False and r["seconds"] >= 0 for r in results)
+
+
+def test_a_batch_that_overruns_is_parsed_one_by_one_and_only_the_slow_one_fails(caplog):
+    """Messages are parsed several to a call within the bound of one parse: when such
+    a call overruns, each is parsed again on its own, so only the culprit is flagged."""
+    async def run():
+        pool = WorkerPool("work", 1, 4, None, 30.0)
+        await pool.start()
+        try:
+            return await ParserPool(pool, 1, timeout=0.5).parse_many(
+                [(simple_message(subject="before"), None), (MANY, None),
+                 (simple_message(subject="after"), None)])
+        finally:
+            await pool.close()
+
+    before, slow, after = asyncio.run(run())
+    assert "parsing 3 messages in one call failed" in caplog.text
+    assert (before["subject"], before["parse_failed"]) == ("before", False)
+    assert (after["subject"], after["parse_failed"]) == ("after", False)
+    assert slow["parse_failed"] is True
+    assert "longer than 0.5 s" in slow["defects"][0]
+
+
 def test_a_parse_whose_process_is_killed_from_outside_is_parsed_again(caplog):
     """A worker process may end for a reason that is not the message's (another call
     overran there, the OOM killer): its parse is done again, not flagged unparseable."""

@@ -19,6 +19,7 @@ from gateway.auth.dmarc import DMARCResult
 from gateway.auth.inbound import ARCResult, AuthResults
 from gateway.auth.spf import SPFResult
 from gateway.auth.verify import DKIMResult
+from gateway.auth.work import AuthCalls, AuthWork
 from gateway.workers import Overran, WorkerPool
 from tests.conftest import gateway_with_rules, wait_for
 from tests.dns_server import ZoneServer, txt
@@ -26,6 +27,7 @@ from tests.test_arc import dns_lookup, signing_key
 from tests.test_dkim import keygen
 from tests.test_srs import FORWARD_RULES
 from tests.worker_calls import (
+    Picky,
     Unloadable,
     Unreadable,
     die_unless_in,
@@ -182,6 +184,24 @@ def test_a_call_alone_that_overruns_fails_alone(caplog):
     assert (pid, x) == (processes[0].pid, 4) and pid != first.pid
     assert "hang_unless_in: test process ended (exit code -9); running it in the daemon" \
         in caplog.text
+
+
+def test_checks_of_several_messages_go_in_one_call_and_an_error_stays_with_its_message():
+    async def main():
+        pool = WorkerPool("test", 1, 2, AuthWork(Picky()), 30.0)  # type: ignore[arg-type]
+        await pool.start()
+        try:
+            results = await AuthCalls(pool, 1).check_many(
+                [(raw, "a@sender.test", "mx.sender.test", "192.0.2.1")
+                 for raw in (b"one", b"boom", b"two")])
+            return results, pool._children[0].process.pid
+        finally:
+            await pool.close()
+
+    results, pid = asyncio.run(main())
+    assert [r for r, _ in results] == [(pid, b"one"), "ValueError: no checks for this one",
+                                       (pid, b"two")]
+    assert all(seconds >= 0 for _, seconds in results)
 
 
 def test_a_process_that_cannot_start_is_restarted_after_growing_pauses(caplog):

@@ -64,3 +64,17 @@ class Unloadable:
 
 def refuse_to_load():
     raise RuntimeError("cannot be loaded in a worker process")
+
+
+class Picky:
+    """Stands in for the inbound checks (gateway.auth.inbound.Authenticator): answers
+    with the process and the message, and raises for the message b"boom"."""
+
+    def for_dmarc(self) -> Picky:
+        return self
+
+    def __call__(self, raw: bytes, *, mail_from: str, helo: str,
+                 client_ip: str) -> tuple[int, bytes]:
+        if raw == b"boom":
+            raise ValueError("no checks for this one")
+        return os.getpid(), raw

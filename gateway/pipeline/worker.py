@@ -22,6 +22,7 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from gateway import logs
 from gateway.auth import srs
@@ -33,13 +34,20 @@ from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
 from gateway.store.repository import Outcome, ParsedFields, PipelineInput, Store
+from gateway.workers import WorkerError
 from gateway.workflow import actions
 from gateway.workflow.rules import MessageView, evaluate
 
 log = logging.getLogger(__name__)
 
 LINGER = 0.2  # seconds to wait after a partial batch
-IN_FLIGHT_PER_PARSER = 4  # messages prepared at once per parser process
+CALLS_PER_PARSER = 2  # batches of messages in the worker processes at once, per parser
+BATCH_MESSAGES = 10  # messages in one call to a worker process at most
+BATCH_BYTES = 1 << 20  # and their originals' bytes (a larger message goes alone)
+
+
+# A message's parse and, for inbound mail, the results or the error of its checks.
+Examined = tuple[dict[str, Any], AuthResults | Exception | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -144,11 +152,14 @@ class PipelineWorker:
             log.exception("pipeline: reading %d claimed messages failed", len(ids))
             self._failed("read")
             return
-        # A few messages per parser in flight: while one is parsed, the checks of the
-        # next ones run in the auth processes.
-        slots = asyncio.Semaphore(self.parser.size * IN_FLIGHT_PER_PARSER)
-        prepared = await asyncio.gather(*(self._prepare_guarded(i, inputs.get(i), slots)
-                                          for i in ids))
+        # Messages go to the worker processes a few at a time, in one call for their
+        # parses and one for their checks: a call per message cost this process more
+        # than the message's own stages.  A few calls per parser are in flight, so that
+        # one is parsed while the results of another are taken in here.
+        slots = asyncio.Semaphore(self.parser.size * CALLS_PER_PARSER)
+        chunks = await asyncio.gather(*(self._prepare_guarded(chunk, inputs, slots)
+                                        for chunk in _chunks(ids, inputs)))
+        prepared = [p for chunk in chunks for p in chunk]
         ready = [p for p in prepared if p is not None]
         skipped = [i for i, p in zip(ids, prepared, strict=True) if p is None and self._stopping]
         if skipped:
@@ -184,46 +195,82 @@ class PipelineWorker:
         if planned and self.deliveries_planned is not None:
             self.deliveries_planned.set()
 
-    async def _prepare_guarded(self, message_id: str, item: PipelineInput | None,
-                                slots: asyncio.Semaphore) -> Prepared | None:
+    async def _prepare_guarded(self, ids: list[str], inputs: Mapping[str, PipelineInput],
+                               slots: asyncio.Semaphore) -> list[Prepared | None]:
+        """Every stage on a few claimed messages; None for those not done (quarantined,
+        or left for later because the pipeline is stopping)."""
         async with slots:
             if self._stopping:
-                return None
+                return [None] * len(ids)
+            policy = self.policies()
+            items = [inputs[i] for i in ids if i in inputs]
+            examined: dict[str, Examined | Exception] = {}
             try:
-                if item is None:
-                    raise LookupError("message or its raw original missing")
-                return await self.prepare(item)
-            except Exception as exc:  # the one catch-all per message
-                logs.event(log, "quarantined", logging.ERROR, exc_info=True,
-                           queue_id=message_id, tenant=item.tenant_id if item else "-",
-                           reason=exc.__class__.__name__)
-                self._failed("prepare")
-                try:
-                    await asyncio.to_thread(self.store.quarantine, message_id, self.owner,
-                                            f"{exc.__class__.__name__}: {exc}")
-                except Exception:
-                    log.exception("%s: could not record quarantine", message_id)
-                if self.metrics is not None and item is not None:
-                    self.metrics.pipeline_outcome(item.tenant_id, "quarantined", [])
-                return None
+                examined.update(zip([i.id for i in items], await self._examine(items, policy),
+                                    strict=True))
+            except Exception as exc:  # a batch that failed as a whole
+                if len(items) > 1:
+                    log.exception("pipeline: %d messages failed together; taking them one "
+                                  "by one", len(items))
+                    examined.clear()
+                else:
+                    examined.update((i.id, exc) for i in items)
+        if items and not examined:
+            return [p for i in ids for p in await self._prepare_guarded([i], inputs, slots)]
+        return [await self._guarded(i, inputs.get(i), policy, examined.get(i)) for i in ids]
 
-    async def prepare(self, item: PipelineInput) -> Prepared:
-        """Every stage on one claimed message, up to (not including) saving the outcome."""
-        message_id = item.id
-        policy = self.policies()
-        retention = policy.retention
-        started = time.monotonic()
-        verifying = None
-        if self.auth is not None and item.direction == "inbound":
-            verifying = asyncio.create_task(self._verify(item))
+    async def _guarded(self, message_id: str, item: PipelineInput | None, policy: PolicySet,
+                       examined: Examined | Exception | None) -> Prepared | None:
         try:
-            result = await self.parser.parse(item.raw, retention.classifier_for(item.tenant_id))
-            self._timed("parse", started)
+            if item is None or examined is None:
+                raise LookupError("message or its raw original missing")
+            if isinstance(examined, Exception):
+                raise examined
+            return self._stages(item, policy, *examined)
+        except Exception as exc:  # the one catch-all per message
+            logs.event(log, "quarantined", logging.ERROR, exc_info=True,
+                       queue_id=message_id, tenant=item.tenant_id if item else "-",
+                       reason=exc.__class__.__name__)
+            self._failed("prepare")
+            try:
+                await asyncio.to_thread(self.store.quarantine, message_id, self.owner,
+                                        f"{exc.__class__.__name__}: {exc}")
+            except Exception:
+                log.exception("%s: could not record quarantine", message_id)
+            if self.metrics is not None and item is not None:
+                self.metrics.pipeline_outcome(item.tenant_id, "quarantined", [])
+            return None
+
+    async def _examine(self, items: list[PipelineInput], policy: PolicySet
+                       ) -> list[Examined]:
+        """The parse of each message and, for inbound mail, its checks (an error of
+        its checks in place of their results)."""
+        if not items:
+            return []
+        retention = policy.retention
+        inbound = [i for i in items if i.direction == "inbound"] if self.auth else []
+        verifying = asyncio.create_task(self._verify(inbound)) if inbound else None
+        started = time.monotonic()
+        try:
+            results = await self.parser.parse_many(
+                [(i.raw, retention.classifier_for(i.tenant_id)) for i in items])
         finally:
-            auth = await verifying if verifying is not None else None
+            checked = await verifying if verifying is not None else {}
+        wall = (time.monotonic() - started) / len(items)
+        for result in results:
+            self._observe("parse", result.get("seconds", wall))
+        return [(result, checked.get(item.id)) for item, result in zip(items, results,
+                                                                        strict=True)]
+
+    def _stages(self, item: PipelineInput, policy: PolicySet, result: dict[str, Any],
+                auth: AuthResults | Exception | None) -> Prepared:
+        """The stages after the parse and the checks, on one message."""
+        if isinstance(auth, Exception):
+            raise auth
+        retention = policy.retention
         parsed = to_fields(result)
         if parsed.parse_failed:
-            log.warning("%s: stored unparseable (%s)", message_id, "; ".join(parsed.defects))
+            log.warning("%s: stored unparseable (%s)", item.id, "; ".join(parsed.defects))
         # Classification and the tenant's default tags come before the rules,
         # so that rules can match on them (e.g. tagged: [sensitive]).
         tags = tuple(dict.fromkeys(
@@ -247,28 +294,52 @@ class PipelineWorker:
             outcome = dataclasses.replace(outcome, auth_results=auth.as_dict(),
                                           auth_header=auth.header(self.authserv_id))
         self._timed("rules", started)
-        return Prepared(message_id, item.tenant_id, parsed, outcome,
+        return Prepared(item.id, item.tenant_id, parsed, outcome,
                         [name for name, _ in plan.matched])
 
-    async def _verify(self, item: PipelineInput) -> AuthResults:
-        """Authentication results of an inbound message (DNS and CPU: in a worker process)."""
+    async def _verify(self, items: list[PipelineInput]
+                      ) -> dict[str, AuthResults | Exception]:
+        """Authentication results of inbound messages (DNS and CPU: in a worker process);
+        for a message whose checks raised there, the error."""
         assert self.auth is not None
-        started = time.monotonic()
-        results = await self.auth.check(item.raw, mail_from=item.mail_from, helo=item.helo,
-                                        client_ip=item.client_address)
-        self._timed("auth", started)
-        if self.metrics is not None:
-            self.metrics.auth_results(results)
-        return results
+        out: dict[str, AuthResults | Exception] = {}
+        checked = await self.auth.check_many(
+            [(i.raw, i.mail_from, i.helo, i.client_address) for i in items])
+        for item, (results, seconds) in zip(items, checked, strict=True):
+            if isinstance(results, str):
+                out[item.id] = WorkerError(f"checks failed: {results}")
+                continue
+            self._observe("auth", seconds)
+            if self.metrics is not None:
+                self.metrics.auth_results(results)
+            out[item.id] = results
+        return out
 
     def _timed(self, stage: str, started: float) -> None:
+        self._observe(stage, time.monotonic() - started)
+
+    def _observe(self, stage: str, seconds: float) -> None:
         if self.metrics is not None:
-            self.metrics.series(self.metrics.pipeline_stage, stage).observe(
-                time.monotonic() - started)
+            self.metrics.series(self.metrics.pipeline_stage, stage).observe(seconds)
 
     def _failed(self, stage: str) -> None:
         if self.metrics is not None:
             self.metrics.series(self.metrics.pipeline_failures, stage).inc()
+
+def _chunks(ids: list[str], inputs: Mapping[str, PipelineInput]) -> list[list[str]]:
+    """The claimed messages in batches for the worker processes, in claim order."""
+    chunks: list[list[str]] = []
+    size = BATCH_BYTES
+    for message_id in ids:
+        item = inputs.get(message_id)
+        length = len(item.raw) if item is not None else 0
+        if not chunks or len(chunks[-1]) >= BATCH_MESSAGES or size + length > BATCH_BYTES:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(message_id)
+        size += length
+    return chunks
+
 
 def _returns(item: PipelineInput) -> tuple[str, ...]:
     """Where a bounce to our SRS addresses goes back to (the listener checked them)."""
