@@ -11,9 +11,12 @@ import threading
 import time
 
 import pytest
-from sqlalchemy import text
+from sqlalchemy import delete, text
 
 from gateway.store import database
+from gateway.store.ids import new_id
+from gateway.store.models import message_blobs
+from gateway.store.repository import NewMessage, _insert_messages, utcnow
 from tests.conftest import (
     RawClient,
     need_tool,
@@ -117,6 +120,25 @@ class Proxy:
                 except OSError:
                     pass
                 s.close()
+
+
+def test_a_message_that_fails_in_a_batch_is_quarantined_alone(gateway):
+    """The pipeline takes messages a batch at a time: one whose stored original has gone
+    missing (a damaged store) is quarantined with the reason, and the others of its
+    batch are processed as usual."""
+    ids = [new_id() for _ in range(3)]
+    with gateway.store.engine.begin() as conn:
+        _insert_messages(conn, [NewMessage(
+            id=message_id, tenant_id="acme", mail_from="a@sender.test",
+            recipients=("support@acme.test",),
+            data=simple_message(subject=f"number {n}"), received_at=utcnow(),
+            client_address="127.0.0.1", helo="client.test", protocol="ESMTP",
+            trace_header="", smtputf8=False) for n, message_id in enumerate(ids)])
+        conn.execute(delete(message_blobs).where(message_blobs.c.message_id == ids[1]))
+    rows = {r["id"]: r for r in gateway.wait_processed(3)}
+    assert [rows[i]["status"] for i in ids] == ["processed", "quarantined", "processed"]
+    assert rows[ids[1]]["last_error"] == "LookupError: message or its raw original missing"
+    assert [rows[i]["subject"] for i in (ids[0], ids[2])] == ["number 0", "number 2"]
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
