@@ -20,7 +20,8 @@ from gateway.auth.signing import PrivateKeys, Protected
 from gateway.auth.signing import protect as protect_copy
 from gateway.workers import WorkerPool
 
-CHECK_THREADS = 8  # checks of one check_many call at once: most wait on DNS
+CHECK_THREADS = 4  # checks of one check_many call at once (most of a check waits on DNS; each
+# thread that allocates costs the process a heap of its own)
 
 
 class AuthWork:
