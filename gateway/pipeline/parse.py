@@ -146,15 +146,10 @@ def to_fields(result: dict[str, Any]) -> ParsedFields:
     return ParsedFields(**{k: result[k] for k in ParsedFields.__slots__})
 
 
-def parse_in_worker(context: object, raw: bytes,
-                    classifier: Classifier | None) -> dict[str, Any]:
-    """``parse_message`` as a worker process runs it (the pool's context is not used)."""
-    return parse_message(raw, classifier)
-
-
 def parse_many_in_worker(context: object, items: list[tuple[bytes, Classifier | None]]
                          ) -> list[dict[str, Any]]:
-    """Several messages in one call, each result with the seconds its parse took."""
+    """``parse_message`` as a worker process runs it (the pool's context is not used),
+    on one or several messages, each result with the seconds its parse took."""
     results = []
     for raw, classifier in items:
         started = time.perf_counter()
@@ -181,8 +176,10 @@ class ParserPool:
         # overran, or was killed from outside): such a parse is tried once more.
         for _ in range(2):
             try:
-                return await self.pool.run_alone(parse_in_worker, raw, classifier,
-                                                  bound=self.timeout, among=self.size)
+                [result] = await self.pool.run_alone(parse_many_in_worker,
+                                                      [(raw, classifier)],
+                                                      bound=self.timeout, among=self.size)
+                return result
             except Overran:
                 return failed(f"parse took longer than {self.timeout:g} s")
             except ProcessEnded as exc:

@@ -226,7 +226,10 @@ class PipelineWorker:
                 raise LookupError("message or its raw original missing")
             if isinstance(examined, Exception):
                 raise examined
-            return self._stages(item, policy, *examined)
+            result, auth = examined
+            if isinstance(auth, Exception):
+                raise auth
+            return self._stages(item, policy, result, auth)
         except Exception as exc:  # the one catch-all per message
             logs.event(log, "quarantined", logging.ERROR, exc_info=True,
                        queue_id=message_id, tenant=item.tenant_id if item else "-",
@@ -263,10 +266,8 @@ class PipelineWorker:
                                                                         strict=True)]
 
     def _stages(self, item: PipelineInput, policy: PolicySet, result: dict[str, Any],
-                auth: AuthResults | Exception | None) -> Prepared:
+                auth: AuthResults | None) -> Prepared:
         """The stages after the parse and the checks, on one message."""
-        if isinstance(auth, Exception):
-            raise auth
         retention = policy.retention
         parsed = to_fields(result)
         if parsed.parse_failed:
@@ -325,6 +326,7 @@ class PipelineWorker:
     def _failed(self, stage: str) -> None:
         if self.metrics is not None:
             self.metrics.series(self.metrics.pipeline_failures, stage).inc()
+
 
 def _chunks(ids: list[str], inputs: Mapping[str, PipelineInput]) -> list[list[str]]:
     """The claimed messages in batches for the worker processes, in claim order."""
