@@ -189,6 +189,7 @@ class PipelineConfig(_Section):
     batch_size: int = Field(default=50, ge=1)
     poll_interval: Duration = 2.0
     lease_time: LeaseTime = 300.0
+    burst_delay: Duration = 5.0
 
 
 class MetricsConfig(_Section):

@@ -273,6 +273,7 @@ class App:
             batch_size=config.pipeline.batch_size,
             poll_interval=config.pipeline.poll_interval,
             lease_time=config.pipeline.lease_time,
+            burst_delay=config.pipeline.burst_delay,
             policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
             metrics=self.metrics,

@@ -121,6 +121,10 @@ class Metrics:
             f"{PREFIX}_pipeline_failures_total",
             "Pipeline stage failures, by stage (claim, read, prepare, save); the work is "
             "retried or the message quarantined.", ["stage"], registry=r)
+        self.pipeline_held_back = Counter(
+            f"{PREFIX}_pipeline_held_back_seconds_total",
+            "Time the pipeline waited for SMTP sessions to stop committing before its next "
+            "claim (pipeline.burst_delay bounds each wait).", registry=r)
         self.pipeline_backlog = Gauge(
             f"{PREFIX}_pipeline_backlog_messages",
             "Messages stored but not processed yet (at the last check).", registry=r)

@@ -1,4 +1,5 @@
-"""Several daemons on one PostgreSQL: shared work, each piece done once, kill -9 survived."""
+"""Several daemons on one PostgreSQL: shared work, each piece done once, kill -9 survived;
+one daemon under a burst: accepting first, processing right after."""
 
 from __future__ import annotations
 
@@ -7,7 +8,17 @@ import time
 
 import pytest
 
-from tests.conftest import _merge, gateway_with_rules, simple_message, wait_for
+from gateway.pipeline.worker import BUSY, holdback
+from tests.conftest import (
+    _merge,
+    free_port,
+    gateway_with_rules,
+    metrics_port,
+    samples,
+    simple_message,
+    value,
+    wait_for,
+)
 from tests.load import Load
 
 RULES = """
@@ -91,3 +102,62 @@ def test_a_pipeline_step_slower_than_its_lease_keeps_the_claim(make_gateway):
     assert slow > 3.0, f"the checks took {slow:.1f} s: the lease was never at risk"
     assert (row["status"], row["attempts"], row["lease_owner"]) == ("processed", 1, None)
     assert "spf=temperror" in (row["auth_header"] or ""), row["auth_header"]
+
+
+def test_the_next_claim_waits_for_a_pause_in_acceptance_up_to_the_burst_delay():
+    # work left from before (a restart, another instance): taken at once
+    assert holdback(now=100.0, last_commit=100.0, backlog_since=None, burst_delay=5) == 0
+    # sessions committed just now: wait until they have been quiet for BUSY
+    assert holdback(100.0, 100.0, backlog_since=99.0, burst_delay=5) == pytest.approx(BUSY)
+    assert holdback(100.0, 99.98, 99.0, 5) == pytest.approx(BUSY - 0.02)
+    # quiet long enough: claim now
+    assert holdback(100.0, 100.0 - BUSY, 99.0, 5) == 0
+    # still committing, but the backlog began burst_delay ago: no more waiting
+    assert holdback(104.0, 104.0, 99.0, 5) == 0
+    assert holdback(103.99, 103.99, 99.0, 5) == pytest.approx(0.01)
+    # 0 turns the wait off
+    assert holdback(100.0, 100.0, 100.0, 0) == 0
+
+
+PROCESSED = "mailflowr_gateway_pipeline_messages_total"
+HELD_BACK = "mailflowr_gateway_pipeline_held_back_seconds_total"
+
+
+def _counters(gw):
+    v = samples(metrics_port(gw))[1]
+    return value(v, PROCESSED, tenant="globex", outcome="processed"), value(v, HELD_BACK)
+
+
+@pytest.mark.sqlite_only
+def test_a_burst_is_processed_when_it_pauses(make_gateway):
+    """Four sessions send without a pause for three seconds: the pipeline waits for them
+    most of that time (burst_delay is far away), then processes everything at once
+    when the sending stops."""
+    gw = make_gateway({"pipeline": {"burst_delay": "60s"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    with Load(gw.port, clients=4) as load:
+        load.wait(10, timeout=30)
+        time.sleep(3)
+        during = _counters(gw)
+    assert during[1] >= 1.5, f"held back {during[1]:.2f} s of a 3 s burst"
+    assert during[0] < len(load.acked) / 2, during
+    started = time.monotonic()
+    rows = gw.wait_processed(len(load.acked), timeout=30)
+    assert time.monotonic() - started < 20  # long before the 60 s bound
+    assert {r["subject"] for r in rows if r["status"] == "processed"} >= load.acked
+
+
+@pytest.mark.sqlite_only
+def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_gateway):
+    """The same sessions with burst_delay 1 s: messages are processed while the load
+    still goes on, once the oldest has waited that long."""
+    gw = make_gateway({"pipeline": {"burst_delay": "1s"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    with Load(gw.port, clients=4) as load:
+        load.wait(10, timeout=30)
+        _, held = wait_for(lambda: (c := _counters(gw))[0] >= 10 and c, timeout=20,
+                           what="messages processed while the load goes on")
+        still = len(load.acked)
+        load.wait(still + 10, timeout=30)  # and the sessions were accepted meanwhile
+    assert held > 0, "the pipeline never waited for the sessions"
+    gw.wait_processed(len(load.acked), timeout=30)

@@ -10,6 +10,13 @@ state of its own: after a crash, leases expire and the work is claimed again,
 so every stage must be idempotent.  An unexpected error in one message
 quarantines that message (kept for a human; only retention deletes it) and
 the loop carries on.
+
+Accepting comes first.  The daemon's one process accepts mail and runs this
+loop, so during a burst every message processed here is CPU the SMTP sessions
+wait for.  While sessions are committing, the next claim waits for a pause,
+but never past ``burst_delay`` after the backlog began: a burst is taken at
+the listener's own rate and processed right after it; under load that goes on,
+the pipeline takes its share again once the oldest work has waited that long.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ LINGER = 0.2  # seconds to wait after a partial batch
 CALLS_PER_PARSER = 2  # batches of messages in the worker processes at once, per parser
 BATCH_MESSAGES = 10  # messages in one call to a worker process at most
 BATCH_BYTES = 1 << 20  # and their originals' bytes (a larger message goes alone)
+BUSY = 0.05  # seconds: a commit of new mail this recent means sessions are still sending
 
 
 # A message's parse and, for inbound mail, the results or the error of its checks.
@@ -70,6 +78,7 @@ class PipelineWorker:
         batch_size: int,
         poll_interval: float,
         lease_time: float,
+        burst_delay: float = 0.0,
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
         metrics: Metrics | None = None,
@@ -85,6 +94,7 @@ class PipelineWorker:
         self.batch_size = batch_size
         self.poll_interval = poll_interval
         self.lease_time = lease_time
+        self.burst_delay = burst_delay  # the longest wait for acceptance to pause
         self.host = socket.gethostname()[:40]
         self.owner = f"{self.host}:{os.getpid()}"
         self.leases = LeaseKeeper(store, "messages", self.owner, lease_time)
@@ -96,6 +106,7 @@ class PipelineWorker:
         self.keep_original = keep_original or {}  # by tenant: where originals are kept
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
+        self._backlog_since: float | None = None  # when the work in hand began to arrive
 
     def start(self) -> None:
         self.store.notify_on_commit(self.wakeup)
@@ -119,6 +130,7 @@ class PipelineWorker:
             if freed:
                 log.info("pipeline: took back %d messages claimed by a process that died", freed)
         while not self._stopping:
+            await self._after_acceptance()
             try:
                 ids = await asyncio.to_thread(
                     self.store.claim, self.owner, self.batch_size, self.lease_time
@@ -128,6 +140,8 @@ class PipelineWorker:
                 self._failed("claim")
                 ids = []
             if ids:
+                if self._backlog_since is None:
+                    self._backlog_since = time.monotonic()
                 self.leases.hold(ids)
                 try:
                     await self._process_claim(ids)
@@ -138,11 +152,26 @@ class PipelineWorker:
                     # commit: fewer, larger transactions, and more CPU left for accepting.
                     await asyncio.sleep(LINGER)
                 continue
+            self._backlog_since = None
             self.wakeup.clear()
             try:
                 await asyncio.wait_for(self.wakeup.wait(), self.poll_interval)
             except TimeoutError:
                 pass
+            else:  # woken by a commit: its message is the oldest of the next work
+                self._backlog_since = time.monotonic()
+
+    async def _after_acceptance(self) -> None:
+        """Wait while SMTP sessions are committing mail, up to ``burst_delay`` after
+        the work in hand began to arrive."""
+        while not self._stopping:
+            pause = holdback(time.monotonic(), self.store.last_commit, self._backlog_since,
+                             self.burst_delay)
+            if pause <= 0:
+                return
+            await asyncio.sleep(pause)
+            if self.metrics is not None:
+                self.metrics.pipeline_held_back.inc(pause)
 
     async def _process_claim(self, ids: list[str]) -> None:
         """Run the stages on a claimed batch; save all outcomes in one transaction."""
@@ -326,6 +355,18 @@ class PipelineWorker:
     def _failed(self, stage: str) -> None:
         if self.metrics is not None:
             self.metrics.series(self.metrics.pipeline_failures, stage).inc()
+
+
+def holdback(now: float, last_commit: float, backlog_since: float | None,
+             burst_delay: float) -> float:
+    """Seconds to wait before the next claim: until acceptance has paused for ``BUSY``,
+    but not past ``burst_delay`` after ``backlog_since`` (None: work left from before,
+    taken at once)."""
+    if backlog_since is None:
+        return 0.0
+    quiet_at = last_commit + BUSY
+    deadline = backlog_since + burst_delay
+    return max(0.0, min(quiet_at, deadline) - now)
 
 
 def _chunks(ids: list[str], inputs: Mapping[str, PipelineInput]) -> list[list[str]]:

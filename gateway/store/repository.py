@@ -294,6 +294,7 @@ class Store:
         self._committer: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
         self._listeners: list[asyncio.Event] = []
+        self.last_commit = float("-inf")  # time.monotonic() of the last commit of new mail
         self._space_checked = 0.0
         self._space_ok = True
         # SQLite has one writer at a time.  This process's writers (the group
@@ -392,6 +393,7 @@ class Store:
             return
         if self._on_commit is not None:
             self._on_commit(count, time.monotonic() - started)
+        self.last_commit = time.monotonic()
         for item in group:
             if not item.future.done():
                 item.future.set_result(None)
