@@ -133,6 +133,7 @@ class SMTPConfig(_Section):
     max_errors: int = Field(default=20, ge=1)
     max_hops: int = Field(default=50, ge=1)
     greet_pause: Duration = 0.0
+    in_flow_delay: Duration = 1.0
     bare_newline: Literal["normalize", "reject"] = "normalize"
     shutdown_timeout: Duration = 30.0
     # auto: uvloop when it is installed (faster), else asyncio's own loop.

@@ -274,6 +274,7 @@ class App:
             poll_interval=config.pipeline.poll_interval,
             lease_time=config.pipeline.lease_time,
             burst_delay=config.pipeline.burst_delay,
+            in_flow_delay=config.smtp.in_flow_delay,
             policies=self.policies.get,
             deliveries_planned=delivery.wakeup,
             metrics=self.metrics,
@@ -302,14 +303,14 @@ class App:
                                  auth=auth if auth.checking else None,
                                  dmarc_rejecting={t for t, tenant in config.tenants.items()
                                                   if tenant.dmarc == "reject"},
-                                 srs=lambda: self.srs)
+                                 srs=lambda: self.srs, flow=worker.flow)
         listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
             ("smtp", config.smtp.listen, handler, {})
         ]
         submission = None
         if config.submission.listen:
             submission = SubmissionHandler(config.smtp, config.submission, config.tenants,
-                                           store, self.metrics)
+                                           store, self.metrics, flow=worker.flow)
             listeners.append(("submission", config.submission.listen, submission,
                               {"submission": True, "auth_required": True,
                                "auth_require_tls": True}))

@@ -125,6 +125,10 @@ class Metrics:
             f"{PREFIX}_pipeline_held_back_seconds_total",
             "Time the pipeline waited for SMTP sessions to stop committing before its next "
             "claim (pipeline.burst_delay bounds each wait).", registry=r)
+        self.in_flow_delay = Counter(
+            f"{PREFIX}_smtp_in_flow_delay_seconds_total",
+            "Time SMTP sessions waited before a new message because the pipeline was behind "
+            "(smtp.in_flow_delay bounds each wait).", registry=r)
         self.pipeline_backlog = Gauge(
             f"{PREFIX}_pipeline_backlog_messages",
             "Messages stored but not processed yet (at the last check).", registry=r)

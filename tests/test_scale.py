@@ -3,11 +3,13 @@ one daemon under a burst: accepting first, processing right after."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import time
 
 import pytest
 
+from gateway.pipeline.flow import InFlow
 from gateway.pipeline.worker import BUSY, holdback
 from tests.conftest import (
     _merge,
@@ -161,3 +163,64 @@ def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_ga
         load.wait(still + 10, timeout=30)  # and the sessions were accepted meanwhile
     assert held > 0, "the pipeline never waited for the sessions"
     gw.wait_processed(len(load.acked), timeout=30)
+
+
+def test_in_flow_control_lets_a_session_on_per_finished_message_or_after_the_delay():
+    async def scenario():
+        behind = False
+        flow = InFlow(0.5, lambda: behind)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await flow.admit()  # the pipeline keeps up: no wait
+        assert loop.time() - started < 0.1
+        behind = True
+        started = loop.time()
+        await flow.admit()  # behind, nothing finished: the whole delay, then on anyway
+        assert loop.time() - started >= 0.45
+        waiting = [asyncio.create_task(flow.admit()) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        flow.finished(2)  # two finished: two of the three sessions go on at once
+        await asyncio.sleep(0.05)
+        assert [t.done() for t in waiting] == [True, True, False]
+        await waiting[2]
+        flow.finished(1)  # with nobody waiting, it is a token for the next message
+        started = loop.time()
+        await flow.admit()
+        assert loop.time() - started < 0.1
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.sqlite_only
+def test_under_overload_that_goes_on_new_mail_comes_at_the_pipelines_pace(make_gateway):
+    """Inbound checks that wait on a DNS server that never answers make the pipeline
+    far slower than four sessions sending without a pause.  Once its oldest work is
+    overdue (burst_delay 0.5 s + 1 s), each new message waits at MAIL FROM for the
+    pipeline to finish one, up to in_flow_delay: the backlog grows by at most one
+    message per session and second, every message is still answered 250, none is
+    lost."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        gw = make_gateway({
+            "smtp": {"in_flow_delay": "1s"},
+            "pipeline": {"burst_delay": "0.5s"},
+            "delivery": {"dns_servers": [f"127.0.0.1:{silent.getsockname()[1]}"],
+                         "dns_timeout": "0.5s"},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        })
+
+        def waiting():
+            return sum(r["status"] == "received" for r in gw.messages())
+
+        with Load(gw.port, clients=4) as load:
+            wait_for(lambda: value(samples(metrics_port(gw))[1],
+                                   "mailflowr_gateway_smtp_in_flow_delay_seconds_total") > 0,
+                     timeout=30, what="sessions waiting for the pipeline")
+            before, acked = waiting(), len(load.acked)
+            time.sleep(4)
+            grown, sent = waiting() - before, len(load.acked) - acked
+        assert grown <= 4 * 4 + 8, f"the backlog grew by {grown} in 4 s ({sent} accepted)"
+        assert sent > 0, "no session got through"
+        assert load.replies == []
+        # most are not parsed yet (no subject to match): every 250 is a stored row
+        assert len(gw.messages()) >= len(load.acked)

@@ -40,6 +40,7 @@ from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
 from gateway.headers import field_values, header_end
 from gateway.metrics import Metrics, reply_class
+from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.store.ids import new_id
 from gateway.store.repository import NewMessage, Store, utcnow
@@ -630,9 +631,11 @@ class IngressHandler:
         auth: AuthCalls | None = None,
         dmarc_rejecting: set[str] | None = None,
         srs: Callable[[], SRS | None] = lambda: None,
+        flow: InFlow | None = None,
     ) -> None:
         self.settings = settings
         self.directory = directory
+        self.flow = flow  # slows new mail to the pipeline's pace while it is behind
         self.store = store
         self.metrics = metrics
         self.workflows = workflows  # the rules in force (they change on a policy reload)
@@ -655,6 +658,8 @@ class IngressHandler:
         refusal = sender_refusal(self.store, address, mail_options)
         if refusal is not None:
             return refusal
+        if self.flow is not None:
+            await self.flow.admit()
         take_sender(envelope, address, mail_options)
         return "250 2.1.0 Ok"
 

@@ -41,6 +41,7 @@ from gateway.ingress.smtp import (
 )
 from gateway.metrics import Metrics
 from gateway.passwords import verify
+from gateway.pipeline.flow import InFlow
 from gateway.store.repository import Store, utcnow
 from gateway.tenancy import BAD_SYNTAX, NEED_SMTPUTF8, has_unsafe_chars
 
@@ -62,9 +63,11 @@ class SubmissionHandler:
         store: Store,
         metrics: Metrics,
         clock: Callable[[], float] = time.monotonic,
+        flow: InFlow | None = None,
     ) -> None:
         self.settings = settings
         self.submission = submission
+        self.flow = flow  # slows new mail to the pipeline's pace while it is behind
         self.tenants = tenants
         self.store = store
         self.metrics = metrics
@@ -159,6 +162,8 @@ class SubmissionHandler:
         if address == "<>" or not owned:
             return (f"553 5.7.1 <{address[:256]}>: Sender address rejected: "
                     f"not owned by user {_login_ref(str(session.login_data))}")
+        if self.flow is not None:
+            await self.flow.admit()
         take_sender(envelope, address, mail_options)
         return "250 2.1.0 Ok"
 

@@ -16,7 +16,8 @@ loop, so during a burst every message processed here is CPU the SMTP sessions
 wait for.  While sessions are committing, the next claim waits for a pause,
 but never past ``burst_delay`` after the backlog began: a burst is taken at
 the listener's own rate and processed right after it; under load that goes on,
-the pipeline takes its share again once the oldest work has waited that long.
+the pipeline takes its share again once the oldest work has waited that long,
+and if it still falls behind, new mail comes at its pace (``flow``).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from gateway.auth.work import AuthCalls
 from gateway.config import KeepOriginalConfig
 from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
+from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
 from gateway.store.repository import Outcome, ParsedFields, PipelineInput, Store
@@ -52,6 +54,7 @@ CALLS_PER_PARSER = 2  # batches of messages in the worker processes at once, per
 BATCH_MESSAGES = 10  # messages in one call to a worker process at most
 BATCH_BYTES = 1 << 20  # and their originals' bytes (a larger message goes alone)
 BUSY = 0.05  # seconds: a commit of new mail this recent means sessions are still sending
+GRACE = 1.0  # seconds past burst_delay before the pipeline counts as behind
 
 
 # A message's parse and, for inbound mail, the results or the error of its checks.
@@ -79,6 +82,7 @@ class PipelineWorker:
         poll_interval: float,
         lease_time: float,
         burst_delay: float = 0.0,
+        in_flow_delay: float = 0.0,
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: asyncio.Event | None = None,
         metrics: Metrics | None = None,
@@ -106,7 +110,8 @@ class PipelineWorker:
         self.keep_original = keep_original or {}  # by tenant: where originals are kept
         self._stopping = False
         self._task: asyncio.Task[None] | None = None
-        self._backlog_since: float | None = None  # when the work in hand began to arrive
+        self._backlog_since: float | None = None  # the oldest work in hand arrived since
+        self.flow = InFlow(in_flow_delay, self.behind, metrics)  # for the SMTP sessions
 
     def start(self) -> None:
         self.store.notify_on_commit(self.wakeup)
@@ -140,13 +145,17 @@ class PipelineWorker:
                 self._failed("claim")
                 ids = []
             if ids:
+                claimed = time.monotonic()
                 if self._backlog_since is None:
-                    self._backlog_since = time.monotonic()
+                    self._backlog_since = claimed
                 self.leases.hold(ids)
                 try:
                     await self._process_claim(ids)
                 finally:
                     self.leases.drop(ids)
+                if len(ids) < self.batch_size:
+                    # that claim took all there was: what is left arrived since
+                    self._backlog_since = claimed
                 if len(ids) < self.batch_size and not self._stopping:
                     # Under a stream of mail, let a batch gather instead of waking for each
                     # commit: fewer, larger transactions, and more CPU left for accepting.
@@ -160,6 +169,12 @@ class PipelineWorker:
                 pass
             else:  # woken by a commit: its message is the oldest of the next work
                 self._backlog_since = time.monotonic()
+
+    def behind(self) -> bool:
+        """True while the oldest work in hand has waited past ``burst_delay`` (and a
+        second's grace): mail arrives faster than the pipeline processes it."""
+        since = self._backlog_since
+        return since is not None and time.monotonic() - since > self.burst_delay + GRACE
 
     async def _after_acceptance(self) -> None:
         """Wait while SMTP sessions are committing mail, up to ``burst_delay`` after
@@ -205,6 +220,7 @@ class PipelineWorker:
             self._failed("save")
             return
         self._timed("save", started)
+        self.flow.finished(sum(saved))
         planned = False
         for p, ok in zip(ready, saved, strict=True):
             if not ok:
