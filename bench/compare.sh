@@ -22,6 +22,32 @@ if [ "${1:-run}" = once ]; then
         echo "port $port: $("$PEERS/peers.sh" once "$port" "$@")"
     done
 else
+    # The gateway processes what it accepted after its run; that must not overlap the
+    # next server's run. Twice a second, while smtp-source loads another port, count
+    # the gateway's messages not processed yet (needs the sqlite3 command).
+    watch_overlap() {
+        local target n
+        while kill -0 $$ 2>/dev/null && sleep 0.5; do
+            target=$(pgrep -a smtp-source | grep -o '127\.0\.0\.1:[0-9]*' | head -1) || continue
+            [ "$target" = 127.0.0.1:2525 ] && continue
+            n=$(sqlite3 bench/var/gateway.db \
+                "select count(*) from messages where status='received'" 2>/dev/null) || continue
+            [ "${n:-0}" -gt 0 ] && echo "$target $n" >>bench/var/overlap
+        done
+    }
+    watcher=
+    if command -v sqlite3 >/dev/null; then watch_overlap & watcher=$!; fi
     # shellcheck disable=SC2086
     "$PEERS/peers.sh" run $ports
+    if [ -n "$watcher" ]; then
+        kill "$watcher" 2>/dev/null || true
+        if [ -s bench/var/overlap ]; then
+            echo "WARNING: the gateway was still processing during another server's run" \
+                 "(port, messages waiting): $(sort -u bench/var/overlap | head -5 | tr '\n' ' ')"
+        else
+            echo "the gateway had processed everything before each other server's run"
+        fi
+    else
+        echo "(install sqlite3 to check that the gateway's processing did not overlap other runs)"
+    fi
 fi
