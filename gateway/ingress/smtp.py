@@ -409,6 +409,8 @@ class GatewaySMTP(SMTP):
         self.metrics.series(self.metrics.smtp_connections, self.listener).inc()
         self.metrics.series(self.metrics.smtp_connections_total, self.listener).inc()
         super().connection_made(transport)
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.add_done_callback(self._forget)
 
     def connection_lost(self, error: Exception | None) -> None:
         if not self._admitted:
@@ -418,7 +420,26 @@ class GatewaySMTP(SMTP):
         self.metrics.series(self.metrics.smtp_connections, self.listener).dec()
         if self._data_reader is not None and not self._data_reader.future.done():
             self._data_reader.future.cancel()
-        super().connection_lost(error)
+        super().connection_lost(error)  # cancels the session's task: needs it till here
+        if self._handler_coroutine is None or self._handler_coroutine.done():
+            self._release()
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        if self.transport is None:  # connection_lost() has run
+            self._release()
+
+    def _release(self) -> None:
+        """The session's task and its connection have ended: drop what ties this object
+        into reference cycles (its bound methods, its stream writer, the task whose end
+        holds a traceback of its frames), so that it is freed at once.  Left to the
+        cyclic collector, a full pass over the sessions of the last few seconds paused
+        the loop for 50-80 ms at 100 sessions."""
+        self._smtp_methods = {}
+        self._auth_methods = {}
+        self._data_reader = None
+        self._handler_coroutine = None
+        self._writer = None  # type: ignore[assignment]  # aiosmtpd types it as always set
+        self._client_connected_cb = None
 
     def eof_received(self) -> bool | None:
         if not self._admitted:
