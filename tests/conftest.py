@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import functools
 import os
+import random
 import shutil
 import signal
 import smtplib
@@ -89,7 +90,32 @@ def gateway_with_rules(make_gateway: Any, tmp_path: Path, relay: Any, rules: str
     }, overrides or {}))
 
 
+@functools.cache
+def _ephemeral_low() -> int:
+    """The lowest port the kernel gives outgoing connections (Linux: 32768)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
+_PORTS = random.Random(os.getpid())
+
+
 def free_port() -> int:
+    """A loopback port free now, for a daemon to bind a moment later.  Taken below the
+    kernel's ephemeral range: a port from that range can be given to an outgoing
+    connection (a database, DNS or SMTP client) in that moment, and the daemon then
+    fails to bind it."""
+    low = _ephemeral_low()
+    for _ in range(200 if low > 20000 else 0):
+        port = _PORTS.randrange(20000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
