@@ -100,6 +100,14 @@ def host_name(value: str) -> str:
 HostName = Annotated[str, AfterValidator(host_name)]
 
 
+def domain_owner(tenants: Mapping[str, TenantConfig], domain: str) -> str | None:
+    """The tenant whose domain ``domain`` is, or is a subdomain of; None: nobody's."""
+    for tid, tenant in tenants.items():
+        if any(domain == d or domain.endswith("." + d) for d in tenant.domains):
+            return tid
+    return None
+
+
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -361,7 +369,9 @@ class UserConfig(_Section):
     """An internal user of the submission service."""
 
     password_hash: str
-    # Addresses the user may send as; empty: any address of the tenant's domains.
+    # Addresses the user may send as, envelope and header From alike; ``*`` in a local
+    # part matches any text (``*@example.test``: the whole domain).  Empty: the user's
+    # own login address only.
     send_as: list[str] = []
 
     @field_validator("password_hash")
@@ -415,8 +425,15 @@ class TenantConfig(_Section):
             raise ValueError("a tenant needs addresses, or catch_all: true")
         for login, user in self.users.items():
             for a in user.send_as:
-                if a.rpartition("@")[2].lower() not in self.domains:
+                local, at, domain = a.rpartition("@")
+                if not at or not _LOCAL_PART.match(local):
+                    raise ValueError(f"user {login}: send_as {a!r} is not an address or "
+                                     "a pattern such as *@example.test")
+                if domain.lower() not in self.domains:
                     raise ValueError(f"user {login}: send_as {a!r} is not in this tenant's domains")
+            if not user.send_as and login.rpartition("@")[2].lower() not in self.domains:
+                raise ValueError(f"user {login}: the login is not an address of this tenant's "
+                                 "domains, so it may send as nothing: list send_as")
         if self.srs_domain is not None:
             if self.srs_domain.lower().rstrip(".") not in self.domains:
                 raise ValueError(f"srs_domain {self.srs_domain!r} is not one of its domains")
@@ -697,6 +714,17 @@ class GatewayConfig(_Section):
                     raise ValueError(f"domain {d} belongs to both {owner[d]} and {tid}")
                 owner[d] = tid
         return v
+
+    @model_validator(mode="after")
+    def _keys_have_owners(self) -> GatewayConfig:
+        # A key signs only mail of the tenant that owns its domain: one owned by nobody
+        # would sign nothing, which is a mistake to show now, not a silent no_key later.
+        for i, key in enumerate(self.dkim.keys):
+            if domain_owner(self.tenants, key.domain) is None:
+                raise ValueError(f"dkim.keys[{i}]: {key.domain} is not a domain (or a "
+                                 "subdomain of a domain) of any tenant: its key would sign "
+                                 "nothing")
+        return self
 
     @model_validator(mode="after")
     def _submission_needs_tls(self) -> GatewayConfig:

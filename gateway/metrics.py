@@ -81,7 +81,7 @@ class Metrics:
             f"{PREFIX}_smtp_messages_total",
             "Messages at the end of DATA, by reply class (2xx accepted, 4xx deferred, 5xx "
             "rejected) and reason (ok, too_big, line_too_long, bare_newline, too_many_hops, "
-            "rule, dmarc, storage).", ["listener", "class", "reason"], registry=r)
+            "rule, dmarc, header_from, storage).", ["listener", "class", "reason"], registry=r)
         self.smtp_recipients_refused = Counter(
             f"{PREFIX}_smtp_recipients_refused_total",
             "RCPT TO refused, by reason (relay, unknown_user, syntax, smtputf8, too_many, "
@@ -185,8 +185,9 @@ class Metrics:
         self.dkim_signatures = Counter(
             f"{PREFIX}_dkim_signatures_total",
             "DKIM signing of outgoing messages, by algorithm and result (signed; no_key: "
-            "sent unsigned, no key for the author's or the tenant's domains; error: sent "
-            "unsigned, the message could not be signed).",
+            "sent unsigned, no key for the author's or the tenant's domains; author_domain: "
+            "a copy of inbound mail sent unsigned, the tenant's keys are all in the "
+            "author's domain; error: sent unsigned, the message could not be signed).",
             ["tenant", "algorithm", "result"], registry=r)
         self.arc_seals = Counter(
             f"{PREFIX}_arc_seals_total",

@@ -10,7 +10,9 @@ with @, source route, bang path, address literal) is refused with
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import email.utils
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.auth.srs import SRS, SRSError, is_srs
@@ -44,10 +46,37 @@ def has_unsafe_chars(address: str) -> bool:
     return any(ord(c) < 33 or ord(c) == 127 for c in address)
 
 
-def _sanitize(address: str) -> str:
+def printable(address: str) -> str:
     """The address as it may appear inside a reply: printable, short."""
     text = "".join(c if 32 < ord(c) < 127 else "?" for c in address)
     return text[:256]
+
+
+class SendAs:
+    """The addresses one submission user may send as (Postfix's
+    ``smtpd_sender_login_maps``): their ``send_as`` list, where ``*`` in a local part
+    matches any text, or only their own login address when the list is empty."""
+
+    def __init__(self, login: str, patterns: Iterable[str]) -> None:
+        alternatives = [re.escape(p.lower()).replace(r"\*", "[^@]*") for p in patterns]
+        self._match = re.compile(
+            "|".join(alternatives) if alternatives else re.escape(login.lower())).fullmatch
+
+    def owns(self, address: str) -> bool:
+        return bool(address) and self._match(address.lower()) is not None
+
+    def header_refusal(self, values: Iterable[bytes]) -> str | None:
+        """The address of a From field (``values``, as in the message) that the user
+        does not own, or one that cannot be read; None when all are theirs."""
+        for value in values:
+            text = value.decode("utf-8", "replace").replace("\r\n", "")
+            pairs = email.utils.getaddresses([text])
+            if not pairs or any(not a for _, a in pairs):
+                return text.strip()[:256] or "(empty)"
+            for _, address in pairs:
+                if not self.owns(address):
+                    return address
+        return None
 
 
 class TenantDirectory:
@@ -75,7 +104,7 @@ class TenantDirectory:
                 ) -> Accepted | Refused:
         """Whose recipient this is. With ``srs``, SRS addresses in a tenant's domains
         are bounces to copies we forwarded: accepted only when ours and fresh."""
-        shown = _sanitize(address)
+        shown = printable(address)
         if not address.isascii() and not smtputf8:
             return Refused(NEED_SMTPUTF8, "smtputf8")
         if has_unsafe_chars(address):

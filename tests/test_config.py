@@ -57,6 +57,14 @@ def _problems(tmp_path, text, env=None):
         ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n    users:\n"
          "      bob@a.test:\n        password_hash: hunter2\n",
          "gw.yaml:7:9: tenants.a.users.bob@a.test.password_hash: store a hash, not a password"),
+        ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n    users:\n"
+         "      bob:\n        password_hash: scrypt$16384$8$1$AAAA$AAAA\n",
+         "user bob: the login is not an address of this tenant's domains, so it may send as "
+         "nothing: list send_as"),
+        ("tenants:\n  a:\n    domains: [a.test]\n    catch_all: true\n    users:\n"
+         "      bob@a.test:\n        password_hash: scrypt$16384$8$1$AAAA$AAAA\n"
+         "        send_as: [\"a b@a.test\"]\n",
+         "user bob@a.test: send_as 'a b@a.test' is not an address or a pattern such as"),
         ("submission:\n  listen: 127.0.0.1:2587\n",
          "submission.listen needs smtp.tls.cert_file and key_file"),
     ],

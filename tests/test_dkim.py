@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import signal
+import smtplib
 import subprocess
 import sys
 from pathlib import Path
@@ -19,8 +20,11 @@ import yaml
 
 from gateway.auth import keys
 from gateway.auth.signing import Signer, author_domain
+from gateway.passwords import hash_password
 from tests.conftest import (
     ROOT,
+    client_context,
+    free_port,
     gateway_with_rules,
     metrics_port,
     need_perl_module,
@@ -167,6 +171,15 @@ def test_check_refuses_unsafe_short_or_missing_keys(make_gateway, tmp_path, rela
     config["dkim"] = {"keys": [{"domain": "acme.test", "selector": "e9", "key_file": str(ed)}]}
     gw.config_path.write_text(yaml.safe_dump(config))
     assert "not an unencrypted RSA private key" in _check(gw).stderr.decode()
+    # A key whose domain no tenant owns would sign nothing: refused, not ignored.
+    config["dkim"] = {"keys": [{"domain": "other.test", "selector": "s1",
+                                "key_file": str(readable.with_name("ok.key"))}]}
+    keygen(tmp_path, "other.test", "s1")[0].rename(readable.with_name("ok.key"))
+    gw.config_path.write_text(yaml.safe_dump(config))
+    result = _check(gw)
+    assert result.returncode == 2 and "Traceback" not in result.stderr.decode()
+    assert ("dkim.keys[0]: other.test is not a domain (or a subdomain of a domain) of any "
+            "tenant") in result.stderr.decode()
 
 
 def test_check_dns_compares_the_published_key(make_gateway, tmp_path, relay, signing_keys):
@@ -198,21 +211,96 @@ def test_check_dns_compares_the_published_key(make_gateway, tmp_path, relay, sig
         zone.stop()
 
 
-def test_signer_prefers_the_author_domain_and_falls_back_to_the_tenant():
+def test_a_key_signs_only_its_own_tenants_mail():
     made = {}
     for domain, selector in (("acme.test", "a1"), ("acme-mail.test", "m1"),
-                             ("acme-mail.test", "m2")):
+                             ("acme-mail.test", "m2"), ("globex.test", "g1")):
         private, public, bits = keys.parse(keys.generate(keys.RSA), keys.RSA)
         made[selector] = keys.SigningKey(domain, selector, keys.RSA, private, public, bits)
-    signer = Signer(made.values(), {"acme": ["acme.test", "acme-mail.test"], "globex": []})
-    assert [k.selector for k in signer.keys_for("acme-mail.test", "acme")] == ["m2"]
-    assert [k.selector for k in signer.keys_for("sender.test", "acme")] == ["a1"]
-    assert signer.keys_for("sender.test", "globex") == ()
+    signer = Signer(made.values(), {"acme": ["acme.test", "acme-mail.test"],
+                                    "globex": ["globex.test"], "initech": ["initech.test"]})
+    cases = [  # (From domain, tenant, a copy of inbound mail?) -> selectors that sign
+        ("acme-mail.test", "acme", False, ["m2"]),  # the author's domain: aligned
+        ("sender.test", "acme", False, ["a1"]),  # else the tenant's first domain
+        (None, "acme", False, ["a1"]),
+        ("globex.test", "acme", False, ["a1"]),  # never another tenant's key
+        ("acme.test", "globex", False, ["g1"]),
+        ("globex.test", "initech", False, []),  # a tenant without keys signs with none
+        ("sender.test", "acme", True, ["a1"]),  # a forwarder's signature beside the author's
+        ("globex.test", "acme", True, ["a1"]),
+        ("acme.test", "acme", True, ["m2"]),  # never in the (unauthenticated) author's domain
+        ("sub.acme.test", "acme", True, ["m2"]),
+        ("globex.test", "globex", True, []),
+    ]
+    for domain, tenant, forwarded, selectors in cases:
+        got = [k.selector for k in signer.keys_for(domain, tenant, forwarded=forwarded)]
+        assert got == selectors, (domain, tenant, forwarded)
     assert author_domain(b"From: \"Doe, J\" <j@Acme-Mail.Test>\r\nTo: x@y\r\n\r\nbody") == \
         "acme-mail.test"
     assert author_domain(b"To: x@y\r\n\r\nFrom: a@b.test\r\n") is None
-    unsigned = signer.sign(b"From: a@sender.test\r\n\r\nhi\r\n", "globex")
+    unsigned = signer.sign(b"From: a@sender.test\r\n\r\nhi\r\n", "initech")
     assert unsigned.keys == () and unsigned.data == b"From: a@sender.test\r\n\r\nhi\r\n"
+
+
+def test_no_tenant_signs_in_another_tenants_domain(make_gateway, tmp_path, relay,
+                                                    signing_keys, tls_files):
+    """Two tenants with keys; a user of one and outside senders put the other's
+    address in From: what arrives downstream never carries the other's signature."""
+    globex_file, globex_record = keygen(signing_keys["dir"], "globex.test", "g1")
+    zone = ZoneServer({**signing_keys["zone"].zone,
+                       ("g1._domainkey.globex.test", "TXT"): txt(globex_record)})
+    ca, chain, key = tls_files
+    password = "correct horse battery"
+    try:
+        gw = _gateway(make_gateway, tmp_path, relay, [
+            {"domain": "acme.test", "selector": "s1", "key_file": str(signing_keys["rsa"])},
+            {"domain": "globex.test", "selector": "g1", "key_file": str(globex_file)}])
+        gw.close()
+        config = yaml.safe_load(gw.config_path.read_text())
+        config["smtp"]["tls"] = {"cert_file": str(chain), "key_file": str(key)}
+        config["submission"] = {"listen": f"127.0.0.1:{free_port()}"}
+        config["tenants"]["acme"]["users"] = {"agent@acme.test": {
+            "password_hash": hash_password(password), "send_as": ["support@acme.test"]}}
+        gw.config_path.write_text(yaml.safe_dump(config))
+        gw.start()
+        port = int(config["submission"]["listen"].rsplit(":", 1)[1])
+        gw.wait_listening(port=port)
+
+        def message(author: str, to: str, subject: str) -> bytes:
+            return simple_message(subject=subject, to=to).replace(
+                b"From: Alice <alice@sender.test>", f"From: {author}".encode())
+
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as s:
+            s.starttls(context=client_context(ca))
+            s.login("agent@acme.test", password)
+            s.mail("support@acme.test")
+            s.rcpt("customer@client.test")
+            code, text = s.data(message("CEO <ceo@globex.test>", "customer@client.test",
+                                        "impersonation"))
+            assert (code, text[:5]) == (553, b"5.7.1")
+            s.sendmail("support@acme.test", ["customer@client.test"],
+                       message("Support <support@acme.test>", "customer@client.test", "reply"))
+        with gw.smtp() as s:  # from outside, to acme, with a Cc rule for support@
+            for author, subject in (("CEO <ceo@globex.test>", "outside as globex"),
+                                    ("Boss <boss@acme.test>", "outside as acme")):
+                s.sendmail("someone@outside.test", ["support@acme.test"],
+                           message(author, "support@acme.test", subject))
+        got = {re.search(rb"Subject: (.*)\r\n", m.data).group(1).decode(): m.data
+               for m in relay.wait(3)}
+        assert set(got) == {"reply", "outside as globex", "outside as acme"}
+        for data in got.values():
+            assert b"d=globex.test" not in b"".join(data.split())
+        assert dkimpy_results(got["reply"], zone) == [("acme.test", "s1", True)]
+        # A copy of inbound mail: acme signs as the forwarder, never as the author.
+        assert dkimpy_results(got["outside as globex"], zone) == [("acme.test", "s1", True)]
+        assert dkim_fields(got["outside as acme"]) == []
+        assert b"ARC-Seal:" in got["outside as acme"]  # the forwarder's own mark stays
+        _, v = samples(metrics_port(gw))
+        assert value(v, "mailflowr_gateway_dkim_signatures_total", tenant="acme",
+                     algorithm="none", result="author_domain") == 1
+        assert "impersonation" not in str([r["subject"] for r in gw.messages()])
+    finally:
+        zone.stop()
 
 
 def test_copies_are_signed_and_verify_with_two_implementations(

@@ -41,21 +41,24 @@ def gw(make_gateway, tmp_path, tls_files, password_hash, relay):
         "policies": {"directory": str(policies)},
         "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
                      "poll_interval": "0.2s", "retry_base": "1s"},
-        "tenants": {"acme": {"users": {"agent@acme.test": {"password_hash": password_hash}}}},
+        "tenants": {"acme": {"users": {
+            "agent@acme.test": {"password_hash": password_hash,
+                                "send_as": ["support@acme.test", "sales-*@acme.test"]},
+            "clerk@acme.test": {"password_hash": password_hash}}}},
     })
     gateway.submission_port = int(gateway.config["submission"]["listen"].rsplit(":", 1)[1])
     gateway.wait_listening(port=gateway.submission_port)  # it opens just after the SMTP one
     return gateway
 
 
-def _client(gw, tls_files, login=True):
+def _client(gw, tls_files, login=True, user="agent@acme.test"):
     ca = tls_files[0]
     s = smtplib.SMTP("127.0.0.1", gw.submission_port, timeout=30)
     s.ehlo("agent-laptop.test")
     s.starttls(context=client_context(ca))
     s.ehlo("agent-laptop.test")
     if login:
-        s.login("agent@acme.test", PASSWORD)
+        s.login(user, PASSWORD)
     return s
 
 
@@ -109,15 +112,44 @@ def test_auth_login_mechanism_and_unknown_user(gw, tls_files):
     s.close()
 
 
-def test_sender_must_belong_to_the_users_tenant(gw, tls_files):
-    s = _client(gw, tls_files)
-    code, text = s.mail("ceo@globex.test")
-    assert (code, text[:5]) == (553, b"5.7.1")
-    s.rset()
-    assert s.mail("<>")[0] == 553
-    s.rset()
-    assert s.mail("billing@acme.test")[0] == 250
+def test_a_user_sends_only_as_their_send_as_or_by_default_their_login(gw, tls_files):
+    s = _client(gw, tls_files)  # send_as: support@acme.test, sales-*@acme.test
+    for sender, code in (("ceo@globex.test", 553), ("<>", 553), ("billing@acme.test", 553),
+                         ("agent@acme.test", 553), ("sales-x@acme.test.evil", 553),
+                         ("Support@ACME.test", 250), ("sales-eu@acme.test", 250)):
+        got, text = s.mail(sender)
+        assert (got, text[:5]) == (code, b"5.7.1" if code == 553 else b"2.1.0"), sender
+        s.rset()
     s.quit()
+    s = _client(gw, tls_files, user="clerk@acme.test")  # no send_as: the login only
+    for sender, code in (("postmaster@acme.test", 553), ("support@acme.test", 553),
+                         ("nobody@acme.test", 553), ("clerk@acme.test", 250)):
+        assert s.mail(sender)[0] == code, sender
+        s.rset()
+    s.quit()
+
+
+def _from(*fields: str) -> bytes:
+    return "".join(f"From: {f}\r\n" for f in fields).encode() + \
+        b"To: customer@client.test\r\nSubject: hello\r\n\r\nHello.\r\n"
+
+
+def test_the_header_from_must_be_the_users_too(gw, tls_files, relay):
+    s = _client(gw, tls_files)
+    for fields in (["CEO <ceo@globex.test>"], ["Support <support@acme.test>, ceo@globex.test"],
+                   ['"support@acme.test" <billing@acme.test>'], ["not an address"],
+                   ["support@acme.test", "ceo@globex.test"]):  # each From counts
+        s.mail("support@acme.test")
+        s.rcpt("customer@client.test")
+        code, text = s.data(_from(*fields))
+        assert (code, text[:5]) == (553, b"5.7.1"), (fields, text)
+        assert b"header From not owned by user" in text
+    s.sendmail("support@acme.test", ["customer@client.test"], _from("Sales <sales-eu@acme.test>"))
+    s.quit()
+    got = {m.rcpt_tos[0]: m for m in relay.wait(2)}  # and the rule's archive copy
+    assert set(got) == {"customer@client.test", "archive@vault.test"}
+    assert b"From: Sales <sales-eu@acme.test>" in got["customer@client.test"].data
+    assert len(gw.messages()) == 1
 
 
 def test_outbound_message_is_delivered_with_the_rule_copy(gw, tls_files, relay):

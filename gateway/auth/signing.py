@@ -1,11 +1,18 @@
 """DKIM signatures on what the gateway sends (dkimpy), with the tenant's keys.
 
-The signing domain is the domain of the From address when a key for it is
-configured (the signature then aligns for DMARC); otherwise the first domain
-of the tenant that has a key (a forwarded copy carries the forwarder's
-signature beside the author's own).  Per domain, the last key listed of each
-algorithm signs, so a domain can be signed with RSA and ed25519 at once
-(RFC 8463) and a new selector takes over when it is listed after the old one.
+A key signs only mail of the tenant that owns its domain (the domain, or a
+parent of it, is one of the tenant's): whatever a message's From says, no
+tenant's mail is ever signed in another tenant's name.  Within that bound, a
+message the tenant sends (its users' mail, DSNs, notices) is signed with the
+keys of its From domain (the signature then aligns for DMARC), else of the
+tenant's first domain that has keys.  A copy forwarded from inbound mail (Cc,
+Bcc, route) was written by somebody we did not authenticate, so it never gets
+a signature aligned with its From domain: the tenant signs as a forwarder,
+with its first domain with keys that does not align with the author's (beside
+the author's own signature and our ARC set), or not at all.  Per domain, the
+last key listed of each algorithm signs, so a domain can be signed with RSA
+and ed25519 at once (RFC 8463) and a new selector takes over when it is listed
+after the old one.
 
 Signatures use relaxed/relaxed canonicalization and never ``l=``.  They cover
 From, To, Cc, Subject, Date, Message-ID, Reply-To, In-Reply-To, References and
@@ -28,6 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 
 from gateway.auth import arc, fields
+from gateway.auth.dmarc import aligned
 from gateway.auth.fields import RELAXED, SIGNED_HEADERS
 from gateway.auth.keys import ED25519, RSA, SigningKey, load
 from gateway.headers import field_values
@@ -109,8 +117,21 @@ class Signer:
             for k in ks:
                 self.private(k)
 
-    def keys_for(self, domain: str | None, tenant_id: str) -> tuple[SigningKey, ...]:
-        if domain is not None and domain in self.by_domain:
+    def owns(self, tenant_id: str, domain: str) -> bool:
+        """Whether ``domain`` is one of the tenant's domains or a subdomain of one."""
+        return any(domain == d or domain.endswith("." + d)
+                   for d in self.tenant_domains.get(tenant_id, ()))
+
+    def keys_for(self, domain: str | None, tenant_id: str, *,
+                 forwarded: bool = False) -> tuple[SigningKey, ...]:
+        """The keys that sign a message of ``tenant_id`` whose From domain is
+        ``domain``: a copy of inbound mail when ``forwarded`` (see the module)."""
+        if forwarded:
+            for own in self.tenant_domains.get(tenant_id, ()):
+                if own in self.by_domain and not (domain and aligned(own, domain, False)):
+                    return self.by_domain[own]
+            return ()
+        if domain is not None and domain in self.by_domain and self.owns(tenant_id, domain):
             return self.by_domain[domain]
         for own in self.tenant_domains.get(tenant_id, ()):
             if own in self.by_domain:
@@ -134,7 +155,8 @@ class Signer:
         return Signed(done.data, done.sealed)
 
     def sign(self, data: bytes, tenant_id: str) -> Signed:
-        """``data`` with a DKIM-Signature field per key on top, and no ARC set."""
+        """``data``, a message the tenant sends, with a DKIM-Signature field per key on
+        top, and no ARC set."""
         done = protect(data, None, self.plan(data, tenant_id, seal=False)[1], "", self.private)
         if done.sign_error:
             raise ValueError(f"not signed: {done.sign_error}")
@@ -142,10 +164,11 @@ class Signer:
 
     def plan(self, data: bytes, tenant_id: str, *,
              seal: bool) -> tuple[SigningKey | None, tuple[SigningKey, ...]]:
-        """The keys ``protect`` takes for a copy: the ARC sealing key (when ``seal``
-        and the tenant has one) and the DKIM keys."""
+        """The keys ``protect`` takes for a copy: the ARC sealing key (when ``seal``,
+        for a copy forwarded from inbound mail, and the tenant has one) and the DKIM
+        keys."""
         return (self.sealing_key(tenant_id) if seal else None,
-                self.keys_for(author_domain(data), tenant_id))
+                self.keys_for(author_domain(data), tenant_id, forwarded=seal))
 
 
 def protect(data: bytes, seal_key: SigningKey | None, sign_keys: tuple[SigningKey, ...],

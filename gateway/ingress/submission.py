@@ -4,7 +4,9 @@ Users authenticate with AUTH PLAIN or LOGIN, offered only after STARTTLS
 (``538 5.7.11`` before it); passwords are checked against scrypt hashes off
 the event loop; repeated failures from one client IP within
 ``submission.auth_window`` turn that IP away with 421 4.7.0.  A user sends only
-as addresses of their own tenant (``553 5.7.1`` otherwise).  Their messages are
+as the addresses they own (``send_as``, by default their login address), in the
+envelope and in every header From alike (``553 5.7.1`` otherwise): the From
+address decides which DKIM key signs, so it is checked like the envelope.  Their messages are
 stored like inbound mail, marked outbound, and the pipeline plans one delivery
 per recipient plus whatever the tenant's rules add for outbound mail.
 """
@@ -25,6 +27,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.config import SMTPConfig, SubmissionConfig, TenantConfig
 from gateway.errors import TempFailure
+from gateway.headers import field_values
 from gateway.ingress.smtp import (
     QUEUE_WRITE_ERROR,
     TOO_MANY_HOPS,
@@ -43,13 +46,16 @@ from gateway.metrics import Metrics
 from gateway.passwords import verify
 from gateway.pipeline.flow import InFlow
 from gateway.store.repository import Store, utcnow
-from gateway.tenancy import BAD_SYNTAX, NEED_SMTPUTF8, has_unsafe_chars
+from gateway.tenancy import BAD_SYNTAX, NEED_SMTPUTF8, SendAs, has_unsafe_chars, printable
 
 log = logging.getLogger(__name__)
 
 AUTH_OK = "235 2.7.0 Authentication successful"
 AUTH_FAILED = "535 5.7.8 Error: authentication failed"
 AUTH_THROTTLED = "421 4.7.0 {host} Error: too many authentication failures"
+NOT_OWNED = "553 5.7.1 <{addr}>: Sender address rejected: not owned by user {user}"
+HEADER_NOT_OWNED = ("553 5.7.1 <{addr}>: Sender address rejected: header From not owned "
+                    "by user {user}")
 
 
 class SubmissionHandler:
@@ -74,6 +80,8 @@ class SubmissionHandler:
         self.clock = clock
         self.users = {login.lower(): (tid, user) for tid, t in tenants.items()
                       for login, user in t.users.items()}
+        self.send_as = {login.lower(): SendAs(login, user.send_as)
+                        for t in tenants.values() for login, user in t.users.items()}
         self._failures: dict[str, deque[float]] = defaultdict(deque)
         self.inactive: frozenset[str] = frozenset()  # deactivated tenants: logins refused
 
@@ -154,14 +162,9 @@ class SubmissionHandler:
         refusal = sender_refusal(self.store, address, mail_options)
         if refusal is not None:
             return refusal
-        tenant_id, user = self.users[str(session.login_data)]
-        allowed = {a.lower() for a in user.send_as}
-        domain = address.rpartition("@")[2].lower()
-        owned = (address.lower() in allowed if allowed
-                 else domain in self.tenants[tenant_id].domains)
-        if address == "<>" or not owned:
-            return (f"553 5.7.1 <{address[:256]}>: Sender address rejected: "
-                    f"not owned by user {_login_ref(str(session.login_data))}")
+        login = str(session.login_data)
+        if address == "<>" or not self.send_as[login].owns(address):
+            return NOT_OWNED.format(addr=printable(address), user=_login_ref(login))
         if self.flow is not None:
             await self.flow.admit()
         take_sender(envelope, address, mail_options)
@@ -188,6 +191,11 @@ class SubmissionHandler:
         if hop_count(data) >= self.settings.max_hops:
             return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
         login = str(session.login_data)
+        foreign = self.send_as[login].header_refusal(field_values(data, b"from"))
+        if foreign is not None:
+            return smtp.refuse_data(HEADER_NOT_OWNED.format(
+                addr=printable(foreign), user=_login_ref(login)),
+                "header_from", len(data))
         tenant_id, _ = self.users[login]
         client = client_address(session)
         message = build_message(
