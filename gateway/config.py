@@ -135,6 +135,7 @@ class SMTPConfig(_Section):
     hostname: str = "mx.example.test"
     max_message_size: Size = 10_240_000
     max_recipients: int = Field(default=1000, ge=1)
+    recipient_overshoot_limit: int = Field(default=1000, ge=0)
     max_connections: int = Field(default=2000, ge=1)
     max_connections_per_ip: int = Field(default=50, ge=1)
     idle_timeout: Duration = 300.0

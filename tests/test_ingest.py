@@ -147,6 +147,64 @@ def test_recipient_cap_is_452(gateway):
     assert len(gateway.wait_processed(1)[0]["recipients"]) == 5
 
 
+def send_recipients(c: RawClient, count: int) -> list[str]:
+    """MAIL, ``count`` RCPTs and DATA pipelined in one write (from a thread, so that the
+    replies are read while the commands go out); the replies up to DATA's, or up to the
+    one the server closed the connection after."""
+    commands = b"MAIL FROM:<a@sender.test>\r\n" + b"".join(
+        b"RCPT TO:<u%d@globex.test>\r\n" % n for n in range(count)) + b"DATA\r\n"
+    writer = threading.Thread(target=c.sock.sendall, args=(commands,))
+    writer.start()
+    replies = []
+    try:
+        while len(replies) < count + 2:
+            replies.append(c.reply())
+    except ConnectionError:
+        pass
+    writer.join(10)
+    return replies
+
+
+@pytest.mark.sqlite_only
+def test_recipients_past_the_cap_are_not_errors_within_the_overshoot(make_gateway):
+    gateway = make_gateway({"smtp": {"max_recipients": 1000, "recipient_overshoot_limit": 9000}})
+    c = RawClient(gateway.port)
+    c.reply()
+    c.command("EHLO client.test")
+    replies = send_recipients(c, 10_000)
+    assert replies[0].startswith("250 2.1.0")
+    assert [r[:9] for r in replies[1:-1]] == ["250 2.1.5"] * 1000 + ["452 4.5.3"] * 9000
+    assert replies[-1].startswith("354")
+    assert c.command(simple_message(to="u0@globex.test") + b".").startswith("250 2.0.0")
+    c.close()
+    [row] = gateway.messages()
+    assert row["recipients"] == [f"u{n}@globex.test" for n in range(1000)]
+
+
+@pytest.mark.sqlite_only
+def test_recipients_past_the_overshoot_count_as_errors(make_gateway):
+    gateway = make_gateway({"smtp": {"max_recipients": 1000}})  # overshoot: 1000 by default
+    # 1,000 accepted, 1,000 refused and forgiven, 9 refused and counted: one short
+    # of smtp.max_errors (10), so DATA still goes through.
+    c = RawClient(gateway.port)
+    c.reply()
+    c.command("EHLO client.test")
+    replies = send_recipients(c, 2009)
+    assert [r[:3] for r in replies[1:]] == ["250"] * 1000 + ["452"] * 1009 + ["354"]
+    assert c.command(simple_message(to="u0@globex.test") + b".").startswith("250 2.0.0")
+    c.close()
+    # A client that never stops is cut off at the tenth counted one.
+    c = RawClient(gateway.port)
+    c.reply()
+    c.command("EHLO client.test")
+    replies = send_recipients(c, 10_000)
+    assert [r[:3] for r in replies[1:]] == ["250"] * 1000 + ["452"] * 1010 + ["421"]
+    assert replies[-1].startswith("421 4.7.0") and "too many errors" in replies[-1]
+    assert c.closed()
+    [row] = gateway.messages()
+    assert len(row["recipients"]) == 1000
+
+
 def test_recipients_of_two_tenants_are_stored_apart(gateway):
     with gateway.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test", "x@globex.test"], simple_message())

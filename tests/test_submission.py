@@ -152,6 +152,19 @@ def test_the_header_from_must_be_the_users_too(gw, tls_files, relay):
     assert len(gw.messages()) == 1
 
 
+def test_recipients_past_the_cap_do_not_end_the_session(gw, tls_files):
+    s = _client(gw, tls_files)
+    assert s.mail("support@acme.test")[0] == 250
+    # max_recipients 5, max_errors 10: the 15 refused ones are within the overshoot
+    replies = [s.rcpt(f"c{n}@client.test") for n in range(20)]
+    assert [code for code, _ in replies] == [250] * 5 + [452] * 15
+    assert replies[-1][1].startswith(b"4.5.3 Error: too many recipients")
+    assert s.data(simple_message(sender="support@acme.test", to="c0@client.test"))[0] == 250
+    s.quit()
+    [row] = gw.messages()
+    assert row["recipients"] == [f"c{n}@client.test" for n in range(5)]
+
+
 def test_outbound_message_is_delivered_with_the_rule_copy(gw, tls_files, relay):
     s = _client(gw, tls_files)
     s.sendmail("support@acme.test", ["customer@client.test"],

@@ -337,6 +337,7 @@ class GatewaySMTP(SMTP):
         self._admitted = False
         self._greeted = False
         self._errors = 0
+        self._excused = False  # the reply about to go out is not counted in _errors
         self._data_reader: DataReader | None = None
         self._in_data = False
         self._verbatim = False  # EHLO/HELO replies carry no enhanced status codes
@@ -481,6 +482,10 @@ class GatewaySMTP(SMTP):
         if code.isdigit():
             self.metrics.reply(self.listener, code)
 
+    def excuse_reply(self) -> None:
+        """The next reply, though a refusal, is not counted in smtp.max_errors."""
+        self._excused = True
+
     def refuse_data(self, reply: str, reason: str, size: int | None = None) -> str:
         """A message refused or deferred at the end of DATA: count it, log it, reply."""
         self.metrics.series(self.metrics.smtp_messages, self.listener, reply_class(reply),
@@ -526,8 +531,9 @@ class GatewaySMTP(SMTP):
         if self.transport is None or self.transport.is_closing():
             return
         self._count(reply)
+        excused, self._excused = self._excused, False
         await super().push(reply)
-        if reply[:1] in "45" and not reply.startswith("421"):
+        if reply[:1] in "45" and not reply.startswith("421") and not excused:
             self._errors += 1
             if self._errors >= self.settings.max_errors:
                 log.warning("%s: too many errors, disconnecting", self._peer_ip)
@@ -636,6 +642,7 @@ class SessionState:
     """What the handler keeps per transaction, beside aiosmtpd's Envelope."""
 
     tenants: dict[str, list[str]] = field(default_factory=dict)
+    overshoot: int = 0  # recipients refused for being past smtp.max_recipients
 
 
 class IngressHandler:
@@ -688,8 +695,9 @@ class IngressHandler:
         self, server: SMTP, session: Session, envelope: Envelope, address: str,
         rcpt_options: list[str],
     ) -> str:
-        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
+        refusal = recipient_limit(server, envelope)
+        if refusal is not None:
+            return refusal
         verdict = self.directory.resolve(address, smtputf8=envelope.smtp_utf8, srs=self.srs())
         if not isinstance(verdict, Accepted):
             return refuse_rcpt(server, verdict.reply, verdict.reason)
@@ -789,6 +797,25 @@ def message_id_of(content: bytes) -> str | None:
     if not values:
         return None
     return " ".join(values[0].decode("utf-8", "replace").split()) or None
+
+
+def recipient_limit(server: SMTP, envelope: Envelope) -> str | None:
+    """None while the transaction may take another recipient, else its 452.
+
+    As Postfix (smtpd_recipient_overshoot_limit): the first
+    smtp.recipient_overshoot_limit recipients past the limit in a transaction
+    are not errors, so a client that sends too many still reaches DATA for the
+    accepted ones and retries the rest later; each one past those counts, and a
+    client that never stops is cut off at smtp.max_errors as for any error.
+    """
+    smtp = cast(GatewaySMTP, server)
+    if len(envelope.rcpt_tos) < smtp.settings.max_recipients:
+        return None
+    state = _state(envelope)
+    state.overshoot += 1
+    if state.overshoot <= smtp.settings.recipient_overshoot_limit:
+        smtp.excuse_reply()
+    return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
 
 
 def refuse_rcpt(server: SMTP, reply: str, reason: str) -> str:

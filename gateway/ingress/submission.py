@@ -31,13 +31,13 @@ from gateway.headers import field_values
 from gateway.ingress.smtp import (
     QUEUE_WRITE_ERROR,
     TOO_MANY_HOPS,
-    TOO_MANY_RCPTS,
     GatewaySMTP,
     accepted,
     build_message,
     client_address,
     ehlo_lines,
     hop_count,
+    recipient_limit,
     refuse_rcpt,
     sender_refusal,
     take_sender,
@@ -172,8 +172,9 @@ class SubmissionHandler:
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
-        if len(envelope.rcpt_tos) >= self.settings.max_recipients:
-            return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
+        refusal = recipient_limit(server, envelope)
+        if refusal is not None:
+            return refusal
         if not address.isascii() and not envelope.smtp_utf8:
             return refuse_rcpt(server, NEED_SMTPUTF8, "smtputf8")
         local, at, domain = address.rpartition("@")
