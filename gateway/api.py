@@ -27,7 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
-from gateway import __version__
+from gateway import __version__, files
 from gateway.config import GatewayConfig
 from gateway.privacy import erasure, subject_address
 from gateway.privacy.export import export
@@ -265,7 +265,7 @@ class AdminAPI:
         tenant = self._tenant(request)
         export_id = new_id()
         directory = self.exports_dir / tenant
-        await asyncio.to_thread(directory.mkdir, parents=True, exist_ok=True, mode=0o700)
+        await asyncio.to_thread(files.make_folders, directory)
         await asyncio.to_thread(self.privacy.record_export, export_id, tenant,
                                 self.key.subject_hash(subject) if subject else None)
         task = asyncio.create_task(self._run_export(export_id, tenant, subject,

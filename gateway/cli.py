@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn
 
+from gateway import files
 from gateway.config import GatewayConfig, load, parse_hostport
 from gateway.errors import ConfigError
 
@@ -818,7 +819,8 @@ def cmd_messages_export(args: argparse.Namespace) -> int:
                     f.write(data)
             else:  # a file appears whole or not at all
                 tmp = out.with_name(f".{out.name}.tmp")
-                tmp.write_bytes(data)
+                with os.fdopen(files.create(tmp), "wb") as f:  # personal data: 0600
+                    f.write(data)
                 tmp.replace(out)
         except OSError as exc:
             raise CommandError(f"{args.out}: {exc.strerror}") from None

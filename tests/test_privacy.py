@@ -365,3 +365,44 @@ def test_the_migration_keeps_events_written_before_the_chain(store):
     time.sleep(0)  # keep the engine's pool quiet before the fixture drops the database
     with store.engine.connect() as conn:
         conn.execute(text("SELECT 1"))
+
+
+@pytest.mark.sqlite_only  # the database's own files are SQLite's
+def test_what_the_gateway_makes_is_its_users_alone_under_umask_022(make_gateway, tmp_path):
+    from tests.test_api import Api, _token
+    from tests.test_dkim import keygen
+
+    data = tmp_path / "data"  # none of it is there: the gateway makes every folder
+    master = tmp_path / "master.key"
+    api_port = free_port()
+    umask = os.umask(0o022)  # a start by hand, without the unit's UMask=0077; children inherit it
+    try:
+        gw = make_gateway({
+            "privacy": {"master_key_file": str(master), "keystore": str(data / "keys"),
+                        "key_file": str(data / "secrets" / "privacy.key")},
+            "admin_api": {"listen": f"127.0.0.1:{api_port}",
+                          "export_directory": str(data / "exports" / "api")},
+        }, start=False, db_url=f"sqlite:///{data / 'db' / 'gateway.db'}")
+        gw.cli("keys", "generate", "--out", str(master), check=True)
+        gw.start()
+        with gw.smtp() as s:
+            s.sendmail("bob@client.test", ["support@acme.test"], b"Subject: mine\r\n\r\nx\r\n")
+        [row] = gw.wait_processed(1)
+        gw.cli("messages", "export", row["id"], "--out", str(data / "m.eml"), check=True)
+        gw.cli("export", "--tenant", "acme", "--out", str(data / "acme.tar"), check=True)
+        keygen(data, "acme.test", "s1", "ed25519")
+        api = Api(api_port)
+        status, started, _ = api.call("POST", "/api/v1/exports", _token(gw, "acme"), {})
+        assert status == 202
+        archive = data / "exports" / "api" / "acme" / f"{started['id']}.tar"
+        wait_for(archive.exists, 30, "the API's export archive")
+        made = {p.relative_to(data).as_posix(): stat.S_IMODE(p.stat().st_mode)
+                for p in [data, *data.rglob("*")]}  # while the daemon runs: -wal and -shm too
+    finally:
+        os.umask(umask)
+    assert {"db/gateway.db", "db/gateway.db-wal", "db/gateway.db-shm", "keys/acme.json",
+            "secrets/privacy.key", "m.eml", "acme.tar", "acme.test.s1.key",
+            archive.relative_to(data).as_posix()} <= set(made)
+    assert {name: oct(mode) for name, mode in made.items()
+            if mode != (0o700 if (data / name).is_dir() else 0o600)} == {}
+    assert stat.S_IMODE(master.stat().st_mode) == 0o600

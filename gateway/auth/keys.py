@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from dkim.util import InvalidTagValueList, parse_tag_value
 
+from gateway import files
 from gateway.auth.verify import Lookup, TempLookupError
 
 RSA = "rsa-sha256"
@@ -139,8 +140,7 @@ def load(path: Path, domain: str, selector: str, algorithm: str) -> SigningKey:
 
 def write_private(path: Path, data: bytes) -> None:
     """Create the key file with mode 0600 from the start (never briefly readable)."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(files.create(path, os.O_WRONLY | os.O_EXCL), "wb") as f:
         f.write(data)
 
 

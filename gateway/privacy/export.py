@@ -50,7 +50,7 @@ from typing import IO, Any, TypeVar
 
 import yaml
 
-from gateway import __version__
+from gateway import __version__, files
 from gateway.config import GatewayConfig
 from gateway.store.models import imap_folders, subprocessor_notices, subprocessor_objections
 from gateway.store.privacy import ExportReader, PrivacyStore
@@ -127,8 +127,7 @@ class ArchiveWriter:
         self.path = path
         self.tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         # personal data: readable by the owner only, from the first byte
-        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        self.file = os.fdopen(fd, "wb", buffering=_COPY_CHUNK)
+        self.file = os.fdopen(files.create(self.tmp), "wb", buffering=_COPY_CHUNK)
         self.listing = tempfile.TemporaryFile(dir=path.parent)  # the manifest's file list
         self.files = 0
         self.mtime = int(time.time())

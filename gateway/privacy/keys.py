@@ -26,6 +26,7 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import files
 from gateway.auth.keys import KeyFileError, read_secret
 
 
@@ -71,11 +72,10 @@ def load_or_create(path: Path) -> PrivacyKey:
 def _create(path: Path) -> None:
     """Write a new key beside ``path`` and link it into place: a process that finds
     the file finds it whole, and of two processes making it at once one wins."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as f:
+        files.make_folders(path.parent)
+        with os.fdopen(files.create(tmp), "w") as f:
             f.write(secrets.token_hex(32) + "\n")
             f.flush()
             os.fsync(f.fileno())

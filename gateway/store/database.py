@@ -13,9 +13,11 @@ an upgrade at start, has ``upgrade_child`` do it in a short-lived process.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
+import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,6 +39,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.schema import ColumnDefault
+
+from gateway import files
 
 if TYPE_CHECKING:
     from multiprocessing.connection import Connection as Pipe
@@ -62,7 +66,7 @@ def create(url: str, *, pool_size: int = 5) -> Engine:
     if is_sqlite(url):
         database = make_url(url).database
         if database and database != ":memory:":
-            Path(database).parent.mkdir(parents=True, exist_ok=True)
+            _make_file(Path(database))
         engine = create_engine(
             url,
             connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000},
@@ -173,6 +177,15 @@ def _multirow_plan(dialect: Dialect, table: Table, keys: tuple[str, ...]) -> _Mu
         columns.append((key, column.type.dialect_impl(dialect).bind_processor(dialect),
                         default))
     return _MultirowPlan(head, row, tuple(columns))
+
+
+def _make_file(path: Path) -> None:
+    """The database file, made 0600 (and its folders 0700) before SQLite opens it:
+    SQLite gives the -wal, -shm and -journal files the database file's mode."""
+    files.make_folders(path.parent)
+    # there already, or not to be made here: SQLite reports that when it opens it
+    with contextlib.suppress(OSError):
+        os.close(files.create(path, os.O_WRONLY | os.O_EXCL))
 
 
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:

@@ -32,6 +32,7 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from gateway import files
 from gateway.auth.keys import KeyFileError, read_secret
 
 NONCE = 12
@@ -218,8 +219,7 @@ def shred(directory: Path, tenant: str) -> bool:
 
 
 def _write_file(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
+    with os.fdopen(files.create(path), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -227,7 +227,7 @@ def _write_file(path: Path, data: bytes) -> None:
 
 def _write_new(path: Path, data: bytes) -> None:
     """Create ``path`` whole, or leave the one another process made first."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    files.make_folders(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     try:
         _write_file(tmp, data)
