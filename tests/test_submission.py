@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import smtplib
+import threading
 import time
 
 import pytest
@@ -99,6 +100,30 @@ def test_wrong_password_is_535_then_throttled(gw, tls_files):
     assert s.docmd("AUTH", _plain(PASSWORD))[0] == 421
     s.close()
     assert "agent@acme.test" not in gw.log() and PASSWORD not in gw.log()
+
+
+def test_parallel_guesses_from_one_ip_get_no_more_passwords_checked(gw, tls_files):
+    """Twenty sessions, logged in over TLS, send a wrong password at the same moment:
+    no more than max_auth_failures (3) of them get the password checked."""
+    clients = [_client(gw, tls_files, login=False) for _ in range(20)]
+    line = f"AUTH {_plain('wrong password')}\r\n".encode()
+    start = threading.Barrier(len(clients))
+    replies: list[int] = []
+
+    def guess(s: smtplib.SMTP) -> None:
+        start.wait()
+        s.send(line)
+        replies.append(s.getreply()[0])
+
+    threads = [threading.Thread(target=guess, args=(s,)) for s in clients]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for s in clients:
+        s.close()
+    assert len(replies) == 20 and set(replies) <= {421, 535}, replies
+    assert gw.log().count("submission: failed login from") == 3, gw.log()
 
 
 def test_auth_login_mechanism_and_unknown_user(gw, tls_files):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import logging
 import time
@@ -113,13 +114,23 @@ class SubmissionHandler:
         if isinstance(credentials, str):
             return credentials
         login, password = credentials
+        # Counted as a failure from before the check until it proves right: guesses
+        # sent in parallel sessions see each other, and no more than
+        # max_auth_failures passwords of one IP are ever checked per window.
+        if self._recent_failures(ip) >= self.submission.max_auth_failures:
+            self._turn_away(server)
+            return None
+        attempt = self.clock()
+        self._failures[ip].append(attempt)
         entry = self.users.get(login.lower())
         # Without a user, verify against a dummy hash all the same: equal timing.
         encoded = entry[1].password_hash if entry else _DUMMY_HASH
         ok = (await asyncio.to_thread(verify, password, encoded) and entry is not None
               and entry[0] not in self.inactive)
-        if not ok:
-            self._failures[ip].append(self.clock())
+        if ok:
+            with contextlib.suppress(ValueError):  # gone if the window has passed
+                self._failures[ip].remove(attempt)
+        else:
             log.warning("submission: failed login from %s", ip)
             if self._recent_failures(ip) >= self.submission.max_auth_failures:
                 self._turn_away(server)
