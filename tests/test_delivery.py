@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from datetime import timedelta
 
 import pytest
 
+from gateway.delivery.smtp import PERMANENT, SENT, Sender, Target
 from tests.conftest import simple_message, wait_for
 
 RETENTION = """
@@ -350,3 +352,26 @@ def test_who_gets_a_dsn(kind, direction, mail_from, expected):
     from gateway.delivery.dsn import wants_dsn
 
     assert wants_dsn(kind=kind, direction=direction, mail_from=mail_from) is expected
+
+
+@pytest.mark.sqlite_only
+def test_an_address_with_cr_lf_or_spaces_never_reaches_the_wire(relay):
+    """The last guard before the wire, whatever let such an address into a delivery."""
+
+    async def send_all() -> list[str]:
+        sender = Sender(helo="mx.gateway.test", reply_timeout=10)
+        target = Target("127.0.0.1", relay.port, "none")
+        outcomes = []
+        for mail_from, rcpt in (("a@sender.test", "x@b.test\r\nRCPT TO:<y@c.test>"),
+                                ("a@sender.test\r\nRSET", "x@b.test"),
+                                ("a@sender.test", "x y@b.test"),
+                                ("a@sender.test", "x@b.test")):
+            result = await sender.send(target, sender=mail_from, recipient=rcpt,
+                                       data=b"Subject: hi\r\n\r\nhello\r\n")
+            outcomes.append(result.outcome)
+        await sender.close()
+        return outcomes
+
+    assert asyncio.run(send_all()) == [PERMANENT, PERMANENT, PERMANENT, SENT]
+    [got] = relay.wait(1)
+    assert got.rcpt_tos == ["x@b.test"] and relay.messages == [got]

@@ -89,6 +89,17 @@ def test_relay_tricks_are_refused(gateway, address):
 
 
 @pytest.mark.sqlite_only
+def test_a_trailing_dot_is_refused_as_a_malformed_address(gateway):
+    with gateway.smtp() as s:
+        s.ehlo()
+        s.mail("a@sender.test")
+        for address in ("victim@elsewhere.test.", "victim@Elsewhere.TEST.", "support@acme.test."):
+            code, text = s.rcpt(address)
+            assert (code, text[:5]) == (553, b"5.1.3"), (address, text)
+    assert gateway.messages() == []
+
+
+@pytest.mark.sqlite_only
 def test_source_route_is_refused(gateway):
     c = RawClient(gateway.port)
     c.reply()

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import importlib.metadata
+import re
 import resource
 import smtplib
 import socket
 import time
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -21,6 +24,24 @@ SMUGGLING_ENDINGS = [
     b"\n.\n", b"\r.\r", b"\r.\n", b"\n.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r",
     b"\r\n\x00.\r\n",
 ]
+
+
+# Versions with the fixes the protocol defences rely on (docs/security.md, Versions):
+# the floors are in pyproject.toml, and what is installed meets them.
+FLOORS = {"aiosmtpd": (1, 4, 6), "aiosmtplib": (5, 1, 3), "mail-parser": (4, 8)}
+
+
+def test_dependencies_with_security_fixes_are_at_their_floors():
+    declared = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    floors = {}
+    for requirement in declared["project"]["dependencies"]:
+        name, _, version = re.split(r"(>=)", requirement.split(";")[0], maxsplit=1)
+        floors[name.strip().split("[")[0]] = tuple(int(p) for p in version.split("."))
+    for package, floor in FLOORS.items():
+        assert floors[package] >= floor, package
+        installed = importlib.metadata.version(package)
+        assert tuple(int(p) for p in re.findall(r"\d+", installed)[:len(floor)]) >= floor
+
 
 
 @pytest.mark.parametrize("ending", SMUGGLING_ENDINGS, ids=repr)
