@@ -4,9 +4,10 @@ Every request but ``GET /api/v1/openapi.json`` carries ``Authorization: Bearer
 TOKEN``; the token (``token create --tenant T``) belongs to one tenant, and
 every query is limited to that tenant.  Anything of another tenant answers
 404 exactly as something that does not exist, so a token cannot even learn
-what exists elsewhere.  Errors are JSON: ``{"error": "..."}`` with 400, 401,
-404, 405, 409, 413 or 500; never a traceback.  Every call is an audit event
-(``api.*``, naming the token, never the content).
+what exists elsewhere, nor from the time the answer takes: the lookup is
+scoped to the tenant in the query itself.  Errors are JSON: ``{"error": "..."}``
+with 400, 401, 404, 405, 409, 413 or 500; never a traceback.  Every call is
+an audit event (``api.*``, naming the token, never the content).
 
 The database work runs in threads; exports run in the background, into
 ``admin_api.export_directory``, and are downloaded when done.
@@ -235,11 +236,11 @@ class AdminAPI:
                       "next": rows[-1]["id"] if len(rows) == limit else None})
 
     async def _own(self, request: web.Request) -> dict[str, Any]:
-        row = await asyncio.to_thread(self.store.get_message, self._message_id(request))
-        if row is None or row["tenant_id"] != self._tenant(request):
+        row = await asyncio.to_thread(self.store.get_message, self._message_id(request),
+                                      self._tenant(request))
+        if row is None:
             raise _not_found()
-        result: dict[str, Any] = row
-        return result
+        return row
 
     async def get_message(self, request: web.Request) -> web.Response:
         row = await self._own(request)
@@ -291,8 +292,9 @@ class AdminAPI:
 
     async def _own_export(self, request: web.Request) -> dict[str, Any]:
         export_id = self._message_id(request)
-        row = await asyncio.to_thread(self.privacy.get_export, export_id)
-        if row is None or row["tenant_id"] != self._tenant(request):
+        row = await asyncio.to_thread(self.privacy.get_export, export_id,
+                                      self._tenant(request))
+        if row is None:
             raise _not_found()
         return row
 

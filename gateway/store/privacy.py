@@ -196,9 +196,10 @@ class PrivacyStore:
                 status="failed" if error else "done", finished_at=utcnow(), path=path,
                 size=size, error=error))
 
-    def get_export(self, export_id: str) -> dict[str, Any] | None:
+    def get_export(self, export_id: str, tenant: str) -> dict[str, Any] | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
-            row = conn.execute(select(api_exports).where(api_exports.c.id == export_id)).first()
+            row = conn.execute(select(api_exports).where(
+                api_exports.c.id == export_id, api_exports.c.tenant_id == tenant)).first()
         return dict(row._mapping) if row else None
 
     # ------------------------------------------------------------ notices

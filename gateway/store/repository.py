@@ -657,9 +657,15 @@ class Store:
             r["recipients"] = recipients.get(r["id"], [])
         return rows
 
-    def get_message(self, message_id: str) -> dict[str, Any] | None:
+    def get_message(self, message_id: str, tenant: str | None = None) -> dict[str, Any] | None:
+        """A message with its recipients and header addresses; None when there is none
+        of that id (in ``tenant``, when given: another tenant's is not fetched at all, so
+        it costs what a missing one does)."""
+        query = select(messages).where(messages.c.id == message_id)
+        if tenant is not None:
+            query = query.where(messages.c.tenant_id == tenant)
         with self.engine.connect().execution_options(readonly=True) as conn:
-            row = conn.execute(select(messages).where(messages.c.id == message_id)).first()
+            row = conn.execute(query).first()
             if row is None:
                 return None
             result = dict(row._mapping)
