@@ -6,7 +6,8 @@ every query is limited to that tenant.  Anything of another tenant answers
 404 exactly as something that does not exist, so a token cannot even learn
 what exists elsewhere, nor from the time the answer takes: the lookup is
 scoped to the tenant in the query itself.  Errors are JSON: ``{"error": "..."}``
-with 400, 401, 404, 405, 409, 413 or 500; never a traceback.  Every call is
+with 400, 401, 404, 405 (with ``Allow``), 409, 413, 415 or 500; never a
+traceback.  Every call is
 an audit event (``api.*``, naming the token, never the content).
 
 The database work runs in threads; exports run in the background, into
@@ -52,8 +53,9 @@ class ApiError(Exception):
         self.status = status
 
 
-def _json(doc: Any, status: int = 200) -> web.Response:
-    return web.json_response(doc, status=status, dumps=lambda d: json.dumps(
+def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None,
+          ) -> web.Response:
+    return web.json_response(doc, status=status, headers=headers, dumps=lambda d: json.dumps(
         d, default=_default, ensure_ascii=False, sort_keys=True))
 
 
@@ -120,7 +122,8 @@ class AdminAPI:
         except web.HTTPRequestEntityTooLarge:
             return _json({"error": "the request body is too large"}, 413)
         except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method
-            return _json({"error": exc.reason.lower()}, exc.status)
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            return _json({"error": exc.reason.lower()}, exc.status, allow)
         except Exception as exc:  # a request fails, the daemon goes on
             log.error("admin API %s %s failed: %s", request.method, request.path,
                       one_line(exc))
@@ -197,9 +200,11 @@ class AdminAPI:
     @staticmethod
     async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
         if request.content_type != "application/json":
-            raise ApiError(400, "the body must be JSON (Content-Type: application/json)")
+            raise ApiError(415, "the body must be JSON (Content-Type: application/json)")
         try:
             body = await request.json()
+        except RecursionError:  # the decoder's depth limit: no body of ours nests
+            raise ApiError(400, "the body is nested too deeply") from None
         except ValueError:
             raise ApiError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
@@ -380,6 +385,8 @@ def openapi_document() -> dict[str, Any]:
         if body:
             doc["requestBody"] = {"required": True, "content": {"application/json": {
                 "schema": body}}}
+            for status in ("413", "415"):
+                doc["responses"][status] = {"$ref": "#/components/responses/error"}
         return doc
 
     def q(name: str, schema: dict[str, Any], what: str) -> dict[str, Any]:

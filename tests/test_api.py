@@ -177,6 +177,9 @@ BAD_INPUT = [
     ("POST", "/api/v1/erasures", {"subject": SUBJECT, "force": True}, 400, "unknown field"),
     ("POST", "/api/v1/exports", {"subject": 5}, 400, "subject: an e-mail address"),
     ("POST", "/api/v1/exports", b"x" * 2_000_000, 413, "too large"),
+    ("POST", "/api/v1/exports", b"[" * 100_000, 400, "nested too deeply"),
+    ("POST", "/api/v1/erasures", b'{"a":' * 50_000, 400, "nested too deeply"),
+    ("POST", "/api/v1/erasures", b"subject=x", 415, "must be JSON"),
 ]
 
 
@@ -186,11 +189,16 @@ def test_bad_input_gets_a_json_error(api_gateway):
     token = _token(gw, "acme")
     for method, path, body, status, words in BAD_INPUT:
         raw = body if isinstance(body, bytes) else None
-        got, doc, headers = api.call(method, path, token, None if raw else body, raw=raw)
+        content_type = "text/plain" if status == 415 else "application/json"
+        got, doc, headers = api.call(method, path, token, None if raw else body, raw=raw,
+                                     content_type=content_type)
         assert got == status, (method, path, doc)
         assert headers["Content-Type"].startswith("application/json"), path
         assert words in doc["error"], (path, doc)
         assert "Traceback" not in json.dumps(doc)
+        if status == 405:
+            assert headers["Allow"] == "GET,HEAD", headers
+    assert "Traceback" not in gw.log()
 
 
 @pytest.mark.sqlite_only  # input checks: any database
