@@ -7,8 +7,9 @@ every query is limited to that tenant.  Anything of another tenant answers
 what exists elsewhere, nor from the time the answer takes: the lookup is
 scoped to the tenant in the query itself.  Errors are JSON: ``{"error": "..."}``
 with 400, 401, 404, 405 (with ``Allow``), 409, 413, 415 or 500; never a
-traceback.  Every call is
-an audit event (``api.*``, naming the token, never the content).
+traceback, also for what aiohttp's HTTP parser refuses before any of our code
+runs.  Request headers are never logged.  Every call is an audit event
+(``api.*``, naming the token, never the content).
 
 The database work runs in threads; exports run in the background, into
 ``admin_api.export_directory``, and are downloaded when done.
@@ -24,10 +25,12 @@ import ssl
 import time
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 
 from gateway import __version__, files
 from gateway.config import GatewayConfig
@@ -69,6 +72,39 @@ def _not_found() -> ApiError:
     return ApiError(404, "not found")
 
 
+class _Connection(web.RequestHandler):
+    """aiohttp's handler of one connection, answering in the API's JSON shape what its
+    HTTP parser refuses before any middleware runs: a request line or header too long,
+    a bad Content-Length, Transfer-Encoding beside Content-Length...  aiohttp's own
+    answer is a text/plain page, and it logs the parser's message at ERROR, which
+    quotes the offending bytes: an Authorization header among them."""
+
+    def handle_error(self, request: web.BaseRequest, status: int = 500,
+                     exc: BaseException | None = None, message: str | None = None,
+                     ) -> web.StreamResponse:
+        if isinstance(exc, BadHttpMessage):
+            # the class only: the message holds the request's bytes
+            log.info("admin API: malformed request from %s refused (%s)", request.remote,
+                     type(exc).__name__)
+        else:  # what got past the _errors middleware, or a handler that timed out
+            log.error("admin API %s %s failed: %s", request.method, request.path,
+                      one_line(exc) if exc else status)
+        if request.writer.output_size > 0:  # as aiohttp does: too late for an answer
+            raise ConnectionError("the response had begun when the request failed")
+        response = _json({"error": _refusal(status, exc)}, status)
+        response.force_close()
+        return response
+
+
+def _refusal(status: int, exc: BaseException | None) -> str:
+    if isinstance(exc, LineTooLong):  # its message quotes the line: maybe a token
+        return "the request line or a header is too long"
+    if isinstance(exc, BadHttpMessage):  # the parser's reason, before the quoted bytes
+        reason = exc.message.split(":\n")[0]
+        return f"malformed request: {reason[:200]}"
+    return HTTPStatus(status).phrase.lower()
+
+
 class AdminAPI:
     def __init__(self, config: GatewayConfig, store: Store,
                  retention: Callable[[], Any]) -> None:
@@ -81,6 +117,7 @@ class AdminAPI:
         self.retention = retention  # the retention policy in force (legal holds)
         self.exports_dir = config.admin_api.export_directory
         self.runner: web.AppRunner | None = None
+        self.listener: asyncio.Server | None = None
         self._exports: set[asyncio.Task[None]] = set()
 
     # ------------------------------------------------------------ serving
@@ -100,17 +137,28 @@ class AdminAPI:
         return app
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None) -> None:
-        self.runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        self.runner = web.AppRunner(self.app(), handle_signals=False)
         await self.runner.setup()
-        await web.TCPSite(self.runner, host, port, ssl_context=tls,
-                          reuse_address=True).start()
+        server = self.runner.server
+        assert server is not None, "set up above"
+        loop = asyncio.get_running_loop()
+        # Our own listener rather than a TCPSite: only it lets each connection be a
+        # _Connection.  No access log: it would hold headers.
+        self.listener = await loop.create_server(
+            lambda: _Connection(server, loop=loop,
+                                access_log=None),  # type: ignore[arg-type]  # None: off
+            host, port, ssl=tls, reuse_address=True)
 
     async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         for task in list(self._exports):
             task.cancel()
         await asyncio.gather(*self._exports, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
+        if self.listener is not None:
+            await self.listener.wait_closed()
 
     # ------------------------------------------------------------ middlewares
     @web.middleware

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import json
+import secrets
+import socket
+import ssl
 import tarfile
 import time
 import urllib.error
@@ -15,7 +18,7 @@ import pytest
 from sqlalchemy import select
 
 from gateway.store.models import api_tokens
-from tests.conftest import free_port
+from tests.conftest import client_context, free_port
 
 SUBJECT = "jane.doe@sender.test"
 
@@ -246,3 +249,72 @@ def test_an_id_of_another_tenant_answers_as_one_that_does_not_exist(api_gateway)
     assert answers[0] == answers[1]
     assert gw.store.get_message(acme_id, tenant="globex") is None
     assert gw.store.get_message(acme_id, tenant="acme")["id"] == acme_id
+
+
+@pytest.fixture
+def bare_api(make_gateway: Any) -> tuple[Any, int, str]:
+    """A daemon with the admin API and a token of acme."""
+    port = free_port()
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}"}})
+    return gw, port, _token(gw, "acme")
+
+
+def raw_http(port: int, request: bytes, tls: ssl.SSLContext | None = None,
+             ) -> tuple[int, dict[str, str], bytes]:
+    """Bytes no HTTP library would send; the reply read until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as plain, \
+            (tls.wrap_socket(plain, server_hostname="127.0.0.1") if tls else plain) as s:
+        s.sendall(request)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    status, *lines = head.decode("latin-1").split("\r\n")
+    return int(status.split()[1]), dict(line.split(": ", 1) for line in lines), body
+
+
+@pytest.mark.sqlite_only  # HTTP parsing: any database
+def test_malformed_http_gets_the_json_error_and_no_header_is_logged(bare_api):
+    gw, port, token = bare_api
+    secret = secrets.token_urlsafe(6750)  # 9,000 characters
+    post = (f"POST /api/v1/exports HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            "Content-Type: application/json\r\n").encode()
+    messages = "/api/v1/messages"
+    cases = {
+        "URL": f"GET {messages}?after={'A' * 9000} HTTP/1.1\r\nHost: x\r\n\r\n".encode(),
+        "header": f"GET {messages} HTTP/1.1\r\nHost: x\r\nX-Big: {'b' * 9000}\r\n\r\n".encode(),
+        "token": f"GET {messages} HTTP/1.1\r\nHost: x\r\n"
+                 f"Authorization: Bearer {token}{secret}\r\n\r\n".encode(),
+        "Content-Length": post + b"Content-Length: -5\r\n\r\n{}",
+        "TE and CL": post + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
+                            b"2\r\n{}\r\n0\r\n\r\n",
+    }
+    for what, request in cases.items():
+        status, headers, body = raw_http(port, request)
+        assert status == 400, (what, body)
+        assert headers["Content-Type"].startswith("application/json"), (what, headers)
+        error = json.loads(body)["error"]
+        assert error and secret[:20] not in error and token not in error, (what, error)
+    # the daemon is fine and said what it refused, without a byte of the token
+    status, doc, _ = Api(port).call("GET", messages, token)
+    assert status == 200, doc
+    log = gw.log()
+    assert "malformed request" in log
+    assert all(secret[i:i + 16] not in log for i in range(0, len(secret), 16))
+    assert token.split("_", 2)[2] not in log
+    assert "Traceback" not in log
+
+
+@pytest.mark.sqlite_only  # TLS: any database
+def test_with_a_certificate_the_api_speaks_https(make_gateway, tls_files):
+    ca, chain, key = tls_files
+    port = free_port()
+    make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}", "tls_cert_file": str(chain),
+                                "tls_key_file": str(key)}})
+    tls = client_context(ca)
+    request = urllib.request.Request(f"https://127.0.0.1:{port}/api/v1/openapi.json")
+    with urllib.request.urlopen(request, context=tls, timeout=10) as reply:
+        assert reply.status == 200 and json.load(reply)["openapi"] == "3.1.0"
+    status, headers, body = raw_http(port, b"GET /api/v1/messages HTTP/1.1\r\nHost: x\r\n"
+                                           b"Content-Length: -5\r\n\r\n", tls)
+    assert status == 400 and headers["Content-Type"].startswith("application/json"), body
