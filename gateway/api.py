@@ -143,9 +143,12 @@ class AdminAPI:
         assert server is not None, "set up above"
         loop = asyncio.get_running_loop()
         # Our own listener rather than a TCPSite: only it lets each connection be a
-        # _Connection.  No access log: it would hold headers.
+        # _Connection.  aiohttp's keep-alive timer runs from the connection's start (and
+        # from each response) until a whole request head has arrived, and is not reset by
+        # data: that makes it the header timeout.  No access log: it would hold headers.
+        timeout = self.config.admin_api.header_timeout
         self.listener = await loop.create_server(
-            lambda: _Connection(server, loop=loop,
+            lambda: _Connection(server, loop=loop, keepalive_timeout=timeout,
                                 access_log=None),  # type: ignore[arg-type]  # None: off
             host, port, ssl=tls, reuse_address=True)
 

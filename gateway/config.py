@@ -662,6 +662,10 @@ class AdminAPIConfig(_Section):
     export_directory: Path = Path("var/exports")
     # The largest request body accepted (413 above).
     max_body: Size = 1_000_000
+    # A connection whose request line and headers have not all arrived this long after
+    # it opened (or after the previous response) is closed: a client sending a byte now
+    # and then cannot hold it.  Idle keep-alive connections close after it too.
+    header_timeout: Duration = Field(default=10.0, gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AdminAPIConfig:

@@ -253,9 +253,9 @@ def test_an_id_of_another_tenant_answers_as_one_that_does_not_exist(api_gateway)
 
 @pytest.fixture
 def bare_api(make_gateway: Any) -> tuple[Any, int, str]:
-    """A daemon with the admin API and a token of acme."""
+    """A daemon with the admin API, a header timeout of 1 s and a token of acme."""
     port = free_port()
-    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}"}})
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}", "header_timeout": "1s"}})
     return gw, port, _token(gw, "acme")
 
 
@@ -303,6 +303,31 @@ def test_malformed_http_gets_the_json_error_and_no_header_is_logged(bare_api):
     assert all(secret[i:i + 16] not in log for i in range(0, len(secret), 16))
     assert token.split("_", 2)[2] not in log
     assert "Traceback" not in log
+
+
+@pytest.mark.sqlite_only  # connection handling: any database
+def test_a_client_that_never_finishes_its_headers_is_cut_off(bare_api):
+    _gw, port, token = bare_api
+    slow = socket.create_connection(("127.0.0.1", port), timeout=5)
+    began = time.monotonic()
+    slow.sendall(b"GET /api/v1/mess")
+    # others are served meanwhile, at once
+    assert Api(port).call("GET", "/api/v1/messages", token)[0] == 200
+    served = time.monotonic() - began
+    closed = None
+    slow.settimeout(0.2)
+    while closed is None and time.monotonic() - began < 6:
+        try:  # a byte now and then: a timer that restarts on data never fires
+            slow.sendall(b"a")
+            if slow.recv(100) == b"":
+                closed = time.monotonic() - began
+        except TimeoutError:
+            pass
+        except OSError:
+            closed = time.monotonic() - began
+    slow.close()
+    assert closed is not None and 0.9 <= closed < 4, closed
+    assert served < closed
 
 
 @pytest.mark.sqlite_only  # TLS: any database
