@@ -6,12 +6,13 @@ every query is limited to that tenant.  Anything of another tenant answers
 404 exactly as something that does not exist, so a token cannot even learn
 what exists elsewhere, nor from the time the answer takes: the lookup is
 scoped to the tenant in the query itself.  Errors are JSON: ``{"error": "..."}``
-with 400, 401, 404, 405 (with ``Allow``), 409, 413, 415 or 500; never a
-traceback, also for what aiohttp's HTTP parser refuses before any of our code
-runs.  Request headers are never logged.  Every call is an audit event
-(``api.*``, naming the token, never the content).
+with 400, 401, 404, 405 (with ``Allow``), 409, 413, 415, 429 (with
+``Retry-After``) or 500; never a traceback, also for what aiohttp's HTTP parser
+refuses before any of our code runs.  Request headers are never logged.  Every
+call is an audit event (``api.*``, naming the token, never the content).
 
-The database work runs in threads; exports run in the background, into
+The database work runs in threads; exports run in the background, at most
+``admin_api.max_exports_per_tenant`` of a tenant at once, into
 ``admin_api.export_directory``, and are downloaded when done.
 """
 
@@ -23,6 +24,7 @@ import logging
 import re
 import ssl
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -48,12 +50,15 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OWNER = web.RequestKey("owner", TokenOwner)
 _ID = re.compile(r"^[0-9A-Z]{26}$")
 MAX_LIMIT = 1000
+EXPORT_RETRY_AFTER = 10  # seconds: a small tenant's export is done by then
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None,
+                 ) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
 
 
 def _json(doc: Any, status: int = 200, headers: dict[str, str] | None = None,
@@ -119,6 +124,7 @@ class AdminAPI:
         self.runner: web.AppRunner | None = None
         self.listener: asyncio.Server | None = None
         self._exports: set[asyncio.Task[None]] = set()
+        self._running: Counter[str] = Counter()  # exports per tenant, running or starting
 
     # ------------------------------------------------------------ serving
     def app(self) -> web.Application:
@@ -169,7 +175,7 @@ class AdminAPI:
         try:
             return await handler(request)
         except ApiError as exc:
-            return _json({"error": str(exc)}, exc.status)
+            return _json({"error": str(exc)}, exc.status, exc.headers)
         except web.HTTPRequestEntityTooLarge:
             return _json({"error": "the request body is too large"}, 413)
         except web.HTTPException as exc:  # aiohttp's own: unknown path, wrong method
@@ -320,15 +326,26 @@ class AdminAPI:
         body = await self._body(request, {"subject"})
         subject = self._subject(body.get("subject"), required=False)
         tenant = self._tenant(request)
-        export_id = new_id()
-        directory = self.exports_dir / tenant
-        await asyncio.to_thread(files.make_folders, directory)
-        await asyncio.to_thread(self.privacy.record_export, export_id, tenant,
-                                self.key.subject_hash(subject) if subject else None)
+        limit = self.config.admin_api.max_exports_per_tenant
+        if self._running[tenant] >= limit:
+            raise ApiError(429, f"{limit} exports of this tenant are running; start another "
+                                f"when one is done (GET /api/v1/exports/ID)",
+                           {"Retry-After": str(EXPORT_RETRY_AFTER)})
+        self._running[tenant] += 1  # taken before the first await: a parallel request sees it
+        try:
+            export_id = new_id()
+            directory = self.exports_dir / tenant
+            await asyncio.to_thread(files.make_folders, directory)
+            await asyncio.to_thread(self.privacy.record_export, export_id, tenant,
+                                    self.key.subject_hash(subject) if subject else None)
+        except BaseException:
+            self._running[tenant] -= 1
+            raise
         task = asyncio.create_task(self._run_export(export_id, tenant, subject,
                                                     request[OWNER].id))
         self._exports.add(task)
         task.add_done_callback(self._exports.discard)
+        task.add_done_callback(lambda _: self._running.subtract([tenant]))
         return _json({"id": export_id, "status": "running"}, 202)
 
     async def _run_export(self, export_id: str, tenant: str, subject: str | None,
@@ -450,6 +467,10 @@ def openapi_document() -> dict[str, Any]:
                body={"type": "object", "required": ["subject"], "additionalProperties": False,
                      "properties": {"subject": address, "dry_run": {"type": "boolean"}}})
     erase["responses"]["409"] = {"$ref": "#/components/responses/error"}
+    start_export = op("Start an export of the tenant, or of one person (subject)", ok="202",
+                      body={"type": "object", "additionalProperties": False,
+                            "properties": {"subject": address}})
+    start_export["responses"]["429"] = {"$ref": "#/components/responses/error"}
     return {
         "openapi": "3.1.0",
         "info": {"title": "MailFlowr Gateway admin API", "version": __version__,
@@ -472,10 +493,7 @@ def openapi_document() -> dict[str, Any]:
             "/api/v1/messages/{id}": {"get": op("One message's metadata", [path_id])},
             "/api/v1/messages/{id}/eml": {"get": op("One message as received (.eml)", [path_id],
                                                     content="message/rfc822")},
-            "/api/v1/exports": {"post": op(
-                "Start an export of the tenant, or of one person (subject)", ok="202",
-                body={"type": "object", "additionalProperties": False,
-                      "properties": {"subject": address}})},
+            "/api/v1/exports": {"post": start_export},
             "/api/v1/exports/{id}": {"get": op("An export's state", [path_id])},
             "/api/v1/exports/{id}/archive": {"get": op("Download a finished export (tar)",
                                                        [path_id], content="application/x-tar")},

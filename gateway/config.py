@@ -666,6 +666,8 @@ class AdminAPIConfig(_Section):
     # it opened (or after the previous response) is closed: a client sending a byte now
     # and then cannot hold it.  Idle keep-alive connections close after it too.
     header_timeout: Duration = Field(default=10.0, gt=0)
+    # Exports of one tenant running at once on this instance; one more gets 429.
+    max_exports_per_tenant: int = Field(default=2, ge=1)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AdminAPIConfig:

@@ -9,16 +9,18 @@ import secrets
 import socket
 import ssl
 import tarfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from datetime import datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
 from gateway.store.models import api_tokens
-from tests.conftest import client_context, free_port
+from tests.conftest import client_context, free_port, wait_for
 
 SUBJECT = "jane.doe@sender.test"
 
@@ -249,6 +251,46 @@ def test_an_id_of_another_tenant_answers_as_one_that_does_not_exist(api_gateway)
     assert answers[0] == answers[1]
     assert gw.store.get_message(acme_id, tenant="globex") is None
     assert gw.store.get_message(acme_id, tenant="acme")["id"] == acme_id
+
+
+@pytest.mark.sqlite_only  # the limit is counted in the daemon: any database
+def test_exports_running_at_once_per_tenant_are_limited(api_gateway):
+    gw, api = api_gateway
+    acme, globex = _token(gw, "acme"), _token(gw, "globex")
+    limit = 2  # admin_api.max_exports_per_tenant's default
+    start = threading.Barrier(8)
+    answers: list[tuple[int, Any, dict[str, str]]] = []
+
+    def post() -> None:
+        start.wait(10)
+        answers.append(api.call("POST", "/api/v1/exports", acme, {}))
+
+    threads = [threading.Thread(target=post) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    started = [doc["id"] for status, doc, _ in answers if status == 202]
+    refused = [(doc, headers) for status, doc, headers in answers if status == 429]
+    assert len(started) + len(refused) == 8, answers
+    assert refused, "eight exports at once and none refused"
+    for doc, headers in refused:
+        assert "exports of this tenant are running" in doc["error"], doc
+        assert int(headers["Retry-After"]) > 0
+    # another tenant has slots of its own meanwhile
+    assert api.call("POST", "/api/v1/exports", globex, {})[0] == 202
+
+    def finished() -> list[dict[str, Any]] | None:
+        states = [api.call("GET", f"/api/v1/exports/{i}", acme)[1] for i in started]
+        return states if all(s["status"] == "done" for s in states) else None
+
+    done = wait_for(finished, what="the exports to finish")
+    # never more than the limit running at one time, whatever the timing was
+    spans = [(datetime.fromisoformat(d["created_at"]), datetime.fromisoformat(d["finished_at"]))
+             for d in done]
+    for began, _ in spans:
+        assert sum(b <= began < f for b, f in spans) <= limit, spans
+    assert api.call("POST", "/api/v1/exports", acme, {})[0] == 202  # the slots are free again
 
 
 @pytest.fixture
