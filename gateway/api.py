@@ -262,6 +262,8 @@ class AdminAPI:
             body = await request.json()
         except RecursionError:  # the decoder's depth limit: no body of ours nests
             raise ApiError(400, "the body is nested too deeply") from None
+        except LookupError:  # a charset parameter Python has no codec for
+            raise ApiError(415, f"unknown charset {request.charset!r}") from None
         except ValueError:
             raise ApiError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):

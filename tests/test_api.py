@@ -203,6 +203,9 @@ def test_bad_input_gets_a_json_error(api_gateway):
         assert "Traceback" not in json.dumps(doc)
         if status == 405:
             assert headers["Allow"] == "GET,HEAD", headers
+    got, doc, _ = api.call("POST", "/api/v1/erasures", token, {"subject": SUBJECT},
+                           content_type="application/json; charset=bogus")
+    assert (got, doc) == (415, {"error": "unknown charset 'bogus'"})
     assert "Traceback" not in gw.log()
 
 
