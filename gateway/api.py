@@ -87,18 +87,21 @@ class _Connection(web.RequestHandler):
     def handle_error(self, request: web.BaseRequest, status: int = 500,
                      exc: BaseException | None = None, message: str | None = None,
                      ) -> web.StreamResponse:
-        if isinstance(exc, BadHttpMessage):
-            # the class only: the message holds the request's bytes
-            log.info("admin API: malformed request from %s refused (%s)", request.remote,
-                     type(exc).__name__)
-        else:  # what got past the _errors middleware, or a handler that timed out
-            log.error("admin API %s %s failed: %s", request.method, request.path,
-                      one_line(exc) if exc else status)
+        self.log_exception("answered %d to a request from %s", status, request.remote,
+                           exc_info=exc)
         if request.writer.output_size > 0:  # as aiohttp does: too late for an answer
             raise ConnectionError("the response had begun when the request failed")
         response = _json({"error": _refusal(status, exc)}, status)
         response.force_close()
         return response
+
+    def log_exception(self, *args: Any, **kw: Any) -> None:
+        # The exception's class only, never its text or traceback: a parser error quotes
+        # the request's bytes, and so does a broken body that aiohttp reads on after the
+        # answer (to let the client finish sending) and logs as "Unhandled exception".
+        exc = kw.get("exc_info")
+        log.warning("admin API: " + args[0] + " (%s)", *args[1:],
+                    type(exc).__name__ if exc else "no exception")
 
 
 def _refusal(status: int, exc: BaseException | None) -> str:
@@ -264,6 +267,8 @@ class AdminAPI:
             raise ApiError(400, "the body is nested too deeply") from None
         except LookupError:  # a charset parameter Python has no codec for
             raise ApiError(415, f"unknown charset {request.charset!r}") from None
+        except web.RequestPayloadError:  # a broken chunk or Content-Encoding
+            raise ApiError(400, "the body cannot be read as its headers say") from None
         except ValueError:
             raise ApiError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
