@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -28,7 +27,7 @@ from pydantic import (
 )
 
 from gateway.errors import ConfigError
-from gateway.yamlfile import KeyPath, YamlDocument, YamlFileError, load_yaml
+from gateway.yamlfile import KeyPath, YamlDocument, YamlFileError, load_yaml, parse_yaml
 
 ENV_PREFIX = "MAILFLOWR_"
 
@@ -791,8 +790,8 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[KeyPath, st
             raise ConfigError([f"environment {name}: empty key in the variable name"])
         # Values read as YAML scalars (7 is a number, true a boolean); empty means null.
         try:
-            value = yaml.safe_load(env[name]) if env[name].strip() else None
-        except yaml.YAMLError:
+            value = parse_yaml(env[name], name).data if env[name].strip() else None
+        except YamlFileError:
             value = env[name]
         node = data
         for key in path[:-1]:

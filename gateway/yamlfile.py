@@ -5,11 +5,20 @@ forgets line numbers, so validation errors could not say ``file:line:column``.
 This module composes the node tree itself (safe constructors only), refuses
 duplicate keys, anchors past a small budget and oversized files, and returns
 the data with a map from key path to (line, column).
+
+A hostile file gets the same one-line error as a mistaken one: PyYAML composes
+recursively, so nesting is bounded (1,000 nested ``[`` would otherwise raise
+RecursionError), aliases may expand to a bounded number of nodes (a 1 KB file of
+aliases to aliases would otherwise fill the memory), and files are read only if
+they are regular files, opened without blocking (a FIFO in place of the file
+would otherwise wait for a writer forever).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -20,6 +29,8 @@ import yaml
 
 MAX_FILE_BYTES = 1 << 20
 MAX_ALIASES = 50
+MAX_DEPTH = 64  # nesting levels; about three stack frames each while composing and building
+MAX_ALIAS_NODES = 10_000  # nodes that aliases may add to the document when expanded
 _LOOSE_ADDRESS = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}$")
 
 KeyPath = tuple[str | int, ...]
@@ -74,15 +85,38 @@ def _at(mark: Any) -> tuple[int, int]:
 
 
 class _Builder:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, nodes: int) -> None:
         self.path = path
         self.lines: dict[KeyPath, tuple[int, int]] = {}
-        self.aliases = 0
+        # Each alias is built as a copy of what it names: the document's own nodes
+        # plus a bounded number of copies (two aliases a level, 25 levels: 2**25).
+        self.budget = nodes + MAX_ALIAS_NODES
+        self.seen: set[int] = set()  # nodes built once: meeting one again is an alias
+        self.alias: KeyPath | None = None  # where the outermost alias being expanded is
         self.open: set[int] = set()  # collections being built, to refuse cycles
         self.constructor = yaml.constructor.SafeConstructor()
 
     def build(self, node: yaml.Node, key_path: KeyPath) -> Any:
         self.lines.setdefault(key_path, _at(node.start_mark))
+        outermost = self.alias is None and id(node) in self.seen
+        if outermost:
+            self.alias = key_path
+        self.seen.add(id(node))
+        try:
+            return self._node(node, key_path)
+        finally:
+            if outermost:
+                self.alias = None
+
+    def _node(self, node: yaml.Node, key_path: KeyPath) -> Any:
+        self.budget -= 1
+        if self.budget < 0 or len(key_path) >= MAX_DEPTH:
+            # Only aliases get here (the composer bounds the document's own depth):
+            # point at the alias, not at the copy of the anchored node.
+            line, column = self.lines[self.alias or key_path]
+            raise YamlFileError(self.path, line, (
+                f"aliases expand to more than {MAX_ALIAS_NODES} nodes" if self.budget < 0
+                else f"aliases nest deeper than {MAX_DEPTH} levels"), column)
         if isinstance(node, yaml.MappingNode | yaml.SequenceNode):
             if id(node) in self.open:  # `a: &x {b: *x}` would never end
                 raise YamlFileError.at(self.path, node.start_mark,
@@ -119,27 +153,41 @@ class _Builder:
         return [self.build(item, (*key_path, i)) for i, item in enumerate(node.value)]
 
 
-class _CountingLoader(yaml.SafeLoader):
-    """SafeLoader that counts alias uses, so a billion-laughs file stops early."""
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that counts alias uses, so a billion-laughs file stops early, and
+    bounds nesting before PyYAML's recursive composer runs out of stack."""
 
-    alias_budget = MAX_ALIASES
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.alias_budget = MAX_ALIASES
+        self.depth = 0
+        self.nodes = 0  # composed, for the builder's budget
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.alias_budget -= 1
             if self.alias_budget < 0:
-                event = self.peek_event()
                 raise yaml.composer.ComposerError(
-                    None, None, f"more than {MAX_ALIASES} aliases", event.start_mark
+                    None, None, f"more than {MAX_ALIASES} aliases", self.peek_event().start_mark
                 )
-        return super().compose_node(parent, index)
+            return super().compose_node(parent, index)
+        if self.depth >= MAX_DEPTH:
+            raise yaml.composer.ComposerError(
+                None, None, f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark
+            )
+        self.depth += 1
+        self.nodes += 1
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 def parse_yaml(text: str, path: str) -> YamlDocument:
     """Parse YAML text; errors name ``path`` and the line."""
     if len(text.encode("utf-8", "surrogatepass")) > MAX_FILE_BYTES:
-        raise YamlFileError(path, 1, f"file is larger than {MAX_FILE_BYTES} bytes")
-    loader = _CountingLoader(text)
+        raise YamlFileError(path, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
+    loader = _BoundedLoader(text)
     try:
         node = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
@@ -154,17 +202,56 @@ def parse_yaml(text: str, path: str) -> YamlDocument:
         loader.dispose()
     if node is None:
         return YamlDocument(path, None, {(): (1, 1)})
-    builder = _Builder(path)
+    builder = _Builder(path, loader.nodes)
     data = builder.build(node, ())
     return YamlDocument(path, data, builder.lines)
+
+
+def read_regular(path: str | Path) -> bytes:
+    """The bytes of a regular file of at most MAX_FILE_BYTES, read without blocking.
+
+    A FIFO opened for reading waits for a writer, so the file is opened with
+    O_NONBLOCK and refused from its fstat unless it is a regular file (a FIFO,
+    a directory, a device).  A missing file raises FileNotFoundError, for the
+    caller to decide; every other problem is a YamlFileError naming the file.
+    """
+    name = str(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise YamlFileError(name, 0, exc.strerror or str(exc)) from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else (
+                "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a special file")
+            raise YamlFileError(name, 0, f"not a regular file ({kind})")
+        if st.st_size > MAX_FILE_BYTES:
+            raise YamlFileError(name, 0, f"file is larger than {MAX_FILE_BYTES} bytes "
+                                         f"({st.st_size} bytes)")
+        chunks: list[bytes] = []
+        size = 0
+        while size <= MAX_FILE_BYTES:  # the file may grow after the fstat
+            chunk = os.read(fd, MAX_FILE_BYTES + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise YamlFileError(name, 0, exc.strerror or str(exc)) from None
+    finally:
+        os.close(fd)
+    return b"".join(chunks)
 
 
 def load_yaml(path: str | Path) -> YamlDocument:
     """Read and parse a YAML file; unreadable files raise YamlFileError too."""
     name = str(path)
     try:
-        raw = Path(path).read_bytes()
-    except OSError as exc:
+        raw = read_regular(path)
+    except FileNotFoundError as exc:
         raise YamlFileError(name, 0, exc.strerror or str(exc)) from None
     return parse_bytes(raw, name)
 
@@ -172,7 +259,7 @@ def load_yaml(path: str | Path) -> YamlDocument:
 def parse_bytes(raw: bytes, path: str) -> YamlDocument:
     """Parse a file's bytes: size limit, UTF-8, then YAML; errors name ``path`` and the line."""
     if len(raw) > MAX_FILE_BYTES:
-        raise YamlFileError(path, 1, f"file is larger than {MAX_FILE_BYTES} bytes")
+        raise YamlFileError(path, 0, f"file is larger than {MAX_FILE_BYTES} bytes")
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -48,13 +48,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-import yaml
-
 from gateway import __version__, files
 from gateway.config import GatewayConfig
 from gateway.store.models import imap_folders, subprocessor_notices, subprocessor_objections
 from gateway.store.privacy import ExportReader, PrivacyStore
 from gateway.store.repository import aware
+from gateway.yamlfile import YamlFileError, load_yaml
 
 T = TypeVar("T")
 FORMAT = "mailflowr-export/1"
@@ -263,8 +262,8 @@ def _settings(config: GatewayConfig, tenant: str) -> dict[str, Any]:
     for name in ("workflows.yaml", "retention.yaml", "subprocessors.yaml"):
         path = config.policies.directory / name
         try:
-            doc = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError):
+            doc = load_yaml(path).data  # bounded: a hostile policy file is skipped, not a crash
+        except YamlFileError:
             continue
         section = (doc or {}).get("tenants", {}) if isinstance(doc, dict) else {}
         if isinstance(section, dict) and tenant in section:
