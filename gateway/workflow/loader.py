@@ -107,6 +107,9 @@ class _Checker(Checker):
         except re.error as exc:
             self.problem(path, f"bad regular expression {text!r}: {exc}")
             return None
+        except (OverflowError, RecursionError):  # a{4294967296}, or 5,000 nested groups
+            self.problem(path, f"{kind} too large or too deeply nested to compile")
+            return None
 
     def condition(self, value: Any, path: KeyPath) -> Condition | None:
         spec = self.mapping(value, path, MATCH_KEYS, "match")
