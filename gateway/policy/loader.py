@@ -10,6 +10,10 @@ processing began; a reload replaces the reference, never the contents.
 Each file is read once, and its bytes are what is both validated and hashed,
 so the version reported is the version in force (a file changed between the
 read and the check cannot slip in).
+
+An empty file (or one of only comments) is refused, not read as "no rules": a
+file truncated to nothing, or caught while its writer has written nothing yet,
+looks the same.  Saying "no rules" takes an explicit ``tenants: {}``.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from gateway.policy.retention import RetentionPolicy
 from gateway.policy.subprocessors import SubprocessorPolicy
 from gateway.workflow import loader as workflow_loader
 from gateway.workflow.loader import Workflows
-from gateway.yamlfile import MAX_FILE_BYTES, YamlDocument, YamlFileError, parse_bytes
+from gateway.yamlfile import YamlDocument, YamlFileError, parse_bytes, read_regular
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +39,9 @@ WORKFLOWS = "workflows.yaml"
 RETENTION = "retention.yaml"
 SUBPROCESSORS = "subprocessors.yaml"
 FILES = (RETENTION, SUBPROCESSORS, WORKFLOWS)
+# How to say "nothing here" in a file, for the error on an empty one.
+SAY_NOTHING = {WORKFLOWS: "; for no rules, write `tenants: {}`",
+               RETENTION: "; for no tags, write the default period only, e.g. `default: 1y`"}
 
 
 class PolicyError(ConfigError):
@@ -55,18 +62,19 @@ class PolicySet:
 
 
 def read_files(directory: Path) -> dict[str, bytes]:
-    """The bytes of each policy file present (missing files are absent from the result)."""
+    """The bytes of each policy file present (missing files are absent from the result);
+    PolicyError when one cannot be read, is not a regular file or is too large."""
     contents: dict[str, bytes] = {}
+    problems: list[str] = []
     for name in FILES:
-        path = directory / name
         try:
-            with path.open("rb") as f:
-                data = f.read(MAX_FILE_BYTES + 1)
+            contents[name] = read_regular(directory / name)
         except FileNotFoundError:
             continue
-        except OSError as exc:
-            raise PolicyError([f"{path}: {exc.strerror or exc}"]) from None
-        contents[name] = data
+        except YamlFileError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise PolicyError(problems)
     return contents
 
 
@@ -95,10 +103,15 @@ def _document(directory: Path, name: str, contents: dict[str, bytes],
     if name not in contents:
         return None
     try:
-        return parse_bytes(contents[name], str(directory / name))
+        doc = parse_bytes(contents[name], str(directory / name))
     except YamlFileError as exc:
         problems.append(str(exc))
         return None
+    if doc.data is None:
+        problems.append(f"{doc.path}: the file is empty (refused: a half-written file looks "
+                        f"the same){SAY_NOTHING.get(name, '')}")
+        return None
+    return doc
 
 
 def build(directory: Path, contents: dict[str, bytes], tenants: Collection[str],
