@@ -312,6 +312,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     database = doc["database"]
     print(f"  database    {database['name']}: {'up' if database['up'] else 'DOWN'}")
     print(f"  policy      {doc['policy']['version']} (loaded {doc['policy']['loaded_at']})")
+    for problem in doc["policy"].get("reload_refused", []):
+        print(f"              last reload refused: {problem}")
     pipeline = doc["pipeline"]
     print(f"  pipeline    {pipeline['waiting']} to process, oldest "
           f"{pipeline['oldest_seconds']} s")

@@ -171,6 +171,7 @@ LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loo
 PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
 WORKER_THREADS = 8  # calls a worker process runs at once: most wait on DNS, not on the CPU
 AUTH_CALL_TIMEOUT = 300.0  # seconds before a worker process is taken for stuck and replaced
+SHOWN_PROBLEMS = 20  # problems of a refused policy reload in its log line and in /status
 
 
 class App:
@@ -199,6 +200,7 @@ class App:
         self.last_sweep: float | None = None
         self._probe = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="probe")
         self._reload_lock = asyncio.Lock()
+        self.reload_problems: list[str] = []  # why the last policy reload was refused
         self._background: set[asyncio.Task[None]] = set()
 
     async def run(self) -> int:
@@ -500,7 +502,8 @@ class App:
             "database": {"up": self.database_up,
                          "name": _database_name(self.store) if self.store else None},
             "policy": {"version": policy.version,
-                       "loaded_at": policy.loaded_at.isoformat(timespec="seconds")},
+                       "loaded_at": policy.loaded_at.isoformat(timespec="seconds"),
+                       "reload_refused": self.reload_problems[:SHOWN_PROBLEMS]},
             "pipeline": {"waiting": queue.pipeline_waiting if queue else None,
                          "oldest_seconds": round(queue.pipeline_oldest, 1) if queue else None},
             "deliveries": {"pending": deliveries.get("pending", 0),
@@ -523,6 +526,7 @@ class App:
                 f"{doc['deliveries']['pending']} deliveries pending "
                 f"(oldest {doc['deliveries']['oldest_pending_seconds'] or 0:.0f} s), "
                 f"{doc['deliveries']['held']} held; policy {doc['policy']['version']}"
+                f"{'; POLICY RELOAD REFUSED' if doc['policy']['reload_refused'] else ''}"
                 f"{'' if doc['database']['up'] else '; DATABASE DOWN'}")
 
     def log_status(self) -> None:
@@ -674,11 +678,12 @@ class App:
             try:
                 changed = await asyncio.to_thread(self.policies.reload)
             except PolicyError as exc:
-                self.metrics.policy_reloads.labels("failure").inc()
-                self.metrics.policy_reload_failing.set(1)
-                log.error("policy reload (%s) refused, policy %s stays in force: %s", why,
-                          previous.version, "; ".join(exc.problems))
+                self._refuse_reload(why, exc.problems)
                 return
+            except Exception as exc:  # whatever fails, the reload is refused, never the watcher
+                self._refuse_reload(why, [f"{self.policies.directory}: {one_line(exc)}"], exc)
+                return
+            self.reload_problems = []
             self.metrics.policy_reload_failing.set(0)
             if not changed:
                 log.info("policy reload (%s): no change (policy %s)", why, previous.version)
@@ -696,6 +701,18 @@ class App:
                 await self.sync_subprocessors(previous)
             except Exception:  # the database may be away; the next reload or restart retries
                 log.exception("recording subprocessor changes failed")
+
+    def _refuse_reload(self, why: str, problems: list[str],
+                       unexpected: BaseException | None = None) -> None:
+        """The policy in force stays; the log, the metrics and /status say why."""
+        self.reload_problems = problems
+        self.metrics.policy_reloads.labels("failure").inc()
+        self.metrics.policy_reload_failing.set(1)
+        shown = "; ".join(problems[:SHOWN_PROBLEMS])
+        more = len(problems) - SHOWN_PROBLEMS
+        log.error("policy reload (%s) refused, policy %s stays in force: %s%s", why,
+                  self.policies.current.version, shown,
+                  f" (and {more} more problems)" if more > 0 else "", exc_info=unexpected)
 
     async def _audit(self, action: str, detail: dict[str, Any],
                      tenant_id: str | None = None) -> None:
@@ -731,7 +748,12 @@ class App:
 
     async def _watch_policies(self, interval: float) -> None:
         """Reload when a policy file changes (after it has stayed the same for a moment,
-        so an editor's save in several writes is usually read once, whole)."""
+        so an editor's save in several writes is usually read once, whole).
+
+        Waiting longer would only narrow the window in which a file is read while it
+        is written, never close it: a writer may pause for any time, and the part
+        written so far may be a valid, shorter policy.  What closes it is a rename
+        into place (docs/policies.md); what is refused for sure is an empty file."""
         directory = self.config.policies.directory
         last = await asyncio.to_thread(snapshot, directory)
         while True:
