@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(p)
     p.add_argument("--dns", action="store_true",
                    help="also check that DNS publishes each DKIM key (delivery.dns_servers)")
+    p.add_argument("--policies", metavar="DIR",
+                   help="validate the policy files of DIR (e.g. an edited copy, before it is "
+                        "renamed into place) instead of policies.directory")
     p.set_defaults(func=cmd_check)
 
     p = sub.add_parser("status", help="what the running daemon is doing (from its metrics port)")
@@ -335,8 +338,8 @@ def cmd_check(args: argparse.Namespace) -> int:
     config = _config(args)
     print(f"{args.config}: ok ({len(config.tenants)} tenants, "
           f"{sum(len(t.domains) for t in config.tenants.values())} domains)")
-    policies = _policies(config)
-    directory = config.policies.directory
+    directory = Path(args.policies) if args.policies else config.policies.directory
+    policies = _policies(config, directory)
     if "workflows.yaml" in policies.files:
         count = sum(len(r) for r in policies.workflows.rules.values())
         print(f"{directory / 'workflows.yaml'}: ok ({count} rules)")
