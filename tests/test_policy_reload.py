@@ -1,16 +1,32 @@
-"""Hot reload of the policy set: SIGHUP and file changes; a broken edit never takes effect."""
+"""Hot reload of the policy set: SIGHUP and file changes; a broken edit never takes effect,
+nor does a hostile file (deep nesting, huge, a FIFO, empty) stop the next good one."""
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
 
 import pytest
 
-from gateway.policy.loader import read_files, version_of
-from tests.conftest import free_port, simple_message, wait_for
+from gateway.policy.loader import FILES, read_files, version_of
+from tests.conftest import (
+    ROOT,
+    free_port,
+    gateway_with_rules,
+    http_get,
+    metrics_port,
+    samples,
+    simple_message,
+    value,
+    wait_for,
+)
 
 pytestmark = pytest.mark.sqlite_only  # policy files are read from disk
 
@@ -95,7 +111,7 @@ def test_a_broken_edit_keeps_the_policy_in_force(make_gateway, tmp_path):
         failures += 1
         wait_for(lambda n=failures: gw.log().count("refused, policy") == n,
               what=f"refusal of {name}: {content!r}")
-        refusal = [line for line in gw.log().splitlines() if "refused, policy" in line][-1]
+        refusal = _refusals(gw)[-1]
         assert f"policy {good} stays in force" in refusal
         assert f"{policies}/{expected}" in refusal, refusal
         _send(gw)  # processed under the good policy all the same
@@ -159,3 +175,160 @@ def test_no_message_sees_a_mix_of_versions(make_gateway, tmp_path):
         assert r["tags"] == [tag], r
         assert copies[r["id"]] == {f"{tag}@vault.test"}, r
     assert seen == {"alpha", "beta"}
+
+
+RULES = WORKFLOWS.lstrip("\n")  # the Bcc archive rule: tenants/acme/rules at lines 1-6
+
+
+def _sparse(path: Path) -> None:
+    with path.open("wb") as f:
+        f.truncate(50 << 20)  # 50 MB that take no disk
+
+
+def _aliases(path: Path) -> None:
+    """1 KB of aliases to aliases: 2**24 nodes if expanded."""
+    path.write_text("l0: &l0 [x, y]\n" + "".join(
+        f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]\n" for i in range(1, 25)))
+
+
+# (what, make it at a path, where in the file (after the path), the message); in threes:
+# a set with a file that cannot be read at all (the second three) is refused unparsed.
+HOSTILE = [
+    ("1,000 nested [", lambda p: p.write_text("[" * 1000), ":1:65",
+     "nested deeper than 64 levels"),
+    ("a 150k-deep flow mapping", lambda p: p.write_text("{a: " * 150_000), ":1:254",
+     "nested deeper than 64 levels"),
+    ("a 1,000-level block mapping",
+     lambda p: p.write_text("".join(" " * i + "a:\n" for i in range(1000))), ":64:64",
+     "nested deeper than 64 levels"),
+    ("a 50 MB file", _sparse, "", "file is larger than 1048576 bytes (52428800 bytes)"),
+    ("a FIFO", os.mkfifo, "", "not a regular file (a FIFO)"),
+    ("a directory", Path.mkdir, "", "not a regular file (a directory)"),
+    ("an empty file", lambda p: p.write_text(""), "", "the file is empty"),
+    ("duplicate keys", lambda p: p.write_text(RULES % "beta" + "  acme:\n    rules: []\n"),
+     ":7:3", "duplicate key 'acme'"),
+    ("aliases expanding to millions of nodes", _aliases, ":11:6",
+     "aliases expand to more than 10000 nodes"),
+]
+
+# Valid YAML that reaches the validator: re.compile raises RecursionError, not re.error.
+DEEP_REGEX = ("a regex of 5,000 nested groups", lambda p: p.write_text(RULES.replace(
+    "{direction: inbound}", "{sender: {regex: '%s'}}" % ("(" * 5000 + ")" * 5000)) % "beta"),
+    ":5:17", "regex too large or too deeply nested to compile")
+
+
+def _replace(path: Path, make) -> None:
+    """Put a hostile object in place of ``path``, whatever is there now."""
+    if path.is_dir() and not path.is_symlink():
+        path.rmdir()
+    else:
+        path.unlink(missing_ok=True)
+    make(path)
+
+
+def _refusals(gw) -> list[str]:
+    return [line for line in gw.log().splitlines() if "refused, policy" in line]
+
+
+def test_hostile_policy_files_are_refused_and_the_next_good_edit_loads(make_gateway, tmp_path,
+                                                                       relay):
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, RULES % "alpha",
+                            {"policies": {"watch_interval": "0.2s"}})
+    path = tmp_path / "policies" / "workflows.yaml"
+    good = version_of(read_files(path.parent))
+    port = metrics_port(gw)
+    refused = [*HOSTILE, DEEP_REGEX]
+    for n, (what, make, where, message) in enumerate(refused, 1):
+        _replace(path, make)
+        refusals = wait_for(lambda n=n: _refusals(gw)[n - 1:], 10, f"refusal of {what}")
+        assert f"policy {good} stays in force: {path}{where}: {message}" in refusals[0]
+        _, v = samples(port)
+        assert value(v, "mailflowr_gateway_policy_reload_failing") == 1, what
+        status = json.loads(http_get(port, "/status")[1])["policy"]
+        assert status["version"] == good
+        _named(status["reload_refused"], [f"{path}{where}: {message}"])
+        _send(gw)  # still copied by the rule in force
+        assert relay.wait(n)[-1].rcpt_tos == ["alpha@vault.test"], what
+    _replace(path, lambda p: p.write_text(RULES % "beta"))  # the watcher lives on
+    wait_for(lambda: "policy reloaded (files changed)" in gw.log(), 10, "the good edit")
+    _, v = samples(port)
+    assert value(v, "mailflowr_gateway_policy_reload_failing") == 0
+    assert value(v, "mailflowr_gateway_policy_reloads_total", result="failure") == len(refused)
+    assert json.loads(http_get(port, "/status")[1])["policy"]["reload_refused"] == []
+    _send(gw)
+    assert relay.wait(len(refused) + 1)[-1].rcpt_tos == ["beta@vault.test"]
+    assert "Traceback" not in gw.log() and "never retrieved" not in gw.log()
+
+
+def test_sighup_with_hostile_files_reloads_the_rest_and_sigterm_is_prompt(make_gateway,
+                                                                           tmp_path, tls_files):
+    _, chain, key = tls_files
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    path = policies / "workflows.yaml"
+    path.write_text(RULES % "alpha")
+    gw = make_gateway({"policies": {"directory": str(policies), "watch_interval": 0},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "smtp": {"tls": {"cert_file": str(chain), "key_file": str(key)}}})
+    port = metrics_port(gw)
+    _replace(path, os.mkfifo)
+    gw.proc.send_signal(signal.SIGHUP)  # policies, then TLS, then DKIM: each on its own
+    wait_for(lambda: value(samples(port)[1], "mailflowr_gateway_dkim_key_reloads_total",
+                           result="success") == 1, 10, "the DKIM reload")
+    assert f"{path}: not a regular file (a FIFO)" in _refusals(gw)[0]
+    _, v = samples(port)
+    assert value(v, "mailflowr_gateway_policy_reload_failing") == 1
+    assert value(v, "mailflowr_gateway_tls_reloads_total", result="success") == 1
+    for n, (_, make, where, message) in enumerate([HOSTILE[0], HOSTILE[4]], 1):  # [ and FIFO
+        _replace(gw.config_path, make)  # the configuration, re-read for the DKIM keys
+        gw.proc.send_signal(signal.SIGHUP)
+        wait_for(lambda n=n: gw.log().count("DKIM key reload refused") == n, 10, message)
+        assert f"{gw.config_path}{where}: {message}" in gw.log()
+        assert value(samples(port)[1], "mailflowr_gateway_tls_reloads_total",
+                     result="success") == n + 1
+    assert len(_refusals(gw)) == 3
+    started = time.monotonic()
+    assert gw.terminate(10) == 0  # a FIFO in place of both files holds nothing up
+    assert time.monotonic() - started < 5
+    assert "Traceback" not in gw.log()
+
+
+def _named(lines: list[str], expected: list[str]) -> None:
+    """One line for each problem expected (so no traceback), each starting with the
+    expected ``file:line:column: message`` (a hint may follow)."""
+    assert len(lines) == len(expected), lines
+    for line, start in zip(lines, expected, strict=True):
+        assert line.startswith(start), line
+
+
+def _cli(command: str, config: Path, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "gateway", command, "--config", str(config),
+                           *args], capture_output=True, timeout=60, cwd=ROOT)
+
+
+def test_check_and_serve_name_hostile_files_without_a_traceback(tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    config = tmp_path / "gateway.yaml"
+    config.write_text((ROOT / "config" / "gateway.yaml").read_text().replace(
+        "directory: policies", f"directory: {policies}"))
+    staged = tmp_path / "staged"  # an edited copy, checked before it is renamed into place
+    shutil.copytree(ROOT / "policies", staged)
+    result = _cli("check", config, "--policies", str(staged))
+    assert result.returncode == 0, result.stderr
+    assert f"{staged / 'workflows.yaml'}: ok" in result.stdout.decode()
+    for first in range(0, len(HOSTILE), 3):  # the problems of all three files in one run
+        expected = []
+        for name, (_, make, where, message) in zip(FILES, HOSTILE[first:first + 3], strict=True):
+            _replace(policies / name, make)
+            expected.append(f"{policies / name}{where}: {message}")
+        for command in ("check", "serve") if first == 0 else ("check",):
+            result = _cli(command, config)
+            assert result.returncode == 1, result.stderr
+            _named(result.stderr.decode().splitlines(), expected)
+    for n, (_, make, where, message) in enumerate(HOSTILE[:6]):  # the configuration itself
+        _replace(config, make)
+        for command in ("check", "serve") if n == 0 else ("check",):
+            result = _cli(command, config)
+            assert result.returncode == 2
+            _named(result.stderr.decode().splitlines(), [f"{config}{where}: {message}"])
