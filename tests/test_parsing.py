@@ -61,6 +61,30 @@ def test_deep_nesting_is_flagged_unparseable():
     assert result["defects"][0].startswith("unparseable:")
 
 
+HEADED = "From: Zoë <Zoë@People.example>\r\nTo: support@acme.test\r\n".encode()
+
+
+def test_smtputf8_addresses_are_parsed_and_indexed():
+    """RFC 6532: UTF-8 in the address fields; formataddr refused such an address."""
+    result = parse_message(HEADED + "Subject: héllo\r\n\r\nbody\r\n".encode())
+    assert result["parse_failed"] is False, result["defects"]
+    assert result["header_from"] == "Zoë <Zoë@People.example>"
+    assert result["subject"] == "héllo"
+    assert result["addresses"] == [("from", "zoë@people.example"), ("to", "support@acme.test")]
+    assert ("from", "Zoë <Zoë@People.example>") in result["headers"]  # what rules match on
+
+
+def test_an_unparseable_message_keeps_the_addresses_of_its_header():
+    result = parse_message(HEADED + DEEP)
+    assert result["parse_failed"] is True
+    assert result["addresses"] == [("from", "zoë@people.example"), ("to", "support@acme.test")]
+
+
+def test_comments_nested_too_deep_for_the_address_parser_still_give_the_address():
+    nested = b"From: " + b"(" * 5000 + b" jane@sender.test\r\nTo: a@acme.test\r\n\r\nx\r\n"
+    assert ("from", "jane@sender.test") in parse_message(nested)["addresses"]
+
+
 def test_redos_shaped_header_is_bounded():
     raw = b"From: " + b"<" * 50_000 + b"@" * 50_000 + b"\r\nSubject: x\r\n\r\nbody\r\n"
     started = time.monotonic()
@@ -75,7 +99,7 @@ def test_pool_kills_a_parse_that_overruns_and_carries_on():
         await pool.start()
         parser = ParserPool(pool, 1, timeout=0.5)
         try:
-            slow = await parser.parse(MANY)
+            slow = await parser.parse(HEADED + MANY)
             fine = await parser.parse(simple_message(subject="after"))
         finally:
             await pool.close()
@@ -84,6 +108,7 @@ def test_pool_kills_a_parse_that_overruns_and_carries_on():
     slow, fine = asyncio.run(run())
     assert slow["parse_failed"] is True
     assert "longer than 0.5 s" in slow["defects"][0]
+    assert slow["addresses"] == [("from", "zoë@people.example"), ("to", "support@acme.test")]
     assert fine["subject"] == "after"
 
 

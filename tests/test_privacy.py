@@ -13,16 +13,20 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from sqlalchemy import delete, insert, select, text, update
 
+from gateway.headers import header_addresses
 from gateway.privacy.keys import load_or_create
 from gateway.store import audit
 from gateway.store.models import audit_events, metadata
-from gateway.store.privacy import PrivacyStore, header_addresses
+from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import NewMessage, _insert_messages, utcnow
 from tests.conftest import free_port, gateway_with_rules, wait_for
+from tests.test_api import Api, _token
+from tests.test_parsing import DEEP, MANY
 
 SUBJECT = "jane.doe@sender.test"
 RULES = """
@@ -331,7 +335,8 @@ def test_unparsed_mail_is_found_by_its_headers(store):
              for n, data in enumerate((raw, plain))]
     with store.engine.begin() as conn:
         _insert_messages(conn, batch)
-    assert header_addresses(raw) == {"bob@client.test", "support@acme.test", SUBJECT}
+    assert header_addresses(raw) == [("from", "bob@client.test"), ("to", "support@acme.test"),
+                                     ("cc", SUBJECT)]
     found = PrivacyStore(store).find_subject("acme", SUBJECT)
     assert [f.id for f in found] == [batch[0].id]  # a mention in the body is not enough
     assert PrivacyStore(store).find_subject("globex", SUBJECT) == []
@@ -406,3 +411,53 @@ def test_what_the_gateway_makes_is_its_users_alone_under_umask_022(make_gateway,
     assert {name: oct(mode) for name, mode in made.items()
             if mode != (0o700 if (data / name).is_dir() else 0o600)} == {}
     assert stat.S_IMODE(master.stat().st_mode) == 0o600
+
+
+def _hits(data: bytes, address: str) -> int:
+    """How often ``address`` is in ``data``, in any case (UTF-8 letters too)."""
+    return data.decode("utf-8", "replace").lower().count(address.lower())
+
+
+
+SMTPUTF8_MAIL = ("From: Zoë <zoë@people.example>\r\nTo: support@acme.test\r\n"
+                 "Subject: grüße\r\n\r\nHallo.\r\n").encode()
+
+
+def test_mail_is_found_and_erased_by_its_header_addresses_whatever_its_parse(make_gateway):
+    """A UTF-8 From (SMTPUTF8) is parsed; mail that mail-parser cannot parse (an error,
+    or over the time bound) has the addresses of its header indexed all the same."""
+    port = free_port()
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}"},
+                       "smtp": {"max_message_size": "10MB"},
+                       "pipeline": {"parse_timeout": "1s"}})
+    api = Api(port)
+    deep = f"From: {SUBJECT}\r\nTo: support@acme.test\r\n".encode() + DEEP
+    slow = f"From: Jane <{SUBJECT}>\r\nTo: support@acme.test\r\n".encode() + MANY
+    with gw.smtp() as s:  # the envelope names neither: only the headers do
+        s.sendmail("bounce@people.example", ["support@acme.test"], SMTPUTF8_MAIL,
+                   mail_options=["SMTPUTF8"])
+        s.sendmail("bounce@sender.test", ["support@acme.test"], deep)
+        s.sendmail("bounce@sender.test", ["support@acme.test"], slow)
+    rows = {r["size"]: r for r in gw.wait_processed(3, timeout=60)}
+    assert rows[len(SMTPUTF8_MAIL)]["parse_failed"] is False
+    assert rows[len(SMTPUTF8_MAIL)]["subject"] == "grüße"
+    assert rows[len(deep)]["parse_failed"] and rows[len(slow)]["parse_failed"]
+    acme = _token(gw, "acme")
+    status, found, _ = api.call("GET", f"/api/v1/messages?address={quote('ZOË@people.example')}",
+                                acme)
+    assert status == 200
+    assert [m["id"] for m in found["messages"]] == [rows[len(SMTPUTF8_MAIL)]["id"]]
+    assert found["messages"][0]["from"] == "Zoë <zoë@people.example>"
+    found = api.call("GET", f"/api/v1/messages?address={SUBJECT}", acme)[1]["messages"]
+    assert sorted(m["id"] for m in found) == sorted([rows[len(deep)]["id"],
+                                                     rows[len(slow)]["id"]])
+
+    before = _database_bytes(gw)
+    assert _hits(before, "zoë@people.example") and _hits(before, SUBJECT)
+    for address, count in (("Zoë@people.example", 1), (SUBJECT, 2)):
+        status, erased, _ = api.call("POST", "/api/v1/erasures", acme, {"subject": address})
+        assert (status, erased["messages"]) == (200, count)
+    assert gw.messages() == []
+    after = _database_bytes(gw)
+    assert _hits(after, "zoë@people.example") == 0 and _hits(after, SUBJECT) == 0
+    assert _hits(after, "bounce@people.example") == 0  # the scan would have seen it

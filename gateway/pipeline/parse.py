@@ -13,13 +13,14 @@ each of its messages is parsed again in a call of its own.
 from __future__ import annotations
 
 import email.utils
+import itertools
 import logging
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
-from gateway.headers import header_end
+from gateway.headers import addresses_in, header_addresses, header_end, header_text
 from gateway.pipeline.classify import Classifier
 from gateway.store.records import ParsedFields
 from gateway.workers import Overran, ProcessEnded, WorkerError, WorkerPool
@@ -39,23 +40,35 @@ def _clip(text: Any) -> str | None:
     return text if len(text) <= MAX_FIELD else text[:MAX_FIELD]
 
 
+_SPECIALS = re.compile(r'[][\\()<>@,:;".]')
+
+
 def _display(pairs: Any) -> str | None:
+    """Mailboxes as a person reads them, UTF-8 as it is.  Not email.utils.formataddr:
+    it encodes a non-ASCII name (RFC 2047) and refuses a non-ASCII address with
+    UnicodeEncodeError, which SMTPUTF8 mail (RFC 6532) has."""
     if not pairs:
         return None
-    return _clip(", ".join(email.utils.formataddr((n, a)) if n else a for n, a in pairs))
+    shown = []
+    for name, address in pairs:
+        if name and _SPECIALS.search(name):
+            name = f'"{email.utils.quote(name)}"'
+        shown.append(f"{name} <{address}>" if name else address)
+    return _clip(", ".join(shown))
 
 
 def _decoded(value: Any) -> str:
-    """A header value with RFC 2047 words decoded (raw text if that fails)."""
+    """A header value (raw, as ``raw_items()`` gives it) as text, RFC 2047 words
+    decoded (raw text if that fails)."""
     import email.header
 
-    text = str(value)
+    text = header_text(value)
     if "=?" not in text:  # nothing encoded: most headers, and the cheap case
         return text
     try:
-        return str(email.header.make_header(email.header.decode_header(str(value))))
+        return str(email.header.make_header(email.header.decode_header(text)))
     except (ValueError, LookupError, UnicodeError):
-        return str(value)
+        return text
 
 
 HEADER_BLOCK_LIMIT = 65536  # bytes of header looked at before the message is stored
@@ -71,8 +84,13 @@ def header_fields(raw: bytes) -> list[tuple[str, str]]:
 
     block = raw[: header_end(raw, HEADER_BLOCK_LIMIT)]
     headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
+    return _fields(headers)
+
+
+def _fields(headers: Any) -> list[tuple[str, str]]:
+    """The header fields workflow rules match on: name in lower case, decoded value."""
     return [(str(name).lower()[:MAX_FIELD], _clip(_decoded(value)) or "")
-            for name, value in list(headers.items())[:MAX_HEADERS]]
+            for name, value in list(headers.raw_items())[:MAX_HEADERS]]
 
 
 _TAG = re.compile(r"<[^>]{0,2000}>")
@@ -97,14 +115,7 @@ def parse_message(raw: bytes, classifier: Classifier | None = None) -> dict[str,
     try:
         mail = mailparser.parse_from_bytes(raw)
         headers = mail.message
-        addresses: list[tuple[str, str]] = []
-        for role, name in (("from", "from"), ("sender", "sender"), ("reply_to", "reply-to"),
-                           ("to", "to"), ("cc", "cc"), ("bcc", "bcc")):
-            values = [str(v) for v in headers.get_all(name, [])]
-            for _, addr in email.utils.getaddresses(values):
-                addr = addr.strip().lower()
-                if addr and len(addresses) < MAX_ADDRESSES:
-                    addresses.append((role, addr[:MAX_FIELD]))
+        addresses = _indexed(addresses_in(headers))
         attachments = [
             {
                 "filename": _clip(a.get("filename")),
@@ -114,31 +125,40 @@ def parse_message(raw: bytes, classifier: Classifier | None = None) -> dict[str,
             for a in mail.attachments[:MAX_ATTACHMENTS]
         ]
         date = headers.get("date")
-        fields = [(str(name).lower()[:MAX_FIELD], _clip(_decoded(value)) or "")
-                  for name, value in list(headers.items())[:MAX_HEADERS]]
         return {
             "message_id": _clip(mail.message_id),
             "header_from": _display(mail.from_),
             "header_to": _display(mail.to),
             "header_cc": _display(mail.cc),
             "subject": _clip(mail.subject),
-            "date": _clip(str(date)) if date is not None else None,
+            "date": _clip(header_text(date)) if date is not None else None,
             "attachments": attachments,
             "defects": sorted(mail.defects_categories)[:100],
             "parse_failed": False,
             "addresses": addresses,
-            "headers": fields,
+            "headers": _fields(headers),
             "findings": classifier.findings(_texts(mail)) if classifier else [],
         }
     except Exception as exc:  # any failure of the third-party parser = unparseable
-        return failed(f"{exc.__class__.__name__}: {str(exc)[:200]}")
+        return failed(f"{exc.__class__.__name__}: {str(exc)[:200]}", raw_addresses(raw))
 
 
-def failed(reason: str) -> dict[str, Any]:
+def raw_addresses(raw: bytes) -> list[tuple[str, str]]:
+    """The addresses of a message mail-parser could not parse, read from its header
+    block by the email package alone: search and erasure find it by them all the same."""
+    return _indexed(header_addresses(raw))
+
+
+def _indexed(addresses: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    return [(role, address[:MAX_FIELD])
+            for role, address in itertools.islice(addresses, MAX_ADDRESSES)]
+
+
+def failed(reason: str, addresses: list[tuple[str, str]] | None = None) -> dict[str, Any]:
     return {
         "message_id": None, "header_from": None, "header_to": None, "header_cc": None,
         "subject": None, "date": None, "attachments": [], "defects": [f"unparseable: {reason}"],
-        "parse_failed": True, "addresses": [], "headers": [], "findings": [],
+        "parse_failed": True, "addresses": addresses or [], "headers": [], "findings": [],
     }
 
 
@@ -157,6 +177,10 @@ def parse_many_in_worker(context: object, items: list[tuple[bytes, Classifier | 
         result["seconds"] = time.perf_counter() - started
         results.append(result)
     return results
+
+
+def _raw_addresses_in_worker(context: object, raw: bytes) -> list[tuple[str, str]]:
+    return raw_addresses(raw)
 
 
 class ParserPool:
@@ -181,12 +205,24 @@ class ParserPool:
                                                       bound=self.timeout, among=self.size)
                 return result
             except Overran:
-                return failed(f"parse took longer than {self.timeout:g} s")
+                return await self._unparseable(raw, f"parse took longer than {self.timeout:g} s")
             except ProcessEnded as exc:
                 reason = f"parser {exc}"
             except WorkerError as exc:  # raised in the process: MemoryError, pickling
-                return failed(str(exc))
-        return failed(reason)
+                return await self._unparseable(raw, str(exc))
+        return await self._unparseable(raw, reason)
+
+    async def _unparseable(self, raw: bytes, reason: str) -> dict[str, Any]:
+        """The result for a message whose parse did not come back: flagged, with the
+        addresses of its header block (read in a worker process too, within the same
+        bound; none when even that fails)."""
+        try:
+            addresses = await self.pool.run_alone(_raw_addresses_in_worker, raw,
+                                                  bound=self.timeout, among=self.size)
+        except WorkerError as exc:  # Overran and ProcessEnded too
+            log.warning("reading the addresses of an unparseable message failed: %s", exc)
+            addresses = []
+        return failed(reason, addresses)
 
     async def parse_many(self, items: Sequence[tuple[bytes, Classifier | None]]
                          ) -> list[dict[str, Any]]:

@@ -14,19 +14,17 @@ still holding the data stays on disk in either file.
 
 from __future__ import annotations
 
-import email.parser
-import email.policy
-import email.utils
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select, update
+from sqlalchemy import delete, func, insert, or_, select, update
 
+from gateway.headers import header_addresses
 from gateway.store import audit
 from gateway.store.models import (
-    RECEIVED,
+    PROCESSED,
     api_exports,
     api_tokens,
     deliveries,
@@ -49,8 +47,6 @@ from gateway.store.repository import (
 )
 
 BATCH = 500
-_HEADER_ROLES = ("from", "sender", "reply-to", "to", "cc", "bcc", "resent-from", "resent-to",
-                 "resent-cc", "resent-bcc")
 
 
 def lookup_forms(address: str) -> list[str]:
@@ -81,8 +77,9 @@ class PrivacyStore:
         """Every message of ``tenant`` that has ``subject`` as envelope sender or
         recipient, in an address header, or as the recipient of a copy.
 
-        Messages the pipeline has not parsed yet have only their envelope in the
-        index; their headers are read here.
+        Messages the pipeline has not parsed (yet: received; or not: quarantined, or
+        unparseable before their header addresses were indexed) may have only their
+        envelope in the index; their headers are read here.
         """
         forms = lookup_forms(subject)
         lowered = subject.strip().lower()
@@ -101,11 +98,12 @@ class PrivacyStore:
             unparsed = conn.execution_options(yield_per=200).execute(
                 select(messages.c.id, message_blobs.c.data, message_blobs.c.key_id)
                 .join(message_blobs, message_blobs.c.message_id == messages.c.id)
-                .where(messages.c.tenant_id == tenant, messages.c.status == RECEIVED)
+                .where(messages.c.tenant_id == tenant,
+                       or_(messages.c.status != PROCESSED, messages.c.parse_failed))
             )
             for row in unparsed:
-                if row.id not in ids and lowered in header_addresses(
-                        self.store.plain(row.id, row.key_id, row.data)):
+                if row.id not in ids and lowered in {a for _, a in header_addresses(
+                        self.store.plain(row.id, row.key_id, row.data))}:
                     ids.add(row.id)
             return self._describe(conn, sorted(ids))
 
@@ -261,15 +259,6 @@ class PrivacyStore:
                 audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",
                              tenant_id=tenant, detail=total.as_dict())
         return total
-
-
-def header_addresses(raw: bytes) -> set[str]:
-    """The addresses in a message's address fields, lower case (headers only)."""
-    end = raw.find(b"\r\n\r\n")
-    head = raw if end < 0 else raw[:end + 2]
-    parsed = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(head)
-    values = [str(v) for name in _HEADER_ROLES for v in (parsed.get_all(name) or [])]
-    return {addr.strip().lower() for _, addr in email.utils.getaddresses(values) if addr}
 
 
 def _chunks(ids: Sequence[str]) -> Iterable[list[str]]:
