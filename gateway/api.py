@@ -13,7 +13,9 @@ call is an audit event (``api.*``, naming the token, never the content).
 
 The database work runs in threads; exports run in the background, at most
 ``admin_api.max_exports_per_tenant`` of a tenant at once, into
-``admin_api.export_directory``, and are downloaded when done.
+``admin_api.export_directory``, and are downloaded when done, until an erasure
+removes them; every few seconds the archives removed by an erasure elsewhere
+go from this instance's disk too (``export.tidy``).
 """
 
 from __future__ import annotations
@@ -33,14 +35,15 @@ from typing import Any
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import __version__, files
 from gateway.config import GatewayConfig
 from gateway.privacy import erasure, subject_address
-from gateway.privacy.export import export
+from gateway.privacy.export import export, tidy
 from gateway.privacy.keys import PrivacyKey
 from gateway.store.ids import new_id
-from gateway.store.privacy import PrivacyStore
+from gateway.store.privacy import EXPORT_DONE, EXPORT_REMOVED, PrivacyStore
 from gateway.store.repository import Store, aware, one_line
 from gateway.store.tokens import TokenOwner, TokenStore
 
@@ -51,6 +54,7 @@ OWNER = web.RequestKey("owner", TokenOwner)
 _ID = re.compile(r"^[0-9A-Z]{26}$")
 MAX_LIMIT = 1000
 EXPORT_RETRY_AFTER = 10  # seconds: a small tenant's export is done by then
+TIDY_INTERVAL = 2.0  # seconds between looks for archives an erasure removed
 
 
 class ApiError(Exception):
@@ -128,6 +132,7 @@ class AdminAPI:
         self.listener: asyncio.Server | None = None
         self._exports: set[asyncio.Task[None]] = set()
         self._running: Counter[str] = Counter()  # exports per tenant, running or starting
+        self._tidying: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ serving
     def app(self) -> web.Application:
@@ -160,13 +165,15 @@ class AdminAPI:
             lambda: _Connection(server, loop=loop, keepalive_timeout=timeout,
                                 access_log=None),  # type: ignore[arg-type]  # None: off
             host, port, ssl=tls, reuse_address=True)
+        self._tidying = asyncio.create_task(self._tidy(), name="export-tidy")
 
     async def close(self) -> None:
         if self.listener is not None:
             self.listener.close()
-        for task in list(self._exports):
+        tasks = [*self._exports, *([self._tidying] if self._tidying else [])]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._exports, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.runner is not None:
             await self.runner.cleanup()
         if self.listener is not None:
@@ -358,17 +365,36 @@ class AdminAPI:
     async def _run_export(self, export_id: str, tenant: str, subject: str | None,
                           token: str) -> None:
         path = self.exports_dir / tenant / f"{export_id}.tar"
+        error: str | None = None
+        size = 0
         try:
-            result = await asyncio.to_thread(
+            size = (await asyncio.to_thread(
                 export, self.privacy, self.config, tenant, path, actor=f"api:{token}",
-                subject=subject, audit_detail={"export": export_id})
+                subject=subject, audit_detail={"export": export_id})).size
         except Exception as exc:
-            log.error("export %s of tenant %s failed: %s", export_id, tenant, one_line(exc))
-            await asyncio.to_thread(self.privacy.finish_export, export_id, None, 0,
-                                    one_line(exc))
-            return
-        await asyncio.to_thread(self.privacy.finish_export, export_id, str(path), result.size,
-                                None)
+            error = one_line(exc)
+        if not await asyncio.to_thread(self.privacy.finish_export, export_id,
+                                       None if error else str(path), size, error):
+            # an erasure came while it was written (and may have deleted it half-way):
+            # the archive may hold what was erased
+            await asyncio.to_thread(path.unlink, missing_ok=True)
+            log.info("export %s of tenant %s was removed while it was written",
+                     export_id, tenant)
+        elif error:
+            log.error("export %s of tenant %s failed: %s", export_id, tenant, error)
+
+    async def _tidy(self) -> None:
+        """Every few seconds: delete the archives on this instance's disk that an
+        erasure removed (one that ran on another instance, or the command line)."""
+        while True:
+            await asyncio.sleep(TIDY_INTERVAL)
+            try:
+                gone = await asyncio.to_thread(tidy, self.privacy, self.exports_dir)
+            except (SQLAlchemyError, OSError) as exc:  # tried again next time
+                log.warning("export archives not tidied: %s", one_line(exc))
+                continue
+            if gone:
+                log.info("deleted %d export archives that an erasure removed", len(gone))
 
     async def _own_export(self, request: web.Request) -> dict[str, Any]:
         export_id = self._message_id(request)
@@ -388,7 +414,9 @@ class AdminAPI:
 
     async def download_export(self, request: web.Request) -> web.StreamResponse:
         row = await self._own_export(request)
-        if row["status"] != "done":
+        if row["status"] == EXPORT_REMOVED:
+            raise ApiError(404, f"the archive is gone: {row['error']}")
+        if row["status"] != EXPORT_DONE:
             raise ApiError(409, f"the export is {row['status']}")
         path = Path(row["path"])
         if not await asyncio.to_thread(path.is_file):
@@ -410,11 +438,12 @@ class AdminAPI:
         plan = await asyncio.to_thread(erasure.plan, self.privacy, self.retention(),
                                        self.config, tenant, subject, datetime.now(UTC))
         doc: dict[str, Any] = {"dry_run": dry_run, "messages": len(plan.found),
-                               "held": plan.held}
+                               "held": plan.held, "exports": plan.exports}
         if not dry_run:
             try:
                 removed = await asyncio.to_thread(erasure.erase, self.privacy, self.key, plan,
-                                                  actor=f"api:{request[OWNER].id}")
+                                                  actor=f"api:{request[OWNER].id}",
+                                                  exports=self.exports_dir)
             except erasure.ErasureRefused as exc:
                 raise ApiError(409, str(exc).replace(
                     " (--override-hold --reason TEXT erases it anyway)", "")) from None

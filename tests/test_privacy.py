@@ -3,11 +3,13 @@ the real daemon, real SMTP, the command line, and the database files themselves.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
 import smtplib
 import stat
+import tarfile
 import threading
 import time
 from pathlib import Path
@@ -19,11 +21,12 @@ import pytest
 from sqlalchemy import delete, insert, select, text, update
 
 from gateway.headers import header_addresses
+from gateway.privacy.export import tidy
 from gateway.privacy.keys import load_or_create
-from gateway.store import audit
+from gateway.store import audit, database
 from gateway.store.models import audit_events, metadata
-from gateway.store.privacy import PrivacyStore
-from gateway.store.repository import NewMessage, _insert_messages, utcnow
+from gateway.store.privacy import PrivacyStore, _remove_exports
+from gateway.store.repository import NewMessage, Store, _insert_messages, utcnow
 from tests.conftest import free_port, gateway_with_rules, wait_for
 from tests.test_api import Api, _token
 from tests.test_parsing import DEEP, MANY
@@ -417,6 +420,107 @@ def _hits(data: bytes, address: str) -> int:
     """How often ``address`` is in ``data``, in any case (UTF-8 letters too)."""
     return data.decode("utf-8", "replace").lower().count(address.lower())
 
+
+def _exported(api: Api, token: str, body: dict[str, Any]) -> str:
+    """Start an export over the API and wait for it to be done; its id."""
+    status, started, _ = api.call("POST", "/api/v1/exports", token, body)
+    assert status == 202, started
+    done = wait_for(lambda: (state := api.call("GET", f"/api/v1/exports/{started['id']}",
+                                               token)[1])["status"] != "running" and state,
+                    30, "export done")
+    assert done["status"] == "done", done
+    return str(started["id"])
+
+
+def test_an_erasure_removes_the_exports_made_before_it(make_gateway, tmp_path):
+    port = free_port()
+    exports = tmp_path / "exports"
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}",
+                                     "export_directory": str(exports)}})
+    api = Api(port)
+    _mixed_mail(gw)
+    gw.wait_processed(6)
+    acme = _token(gw, "acme")
+    # the whole tenant, her own, and bob's (he wrote one of the mails she is in Cc of)
+    made = sorted(_exported(api, acme, body) for body in
+                  ({}, {"subject": SUBJECT}, {"subject": "bob@client.test"}))
+    archives = sorted((exports / "acme").iterdir())
+    assert [p.name for p in archives] == [f"{e}.tar" for e in made]
+    assert all(_hits(p.read_bytes(), SUBJECT) for p in archives)  # the scan sees her
+    before = {p: p.read_bytes() for p in archives}
+
+    status, erased, _ = api.call("POST", "/api/v1/erasures", acme, {"subject": SUBJECT})
+    assert status == 200 and erased["messages"] == 3 and sorted(erased["exports"]) == made
+    assert list((exports / "acme").iterdir()) == []
+    for export_id in made:
+        status, doc, headers = api.call("GET", f"/api/v1/exports/{export_id}/archive", acme)
+        assert status == 404 and headers["Content-Type"].startswith("application/json")
+        assert "removed by an erasure" in doc["error"]
+        state = api.call("GET", f"/api/v1/exports/{export_id}", acme)[1]
+        assert (state["status"], state["archive"]) == ("removed", None)
+    event = _json(gw.cli("audit", "list", "--action", "subject.erase", "--json"))[-1]
+    assert sorted(event["detail"]["exports"]) == made
+
+    # one made after it holds the rest of the tenant's mail and nothing of hers
+    after = _exported(api, acme, {})
+    status, data, _ = api.call("GET", f"/api/v1/exports/{after}/archive", acme)
+    assert status == 200 and b"keeptoken-one" in data
+    with tarfile.open(fileobj=io.BytesIO(data)) as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers()}
+    assert {"mailbox.mbox", "messages.json", "contacts.json"} < set(members)
+    assert b"bob@client.test" in members["contacts.json"]
+    assert {name: _hits(body, SUBJECT) for name, body in members.items()
+            if _hits(body, SUBJECT)} == {}
+    assert _hits(data, SUBJECT) == 0
+    assert _hits((exports / "acme" / f"{after}.tar").read_bytes(), SUBJECT) == 0
+
+    # an erasure from the command line reaches the API's archives as well
+    done = _json(gw.cli("erase", "--tenant", "acme", "--subject", "bob@client.test",
+                        "--json"))
+    assert done["exports"] == [after] and list((exports / "acme").iterdir()) == []
+
+    # an archive that another instance wrote, on its own disk: that instance deletes it
+    path, old = next(iter(before.items()))
+    path.write_bytes(old)
+    wait_for(lambda: not path.exists(), 15, "the removed archive deleted by the daemon")
+
+
+def test_an_export_running_during_an_erasure_keeps_no_archive(store, tmp_path):
+    privacy = PrivacyStore(store)
+    running, elsewhere = "01JEXPORT0000000000000000A", "01JEXPORT0000000000000000B"
+    privacy.record_export(running, "acme", None)
+    privacy.record_export(elsewhere, "globex", None)
+    erased = privacy.erase("acme", [], {"actor": "test", "action": "subject.erase",
+                                        "tenant_id": "acme"})
+    assert erased.exports == [running]
+    # it finishes after the erasure: told so, and its archive does not stay
+    archive = tmp_path / "acme" / f"{running}.tar"
+    archive.parent.mkdir()
+    archive.write_bytes(b"read before the erasure")
+    assert privacy.finish_export(running, str(archive), 23, None) is False
+    assert privacy.get_export(running)["status"] == "removed"
+    assert tidy(privacy, tmp_path) == [archive] and not archive.exists()
+    assert privacy.finish_export(elsewhere, "x", 1, None) is True  # another tenant's
+
+
+def test_an_export_cannot_start_inside_an_erasure(store):
+    """Exports take turns with the erasure's last transaction: one that starts while
+    it runs (on another instance) waits for it, and then reads what is left."""
+    other = PrivacyStore(Store(database.create(
+        store.engine.url.render_as_string(hide_password=False))))
+    started = threading.Thread(target=other.record_export,
+                               args=("01JEXPORT0000000000000000C", "acme", None))
+    try:
+        with store.writing() as conn:
+            assert _remove_exports(conn, "acme") == []
+            started.start()
+            started.join(1.0)
+            assert started.is_alive()  # waits for the erasure to commit
+        started.join(30)
+        assert not started.is_alive()
+        assert PrivacyStore(store).stored_exports("acme") == ["01JEXPORT0000000000000000C"]
+    finally:
+        other.engine.dispose()
 
 
 SMTPUTF8_MAIL = ("From: Zoë <zoë@people.example>\r\nTo: support@acme.test\r\n"

@@ -191,13 +191,14 @@ def cmd_erase(args: argparse.Namespace) -> int:
     p = erasure.plan(store, retention, config, args.tenant, args.subject, utcnow())
     result: dict[str, Any] = {
         "tenant": args.tenant, "dry_run": args.dry_run, "messages": len(p.found),
-        "held": p.held, "still_in_configuration": p.config_mentions,
+        "held": p.held, "still_in_configuration": p.config_mentions, "exports": p.exports,
     }
     if args.dry_run:
         pass
     else:
         try:
             removed = erasure.erase(store, key, p, actor=actor(),
+                                    exports=config.admin_api.export_directory,
                                     override_reason=args.reason if args.override_hold else None)
         except erasure.ErasureRefused as exc:
             raise CommandError(str(exc)) from None
@@ -212,15 +213,16 @@ def cmd_erase(args: argparse.Namespace) -> int:
         return cli.EXIT_OK
     if args.dry_run:
         print(f"would erase {len(p.found)} messages of tenant {args.tenant} "
-              f"({sum(1 for f in p.found if f.status == 'received')} not yet processed)")
+              f"({sum(1 for f in p.found if f.status == 'received')} not yet processed) "
+              f"and remove its {len(p.exports)} stored exports")
         for name, count in sorted(p.held.items()):
             print(f"  legal hold {name} covers {count} of them: erase would refuse "
                   "without --override-hold")
     else:
         print(f"erased {result['messages']} messages of tenant {args.tenant}: "
               f"{result['deliveries']} deliveries ({result['pending_deliveries']} still to go, "
-              f"now cancelled), {result['imported']} import records, in "
-              f"{result['seconds']:.1f} s")
+              f"now cancelled), {result['imported']} import records, "
+              f"{len(result['exports'])} stored exports, in {result['seconds']:.1f} s")
         if p.held:
             print(f"  legal holds overridden: {', '.join(sorted(p.held))}")
     for where in p.config_mentions:

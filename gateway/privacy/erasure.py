@@ -5,23 +5,31 @@
 and the legal holds of the retention policy that cover any of them.
 ``erase()`` then deletes them completely (see ``store.privacy``) unless a hold
 covers one: then nothing is deleted, unless the operator overrides the holds
-with a reason.  The audit event names the person only by a keyed hash and
-records the counts, the holds overridden and the reason.
+with a reason.  With them go all export archives of the tenant that were made
+before: each is a snapshot of the tenant's mail that may hold the person, also
+through mail that retention has deleted since and the erasure no longer sees.
+The audit event names the person only by a keyed hash and records the counts,
+the exports removed, the holds overridden and the reason.
 """
 
 from __future__ import annotations
 
+import logging
 import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 
 from gateway.config import GatewayConfig
 from gateway.logs import mask
 from gateway.policy.retention import RetentionPolicy
+from gateway.privacy.export import tidy
 from gateway.privacy.keys import PrivacyKey
 from gateway.store import keystore
 from gateway.store.privacy import Found, PrivacyStore, Removed
+
+log = logging.getLogger(__name__)
 
 
 class ErasureRefused(Exception):
@@ -35,6 +43,7 @@ class Plan:
     found: list[Found]
     held: dict[str, int] = field(default_factory=dict)  # hold name -> messages it covers
     config_mentions: list[str] = field(default_factory=list)
+    exports: list[str] = field(default_factory=list)  # the tenant's stored exports, by id
 
     @property
     def ids(self) -> list[str]:
@@ -45,7 +54,8 @@ def plan(store: PrivacyStore, policy: RetentionPolicy | None, config: GatewayCon
          tenant: str, subject: str, now: datetime) -> Plan:
     found = store.find_subject(tenant, subject)
     result = Plan(tenant, subject, found, config_mentions=config_mentions(config, tenant,
-                                                                          subject))
+                                                                          subject),
+                  exports=store.stored_exports(tenant))
     if policy is not None:
         held: Counter[str] = Counter()
         holds = policy.active_holds(now)
@@ -57,8 +67,11 @@ def plan(store: PrivacyStore, policy: RetentionPolicy | None, config: GatewayCon
     return result
 
 
-def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str,
+def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str, exports: Path,
           override_reason: str | None = None) -> Removed:
+    """Carry out the plan; ``exports``: the directory of the admin API's exports, whose
+    archives of the tenant go at once when this machine holds them (every daemon
+    deletes those on its own disk within seconds, see ``export.tidy``)."""
     if p.held and override_reason is None:
         holds = ", ".join(f"{name} ({n} messages)" for name, n in sorted(p.held.items()))
         raise ErasureRefused(f"legal hold {holds} covers mail of this person: nothing erased "
@@ -67,8 +80,12 @@ def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str,
     if p.held:
         detail["holds_overridden"] = sorted(p.held)
         detail["reason"] = mask(override_reason or "")[:500]
-    removed = store.delete(p.ids, audit_event={
+    removed = store.erase(p.tenant, p.ids, {
         "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
+    try:
+        tidy(store, exports)
+    except OSError as exc:  # done: the daemon that wrote them deletes them in seconds
+        log.warning("export archives of tenant %s not deleted here: %s", p.tenant, exc)
     store.scrub()
     return removed
 

@@ -27,6 +27,9 @@ Written as it is read: the originals go into the archive one by one, the mbox
 and the JSON files grow in temporary files beside it, so memory stays flat
 whatever the size of the tenant.  The archive appears under its name only when
 complete.
+
+The admin API keeps its archives in a directory of its own until an erasure
+removes them (``tidy``).
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from gateway.store.repository import aware
 from gateway.yamlfile import YamlFileError, load_yaml
 
 T = TypeVar("T")
+_EXPORT_ID = re.compile(r"[0-9A-Z]{26}")
 FORMAT = "mailflowr-export/1"
 _MBOX_FROM = re.compile(rb"^(>*From )", re.MULTILINE)
 _BCC = re.compile(rb"^Bcc:.*(?:\r?\n[ \t].*)*\r?\n", re.IGNORECASE | re.MULTILINE)
@@ -437,3 +441,25 @@ def without_bcc(raw: bytes) -> bytes:
     end = raw.find(b"\r\n\r\n")
     head, rest = (raw, b"") if end < 0 else (raw[:end + 2], raw[end + 2:])
     return _BCC.sub(b"", head) + rest
+
+
+def tidy(store: PrivacyStore, directory: Path) -> list[Path]:
+    """Delete the archives in ``directory`` (the admin API's: one folder per tenant),
+    finished or half-written, of exports that are no longer running or done: removed
+    by an erasure, here or on another instance.  The files deleted."""
+    found: dict[str, list[Path]] = {}
+    try:
+        for folder in directory.iterdir():
+            for path in folder.iterdir() if folder.is_dir() else ():
+                # ID.tar, or .ID.tar.PID.tmp while it is written
+                export_id = path.name.lstrip(".").split(".", 1)[0]
+                if _EXPORT_ID.fullmatch(export_id):
+                    found.setdefault(export_id, []).append(path)
+    except FileNotFoundError:  # no export made on this machine yet
+        return []
+    kept = store.kept_exports(sorted(found)) if found else set()
+    gone = [path for export_id, paths in found.items() if export_id not in kept
+            for path in paths]
+    for path in gone:
+        path.unlink(missing_ok=True)
+    return gone

@@ -23,6 +23,7 @@ from sqlalchemy import delete, func, insert, or_, select, update
 
 from gateway.headers import header_addresses
 from gateway.store import audit
+from gateway.store.database import take_turn
 from gateway.store.models import (
     PROCESSED,
     api_exports,
@@ -47,6 +48,10 @@ from gateway.store.repository import (
 )
 
 BATCH = 500
+# api_exports.status: running, then done or failed; removed: an erasure came after
+# (or while) it was written, and its archive went with the erased mail.
+EXPORT_RUNNING, EXPORT_DONE, EXPORT_REMOVED = "running", "done", "removed"
+_KEPT = (EXPORT_RUNNING, EXPORT_DONE)
 
 
 def lookup_forms(address: str) -> list[str]:
@@ -120,18 +125,25 @@ class PrivacyStore:
         return [found[i] for i in ids if i in found]
 
     # ------------------------------------------------------------ deleting
-    def delete(self, ids: Sequence[str], *, audit_event: dict[str, Any] | None = None
-               ) -> Removed:
-        """Delete these messages completely, in batches; the audit event (the keyword
-        arguments of ``audit.append``) is written with the last batch."""
+    def delete(self, ids: Sequence[str]) -> Removed:
+        """Delete these messages completely, in batches."""
         total = Removed()
-        chunks = list(_chunks(ids)) or [[]]
-        for n, chunk in enumerate(chunks):
+        for chunk in _chunks(ids):
             with self.store.writing() as conn:
                 total.add(_delete_messages(conn, chunk))
-                if audit_event is not None and n == len(chunks) - 1:
-                    detail = {**audit_event.get("detail", {}), **total.as_dict()}
-                    audit.append(conn, self.store.audit_key, **{**audit_event, "detail": detail})
+        return total
+
+    def erase(self, tenant: str, ids: Sequence[str], audit_event: dict[str, Any]) -> Removed:
+        """Delete these messages of ``tenant`` completely, in batches, and with the last
+        batch remove every export of the tenant made before (see ``_remove_exports``)
+        and write the audit event (the keyword arguments of ``audit.append``)."""
+        last = max(0, (len(ids) - 1) // BATCH * BATCH)
+        total = self.delete(ids[:last])
+        with self.store.writing() as conn:
+            total.add(_delete_messages(conn, ids[last:]))
+            total.exports = _remove_exports(conn, tenant)
+            detail = {**audit_event.get("detail", {}), **total.as_dict()}
+            audit.append(conn, self.store.audit_key, **{**audit_event, "detail": detail})
         return total
 
     def scrub(self, attempts: int = 5) -> bool:
@@ -183,16 +195,34 @@ class PrivacyStore:
 
     def record_export(self, export_id: str, tenant: str, subject: str | None) -> None:
         with self.store.writing() as conn:
+            take_turn(conn, _exports_turn(tenant))  # see _remove_exports
             conn.execute(insert(api_exports).values(
-                id=export_id, tenant_id=tenant, subject=subject, status="running",
+                id=export_id, tenant_id=tenant, subject=subject, status=EXPORT_RUNNING,
                 created_at=utcnow()))
 
     def finish_export(self, export_id: str, path: str | None, size: int,
-                      error: str | None) -> None:
+                      error: str | None) -> bool:
+        """Record the end of an export; False when it was removed while it ran (by an
+        erasure, or with its tenant): then its archive must go too."""
         with self.store.writing() as conn:
-            conn.execute(update(api_exports).where(api_exports.c.id == export_id).values(
-                status="failed" if error else "done", finished_at=utcnow(), path=path,
-                size=size, error=error))
+            finished = conn.execute(
+                update(api_exports)
+                .where(api_exports.c.id == export_id, api_exports.c.status == EXPORT_RUNNING)
+                .values(status="failed" if error else EXPORT_DONE, finished_at=utcnow(),
+                        path=path, size=size, error=error)).rowcount
+        return bool(finished)
+
+    def stored_exports(self, tenant: str) -> list[str]:
+        """The tenant's exports that are running or done (an erasure would remove them)."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return _stored_exports(conn, tenant)
+
+    def kept_exports(self, ids: Sequence[str]) -> set[str]:
+        """Those of these exports whose archives stay: running or done."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return {i for chunk in _chunks(ids) for i in conn.execute(
+                select(api_exports.c.id).where(api_exports.c.id.in_(chunk),
+                                               api_exports.c.status.in_(_KEPT))).scalars()}
 
     def get_export(self, export_id: str, tenant: str) -> dict[str, Any] | None:
         with self.engine.connect().execution_options(readonly=True) as conn:
@@ -252,13 +282,42 @@ class PrivacyStore:
                 delete(deliveries).where(deliveries.c.tenant_id == tenant)).rowcount
             total.imports += conn.execute(
                 delete(imap_imports).where(imap_imports.c.tenant_id == tenant)).rowcount
+            total.exports = list(conn.execute(select(api_exports.c.id).where(
+                api_exports.c.tenant_id == tenant)).scalars())
             for table in (imap_folders, subprocessor_notices, subprocessor_objections,
                           api_tokens, api_exports):
                 conn.execute(delete(table).where(table.c.tenant_id == tenant))
-            if total.messages or total.deliveries or total.imports:
+            if total.messages or total.deliveries or total.imports or total.exports:
                 audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",
                              tenant_id=tenant, detail=total.as_dict())
         return total
+
+
+def _exports_turn(tenant: str) -> str:
+    return f"mailflowr exports of {tenant}"
+
+
+def _remove_exports(conn: Any, tenant: str) -> list[str]:
+    """Mark every running or finished export of ``tenant`` removed, in the caller's
+    transaction (an erasure's last); their ids.  The archives themselves are deleted
+    by whoever can reach them (``privacy.export.tidy``); an export still running
+    learns it when it finishes (``finish_export``) and deletes its own.
+
+    Exports start in turns with this (``record_export``): an export started before
+    is marked here, one started after reads only what is left after the erasure
+    (PostgreSQL: else one could start between this UPDATE and the commit, and read
+    the erased messages, not yet deleted for it)."""
+    take_turn(conn, _exports_turn(tenant))
+    ids = _stored_exports(conn, tenant)
+    if ids:
+        conn.execute(update(api_exports).where(api_exports.c.id.in_(ids)).values(
+            status=EXPORT_REMOVED, error="removed by an erasure that came after it"))
+    return ids
+
+
+def _stored_exports(conn: Any, tenant: str) -> list[str]:
+    return list(conn.execute(select(api_exports.c.id).where(
+        api_exports.c.tenant_id == tenant, api_exports.c.status.in_(_KEPT))).scalars())
 
 
 def _chunks(ids: Sequence[str]) -> Iterable[list[str]]:

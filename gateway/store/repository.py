@@ -1123,16 +1123,19 @@ class Removed:
     deliveries: int = 0
     pending: int = 0  # deliveries and keep-original jobs that were still to go
     imports: int = 0
+    exports: list[str] = field(default_factory=list)  # admin API exports, by id
 
     def add(self, other: Removed) -> None:
         self.messages += other.messages
         self.deliveries += other.deliveries
         self.pending += other.pending
         self.imports += other.imports
+        self.exports += other.exports
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, Any]:
         return {"messages": self.messages, "deliveries": self.deliveries,
-                "pending_deliveries": self.pending, "imported": self.imports}
+                "pending_deliveries": self.pending, "imported": self.imports,
+                "exports": self.exports}
 
 
 def _delete_messages(conn: Any, ids: Sequence[str]) -> Removed:
