@@ -498,7 +498,7 @@ def test_an_export_running_during_an_erasure_keeps_no_archive(store, tmp_path):
     archive.parent.mkdir()
     archive.write_bytes(b"read before the erasure")
     assert privacy.finish_export(running, str(archive), 23, None) is False
-    assert privacy.get_export(running)["status"] == "removed"
+    assert privacy.get_export(running, "acme")["status"] == "removed"
     assert tidy(privacy, tmp_path) == [archive] and not archive.exists()
     assert privacy.finish_export(elsewhere, "x", 1, None) is True  # another tenant's
 
