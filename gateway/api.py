@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 OWNER = web.RequestKey("owner", TokenOwner)
-_ID = re.compile(r"^[0-9A-Z]{26}$")
+# Matched whole (fullmatch) and before upper(), which makes a dotless i an ASCII "I"
+_ID = re.compile(r"[0-9A-Za-z]{26}")
 MAX_LIMIT = 1000
 EXPORT_RETRY_AFTER = 10  # seconds: a small tenant's export is done by then
 TIDY_INTERVAL = 2.0  # seconds between looks for archives an erasure removed
@@ -75,6 +76,11 @@ def _default(value: Any) -> Any:
     if isinstance(value, datetime):
         return aware(value).isoformat()
     return str(value)
+
+
+def _id(text: str) -> str | None:
+    """The id (of a message or an export) that ``text`` names in any case, or None."""
+    return text.upper() if _ID.fullmatch(text) else None
 
 
 def _not_found() -> ApiError:
@@ -235,8 +241,8 @@ class AdminAPI:
 
     @staticmethod
     def _message_id(request: web.Request) -> str:
-        value = request.match_info["id"].upper()
-        if not _ID.match(value):
+        value = _id(request.match_info["id"])
+        if value is None:
             raise _not_found()
         return value
 
@@ -298,15 +304,15 @@ class AdminAPI:
     # ------------------------------------------------------------ messages
     async def list_messages(self, request: web.Request) -> web.Response:
         limit = self._int(request, "limit", 100, 1, MAX_LIMIT)
-        after = request.query.get("after", "").upper()
-        if after and not _ID.match(after):
+        after = request.query.get("after")
+        if after is not None and (after := _id(after)) is None:
             raise ApiError(400, "after: a message id is needed")
         address = request.query.get("address")
         if address is not None and subject_address(address) is None:
             raise ApiError(400, "address: an e-mail address is needed")
         since, until = self._time(request, "since"), self._time(request, "until")
         rows = await asyncio.to_thread(
-            self.privacy.search, self._tenant(request), after=after or None, limit=limit,
+            self.privacy.search, self._tenant(request), after=after, limit=limit,
             address=address, since=since, until=until)
         return _json({"messages": [_summary(r) for r in rows],
                       "next": rows[-1]["id"] if len(rows) == limit else None})

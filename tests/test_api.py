@@ -170,6 +170,11 @@ BAD_INPUT = [
     ("GET", "/api/v1/messages?limit=0", None, 400, "limit: must be 1 to 1000"),
     ("GET", "/api/v1/messages?since=yesterday", None, 400, "since: not an ISO 8601 time"),
     ("GET", "/api/v1/messages?after=x", None, 400, "after: a message id"),
+    # an id is 26 ASCII letters and digits: not empty, no newline after it, no letter
+    # that only upper() makes ASCII (dotless i)
+    ("GET", "/api/v1/messages?after=", None, 400, "after: a message id"),
+    ("GET", f"/api/v1/messages?after={'0' * 26}%0A", None, 400, "after: a message id"),
+    ("GET", f"/api/v1/messages?after={'0' * 25}%C4%B1", None, 400, "after: a message id"),
     ("GET", "/api/v1/messages?address=nobody", None, 400, "address: an e-mail address"),
     ("GET", "/api/v1/messages/not-an-id", None, 404, "not found"),
     ("GET", "/api/v1/nothing-here", None, 404, "not found"),
