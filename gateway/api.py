@@ -293,9 +293,10 @@ class AdminAPI:
         return body
 
     @staticmethod
-    def _subject(value: Any, required: bool) -> str | None:
-        if value is None and not required:
+    def _subject(body: dict[str, Any], required: bool) -> str | None:
+        if "subject" not in body and not required:
             return None
+        value = body.get("subject")
         address = subject_address(value) if isinstance(value, str) else None
         if address is None:
             raise ApiError(400, "subject: an e-mail address is needed")
@@ -344,7 +345,7 @@ class AdminAPI:
     # ------------------------------------------------------------ exports
     async def start_export(self, request: web.Request) -> web.Response:
         body = await self._body(request, {"subject"})
-        subject = self._subject(body.get("subject"), required=False)
+        subject = self._subject(body, required=False)
         tenant = self._tenant(request)
         limit = self.config.admin_api.max_exports_per_tenant
         if self._running[tenant] >= limit:
@@ -434,7 +435,7 @@ class AdminAPI:
     # ------------------------------------------------------------ erasure
     async def erase(self, request: web.Request) -> web.Response:
         body = await self._body(request, {"subject", "dry_run"})
-        subject = self._subject(body.get("subject"), required=True)
+        subject = self._subject(body, required=True)
         assert subject is not None
         dry_run = body.get("dry_run", False)
         if not isinstance(dry_run, bool):

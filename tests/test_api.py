@@ -186,6 +186,7 @@ BAD_INPUT = [
     ("POST", "/api/v1/erasures", {"subject": SUBJECT, "dry_run": "yes"}, 400, "dry_run"),
     ("POST", "/api/v1/erasures", {"subject": SUBJECT, "force": True}, 400, "unknown field"),
     ("POST", "/api/v1/exports", {"subject": 5}, 400, "subject: an e-mail address"),
+    ("POST", "/api/v1/exports", {"subject": None}, 400, "subject: an e-mail address"),
     ("POST", "/api/v1/exports", b"x" * 2_000_000, 413, "too large"),
     ("POST", "/api/v1/exports", b"[" * 100_000, 400, "nested too deeply"),
     ("POST", "/api/v1/erasures", b'{"a":' * 50_000, 400, "nested too deeply"),
