@@ -534,13 +534,15 @@ def openapi_document() -> dict[str, Any]:
                                        "items": record(role=string, address=string)},
                      attachments={"type": "array",
                                   "items": record(filename=text, content_type=text, size=count)})
-    export = record(id=ref("id"), status={"enum": ["running", "done", "failed"]},
+    export = record(id=ref("id"), status={"enum": ["running", "done", "failed", "removed"]},
                     created_at=when, finished_at=nullable(when), bytes=nullable(count),
                     error=text, archive=text)
     erasure = record(dry_run={"type": "boolean"}, messages=count,
                      held={"type": "object", "additionalProperties": count,
                            "description": "legal hold -> messages of the person it covers"},
                      seconds={"type": "number", "minimum": 0},
+                     exports={"type": "array", "items": ref("id"),
+                              "description": "the tenant's exports that go (went) with it"},
                      # what was removed, when it was not a dry run
                      deliveries=count, pending_deliveries=count, imported=count,
                      optional=("deliveries", "pending_deliveries", "imported"))
