@@ -99,14 +99,6 @@ def host_name(value: str) -> str:
 HostName = Annotated[str, AfterValidator(host_name)]
 
 
-def domain_owner(tenants: Mapping[str, TenantConfig], domain: str) -> str | None:
-    """The tenant whose domain ``domain`` is, or is a subdomain of; None: nobody's."""
-    for tid, tenant in tenants.items():
-        if any(domain == d or domain.endswith("." + d) for d in tenant.domains):
-            return tid
-    return None
-
-
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -720,17 +712,6 @@ class GatewayConfig(_Section):
                     raise ValueError(f"domain {d} belongs to both {owner[d]} and {tid}")
                 owner[d] = tid
         return v
-
-    @model_validator(mode="after")
-    def _keys_have_owners(self) -> GatewayConfig:
-        # A key signs only mail of the tenant that owns its domain: one owned by nobody
-        # would sign nothing, which is a mistake to show now, not a silent no_key later.
-        for i, key in enumerate(self.dkim.keys):
-            if domain_owner(self.tenants, key.domain) is None:
-                raise ValueError(f"dkim.keys[{i}]: {key.domain} is not a domain (or a "
-                                 "subdomain of a domain) of any tenant: its key would sign "
-                                 "nothing")
-        return self
 
     @model_validator(mode="after")
     def _submission_needs_tls(self) -> GatewayConfig:

@@ -49,6 +49,23 @@ def authserv_id_of(value: bytes) -> bytes:
     return words[0].lower() if words else b""
 
 
+def from_addresses(raw: bytes) -> list[str] | None:
+    """The address of every From field of a raw message (lower case), top first; None
+    when a From field holds something that cannot be read as addresses: parsers may
+    read such a field differently, so nothing is decided on it."""
+    out: list[str] = []
+    for value in field_values(raw, b"from"):
+        text = value.decode("utf-8", "replace").replace("\r\n", "")
+        try:
+            found = [a.strip().lower() for _, a in email.utils.getaddresses([text])]
+        except RecursionError:  # comments nested a thousand deep
+            return None
+        if not found or not all("@" in a for a in found):
+            return None
+        out += found
+    return out
+
+
 def header_text(value: object) -> str:
     """A header value as text.  The email package keeps the 8-bit bytes of a field as
     surrogate escapes; in SMTPUTF8 mail (RFC 6532) they are UTF-8, decoded here (U+FFFD

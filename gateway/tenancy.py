@@ -10,7 +10,6 @@ with @, source route, bang path, address literal) is refused with
 
 from __future__ import annotations
 
-import email.utils
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -65,18 +64,13 @@ class SendAs:
     def owns(self, address: str) -> bool:
         return bool(address) and self._match(address.lower()) is not None
 
-    def header_refusal(self, values: Iterable[bytes]) -> str | None:
-        """The address of a From field (``values``, as in the message) that the user
-        does not own, or one that cannot be read; None when all are theirs."""
-        for value in values:
-            text = value.decode("utf-8", "replace").replace("\r\n", "")
-            pairs = email.utils.getaddresses([text])
-            if not pairs or any(not a for _, a in pairs):
-                return text.strip()[:256] or "(empty)"
-            for _, address in pairs:
-                if not self.owns(address):
-                    return address
-        return None
+    def header_refusal(self, addresses: list[str] | None) -> str | None:
+        """Of the header From ``addresses`` (``headers.from_addresses``), the first the
+        user does not own; ``(unreadable)`` when a From field could not be read; None
+        when all are theirs."""
+        if addresses is None:
+            return "(unreadable)"
+        return next((a for a in addresses if not self.owns(a)), None)
 
 
 class TenantDirectory:

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from gateway.auth import keys
-from gateway.auth.signing import Signer, author_domain
+from gateway.auth.signing import Signer, author_domains
 from gateway.passwords import hash_password
 from tests.conftest import (
     ROOT,
@@ -171,15 +171,6 @@ def test_check_refuses_unsafe_short_or_missing_keys(make_gateway, tmp_path, rela
     config["dkim"] = {"keys": [{"domain": "acme.test", "selector": "e9", "key_file": str(ed)}]}
     gw.config_path.write_text(yaml.safe_dump(config))
     assert "not an unencrypted RSA private key" in _check(gw).stderr.decode()
-    # A key whose domain no tenant owns would sign nothing: refused, not ignored.
-    config["dkim"] = {"keys": [{"domain": "other.test", "selector": "s1",
-                                "key_file": str(readable.with_name("ok.key"))}]}
-    keygen(tmp_path, "other.test", "s1")[0].rename(readable.with_name("ok.key"))
-    gw.config_path.write_text(yaml.safe_dump(config))
-    result = _check(gw)
-    assert result.returncode == 2 and "Traceback" not in result.stderr.decode()
-    assert ("dkim.keys[0]: other.test is not a domain (or a subdomain of a domain) of any "
-            "tenant") in result.stderr.decode()
 
 
 def test_check_dns_compares_the_published_key(make_gateway, tmp_path, relay, signing_keys):
@@ -214,31 +205,44 @@ def test_check_dns_compares_the_published_key(make_gateway, tmp_path, relay, sig
 def test_a_key_signs_only_its_own_tenants_mail():
     made = {}
     for domain, selector in (("acme.test", "a1"), ("acme-mail.test", "m1"),
-                             ("acme-mail.test", "m2"), ("globex.test", "g1")):
+                             ("acme-mail.test", "m2"), ("globex.test", "g1"),
+                             ("mail.acme.test", "n1"), ("gateway.test", "o1")):
         private, public, bits = keys.parse(keys.generate(keys.RSA), keys.RSA)
         made[selector] = keys.SigningKey(domain, selector, keys.RSA, private, public, bits)
     signer = Signer(made.values(), {"acme": ["acme.test", "acme-mail.test"],
-                                    "globex": ["globex.test"], "initech": ["initech.test"]})
-    cases = [  # (From domain, tenant, a copy of inbound mail?) -> selectors that sign
-        ("acme-mail.test", "acme", False, ["m2"]),  # the author's domain: aligned
-        ("sender.test", "acme", False, ["a1"]),  # else the tenant's first domain
-        (None, "acme", False, ["a1"]),
-        ("globex.test", "acme", False, ["a1"]),  # never another tenant's key
-        ("acme.test", "globex", False, ["g1"]),
-        ("globex.test", "initech", False, []),  # a tenant without keys signs with none
-        ("sender.test", "acme", True, ["a1"]),  # a forwarder's signature beside the author's
-        ("globex.test", "acme", True, ["a1"]),
-        ("acme.test", "acme", True, ["m2"]),  # never in the (unauthenticated) author's domain
-        ("sub.acme.test", "acme", True, ["m2"]),
-        ("globex.test", "globex", True, []),
+                                    "globex": ["globex.test"], "initech": ["mail.acme.test"],
+                                    "hooli": ["hooli.test"]})
+    cases = [  # (From domains, tenant, from outside?) -> selectors that sign
+        (["acme-mail.test"], "acme", False, ["m2"]),  # the author's domain: aligned
+        (["sender.test"], "acme", False, ["a1"]),  # else the tenant's first domain
+        ([], "acme", False, ["a1"]),
+        (["globex.test"], "acme", False, ["a1"]),  # never another tenant's key
+        (["acme.test"], "globex", False, ["g1"]),
+        (["mail.acme.test"], "acme", False, ["a1"]),  # the most specific owner: initech
+        (["mail.acme.test"], "initech", False, ["n1"]),
+        (["gateway.test"], "acme", False, ["o1"]),  # the operator's own mail (DSNs)
+        (["globex.test"], "initech", False, ["n1"]),
+        (["sender.test"], "acme", True, ["a1"]),  # a forwarder's signature beside the author's
+        (["globex.test"], "acme", True, ["a1"]),
+        (["acme.test"], "acme", True, ["m2"]),  # never in the (unauthenticated) author's domain
+        (["sub.acme.test"], "acme", True, ["m2"]),
+        (["evil.test", "acme.test"], "acme", True, ["m2"]),  # whichever From field
+        (["acme.test", "acme-mail.test"], "acme", True, []),
+        (None, "acme", True, []),  # a From that cannot be read: no signature
+        (["gateway.test"], "acme", True, ["a1"]),  # the operator's key: never for such mail
+        (["globex.test"], "globex", True, []),
     ]
-    for domain, tenant, forwarded, selectors in cases:
-        got = [k.selector for k in signer.keys_for(domain, tenant, forwarded=forwarded)]
-        assert got == selectors, (domain, tenant, forwarded)
-    assert author_domain(b"From: \"Doe, J\" <j@Acme-Mail.Test>\r\nTo: x@y\r\n\r\nbody") == \
-        "acme-mail.test"
-    assert author_domain(b"To: x@y\r\n\r\nFrom: a@b.test\r\n") is None
-    unsigned = signer.sign(b"From: a@sender.test\r\n\r\nhi\r\n", "initech")
+    for domains, tenant, inbound, selectors in cases:
+        got = [k.selector for k in signer.keys_for(domains, tenant, inbound=inbound)]
+        assert got == selectors, (domains, tenant, inbound)
+    assert author_domains(b"From: \"Doe, J\" <j@Acme-Mail.Test>\r\nTo: x@y\r\n\r\nbody") == \
+        ["acme-mail.test"]
+    assert author_domains(b"From: a@b.test, c@D.test\r\nFrom: e@f.test\r\n\r\n") == \
+        ["b.test", "d.test", "f.test"]
+    assert author_domains(b"To: x@y\r\n\r\nFrom: a@b.test\r\n") == []
+    for unreadable in (b"From: not an address", b"From: <", b"From: " + b"(" * 3000 + b"a@b.test"):
+        assert author_domains(unreadable + b"\r\n\r\nbody") is None, unreadable
+    unsigned = signer.sign(b"From: a@sender.test\r\n\r\nhi\r\n", "hooli")
     assert unsigned.keys == () and unsigned.data == b"From: a@sender.test\r\n\r\nhi\r\n"
 
 
@@ -422,6 +426,37 @@ def test_a_forwarded_copy_keeps_the_authors_signature(make_gateway, tmp_path, re
         assert data.endswith(b"\r\n\r\nThe body, exactly.\r\n")
     finally:
         zone.stop()
+
+
+def test_a_returned_bounce_is_signed_as_a_forwarder_never_as_its_author(
+        make_gateway, tmp_path, relay, signing_keys):
+    """A bounce to one of our SRS addresses goes back to the original sender: whoever
+    wrote it, it never leaves with a signature in the domain its From names."""
+    secret = tmp_path / "srs.secret"
+    secret.write_bytes(b"a-secret-for-the-test\n")
+    secret.chmod(0o600)
+    gw = gateway_with_rules(make_gateway, tmp_path, relay, WORKFLOWS, {
+        "dkim": {"keys": [{"domain": "acme.test", "selector": "s1",
+                           "key_file": str(signing_keys["rsa"])}]},
+        "srs": {"secret_file": str(secret)}})
+    with gw.smtp() as s:
+        s.sendmail("alice@sender.test", ["support@acme.test"], simple_message())
+    srs_address = relay.wait(1)[0].mail_from
+    assert srs_address.startswith("SRS0=")
+    with gw.smtp() as s:
+        for author, subject in (("MAILER-DAEMON@partner.test", "a real bounce"),
+                                ("CEO <ceo@acme.test>", "a forged one")):
+            s.sendmail("<>", [srs_address], simple_message(subject=subject, to=srs_address)
+                       .replace(b"From: Alice <alice@sender.test>", f"From: {author}".encode()))
+    returned = {re.search(rb"Subject: (.*)\r\n", m.data).group(1).decode(): m
+                for m in relay.wait(3)[1:]}
+    assert {m.rcpt_tos[0] for m in returned.values()} == {"alice@sender.test"}
+    assert dkimpy_results(returned["a real bounce"].data, signing_keys["zone"]) == [
+        ("acme.test", "s1", True)]
+    assert dkim_fields(returned["a forged one"].data) == []
+    _, v = samples(metrics_port(gw))
+    assert value(v, "mailflowr_gateway_dkim_signatures_total", tenant="acme",
+                 algorithm="none", result="author_domain") == 1
 
 
 INBOUND_RULES = """

@@ -163,7 +163,9 @@ def test_the_header_from_must_be_the_users_too(gw, tls_files, relay):
     s = _client(gw, tls_files)
     for fields in (["CEO <ceo@globex.test>"], ["Support <support@acme.test>, ceo@globex.test"],
                    ['"support@acme.test" <billing@acme.test>'], ["not an address"],
-                   ["support@acme.test", "ceo@globex.test"]):  # each From counts
+                   ["support@acme.test", "ceo@globex.test"],  # each From counts
+                   # comments nested past the address parser's depth, on folded lines
+                   ["\r\n ".join(["(" * 900] * 4) + " support@acme.test"]):
         s.mail("support@acme.test")
         s.rcpt("customer@client.test")
         code, text = s.data(_from(*fields))

@@ -1,18 +1,23 @@
 """DKIM signatures on what the gateway sends (dkimpy), with the tenant's keys.
 
-A key signs only mail of the tenant that owns its domain (the domain, or a
-parent of it, is one of the tenant's): whatever a message's From says, no
-tenant's mail is ever signed in another tenant's name.  Within that bound, a
-message the tenant sends (its users' mail, DSNs, notices) is signed with the
-keys of its From domain (the signature then aligns for DMARC), else of the
-tenant's first domain that has keys.  A copy forwarded from inbound mail (Cc,
-Bcc, route) was written by somebody we did not authenticate, so it never gets
-a signature aligned with its From domain: the tenant signs as a forwarder,
-with its first domain with keys that does not align with the author's (beside
-the author's own signature and our ARC set), or not at all.  Per domain, the
-last key listed of each algorithm signs, so a domain can be signed with RSA
-and ed25519 at once (RFC 8463) and a new selector takes over when it is listed
-after the old one.
+A key signs only mail of the tenant that owns its domain (the most specific of
+the tenants' domains that is the key's domain or a parent of it): whatever a
+message's From says, no tenant's mail is ever signed in another tenant's
+name.  A key of a domain that no tenant owns is the operator's: it signs only
+what the gateway writes itself in that domain (DSNs, notices), which no user
+can claim as their From (submission checks the header From).
+
+Mail the tenant sends (its users' mail, DSNs, notices) is signed with the keys
+of its From domain when they may sign it (the signature then aligns for
+DMARC), else with those of the tenant's first domain that has keys.  Mail that
+came in from outside and goes on (Cc, Bcc and route copies, returned bounces)
+was written by somebody we did not authenticate, so it never gets a signature
+aligned with any of its From domains: the tenant signs as a forwarder, with its
+first domain with keys that aligns with none of them (beside the author's own
+signature and our ARC set), or not at all, also when a From field cannot be
+read.  Per domain, the last key listed of each algorithm signs, so a domain can
+be signed with RSA and ed25519 at once (RFC 8463) and a new selector takes over
+when it is listed after the old one.
 
 Signatures use relaxed/relaxed canonicalization and never ``l=``.  They cover
 From, To, Cc, Subject, Date, Message-ID, Reply-To, In-Reply-To, References and
@@ -23,7 +28,6 @@ From signed once more than it occurs (so a second From cannot be added).
 from __future__ import annotations
 
 import base64
-import email.utils
 import hashlib
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -38,21 +42,19 @@ from gateway.auth import arc, fields
 from gateway.auth.dmarc import aligned
 from gateway.auth.fields import RELAXED, SIGNED_HEADERS
 from gateway.auth.keys import ED25519, RSA, SigningKey, load
-from gateway.headers import field_values
+from gateway.headers import field_values, from_addresses
 
 if TYPE_CHECKING:  # the authentication processes import this module: no pydantic there
     from gateway.config import GatewayConfig
 
 
-def author_domain(data: bytes) -> str | None:
-    """The domain of the (first) From address, from the header block; None if none."""
-    fields = field_values(data, b"from")
-    if not fields:
+def author_domains(data: bytes) -> list[str] | None:
+    """The domain of each From address, top first (none when there is no From field);
+    None when a From field cannot be read."""
+    addresses = from_addresses(data)
+    if addresses is None:
         return None
-    value = fields[0].decode("utf-8", "replace").replace("\r\n", "")
-    address = email.utils.parseaddr(value)[1]
-    domain = address.rpartition("@")[2].strip().lower().rstrip(".")
-    return domain or None
+    return [a.rpartition("@")[2].rstrip(".") for a in addresses]
 
 
 _NAME = b"DKIM-Signature"
@@ -112,31 +114,38 @@ class Signer:
             by_domain.setdefault(key.domain, {})[key.algorithm] = key
         self.by_domain = {d: tuple(k.values()) for d, k in by_domain.items()}
         self.tenant_domains = {t: [d.lower() for d in ds] for t, ds in tenant_domains.items()}
+        self._owners = {d: t for t, ds in self.tenant_domains.items() for d in ds}
         self.private = PrivateKeys()
         for ks in self.by_domain.values():  # loaded now: a key that cannot be used fails here
             for k in ks:
                 self.private(k)
 
-    def owns(self, tenant_id: str, domain: str) -> bool:
-        """Whether ``domain`` is one of the tenant's domains or a subdomain of one."""
-        return any(domain == d or domain.endswith("." + d)
-                   for d in self.tenant_domains.get(tenant_id, ()))
+    def owner(self, domain: str) -> str | None:
+        """The tenant of the most specific of the tenants' domains that is ``domain`` or
+        a parent of it; None: no tenant's (the operator's)."""
+        labels = domain.split(".")
+        for n in range(len(labels) - 1):
+            owner = self._owners.get(".".join(labels[n:]))
+            if owner is not None:
+                return owner
+        return None
 
-    def keys_for(self, domain: str | None, tenant_id: str, *,
-                 forwarded: bool = False) -> tuple[SigningKey, ...]:
-        """The keys that sign a message of ``tenant_id`` whose From domain is
-        ``domain``: a copy of inbound mail when ``forwarded`` (see the module)."""
-        if forwarded:
-            for own in self.tenant_domains.get(tenant_id, ()):
-                if own in self.by_domain and not (domain and aligned(own, domain, False)):
-                    return self.by_domain[own]
+    def keys_for(self, domains: list[str] | None, tenant_id: str, *,
+                 inbound: bool = False) -> tuple[SigningKey, ...]:
+        """The keys that sign a message of ``tenant_id`` with these From domains
+        (``author_domains``): mail that came in from outside when ``inbound``."""
+        own = [d for d in self.tenant_domains.get(tenant_id, ()) if d in self.by_domain]
+        if inbound:
+            if domains is None:
+                return ()
+            for d in own:
+                if not any(aligned(d, author, False) for author in domains):
+                    return self.by_domain[d]
             return ()
-        if domain is not None and domain in self.by_domain and self.owns(tenant_id, domain):
-            return self.by_domain[domain]
-        for own in self.tenant_domains.get(tenant_id, ()):
-            if own in self.by_domain:
-                return self.by_domain[own]
-        return ()
+        author = domains[0] if domains else None
+        if author in self.by_domain and self.owner(author) in (tenant_id, None):
+            return self.by_domain[author]
+        return self.by_domain[own[0]] if own else ()
 
     def sealing_key(self, tenant_id: str) -> SigningKey | None:
         """The RSA key of the tenant's first domain that has one (ARC is RSA only)."""
@@ -157,18 +166,19 @@ class Signer:
     def sign(self, data: bytes, tenant_id: str) -> Signed:
         """``data``, a message the tenant sends, with a DKIM-Signature field per key on
         top, and no ARC set."""
-        done = protect(data, None, self.plan(data, tenant_id, seal=False)[1], "", self.private)
+        done = protect(data, None, self.plan(data, tenant_id, seal=False, inbound=False)[1],
+                       "", self.private)
         if done.sign_error:
             raise ValueError(f"not signed: {done.sign_error}")
         return Signed(done.data, done.signed)
 
-    def plan(self, data: bytes, tenant_id: str, *,
-             seal: bool) -> tuple[SigningKey | None, tuple[SigningKey, ...]]:
-        """The keys ``protect`` takes for a copy: the ARC sealing key (when ``seal``,
-        for a copy forwarded from inbound mail, and the tenant has one) and the DKIM
-        keys."""
+    def plan(self, data: bytes, tenant_id: str, *, seal: bool,
+             inbound: bool) -> tuple[SigningKey | None, tuple[SigningKey, ...]]:
+        """The keys ``protect`` takes for a copy: the ARC sealing key (when ``seal``, for
+        a copy forwarded from inbound mail, and the tenant has one) and the DKIM keys
+        (``inbound``: of mail that came in from outside)."""
         return (self.sealing_key(tenant_id) if seal else None,
-                self.keys_for(author_domain(data), tenant_id, forwarded=seal))
+                self.keys_for(author_domains(data), tenant_id, inbound=inbound))
 
 
 def protect(data: bytes, seal_key: SigningKey | None, sign_keys: tuple[SigningKey, ...],

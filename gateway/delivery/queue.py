@@ -340,8 +340,10 @@ class DeliveryWorker:
         if self.signer is None or self.auth is None:
             return data
         tenant = self.metrics.tenant(job.tenant_id)
-        forwarded = job.direction == "inbound" and job.kind in FORWARDED
-        seal_key, sign_keys = self.signer().plan(data, job.tenant_id, seal=forwarded)
+        inbound = job.direction == "inbound"  # written by someone we did not authenticate
+        forwarded = inbound and job.kind in FORWARDED
+        seal_key, sign_keys = self.signer().plan(data, job.tenant_id, seal=forwarded,
+                                                 inbound=inbound)
         if seal_key is not None or sign_keys:
             done = await self.auth.protect(data, seal_key, sign_keys, self.config.authserv_id)
         else:
@@ -357,9 +359,10 @@ class DeliveryWorker:
             log.warning("delivery %d of %s: not DKIM-signed: %s", job.id, job.message_id,
                         done.sign_error)
         elif not done.signed:
-            # A forwarded copy whose author writes from the tenant's only signing
-            # domain gets no signature of ours in that domain (gateway.auth.signing).
-            why = ("author_domain" if forwarded and self.signer().keys_for(None, job.tenant_id)
+            # Mail from outside whose author writes from the tenant's only signing domain
+            # (or whose From cannot be read) gets no signature of ours in that domain
+            # (gateway.auth.signing).
+            why = ("author_domain" if inbound and self.signer().keys_for([], job.tenant_id)
                    else "no_key")
             self.metrics.series(self.metrics.dkim_signatures, tenant, "none", why).inc()
         for key in done.signed:

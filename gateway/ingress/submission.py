@@ -28,7 +28,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway.config import SMTPConfig, SubmissionConfig, TenantConfig
 from gateway.errors import TempFailure
-from gateway.headers import field_values
+from gateway.headers import from_addresses
 from gateway.ingress.smtp import (
     QUEUE_WRITE_ERROR,
     TOO_MANY_HOPS,
@@ -203,7 +203,7 @@ class SubmissionHandler:
         if hop_count(data) >= self.settings.max_hops:
             return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
         login = str(session.login_data)
-        foreign = self.send_as[login].header_refusal(field_values(data, b"from"))
+        foreign = self.send_as[login].header_refusal(from_addresses(data))
         if foreign is not None:
             return smtp.refuse_data(HEADER_NOT_OWNED.format(
                 addr=printable(foreign), user=_login_ref(login)),
