@@ -399,6 +399,9 @@ class AdminAPI:
             except (SQLAlchemyError, OSError) as exc:  # tried again next time
                 log.warning("export archives not tidied: %s", one_line(exc))
                 continue
+            except Exception:  # the loop goes on whatever failed
+                log.exception("export archives not tidied")
+                continue
             if gone:
                 log.info("deleted %d export archives that an erasure removed", len(gone))
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
+
 from gateway.config import GatewayConfig
 from gateway.logs import mask
 from gateway.policy.retention import RetentionPolicy
@@ -82,11 +84,12 @@ def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str, exports:
         detail["reason"] = mask(override_reason or "")[:500]
     removed = store.erase(p.tenant, p.ids, {
         "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
+    store.scrub()
     try:
         tidy(store, exports)
-    except OSError as exc:  # done: the daemon that wrote them deletes them in seconds
+    except (OSError, SQLAlchemyError) as exc:  # the erasure is done; the daemons' own tidy
+        # (every few seconds, gateway.api) deletes the removed archives on their disks
         log.warning("export archives of tenant %s not deleted here: %s", p.tenant, exc)
-    store.scrub()
     return removed
 
 
