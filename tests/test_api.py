@@ -409,7 +409,7 @@ def test_a_client_that_never_finishes_its_headers_is_cut_off(bare_api):
             closed = time.monotonic() - began
     slow.close()
     assert closed is not None and 0.9 <= closed < 4, closed
-    assert served < closed
+    assert served < 0.9  # while the slow one still held its connection
 
 
 @pytest.mark.sqlite_only  # TLS: any database

@@ -82,6 +82,7 @@ def assert_json_errors(entries: list[dict[str, Any]]) -> None:
 
 
 @pytest.mark.sqlite_only  # the API's handling of requests, whatever the database
+@pytest.mark.timeout(400)  # two fuzzing runs of up to 120 s each on a slow machine
 def test_the_admin_api_does_what_its_openapi_document_says(api_gateway, tmp_path):
     gw, api = api_gateway
     token = _token(gw, "acme")

@@ -218,12 +218,17 @@ DEEP_REGEX = ("a regex of 5,000 nested groups", lambda p: p.write_text(RULES.rep
 
 
 def _replace(path: Path, make) -> None:
-    """Put a hostile object in place of ``path``, whatever is there now."""
-    if path.is_dir() and not path.is_symlink():
-        path.rmdir()
-    else:
-        path.unlink(missing_ok=True)
-    make(path)
+    """Put a hostile object in place of ``path``, whatever is there now: made aside and
+    renamed into place, so the watcher never sees the file missing in between (only a
+    directory cannot be renamed over a file, nor a file over a directory)."""
+    aside = path.with_name(f".{path.name}.new")
+    make(aside)
+    if aside.is_dir() != path.is_dir() and path.exists():
+        if path.is_dir():
+            path.rmdir()
+        else:
+            path.unlink()
+    os.replace(aside, path)
 
 
 def _refusals(gw) -> list[str]:

@@ -514,6 +514,9 @@ def test_an_export_cannot_start_inside_an_erasure(store):
         with store.writing() as conn:
             assert _remove_exports(conn, "acme") == []
             started.start()
+            if store.engine.dialect.name == "postgresql":  # seen waiting for the lock
+                wait_for(lambda: _waiting_for_advisory_locks(store) == 1, 10,
+                         "the export waiting for the erasure's lock")
             started.join(1.0)
             assert started.is_alive()  # waits for the erasure to commit
         started.join(30)
@@ -521,6 +524,12 @@ def test_an_export_cannot_start_inside_an_erasure(store):
         assert PrivacyStore(store).stored_exports("acme") == ["01JEXPORT0000000000000000C"]
     finally:
         other.engine.dispose()
+
+
+def _waiting_for_advisory_locks(store) -> int:
+    with store.engine.connect() as conn:
+        return conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                 "AND NOT granted")).scalar_one()
 
 
 SMTPUTF8_MAIL = ("From: Zoë <zoë@people.example>\r\nTo: support@acme.test\r\n"

@@ -194,8 +194,8 @@ api_tokens = Table(
     Column("revoked_at", DateTime(timezone=True)),
 )
 
-# Exports started over the admin API: status running | done | failed; path on the
-# instance that wrote it.
+# Exports started over the admin API: status running | done | failed | removed (by an
+# erasure in the tenant, with its archive); path on the instance that wrote it.
 api_exports = Table(
     "api_exports",
     metadata,
