@@ -3,6 +3,7 @@ the gateway sends, verified by dkimpy and by Perl's Mail::DKIM against a local D
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import smtplib
@@ -148,6 +149,8 @@ def test_check_refuses_unsafe_short_or_missing_keys(make_gateway, tmp_path, rela
                    capture_output=True)
     weak.chmod(0o600)
     readable, _ = keygen(tmp_path, "acme.test", "open")
+    fifo = tmp_path / "fifo.key"
+    os.mkfifo(fifo, 0o600)
     readable.chmod(0o644)
     gw = _gateway(make_gateway, tmp_path, relay, [])  # a valid config to edit
     gw.close()
@@ -155,6 +158,7 @@ def test_check_refuses_unsafe_short_or_missing_keys(make_gateway, tmp_path, rela
         str(weak): "768 bits: under 1024 bits it is not valid (RFC 8301)",
         str(readable): "readable by everyone",
         str(tmp_path / "absent.key"): "No such file or directory",
+        str(fifo): "not a file",  # and no wait for a writer
     }
     for path, problem in cases.items():
         config = yaml.safe_load(gw.config_path.read_text())

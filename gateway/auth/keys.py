@@ -112,21 +112,23 @@ def parse(data: bytes, algorithm: str) -> tuple[bytes, str, int]:
 
 def read_secret(path: Path) -> bytes:
     """A file of secret material (a key, SRS secrets); refused unless it is a plain file
-    that others can neither read nor write."""
+    that others can neither read nor write.  Opened without blocking and checked on the
+    open file: a FIFO put in its place never holds a reload up."""
     try:
-        info = path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     except OSError as exc:
         raise KeyFileError(f"{path}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise KeyFileError(f"{path}: not a file")
-    if info.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
-        raise KeyFileError(f"{path}: readable by everyone or writable by others "
-                        f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 0600 or 0640")
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise KeyFileError(f"{path}: {exc.strerror}") from None
-    return data
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise KeyFileError(f"{path}: not a file")
+        if info.st_mode & (stat.S_IROTH | stat.S_IWOTH | stat.S_IWGRP):
+            raise KeyFileError(f"{path}: readable by everyone or writable by others "
+                               f"(mode {stat.S_IMODE(info.st_mode):04o}); chmod 0600 or 0640")
+        try:
+            return f.read()
+        except OSError as exc:
+            raise KeyFileError(f"{path}: {exc.strerror}") from None
 
 
 def load(path: Path, domain: str, selector: str, algorithm: str) -> SigningKey:
