@@ -115,6 +115,8 @@ class Signer:
         self.by_domain = {d: tuple(k.values()) for d, k in by_domain.items()}
         self.tenant_domains = {t: [d.lower() for d in ds] for t, ds in tenant_domains.items()}
         self._owners = {d: t for t, ds in self.tenant_domains.items() for d in ds}
+        self._keyed = {t: [d for d in ds if d in self.by_domain]  # domains with keys
+                       for t, ds in self.tenant_domains.items()}
         self.private = PrivateKeys()
         for ks in self.by_domain.values():  # loaded now: a key that cannot be used fails here
             for k in ks:
@@ -134,7 +136,7 @@ class Signer:
                  inbound: bool = False) -> tuple[SigningKey, ...]:
         """The keys that sign a message of ``tenant_id`` with these From domains
         (``author_domains``): mail that came in from outside when ``inbound``."""
-        own = [d for d in self.tenant_domains.get(tenant_id, ()) if d in self.by_domain]
+        own = self._keyed.get(tenant_id, [])
         if inbound:
             if domains is None:
                 return ()
@@ -177,8 +179,12 @@ class Signer:
         """The keys ``protect`` takes for a copy: the ARC sealing key (when ``seal``, for
         a copy forwarded from inbound mail, and the tenant has one) and the DKIM keys
         (``inbound``: of mail that came in from outside)."""
+        # The From fields are read only when a key could sign (most copies of a tenant
+        # without keys are not signed at all).
+        may_sign = self._keyed.get(tenant_id) if inbound else self.by_domain
         return (self.sealing_key(tenant_id) if seal else None,
-                self.keys_for(author_domains(data), tenant_id, inbound=inbound))
+                self.keys_for(author_domains(data), tenant_id, inbound=inbound)
+                if may_sign else ())
 
 
 def protect(data: bytes, seal_key: SigningKey | None, sign_keys: tuple[SigningKey, ...],
