@@ -6,7 +6,7 @@ data: no addresses, no subjects, only bounded values: a listener name, a
 reason or outcome from a fixed list, a reply code, a rule or destination name
 from the configuration, and the tenant id, which ``metrics.tenant_labels:
 false`` replaces with ``all`` where the number of tenants would be too large.
-The README's metrics table documents every family; a test holds it to that.
+The metrics table in docs/operations.md documents every family; a test holds it to that.
 """
 
 from __future__ import annotations
