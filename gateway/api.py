@@ -37,13 +37,15 @@ from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway import __version__, files
+from gateway.clock import aware
 from gateway.config import GatewayConfig
+from gateway.errors import one_line
 from gateway.privacy import erasure, subject_address
 from gateway.privacy.export import export, tidy
 from gateway.privacy.keys import PrivacyKey
 from gateway.store.ids import new_id
 from gateway.store.privacy import EXPORT_DONE, EXPORT_REMOVED, PrivacyStore
-from gateway.store.repository import Store, aware, one_line
+from gateway.store.repository import Store
 from gateway.store.tokens import TokenOwner, TokenStore
 
 log = logging.getLogger(__name__)

@@ -555,7 +555,7 @@ def cmd_db_upgrade(args: argparse.Namespace) -> int:
 
 
 def _jsonable(value: Any) -> Any:
-    from gateway.store.repository import aware
+    from gateway.clock import aware
 
     if isinstance(value, datetime):
         return aware(value).isoformat()
@@ -661,8 +661,8 @@ def _auth_summary(results: dict[str, Any]) -> dict[str, Any]:
 def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
     """Which retention rule applies to a stored message under the policy on disk,
     when it expires, and what holds it."""
+    from gateway.clock import aware, utcnow
     from gateway.policy.loader import PolicyError
-    from gateway.store.repository import aware, utcnow
 
     try:
         policy = _policies(config).retention
@@ -741,8 +741,8 @@ def _routing(config: GatewayConfig, args: argparse.Namespace) -> Any:
 
 
 def cmd_subprocessors_list(args: argparse.Namespace) -> int:
+    from gateway.clock import utcnow
     from gateway.policy.subprocessors import Consent
-    from gateway.store.repository import utcnow
 
     config = _config(args)
     routing = _routing(config, args)

@@ -48,23 +48,24 @@ from gateway.config import GatewayConfig, parse_hostport
 from gateway.config import load as load_config
 from gateway.delivery import notices
 from gateway.delivery.queue import DeliveryWorker
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, one_line
 from gateway.httpd import HTTPServer
 from gateway.ingress.imap_pull import ImapPull
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
-from gateway.metrics import Metrics, QueueStats
+from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
 from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
 from gateway.privacy import keys as privacy_keys
 from gateway.privacy.erasure import purge_tenant
+from gateway.records import QueueStats
 from gateway.sdnotify import Notifier
 from gateway.store import database
 from gateway.store.keystore import KeyStore
 from gateway.store.privacy import PrivacyStore
-from gateway.store.repository import Store, one_line
+from gateway.store.repository import Store
 from gateway.sweeper import Sweeper
 from gateway.tenancy import TenantDirectory
 from gateway.workers import WorkerPool, spawn

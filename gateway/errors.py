@@ -30,3 +30,10 @@ class ConfigError(GatewayError):
     def __init__(self, problems: list[str]) -> None:
         super().__init__("\n".join(problems))
         self.problems = problems
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as one log line: its class and the first line of its text (the
+    driver's own message for a database error, without SQLAlchemy's SQL dump)."""
+    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {text[0] if text else ''}"

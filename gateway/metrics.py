@@ -12,7 +12,6 @@ The metrics table in docs/operations.md documents every family; a test holds it 
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -21,6 +20,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from gateway import __version__
+from gateway.records import QueueStats
 
 if TYPE_CHECKING:
     from gateway.auth.inbound import AuthResults
@@ -311,12 +311,3 @@ class Metrics:
             self.queue_depth.labels(tenant, state).set(count)
         for tenant, age in oldest.items():
             self.queue_oldest.labels(tenant).set(age)
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """Backlog figures read from the database (see ``Store.queue_stats``)."""
-
-    pipeline_waiting: int
-    pipeline_oldest: float  # seconds
-    deliveries: list[tuple[str, str, int, float]]  # (tenant, state, count, oldest age in s)

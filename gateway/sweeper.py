@@ -23,8 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from gateway import logs
+from gateway.clock import utcnow
 from gateway.policy.retention import RetentionPolicy
-from gateway.store.repository import RetentionGroup, Store, utcnow
+from gateway.records import RetentionGroup
+from gateway.store.repository import Store
 
 log = logging.getLogger(__name__)
 

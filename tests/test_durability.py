@@ -13,10 +13,12 @@ import time
 import pytest
 from sqlalchemy import delete, text
 
+from gateway.clock import utcnow
+from gateway.records import NewMessage
 from gateway.store import database
 from gateway.store.ids import new_id
 from gateway.store.models import message_blobs
-from gateway.store.repository import NewMessage, _insert_messages, utcnow
+from gateway.store.repository import _insert_messages
 from tests.conftest import (
     RawClient,
     need_tool,

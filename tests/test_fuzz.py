@@ -29,8 +29,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from gateway.clock import utcnow
 from gateway.store.models import messages
-from gateway.store.repository import utcnow
 from tests.conftest import BASE_CONFIG, Gateway, RawClient, _merge, empty_zone
 
 REPLY_LINE = re.compile(r"^[2-5]\d\d([ -]|$)")

@@ -47,7 +47,9 @@ def test_the_database_keeps_no_copy_of_the_last_original(tmp_path):
         from gateway.memory import trimmer
         from gateway.store import database
         from gateway.store.ids import new_id
-        from gateway.store.repository import NewMessage, Store, utcnow
+        from gateway.store.repository import Store
+        from gateway.records import NewMessage
+        from gateway.clock import utcnow
 
         def rss():
             return int(open("/proc/self/statm").read().split()[1]) * 4096 >> 20

@@ -20,13 +20,15 @@ from urllib.parse import quote
 import pytest
 from sqlalchemy import delete, insert, select, text, update
 
+from gateway.clock import utcnow
 from gateway.headers import header_addresses
 from gateway.privacy.export import tidy
 from gateway.privacy.keys import load_or_create
+from gateway.records import NewMessage
 from gateway.store import audit, database
 from gateway.store.models import audit_events, metadata
 from gateway.store.privacy import PrivacyStore, _remove_exports
-from gateway.store.repository import NewMessage, Store, _insert_messages, utcnow
+from gateway.store.repository import Store, _insert_messages
 from tests.conftest import free_port, gateway_with_rules, wait_for
 from tests.test_api import Api, _token
 from tests.test_parsing import DEEP, MANY

@@ -10,6 +10,7 @@ from sqlalchemy import func, select, update
 
 from gateway.policy.loader import PolicyError, load
 from gateway.policy.retention import Duration, Hold, RetentionPolicy, Tag, TenantRetention
+from gateway.records import NewMessage
 from gateway.store.ids import new_id
 from gateway.store.models import (
     audit_events,
@@ -18,7 +19,7 @@ from gateway.store.models import (
     message_blobs,
     messages,
 )
-from gateway.store.repository import NewMessage, _insert_messages, tag_key
+from gateway.store.repository import _insert_messages, tag_key
 from gateway.sweeper import Sweeper
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

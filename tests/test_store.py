@@ -9,18 +9,13 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import insert, select
 
+from gateway.clock import utcnow
 from gateway.errors import TempFailure
+from gateway.records import NewMessage, Outcome, ParsedFields, PlannedDelivery
 from gateway.store import database, repository
 from gateway.store.ids import new_id
 from gateway.store.models import message_addresses, message_blobs, messages
-from gateway.store.records import ParsedFields
-from gateway.store.repository import (
-    HASH_ON_LOOP_MAX,
-    NewMessage,
-    Outcome,
-    PlannedDelivery,
-    utcnow,
-)
+from gateway.store.repository import HASH_ON_LOOP_MAX
 
 
 def _accept(store, count):

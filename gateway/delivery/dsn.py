@@ -12,8 +12,8 @@ import os
 from datetime import datetime
 
 from gateway.headers import header_end
+from gateway.records import NewMessage
 from gateway.store.ids import new_id
-from gateway.store.repository import NewMessage
 
 
 def wants_dsn(*, kind: str, direction: str, mail_from: str) -> bool:

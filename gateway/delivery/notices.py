@@ -16,8 +16,8 @@ from collections.abc import Mapping
 from datetime import date, datetime, timedelta
 
 from gateway.policy.subprocessors import Subprocessor, SubprocessorPolicy, notice_text
+from gateway.records import NewMessage, Notice
 from gateway.store.ids import new_id
-from gateway.store.repository import NewMessage, Notice
 
 
 def build(policy: SubprocessorPolicy, previous: Mapping[str, Subprocessor],

@@ -29,6 +29,7 @@ from gateway import logs
 from gateway.auth.signing import Protected, Signer
 from gateway.auth.srs import SRS
 from gateway.auth.work import AuthCalls
+from gateway.clock import utcnow
 from gateway.config import GatewayConfig, KeepOriginalConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
@@ -39,9 +40,10 @@ from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
 from gateway.policy.loader import PolicySet
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
+from gateway.records import AttemptResult, DeliveryJob
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
-from gateway.store.repository import AttemptResult, DeliveryJob, Store, utcnow
+from gateway.store.repository import Store
 from gateway.workflow.actions import APPEND, KEEP
 
 log = logging.getLogger(__name__)

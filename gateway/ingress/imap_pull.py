@@ -38,13 +38,15 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 
 from gateway import logs
+from gateway.clock import utcnow
 from gateway.config import GatewayConfig, ImapAccountConfig, ImapPullConfig
 from gateway.headers import field_values
 from gateway.imap import Fetched, ImapConnection, ImapError, encode_folder
 from gateway.metrics import Metrics
+from gateway.records import NewMessage
 from gateway.store.ids import new_id
 from gateway.store.mailboxes import FolderKey, FolderState, Imported, MailboxState
-from gateway.store.repository import NewMessage, Store, utcnow
+from gateway.store.repository import Store
 from gateway.tenancy import has_unsafe_chars
 
 log = logging.getLogger(__name__)

@@ -36,14 +36,16 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 from gateway import logs
 from gateway.auth.srs import SRS
 from gateway.auth.work import AuthCalls
+from gateway.clock import utcnow
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
 from gateway.headers import field_values, header_end
 from gateway.metrics import Metrics, reply_class
 from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
+from gateway.records import NewMessage
 from gateway.store.ids import new_id
-from gateway.store.repository import NewMessage, Store, utcnow
+from gateway.store.repository import Store
 from gateway.tenancy import Accepted, TenantDirectory, has_unsafe_chars
 from gateway.workflow.loader import Workflows
 from gateway.workflow.rules import INBOUND, MessageView, early_reject

@@ -26,6 +26,7 @@ from typing import cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
+from gateway.clock import utcnow
 from gateway.config import SMTPConfig, SubmissionConfig, TenantConfig
 from gateway.errors import TempFailure
 from gateway.headers import from_addresses
@@ -46,7 +47,7 @@ from gateway.ingress.smtp import (
 from gateway.metrics import Metrics
 from gateway.passwords import verify
 from gateway.pipeline.flow import InFlow
-from gateway.store.repository import Store, utcnow
+from gateway.store.repository import Store
 from gateway.tenancy import BAD_SYNTAX, NEED_SMTPUTF8, SendAs, has_unsafe_chars, printable
 
 log = logging.getLogger(__name__)

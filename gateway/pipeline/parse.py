@@ -22,7 +22,7 @@ from typing import Any
 
 from gateway.headers import addresses_in, header_addresses, header_end, header_text
 from gateway.pipeline.classify import Classifier
-from gateway.store.records import ParsedFields
+from gateway.records import ParsedFields
 from gateway.workers import Overran, ProcessEnded, WorkerError, WorkerPool
 
 log = logging.getLogger(__name__)

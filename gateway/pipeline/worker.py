@@ -42,7 +42,8 @@ from gateway.metrics import Metrics
 from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policy.loader import PolicySet
-from gateway.store.repository import Outcome, ParsedFields, PipelineInput, Store
+from gateway.records import Outcome, ParsedFields, PipelineInput
+from gateway.store.repository import Store
 from gateway.workers import WorkerError
 from gateway.workflow import actions
 from gateway.workflow.rules import MessageView, evaluate

@@ -179,8 +179,8 @@ def _known_tenant(config: GatewayConfig, store: Any, tenant: str, *, active: boo
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
+    from gateway.clock import utcnow
     from gateway.privacy import erasure
-    from gateway.store.repository import utcnow
 
     if args.override_hold and not (args.reason or "").strip():
         raise CommandError("--override-hold needs --reason TEXT (it is kept in the audit log)")
@@ -471,8 +471,8 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_incident_notify(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from gateway.clock import utcnow
     from gateway.privacy import incident
-    from gateway.store.repository import utcnow
 
     config, _key, store = _privacy(args)
     _known_tenant(config, store, args.tenant, active=True)

@@ -28,8 +28,9 @@ from gateway.logs import mask
 from gateway.policy.retention import RetentionPolicy
 from gateway.privacy.export import tidy
 from gateway.privacy.keys import PrivacyKey
+from gateway.records import Removed
 from gateway.store import keystore
-from gateway.store.privacy import Found, PrivacyStore, Removed
+from gateway.store.privacy import Found, PrivacyStore
 
 log = logging.getLogger(__name__)
 

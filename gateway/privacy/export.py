@@ -52,10 +52,10 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from gateway import __version__, files
+from gateway.clock import aware
 from gateway.config import GatewayConfig
 from gateway.store.models import imap_folders, subprocessor_notices, subprocessor_objections
 from gateway.store.privacy import ExportReader, PrivacyStore
-from gateway.store.repository import aware
 from gateway.yamlfile import YamlFileError, load_yaml
 
 T = TypeVar("T")

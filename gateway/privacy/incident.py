@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.delivery.notices import local_message
-from gateway.store.repository import NewMessage
+from gateway.records import NewMessage
 
 PROMISE_HOURS = 48
 MAX_NOTICE_BYTES = 1_000_000

@@ -17,6 +17,8 @@ from typing import Any
 
 from sqlalchemy import func, insert, or_, select, update
 
+from gateway.clock import aware, utcnow
+from gateway.records import NewMessage
 from gateway.store.models import (
     FAILED,
     HELD,
@@ -27,7 +29,7 @@ from gateway.store.models import (
     imap_imports,
     tenants,
 )
-from gateway.store.repository import NewMessage, Store, _insert_messages, aware, utcnow
+from gateway.store.repository import Store, _insert_messages
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,7 +21,9 @@ from typing import Any
 
 from sqlalchemy import delete, func, insert, or_, select, update
 
+from gateway.clock import utcnow
 from gateway.headers import header_addresses
+from gateway.records import NewMessage, Removed
 from gateway.store import audit
 from gateway.store.database import take_turn
 from gateway.store.models import (
@@ -38,14 +40,7 @@ from gateway.store.models import (
     subprocessor_objections,
     tenants,
 )
-from gateway.store.repository import (
-    NewMessage,
-    Removed,
-    Store,
-    _delete_messages,
-    _insert_messages,
-    utcnow,
-)
+from gateway.store.repository import Store, _delete_messages, _insert_messages
 
 BATCH = 500
 # api_exports.status: running, then done or failed; removed: an erasure came after

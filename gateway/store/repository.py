@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +40,22 @@ from sqlalchemy import (
 )
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
 
-from gateway.errors import TempFailure
-from gateway.metrics import QueueStats
+from gateway.clock import aware, utcnow
+from gateway.errors import TempFailure, one_line
 from gateway.privacy.keys import PrivacyKey
+from gateway.records import (
+    AttemptResult,
+    ConsentRows,
+    DeliveryJob,
+    NewMessage,
+    Notice,
+    Outcome,
+    ParsedFields,
+    PipelineInput,
+    QueueStats,
+    Removed,
+    RetentionGroup,
+)
 from gateway.store import audit as audit_chain
 from gateway.store import database
 from gateway.store.keystore import KeyStore, KeyUnavailable
@@ -64,7 +77,6 @@ from gateway.store.models import (
     subprocessor_registry,
     tenants,
 )
-from gateway.store.records import ParsedFields
 
 log = logging.getLogger(__name__)
 
@@ -125,32 +137,9 @@ _CONTENT = (
 )
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 def tag_key(tags: Iterable[str]) -> str:
     """Tags in their canonical form for ``messages.tag_key``: sorted, comma-joined."""
     return ",".join(sorted(set(tags)))
-
-
-@dataclass(frozen=True, slots=True)
-class NewMessage:
-    """One accepted message for one tenant, as the ingress hands it over."""
-
-    id: str
-    tenant_id: str
-    mail_from: str
-    recipients: tuple[str, ...]
-    data: bytes  # its SHA-256 is taken by the store (see _digests)
-    received_at: datetime
-    client_address: str
-    helo: str
-    protocol: str
-    trace_header: str
-    smtputf8: bool
-    direction: str = "inbound"
-    submitted_by: str | None = None
 
 
 @dataclass(slots=True)
@@ -159,108 +148,6 @@ class _Pending:
     future: asyncio.Future[None]
     digests: dict[int, str]  # see _digests
     queued_at: float = field(default_factory=time.monotonic)
-
-
-@dataclass(frozen=True, slots=True)
-class PipelineInput:
-    """A claimed message as the pipeline stages need it."""
-
-    id: str
-    tenant_id: str
-    mail_from: str
-    recipients: tuple[str, ...]
-    size: int
-    tags: tuple[str, ...]
-    raw: bytes
-    direction: str = "inbound"
-    client_address: str = ""  # for SPF
-    helo: str = ""
-    protocol: str = "ESMTP"  # IMAP: imported from the tenant's own mailbox
-
-
-@dataclass(frozen=True, slots=True)
-class PlannedDelivery:
-    kind: str  # cc | bcc | route | rcpt | return
-    recipient: str
-    destination: str | None  # None: the relay
-    rule: str
-
-
-@dataclass(frozen=True, slots=True)
-class Outcome:
-    """What the stages after parsing decided: tags, deliveries, notes for a human."""
-
-    tags: tuple[str, ...] = ()
-    deliveries: tuple[PlannedDelivery, ...] = ()
-    notes: tuple[str, ...] = ()
-    policy_version: str | None = None
-    auth_results: dict[str, Any] | None = None  # see messages.auth_results
-    auth_header: str | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Notice:
-    """A change notice to one tenant about one subprocessor, with its email."""
-
-    tenant_id: str
-    subprocessor: str
-    change: str  # added | removed
-    effective_at: datetime
-    message: NewMessage | None
-
-
-@dataclass(frozen=True, slots=True)
-class ConsentRows:
-    baseline: frozenset[str]
-    effective: dict[tuple[str, str], datetime]
-    objections: frozenset[tuple[str, str]]
-
-
-@dataclass(frozen=True, slots=True)
-class RetentionGroup:
-    """Stored messages of one tenant with one set of tags."""
-
-    tenant_id: str
-    tag_key: str
-    count: int
-    oldest: datetime
-
-    @property
-    def tags(self) -> tuple[str, ...]:
-        return tuple(self.tag_key.split(",")) if self.tag_key else ()
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryJob:
-    id: int
-    message_id: str
-    tenant_id: str
-    kind: str
-    recipient: str
-    destination: str | None
-    mail_from: str
-    attempts: int
-    created_at: datetime
-    direction: str = "inbound"
-    tags: tuple[str, ...] = ()  # of the message: subprocessor routing may depend on them
-    header_message_id: str | None = None  # the Message-ID field, for logs (hashed)
-    # An earlier claim ended without a recorded result (a crash, a lost lease), or an
-    # attempt failed after the message may have reached the server (the connection
-    # broke before the answer): an IMAP APPEND then looks before it appends again.
-    interrupted: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class AttemptResult:
-    """The outcome of one delivery attempt, to be recorded."""
-
-    delivery_id: int
-    status: str
-    error: str | None = None
-    retry_at: datetime | None = None
-    bounce: NewMessage | None = None
-    where: str = "none"  # the destination label of the attempt (metrics only, not stored)
-    uncertain: bool = False  # it failed after the message may have reached the server
 
 
 HASH_ON_LOOP_MAX = 1 << 20  # bytes of originals hashed on the event loop at once
@@ -1115,29 +1002,6 @@ def _insert_messages(conn: Any, batch: Sequence[NewMessage],
     database.insert_rows(conn, message_addresses, addresses)
 
 
-@dataclass
-class Removed:
-    """What deleting messages took with them."""
-
-    messages: int = 0
-    deliveries: int = 0
-    pending: int = 0  # deliveries and keep-original jobs that were still to go
-    imports: int = 0
-    exports: list[str] = field(default_factory=list)  # admin API exports, by id
-
-    def add(self, other: Removed) -> None:
-        self.messages += other.messages
-        self.deliveries += other.deliveries
-        self.pending += other.pending
-        self.imports += other.imports
-        self.exports += other.exports
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"messages": self.messages, "deliveries": self.deliveries,
-                "pending_deliveries": self.pending, "imported": self.imports,
-                "exports": self.exports}
-
-
 def _delete_messages(conn: Any, ids: Sequence[str]) -> Removed:
     """Delete messages with everything the gateway keeps of them, in the caller's
     transaction: deliveries (pending copies and keep-original jobs are cancelled with
@@ -1162,20 +1026,8 @@ def _delete_messages(conn: Any, ids: Sequence[str]) -> Removed:
     return removed
 
 
-def aware(value: datetime) -> datetime:
-    """SQLite hands back naive datetimes; everything we store is UTC."""
-    return value if value.tzinfo else value.replace(tzinfo=UTC)
-
-
 def _is_connection_error(exc: DBAPIError) -> bool:
     return bool(exc.connection_invalidated) or exc.__class__.__name__ == "OperationalError"
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as one log line: its class and the first line of its text (the
-    driver's own message for a database error, without SQLAlchemy's SQL dump)."""
-    text = str(getattr(exc, "orig", None) or exc).strip().splitlines()
-    return f"{exc.__class__.__name__}: {text[0] if text else ''}"
 
 
 def _fail(group: Sequence[_Pending], exc: BaseException) -> None:

@@ -17,8 +17,9 @@ from typing import Any
 
 from sqlalchemy import insert, select, update
 
+from gateway.clock import utcnow
 from gateway.store.models import api_tokens
-from gateway.store.repository import Store, utcnow
+from gateway.store.repository import Store
 
 _TOKEN = re.compile(r"^mfr_([0-9a-f]{12})_([A-Za-z0-9_-]{43})$")
 _TOUCH_EVERY = timedelta(minutes=1)  # last_used_at is written at most this often

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gateway.config import KeepOriginalConfig
-from gateway.store.repository import Outcome, PlannedDelivery
+from gateway.records import Outcome, PlannedDelivery
 from gateway.workflow.rules import Plan
 
 APPEND = "append"  # keep the original by IMAP APPEND: recipient is the folder
