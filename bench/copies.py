@@ -43,11 +43,11 @@ def signer(spec: str | None):
     """FILE:DOMAIN:SELECTOR -> a function that puts an RSA DKIM signature on a message."""
     if not spec:
         return None
-    from gateway.auth import keys
+    from gateway import keyfiles
     from gateway.auth.signing import Signer
 
     path, domain, selector = spec.split(":")
-    key = keys.load(Path(path), domain, selector, keys.RSA)
+    key = keyfiles.load(Path(path), domain, selector, keyfiles.RSA)
     author = Signer([key], {"author": [domain]})
     return lambda message: author.sign(message, "author").data
 

@@ -15,6 +15,7 @@ import time
 
 import dkim
 
+from gateway import keyfiles
 from gateway.auth import keys
 from gateway.auth.signing import Signer
 
@@ -37,9 +38,9 @@ def main() -> None:
                b"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@bench.test>\r\n"
                b"\r\n" + body)
     records = {}
-    for algorithm, selector in ((keys.RSA, "rsa"), (keys.ED25519, "ed")):
-        private, public, bits = keys.parse(keys.generate(algorithm), algorithm)
-        key = keys.SigningKey("bench.test", selector, algorithm, private, public, bits)
+    for algorithm, selector in ((keyfiles.RSA, "rsa"), (keyfiles.ED25519, "ed")):
+        private, public, bits = keyfiles.parse(keys.generate(algorithm), algorithm)
+        key = keyfiles.SigningKey("bench.test", selector, algorithm, private, public, bits)
         records[f"{selector}._domainkey.bench.test."] = key.dns_record().encode()
         signer = Signer([key], {"bench": ["bench.test"]})
         signed = signer.sign(message, "bench").data
@@ -54,7 +55,7 @@ def main() -> None:
         print(f"{algorithm:15} {len(message):6} bytes  sign {sign_rate:7.0f}/s "
               f"({1000 / sign_rate:.2f} ms)  verify {verify_rate:7.0f}/s "
               f"({1000 / verify_rate:.2f} ms)")
-        if algorithm == keys.RSA:
+        if algorithm == keyfiles.RSA:
             results = b"Authentication-Results: mx.bench.test; dkim=pass header.d=bench.test\r\n"
             seal_rate = rate(lambda s=signer, m=results + message: s.seal(m, "bench",
                                                                          "mx.bench.test"),

@@ -256,9 +256,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_dkim_keygen(args: argparse.Namespace) -> int:
+    from gateway import keyfiles
     from gateway.auth import keys
 
-    algorithm = keys.ED25519 if args.algorithm == "ed25519" else keys.RSA
+    algorithm = keyfiles.ED25519 if args.algorithm == "ed25519" else keyfiles.RSA
     domain = args.domain.lower().rstrip(".")
     if not re.fullmatch(r"[a-z0-9](?:[a-z0-9.-]*[a-z0-9])?", domain) or "." not in domain:
         raise CommandError(f"not a domain: {args.domain!r}")
@@ -267,17 +268,17 @@ def cmd_dkim_keygen(args: argparse.Namespace) -> int:
     out = Path(args.out or f"{domain}.{args.selector}.key")
     try:
         data = keys.generate(algorithm, args.bits)
-        keys.write_private(out, data)
-    except keys.KeyFileError as exc:
+        keyfiles.write_private(out, data)
+    except keyfiles.KeyFileError as exc:
         raise CommandError(str(exc)) from None
     except FileExistsError:
         raise CommandError(f"{out}: exists; a key is never overwritten") from None
     except OSError as exc:
         raise CommandError(f"{out}: {exc.strerror}") from None
-    _, public, _ = keys.parse(data, algorithm)
+    _, public, _ = keyfiles.parse(data, algorithm)
     name = f"{args.selector}._domainkey.{domain}"
     print(f"; private key written to {out} (mode 0600); publish this record:")
-    print(keys.txt_zone_line(name, keys.dns_record(algorithm, public)))
+    print(keys.txt_zone_line(name, keyfiles.dns_record(algorithm, public)))
     print("; then add to gateway.yaml, after any older key of the domain:")
     print(f"; dkim:\n;   keys:\n;     - {{domain: {domain}, selector: {args.selector}, "
           f"algorithm: {algorithm}, key_file: {out.resolve()}}}")
@@ -363,7 +364,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _check_privacy(config: GatewayConfig) -> None:
     """Whether originals are encrypted at rest, and with which master key."""
-    from gateway.auth.keys import KeyFileError
+    from gateway.keyfiles import KeyFileError
     from gateway.store.keystore import master_id
 
     privacy = config.privacy
@@ -410,6 +411,7 @@ def _check_imap(config: GatewayConfig) -> None:
 
 
 def _check_dkim(config: GatewayConfig, dns: bool) -> int:
+    from gateway import keyfiles
     from gateway.auth import keys, signing
     from gateway.auth.verify import dns_lookup
 
@@ -419,11 +421,11 @@ def _check_dkim(config: GatewayConfig, dns: bool) -> int:
     lookup = dns_lookup([parse_hostport(s) for s in config.delivery.dns_servers],
                         config.delivery.dns_timeout)
     for setting in config.dkim.keys:
-        key = keys.load(setting.key_file, setting.domain, setting.selector, setting.algorithm)
-        size = f", {key.bits} bits" if key.algorithm == keys.RSA else ""
+        key = keyfiles.load(setting.key_file, setting.domain, setting.selector, setting.algorithm)
+        size = f", {key.bits} bits" if key.algorithm == keyfiles.RSA else ""
         role = "signs" if key.record_name in in_use else "kept (a later key signs)"
         line = f"dkim {key.record_name} ({key.algorithm}{size}): {role}"
-        if key.algorithm == keys.RSA and key.bits < keys.GOOD_RSA_BITS:
+        if key.algorithm == keyfiles.RSA and key.bits < keys.GOOD_RSA_BITS:
             line += f"; warning: use {keys.GOOD_RSA_BITS} bits"
         if dns:
             problem = keys.published_problem(key, lookup)

@@ -263,7 +263,7 @@ class ImapAccountConfig(_Section):
         if (self.password_file is None) == (self.password_env is None):
             raise ValueError("give exactly one of password_file and password_env")
         if self.password_file is not None:
-            from gateway.auth.keys import KeyFileError, read_secret
+            from gateway.keyfiles import KeyFileError, read_secret
 
             try:
                 read_secret(self.password_file)
@@ -281,7 +281,7 @@ class ImapAccountConfig(_Section):
         """The password now (a rotated file or a changed environment is read anew);
         ValueError saying what is missing."""
         if self.password_file is not None:
-            from gateway.auth.keys import KeyFileError, read_secret
+            from gateway.keyfiles import KeyFileError, read_secret
 
             try:
                 data = read_secret(self.password_file)
@@ -539,7 +539,7 @@ class DKIMKeyConfig(_Section):
 
     @model_validator(mode="after")
     def _readable(self) -> DKIMKeyConfig:
-        from gateway.auth.keys import KeyFileError, load
+        from gateway.keyfiles import KeyFileError, load
 
         try:
             load(self.key_file, self.domain, self.selector, self.algorithm)
@@ -584,8 +584,8 @@ class SRSConfig(_Section):
     @model_validator(mode="after")
     def _secrets_load(self) -> SRSConfig:
         if self.secret_file:
-            from gateway.auth.keys import KeyFileError
             from gateway.auth.srs import load_secrets
+            from gateway.keyfiles import KeyFileError
 
             try:
                 load_secrets(self.secret_file)
@@ -616,7 +616,7 @@ class PrivacyConfig(_Section):
         # The file must be right wherever the configuration is read; the variable may
         # be missing in a shell that only lists messages (the daemon insists on it).
         if self.master_key_file or (self.master_key_env and self.master_key_env in os.environ):
-            from gateway.auth.keys import KeyFileError
+            from gateway.keyfiles import KeyFileError
 
             try:
                 self.master_key()
@@ -626,7 +626,7 @@ class PrivacyConfig(_Section):
 
     def master_key(self) -> bytes | None:
         """The master key, or None when encryption at rest is off; KeyFileError."""
-        from gateway.auth.keys import KeyFileError
+        from gateway.keyfiles import KeyFileError
         from gateway.store.keystore import parse_master, read_master
 
         if self.master_key_file:

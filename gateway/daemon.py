@@ -41,7 +41,6 @@ from gateway import __version__, httpd, logs, memory
 from gateway.auth import signing
 from gateway.auth.dns import Resolver
 from gateway.auth.inbound import Authenticator
-from gateway.auth.keys import KeyFileError
 from gateway.auth.srs import SRS, load_secrets
 from gateway.auth.work import AuthCalls, AuthWork
 from gateway.config import GatewayConfig, parse_hostport
@@ -53,6 +52,7 @@ from gateway.httpd import HTTPServer
 from gateway.ingress.imap_pull import ImapPull
 from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
+from gateway.keyfiles import KeyFileError
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker

@@ -24,7 +24,7 @@ from gateway.records import QueueStats
 
 if TYPE_CHECKING:
     from gateway.auth.inbound import AuthResults
-    from gateway.auth.keys import SigningKey
+    from gateway.keyfiles import SigningKey
 
 PREFIX = "mailflowr_gateway"
 ALL_TENANTS = "all"

@@ -9,6 +9,7 @@ import subprocess
 import dkim
 import pytest
 
+from gateway import keyfiles
 from gateway.auth import keys
 from gateway.auth.dns import Resolver
 from gateway.auth.inbound import Authenticator
@@ -32,9 +33,9 @@ MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
            b"Subject: hello\r\nDate: Tue, 24 Nov 2026 10:00:00 +0000\r\n\r\nThe body.\r\n")
 
 
-def signing_key(domain: str, selector: str = "s1") -> keys.SigningKey:
-    private, public, bits = keys.parse(keys.generate(keys.RSA), keys.RSA)
-    return keys.SigningKey(domain, selector, keys.RSA, private, public, bits)
+def signing_key(domain: str, selector: str = "s1") -> keyfiles.SigningKey:
+    private, public, bits = keyfiles.parse(keys.generate(keyfiles.RSA), keyfiles.RSA)
+    return keyfiles.SigningKey(domain, selector, keyfiles.RSA, private, public, bits)
 
 
 def dns_lookup(records: dict[str, str]):
@@ -47,7 +48,7 @@ def dns_lookup(records: dict[str, str]):
     return lookup
 
 
-def arc_result(data: bytes, *published: keys.SigningKey) -> tuple[str, int]:
+def arc_result(data: bytes, *published: keyfiles.SigningKey) -> tuple[str, int]:
     lookup = dns_lookup({k.record_name: k.dns_record() for k in published})
     cv, sets, _ = dkim.arc_verify(data, dnsfunc=lookup)
     return cv.decode(), len(sets)
@@ -79,8 +80,8 @@ def test_nothing_to_seal_without_our_results_or_an_rsa_key():
     unknown = AR.replace(b"arc=none", b"arc=temperror")  # a chain we could not check
     assert Signer([rsa], {"acme": ["acme.test"]}).seal(unknown + MESSAGE, "acme",
                                                        "mx.gateway.test").keys == ()
-    ed_private, ed_public, _ = keys.parse(keys.generate(keys.ED25519), keys.ED25519)
-    ed = keys.SigningKey("acme.test", "e1", keys.ED25519, ed_private, ed_public, 256)
+    ed_private, ed_public, _ = keyfiles.parse(keys.generate(keyfiles.ED25519), keyfiles.ED25519)
+    ed = keyfiles.SigningKey("acme.test", "e1", keyfiles.ED25519, ed_private, ed_public, 256)
     assert Signer([ed], {"acme": ["acme.test"]}).seal(AR + MESSAGE, "acme",
                                                       "mx.gateway.test").keys == ()
 

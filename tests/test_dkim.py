@@ -19,6 +19,7 @@ import dns.rdatatype
 import pytest
 import yaml
 
+from gateway import keyfiles
 from gateway.auth import keys
 from gateway.auth.signing import Signer, author_domains
 from gateway.passwords import hash_password
@@ -122,10 +123,10 @@ def _gateway(make_gateway, tmp_path, relay, dkim_keys, dns=None):
 def test_keygen_writes_a_private_key_only_its_owner_reads(tmp_path):
     key_file, record = keygen(tmp_path, "acme.test", "s1")
     assert key_file.stat().st_mode & 0o777 == 0o600
-    key = keys.load(key_file, "acme.test", "s1", keys.RSA)
+    key = keyfiles.load(key_file, "acme.test", "s1", keyfiles.RSA)
     assert key.bits == 2048 and record == f"v=DKIM1; k=rsa; p={key.public}"
     ed_file, ed_record = keygen(tmp_path, "acme.test", "e1", "ed25519")
-    ed_key = keys.load(ed_file, "acme.test", "e1", keys.ED25519)
+    ed_key = keyfiles.load(ed_file, "acme.test", "e1", keyfiles.ED25519)
     assert ed_record == f"v=DKIM1; k=ed25519; p={ed_key.public}"
     again = subprocess.run([sys.executable, "-m", "gateway", "dkim", "keygen", "--domain",
                             "acme.test", "--selector", "s1", "--out", str(key_file)],
@@ -211,8 +212,8 @@ def test_a_key_signs_only_its_own_tenants_mail():
     for domain, selector in (("acme.test", "a1"), ("acme-mail.test", "m1"),
                              ("acme-mail.test", "m2"), ("globex.test", "g1"),
                              ("mail.acme.test", "n1"), ("gateway.test", "o1")):
-        private, public, bits = keys.parse(keys.generate(keys.RSA), keys.RSA)
-        made[selector] = keys.SigningKey(domain, selector, keys.RSA, private, public, bits)
+        private, public, bits = keyfiles.parse(keys.generate(keyfiles.RSA), keyfiles.RSA)
+        made[selector] = keyfiles.SigningKey(domain, selector, keyfiles.RSA, private, public, bits)
     signer = Signer(made.values(), {"acme": ["acme.test", "acme-mail.test"],
                                     "globex": ["globex.test"], "initech": ["mail.acme.test"],
                                     "hooli": ["hooli.test"]})
@@ -397,7 +398,7 @@ def test_rotation_on_sighup_and_unsigned_mail_is_counted(make_gateway, tmp_path,
 @pytest.mark.parametrize("signed_cc", [True, False])
 def test_a_forwarded_copy_keeps_the_authors_signature(make_gateway, tmp_path, relay,
                                                       signing_keys, signed_cc):
-    private, public, _ = keys.parse(keys.generate(keys.RSA), keys.RSA)
+    private, public, _ = keyfiles.parse(keys.generate(keyfiles.RSA), keyfiles.RSA)
     original = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
                 b"Cc: someone@sender.test\r\nSubject: signed by the author\r\n"
                 b"Date: Tue, 24 Nov 2026 10:00:00 +0000\r\nMessage-ID: <a1@sender.test>\r\n"
@@ -407,7 +408,7 @@ def test_a_forwarded_copy_keeps_the_authors_signature(make_gateway, tmp_path, re
     original = dkim.sign(original, b"ext", b"sender.test", private,
                          canonicalize=(b"simple", b"simple"), include_headers=covered) + original
     zone = ZoneServer({
-        ("ext._domainkey.sender.test", "TXT"): txt(keys.dns_record(keys.RSA, public)),
+        ("ext._domainkey.sender.test", "TXT"): txt(keyfiles.dns_record(keyfiles.RSA, public)),
         **signing_keys["zone"].zone})
     try:
         gw = _gateway(make_gateway, tmp_path, relay, [
@@ -480,9 +481,9 @@ def test_inbound_signatures_are_verified_recorded_and_reported(make_gateway, tmp
                                                                 signing_keys):
     import json
 
-    private, public, _ = keys.parse(keys.generate(keys.RSA), keys.RSA)
+    private, public, _ = keyfiles.parse(keys.generate(keyfiles.RSA), keyfiles.RSA)
     zone = ZoneServer({("ext._domainkey.sender.test", "TXT"):
-                       txt(keys.dns_record(keys.RSA, public))})
+                       txt(keyfiles.dns_record(keyfiles.RSA, public))})
     gw = gateway_with_rules(make_gateway, tmp_path, relay, INBOUND_RULES, {
         "delivery": {"timeout": "10s", "dns_servers": [zone.address], "dns_timeout": "3s"},
     })

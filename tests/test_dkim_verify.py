@@ -8,6 +8,7 @@ import subprocess
 import dkim
 import pytest
 
+from gateway import keyfiles
 from gateway.auth import keys
 from gateway.auth.signing import Signer
 from gateway.auth.verify import DKIMResult, TempLookupError, dns_lookup, verify
@@ -19,12 +20,12 @@ MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: support@acme.test\r\n"
            b"Message-ID: <m1@sender.test>\r\n\r\nThe body.\r\nSecond line.\r\n")
 
 
-def make_key(algorithm: str = keys.RSA, selector: str = "s1") -> keys.SigningKey:
-    private, public, bits = keys.parse(keys.generate(algorithm), algorithm)
-    return keys.SigningKey("sender.test", selector, algorithm, private, public, bits)
+def make_key(algorithm: str = keyfiles.RSA, selector: str = "s1") -> keyfiles.SigningKey:
+    private, public, bits = keyfiles.parse(keys.generate(algorithm), algorithm)
+    return keyfiles.SigningKey("sender.test", selector, algorithm, private, public, bits)
 
 
-def records(*made: keys.SigningKey) -> dict[str, bytes]:
+def records(*made: keyfiles.SigningKey) -> dict[str, bytes]:
     return {f"{k.record_name}.": k.dns_record().encode() for k in made}
 
 
@@ -32,12 +33,12 @@ def results(data: bytes, published: dict[str, bytes]) -> list[tuple[str, str]]:
     return [(r.result, r.selector) for r in verify(data, published.get)]
 
 
-def signed(data: bytes, *made: keys.SigningKey) -> bytes:
+def signed(data: bytes, *made: keyfiles.SigningKey) -> bytes:
     return Signer(made, {"t": ["sender.test"]}).sign(data, "t").data
 
 
 def test_rsa_and_ed25519_pass_and_tampering_fails():
-    rsa, ed = make_key(), make_key(keys.ED25519, "e1")
+    rsa, ed = make_key(), make_key(keyfiles.ED25519, "e1")
     data = signed(MESSAGE, rsa, ed)
     assert results(data, records(rsa, ed)) == [("pass", "s1"), ("pass", "e1")]
     first = verify(data, records(rsa, ed).get)[0]

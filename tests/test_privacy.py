@@ -354,7 +354,7 @@ def test_the_privacy_key_is_made_once_and_must_be_private(tmp_path):
     assert load_or_create(path).secret == key.secret
     assert key.subject_hash("A@B.test") == key.subject_hash("a@b.test")
     path.chmod(0o644)
-    from gateway.auth.keys import KeyFileError
+    from gateway.keyfiles import KeyFileError
 
     with pytest.raises(KeyFileError, match="readable by everyone"):
         load_or_create(path)

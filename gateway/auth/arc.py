@@ -27,8 +27,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gateway.auth import fields
 from gateway.auth.fields import RELAXED, SIGNED_HEADERS
-from gateway.auth.keys import SigningKey
 from gateway.headers import authserv_id_of
+from gateway.keyfiles import SigningKey
 
 MAX_INSTANCE = 50  # RFC 8617 4.2.1
 

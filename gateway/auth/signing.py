@@ -41,8 +41,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from gateway.auth import arc, fields
 from gateway.auth.dmarc import aligned
 from gateway.auth.fields import RELAXED, SIGNED_HEADERS
-from gateway.auth.keys import ED25519, RSA, SigningKey, load
 from gateway.headers import field_values, from_addresses
+from gateway.keyfiles import ED25519, RSA, SigningKey, load
 
 if TYPE_CHECKING:  # the authentication processes import this module: no pydantic there
     from gateway.config import GatewayConfig

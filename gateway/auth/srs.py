@@ -26,7 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from gateway.auth.keys import KeyFileError, read_secret
+from gateway.keyfiles import KeyFileError, read_secret
 
 HASH_LENGTH = 4
 _BASE32 = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"

@@ -15,9 +15,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from gateway.auth.inbound import Authenticator, AuthResults
-from gateway.auth.keys import SigningKey
 from gateway.auth.signing import PrivateKeys, Protected
 from gateway.auth.signing import protect as protect_copy
+from gateway.keyfiles import SigningKey
 from gateway.workers import WorkerPool
 
 CHECK_THREADS = 4  # checks of one check_many call at once (most of a check waits on DNS; each

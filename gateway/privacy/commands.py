@@ -354,7 +354,7 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
 def cmd_keys_generate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gateway.auth.keys import write_private
+    from gateway.keyfiles import write_private
     from gateway.store.keystore import master_id, new_master
 
     out = Path(args.out)
@@ -371,7 +371,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
 
 
 def _keystore(config: GatewayConfig) -> Any:
-    from gateway.auth.keys import KeyFileError
+    from gateway.keyfiles import KeyFileError
     from gateway.store.keystore import KeyStore
 
     try:
@@ -407,7 +407,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gateway.auth.keys import KeyFileError
+    from gateway.keyfiles import KeyFileError
     from gateway.store.keystore import master_id, read_master
 
     config = cli._config(args)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gateway import files
-from gateway.auth.keys import KeyFileError, read_secret
+from gateway.keyfiles import KeyFileError, read_secret
 
 
 @dataclass(frozen=True)

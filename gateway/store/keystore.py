@@ -33,7 +33,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from gateway import files
-from gateway.auth.keys import KeyFileError, read_secret
+from gateway.keyfiles import KeyFileError, read_secret
 
 NONCE = 12
 _WRAP_AAD = b"mailflowr data key v1 "
