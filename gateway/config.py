@@ -584,8 +584,8 @@ class SRSConfig(_Section):
     @model_validator(mode="after")
     def _secrets_load(self) -> SRSConfig:
         if self.secret_file:
-            from gateway.auth.srs import load_secrets
             from gateway.keyfiles import KeyFileError
+            from gateway.srs import load_secrets
 
             try:
                 load_secrets(self.secret_file)

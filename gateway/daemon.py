@@ -41,7 +41,6 @@ from gateway import __version__, httpd, logs, memory
 from gateway.auth import signing
 from gateway.auth.dns import Resolver
 from gateway.auth.inbound import Authenticator
-from gateway.auth.srs import SRS, load_secrets
 from gateway.auth.work import AuthCalls, AuthWork
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.config import load as load_config
@@ -62,6 +61,7 @@ from gateway.privacy import keys as privacy_keys
 from gateway.privacy.erasure import purge_tenant
 from gateway.records import QueueStats
 from gateway.sdnotify import Notifier
+from gateway.srs import SRS, load_secrets
 from gateway.store import database
 from gateway.store.keystore import KeyStore
 from gateway.store.privacy import PrivacyStore

@@ -14,8 +14,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from gateway.auth.srs import SRS, SRSError, is_srs
 from gateway.config import TenantConfig
+from gateway.srs import SRS, SRSError, is_srs
 
 RELAY_DENIED = "554 5.7.1 <{addr}>: Relay access denied"
 USER_UNKNOWN = "550 5.1.1 <{addr}>: Recipient address rejected: User unknown"

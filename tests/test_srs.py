@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from gateway.auth.srs import SRS, SRSError, decode
+from gateway.srs import SRS, SRSError, decode
 from tests.conftest import (
     ROOT,
     gateway_with_rules,

@@ -27,7 +27,6 @@ from typing import Any
 
 from gateway import logs
 from gateway.auth.signing import Protected, Signer
-from gateway.auth.srs import SRS
 from gateway.auth.work import AuthCalls
 from gateway.clock import utcnow
 from gateway.config import GatewayConfig, KeepOriginalConfig, parse_hostport
@@ -41,6 +40,7 @@ from gateway.metrics import Metrics
 from gateway.policy.loader import PolicySet
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
 from gateway.records import AttemptResult, DeliveryJob
+from gateway.srs import SRS
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
 from gateway.store.repository import Store

@@ -34,7 +34,6 @@ import aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import logs
-from gateway.auth.srs import SRS
 from gateway.auth.work import AuthCalls
 from gateway.clock import utcnow
 from gateway.config import SMTPConfig
@@ -44,6 +43,7 @@ from gateway.metrics import Metrics, reply_class
 from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.records import NewMessage
+from gateway.srs import SRS
 from gateway.store.ids import new_id
 from gateway.store.repository import Store
 from gateway.tenancy import Accepted, TenantDirectory, has_unsafe_chars

@@ -32,8 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from gateway import logs
-from gateway.auth import srs
+from gateway import logs, srs
 from gateway.auth.inbound import AuthResults
 from gateway.auth.work import AuthCalls
 from gateway.config import KeepOriginalConfig
