@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gateway.pipeline.classify import Classifier, bsn_valid, card_valid, iban_valid, luhn_valid
+from gateway.policy.classify import Classifier, bsn_valid, card_valid, iban_valid, luhn_valid
 
 HEALTH = ("diagnose", "medisch dossier", "sick leave")
 

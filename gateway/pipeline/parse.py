@@ -21,7 +21,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gateway.headers import addresses_in, header_addresses, header_end, header_text
-from gateway.pipeline.classify import Classifier
+from gateway.policy.classify import Classifier
 from gateway.records import ParsedFields
 from gateway.workers import Overran, ProcessEnded, WorkerError, WorkerPool
 
@@ -108,7 +108,7 @@ def parse_message(raw: bytes, classifier: Classifier | None = None) -> dict[str,
     """Pure parse of one message; returns plain data (picklable).
 
     With a ``classifier``, ``findings`` lists the special categories of
-    personal data found in the text (see gateway.pipeline.classify).
+    personal data found in the text (see gateway.policy.classify).
     """
     import mailparser
 

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
-from gateway.pipeline.classify import CATEGORIES, Classifier
+from gateway.policy.classify import CATEGORIES, Classifier
 from gateway.yamlfile import Checker, KeyPath, YamlDocument
 
 TAG_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
