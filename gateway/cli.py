@@ -210,7 +210,7 @@ def _positive_int(text: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
-    from gateway.policy.loader import PolicyError
+    from gateway.policyset import PolicyError
     from gateway.store.keystore import KeyUnavailable
 
     try:
@@ -329,7 +329,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _policies(config: GatewayConfig, directory: Path | None = None) -> Any:
-    from gateway.policy import loader
+    from gateway import policyset as loader
 
     return loader.load(directory or config.policies.directory, config.tenants.keys(),
                        config.destinations.keys())
@@ -664,7 +664,7 @@ def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
     """Which retention rule applies to a stored message under the policy on disk,
     when it expires, and what holds it."""
     from gateway.clock import aware, utcnow
-    from gateway.policy.loader import PolicyError
+    from gateway.policyset import PolicyError
 
     try:
         policy = _policies(config).retention

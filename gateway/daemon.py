@@ -55,8 +55,8 @@ from gateway.keyfiles import KeyFileError
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.worker import PipelineWorker
-from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
+from gateway.policyset import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.privacy import keys as privacy_keys
 from gateway.privacy.erasure import purge_tenant
 from gateway.records import QueueStats

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from gateway.policy.loader import FILES, read_files, version_of
+from gateway.policyset import FILES, read_files, version_of
 from tests.conftest import (
     ROOT,
     free_port,

@@ -8,8 +8,8 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from sqlalchemy import func, select, update
 
-from gateway.policy.loader import PolicyError, load
 from gateway.policy.retention import Duration, Hold, RetentionPolicy, Tag, TenantRetention
+from gateway.policyset import PolicyError, load
 from gateway.records import NewMessage
 from gateway.store.ids import new_id
 from gateway.store.models import (

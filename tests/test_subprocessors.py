@@ -11,7 +11,6 @@ from datetime import UTC, date, datetime, timedelta
 import pytest
 from sqlalchemy import text
 
-from gateway.policy.loader import PolicyError, load
 from gateway.policy.subprocessors import (
     Consent,
     Relay,
@@ -20,6 +19,7 @@ from gateway.policy.subprocessors import (
     SubprocessorPolicy,
     TenantTerms,
 )
+from gateway.policyset import PolicyError, load
 from tests.conftest import simple_message, wait_for
 from tests.sink import Sink
 

@@ -119,7 +119,7 @@ def test_headers_never_add_copy_targets(rules):
 
 def test_example_file_is_valid():
     from gateway import config
-    from gateway.policy import loader as policy_loader
+    from gateway import policyset as policy_loader
 
     cfg = config.load(ROOT / "config" / "gateway.yaml", env={})
     policies = policy_loader.load(ROOT / "policies", cfg.tenants, cfg.destinations)

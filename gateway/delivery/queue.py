@@ -37,8 +37,8 @@ from gateway.delivery.mx import LookupFailed, MXResolver
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
 from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
-from gateway.policy.loader import PolicySet
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
+from gateway.policyset import PolicySet
 from gateway.records import AttemptResult, DeliveryJob
 from gateway.srs import SRS
 from gateway.store.models import FAILED, HELD, PENDING

@@ -40,7 +40,7 @@ from gateway.leases import LeaseKeeper
 from gateway.metrics import Metrics
 from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import ParserPool, to_fields
-from gateway.policy.loader import PolicySet
+from gateway.policyset import PolicySet
 from gateway.records import Outcome, ParsedFields, PipelineInput
 from gateway.store.repository import Store
 from gateway.workers import WorkerError
