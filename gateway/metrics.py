@@ -23,7 +23,6 @@ from gateway import __version__
 from gateway.records import QueueStats
 
 if TYPE_CHECKING:
-    from gateway.auth.inbound import AuthResults
     from gateway.keyfiles import SigningKey
 
 PREFIX = "mailflowr_gateway"
@@ -266,10 +265,12 @@ class Metrics:
     def tenant(self, tenant_id: str) -> str:
         return tenant_id if self.tenant_labels else ALL_TENANTS
 
-    def auth_results(self, results: AuthResults) -> None:
-        for r in results.dkim:
-            self.series(self.auth_checks, "dkim", r.result).inc()
-        for method, result in results.for_rules():
+    def auth_results(self, dkim: Iterable[str], verdicts: Iterable[tuple[str, str]]) -> None:
+        """Count one message's checks: ``dkim`` one result per signature, ``verdicts``
+        (method, result) pairs of the other methods (a DKIM pair there is skipped)."""
+        for result in dkim:
+            self.series(self.auth_checks, "dkim", result).inc()
+        for method, result in verdicts:
             if method != "dkim":  # counted per signature above
                 self.series(self.auth_checks, method, result).inc()
 

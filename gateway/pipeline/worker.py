@@ -357,7 +357,7 @@ class PipelineWorker:
                 continue
             self._observe("auth", seconds)
             if self.metrics is not None:
-                self.metrics.auth_results(results)
+                self.metrics.auth_results((r.result for r in results.dkim), results.for_rules())
             out[item.id] = results
         return out
 
