@@ -626,8 +626,7 @@ class PrivacyConfig(_Section):
 
     def master_key(self) -> bytes | None:
         """The master key, or None when encryption at rest is off; KeyFileError."""
-        from gateway.keyfiles import KeyFileError
-        from gateway.store.keystore import parse_master, read_master
+        from gateway.keyfiles import KeyFileError, parse_master, read_master
 
         if self.master_key_file:
             return read_master(self.master_key_file)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,3 +120,15 @@ def write_private(path: Path, data: bytes) -> None:
     """Create the key file with mode 0600 from the start (never briefly readable)."""
     with os.fdopen(files.create(path, os.O_WRONLY | os.O_EXCL), "wb") as f:
         f.write(data)
+
+
+def parse_master(text: str, where: str) -> bytes:
+    """The master key of encryption at rest, from its text form (64 hex digits)."""
+    value = text.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+        raise KeyFileError(f"{where}: a master key is 64 hexadecimal digits (32 bytes)")
+    return bytes.fromhex(value)
+
+
+def read_master(path: Path) -> bytes:
+    return parse_master(read_secret(path).decode("ascii", "replace"), str(path))

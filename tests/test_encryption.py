@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
-from gateway.store.keystore import KeyStore, KeyUnavailable, read_master
+from gateway.keyfiles import read_master
+from gateway.store.keystore import KeyStore, KeyUnavailable
 from gateway.store.models import message_blobs
 from tests.conftest import gateway_with_rules, wait_for
 

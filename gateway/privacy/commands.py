@@ -407,8 +407,8 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from gateway.keyfiles import KeyFileError
-    from gateway.store.keystore import master_id, read_master
+    from gateway.keyfiles import KeyFileError, read_master
+    from gateway.store.keystore import master_id
 
     config = cli._config(args)
     store = _keystore(config)

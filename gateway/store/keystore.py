@@ -44,17 +44,6 @@ class KeyUnavailable(Exception):
     """A blob's key cannot be had: destroyed (tenant deactivated), or never here."""
 
 
-def parse_master(text: str, where: str) -> bytes:
-    value = text.strip()
-    if not re.fullmatch(r"[0-9a-fA-F]{64}", value):
-        raise KeyFileError(f"{where}: a master key is 64 hexadecimal digits (32 bytes)")
-    return bytes.fromhex(value)
-
-
-def read_master(path: Path) -> bytes:
-    return parse_master(read_secret(path).decode("ascii", "replace"), str(path))
-
-
 def master_id(master: bytes) -> str:
     """A short name for a master key, stored with what it wraps (never the key)."""
     return hashlib.sha256(b"mailflowr master key id " + master).hexdigest()[:16]
