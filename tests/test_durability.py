@@ -17,8 +17,8 @@ from gateway.clock import utcnow
 from gateway.records import NewMessage
 from gateway.store import database
 from gateway.store.ids import new_id
+from gateway.store.intake import _insert_messages
 from gateway.store.models import message_blobs
-from gateway.store.repository import _insert_messages
 from tests.conftest import (
     RawClient,
     need_tool,

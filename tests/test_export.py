@@ -18,8 +18,8 @@ from gateway.clock import utcnow
 from gateway.config import GatewayConfig
 from gateway.privacy.export import ArchiveWriter, export, mbox_entry
 from gateway.records import NewMessage
+from gateway.store.intake import _insert_messages
 from gateway.store.privacy import PrivacyStore
-from gateway.store.repository import _insert_messages
 from tests.conftest import gateway_with_rules
 from tests.test_privacy import SUBJECT, _json, _unreachable_relay
 

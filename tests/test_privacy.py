@@ -26,9 +26,10 @@ from gateway.privacy.export import tidy
 from gateway.privacy.keys import load_or_create
 from gateway.records import NewMessage
 from gateway.store import audit, database
+from gateway.store.intake import _insert_messages
 from gateway.store.models import audit_events, metadata
 from gateway.store.privacy import PrivacyStore, _remove_exports
-from gateway.store.repository import Store, _insert_messages
+from gateway.store.repository import Store
 from tests.conftest import free_port, gateway_with_rules, wait_for
 from tests.test_api import Api, _token
 from tests.test_parsing import DEEP, MANY

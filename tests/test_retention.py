@@ -12,6 +12,8 @@ from gateway.policy.retention import Duration, Hold, RetentionPolicy, Tag, Tenan
 from gateway.policyset import PolicyError, load
 from gateway.records import NewMessage
 from gateway.store.ids import new_id
+from gateway.store.intake import _insert_messages
+from gateway.store.messages import tag_key
 from gateway.store.models import (
     audit_events,
     deliveries,
@@ -19,7 +21,6 @@ from gateway.store.models import (
     message_blobs,
     messages,
 )
-from gateway.store.repository import _insert_messages, tag_key
 from gateway.sweeper import Sweeper
 
 NOW = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)

@@ -12,10 +12,10 @@ from sqlalchemy import insert, select
 from gateway.clock import utcnow
 from gateway.errors import TempFailure
 from gateway.records import NewMessage, Outcome, ParsedFields, PlannedDelivery
-from gateway.store import database, repository
+from gateway.store import database, intake
 from gateway.store.ids import new_id
+from gateway.store.intake import HASH_ON_LOOP_MAX
 from gateway.store.models import message_addresses, message_blobs, messages
-from gateway.store.repository import HASH_ON_LOOP_MAX
 
 
 def _accept(store, count):
@@ -115,7 +115,7 @@ def test_rows_inserted_in_bulk_read_back_as_one_by_one(store):
 def test_a_fault_in_a_commit_fails_that_group_and_the_next_commits(store, monkeypatch):
     """An error nobody foresaw in the committer's thread answers the waiting sessions
     (451 from TempFailure) and leaves the committer running for the next ones."""
-    real, calls = repository._blobs, []
+    real, calls = intake._blobs, []
 
     def blobs_failing_once(batch, keystore):
         calls.append(len(batch))
@@ -123,7 +123,7 @@ def test_a_fault_in_a_commit_fails_that_group_and_the_next_commits(store, monkey
             raise RuntimeError("unforeseen")
         return real(batch, keystore)
 
-    monkeypatch.setattr(repository, "_blobs", blobs_failing_once)
+    monkeypatch.setattr(intake, "_blobs", blobs_failing_once)
 
     def message():
         return NewMessage(id=new_id(), tenant_id="acme", mail_from="a@sender.test",

@@ -19,6 +19,7 @@ from sqlalchemy import func, insert, or_, select, update
 
 from gateway.clock import aware, utcnow
 from gateway.records import NewMessage
+from gateway.store.intake import _insert_messages
 from gateway.store.models import (
     FAILED,
     HELD,
@@ -29,7 +30,7 @@ from gateway.store.models import (
     imap_imports,
     tenants,
 )
-from gateway.store.repository import Store, _insert_messages
+from gateway.store.repository import Store
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,6 +26,7 @@ from gateway.headers import header_addresses
 from gateway.records import NewMessage, Removed
 from gateway.store import audit
 from gateway.store.database import take_turn
+from gateway.store.intake import _insert_messages
 from gateway.store.models import (
     PROCESSED,
     api_exports,
@@ -40,7 +41,8 @@ from gateway.store.models import (
     subprocessor_objections,
     tenants,
 )
-from gateway.store.repository import Store, _delete_messages, _insert_messages
+from gateway.store.repository import Store
+from gateway.store.retention import _delete_messages
 
 BATCH = 500
 # api_exports.status: running, then done or failed; removed: an erasure came after

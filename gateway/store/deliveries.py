@@ -1,0 +1,185 @@
+"""The deliveries table: copies claimed with a lease, their results recorded, the
+queue listed, retried, dropped and measured."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import (
+    bindparam,
+    func,
+    or_,
+    select,
+    update,
+)
+
+from gateway.clock import aware, utcnow
+from gateway.records import (
+    AttemptResult,
+    DeliveryJob,
+    QueueStats,
+)
+from gateway.store.base import StoreBase
+from gateway.store.intake import _insert_messages
+from gateway.store.models import (
+    FAILED,
+    HELD,
+    PENDING,
+    RECEIVED,
+    deliveries,
+    message_blobs,
+    messages,
+)
+
+_ATTEMPT = (
+    update(deliveries)
+    .where(deliveries.c.id == bindparam("b_id"), deliveries.c.lease_owner == bindparam("b_owner"))
+    .values(
+        status=bindparam("b_status"), attempts=deliveries.c.attempts + 1,
+        last_attempt_at=bindparam("b_now"), last_error=bindparam("b_error"),
+        next_attempt_at=bindparam("b_next"), lease_owner=None, lease_until=None,
+        uncertain=bindparam("b_uncertain"),
+    )
+)
+
+
+_CONTENT = (
+    select(messages.c.trace_header, messages.c.auth_header, message_blobs.c.data,
+           message_blobs.c.key_id)
+    .join(message_blobs, message_blobs.c.message_id == messages.c.id)
+    .where(messages.c.id == bindparam("b_id"))
+)
+
+
+class DeliveryStore(StoreBase):
+    """The deliveries table."""
+
+    def claim_deliveries(self, owner: str, limit: int, lease: float) -> list[DeliveryJob]:
+        """Take due pending deliveries (SKIP LOCKED on PostgreSQL, like ``claim``)."""
+        now = utcnow()
+        with self.writing() as conn:
+            rows = conn.execute(
+                select(deliveries.c.id, deliveries.c.message_id, deliveries.c.tenant_id,
+                       deliveries.c.kind, deliveries.c.recipient, deliveries.c.destination,
+                       deliveries.c.attempts, deliveries.c.created_at, deliveries.c.lease_owner,
+                       deliveries.c.uncertain,
+                       messages.c.mail_from,
+                       messages.c.direction, messages.c.tags, messages.c.message_id.label("mid"))
+                .join(messages, messages.c.id == deliveries.c.message_id)
+                .where(
+                    deliveries.c.status == PENDING,
+                    deliveries.c.next_attempt_at <= now,
+                    or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
+                )
+                .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
+                .limit(limit)
+                .with_for_update(skip_locked=True, of=deliveries)
+            ).all()
+            if rows:
+                conn.execute(
+                    update(deliveries)
+                    .where(deliveries.c.id.in_([r.id for r in rows]))
+                    .values(lease_owner=owner, lease_until=now + timedelta(seconds=lease))
+                )
+        return [
+            DeliveryJob(r.id, r.message_id, r.tenant_id, r.kind, r.recipient, r.destination,
+                        r.mail_from, r.attempts, aware(r.created_at), r.direction,
+                        tuple(r.tags or ()), r.mid, r.lease_owner is not None or r.uncertain)
+            for r in rows
+        ]
+
+    def delivery_content(self, message_id: str) -> tuple[str, bytes] | None:
+        """Our header fields (Received, Authentication-Results) and the original of a
+        message, for composing what we send."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            row = conn.execute(_CONTENT, {"b_id": message_id}).first()
+        return None if row is None else (row.trace_header + (row.auth_header or ""),
+                                         self.plain(message_id, row.key_id, row.data))
+
+    def delivery_results(self, owner: str, results: Sequence[AttemptResult]) -> list[bool]:
+        """Record attempts, in one transaction.
+
+        A ``bounce`` (the DSN for a failed delivery) is stored in the same
+        transaction as the failure, so a failure is never recorded without its
+        DSN, nor its DSN twice.
+        """
+        now = utcnow()
+        out = []
+        with self.writing() as conn:
+            for r in results:
+                done = conn.execute(_ATTEMPT, {
+                    "b_id": r.delivery_id, "b_owner": owner, "b_status": r.status,
+                    "b_now": now, "b_error": r.error[:1000] if r.error else None,
+                    "b_next": r.retry_at or now, "b_uncertain": r.uncertain,
+                }).rowcount
+                if done == 1 and r.bounce is not None:
+                    _insert_messages(conn, [r.bounce], self.keystore)
+                out.append(done == 1)
+        return out
+
+    def list_deliveries(self, status: str | None = None,
+                        tenant: str | None = None) -> list[dict[str, Any]]:
+        q = select(deliveries).order_by(deliveries.c.id)
+        if status is not None:
+            q = q.where(deliveries.c.status == status)
+        if tenant is not None:
+            q = q.where(deliveries.c.tenant_id == tenant)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def retry_deliveries(self, delivery_id: int | None = None) -> int:
+        """Make deferred, held or failed deliveries due now (all, or one)."""
+        q = update(deliveries).where(deliveries.c.status.in_((PENDING, HELD, FAILED)))
+        if delivery_id is not None:
+            q = q.where(deliveries.c.id == delivery_id)
+        with self.writing() as conn:
+            return int(conn.execute(
+                q.values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
+                         lease_until=None)
+            ).rowcount)
+
+    def queue_stats(self) -> QueueStats:
+        """The backlog: messages waiting for the pipeline, deliveries waiting by
+        tenant and state, and the age of the oldest of each (for the metrics)."""
+        now = utcnow()
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            waiting, oldest = conn.execute(
+                select(func.count(), func.min(messages.c.received_at))
+                .where(messages.c.status == RECEIVED)
+            ).one()
+            rows = conn.execute(
+                select(deliveries.c.tenant_id, deliveries.c.status, func.count(),
+                       func.min(deliveries.c.created_at))
+                .where(deliveries.c.status.in_((PENDING, HELD)))
+                .group_by(deliveries.c.tenant_id, deliveries.c.status)
+            ).all()
+
+        def age(when: datetime | None) -> float:
+            return max((now - aware(when)).total_seconds(), 0.0) if when is not None else 0.0
+
+        return QueueStats(int(waiting), age(oldest),
+                          [(r[0], r[1], int(r[2]), age(r[3])) for r in rows])
+
+    def release_held(self, reason_prefix: str) -> int:
+        """Make held deliveries whose reason starts with ``reason_prefix`` due now
+        (after a policy change that may have removed the reason)."""
+        with self.writing() as conn:
+            return int(conn.execute(
+                update(deliveries)
+                .where(deliveries.c.status == HELD,
+                       deliveries.c.last_error.startswith(reason_prefix, autoescape=True))
+                .values(status=PENDING, next_attempt_at=utcnow(), lease_owner=None,
+                        lease_until=None)
+            ).rowcount)
+
+    def drop_delivery(self, delivery_id: int, reason: str) -> bool:
+        with self.writing() as conn:
+            done = conn.execute(
+                update(deliveries)
+                .where(deliveries.c.id == delivery_id, deliveries.c.status != "sent")
+                .values(status=FAILED, last_error=f"dropped: {reason}"[:1000],
+                        lease_owner=None, lease_until=None)
+            ).rowcount
+        return done == 1
