@@ -238,7 +238,7 @@ def _config(args: argparse.Namespace) -> GatewayConfig:
 
 
 def _store(args: argparse.Namespace) -> Any:
-    from gateway.daemon import StartupError, open_store
+    from gateway.startup import StartupError, open_store
 
     try:
         return open_store(_config(args), upgrade_sqlite=False, need_keys=False)

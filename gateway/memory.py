@@ -5,14 +5,18 @@ ended) back to the C allocator when they are freed, but glibc keeps what was
 freed inside its heaps mapped: after a burst, the daemon would go on holding
 the memory of its busiest minute.  ``malloc_trim(0)`` returns such free pages
 (``madvise``, without moving anything).  On a C library without it (musl),
-there is nothing to do and ``trimmer()`` returns None.
+there is nothing to do and ``trimmer()`` returns None.  The daemon runs
+``keep_returning`` for as long as it runs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import ctypes.util
 from collections.abc import Callable
+
+TRIM_INTERVAL = 60.0  # seconds between returns of freed memory to the system
 
 
 def trimmer() -> Callable[[], None] | None:
@@ -33,3 +37,10 @@ def trimmer() -> Callable[[], None] | None:
         trim(0)
 
     return run
+
+
+async def keep_returning(trim: Callable[[], None]) -> None:
+    """Every minute: what the C allocator holds free goes back to the system."""
+    while True:
+        await asyncio.sleep(TRIM_INTERVAL)
+        await asyncio.to_thread(trim)

@@ -11,11 +11,13 @@ tag the policy does not define (a removed tag must not shorten anything;
 the sweep reports them instead).  Each sweep that deletes anything records
 one audit event per tenant with the counts per tag set.  ``dry_run`` counts
 instead of deleting: that is ``retention sweep --dry-run`` and, with a policy
-read from elsewhere, ``retention preview``.
+read from elsewhere, ``retention preview``.  In the daemon, ``SweepLoop`` runs
+one sweep every ``retention.sweep_interval``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Callable
@@ -24,7 +26,9 @@ from datetime import datetime
 
 from gateway import logs
 from gateway.clock import utcnow
+from gateway.metrics import Metrics
 from gateway.policy.retention import RetentionPolicy
+from gateway.policyset import PolicyHolder
 from gateway.records import RetentionGroup
 from gateway.store.repository import Store
 
@@ -148,3 +152,58 @@ class Sweeper:
             log.info("retention: deleted %d messages of tenant %s tagged %s (%s)", deleted,
                      tenant, ",".join(tags) or "-", decision.rule)
         return GroupResult(tenant, tags, decision.rule, cutoff, deleted, held)
+
+
+class SweepLoop:
+    """One sweep every ``interval`` seconds, each under the policy in force at its
+    start, until ``stopping`` is set; a failed sweep waits for the next interval."""
+
+    def __init__(self, sweeper: Sweeper, interval: float, policies: PolicyHolder,
+                 metrics: Metrics, stopping: asyncio.Event) -> None:
+        self.sweeper = sweeper
+        self.interval = interval
+        self.policies = policies
+        self.metrics = metrics
+        self.stopping = stopping
+        self.last_sweep: float | None = None  # time.time() of the last sweep that ran
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="retention")
+
+    async def stop(self) -> None:
+        self.sweeper.stopping = True  # ends the sweep between two batches
+        self.stopping.set()  # and the wait for the next one (a start that failed)
+        if self._task is not None:
+            await self._task
+
+    async def _run(self) -> None:
+        sweeper, metrics = self.sweeper, self.metrics
+        while not self.stopping.is_set():
+            try:
+                await asyncio.wait_for(self.stopping.wait(), self.interval)
+                return
+            except TimeoutError:
+                pass
+            policy = self.policies.current  # one version for the whole sweep
+            log.info("retention sweep started (policy %s)", policy.version)
+            try:
+                report = await asyncio.to_thread(sweeper.sweep, policy.retention)
+            except Exception:  # loop boundary: the database may be away; next interval
+                metrics.retention_sweeps.labels("failure").inc()
+                log.exception("retention sweep failed")
+                continue
+            if report.skipped:
+                metrics.retention_sweeps.labels("skipped").inc()
+                log.info("retention sweep skipped: %s", report.skipped)
+            else:
+                metrics.retention_sweeps.labels("success").inc()
+                for tenant, counts in report.per_tenant().items():
+                    metrics.retention_deleted.labels(
+                        metrics.tenant(tenant)).inc(sum(counts.values()))
+                metrics.retention_held.set(report.held)
+                self.last_sweep = time.time()
+                metrics.retention_last_sweep.set(self.last_sweep)
+                log.info("retention sweep (policy %s): deleted %d messages, %d kept by holds, "
+                         "in %.1f s", policy.version, report.expired, report.held,
+                         report.seconds)

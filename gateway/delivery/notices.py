@@ -6,18 +6,51 @@ subprocessor becomes usable for that tenant only after the objection window
 (``notice.window_days``, at least 5 days) has passed without an objection.
 A removal is told too; it takes effect at once.  The emails are stored as
 outbound messages of the tenant, so the pipeline and the delivery queue send
-them like any other mail (through the tenant's authorised relay).
+them like any other mail (through the tenant's authorised relay).  ``sync()``
+runs at every start and after every policy reload that changed something.
 """
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
+import logging
 from collections.abc import Mapping
-from datetime import date, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 
-from gateway.policy.subprocessors import Subprocessor, SubprocessorPolicy, notice_text
+from gateway.policy.subprocessors import (
+    HELD_PREFIX,
+    Subprocessor,
+    SubprocessorPolicy,
+    notice_text,
+)
+from gateway.policyset import PolicySet
 from gateway.records import NewMessage, Notice
 from gateway.store.ids import new_id
+from gateway.store.repository import Store
+
+log = logging.getLogger(__name__)
+
+
+async def sync(store: Store, current: PolicySet, previous: PolicySet | None,
+               tenant_names: Mapping[str, str], hostname: str) -> None:
+    """Record registry changes with their notices; let held copies try again."""
+    routing = current.subprocessors
+    if routing is None:
+        return
+    before = previous.subprocessors.registry if previous and previous.subprocessors else {}
+    now = datetime.now(UTC)
+    added, removed = await asyncio.to_thread(
+        store.sync_subprocessors, routing.registry.keys(), now,
+        lambda a, r: build(routing, before, tenant_names, hostname, now, a, r))
+    for name in added:
+        log.info("subprocessor %s added: notices queued; usable per tenant after %d days "
+                 "without objection", name, routing.window_days)
+    for name in removed:
+        log.info("subprocessor %s removed: notices queued", name)
+    released = await asyncio.to_thread(store.release_held, HELD_PREFIX)
+    if released:
+        log.info("%d held deliveries try again under the new subprocessor policy", released)
 
 
 def build(policy: SubprocessorPolicy, previous: Mapping[str, Subprocessor],
