@@ -41,6 +41,7 @@ from gateway.clock import aware
 from gateway.config import GatewayConfig
 from gateway.errors import one_line
 from gateway.privacy import erasure, subject_address
+from gateway.privacy import keys as privacy_keys
 from gateway.privacy.export import export, tidy
 from gateway.privacy.keys import PrivacyKey
 from gateway.store.ids import new_id
@@ -131,8 +132,7 @@ class AdminAPI:
         self.store = store
         self.privacy = PrivacyStore(store)
         self.tokens = TokenStore(store)
-        assert store.privacy_key is not None, "open_store() gives every Store its key"
-        self.key: PrivacyKey = store.privacy_key
+        self.key: PrivacyKey = privacy_keys.load_or_create(config.privacy.key_file)
         self.retention = retention  # the retention policy in force (legal holds)
         self.exports_dir = config.admin_api.export_directory
         self.runner: web.AppRunner | None = None

@@ -97,7 +97,7 @@ def open_store(
         sqlite_path=config.sqlite_path,
         min_free_space=config.storage.min_free_space,
         on_commit=on_commit,
-        privacy_key=key,
+        audit_key=key.chain,
         keystore=keystore,
         keystore_problem=problem,
     )

@@ -159,10 +159,12 @@ def _when(text: str) -> datetime:
 
 def _privacy(args: argparse.Namespace) -> tuple[GatewayConfig, Any, Any]:
     """The configuration, the privacy key and the privacy store."""
+    from gateway.privacy.keys import load_or_create
     from gateway.store.privacy import PrivacyStore
 
     store = cli._store(args)  # open_store() has loaded the key, or said why not
-    return cli._config(args), store.privacy_key, PrivacyStore(store)
+    config = cli._config(args)
+    return config, load_or_create(config.privacy.key_file), PrivacyStore(store)
 
 
 def _known_tenant(config: GatewayConfig, store: Any, tenant: str, *, active: bool = False

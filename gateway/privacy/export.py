@@ -54,6 +54,7 @@ from typing import IO, Any, TypeVar
 from gateway import __version__, files
 from gateway.clock import aware
 from gateway.config import GatewayConfig
+from gateway.privacy.keys import load_or_create
 from gateway.store.models import imap_folders, subprocessor_notices, subprocessor_objections
 from gateway.store.privacy import ExportReader, PrivacyStore
 from gateway.yamlfile import YamlFileError, load_yaml
@@ -290,8 +291,8 @@ def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *
     """Write the archive for ``tenant`` (or one ``subject`` of it) to ``out``, and
     record it in the audit log (``audit_detail`` added to the event's detail)."""
     started = time.monotonic()
-    key = store.store.privacy_key
-    subject_hash = key.subject_hash(subject) if subject and key is not None else None
+    key = load_or_create(config.privacy.key_file) if subject else None
+    subject_hash = key.subject_hash(subject) if key is not None and subject else None
     audit_events = store.store.audit_events(tenant)
     reader = ExportReader(store.store)
     who = subject.strip().lower() if subject else None

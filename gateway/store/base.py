@@ -25,7 +25,6 @@ from sqlalchemy import (
 from sqlalchemy.exc import DBAPIError
 
 from gateway.clock import utcnow
-from gateway.privacy.keys import PrivacyKey
 from gateway.records import NewMessage
 from gateway.store import database
 from gateway.store.keystore import KeyStore, KeyUnavailable
@@ -61,15 +60,14 @@ class StoreBase:
         sqlite_path: Path | None = None,
         min_free_space: int = 0,
         on_commit: Callable[[int, float], None] | None = None,
-        privacy_key: PrivacyKey | None = None,
+        audit_key: bytes = b"",
         keystore: KeyStore | None = None,
         keystore_problem: str | None = None,
     ) -> None:
         self.engine = engine
         self.keystore = keystore  # None: originals are stored in clear
         self.keystore_problem = keystore_problem  # why there is none, when one is configured
-        self.privacy_key = privacy_key  # privacy.key_file: subject hashes, the audit chain
-        self.audit_key = privacy_key.chain if privacy_key is not None else b""
+        self.audit_key = audit_key  # keys the audit chain's HMACs (the privacy key's chain)
         self.commit_batch_max = commit_batch_max
         self.sqlite_path = sqlite_path
         self.min_free_space = min_free_space
