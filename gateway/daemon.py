@@ -55,6 +55,7 @@ from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, proto
 from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics, QueueStats
 from gateway.pipeline.parse import ParserPool
+from gateway.pipeline.precheck import Precheck
 from gateway.pipeline.worker import PipelineWorker
 from gateway.policy.loader import PolicyError, PolicyHolder, PolicySet, snapshot
 from gateway.policy.subprocessors import HELD_PREFIX
@@ -300,11 +301,10 @@ class App:
             sweeping = asyncio.create_task(self._sweep_loop(self.sweeper), name="retention")
 
         directory = TenantDirectory(config.tenants)
-        handler = IngressHandler(config.smtp, directory, store, self.metrics,
-                                 self.policies.workflows,
-                                 auth=auth if auth.checking else None,
-                                 dmarc_rejecting={t for t, tenant in config.tenants.items()
-                                                  if tenant.dmarc == "reject"},
+        precheck = Precheck(self.policies.workflows, auth=auth if auth.checking else None,
+                            dmarc_rejecting={t for t, tenant in config.tenants.items()
+                                             if tenant.dmarc == "reject"})
+        handler = IngressHandler(config.smtp, directory, store, self.metrics, precheck,
                                  srs=lambda: self.srs, flow=worker.flow)
         listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
             ("smtp", config.smtp.listen, handler, {})

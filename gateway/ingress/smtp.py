@@ -12,7 +12,8 @@ reader.
 
 ``IngressHandler`` holds the policy: tenant recipients only, limits, disk
 space, and the acceptance itself (``Store.accept`` commits before it returns).
-No parsing, DNS or other slow work happens before the 250.
+What must be decided before the 250 is the pipeline's precheck stage, called
+through ``Precheck``; no parsing, DNS or other slow work happens here.
 """
 
 from __future__ import annotations
@@ -28,25 +29,23 @@ from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiosmtpd
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from gateway import logs
 from gateway.auth.srs import SRS
-from gateway.auth.work import AuthCalls
 from gateway.config import SMTPConfig
 from gateway.errors import TempFailure
 from gateway.headers import field_values, header_end
 from gateway.metrics import Metrics, reply_class
 from gateway.pipeline.flow import InFlow
-from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
+from gateway.pipeline.parse import HEADER_BLOCK_LIMIT
+from gateway.pipeline.precheck import Arrival, Refusal
 from gateway.store.ids import new_id
 from gateway.store.repository import NewMessage, Store, utcnow
 from gateway.tenancy import Accepted, TenantDirectory, has_unsafe_chars
-from gateway.workflow.loader import Workflows
-from gateway.workflow.rules import INBOUND, MessageView, early_reject
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,6 @@ BARE_NEWLINE = "550 5.5.2 Error: bare CR or LF in message data"
 TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
 SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission channel"
 TOO_MANY_HOPS = "554 5.4.6 Too many hops"
-DMARC_REJECTED = "550 5.7.1 Message rejected: DMARC policy of {domain} is reject"
-AUTH_DEADLINE = 30.0  # seconds the DMARC check before the reply may take
 _RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
 
 # aiosmtpd's own reply texts, as Postfix would word them, with enhanced codes.
@@ -637,6 +634,12 @@ class GatewaySMTP(SMTP):
             super().data_received(rest)
 
 
+class Precheck(Protocol):
+    """The decisions before the 250 (``gateway.pipeline.precheck.Precheck``)."""
+
+    async def check(self, arrival: Arrival) -> Refusal | None: ...
+
+
 @dataclass
 class SessionState:
     """What the handler keeps per transaction, beside aiosmtpd's Envelope."""
@@ -654,10 +657,8 @@ class IngressHandler:
         directory: TenantDirectory,
         store: Store,
         metrics: Metrics,
-        workflows: Callable[[], Workflows] = Workflows,
+        precheck: Precheck | None = None,
         clock: Callable[[], float] = time.monotonic,
-        auth: AuthCalls | None = None,
-        dmarc_rejecting: set[str] | None = None,
         srs: Callable[[], SRS | None] = lambda: None,
         flow: InFlow | None = None,
     ) -> None:
@@ -666,10 +667,8 @@ class IngressHandler:
         self.flow = flow  # slows new mail to the pipeline's pace while it is behind
         self.store = store
         self.metrics = metrics
-        self.workflows = workflows  # the rules in force (they change on a policy reload)
+        self.precheck = precheck  # None: every tenant takes what passes the envelope checks
         self.clock = clock
-        self.auth = auth  # the checks of inbound mail; None: not configured
-        self.dmarc_rejecting = dmarc_rejecting or set()  # tenants with dmarc: reject
         self.srs = srs  # the SRS secrets in force: bounces to our rewritten senders
 
     async def handle_EHLO(
@@ -718,12 +717,15 @@ class IngressHandler:
         mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
         if hop_count(data) >= self.settings.max_hops:
             return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
-        groups = self._early_rules(_state(envelope).tenants, mail_from, data)
-        if isinstance(groups, str):
-            return smtp.refuse_data(groups, "rule", len(data))
-        groups = await self._dmarc(groups, session, mail_from, data, client)
-        if isinstance(groups, str):
-            return smtp.refuse_data(groups, "dmarc", len(data))
+        groups = _state(envelope).tenants
+        if self.precheck is not None:
+            refusal = await self.precheck.check(Arrival(
+                sender=mail_from, groups=tuple((t, tuple(r)) for t, r in groups.items()),
+                data=data, client=client, helo=_safe_helo(session.host_name)))
+            if refusal is not None:
+                groups = {t: r for t, r in groups.items() if t not in refusal.tenants}
+                if not groups:
+                    return smtp.refuse_data(refusal.reply, refusal.reason, len(data))
         batch = [
             build_message(session, envelope, data, tenant_id=tenant_id, recipients=recipients,
                           hostname=self.settings.hostname, mail_from=mail_from, now=now,
@@ -736,59 +738,6 @@ class IngressHandler:
             log.error("message from %s not stored: %s", client, exc)
             return smtp.refuse_data(QUEUE_WRITE_ERROR, "storage", len(data))
         return accepted(smtp, batch, data, self.clock() - started)
-
-    def _early_rules(self, groups: dict[str, list[str]], sender: str,
-                     data: bytes) -> dict[str, list[str]] | str:
-        """Drop the tenants whose rules reject the message already at end of DATA.
-
-        Returns the groups to store, or the reject reply when every tenant rejects.
-        Only tenants with such rules pay for the headers-only parse.
-        """
-        workflows = self.workflows()
-        early = [t for t in groups if workflows.rejects_early(t)]
-        if not early:
-            return groups
-        fields = tuple(header_fields(data))
-        keep: dict[str, list[str]] = {}
-        reply = ""
-        for tenant, recipients in groups.items():
-            verdict = None
-            if tenant in early:
-                view = MessageView(direction=INBOUND, sender=sender,
-                                   recipients=tuple(recipients), headers=fields, size=len(data))
-                verdict = early_reject(workflows.for_tenant(tenant), view)
-            if verdict is None:
-                keep[tenant] = recipients
-            else:
-                log.info("message for tenant %s rejected by rule %s", tenant, verdict[0])
-                reply = verdict[1]
-        return keep or reply
-
-    async def _dmarc(self, groups: dict[str, list[str]], session: Session, sender: str,
-                     data: bytes, client: str) -> dict[str, list[str]] | str:
-        """Drop the tenants that refuse mail failing DMARC under p=reject.
-
-        Only a message for such a tenant pays for DNS before the reply.  A check
-        that errs or takes too long never refuses: the message is accepted and
-        the pipeline records its results.
-        """
-        if self.auth is None or not self.dmarc_rejecting.intersection(groups):
-            return groups
-        try:
-            results = await asyncio.wait_for(self.auth.check(
-                data, mail_from=sender, helo=_safe_helo(session.host_name), client_ip=client,
-                dmarc_only=True), AUTH_DEADLINE)
-        except Exception as exc:  # DNS trouble or a bug in a check: accept, never refuse
-            log.warning("DMARC check before the reply failed (%s); accepting",
-                        exc.__class__.__name__)
-            return groups
-        verdict = results.dmarc
-        if verdict is None or verdict.result != "fail" or verdict.disposition != "reject":
-            return groups
-        keep = {t: r for t, r in groups.items() if t not in self.dmarc_rejecting}
-        log.info("message from %s fails DMARC of %s (p=reject): refused for %s", client,
-                 verdict.domain, ",".join(t for t in groups if t not in keep))
-        return keep or DMARC_REJECTED.format(domain=verdict.domain)
 
 
 def message_id_of(content: bytes) -> str | None:
