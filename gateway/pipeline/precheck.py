@@ -76,10 +76,12 @@ class Precheck:
         The rules come first; DMARC is checked only for the tenants they leave.
         """
         by_rule = self._rules(arrival)
-        left = [t for t, _ in arrival.groups if by_rule is None or t not in by_rule.tenants]
-        if not left:
+        refused = by_rule.tenants if by_rule is not None else frozenset()
+        rejecting = [t for t, _ in arrival.groups
+                     if t in self.dmarc_rejecting and t not in refused]
+        if self.auth is None or not rejecting:
             return by_rule
-        by_dmarc = await self._dmarc(arrival, left)
+        by_dmarc = await self._dmarc(arrival, self.auth, rejecting)
         if by_dmarc is None:
             return by_rule
         if by_rule is None:
@@ -108,13 +110,11 @@ class Precheck:
                 reply = plan.reject
         return Refusal(frozenset(refused), reply, "rule") if refused else None
 
-    async def _dmarc(self, arrival: Arrival, tenants: list[str]) -> Refusal | None:
-        """The tenants (of ``tenants``) that refuse mail failing DMARC under p=reject."""
-        rejecting = [t for t in tenants if t in self.dmarc_rejecting]
-        if self.auth is None or not rejecting:
-            return None
+    async def _dmarc(self, arrival: Arrival, auth: AuthCalls,
+                     rejecting: list[str]) -> Refusal | None:
+        """``rejecting`` (tenants with dmarc: reject) if the message fails DMARC there."""
         try:
-            results = await asyncio.wait_for(self.auth.check(
+            results = await asyncio.wait_for(auth.check(
                 arrival.data, mail_from=arrival.sender, helo=arrival.helo,
                 client_ip=arrival.client, dmarc_only=True), AUTH_DEADLINE)
         except Exception as exc:  # DNS trouble or a bug in a check: accept, never refuse
