@@ -51,7 +51,8 @@ from gateway.delivery.queue import DeliveryWorker
 from gateway.errors import ConfigError
 from gateway.httpd import HTTPServer
 from gateway.ingress.imap_pull import ImapPull
-from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
+from gateway.ingress.mx import IngressHandler
+from gateway.ingress.smtp import ConnectionTracker, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics, QueueStats
 from gateway.pipeline.parse import ParserPool
