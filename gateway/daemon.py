@@ -44,10 +44,12 @@ from gateway.errors import one_line
 from gateway.health import Health, database_name
 from gateway.httpd import HTTPServer
 from gateway.ingress.imap_pull import ImapPull
-from gateway.ingress.smtp import ConnectionTracker, IngressHandler, abort, protocol_factory
+from gateway.ingress.mx import IngressHandler
+from gateway.ingress.smtp import ConnectionTracker, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics
 from gateway.pipeline.parse import ParserPool
+from gateway.pipeline.precheck import Precheck
 from gateway.pipeline.worker import PipelineWorker
 from gateway.policyset import PolicyHolder, PolicySet
 from gateway.privacy.purge import watch_deactivated
@@ -290,10 +292,10 @@ class App:
         assert self.store is not None
         config, store, reloader = self.config, self.store, self.reloader
         auth = self.auth if self.auth.checking else None
-        handler = IngressHandler(config.smtp, self.directory, store, self.metrics,
-                                 self.policies.workflows, auth=auth,
-                                 dmarc_rejecting={t for t, tenant in config.tenants.items()
-                                                  if tenant.dmarc == "reject"},
+        precheck = Precheck(self.policies.workflows, auth=auth,
+                            dmarc_rejecting={t for t, tenant in config.tenants.items()
+                                             if tenant.dmarc == "reject"})
+        handler = IngressHandler(config.smtp, self.directory, store, self.metrics, precheck,
                                  srs=lambda: reloader.srs, flow=self.worker.flow)
         listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
             ("smtp", config.smtp.listen, handler, {})

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.ingress.smtp import MAX_TEXT_LINE, DataReader, has_long_line
+from gateway.ingress.data import MAX_TEXT_LINE, DataReader, has_long_line
 
 
 def _read(chunks: list[bytes], limit: int) -> tuple[bytes | None, bytes]:

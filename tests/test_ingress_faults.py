@@ -63,7 +63,7 @@ def test_protocols_built_from_the_cached_tables_match_aiosmtpd_own():
     must come out exactly as aiosmtpd's own __init__ makes them."""
     import aiosmtpd
 
-    from gateway.ingress import smtp as ingress
+    from gateway.ingress import fastinit
 
     class Handler:
         async def handle_DATA(self, server, session, envelope):
@@ -75,8 +75,8 @@ def test_protocols_built_from_the_cached_tables_match_aiosmtpd_own():
         return make(), make()
 
     first, second = asyncio.run(build())
-    if aiosmtpd.__version__ not in ingress._FAST_INIT_VERSIONS:
-        assert not ingress._TABLES  # an unknown release: aiosmtpd's own __init__ every time
+    if aiosmtpd.__version__ not in fastinit.FAST_INIT_VERSIONS:
+        assert not fastinit.TABLES  # an unknown release: aiosmtpd's own __init__ every time
         return
     assert set(vars(second)) == set(vars(first))
     for name, value in vars(first).items():

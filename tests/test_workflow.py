@@ -222,10 +222,13 @@ def test_check_reports_workflow_errors(tmp_path):
 
 
 def test_early_reject_only_before_body_rules(rules):
-    from gateway.workflow.rules import can_reject_early, early_reject
+    from gateway.workflow.rules import can_reject_early
 
     # acme's first reject (no-exe) needs the body, so nothing is decided at DATA.
     assert not can_reject_early(rules)
     exe = view(attachments=(("run.exe", "application/octet-stream"),))
-    assert early_reject(rules, exe) is None
+    early = evaluate(rules, exe, before_body=True)
+    assert early.reject is None
+    assert early.partial and early.stopped_by is None
     assert evaluate(rules, exe).reject == "550 5.7.1 No executables"
+    assert not evaluate(rules, exe).partial

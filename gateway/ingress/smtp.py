@@ -1,122 +1,48 @@
-"""SMTP ingress: check the envelope, store the message durably, then answer 250.
+"""The SMTP session: aiosmtpd's protocol, with what a trusted MTA needs and it lacks.
 
-``GatewaySMTP`` is aiosmtpd's protocol with what a trusted MTA needs and
-aiosmtpd lacks: connection caps (total and per client IP), an error budget,
-checks against unauthorised pipelining, enhanced status codes on every reply,
-Postfix-like texts, a 421 on idle timeout, and its own DATA reader.  The DATA
-reader takes the bytes straight from the transport in large chunks (not line
-by line), accepts only ``<CRLF>.<CRLF>`` as the end of data (so no SMTP
-smuggling variant can end a message early), keeps memory bounded for an
-oversize stream, and hands any bytes after the final dot back to the command
-reader.
-
-``IngressHandler`` holds the policy: tenant recipients only, limits, disk
-space, and the acceptance itself (``Store.accept`` commits before it returns).
-No parsing, DNS or other slow work happens before the 250.
+``GatewaySMTP`` adds connection caps (total and per client IP), an error
+budget, checks against unauthorised pipelining, enhanced status codes on every
+reply (``replies``), Postfix-like texts, a 421 on idle timeout, and its own
+DATA reader (``data``).  The listener's handler (``mx.IngressHandler``, or
+``submission.SubmissionHandler``) holds the policy and stores the message;
+``accepted`` counts and logs what it stored, ``refuse_data`` what it did not.
 """
 
 from __future__ import annotations
 
 import asyncio
-import email.utils
-import functools
 import logging
 import re
-import time
-import types
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, cast
 
-import aiosmtpd
-from aiosmtpd.smtp import SMTP, Envelope, Session
+from aiosmtpd.smtp import SMTP
 
 from gateway import logs
-from gateway.auth.work import AuthCalls
-from gateway.clock import utcnow
 from gateway.config import SMTPConfig
-from gateway.errors import TempFailure
-from gateway.headers import field_values, header_end
+from gateway.ingress import fastinit
+from gateway.ingress.data import (
+    DataReader,
+    has_bare_newline,
+    has_long_line,
+    message_id_of,
+    normalize_newlines,
+)
+from gateway.ingress.envelope import session_state
+from gateway.ingress.replies import (
+    BARE_NEWLINE,
+    INTERNAL_ERROR,
+    LINE_TOO_LONG,
+    SHUTTING_DOWN,
+    SYNC_ERROR,
+    TOO_BIG,
+    rewrite_reply,
+)
 from gateway.metrics import Metrics, reply_class
-from gateway.pipeline.flow import InFlow
-from gateway.pipeline.parse import HEADER_BLOCK_LIMIT, header_fields
 from gateway.records import NewMessage
-from gateway.srs import SRS
-from gateway.store.ids import new_id
-from gateway.store.repository import Store
-from gateway.tenancy import Accepted, TenantDirectory, has_unsafe_chars
-from gateway.workflow.loader import Workflows
-from gateway.workflow.rules import INBOUND, MessageView, early_reject
 
 log = logging.getLogger(__name__)
-
-END_OF_DATA = b"\r\n.\r\n"
-DOT_LINE = b"\r\n."  # a line that starts with a dot: stuffed, or the end of data
-MAX_TEXT_LINE = 998  # octets before CRLF, RFC 5321 4.5.3.1.6
-
-SYNC_ERROR = "554 5.5.0 Error: SMTP protocol synchronization"
-QUEUE_WRITE_ERROR = "451 4.3.0 Error: queue file write error"
-INTERNAL_ERROR = "451 4.3.0 Error: internal error, try again later"
-NO_SPACE = "452 4.3.1 Insufficient system storage"
-TOO_BIG = "552 5.3.4 Error: message file too big"
-LINE_TOO_LONG = "500 5.5.2 Error: message line longer than 1000 octets (RFC 5321 4.5.3.1.6)"
-BARE_NEWLINE = "550 5.5.2 Error: bare CR or LF in message data"
-TOO_MANY_RCPTS = "452 4.5.3 Error: too many recipients"
-SHUTTING_DOWN = "421 4.3.2 {host} Service shutting down, closing transmission channel"
-TOO_MANY_HOPS = "554 5.4.6 Too many hops"
-DMARC_REJECTED = "550 5.7.1 Message rejected: DMARC policy of {domain} is reject"
-AUTH_DEADLINE = 30.0  # seconds the DMARC check before the reply may take
-_RECEIVED = re.compile(rb"(?im)^received[ \t]*:")
-
-# aiosmtpd's own reply texts, as Postfix would word them, with enhanced codes.
-_REPLY_REWRITES: dict[str, str] = {
-    "250 OK": "250 2.0.0 Ok",
-    "221 Bye": "221 2.0.0 Bye",
-    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
-    "454 TLS not available": "454 4.7.0 TLS not available due to local problem",
-    "500 Error: bad syntax": "500 5.5.2 Error: bad syntax",
-    "500 Command line too long": "500 5.5.2 Error: command line too long",
-    "500 Error: strict ASCII mode": "500 5.5.2 Error: non-ASCII command",
-    "503 Error: send HELO first": "503 5.5.1 Error: send HELO/EHLO first",
-    "503 Error: send EHLO first": "503 5.5.1 Error: send EHLO first",
-    "503 Error: nested MAIL command": "503 5.5.1 Error: nested MAIL command",
-    "503 Error: need MAIL command": "503 5.5.1 Error: need MAIL command",
-    "503 Error: need RCPT command": "503 5.5.1 Error: need RCPT command",
-    "502 EXPN not implemented": "502 5.5.1 Error: command not implemented",
-    "552 Error: message size exceeds fixed maximum message size":
-        "552 5.3.4 Message size exceeds fixed limit",
-    "502 5.5.1 Too many unrecognized commands, goodbye.":
-        "421 4.7.0 Error: too many unrecognized commands",
-}
-_PREFIX_REWRITES: tuple[tuple[str, str], ...] = (
-    ('500 Error: command "', "502 5.5.2 Error: command not recognized"),
-    ("501 Syntax: ", "501 5.5.4 Syntax: "),
-    ("501 Error: ", "501 5.5.4 Error: "),
-    ("555 ", "555 5.5.4 "),
-    ("252 ", "252 2.0.0 "),
-)
-_PREFIX_CODES = frozenset(prefix[:3] for prefix, _ in _PREFIX_REWRITES)
-_HAS_ENHANCED = re.compile(r"^\d{3}[ -][245]\.\d{1,3}\.\d{1,3}")
-
-
-def rewrite_reply(reply: str) -> str:
-    """aiosmtpd's reply -> ours: Postfix wording and an enhanced status code."""
-    rewritten = _REPLY_REWRITES.get(reply)
-    if rewritten is not None:
-        return rewritten
-    code = reply[:3]
-    if code in _PREFIX_CODES and not _HAS_ENHANCED.match(reply):
-        for prefix, replacement in _PREFIX_REWRITES:
-            if reply.startswith(prefix):
-                if replacement.endswith(" "):
-                    return replacement + reply[len(prefix):]
-                return replacement
-    if (len(reply) > 4 and reply[3] == " " and code[0] in "245" and code not in ("220", "221")
-            and not _HAS_ENHANCED.match(reply)):
-        return f"{code} {code[0]}.0.0 {reply[4:]}"
-    return reply
 
 
 class ConnectionTracker:
@@ -155,86 +81,6 @@ class ConnectionTracker:
             self.idle.set()
 
 
-@dataclass
-class DataReader:
-    """Collects DATA straight from the transport until ``<CRLF>.<CRLF>``; the future
-    gets the message with dot-stuffing undone, or None past the size limit.
-
-    The buffer starts with a virtual CRLF (the one that ended the DATA command)
-    so that an empty message's lone dot is found like any other.  The search for
-    the end stops at every line that starts with a dot, so it also learns whether
-    there is stuffing to undo: most messages have none and are not copied again.
-    Past the size limit it keeps only the last four bytes, enough to find the end.
-    """
-
-    limit: int
-    future: asyncio.Future[bytes | None]
-    buffer: bytearray | None = field(default_factory=lambda: bytearray(b"\r\n"))
-    tail: bytes = b""
-    scanned: int = 0
-    stuffed: bool = False  # a line other than the last starts with a dot
-
-    def feed(self, data: bytes) -> bytes | None:
-        """Take bytes; returns what follows the end of data once it is found."""
-        if self.buffer is None:  # oversize: only look for the end
-            window = self.tail + data
-            end = window.find(END_OF_DATA)
-            if end < 0:
-                self.tail = window[-4:]
-                return None
-            self.future.set_result(None)
-            return window[end + 5:]
-        buffer = self.buffer
-        start = max(self.scanned - 2, 0)  # a CRLF may have come at the end of the last chunk
-        buffer += data
-        self.scanned = len(buffer)
-        at = buffer.find(DOT_LINE, start)
-        while at >= 0:
-            after = buffer[at + 3 : at + 5]
-            if after == b"\r\n":
-                return self._end(at)
-            if b"\r\n".startswith(after):  # too few bytes yet to tell: look here again
-                self.scanned = at + 2
-                break
-            self.stuffed = True
-            at = buffer.find(DOT_LINE, at + 3)
-        if len(buffer) - 2 > self.limit:
-            self.tail = bytes(buffer[-4:])
-            self.buffer = None
-        return None
-
-    def _end(self, end: int) -> bytes:
-        assert self.buffer is not None
-        # The limit holds however the stream was cut into chunks: the chunk that
-        # carries the end may also be the one that crosses it.
-        content = None
-        if end <= self.limit:
-            with memoryview(self.buffer) as view:  # one copy, not a slice and then bytes
-                content = bytes(view[2 : end + 2])
-        if content is not None and self.stuffed:
-            content = unstuff(content)
-        rest = bytes(self.buffer[end + 5:])
-        self.buffer = None
-        self.future.set_result(content)
-        return rest
-
-
-def unstuff(wire: bytes) -> bytes:
-    """Undo dot-stuffing (RFC 5321 4.5.2): drop the first dot of every line."""
-    if b"\r\n." not in wire and not wire.startswith(b"."):
-        return wire
-    return (b"\r\n" + wire).replace(b"\r\n.", b"\r\n")[2:]
-
-
-def has_bare_newline(content: bytes) -> bool:
-    crlf = content.count(b"\r\n")
-    return content.count(b"\r") != crlf or content.count(b"\n") != crlf
-
-
-def normalize_newlines(content: bytes) -> bytes:
-    return re.sub(rb"\r\n|\r|\n", b"\r\n", content)
-
-
 def _write(transport: asyncio.BaseTransport, data: bytes) -> None:
     # uvloop's transports write like asyncio's but are not WriteTransport subclasses.
     cast(asyncio.WriteTransport, transport).write(data)
@@ -246,59 +92,12 @@ def abort(transport: asyncio.BaseTransport | None) -> None:
         cast(asyncio.WriteTransport, transport).abort()
 
 
-def hop_count(content: bytes) -> int:
-    """Received header fields in the header block (a loop shows as many of them)."""
-    return len(_RECEIVED.findall(content, 0, header_end(content, HEADER_BLOCK_LIMIT)))
-
-
-def has_long_line(content: bytes) -> bool:
-    """A line of more than MAX_TEXT_LINE octets before its CRLF.
-
-    Jumps from the last LF within reach to the next: a line too long shows as a
-    stretch of MAX_TEXT_LINE + 2 octets without one.  About a hundred steps for
-    100 KB, however short its lines, instead of one object per line.
-    """
-    reach = MAX_TEXT_LINE + 2
-    size, start, rfind = len(content), 0, content.rfind
-    while size - start >= reach:
-        lf = rfind(b"\n", start, start + reach)
-        if lf < 0:
-            return True
-        start = lf + 1
-    return False
-
-
 # <dot-atom@domain> and what follows: the common path, parsed here as email's address
 # parser (which aiosmtpd uses for every MAIL and RCPT) would parse it, at a tenth the cost.
 _ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
 _PLAIN_PATH = re.compile(
     rf"<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>[ \t]*([^( \t].*|)\Z", re.DOTALL)
-
-# aiosmtpd releases whose SMTP.__init__ GatewaySMTP._init_from reproduces.
-_FAST_INIT_VERSIONS = {"1.4.6"}
-
-
-@dataclass(frozen=True)
-class _Tables:
-    """What aiosmtpd's SMTP.__init__ finds by introspection, for one protocol class and
-    one handler object: the same for every connection of a listener."""
-
-    smtp_functions: dict[str, Callable[..., Any]]
-    handle_hooks: dict[str, Callable[..., Any]]
-    auth_methods: dict[str, Any]
-    ehlo_hook_ver: str | None
-    auth_callback: Any
-
-    @classmethod
-    def of(cls, protocol: SMTP) -> _Tables:
-        p = cast(Any, protocol)
-        return cls({name: method.__func__ for name, method in p._smtp_methods.items()},
-                   dict(p._handle_hooks), dict(p._auth_methods), p._ehlo_hook_ver,
-                   p._auth_callback)
-
-
-_TABLES: dict[tuple[type, Any], _Tables] = {}
 
 
 class GatewaySMTP(SMTP):
@@ -318,15 +117,8 @@ class GatewaySMTP(SMTP):
         options = {"data_size_limit": settings.max_message_size, "enable_SMTPUTF8": True,
                    "decode_data": False, "hostname": settings.hostname,
                    "ident": "ESMTP MailFlowr", "timeout": settings.idle_timeout, **kwargs}
-        # the MX listener (no AUTH options) of a known aiosmtpd release: tables cached
-        cacheable = kwargs.keys() <= {"tls_context"} and aiosmtpd.__version__ in _FAST_INIT_VERSIONS
-        tables = _TABLES.get((type(self), handler)) if cacheable else None
-        if tables is not None:
-            self._init_from(tables, handler, options)
-        else:
-            super().__init__(handler, **options)
-            if cacheable:
-                _TABLES[(type(self), handler)] = _Tables.of(self)
+        # the MX listener (no AUTH options): aiosmtpd's tables cached, see fastinit
+        fastinit.initialise(self, handler, options, cacheable=kwargs.keys() <= {"tls_context"})
         # aiosmtpd keeps these limits in a dict shared by all sessions (EHLO raises the
         # MAIL limit for everyone, each new connection resets it): one per session.
         self.command_size_limits = defaultdict(lambda: SMTP.command_size_limit)
@@ -344,48 +136,6 @@ class GatewaySMTP(SMTP):
         self._in_data = False
         self._verbatim = False  # EHLO/HELO replies carry no enhanced status codes
         self._deadline = 0.0  # loop time at which an idle session is closed
-
-    def _init_from(self, tables: _Tables, handler: Any, options: dict[str, Any]) -> None:
-        """What ``SMTP.__init__`` (aiosmtpd 1.4.6) does for the MX listener, without
-        looking the command, hook and AUTH tables up again: that introspection (dir(),
-        getmembers on the protocol and the handler) took 45% of the event loop's Python
-        time at one connection per message. Same attributes; tests/test_ingress_faults.py holds
-        the two paths to the same state."""
-        self.__ident__ = options["ident"]
-        self.loop = asyncio.get_running_loop()
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=self.loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=self.loop)
-        self.event_handler = handler
-        self.data_size_limit = options["data_size_limit"]
-        self.enable_SMTPUTF8 = options["enable_SMTPUTF8"]
-        self._decode_data = options["decode_data"]
-        self.hostname = options["hostname"]
-        self.tls_context = options.get("tls_context")
-        self.require_starttls = self.tls_context and False  # as aiosmtpd: None without TLS
-        self._timeout_duration = options["timeout"]
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._authenticator = None
-        self._auth_callback = tables.auth_callback
-        self._auth_required = False
-        self._auth_methods = {name: type(attr)(types.MethodType(attr.method.__func__, self)
-                                               if attr.is_builtin else attr.method,
-                                               attr.is_builtin)
-                              for name, attr in tables.auth_methods.items()}
-        self._handle_hooks = tables.handle_hooks  # bound to the one shared handler
-        self._ehlo_hook_ver = tables.ehlo_hook_ver
-        self._smtp_methods = {name: types.MethodType(function, self)
-                              for name, function in tables.smtp_functions.items()}
-        self._enforce_call_limit = False
 
     # ---------------------------------------------------------- connections
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -493,7 +243,7 @@ class GatewaySMTP(SMTP):
         self.metrics.series(self.metrics.smtp_messages, self.listener, reply_class(reply),
                             reason).inc()
         envelope = self.envelope
-        tenants = ",".join(_state(envelope).tenants) if envelope is not None else ""
+        tenants = ",".join(session_state(envelope).tenants) if envelope is not None else ""
         logs.event(log, "rejected", logging.WARNING if reply[:1] == "4" else logging.INFO,
                    listener=self.listener, tenant=tenants or "-", code=int(reply[:3]),
                    reason=reason, size=size, client=self._peer_ip,
@@ -639,193 +389,6 @@ class GatewaySMTP(SMTP):
             super().data_received(rest)
 
 
-@dataclass
-class SessionState:
-    """What the handler keeps per transaction, beside aiosmtpd's Envelope."""
-
-    tenants: dict[str, list[str]] = field(default_factory=dict)
-    overshoot: int = 0  # recipients refused for being past smtp.max_recipients
-
-
-class IngressHandler:
-    """Envelope policy and durable acceptance (aiosmtpd handler hooks)."""
-
-    def __init__(
-        self,
-        settings: SMTPConfig,
-        directory: TenantDirectory,
-        store: Store,
-        metrics: Metrics,
-        workflows: Callable[[], Workflows] = Workflows,
-        clock: Callable[[], float] = time.monotonic,
-        auth: AuthCalls | None = None,
-        dmarc_rejecting: set[str] | None = None,
-        srs: Callable[[], SRS | None] = lambda: None,
-        flow: InFlow | None = None,
-    ) -> None:
-        self.settings = settings
-        self.directory = directory
-        self.flow = flow  # slows new mail to the pipeline's pace while it is behind
-        self.store = store
-        self.metrics = metrics
-        self.workflows = workflows  # the rules in force (they change on a policy reload)
-        self.clock = clock
-        self.auth = auth  # the checks of inbound mail; None: not configured
-        self.dmarc_rejecting = dmarc_rejecting or set()  # tenants with dmarc: reject
-        self.srs = srs  # the SRS secrets in force: bounces to our rewritten senders
-
-    async def handle_EHLO(
-        self, server: SMTP, session: Session, envelope: Envelope, hostname: str,
-        responses: list[str],
-    ) -> list[str]:
-        session.host_name = hostname
-        return ehlo_lines(responses, auth=False)
-
-    async def handle_MAIL(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
-        mail_options: list[str],
-    ) -> str:
-        refusal = sender_refusal(self.store, address, mail_options)
-        if refusal is not None:
-            return refusal
-        if self.flow is not None:
-            await self.flow.admit()
-        take_sender(envelope, address, mail_options)
-        return "250 2.1.0 Ok"
-
-    async def handle_RCPT(
-        self, server: SMTP, session: Session, envelope: Envelope, address: str,
-        rcpt_options: list[str],
-    ) -> str:
-        refusal = recipient_limit(server, envelope)
-        if refusal is not None:
-            return refusal
-        verdict = self.directory.resolve(address, smtputf8=envelope.smtp_utf8, srs=self.srs())
-        if not isinstance(verdict, Accepted):
-            return refuse_rcpt(server, verdict.reply, verdict.reason)
-        state = _state(envelope)
-        group = state.tenants.setdefault(verdict.tenant_id, [])
-        if verdict.address.lower() not in (r.lower() for r in group):
-            group.append(verdict.address)
-            envelope.rcpt_tos.append(verdict.address)
-        return "250 2.1.5 Ok"
-
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
-        started = self.clock()
-        smtp = cast(GatewaySMTP, server)
-        data = envelope.original_content
-        assert isinstance(data, bytes)
-        now = utcnow()
-        client = client_address(session)
-        mail_from = "" if envelope.mail_from in (None, "<>") else envelope.mail_from
-        if hop_count(data) >= self.settings.max_hops:
-            return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
-        groups = self._early_rules(_state(envelope).tenants, mail_from, data)
-        if isinstance(groups, str):
-            return smtp.refuse_data(groups, "rule", len(data))
-        groups = await self._dmarc(groups, session, mail_from, data, client)
-        if isinstance(groups, str):
-            return smtp.refuse_data(groups, "dmarc", len(data))
-        batch = [
-            build_message(session, envelope, data, tenant_id=tenant_id, recipients=recipients,
-                          hostname=self.settings.hostname, mail_from=mail_from, now=now,
-                          client=client)
-            for tenant_id, recipients in groups.items()
-        ]
-        try:
-            await self.store.accept(batch)
-        except TempFailure as exc:
-            log.error("message from %s not stored: %s", client, exc)
-            return smtp.refuse_data(QUEUE_WRITE_ERROR, "storage", len(data))
-        return accepted(smtp, batch, data, self.clock() - started)
-
-    def _early_rules(self, groups: dict[str, list[str]], sender: str,
-                     data: bytes) -> dict[str, list[str]] | str:
-        """Drop the tenants whose rules reject the message already at end of DATA.
-
-        Returns the groups to store, or the reject reply when every tenant rejects.
-        Only tenants with such rules pay for the headers-only parse.
-        """
-        workflows = self.workflows()
-        early = [t for t in groups if workflows.rejects_early(t)]
-        if not early:
-            return groups
-        fields = tuple(header_fields(data))
-        keep: dict[str, list[str]] = {}
-        reply = ""
-        for tenant, recipients in groups.items():
-            verdict = None
-            if tenant in early:
-                view = MessageView(direction=INBOUND, sender=sender,
-                                   recipients=tuple(recipients), headers=fields, size=len(data))
-                verdict = early_reject(workflows.for_tenant(tenant), view)
-            if verdict is None:
-                keep[tenant] = recipients
-            else:
-                log.info("message for tenant %s rejected by rule %s", tenant, verdict[0])
-                reply = verdict[1]
-        return keep or reply
-
-    async def _dmarc(self, groups: dict[str, list[str]], session: Session, sender: str,
-                     data: bytes, client: str) -> dict[str, list[str]] | str:
-        """Drop the tenants that refuse mail failing DMARC under p=reject.
-
-        Only a message for such a tenant pays for DNS before the reply.  A check
-        that errs or takes too long never refuses: the message is accepted and
-        the pipeline records its results.
-        """
-        if self.auth is None or not self.dmarc_rejecting.intersection(groups):
-            return groups
-        try:
-            results = await asyncio.wait_for(self.auth.check(
-                data, mail_from=sender, helo=_safe_helo(session.host_name), client_ip=client,
-                dmarc_only=True), AUTH_DEADLINE)
-        except Exception as exc:  # DNS trouble or a bug in a check: accept, never refuse
-            log.warning("DMARC check before the reply failed (%s); accepting",
-                        exc.__class__.__name__)
-            return groups
-        verdict = results.dmarc
-        if verdict is None or verdict.result != "fail" or verdict.disposition != "reject":
-            return groups
-        keep = {t: r for t, r in groups.items() if t not in self.dmarc_rejecting}
-        log.info("message from %s fails DMARC of %s (p=reject): refused for %s", client,
-                 verdict.domain, ",".join(t for t in groups if t not in keep))
-        return keep or DMARC_REJECTED.format(domain=verdict.domain)
-
-
-def message_id_of(content: bytes) -> str | None:
-    """The Message-ID field's value (unfolded), from the header block only; None if none."""
-    values = field_values(content, b"message-id", HEADER_BLOCK_LIMIT)
-    if not values:
-        return None
-    return " ".join(values[0].decode("utf-8", "replace").split()) or None
-
-
-def recipient_limit(server: SMTP, envelope: Envelope) -> str | None:
-    """None while the transaction may take another recipient, else its 452.
-
-    As Postfix (smtpd_recipient_overshoot_limit): the first
-    smtp.recipient_overshoot_limit recipients past the limit in a transaction
-    are not errors, so a client that sends too many still reaches DATA for the
-    accepted ones and retries the rest later; each one past those counts, and a
-    client that never stops is cut off at smtp.max_errors as for any error.
-    """
-    smtp = cast(GatewaySMTP, server)
-    if len(envelope.rcpt_tos) < smtp.settings.max_recipients:
-        return None
-    state = _state(envelope)
-    state.overshoot += 1
-    if state.overshoot <= smtp.settings.recipient_overshoot_limit:
-        smtp.excuse_reply()
-    return refuse_rcpt(server, TOO_MANY_RCPTS, "too_many")
-
-
-def refuse_rcpt(server: SMTP, reply: str, reason: str) -> str:
-    smtp = cast(GatewaySMTP, server)
-    smtp.metrics.series(smtp.metrics.smtp_recipients_refused, smtp.listener, reason).inc()
-    return reply
-
-
 def accepted(smtp: GatewaySMTP, batch: list[NewMessage], data: bytes, latency: float,
              user: str | None = None) -> str:
     """Count the stored copies of a message; the 250 reply for them. Their log lines
@@ -848,106 +411,6 @@ def _log_accepted(batch: list[NewMessage], data: bytes, listener: str,
         logs.event(log, "accepted", queue_id=m.id, tenant=m.tenant_id, msgid=msgid, code=250,
                    size=len(data), rcpts=len(m.recipients), listener=listener,
                    client=m.client_address, user=user, sender=m.mail_from or "<>")
-
-
-def ehlo_lines(responses: list[str], *, auth: bool) -> list[str]:
-    """aiosmtpd's EHLO lines plus PIPELINING and ENHANCEDSTATUSCODES; AUTH only if asked."""
-    lines = [r[4:] for r in responses if auth or not r[4:].startswith("AUTH")]
-    lines = [line for line in lines if line != "HELP"]
-    lines[1:1] = ["PIPELINING"]
-    lines.append("ENHANCEDSTATUSCODES")
-    return [f"250-{line}" for line in lines[:-1]] + [f"250 {lines[-1]}"]
-
-
-def sender_refusal(store: Store, address: str, mail_options: list[str]) -> str | None:
-    """The reply refusing MAIL FROM for reasons every listener shares, or None."""
-    if not store.has_free_space():
-        return NO_SPACE
-    if not address.isascii() and "SMTPUTF8" not in mail_options:
-        return "553 5.6.7 Must declare SMTPUTF8 to send non-ASCII addresses"
-    if address != "<>" and has_unsafe_chars(address):
-        return "501 5.1.7 Bad sender address syntax"
-    return None
-
-
-def take_sender(envelope: Envelope, address: str, mail_options: list[str]) -> None:
-    envelope.mail_from = address  # aiosmtpd keeps the null sender as "<>"
-    envelope.mail_options.extend(mail_options)
-    envelope.smtp_utf8 = "SMTPUTF8" in mail_options
-
-
-def client_address(session: Session) -> str:
-    peer = session.peer
-    return str(peer[0]) if isinstance(peer, tuple) else "unknown"
-
-
-def build_message(
-    session: Session, envelope: Envelope, data: bytes, *, tenant_id: str,
-    recipients: list[str], hostname: str, mail_from: str, now: Any, client: str,
-    direction: str = "inbound", submitted_by: str | None = None,
-) -> NewMessage:
-    """One tenant's copy of an accepted message, with our trace header beside it."""
-    message_id = new_id()
-    helo = _safe_helo(session.host_name)
-    protocol = _protocol(session, envelope)
-    trace = received_header(helo=helo, client=client, hostname=hostname, protocol=protocol,
-                            queue_id=message_id, recipients=recipients, when=now)
-    return NewMessage(
-        id=message_id, tenant_id=tenant_id, mail_from=mail_from, recipients=tuple(recipients),
-        data=data, received_at=now, client_address=client, helo=helo,
-        protocol=protocol, trace_header=trace, smtputf8=bool(envelope.smtp_utf8),
-        direction=direction, submitted_by=submitted_by,
-    )
-
-
-def _state(envelope: Envelope) -> SessionState:
-    state = getattr(envelope, "gateway_state", None)
-    if state is None:
-        state = SessionState()
-        envelope.gateway_state = state  # type: ignore[attr-defined]
-    return state
-
-
-def _safe_helo(name: str | None) -> str:
-    if not name:
-        return "unknown"
-    clean = "".join(c for c in name if 32 < ord(c) < 127 and c not in "()[];\\\"")
-    return clean[:255] or "unknown"
-
-
-def _protocol(session: Session, envelope: Envelope) -> str:
-    name = "ESMTP" if session.extended_smtp else "SMTP"
-    if envelope.smtp_utf8:
-        name = "UTF8SMTP"
-    if session.ssl is not None:
-        name += "S"
-    if session.authenticated:
-        name += "A"  # RFC 3848: ESMTPSA
-    return name
-
-
-def received_header(
-    *, helo: str, client: str, hostname: str, protocol: str, queue_id: str,
-    recipients: list[str], when: datetime,
-) -> str:
-    """Our trace header, folded like Postfix's; 'for' only with one recipient."""
-    parts = [
-        f"Received: from {helo} ([{client}])",
-        f"\tby {hostname} (MailFlowr Gateway) with {protocol} id {queue_id}",
-    ]
-    date = _rfc5322_date(when.replace(microsecond=0))
-    if len(recipients) == 1 and not has_unsafe_chars(recipients[0]):
-        parts.append(f"\tfor <{recipients[0]}>; {date}")
-    else:
-        parts[-1] += ";"
-        parts.append(f"\t{date}")
-    return "\r\n".join(parts) + "\r\n"
-
-
-@functools.lru_cache(maxsize=4)
-def _rfc5322_date(when: datetime) -> str:
-    """The Date of a trace header: the same for every message of a second."""
-    return email.utils.format_datetime(when)
 
 
 def protocol_factory(

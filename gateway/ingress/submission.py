@@ -30,20 +30,18 @@ from gateway.clock import utcnow
 from gateway.config import SMTPConfig, SubmissionConfig, TenantConfig
 from gateway.errors import TempFailure
 from gateway.headers import from_addresses
-from gateway.ingress.smtp import (
-    QUEUE_WRITE_ERROR,
-    TOO_MANY_HOPS,
-    GatewaySMTP,
-    accepted,
-    build_message,
+from gateway.ingress.data import hop_count
+from gateway.ingress.envelope import (
     client_address,
     ehlo_lines,
-    hop_count,
     recipient_limit,
     refuse_rcpt,
     sender_refusal,
     take_sender,
 )
+from gateway.ingress.message import build_message
+from gateway.ingress.replies import QUEUE_WRITE_ERROR, TOO_MANY_HOPS
+from gateway.ingress.smtp import GatewaySMTP, accepted
 from gateway.metrics import Metrics
 from gateway.passwords import verify
 from gateway.pipeline.flow import InFlow

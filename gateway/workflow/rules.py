@@ -267,6 +267,7 @@ class Plan:
     stopped_by: str | None = None
     origin: dict[str, str] = field(default_factory=dict)  # copy address or route -> rule name
     keep_original: str | None = None  # the first rule that asked to keep the original
+    partial: bool = False  # evaluated before the body: rules past one that needs it not run
 
     @property
     def ended(self) -> bool:
@@ -284,13 +285,22 @@ def _add_once(plan: Plan, target: list[str], values: Sequence[str], seen: set[st
 
 
 def evaluate(rules: Sequence[Rule], msg: MessageView,
-             on_match: Callable[[Rule], None] | None = None) -> Plan:
-    """Run ``rules`` over ``msg`` in order; see the module docstring for the semantics."""
+             on_match: Callable[[Rule], None] | None = None, *,
+             before_body: bool = False) -> Plan:
+    """Run ``rules`` over ``msg`` in order; see the module docstring for the semantics.
+
+    With ``before_body`` (the end of DATA, before the message is stored: envelope
+    and headers only) the walk ends at the first rule that needs the MIME body,
+    and the plan is marked ``partial``: what follows is decided after storage.
+    """
     plan = Plan()
     seen: set[str] = set()  # every copy target once, Cc winning over a later Bcc
     tags = set(msg.tags)
     view = msg
     for rule in rules:
+        if before_body and rule.match.needs_body:
+            plan.partial = True
+            break
         why = rule.match.check(view)
         if why is None:
             continue
@@ -325,33 +335,10 @@ def evaluate(rules: Sequence[Rule], msg: MessageView,
     return plan
 
 
-def early_reject(rules: Sequence[Rule], msg: MessageView) -> tuple[str, str] | None:
-    """The (rule, reply) that rejects ``msg`` at end of DATA, if that can be known then.
-
-    Walks the rules as ``evaluate`` would, on the envelope and headers only, and
-    gives up at the first rule that needs the MIME body: from there on the outcome
-    is decided after storage.
-    """
-    tags = set(msg.tags)
-    view = msg
-    for rule in rules:
-        if rule.match.needs_body:
-            return None
-        if rule.match.check(view) is None:
-            continue
-        a = rule.actions
-        if a.reject is not None:
-            return rule.name, a.reject
-        if a.discard or a.stop:
-            return None
-        if a.tag:
-            tags.update(a.tag)
-            view = dataclasses.replace(msg, tags=frozenset(tags))
-    return None
-
-
 def can_reject_early(rules: Sequence[Rule]) -> bool:
-    """Whether any reject rule comes before the first rule that needs the body."""
+    """Whether any reject rule comes before the first rule that needs the body: only
+    then can ``evaluate(..., before_body=True)`` reject, so only then is it worth a
+    headers-only parse at the end of DATA."""
     for rule in rules:
         if rule.match.needs_body:
             return False
