@@ -27,7 +27,6 @@ from gateway.auth.verify import Lookup, TempLookupError
 
 RSA = "rsa-sha256"
 ED25519 = "ed25519-sha256"
-ALGORITHMS = (RSA, ED25519)
 MIN_RSA_BITS = 1024  # RFC 8301: verifiers refuse shorter keys
 GOOD_RSA_BITS = 2048
 
