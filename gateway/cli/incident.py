@@ -24,9 +24,8 @@ from gateway.store.repository import utcnow
 
 
 def add_parsers(sub: Subcommands) -> None:
-    incident = sub.add_parser("incident", help="personal-data breach notices")
-    isub = incident.add_subparsers(dest="incident_command", required=True,
-                                   parser_class=Parser)
+    group = sub.add_parser("incident", help="personal-data breach notices")
+    isub = group.add_subparsers(dest="incident_command", required=True, parser_class=Parser)
     p = isub.add_parser("notify", help="send a breach notice to the tenant's privacy contact "
                                        "through the delivery queue (audited)")
     config_arg(p)

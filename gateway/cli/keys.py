@@ -6,7 +6,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from gateway.auth.keys import KeyFileError, write_private
 from gateway.cli.common import (
@@ -55,7 +54,7 @@ def cmd_keys_generate(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _keystore(config: GatewayConfig) -> Any:
+def _keystore(config: GatewayConfig) -> KeyStore:
     try:
         master = config.privacy.master_key()
     except KeyFileError as exc:

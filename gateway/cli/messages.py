@@ -28,7 +28,7 @@ from gateway.cli.common import (
 )
 from gateway.config import GatewayConfig
 from gateway.policy.loader import PolicyError
-from gateway.store.repository import aware, utcnow
+from gateway.store.repository import Store, aware, utcnow
 
 
 def add_parsers(sub: Subcommands) -> None:
@@ -88,7 +88,7 @@ def cmd_messages_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _get(store: Any, message_id: str) -> dict[str, Any]:
+def _get(store: Store, message_id: str) -> dict[str, Any]:
     row = store.get_message(message_id.upper())
     if row is None:
         raise CommandError(f"no message with id {message_id}")

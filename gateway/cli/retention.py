@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -21,7 +20,7 @@ from gateway.cli.common import (
     open_store,
     printable,
 )
-from gateway.sweeper import Sweeper
+from gateway.sweeper import Sweeper, SweepReport
 
 
 def add_parsers(sub: Subcommands) -> None:
@@ -62,7 +61,7 @@ def cmd_retention_preview(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _print_sweep(report: Any, as_json: bool, version: str) -> None:
+def _print_sweep(report: SweepReport, as_json: bool, version: str) -> None:
     verb = "would delete" if report.dry_run else "deleted"
     if as_json:
         json.dump({

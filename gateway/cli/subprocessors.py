@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -22,7 +21,7 @@ from gateway.cli.common import (
     printable,
 )
 from gateway.config import GatewayConfig
-from gateway.policy.subprocessors import Consent
+from gateway.policy.subprocessors import Consent, SubprocessorPolicy
 from gateway.store.repository import utcnow
 
 
@@ -46,7 +45,7 @@ def add_parsers(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_subprocessors_object)
 
 
-def _routing(config: GatewayConfig, args: argparse.Namespace) -> Any:
+def _routing(config: GatewayConfig, args: argparse.Namespace) -> SubprocessorPolicy:
     policies = load_policies(config)
     if policies.subprocessors is None:
         raise CommandError(f"no {config.policies.directory / 'subprocessors.yaml'}: copies go "
