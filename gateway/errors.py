@@ -13,14 +13,6 @@ class TempFailure(GatewayError):
     """Try again later: database down, disk full, a timeout (SMTP 4xx)."""
 
 
-class PermFailure(GatewayError):
-    """Will never succeed as it is (SMTP 5xx)."""
-
-
-class Discard(GatewayError):
-    """Drop the message on purpose, without a bounce."""
-
-
 class ConfigError(GatewayError):
     """A configuration or policy file is invalid.
 

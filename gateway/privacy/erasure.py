@@ -115,6 +115,16 @@ def purge_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor:
     return Purged(removed, shredded, store.scrub() if removed.messages else True)
 
 
+def shred_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor: str
+                 ) -> Purged:
+    """``purge_tenant``, then the audit event that records it and whether the data key
+    went with it: what `tenant deactivate` does once the tenant is inactive."""
+    purged = purge_tenant(store, config, tenant, actor)
+    store.store.audit(actor, "tenant.shred", tenant_id=tenant,
+                      detail={"data_key_destroyed": purged.shredded})
+    return purged
+
+
 def config_mentions(config: GatewayConfig, tenant: str, subject: str) -> list[str]:
     """Where gateway.yaml itself names the address (erasure cannot edit the file)."""
     t = config.tenants.get(tenant)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from gateway.delivery.notices import local_message
+from gateway.policy.subprocessors import SubprocessorPolicy
 from gateway.records import NewMessage
 
 PROMISE_HOURS = 48
@@ -45,6 +46,19 @@ class Notice:
                 "within_promise": self.hours <= PROMISE_HOURS,
                 "to": self.message.recipients[0], "title": self.title,
                 "sha256": hashlib.sha256(self.message.data).hexdigest()}
+
+
+def privacy_contact(routing: SubprocessorPolicy | None, tenant: str) -> str | None:
+    """Where a tenant's notices go unless told otherwise: the privacy_contact of its
+    terms in subprocessors.yaml (None: it names none)."""
+    terms = routing.tenants.get(tenant) if routing is not None else None
+    return terms.privacy_contact if terms is not None else None
+
+
+def notice_sender(routing: SubprocessorPolicy | None, hostname: str) -> str:
+    """Who notices come from unless told otherwise: notice.from of subprocessors.yaml,
+    else the postmaster of the gateway's host name."""
+    return (routing.notice_from if routing is not None else "") or f"postmaster@{hostname}"
 
 
 def read_text(data: bytes, where: str) -> str:

@@ -1,0 +1,76 @@
+"""The ``mailflowr-gateway`` command line.
+
+Every command reads the same configuration (``--config``, default
+config/gateway.yaml, or $MAILFLOWR_CONFIG).  Errors are one line on stderr and
+a non-zero exit: 2 for an invalid configuration or usage, 1 for anything else.
+
+Each command group is a module of this package with an ``add_parsers`` function;
+this module builds the parser from them, in the order of ``COMMANDS``, and turns
+the errors a command may end with into a message and an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+from gateway.cli import (
+    audit,
+    check,
+    db,
+    dkim,
+    imap,
+    incident,
+    keys,
+    messages,
+    privacy,
+    queue,
+    retention,
+    rules,
+    serve,
+    status,
+    subprocessors,
+    tenant,
+    token,
+    users,
+)
+from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, CommandError, Parser
+from gateway.errors import ConfigError
+from gateway.policyset import PolicyError
+from gateway.store.keystore import KeyUnavailable
+
+# the order of the commands in --help
+COMMANDS = (serve, check, status, dkim, db, messages, queue, users, retention, subprocessors,
+            imap, rules, privacy, tenant, keys, token, incident, audit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="mailflowr-gateway", description="MailFlowr Gateway")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    for module in COMMANDS:
+        module.add_parsers(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except PolicyError as exc:  # the configuration is fine; a policy file is not
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_FAILURE
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return EXIT_CONFIG
+    except CommandError as exc:
+        print(f"mailflowr-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyUnavailable as exc:  # an encrypted original whose key is not here
+        print(f"mailflowr-gateway: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:  # e.g. `messages list | head`
+        return EXIT_OK

@@ -1,0 +1,123 @@
+"""What every command shares: the parser class and the ``--config`` option, exit
+codes, loading the configuration, the policies and the store, and the helpers that
+turn stored values into JSON or into text safe for a terminal."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn, TypeAlias
+
+from gateway import policyset as loader
+from gateway import privacy
+from gateway.clock import aware
+from gateway.config import GatewayConfig, load
+from gateway.policyset import PolicySet
+from gateway.privacy import keys as privacy_keys
+from gateway.privacy.keys import PrivacyKey
+from gateway.startup import StartupError
+from gateway.startup import open_store as open_database
+from gateway.store.privacy import PrivacyStore
+from gateway.store.repository import Store
+
+DEFAULT_CONFIG = "config/gateway.yaml"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+# what add_subparsers() returns: each command module's add_parsers() adds to it
+Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
+
+
+class CommandError(Exception):
+    """A command cannot do what was asked; the text is shown as it is."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors exit 2 with a pointer to --help, like an invalid configuration."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def config_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--config", "-c", metavar="PATH",
+        default=os.environ.get("MAILFLOWR_CONFIG", DEFAULT_CONFIG),
+        help=f"configuration file (default: $MAILFLOWR_CONFIG or {DEFAULT_CONFIG})",
+    )
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be 1 or more")
+    return value
+
+
+def subject_address(text: str) -> str:
+    value = privacy.subject_address(text)
+    if value is None:
+        raise argparse.ArgumentTypeError(f"not an e-mail address: {text!r}")
+    return value
+
+
+def actor() -> str:
+    """Who did it, for the audit log: the operator's login."""
+    return f"cli:{os.environ.get('USER', 'unknown')}"
+
+
+def load_config(args: argparse.Namespace) -> GatewayConfig:
+    return load(args.config)
+
+
+def load_policies(config: GatewayConfig, directory: Path | None = None) -> PolicySet:
+    return loader.load(directory or config.policies.directory, config.tenants.keys(),
+                       config.destinations.keys())
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    try:
+        return open_database(load_config(args), upgrade_sqlite=False, need_keys=False)
+    except StartupError as exc:
+        raise CommandError(str(exc)) from None
+
+
+def open_privacy(args: argparse.Namespace) -> tuple[GatewayConfig, PrivacyKey, PrivacyStore]:
+    """The configuration, the privacy key and the privacy store."""
+    store = open_store(args)  # made the privacy key if there was none, or said why not
+    config = load_config(args)
+    return config, privacy_keys.load_or_create(config.privacy.key_file), PrivacyStore(store)
+
+
+def known_tenant(config: GatewayConfig, store: PrivacyStore, tenant: str, *,
+                 active: bool = False) -> dict[str, Any] | None:
+    """The tenant's row (None: configured, no mail stored yet); with ``active``, a
+    deactivated tenant is refused too."""
+    row = store.tenant_row(tenant)
+    if row is None and tenant not in config.tenants:
+        raise CommandError(f"no tenant {tenant!r} in the configuration or the database")
+    if active and row is not None and not row["active"]:
+        raise CommandError(f"tenant {tenant} is deactivated")
+    result: dict[str, Any] | None = row
+    return result
+
+
+def jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return aware(value).isoformat()
+    return value
+
+
+def printable(text: Any, width: int | None = None) -> str:
+    """Header text made safe for a terminal: no control characters."""
+    if text is None:
+        return "-"
+    clean = "".join(c if c.isprintable() else " " for c in str(text))
+    return clean if width is None or len(clean) <= width else clean[: width - 1] + "…"

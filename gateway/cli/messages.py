@@ -1,0 +1,203 @@
+"""``messages list|show|export``: stored messages, what is known about each, and
+the stored original."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway import files
+from gateway.cli.common import (
+    EXIT_OK,
+    CommandError,
+    Parser,
+    Subcommands,
+    actor,
+    config_arg,
+    jsonable,
+    load_config,
+    load_policies,
+    open_store,
+    positive_int,
+    printable,
+)
+from gateway.clock import aware, utcnow
+from gateway.config import GatewayConfig
+from gateway.policyset import PolicyError
+from gateway.store.repository import Store
+
+
+def add_parsers(sub: Subcommands) -> None:
+    msgs = sub.add_parser("messages", help="stored messages")
+    msub = msgs.add_subparsers(dest="messages_command", required=True, parser_class=Parser)
+    p = msub.add_parser("list", help="list stored messages, oldest first")
+    config_arg(p)
+    p.add_argument("--tenant", help="only this tenant's messages")
+    p.add_argument("--status", choices=["received", "processed", "quarantined"])
+    p.add_argument("--limit", type=positive_int, help="at most this many")
+    p.add_argument("--json", action="store_true", help="one JSON array instead of a table")
+    p.set_defaults(func=cmd_messages_list)
+
+    p = msub.add_parser("show", help="everything stored about one message")
+    config_arg(p)
+    p.add_argument("id")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_messages_show)
+
+    p = msub.add_parser("export", help="write the stored original as .eml")
+    config_arg(p)
+    p.add_argument("id")
+    p.add_argument("--out", "-o", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--with-trace", action="store_true",
+                   help="prepend the Received header the gateway added")
+    p.set_defaults(func=cmd_messages_export)
+
+
+def _summary(row: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": row["id"],
+        "tenant": row["tenant_id"],
+        "status": row["status"],
+        "received_at": jsonable(row["received_at"]),
+        "message_id": row["message_id"],
+        "sender": row["mail_from"],
+        "recipients": row["recipients"],
+        "subject": row["subject"],
+        "size": row["size"],
+        "tags": row["tags"],
+        "parse_failed": row["parse_failed"],
+    }
+
+
+def cmd_messages_list(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    rows = store.list_messages(tenant=args.tenant, limit=args.limit, status=args.status)
+    if args.json:
+        json.dump([_summary(r) for r in rows], sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'ID':26}  {'TENANT':12} {'STATUS':11} {'SIZE':>8}  {'SENDER':30} SUBJECT")
+    for r in rows:
+        print(f"{r['id']:26}  {printable(r['tenant_id'], 12):12} {r['status']:11} "
+              f"{r['size']:>8}  {printable(r['mail_from'] or '<>', 30):30} "
+              f"{printable(r['subject'], 60)}")
+    return EXIT_OK
+
+
+def _get(store: Store, message_id: str) -> dict[str, Any]:
+    row = store.get_message(message_id.upper())
+    if row is None:
+        raise CommandError(f"no message with id {message_id}")
+    result: dict[str, Any] = row
+    return result
+
+
+def cmd_messages_show(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    row = _get(store, args.id)
+    data = _summary(row)
+    data.update(
+        {
+            "header_from": row["header_from"], "header_to": row["header_to"],
+            "header_cc": row["header_cc"], "date": row["date"],
+            "attachments": row["attachments"] or [], "defects": row["defects"] or [],
+            "sha256": row["sha256"], "client_address": row["client_address"],
+            "helo": row["helo"], "protocol": row["protocol"],
+            "processed_at": jsonable(row["processed_at"]), "last_error": row["last_error"],
+            "attempts": row["attempts"], "policy_version": row["policy_version"],
+            **_auth_summary(row["auth_results"] or {}),
+        }
+    )
+    data.update(_retention_of(load_config(args), row))
+    if args.json:
+        json.dump(data, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    for key, value in data.items():
+        if isinstance(value, list):
+            value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
+        print(f"{key + ':':16}{printable(value)}")
+    return EXIT_OK
+
+
+def _auth_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """The stored authentication results, one line per check."""
+    def line(r: dict[str, str], detail: str) -> str:
+        return r["result"] + detail + (f" ({r['reason']})" if r.get("reason") else "")
+
+    out: dict[str, Any] = {"dkim": [
+        line(r, f" d={r['domain']} s={r['selector']}" if r["domain"] else "")
+        for r in results.get("dkim", [])]}
+    if "spf" in results:
+        spf = results["spf"]
+        out["spf"] = line(spf, f" {spf['identity']}={spf['domain']}" if spf["domain"] else "")
+    if "arc" in results:
+        out["arc"] = line(results["arc"], "")
+    if "dmarc" in results:
+        d = results["dmarc"]
+        out["dmarc"] = line(d, (f" from={d['domain']}" if d["domain"] else "")
+                            + (f" p={d['policy']} disposition={d['disposition']}"
+                               if d["policy"] else ""))
+    return out
+
+
+def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
+    """Which retention rule applies to a stored message under the policy on disk,
+    when it expires, and what holds it."""
+    try:
+        policy = load_policies(config).retention
+    except PolicyError as exc:
+        return {"retention": f"unknown: the policy does not validate ({exc.problems[0]})"}
+    if row["status"] == "received":
+        return {"retention": "decided once the pipeline has processed the message"}
+    now = utcnow()
+    tags = row["tags"] or []
+    unknown = policy.unknown_tags(tags)
+    if unknown:
+        return {"retention": f"kept: tag {', '.join(unknown)} is not in the retention policy"}
+    decision = policy.decide(row["tenant_id"], tags)
+    addresses = {a for _, a in row.get("addresses", [])}
+    holds = [h.name for h in policy.active_holds(now)
+             if h.covers(row["tenant_id"], tags) and (h.address is None or h.address in addresses)]
+    received = aware(row["received_at"])
+    return {"retention": decision.rule,
+            "expires_at": decision.expires(received).isoformat(),
+            "held_by": holds}
+
+
+def cmd_messages_export(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    row = _get(store, args.id)
+    raw = store.raw(row["id"])
+    if raw is None:
+        raise CommandError(f"message {row['id']}: the stored original is missing")
+    if hashlib.sha256(raw).hexdigest() != row["sha256"]:
+        raise CommandError(f"message {row['id']}: the stored original fails its checksum")
+    data = (row["trace_header"].encode() if args.with_trace else b"") + raw
+    if args.out:
+        out = Path(args.out)
+        try:
+            if out.exists() and not out.is_file():
+                # a device or a pipe (/dev/stdout, a FIFO) is written to, never replaced
+                with out.open("ab") as f:
+                    f.write(data)
+            else:  # a file appears whole or not at all
+                tmp = out.with_name(f".{out.name}.tmp")
+                with os.fdopen(files.create(tmp), "wb") as f:  # personal data: 0600
+                    f.write(data)
+                tmp.replace(out)
+        except OSError as exc:
+            raise CommandError(f"{args.out}: {exc.strerror}") from None
+    else:
+        sys.stdout.buffer.write(data)
+        sys.stdout.flush()
+    store.audit(
+        actor(), "message.export",
+        tenant_id=row["tenant_id"], message_id=row["id"], detail={"bytes": len(data)},
+    )
+    return EXIT_OK

@@ -1,0 +1,61 @@
+"""``status``: what the running daemon is doing, asked over its metrics port."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import urllib.error
+import urllib.request
+
+from gateway.cli.common import EXIT_OK, CommandError, Subcommands, config_arg, load_config
+from gateway.config import parse_hostport
+
+
+def add_parsers(sub: Subcommands) -> None:
+    p = sub.add_parser("status", help="what the running daemon is doing (from its metrics port)")
+    config_arg(p)
+    p.add_argument("--url", metavar="URL",
+                   help="the daemon's metrics port (default: http://metrics.listen)")
+    p.add_argument("--json", action="store_true", help="the status document as JSON")
+    p.set_defaults(func=cmd_status)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url = args.url
+    if not url:
+        listen = load_config(args).metrics.listen
+        if not listen:
+            raise CommandError(f"{args.config}: metrics.listen is empty, so the daemon serves "
+                               "no status; give --url")
+        host, port = parse_hostport(listen)
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1" if host != "::" else "::1"
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    try:
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=10) as reply:
+            doc = json.load(reply)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise CommandError(f"no daemon answers at {url}: {reason}") from None
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1, sort_keys=True)
+        print()
+        return EXIT_OK
+    print(f"MailFlowr Gateway {doc['version']}, pid {doc['pid']}, {doc['state']} since "
+          f"{doc['started']} ({doc['uptime_seconds']:.0f} s)")
+    for name, listener in doc["listeners"].items():
+        print(f"  {name:11} {listener['address']:24} {listener['sessions']} sessions")
+    database = doc["database"]
+    print(f"  database    {database['name']}: {'up' if database['up'] else 'DOWN'}")
+    print(f"  policy      {doc['policy']['version']} (loaded {doc['policy']['loaded_at']})")
+    for problem in doc["policy"].get("reload_refused", []):
+        print(f"              last reload refused: {problem}")
+    pipeline = doc["pipeline"]
+    print(f"  pipeline    {pipeline['waiting']} to process, oldest "
+          f"{pipeline['oldest_seconds']} s")
+    d = doc["deliveries"]
+    print(f"  deliveries  {d['pending']} pending (oldest {d['oldest_pending_seconds']} s), "
+          f"{d['held']} held")
+    print(f"  retention   last sweep {doc['retention']['last_sweep'] or 'not yet'}")
+    return EXIT_OK

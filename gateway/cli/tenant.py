@@ -1,0 +1,72 @@
+"""``tenant deactivate``: the end of a tenant: its mail refused, its data deleted."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from gateway.cli.common import (
+    EXIT_OK,
+    CommandError,
+    Parser,
+    Subcommands,
+    actor,
+    config_arg,
+    jsonable,
+    known_tenant,
+    open_privacy,
+)
+from gateway.privacy.erasure import shred_tenant
+
+
+def add_parsers(sub: Subcommands) -> None:
+    tenant = sub.add_parser("tenant", help="the tenant lifecycle")
+    tsub = tenant.add_subparsers(dest="tenant_command", required=True, parser_class=Parser)
+    p = tsub.add_parser("deactivate", help="refuse the tenant's mail from now on and delete "
+                                           "all its data (cannot be undone)")
+    config_arg(p)
+    p.add_argument("tenant")
+    p.add_argument("--yes", action="store_true", help="do not ask (when run from a terminal)")
+    p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    p.set_defaults(func=cmd_tenant_deactivate)
+
+
+def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
+    config, _key, store = open_privacy(args)
+    row = known_tenant(config, store, args.tenant)
+    if args.dry_run:
+        print(f"would refuse mail for tenant {args.tenant} and delete its "
+              f"{store.count_messages(args.tenant)} messages, their deliveries, import state "
+              "and consent records")
+        return EXIT_OK
+    if row is not None and not row["active"]:
+        print(f"tenant {args.tenant} was deactivated at {jsonable(row['deactivated_at'])}; "
+              "deleting whatever is left")
+    else:
+        if sys.stdin.isatty() and not args.yes:
+            answer = input(f"This deletes all data of tenant {args.tenant} for good. "
+                           "Type the tenant id to go on: ")
+            if answer.strip() != args.tenant:
+                raise CommandError("not confirmed: nothing changed")
+        if row is None:
+            store.store.sync_tenants({args.tenant: config.tenants[args.tenant].name})
+        store.deactivate(args.tenant, actor())
+        print(f"tenant {args.tenant} deactivated: its mail is refused (550 5.1.1) "
+              "once the daemon notices, within seconds")
+    purged = shred_tenant(store, config, args.tenant, actor())
+    removed = purged.removed
+    print(f"deleted {removed.messages} messages, {removed.deliveries} deliveries "
+          f"({removed.pending} still to go, now cancelled), {removed.imports} import records")
+    if purged.shredded:
+        print("  its data key is destroyed: copies of its mail in database backups can no "
+              "longer be opened")
+    elif store.store.keystore is None:
+        print("  encryption at rest is off: copies of its mail in database backups stay "
+              "readable until those backups expire")
+    if not purged.scrubbed:
+        print("  the database's write-ahead log could not be truncated now (a reader was "
+              "busy); the old pages go at its next checkpoint")
+    if args.tenant in config.tenants:
+        print(f"  tenant {args.tenant} is still in {args.config}: remove it there; "
+              "while it stays, its mail is refused")
+    return EXIT_OK

@@ -1,0 +1,79 @@
+"""``token create|list|revoke``: the admin API's tokens."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from gateway.cli.common import (
+    EXIT_OK,
+    CommandError,
+    Parser,
+    Subcommands,
+    actor,
+    config_arg,
+    jsonable,
+    known_tenant,
+    open_privacy,
+    open_store,
+    printable,
+)
+from gateway.store.tokens import TokenStore
+
+
+def add_parsers(sub: Subcommands) -> None:
+    token = sub.add_parser("token", help="admin API tokens")
+    tsub2 = token.add_subparsers(dest="token_command", required=True, parser_class=Parser)
+    p = tsub2.add_parser("create", help="make a token for one tenant (shown once)")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--name", default="", help="what it is for, e.g. the tool that uses it")
+    p.set_defaults(func=cmd_token_create)
+    p = tsub2.add_parser("list", help="tokens, without their secrets")
+    config_arg(p)
+    p.add_argument("--tenant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_token_list)
+    p = tsub2.add_parser("revoke", help="refuse a token from now on")
+    config_arg(p)
+    p.add_argument("id")
+    p.set_defaults(func=cmd_token_revoke)
+
+
+def cmd_token_create(args: argparse.Namespace) -> int:
+    config, _key, store = open_privacy(args)
+    known_tenant(config, store, args.tenant, active=True)
+    token_id, token = TokenStore(store.store).create(args.tenant, args.name)
+    store.store.audit(actor(), "token.create", tenant_id=args.tenant,
+                      detail={"token": token_id, "name": args.name[:200]})
+    print(f"token {token_id} for tenant {args.tenant}; it is shown only now:")
+    print(token)
+    return EXIT_OK
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    rows = TokenStore(open_store(args)).list(args.tenant)
+    items = [{"id": r["id"], "tenant": r["tenant_id"], "name": r["name"],
+              "created_at": jsonable(r["created_at"]),
+              "last_used_at": jsonable(r["last_used_at"]),
+              "revoked_at": jsonable(r["revoked_at"])} for r in rows]
+    if args.json:
+        json.dump(items, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'ID':12} {'TENANT':16} {'CREATED':25} {'LAST USED':25} {'REVOKED':25} NAME")
+    for t in items:
+        print(f"{t['id']:12} {printable(t['tenant'], 16):16} {t['created_at'][:25]:25} "
+              f"{(t['last_used_at'] or '-')[:25]:25} {(t['revoked_at'] or '-')[:25]:25} "
+              f"{printable(t['name'])}")
+    return EXIT_OK
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    if not TokenStore(store).revoke(args.id):
+        raise CommandError(f"no token {args.id} that could be revoked (unknown, or revoked)")
+    store.audit(actor(), "token.revoke", detail={"token": args.id})
+    print(f"token {args.id} revoked")
+    return EXIT_OK
