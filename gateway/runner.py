@@ -10,10 +10,11 @@ turn asks, on ``wakeup`` (set by whoever has new work: a commit, a free slot);
 ``stop()`` either lets the turn in hand finish (what is claimed and not begun
 is given back by the runner's own ``process``) or cancels it, then lets the
 runner write down what is left (``flush``) and close what it opened
-(``close``).  A periodic job with no rows to claim (a folder import, the
-retention sweep) subclasses ``Runner`` itself: its ``turn()`` is one pass and
-returns the seconds until the next; ``failed()`` decides what an error of a pass
-costs (logged, counted, the pause before the next try).
+(``close``).  A periodic job with no rows to claim (a folder import)
+subclasses ``Runner`` itself: its ``turn()`` is one pass and returns the
+seconds until the next; ``failed()`` decides what an error of a pass costs
+(logged, counted, the pause before the next try); ``begin()`` may rest first
+when the first pass is due only after one period.
 
 Two shapes of queue work claim rows from the database with a lease:
 
