@@ -40,6 +40,7 @@ from gateway.metrics import Metrics
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
 from gateway.policyset import PolicySet
 from gateway.records import AttemptResult, DeliveryJob
+from gateway.runner import PoolRunner
 from gateway.srs import SRS
 from gateway.store.models import FAILED, HELD, PENDING
 from gateway.store.models import SENT as SENT_STATUS
@@ -58,7 +59,10 @@ def backoff(attempts: int, base: float, maximum: float) -> float:
     return float(min(base * (2 ** max(attempts - 1, 0)), maximum))
 
 
-class DeliveryWorker:
+class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
+    """Sends up to ``delivery.concurrency`` deliveries at once; on stop, lets the sends
+    in flight finish, records their results, and stops."""
+
     def __init__(self, store: Store, config: GatewayConfig, metrics: Metrics,
                  clock: Callable[[], datetime] = utcnow,
                  policies: Callable[[], PolicySet] = PolicySet,
@@ -76,15 +80,15 @@ class DeliveryWorker:
         self.clock = clock
         self.host = socket.gethostname()[:40]
         self.owner = f"{self.host}:{os.getpid()}"
-        self.leases = LeaseKeeper(store, "deliveries", self.owner, self.settings.lease_time)
-        self.wakeup = asyncio.Event()
+        super().__init__("delivery", log,
+                         LeaseKeeper(store, "deliveries", self.owner, self.settings.lease_time),
+                         self.settings.poll_interval, self.settings.concurrency)
         self.sender = Sender(helo=config.smtp.hostname, reply_timeout=self.settings.timeout,
                              max_idle=self.settings.concurrency)
         self.mx = (MXResolver(self.settings.dns_servers, self.settings.dns_timeout)
                    if self.settings.mx_lookup else None)
         self.appender = Appender(config.imap_accounts, self._keep_setting)
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self._recheck = 0.0  # when held deliveries were last re-checked
         self._consent: tuple[float, Consent] | None = None
 
     async def consent(self) -> Consent:
@@ -96,21 +100,7 @@ class DeliveryWorker:
             self._consent = (now, Consent(rows.baseline, rows.effective, rows.objections))
         return self._consent[1]
 
-    def start(self) -> None:
-        self._results: asyncio.Queue[tuple[DeliveryJob, AttemptResult] | None] = asyncio.Queue()
-        self._writer = asyncio.create_task(self._write_results(), name="delivery-results")
-        self._task = asyncio.create_task(self._run(), name="delivery")
-        self.leases.start()
-
-    async def stop(self) -> None:
-        """Let sends in flight finish, record their results, and stop."""
-        self._stopping = True
-        self.wakeup.set()
-        if self._task is not None:
-            await self._task
-            await self._results.put(None)
-            await self._writer
-        await self.leases.stop()
+    async def close(self) -> None:
         await self.sender.close()
         await self.appender.close()
 
@@ -151,44 +141,22 @@ class DeliveryWorker:
             return Result(TEMPORARY, f"451 4.4.3 no address found for the MX hosts of {domain}")
         return targets
 
-    async def _run(self) -> None:
-        in_flight: set[asyncio.Task[None]] = set()
+    # ------------------------------------------------------------ the runner's hooks
+    async def begin(self) -> None:
+        self._recheck = time.monotonic()
 
-        def finished(task: asyncio.Task[None]) -> None:
-            in_flight.discard(task)
-            self.wakeup.set()  # a slot is free: claim more
+    async def before_claim(self) -> None:
+        if time.monotonic() - self._recheck > HOLD_RECHECK:
+            self._recheck = time.monotonic()
+            await self._recheck_holds()
 
-        recheck = time.monotonic()
-        while not self._stopping:
-            if time.monotonic() - recheck > HOLD_RECHECK:
-                recheck = time.monotonic()
-                await self._recheck_holds()
-            free = self.settings.concurrency - len(in_flight)
-            jobs: list[DeliveryJob] = []
-            if free > 0:
-                try:
-                    jobs = await asyncio.to_thread(
-                        self.store.claim_deliveries, self.owner, free, self.settings.lease_time
-                    )
-                except Exception:  # loop boundary: the database may be away; try again later
-                    log.exception("delivery: claiming work failed")
-            # one of ours still in hand, its lease run out while renewals failed: it is
-            # claimed again (the lease is ours once more) but not sent a second time
-            jobs = [job for job in jobs if job.id not in self.leases.held]
-            self.leases.hold(job.id for job in jobs)
-            for job in jobs:
-                task = asyncio.create_task(self._guarded(job))
-                in_flight.add(task)
-                task.add_done_callback(finished)
-            if jobs and len(in_flight) < self.settings.concurrency:
-                continue
-            self.wakeup.clear()
-            try:
-                await asyncio.wait_for(self.wakeup.wait(), self.settings.poll_interval)
-            except TimeoutError:
-                pass
-        if in_flight:
-            await asyncio.gather(*in_flight)
+    async def claim(self, limit: int) -> list[DeliveryJob]:
+        return await asyncio.to_thread(
+            self.store.claim_deliveries, self.owner, limit, self.settings.lease_time
+        )
+
+    def key(self, job: DeliveryJob) -> int:
+        return job.id
 
     async def _recheck_holds(self) -> None:
         """Copies held for want of a usable subprocessor try again now and then: an
@@ -203,64 +171,27 @@ class DeliveryWorker:
         if count:
             log.info("delivery: %d deliveries held by the subprocessor policy try again", count)
 
-    async def _guarded(self, job: DeliveryJob) -> None:
+    async def process(self, job: DeliveryJob) -> AttemptResult | None:
         try:
-            result = await self.deliver(job)
+            return await self.deliver(job)
         except Exception:  # the one catch-all per delivery: its lease will expire
             log.exception("delivery %d of %s failed unexpectedly", job.id, job.message_id)
-            self.leases.drop((job.id,))
-            return
-        await self._results.put((job, result))
+            return None
 
-    async def _write_results(self) -> None:
-        """Record attempt results in groups: one transaction for all that finished meanwhile.
-
-        A group that cannot be saved (database away) is kept and tried again: an
-        attempt already made must be recorded, or its lease would expire and the
-        message would be sent a second time.
-        """
-        stopping = False
-        group: list[tuple[DeliveryJob, AttemptResult]] = []
-        pause = 0.5
-        while True:
-            if not group:
-                if stopping:
-                    return
-                first = await self._results.get()
-                if first is None:
-                    return
-                group.append(first)
-            while not self._results.empty():
-                item = self._results.get_nowait()
-                if item is None:
-                    stopping = True
-                    break
-                group.append(item)
-            try:
-                saved = await asyncio.to_thread(self.store.delivery_results, self.owner,
-                                                [r for _, r in group])
-            except Exception:  # loop boundary: keep the results and try again
-                log.exception("delivery: recording %d results failed; retrying in %.1f s",
-                              len(group), pause)
-                if stopping and pause > 8:
-                    log.error("delivery: giving up on %d results at shutdown", len(group))
-                    return
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, 30.0)
+    async def record(self, group: list[tuple[DeliveryJob, AttemptResult]]) -> None:
+        """Record attempt results in one transaction (raises: the group is tried again)."""
+        saved = await asyncio.to_thread(self.store.delivery_results, self.owner,
+                                        [r for _, r in group])
+        for (job, result), ok in zip(group, saved, strict=True):
+            if not ok:
+                log.warning("delivery %d: lease lost before its result was saved", job.id)
                 continue
-            pause = 0.5
-            self.leases.drop(job.id for job, _ in group)
-            for (job, result), ok in zip(group, saved, strict=True):
-                if not ok:
-                    log.warning("delivery %d: lease lost before its result was saved", job.id)
-                    continue
-                tenant = self.metrics.tenant(job.tenant_id)
-                label = "deferred" if result.status == PENDING else result.status
-                self.metrics.series(self.metrics.deliveries, tenant, job.kind, label,
-                                    result.where).inc()
-                if result.bounce is not None:
-                    self.metrics.series(self.metrics.dsns, tenant).inc()
-            group = []
+            tenant = self.metrics.tenant(job.tenant_id)
+            label = "deferred" if result.status == PENDING else result.status
+            self.metrics.series(self.metrics.deliveries, tenant, job.kind, label,
+                                result.where).inc()
+            if result.bounce is not None:
+                self.metrics.series(self.metrics.dsns, tenant).inc()
 
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""

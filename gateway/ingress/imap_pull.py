@@ -44,6 +44,7 @@ from gateway.headers import field_values
 from gateway.imap import Fetched, ImapConnection, ImapError, encode_folder
 from gateway.metrics import Metrics
 from gateway.records import NewMessage
+from gateway.runner import Runner
 from gateway.store.ids import new_id
 from gateway.store.mailboxes import FolderKey, FolderState, Imported, MailboxState
 from gateway.store.repository import Store
@@ -83,13 +84,17 @@ def _comment(text: str) -> str:
                    for c in text)[:200]
 
 
-class FolderImport:
-    """Imports one folder, round after round, until stopped."""
+class FolderImport(Runner):
+    """Imports one folder, round after round, until stopped (a stop cancels the round
+    in hand: nothing half-fetched is stored)."""
+
+    cancel_on_stop = True
 
     def __init__(self, key: FolderKey, settings: ImapPullConfig, account: ImapAccountConfig,
                  state: MailboxState, *, hostname: str, max_size: int,
                  metrics: Metrics | None = None,
                  imported: Callable[[], None] = lambda: None) -> None:
+        super().__init__(f"imap-pull {key}", log)
         self.key = key
         self.settings = settings
         self.account = account
@@ -101,51 +106,41 @@ class FolderImport:
         self.owner = f"{socket.gethostname()[:40]}:{os.getpid()}"
         self.lease = settings.interval + LEASE_MARGIN
         self.conn: ImapConnection | None = None
-        self._stopping = False
-        self._task: asyncio.Task[None] | None = None
+        self.failures = 0  # rounds in a row that failed
 
-    # ------------------------------------------------------------ the loop
-    def start(self) -> None:
-        self._task = asyncio.create_task(self.run(), name=f"imap-pull {self.key}")
-
-    async def stop(self) -> None:
-        self._stopping = True
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+    # ------------------------------------------------------------ the runner's hooks
+    async def close(self) -> None:
         await self._disconnect()
         try:
             await asyncio.to_thread(self.state.release, self.key, self.owner)
         except Exception:  # shutting down: the lease expires on its own
             log.warning("imap %s: could not give up the folder's lease", self.key)
 
-    async def run(self) -> None:
-        failures = 0
-        while not self._stopping:
-            wait = self.settings.interval
-            try:
-                await self.round()
-                failures = 0
-            except LeaseLost:
+    async def turn(self) -> float | None:
+        await self.round()
+        self.failures = 0
+        return self.settings.interval
+
+    async def failed(self, exc: Exception) -> float | None:
+        """The one catch-all of this loop: log, pause (doubling up to ``interval``), retry."""
+        if isinstance(exc, LeaseLost):
+            await self._disconnect()
+            return self.settings.interval
+        self.failures += 1
+        wait = min(self.settings.interval, 2.0 ** self.failures)
+        if isinstance(exc, ImapError):
+            await self._failed(str(exc), wait)
+            if exc.broken:
                 await self._disconnect()
-            except ImapError as exc:
-                failures += 1
-                wait = min(self.settings.interval, 2.0 ** failures)
-                await self._failed(str(exc), wait)
-                if exc.broken:
-                    await self._disconnect()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # the one catch-all of this loop: log, pause, retry
-                failures += 1
-                wait = min(self.settings.interval, 2.0 ** failures)
-                log.exception("imap %s: import round failed", self.key)
-                await self._failed(f"{exc.__class__.__name__}: {exc}", wait)
-                await self._disconnect()
-            await self._wait(wait, idle=failures == 0)
+        else:
+            log.error("imap %s: import round failed", self.key, exc_info=exc)
+            await self._failed(f"{exc.__class__.__name__}: {exc}", wait)
+            await self._disconnect()
+        return wait
+
+    async def rest(self, seconds: float) -> bool:
+        await self._wait(seconds, idle=self.failures == 0)
+        return False
 
     async def _wait(self, seconds: float, idle: bool) -> None:
         conn = self.conn
@@ -218,7 +213,7 @@ class FolderImport:
             return
         size = self.settings.batch_size
         for start in range(0, len(uids), size):
-            if self._stopping:
+            if self.stopping:
                 return
             chunk = uids[start:start + size]
             backlog -= len(chunk)
