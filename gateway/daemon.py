@@ -283,8 +283,7 @@ class App:
         assert self.store is not None
         sweeper = Sweeper(self.store, batch_size=retention.batch_size,
                           pause=retention.batch_pause)
-        self.sweeps = SweepLoop(sweeper, retention.sweep_interval, self.policies,
-                                self.metrics, self.stopping)
+        self.sweeps = SweepLoop(sweeper, retention.sweep_interval, self.policies, self.metrics)
         self.sweeps.start()
         stack.push_async_callback(self.sweeps.stop)
 

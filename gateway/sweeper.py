@@ -30,6 +30,7 @@ from gateway.metrics import Metrics
 from gateway.policy.retention import RetentionPolicy
 from gateway.policyset import PolicyHolder
 from gateway.records import RetentionGroup
+from gateway.runner import Runner
 from gateway.store.repository import Store
 
 log = logging.getLogger(__name__)
@@ -154,56 +155,51 @@ class Sweeper:
         return GroupResult(tenant, tags, decision.rule, cutoff, deleted, held)
 
 
-class SweepLoop:
+class SweepLoop(Runner):
     """One sweep every ``interval`` seconds, each under the policy in force at its
-    start, until ``stopping`` is set; a failed sweep waits for the next interval."""
+    start, until stopped; a failed sweep waits for the next interval.  Its own runner
+    of the one skeleton (``gateway.runner``): no rows to claim, no leases; the pass is
+    exclusive across instances through ``Store.exclusive`` inside ``Sweeper.sweep``."""
 
     def __init__(self, sweeper: Sweeper, interval: float, policies: PolicyHolder,
-                 metrics: Metrics, stopping: asyncio.Event) -> None:
+                 metrics: Metrics) -> None:
+        super().__init__("retention", log)
         self.sweeper = sweeper
         self.interval = interval
         self.policies = policies
         self.metrics = metrics
-        self.stopping = stopping
         self.last_sweep: float | None = None  # time.time() of the last sweep that ran
-        self._task: asyncio.Task[None] | None = None
-
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="retention")
 
     async def stop(self) -> None:
         self.sweeper.stopping = True  # ends the sweep between two batches
-        self.stopping.set()  # and the wait for the next one (a start that failed)
-        if self._task is not None:
-            await self._task
+        await super().stop()
 
-    async def _run(self) -> None:
+    async def begin(self) -> None:
+        await self.rest(self.interval)  # the first sweep one interval after the start
+
+    async def turn(self) -> float:
         sweeper, metrics = self.sweeper, self.metrics
-        while not self.stopping.is_set():
-            try:
-                await asyncio.wait_for(self.stopping.wait(), self.interval)
-                return
-            except TimeoutError:
-                pass
-            policy = self.policies.current  # one version for the whole sweep
-            log.info("retention sweep started (policy %s)", policy.version)
-            try:
-                report = await asyncio.to_thread(sweeper.sweep, policy.retention)
-            except Exception:  # loop boundary: the database may be away; next interval
-                metrics.retention_sweeps.labels("failure").inc()
-                log.exception("retention sweep failed")
-                continue
-            if report.skipped:
-                metrics.retention_sweeps.labels("skipped").inc()
-                log.info("retention sweep skipped: %s", report.skipped)
-            else:
-                metrics.retention_sweeps.labels("success").inc()
-                for tenant, counts in report.per_tenant().items():
-                    metrics.retention_deleted.labels(
-                        metrics.tenant(tenant)).inc(sum(counts.values()))
-                metrics.retention_held.set(report.held)
-                self.last_sweep = time.time()
-                metrics.retention_last_sweep.set(self.last_sweep)
-                log.info("retention sweep (policy %s): deleted %d messages, %d kept by holds, "
-                         "in %.1f s", policy.version, report.expired, report.held,
-                         report.seconds)
+        policy = self.policies.current  # one version for the whole sweep
+        log.info("retention sweep started (policy %s)", policy.version)
+        report = await asyncio.to_thread(sweeper.sweep, policy.retention)
+        if report.skipped:
+            metrics.retention_sweeps.labels("skipped").inc()
+            log.info("retention sweep skipped: %s", report.skipped)
+        else:
+            metrics.retention_sweeps.labels("success").inc()
+            for tenant, counts in report.per_tenant().items():
+                metrics.retention_deleted.labels(
+                    metrics.tenant(tenant)).inc(sum(counts.values()))
+            metrics.retention_held.set(report.held)
+            self.last_sweep = time.time()
+            metrics.retention_last_sweep.set(self.last_sweep)
+            log.info("retention sweep (policy %s): deleted %d messages, %d kept by holds, "
+                     "in %.1f s", policy.version, report.expired, report.held,
+                     report.seconds)
+        return self.interval
+
+    async def failed(self, exc: Exception) -> float:
+        # the database may be away: the next interval tries again
+        self.metrics.retention_sweeps.labels("failure").inc()
+        log.exception("retention sweep failed")
+        return self.interval
