@@ -7,7 +7,7 @@ plain synchronous methods, run off the event loop by their callers.
 
 from __future__ import annotations
 
-from gateway.store.auditlog import AuditStore
+from gateway.store.audit import AuditStore
 from gateway.store.deliveries import DeliveryStore
 from gateway.store.intake import IntakeStore
 from gateway.store.messages import MessageStore
