@@ -91,9 +91,6 @@ class TenantDirectory:
                 self._catch_all.add(tid)
             self._addresses.update(a.lower() for a in tenant.addresses)
 
-    def owner_of_domain(self, domain: str) -> str | None:
-        return self._domain_owner.get(domain.lower().rstrip("."))
-
     def resolve(self, address: str, *, smtputf8: bool, srs: SRS | None = None
                 ) -> Accepted | Refused:
         """Whose recipient this is. With ``srs``, SRS addresses in a tenant's domains
