@@ -29,6 +29,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,6 +38,7 @@ import yaml
 from hypothesis import settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from gateway.store import database
 from gateway.store.repository import Store
@@ -228,6 +230,53 @@ class PostgresDatabase:
         admin.dispose()
 
 
+def _patiently(job: Any) -> Any:
+    """``job()``, again while the server restarts (a test restarts it, and a background
+    job does not hold it shared as a test does)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return job()
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+class _PostgresCopies:
+    """Copies of the template database, each made while the test before runs, and
+    dropped while the next one runs: a CREATE and a DROP DATABASE cost about a second
+    a test, waiting on the server's disk."""
+
+    def __init__(self) -> None:
+        self.jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postgres-copies")
+        self.spare: dict[str, Future[PostgresDatabase]] = {}
+        self.templates: list[PostgresDatabase] = []  # dropped last, at exit
+        atexit.register(self.close)
+
+    def take(self, server_url: str, template: str) -> PostgresDatabase:
+        spare = self.spare.pop(template, None)
+        pg = spare.result() if spare is not None else PostgresDatabase(server_url, template)
+        self.spare[template] = self.jobs.submit(
+            _patiently, lambda: PostgresDatabase(server_url, template))
+        return pg
+
+    def drop_later(self, pg: PostgresDatabase) -> None:
+        self.jobs.submit(_patiently, pg.drop)
+
+    def close(self) -> None:
+        """After every job: drop the spare copies, then the templates."""
+        self.jobs.shutdown(wait=True)
+        spares = [f.result() for f in self.spare.values() if f.exception() is None]
+        self.spare.clear()
+        for pg in [*spares, *self.templates]:
+            _patiently(pg.drop)
+        self.templates.clear()
+
+
+_COPIES = _PostgresCopies()
+
+
 @functools.cache
 def _upgraded_template(backend: str) -> str:
     """A database at the current schema, made once per run, that tests start from as a
@@ -239,7 +288,7 @@ def _upgraded_template(backend: str) -> str:
         name = f"{folder}/gateway.db"
     else:
         pg = PostgresDatabase(postgres_server_url())
-        atexit.register(pg.drop)
+        _COPIES.templates.append(pg)
         url, name = pg.url, pg.name
     engine = database.create(url, pool_size=1)
     database.upgrade(engine)
@@ -255,8 +304,10 @@ def database_url(backend: str, directory: Path, cleanups: list[Any],
         if template is not None:
             shutil.copyfile(template, directory / "gateway.db")
         return f"sqlite:///{directory / 'gateway.db'}"
-    pg = PostgresDatabase(postgres_server_url(), template)
-    cleanups.append(pg.drop)
+    server_url = postgres_server_url()
+    pg = (_COPIES.take(server_url, template) if template is not None
+          else PostgresDatabase(server_url))
+    cleanups.append(functools.partial(_COPIES.drop_later, pg))
     return pg.url
 
 
