@@ -15,6 +15,7 @@ the PostgreSQL server runs alone (``exclusive_postgres``).
 from __future__ import annotations
 
 import atexit
+import compileall
 import fcntl
 import functools
 import os
@@ -515,6 +516,14 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
     config.option.numprocesses = DEFAULT_WORKERS
     if config.option.dist == "no":
         config.option.dist = "load"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the gateway's modules once: the tests start its daemon and command line
+    some thousand times, and where PYTHONDONTWRITEBYTECODE is set each start would
+    compile them all again."""
+    if not WORKER:
+        compileall.compile_dir(ROOT / "gateway", quiet=1)
 
 
 def _postgres_locks() -> tuple[Path, Path]:
