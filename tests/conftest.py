@@ -536,7 +536,7 @@ def _postgres_locks() -> tuple[Path, Path]:
 
 
 def _flock(path: Path, operation: int) -> int:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
     fcntl.flock(fd, operation)
     return fd
 
