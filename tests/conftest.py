@@ -5,11 +5,18 @@ example postgresql+psycopg://postgres@127.0.0.1:5432/test); each gateway gets
 a fresh database there.  Without the variable, or without a reachable server,
 those tests are skipped with the reason, unless MAILFLOWR_TEST_REQUIRE_POSTGRES=1
 (as in CI), where they fail instead.
+
+With pytest-xdist installed the suite runs in two worker processes (``-n 0`` or
+``-p no:xdist`` runs it in one).  Each worker takes loopback ports from a range of
+its own, its own databases, temporary directories and Dovecot; a test that restarts
+the PostgreSQL server runs alone (``exclusive_postgres``).
 """
 
 from __future__ import annotations
 
 import atexit
+import compileall
+import fcntl
 import functools
 import os
 import random
@@ -23,6 +30,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -31,6 +39,7 @@ import yaml
 from hypothesis import settings
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
 
 from gateway.store import database
 from gateway.store.repository import Store
@@ -42,6 +51,10 @@ PG_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_POSTGRES") == "1"
 # CI installs every system peer (promtool, systemd-analyze, ...): there a missing one fails.
 PEERS_REQUIRED = os.environ.get("MAILFLOWR_TEST_REQUIRE_PEERS") == "1"
 BACKENDS = ["sqlite", "postgresql"]
+# Under pytest-xdist: this worker's name ("gw0", "gw1", ...) and how many there are.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+DEFAULT_WORKERS = 2  # the CI machine's cores; the tests wait on daemons as much as they compute
 
 # tests/test_fuzz.py: 100 examples a test in the suite; `make fuzz` runs the long profile.
 settings.register_profile("long", max_examples=5000, print_blob=True)
@@ -100,16 +113,28 @@ def _ephemeral_low() -> int:
 
 
 _PORTS = random.Random(os.getpid())
+_PORT_BASE = 20000
+
+
+def _worker_ports() -> range:
+    """This worker's share of the ports between 20000 and the ephemeral range: the
+    workers of a parallel run never pick the same port in the moment between finding
+    it free and the daemon binding it."""
+    low = _ephemeral_low()
+    index = int(WORKER[2:]) if WORKER[2:].isdigit() else 0
+    share = (low - _PORT_BASE) // max(WORKERS, 1)
+    start = _PORT_BASE + index % max(WORKERS, 1) * share
+    return range(start, start + share)
 
 
 def free_port() -> int:
     """A loopback port free now, for a daemon to bind a moment later.  Taken below the
     kernel's ephemeral range: a port from that range can be given to an outgoing
     connection (a database, DNS or SMTP client) in that moment, and the daemon then
-    fails to bind it."""
-    low = _ephemeral_low()
-    for _ in range(200 if low > 20000 else 0):
-        port = _PORTS.randrange(20000, low)
+    fails to bind it.  Each xdist worker takes its ports from a range of its own."""
+    ports = _worker_ports()
+    for _ in range(200 if len(ports) > 100 else 0):
+        port = _PORTS.choice(ports)
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
@@ -189,7 +214,7 @@ class PostgresDatabase:
 
     def __init__(self, server_url: str, template: str | None = None) -> None:
         self.server_url = server_url
-        self.name = f"mailflowr_test_{uuid.uuid4().hex[:12]}"
+        self.name = f"mailflowr_test_{WORKER or 'main'}_{uuid.uuid4().hex[:12]}"
         copy = f' TEMPLATE "{template}"' if template else ""
         admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -206,6 +231,53 @@ class PostgresDatabase:
         admin.dispose()
 
 
+def _patiently(job: Any) -> Any:
+    """``job()``, again while the server restarts (a test restarts it, and a background
+    job does not hold it shared as a test does)."""
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            return job()
+        except OperationalError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+class _PostgresCopies:
+    """Copies of the template database, each made while the test before runs, and
+    dropped while the next one runs: a CREATE and a DROP DATABASE cost about a second
+    a test, waiting on the server's disk."""
+
+    def __init__(self) -> None:
+        self.jobs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="postgres-copies")
+        self.spare: dict[str, Future[PostgresDatabase]] = {}
+        self.templates: list[PostgresDatabase] = []  # dropped last, at exit
+        atexit.register(self.close)
+
+    def take(self, server_url: str, template: str) -> PostgresDatabase:
+        spare = self.spare.pop(template, None)
+        pg = spare.result() if spare is not None else PostgresDatabase(server_url, template)
+        self.spare[template] = self.jobs.submit(
+            _patiently, lambda: PostgresDatabase(server_url, template))
+        return pg
+
+    def drop_later(self, pg: PostgresDatabase) -> None:
+        self.jobs.submit(_patiently, pg.drop)
+
+    def close(self) -> None:
+        """After every job: drop the spare copies, then the templates."""
+        self.jobs.shutdown(wait=True)
+        spares = [f.result() for f in self.spare.values() if f.exception() is None]
+        self.spare.clear()
+        for pg in [*spares, *self.templates]:
+            _patiently(pg.drop)
+        self.templates.clear()
+
+
+_COPIES = _PostgresCopies()
+
+
 @functools.cache
 def _upgraded_template(backend: str) -> str:
     """A database at the current schema, made once per run, that tests start from as a
@@ -217,7 +289,7 @@ def _upgraded_template(backend: str) -> str:
         name = f"{folder}/gateway.db"
     else:
         pg = PostgresDatabase(postgres_server_url())
-        atexit.register(pg.drop)
+        _COPIES.templates.append(pg)
         url, name = pg.url, pg.name
     engine = database.create(url, pool_size=1)
     database.upgrade(engine)
@@ -233,8 +305,10 @@ def database_url(backend: str, directory: Path, cleanups: list[Any],
         if template is not None:
             shutil.copyfile(template, directory / "gateway.db")
         return f"sqlite:///{directory / 'gateway.db'}"
-    pg = PostgresDatabase(postgres_server_url(), template)
-    cleanups.append(pg.drop)
+    server_url = postgres_server_url()
+    pg = (_COPIES.take(server_url, template) if template is not None
+          else PostgresDatabase(server_url))
+    cleanups.append(functools.partial(_COPIES.drop_later, pg))
     return pg.url
 
 
@@ -428,6 +502,68 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
             return
     only = metafunc.definition.get_closest_marker("sqlite_only") is not None
     metafunc.parametrize("backend", ["sqlite"] if only else BACKENDS, indirect=True)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config: pytest.Config) -> None:
+    """Two xdist workers unless ``-n`` says otherwise (``-n 0`` runs in one process);
+    the suite mostly waits on its daemons, so it takes half the time.  A default here
+    rather than in addopts, so that ``-p no:xdist`` and a venv without pytest-xdist still
+    run it.  pytest-xdist gives ``--pdb`` one process."""
+    if (not config.pluginmanager.hasplugin("xdist") or WORKER
+            or config.option.numprocesses is not None or config.option.usepdb):
+        return
+    config.option.numprocesses = DEFAULT_WORKERS
+    if config.option.dist == "no":
+        config.option.dist = "load"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Compile the gateway's modules once: the tests start its daemon and command line
+    some thousand times, and where PYTHONDONTWRITEBYTECODE is set each start would
+    compile them all again."""
+    if not WORKER:
+        compileall.compile_dir(ROOT / "gateway", quiet=1)
+
+
+def _postgres_locks() -> tuple[Path, Path]:
+    """The files that order access to the PostgreSQL server among the test processes of
+    this machine (every worker, every run): a gate, and the server itself."""
+    url = make_url(os.environ.get(PG_ENV) or "postgresql://127.0.0.1:5432/test")
+    stem = f"mailflowr-test-postgres-{url.host or 'local'}-{url.port or 5432}"
+    folder = Path(tempfile.gettempdir())
+    return folder / f"{stem}.gate.lock", folder / f"{stem}.lock"
+
+
+def _flock(path: Path, operation: int) -> int:
+    fd = os.open(path, os.O_RDONLY | os.O_CREAT, 0o644)  # flock needs no write access
+    fcntl.flock(fd, operation)
+    return fd
+
+
+@pytest.fixture(autouse=True)
+def _postgres_server_share(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test on PostgreSQL uses the server shared with the other workers' tests; one
+    marked ``exclusive_postgres`` (it restarts the server) has it alone, so that no
+    other test loses its connections to the restart.  The gate keeps tests that come
+    later from overtaking one waiting for the server alone."""
+    exclusive = request.node.get_closest_marker("exclusive_postgres") is not None
+    callspec = getattr(request.node, "callspec", None)
+    on_postgres = callspec is not None and callspec.params.get("backend") == "postgresql"
+    if not (exclusive or on_postgres) or not os.environ.get(PG_ENV):
+        yield
+        return
+    gate_path, server_path = _postgres_locks()
+    gate = _flock(gate_path, fcntl.LOCK_EX)
+    held = [gate]
+    try:
+        held.append(_flock(server_path, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH))
+        if not exclusive:
+            os.close(held.pop(0))
+        yield
+    finally:
+        for fd in held:
+            os.close(fd)
 
 
 @pytest.fixture

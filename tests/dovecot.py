@@ -24,6 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from tests.conftest import free_port
+
 CONFIG = """\
 base_dir = {dir}/run
 state_dir = {dir}/state
@@ -68,12 +70,6 @@ service imap-login {{
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Dovecot:
     def __init__(self, binary: str, ca: Any) -> None:
         self.binary = binary
@@ -96,8 +92,8 @@ class Dovecot:
         cert.cert_chain_pems[0].write_to_path(str(self.dir / "cert.pem"))
         self.ca_file = self.dir / "ca.pem"
         ca.cert_pem.write_to_path(str(self.ca_file))
-        self.port = _free_port()
-        self.tls_port = _free_port()
+        self.port = free_port()
+        self.tls_port = free_port()
         (self.dir / "dovecot.conf").write_text(CONFIG.format(
             dir=self.dir, uid=self.uid, gid=self.gid, port=self.port, tls_port=self.tls_port,
             internal=internal, login=login))

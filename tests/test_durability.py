@@ -351,6 +351,7 @@ def _postgres_restarter(url: str):
     return restart
 
 
+@pytest.mark.exclusive_postgres  # the restart drops every other test's connections
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_postgresql_restart_under_load_loses_nothing(make_gateway, backend):
     restart = _postgres_restarter(postgres_server_url())

@@ -115,7 +115,8 @@ def test_delete_only_after_the_import_is_committed(make_gateway, dovecot, backen
         def import_waiting():  # the batch is fetched and its commit waits on the lock
             with blocker.connect() as watcher:  # a new snapshot of pg_stat_activity each time
                 queries = watcher.execute(text(
-                    "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                    "SELECT query FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database()"
                 )).scalars().all()
             return any(q.startswith("INSERT INTO messages") for q in queries)
 
