@@ -131,7 +131,9 @@ def test_no_second_copy_after_a_crash_between_append_and_bookkeeping(make_gatewa
         else:
             _interrupt(gw, row["id"], uncertain=True)
     done = sent_appends(gw, 3)
-    assert [d["attempts"] for d in done] == [2, 2, 2]  # each was tried again
+    # each was tried exactly once more than before the crash (counted from what the
+    # first round recorded: on a busy machine a first append can itself take a retry)
+    assert [d["attempts"] for d in done] == [r["attempts"] + 1 for r in rows]
     assert not any(d["uncertain"] for d in done)
     kept = dovecot.contents(user, "Kept/Gateway")
     assert sorted(c[2] for c in kept) == sorted([ORIGINAL, hostile, no_id])
