@@ -124,3 +124,17 @@ def test_dmarc_that_does_not_fail_or_errs_never_refuses(workflows, auth):
     precheck = Precheck(workflows, auth=auth, dmarc_rejecting={"hooli"})  # type: ignore[arg-type]
     assert asyncio.run(precheck.check(arrival("hello", "hooli"))) is None
     assert auth.calls == 1
+
+
+@pytest.mark.parametrize(("tenants", "auth", "dmarc", "expected"), [
+    (("hooli",), True, (), False),  # no rules, no dmarc: reject: nothing to decide
+    (("globex",), True, (), False),  # its reject rule needs the body: the pipeline's
+    (("hooli", "acme"), True, (), True),  # acme's header rule can reject at DATA
+    (("initech",), True, (), True),
+    (("hooli",), True, ("hooli",), True),  # dmarc: reject with the checks on
+    (("hooli",), False, ("hooli",), False),  # ... and without them: nothing to check
+])
+def test_the_listener_asks_only_when_a_tenant_has_something_to_decide(
+        workflows, tenants, auth, dmarc, expected):
+    precheck = Precheck(workflows, auth=FakeAuth() if auth else None, dmarc_rejecting=dmarc)
+    assert precheck.wanted(tenants) is expected

@@ -82,17 +82,18 @@ def load_policies(config: GatewayConfig, directory: Path | None = None) -> Polic
                        config.destinations.keys())
 
 
-def open_store(args: argparse.Namespace) -> Store:
+def open_store(args: argparse.Namespace, config: GatewayConfig | None = None) -> Store:
     try:
-        return open_database(load_config(args), upgrade_sqlite=False, need_keys=False)
+        return open_database(config or load_config(args), upgrade_sqlite=False,
+                             need_keys=False)
     except StartupError as exc:
         raise CommandError(str(exc)) from None
 
 
 def open_privacy(args: argparse.Namespace) -> tuple[GatewayConfig, PrivacyKey, PrivacyStore]:
     """The configuration, the privacy key and the privacy store."""
-    store = open_store(args)  # made the privacy key if there was none, or said why not
     config = load_config(args)
+    store = open_store(args, config)  # made the privacy key if there was none, or said why not
     return config, privacy_keys.load_or_create(config.privacy.key_file), PrivacyStore(store)
 
 

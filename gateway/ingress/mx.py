@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Protocol, cast
 
 from aiosmtpd.smtp import SMTP, Envelope, Session
@@ -44,6 +44,8 @@ log = logging.getLogger("gateway.ingress.smtp")
 
 class Precheck(Protocol):
     """The decisions before the 250 (``gateway.pipeline.precheck.Precheck``)."""
+
+    def wanted(self, tenants: Iterable[str]) -> bool: ...
 
     async def check(self, arrival: Arrival) -> Refusal | None: ...
 
@@ -118,7 +120,7 @@ class IngressHandler:
         if hop_count(data) >= self.settings.max_hops:
             return smtp.refuse_data(TOO_MANY_HOPS, "too_many_hops", len(data))
         groups = session_state(envelope).tenants
-        if self.precheck is not None:
+        if self.precheck is not None and self.precheck.wanted(groups):
             refusal = await self.precheck.check(Arrival(
                 sender=mail_from, groups=tuple((t, tuple(r)) for t, r in groups.items()),
                 data=data, client=client, helo=safe_helo(session.host_name)))

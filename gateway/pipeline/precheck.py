@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 
 from gateway.auth.work import AuthCalls
@@ -69,6 +69,14 @@ class Precheck:
         self.workflows = workflows  # the rules in force (they change on a policy reload)
         self.auth = auth  # the checks of inbound mail; None: not configured
         self.dmarc_rejecting = frozenset(dmarc_rejecting)  # tenants with dmarc: reject
+
+    def wanted(self, tenants: Iterable[str]) -> bool:
+        """Whether any of these tenants has something to decide before the 250: a rule
+        that can reject at the end of DATA, or dmarc: reject with the checks on.  Most
+        mail has neither, and the listener then builds no ``Arrival``."""
+        workflows = self.workflows()
+        return any(workflows.rejects_early(t)
+                   or (self.auth is not None and t in self.dmarc_rejecting) for t in tenants)
 
     async def check(self, arrival: Arrival) -> Refusal | None:
         """Which tenants refuse the message; None when every tenant takes it.

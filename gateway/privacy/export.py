@@ -291,8 +291,8 @@ def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *
     """Write the archive for ``tenant`` (or one ``subject`` of it) to ``out``, and
     record it in the audit log (``audit_detail`` added to the event's detail)."""
     started = time.monotonic()
-    key = load_or_create(config.privacy.key_file) if subject else None
-    subject_hash = key.subject_hash(subject) if key is not None and subject else None
+    subject_hash = (load_or_create(config.privacy.key_file).subject_hash(subject)
+                    if subject else None)
     audit_events = store.store.audit_events(tenant)
     reader = ExportReader(store.store)
     who = subject.strip().lower() if subject else None
