@@ -375,3 +375,70 @@ def test_an_address_with_cr_lf_or_spaces_never_reaches_the_wire(relay):
     assert asyncio.run(send_all()) == [PERMANENT, PERMANENT, PERMANENT, SENT]
     [got] = relay.wait(1)
     assert got.rcpt_tos == ["x@b.test"] and relay.messages == [got]
+
+
+class _ClosingRelay:
+    """A relay that takes one message per connection and then drops the connection
+    when the next MAIL FROM comes (without a reply, or with ``farewell``): an idle
+    connection the peer closed while the gateway still held it."""
+
+    def __init__(self, farewell: bytes | None = None) -> None:
+        self.farewell = farewell
+        self.connections = 0
+        self.messages: list[bytes] = []
+
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        writer.write(b"220 relay.test ESMTP\r\n")
+        served = False
+        while line := await reader.readline():
+            verb = line[:4].upper()
+            if verb in (b"EHLO", b"HELO"):
+                writer.write(b"250-relay.test\r\n250 SIZE 1000000\r\n")
+            elif verb == b"MAIL" and served:
+                if self.farewell is not None:
+                    writer.write(self.farewell)
+                    await writer.drain()
+                break
+            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
+                writer.write(b"250 2.0.0 ok\r\n")
+            elif verb == b"DATA":
+                writer.write(b"354 go on\r\n")
+                data = await reader.readuntil(b"\r\n.\r\n")
+                self.messages.append(data)
+                served = True
+                writer.write(b"250 2.0.0 queued\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            await writer.drain()
+        writer.close()
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("farewell", [None, b"421 4.4.2 relay.test idle too long\r\n"])
+def test_an_idle_connection_the_relay_dropped_is_replaced_once(farewell):
+    """Idle connections are reused without a NOOP first; one the relay dropped meanwhile
+    fails at MAIL FROM, before any of the message went out, and the message goes on a
+    new connection: sent once, not deferred."""
+    relay = _ClosingRelay(farewell)
+
+    async def send_three() -> list[str]:
+        server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sender = Sender(helo="mx.gateway.test", reply_timeout=10)
+        target = Target("127.0.0.1", port, "none")
+        outcomes = []
+        for n in range(3):
+            result = await sender.send(target, sender="a@sender.test", recipient="x@b.test",
+                                       data=f"Subject: {n}\r\n\r\nhello\r\n".encode())
+            outcomes.append(result.outcome)
+        await sender.close()
+        server.close()
+        await server.wait_closed()
+        return outcomes
+
+    assert asyncio.run(send_three()) == [SENT, SENT, SENT]
+    assert [m.split(b"\r\n", 1)[0] for m in relay.messages] == [
+        b"Subject: 0", b"Subject: 1", b"Subject: 2"]
+    assert relay.connections == 3

@@ -80,38 +80,60 @@ class Sender:
         else:
             client.close()
 
-    async def _ready(self, target: Target) -> aiosmtplib.SMTP:
-        """An idle connection that still answers NOOP, or a new one."""
-        while (client := self._take(target)) is not None:
-            try:
-                await client.noop()
-                return client
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
-        return await self._connect(target)
-
     async def send(self, target: Target, *, sender: str, recipient: str,
                    data: bytes) -> Result:
-        """One message to one recipient; never retried once MAIL FROM has been sent."""
+        """One message to one recipient; never retried once MAIL FROM has been answered."""
         if has_unsafe_chars(recipient) or (sender and has_unsafe_chars(sender)):
             return Result(PERMANENT, "address contains CR, LF, spaces or control characters")
-        client: aiosmtplib.SMTP | None = None
+        client = self._take(target)
+        if client is not None:
+            # An idle connection is used as it is, without a NOOP first (a round trip
+            # per message): one the peer closed meanwhile (or closes now, with 421)
+            # fails at MAIL FROM, before anything of the message was sent, and is
+            # replaced once.
+            try:
+                await _mail(client, sender, data)
+            except aiosmtplib.SMTPResponseException as exc:
+                if exc.code != 421:
+                    return self._ended(target, client, _classify(exc.code, exc.message),
+                                       await _reset(client))
+                client.close()
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                client.close()
+            else:
+                return await self._rest(target, client, recipient, data)
         try:
-            client = await self._ready(target)
+            client = await self._connect(target)
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
             where = f"{target.host}:{target.port}"
             return Result(TEMPORARY, f"{where}: {type(exc).__name__}: {exc}"[:500],
                           connected=False)
         try:
-            result, reusable = await _transaction(client, sender, recipient, data)
+            await _mail(client, sender, data)
         except aiosmtplib.SMTPResponseException as exc:
-            if client is not None:
-                client.close()
-            return _classify(exc.code, exc.message)
+            return self._ended(target, client, _classify(exc.code, exc.message),
+                               await _reset(client))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            if client is not None:
-                client.close()
+            client.close()
             return Result(TEMPORARY, f"{type(exc).__name__}: {exc}"[:500])
+        return await self._rest(target, client, recipient, data)
+
+    async def _rest(self, target: Target, client: aiosmtplib.SMTP, recipient: str,
+                    data: bytes) -> Result:
+        """RCPT TO and DATA of a transaction whose MAIL FROM was accepted."""
+        try:
+            await client.rcpt(recipient)
+            response = await client.data(data)
+        except aiosmtplib.SMTPResponseException as exc:
+            return self._ended(target, client, _classify(exc.code, exc.message),
+                               await _reset(client))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            client.close()
+            return Result(TEMPORARY, f"{type(exc).__name__}: {exc}"[:500])
+        return self._ended(target, client, _classify(response.code, response.message), True)
+
+    def _ended(self, target: Target, client: aiosmtplib.SMTP, result: Result,
+               reusable: bool) -> Result:
         if reusable:
             self._give_back(target, client)
         else:
@@ -128,20 +150,11 @@ class Sender:
         self._idle.clear()
 
 
-async def _transaction(client: aiosmtplib.SMTP, sender: str, recipient: str,
-                       data: bytes) -> tuple[Result, bool]:
-    """One MAIL/RCPT/DATA; returns the result and whether the connection is reusable."""
-    try:
-        errors, message = await client.sendmail(sender, [recipient], data)
-    except aiosmtplib.SMTPRecipientsRefused as exc:
-        refused = exc.recipients[0]
-        return _classify(refused.code, refused.message), await _reset(client)
-    except (aiosmtplib.SMTPSenderRefused, aiosmtplib.SMTPDataError) as exc:
-        return _classify(exc.code, exc.message), await _reset(client)
-    if errors:
-        response = next(iter(errors.values()))
-        return _classify(response.code, response.message), await _reset(client)
-    return Result(SENT, _reply(250, message)), True  # sendmail only succeeds on 250
+async def _mail(client: aiosmtplib.SMTP, sender: str, data: bytes) -> None:
+    """MAIL FROM, with the message's size when the server takes SIZE (RFC 1870): the
+    bytes are CRLF-only already, as they go out."""
+    options = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
+    await client.mail(sender, options=options)
 
 
 async def _reset(client: aiosmtplib.SMTP) -> bool:
