@@ -21,7 +21,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -52,6 +52,7 @@ log = logging.getLogger(__name__)
 CONSENT_TTL = 5.0  # seconds an objection recorded elsewhere may take to be seen
 HOLD_RECHECK = 600.0  # seconds between re-checks of subprocessor holds
 FORWARDED = ("cc", "bcc", "route")  # kinds that send inbound mail on: SRS and ARC apply
+Content = tuple[str, bytes] | Exception  # our header fields and the original, or why not
 
 
 def backoff(attempts: int, base: float, maximum: float) -> float:
@@ -90,6 +91,8 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         self.appender = Appender(config.imap_accounts, self._keep_setting)
         self._recheck = 0.0  # when held deliveries were last re-checked
         self._consent: tuple[float, Consent] | None = None
+        # by message: the claimed deliveries in hand that need it, and its content
+        self._contents: dict[str, tuple[int, Content | None]] = {}
 
     async def consent(self) -> Consent:
         """Notices and objections from the database, re-read at most every CONSENT_TTL s
@@ -151,9 +154,39 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
             await self._recheck_holds()
 
     async def claim(self, limit: int) -> list[DeliveryJob]:
-        return await asyncio.to_thread(
-            self.store.claim_deliveries, self.owner, limit, self.settings.lease_time
-        )
+        """Due deliveries, and the content of their messages read with them: one read
+        for a claim rather than one per copy."""
+        known = set(self._contents)
+        jobs, contents = await asyncio.to_thread(self._claim, limit, known)
+        # content that was in hand at the claim but let go of meanwhile: read it now
+        gone = {j.message_id for j in jobs if j.message_id in known
+                and j.message_id not in self._contents}
+        if gone:
+            contents = {**contents, **await asyncio.to_thread(self.store.delivery_contents,
+                                                              gone)}
+        for job in jobs:
+            held = self._contents.get(job.message_id)
+            content = held[1] if held is not None else contents.get(job.message_id)
+            self._contents[job.message_id] = (held[0] + 1 if held else 1, content)
+        return jobs
+
+    def _claim(self, limit: int, known: set[str]
+               ) -> tuple[list[DeliveryJob], Mapping[str, Content]]:
+        jobs = self.store.claim_deliveries(self.owner, limit, self.settings.lease_time)
+        if not jobs:
+            return jobs, {}
+        return jobs, self.store.delivery_contents(
+            {j.message_id for j in jobs if j.message_id not in known})
+
+    def _content(self, job: DeliveryJob) -> Content | None:
+        """A claimed delivery's content, read with its claim."""
+        held = self._contents.get(job.message_id)
+        return held[1] if held is not None else None
+
+    def _done_with(self, job: DeliveryJob) -> None:
+        held = self._contents.pop(job.message_id, None)
+        if held is not None and held[0] > 1:
+            self._contents[job.message_id] = (held[0] - 1, held[1])
 
     def key(self, job: DeliveryJob) -> int:
         return job.id
@@ -177,6 +210,8 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         except Exception:  # the one catch-all per delivery: its lease will expire
             log.exception("delivery %d of %s failed unexpectedly", job.id, job.message_id)
             return None
+        finally:
+            self._done_with(job)
 
     async def record(self, group: list[tuple[DeliveryJob, AttemptResult]]) -> None:
         """Record attempt results in one transaction (raises: the group is tried again)."""
@@ -202,7 +237,9 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         if isinstance(targets, str):
             self._event(job, "held", logging.WARNING, reason=targets)
             return AttemptResult(job.id, HELD, targets, where="none")
-        content = await asyncio.to_thread(self.store.delivery_content, job.message_id)
+        content = self._content(job)
+        if isinstance(content, Exception):
+            raise content
         if content is None:
             return AttemptResult(job.id, FAILED, "the stored message is gone", where="none")
         name, host = "mx", "DNS"

@@ -3,7 +3,7 @@ queue listed, retried, dropped and measured."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -23,6 +23,7 @@ from gateway.records import (
 )
 from gateway.store.base import StoreBase
 from gateway.store.intake import _insert_messages
+from gateway.store.keystore import KeyUnavailable
 from gateway.store.models import (
     FAILED,
     HELD,
@@ -46,11 +47,12 @@ _ATTEMPT = (
 
 
 _CONTENT = (
-    select(messages.c.trace_header, messages.c.auth_header, message_blobs.c.data,
-           message_blobs.c.key_id)
+    select(messages.c.id, messages.c.trace_header, messages.c.auth_header,
+           message_blobs.c.data, message_blobs.c.key_id)
     .join(message_blobs, message_blobs.c.message_id == messages.c.id)
-    .where(messages.c.id == bindparam("b_id"))
+    .where(messages.c.id.in_(bindparam("b_ids", expanding=True)))
 )
+CONTENT_CHUNK = 500  # messages read in one statement at most
 
 
 class DeliveryStore(StoreBase):
@@ -90,13 +92,24 @@ class DeliveryStore(StoreBase):
             for r in rows
         ]
 
-    def delivery_content(self, message_id: str) -> tuple[str, bytes] | None:
-        """Our header fields (Received, Authentication-Results) and the original of a
-        message, for composing what we send."""
+    def delivery_contents(self, message_ids: Iterable[str]
+                          ) -> dict[str, tuple[str, bytes] | KeyUnavailable]:
+        """For composing what is sent, by message: our header fields (Received,
+        Authentication-Results) and the original; KeyUnavailable for an original
+        sealed with a key that is not here.  Messages that are gone are left out."""
+        wanted = sorted(set(message_ids))
+        out: dict[str, tuple[str, bytes] | KeyUnavailable] = {}
         with self.engine.connect().execution_options(readonly=True) as conn:
-            row = conn.execute(_CONTENT, {"b_id": message_id}).first()
-        return None if row is None else (row.trace_header + (row.auth_header or ""),
-                                         self.plain(message_id, row.key_id, row.data))
+            for start in range(0, len(wanted), CONTENT_CHUNK):
+                rows = conn.execute(_CONTENT, {"b_ids": wanted[start:start + CONTENT_CHUNK]})
+                for row in rows:
+                    try:
+                        raw = self.plain(row.id, row.key_id, row.data)
+                    except KeyUnavailable as exc:
+                        out[row.id] = exc
+                    else:
+                        out[row.id] = (row.trace_header + (row.auth_header or ""), raw)
+        return out
 
     def delivery_results(self, owner: str, results: Sequence[AttemptResult]) -> list[bool]:
         """Record attempts, in one transaction.
