@@ -212,6 +212,9 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
                  poll_interval: float, concurrency: int) -> None:
         super().__init__(name, log, leases, poll_interval)
         self.concurrency = concurrency
+        # Claim when this many slots are free (or none is busy): a claim per finished
+        # item would cost a transaction for each.
+        self.claim_at = max(1, concurrency // 4)
         self.in_flight: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
@@ -222,7 +225,9 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
     async def turn(self) -> float | None:
         await self.before_claim()
         free = self.concurrency - len(self.in_flight)
-        items = await self.take(free) if free > 0 else []
+        if self.in_flight and free < self.claim_at:
+            return self.poll_interval  # woken again as items finish
+        items = await self.take(free)
         for item in items:
             task = asyncio.create_task(self._one(item))
             self.in_flight.add(task)
