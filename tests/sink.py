@@ -20,6 +20,7 @@ class Received:
     mail_from: str
     rcpt_tos: list[str]
     data: bytes
+    tls: bool = False  # came over STARTTLS
 
     @property
     def headers(self) -> Any:
@@ -74,16 +75,18 @@ class SinkHandler:
             return "421 4.3.0 gone"
         with self.lock:
             self.messages.append(Received(envelope.mail_from, list(envelope.rcpt_tos),
-                                          envelope.original_content))
+                                          envelope.original_content, session.ssl is not None))
         return "250 2.0.0 Ok: stored"
 
 
 class Sink:
-    def __init__(self) -> None:
+    def __init__(self, tls_context: Any = None) -> None:
+        """``tls_context``: offer STARTTLS with it, and take mail only after it."""
         self.handler = SinkHandler()
         self.port = free_port()
+        tls = {"tls_context": tls_context, "require_starttls": True} if tls_context else {}
         self.controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                     ready_timeout=10)
+                                     ready_timeout=10, **tls)
         self.controller.start()
 
     @property

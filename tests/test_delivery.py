@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 
-from gateway.delivery.smtp import PERMANENT, SENT, Sender, Target
+from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
 from tests.conftest import simple_message, wait_for
 
 RETENTION = """
@@ -377,42 +377,87 @@ def test_an_address_with_cr_lf_or_spaces_never_reaches_the_wire(relay):
     assert got.rcpt_tos == ["x@b.test"] and relay.messages == [got]
 
 
-class _ClosingRelay:
-    """A relay that takes one message per connection and then drops the connection
-    when the next MAIL FROM comes (without a reply, or with ``farewell``): an idle
-    connection the peer closed while the gateway still held it."""
+class _ScriptedRelay:
+    """A relay on a raw socket, for what aiosmtpd does not do: it may offer PIPELINING
+    (and records which commands came in one read), refuse given recipients, and take
+    one message per connection, dropping the connection when the next MAIL FROM comes
+    (without a reply, or with ``farewell``): an idle connection the peer closed while
+    the gateway still held it."""
 
-    def __init__(self, farewell: bytes | None = None) -> None:
+    def __init__(self, *, pipelining: bool = False, one_per_connection: bool = False,
+                 farewell: bytes | None = None, refuse: dict[bytes, bytes] | None = None
+                 ) -> None:
+        self.pipelining = pipelining
+        self.one_per_connection = one_per_connection
         self.farewell = farewell
+        self.refuse = refuse or {}
         self.connections = 0
         self.messages: list[bytes] = []
+        self.reads: list[list[bytes]] = []  # the commands of each read from the socket
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
         writer.write(b"220 relay.test ESMTP\r\n")
-        served = False
-        while line := await reader.readline():
-            verb = line[:4].upper()
-            if verb in (b"EHLO", b"HELO"):
-                writer.write(b"250-relay.test\r\n250 SIZE 1000000\r\n")
-            elif verb == b"MAIL" and served:
-                if self.farewell is not None:
-                    writer.write(self.farewell)
+        served = refused = False
+        pending = b""
+        while chunk := await reader.read(65536):
+            pending += chunk
+            *lines, pending = pending.split(b"\r\n")
+            self.reads.append([line.split(b" ")[0].split(b":")[0].upper() for line in lines])
+            for line in lines:
+                verb = line[:4].upper()
+                if verb == b"EHLO":
+                    extra = b"250-PIPELINING\r\n" if self.pipelining else b""
+                    writer.write(b"250-relay.test\r\n" + extra + b"250 SIZE 1000000\r\n")
+                elif verb == b"MAIL" and served and self.one_per_connection:
+                    if self.farewell is not None:
+                        writer.write(self.farewell)
+                        await writer.drain()
+                    writer.close()
+                    return
+                elif verb == b"RCPT" and (why := self.refuse.get(line[9:-1])) is not None:
+                    refused = True
+                    writer.write(why)
+                elif verb == b"DATA" and refused:
+                    writer.write(b"554 5.5.1 no valid recipients\r\n")
+                elif verb == b"DATA":
+                    writer.write(b"354 go on\r\n")
                     await writer.drain()
-                break
-            elif verb in (b"MAIL", b"RCPT", b"RSET", b"NOOP"):
-                writer.write(b"250 2.0.0 ok\r\n")
-            elif verb == b"DATA":
-                writer.write(b"354 go on\r\n")
-                data = await reader.readuntil(b"\r\n.\r\n")
-                self.messages.append(data)
-                served = True
-                writer.write(b"250 2.0.0 queued\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
+                    data = pending + await reader.readuntil(b"\r\n.\r\n")
+                    pending = b""
+                    self.messages.append(data)
+                    served = True
+                    writer.write(b"250 2.0.0 queued\r\n")
+                elif verb == b"RSET":
+                    refused = False
+                    writer.write(b"250 2.0.0 ok\r\n")
+                elif verb == b"QUIT":
+                    writer.write(b"221 bye\r\n")
+                    await writer.drain()
+                    writer.close()
+                    return
+                else:
+                    writer.write(b"250 2.0.0 ok\r\n")
             await writer.drain()
         writer.close()
+
+
+def _send_each(relay: _ScriptedRelay, messages: list[tuple[str, bytes]]) -> list[Result]:
+    """Send (recipient, data) pairs one after the other through one Sender."""
+
+    async def run() -> list[Result]:
+        server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sender = Sender(helo="mx.gateway.test", reply_timeout=10)
+        target = Target("127.0.0.1", port, "none")
+        results = [await sender.send(target, sender="a@sender.test", recipient=rcpt,
+                                     data=data) for rcpt, data in messages]
+        await sender.close()
+        server.close()
+        await server.wait_closed()
+        return results
+
+    return asyncio.run(run())
 
 
 @pytest.mark.sqlite_only
@@ -421,24 +466,83 @@ def test_an_idle_connection_the_relay_dropped_is_replaced_once(farewell):
     """Idle connections are reused without a NOOP first; one the relay dropped meanwhile
     fails at MAIL FROM, before any of the message went out, and the message goes on a
     new connection: sent once, not deferred."""
-    relay = _ClosingRelay(farewell)
-
-    async def send_three() -> list[str]:
-        server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
-        port = server.sockets[0].getsockname()[1]
-        sender = Sender(helo="mx.gateway.test", reply_timeout=10)
-        target = Target("127.0.0.1", port, "none")
-        outcomes = []
-        for n in range(3):
-            result = await sender.send(target, sender="a@sender.test", recipient="x@b.test",
-                                       data=f"Subject: {n}\r\n\r\nhello\r\n".encode())
-            outcomes.append(result.outcome)
-        await sender.close()
-        server.close()
-        await server.wait_closed()
-        return outcomes
-
-    assert asyncio.run(send_three()) == [SENT, SENT, SENT]
+    relay = _ScriptedRelay(one_per_connection=True, farewell=farewell)
+    results = _send_each(relay, [("x@b.test", f"Subject: {n}\r\n\r\nhi\r\n".encode())
+                                 for n in range(3)])
+    assert [r.outcome for r in results] == [SENT, SENT, SENT]
     assert [m.split(b"\r\n", 1)[0] for m in relay.messages] == [
         b"Subject: 0", b"Subject: 1", b"Subject: 2"]
     assert relay.connections == 3
+
+
+@pytest.mark.sqlite_only
+def test_pipelining_sends_the_envelope_in_one_write_and_handles_refusals():
+    """With PIPELINING offered, MAIL, RCPT and DATA go out together; a refused recipient
+    is a permanent failure with the relay's words, and the connection, reset, carries
+    the next message."""
+    relay = _ScriptedRelay(pipelining=True,
+                           refuse={b"gone@b.test": b"550 5.1.1 <gone@b.test>: unknown\r\n"})
+    results = _send_each(relay, [("x@b.test", b"Subject: 1\r\n\r\nhi\r\n"),
+                                 ("gone@b.test", b"Subject: 2\r\n\r\nhi\r\n"),
+                                 ("y@b.test", b"Subject: 3\r\n\r\nhi\r\n")])
+    assert [r.outcome for r in results] == [SENT, PERMANENT, SENT]
+    assert results[1].detail == "550 5.1.1 <gone@b.test>: unknown"
+    assert [m.split(b"\r\n", 1)[0] for m in relay.messages] == [b"Subject: 1", b"Subject: 3"]
+    assert relay.connections == 1
+    assert relay.reads.count([b"MAIL", b"RCPT", b"DATA"]) == 3
+
+
+@pytest.mark.sqlite_only
+def test_the_message_arrives_byte_for_byte_with_leading_dots(relay):
+    """Dot-stuffing on the way out, undone by the relay: what arrives is what was sent."""
+    data = (b".Subject: dots\r\nFrom: a@sender.test\r\n\r\n.one dot\r\n..two dots\r\n"
+            b".\r\nlast line without CRLF")
+
+    async def send() -> Result:
+        sender = Sender(helo="mx.gateway.test", reply_timeout=10)
+        try:
+            return await sender.send(Target("127.0.0.1", relay.port, "none"),
+                                     sender="a@sender.test", recipient="x@b.test", data=data)
+        finally:
+            await sender.close()
+
+    assert asyncio.run(send()).outcome == SENT
+    [got] = relay.wait(1)
+    assert got.data == data + b"\r\n"
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("tls", ["opportunistic", "required"])
+def test_copies_go_over_starttls_to_a_verified_relay(tls, tls_files, tmp_path, monkeypatch):
+    """STARTTLS when the relay offers it, its certificate checked against the trusted
+    CAs (here the test CA, as SSL_CERT_FILE names it); an untrusted one gets nothing."""
+    import ssl
+
+    from tests.sink import Sink
+
+    ca, chain, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(chain, key)
+    sink = Sink(tls_context=server_context)
+
+    async def send(subject: str) -> Result:
+        sender = Sender(helo="mx.gateway.test", reply_timeout=10)
+        try:
+            return await sender.send(Target("127.0.0.1", sink.port, tls),
+                                     sender="a@sender.test", recipient="x@b.test",
+                                     data=f"Subject: {subject}\r\n\r\nhi\r\n".encode())
+        finally:
+            await sender.close()
+
+    try:
+        untrusted = asyncio.run(send("untrusted"))
+        assert untrusted.outcome == TEMPORARY and not untrusted.connected
+        assert "CERTIFICATE_VERIFY_FAILED" in untrusted.detail
+        ca_file = tmp_path / "ca.pem"
+        ca.cert_pem.write_to_path(str(ca_file))
+        monkeypatch.setenv("SSL_CERT_FILE", str(ca_file))
+        assert asyncio.run(send("trusted")).outcome == SENT
+        [got] = sink.wait(1)
+        assert got.tls and got.data.startswith(b"Subject: trusted")
+    finally:
+        sink.stop()

@@ -1,22 +1,35 @@
-"""Send messages over SMTP (aiosmtplib) and classify each result.
+"""Send messages over SMTP and classify each result.
 
 The reply decides what happens next: 2xx sent; 4xx, a dropped connection or a
 timeout is temporary (retry later); 5xx is permanent.  Addresses with CR, LF,
 spaces or controls never reach the wire: that is a permanent failure here.
+
+The client is written for what delivery does, one message to one recipient
+at a time on connections kept open between messages, as Postfix's smtp client
+does it: MAIL FROM, RCPT TO and DATA go out in one write when the server
+offers PIPELINING (RFC 2920), and the message, dot-stuffed, with its final dot
+in another.  A copy thus costs two round trips on a kept connection, and the
+message is not parsed or re-encoded here: what the delivery composed (CRLF
+only) is what goes out.  STARTTLS as the target asks: never (``none``), when
+offered (``opportunistic``), or always (``required``: a server that does not
+offer it gets nothing).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import ssl
 import time
-from dataclasses import dataclass
-
-import aiosmtplib
+from dataclasses import dataclass, field
 
 from gateway.tenancy import has_unsafe_chars
 
 SENT = "sent"
 TEMPORARY = "temporary"
 PERMANENT = "permanent"
+REPLY_LINE = 4096  # bytes: a longer reply line is a broken server
+QUIT_TIMEOUT = 2.0  # seconds to wait for QUIT's answer when closing
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,16 +48,102 @@ class Result:
     connected: bool = True  # False: no SMTP conversation happened (try the next host)
 
 
+class ProtocolError(Exception):
+    """The server said something that is not an SMTP reply, or the session could not
+    be set up (greeting, EHLO, STARTTLS)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    code: int
+    text: str
+
+    def detail(self) -> str:
+        return _reply(self.code, self.text)
+
+
 def _reply(code: int, message: str) -> str:
     return f"{code} {' '.join(message.split())}"[:500]
+
+
+@dataclass
+class Connection:
+    """One SMTP session, after its greeting and EHLO (and STARTTLS)."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    timeout: float
+    extensions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def usable(self) -> bool:
+        return not self.writer.is_closing() and not self.reader.at_eof()
+
+    async def reply(self) -> Reply:
+        """The next reply, its lines joined; ConnectionError when the server went away,
+        TimeoutError after ``timeout``, ProtocolError for anything but a reply."""
+        lines: list[str] = []
+        async with asyncio.timeout(self.timeout):
+            while True:
+                try:
+                    line = await self.reader.readuntil(b"\n")
+                except asyncio.IncompleteReadError:
+                    raise ConnectionError("the server closed the connection") from None
+                except asyncio.LimitOverrunError:
+                    raise ProtocolError("reply line too long") from None
+                code, more, text = line[:3], line[3:4], line[4:].rstrip(b"\r\n")
+                if not code.isdigit() or more not in (b" ", b"-", b"\r", b"\n"):
+                    raise ProtocolError(f"not an SMTP reply: {line[:80]!r}")
+                lines.append(text.decode("utf-8", "replace"))
+                if more != b"-":
+                    return Reply(int(code), "\n".join(lines))
+
+    async def command(self, line: bytes) -> Reply:
+        self.writer.write(line)
+        return await self.reply()
+
+    async def hello(self, helo: str) -> None:
+        """EHLO (HELO when the server refuses it), and the extensions it offers."""
+        reply = await self.command(b"EHLO %s\r\n" % helo.encode())
+        if reply.code // 100 != 2:
+            reply = await self.command(b"HELO %s\r\n" % helo.encode())
+            if reply.code // 100 != 2:
+                raise ProtocolError(f"HELO refused: {reply.detail()}")
+            self.extensions = {}
+            return
+        self.extensions = {}
+        for line in reply.text.split("\n")[1:]:
+            keyword, _, params = line.strip().partition(" ")
+            self.extensions[keyword.upper()] = params
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def closed(self) -> None:
+        """Close, and wait (briefly) until the socket is closed (a TLS one says goodbye)."""
+        self.writer.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.writer.wait_closed(), QUIT_TIMEOUT)
+
+
+def _stuffed(data: bytes) -> bytes:
+    """The message as DATA sends it: dot-stuffed, ending in CRLF, then the final dot."""
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    data = data.replace(b"\r\n.", b"\r\n..")
+    if data.startswith(b"."):
+        data = b"." + data
+    return data + b".\r\n"
 
 
 class Sender:
     """Sends over SMTP, keeping connections to each target open between messages.
 
     A copy or route to the same relay or destination reuses an idle connection
-    instead of a new TCP connection, greeting, EHLO and QUIT each time.  A
-    connection the peer has closed meanwhile is replaced once, transparently.
+    instead of a new TCP connection, greeting, EHLO and QUIT each time.  An idle
+    connection is used as it is, without a NOOP first (a round trip per message):
+    one the peer closed meanwhile (or closes now, with 421) fails before its first
+    reply, before anything of the message was sent, and is replaced once.
     """
 
     def __init__(self, *, helo: str, reply_timeout: float, max_idle: int = 20,
@@ -53,122 +152,174 @@ class Sender:
         self.reply_timeout = reply_timeout
         self.max_idle = max_idle
         self.idle_time = idle_time
-        self._idle: dict[Target, list[tuple[float, aiosmtplib.SMTP]]] = {}
+        self._idle: dict[Target, list[tuple[float, Connection]]] = {}
+        self._tls: dict[bool, ssl.SSLContext] = {}
 
-    async def _connect(self, target: Target) -> aiosmtplib.SMTP:
-        start_tls = {"none": False, "opportunistic": None, "required": True}[target.tls]
-        client = aiosmtplib.SMTP(hostname=target.host, port=target.port,
-                                 local_hostname=self.helo, timeout=self.reply_timeout,
-                                 start_tls=start_tls, validate_certs=target.verify)
-        await client.connect()
-        return client
+    def _tls_context(self, verify: bool) -> ssl.SSLContext:
+        context = self._tls.get(verify)
+        if context is None:
+            context = ssl.create_default_context()
+            if not verify:
+                context.check_hostname = False
+                context.verify_mode = ssl.CERT_NONE
+            self._tls[verify] = context
+        return context
 
-    def _take(self, target: Target) -> aiosmtplib.SMTP | None:
+    async def _connect(self, target: Target) -> Connection:
+        async with asyncio.timeout(self.reply_timeout):
+            reader, writer = await asyncio.open_connection(target.host, target.port,
+                                                           limit=REPLY_LINE)
+        conn = Connection(reader, writer, self.reply_timeout)
+        try:
+            greeting = await conn.reply()
+            if greeting.code != 220:
+                raise ProtocolError(f"greeting: {greeting.detail()}")
+            await conn.hello(self.helo)
+            if target.tls == "none":
+                return conn
+            if "STARTTLS" not in conn.extensions:
+                if target.tls == "required":
+                    raise ProtocolError("the server does not offer STARTTLS, which is "
+                                        "required for this destination")
+                return conn
+            reply = await conn.command(b"STARTTLS\r\n")
+            if reply.code != 220:
+                if target.tls == "required":
+                    raise ProtocolError(f"STARTTLS refused: {reply.detail()}")
+                return conn
+            async with asyncio.timeout(self.reply_timeout):
+                await writer.start_tls(self._tls_context(target.verify),
+                                       server_hostname=target.host)
+            await conn.hello(self.helo)
+        except Exception:
+            await conn.closed()
+            raise
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _take(self, target: Target) -> Connection | None:
         pool = self._idle.get(target, [])
         now = time.monotonic()
         while pool:
-            since, client = pool.pop()
-            if client.is_connected and now - since < self.idle_time:
-                return client
-            client.close()
+            since, conn = pool.pop()
+            if conn.usable and now - since < self.idle_time:
+                return conn
+            conn.close()
         return None
 
-    def _give_back(self, target: Target, client: aiosmtplib.SMTP) -> None:
+    def _give_back(self, target: Target, conn: Connection) -> None:
         pool = self._idle.setdefault(target, [])
-        if client.is_connected and len(pool) < self.max_idle:
-            pool.append((time.monotonic(), client))
+        if conn.usable and len(pool) < self.max_idle:
+            pool.append((time.monotonic(), conn))
         else:
-            client.close()
+            conn.close()
 
     async def send(self, target: Target, *, sender: str, recipient: str,
                    data: bytes) -> Result:
-        """One message to one recipient; never retried once MAIL FROM has been answered."""
+        """One message to one recipient; sent again only on a fresh connection, and only
+        when a kept one failed before its first reply."""
         if has_unsafe_chars(recipient) or (sender and has_unsafe_chars(sender)):
             return Result(PERMANENT, "address contains CR, LF, spaces or control characters")
-        client = self._take(target)
-        if client is not None:
-            # An idle connection is used as it is, without a NOOP first (a round trip
-            # per message): one the peer closed meanwhile (or closes now, with 421)
-            # fails at MAIL FROM, before anything of the message was sent, and is
-            # replaced once.
-            try:
-                await _mail(client, sender, data)
-            except aiosmtplib.SMTPResponseException as exc:
-                if exc.code != 421:
-                    return self._ended(target, client, _classify(exc.code, exc.message),
-                                       await _reset(client))
-                client.close()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                client.close()
-            else:
-                return await self._rest(target, client, recipient, data)
+        conn = self._take(target)
+        if conn is not None:
+            result = await self._transaction(target, conn, sender, recipient, data,
+                                             kept=True)
+            if result is not None:
+                return result
         try:
-            client = await self._connect(target)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
+            conn = await self._connect(target)
+        except (ProtocolError, OSError, TimeoutError, ssl.SSLError) as exc:
             where = f"{target.host}:{target.port}"
             return Result(TEMPORARY, f"{where}: {type(exc).__name__}: {exc}"[:500],
                           connected=False)
-        try:
-            await _mail(client, sender, data)
-        except aiosmtplib.SMTPResponseException as exc:
-            return self._ended(target, client, _classify(exc.code, exc.message),
-                               await _reset(client))
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            client.close()
-            return Result(TEMPORARY, f"{type(exc).__name__}: {exc}"[:500])
-        return await self._rest(target, client, recipient, data)
-
-    async def _rest(self, target: Target, client: aiosmtplib.SMTP, recipient: str,
-                    data: bytes) -> Result:
-        """RCPT TO and DATA of a transaction whose MAIL FROM was accepted."""
-        try:
-            await client.rcpt(recipient)
-            response = await client.data(data)
-        except aiosmtplib.SMTPResponseException as exc:
-            return self._ended(target, client, _classify(exc.code, exc.message),
-                               await _reset(client))
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as exc:
-            client.close()
-            return Result(TEMPORARY, f"{type(exc).__name__}: {exc}"[:500])
-        return self._ended(target, client, _classify(response.code, response.message), True)
-
-    def _ended(self, target: Target, client: aiosmtplib.SMTP, result: Result,
-               reusable: bool) -> Result:
-        if reusable:
-            self._give_back(target, client)
-        else:
-            client.close()
+        result = await self._transaction(target, conn, sender, recipient, data, kept=False)
+        assert result is not None
         return result
 
+    async def _transaction(self, target: Target, conn: Connection, sender: str,
+                           recipient: str, data: bytes, *, kept: bool) -> Result | None:
+        """MAIL, RCPT, DATA and the message; None: a kept connection turned out closed
+        before anything was answered (try a fresh one)."""
+        utf8 = not (sender.isascii() and recipient.isascii())
+        if utf8 and "SMTPUTF8" not in conn.extensions:
+            self._give_back(target, conn)
+            return Result(PERMANENT, "553 5.6.7 the address needs SMTPUTF8, which the "
+                                     "server does not offer")
+        options = b""
+        if "SIZE" in conn.extensions:
+            options += b" SIZE=%d" % len(data)
+        if utf8:
+            options += b" SMTPUTF8"
+        mail = b"MAIL FROM:<%s>%s\r\n" % (sender.encode(), options)
+        rcpt = b"RCPT TO:<%s>\r\n" % recipient.encode()
+        pipelining = "PIPELINING" in conn.extensions
+        answered = False
+        try:
+            first = await conn.command(mail + rcpt + b"DATA\r\n" if pipelining else mail)
+            answered = True
+            if kept and first.code == 421:  # closing the session it had kept open
+                conn.close()
+                return None
+            replies = [first]
+            if pipelining:
+                replies += [await conn.reply(), await conn.reply()]
+            elif first.code == 250:
+                replies.append(await conn.command(rcpt))
+                if replies[1].code in (250, 251):
+                    replies.append(await conn.command(b"DATA\r\n"))
+            refused = next((r for r, ok in zip(replies, ((250,), (250, 251), (354,)),
+                                               strict=False) if r.code not in ok), None)
+            if refused is not None:
+                if len(replies) == 3 and replies[2].code == 354:
+                    # DATA accepted though MAIL or RCPT was refused: end it, empty
+                    await conn.command(b".\r\n")
+                await self._reset(target, conn, refused)
+                return _classify(refused)
+            final = await conn.command(_stuffed(data))
+        except (ConnectionError, OSError, TimeoutError, ProtocolError, ssl.SSLError) as exc:
+            conn.close()
+            if kept and not answered:
+                return None
+            return Result(TEMPORARY, f"{type(exc).__name__}: {exc}"[:500])
+        if final.code == 421:
+            conn.close()
+        else:
+            self._give_back(target, conn)
+        return _classify(final)
+
+    async def _reset(self, target: Target, conn: Connection, refused: Reply) -> None:
+        """RSET after a refusal; the connection is kept only when that works."""
+        if refused.code == 421:
+            conn.close()
+            return
+        try:
+            reply = await conn.command(b"RSET\r\n")
+        except (ConnectionError, OSError, TimeoutError, ProtocolError, ssl.SSLError):
+            conn.close()
+            return
+        if reply.code == 250:
+            self._give_back(target, conn)
+        else:
+            conn.close()
+
     async def close(self) -> None:
-        for pool in self._idle.values():
-            for _, client in pool:
-                try:
-                    await client.quit()
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                    client.close()
+        conns = [conn for pool in self._idle.values() for _, conn in pool]
         self._idle.clear()
+        for conn in conns:
+            if conn.usable:
+                conn.timeout = QUIT_TIMEOUT
+                try:
+                    await conn.command(b"QUIT\r\n")
+                except (ConnectionError, OSError, TimeoutError, ProtocolError, ssl.SSLError):
+                    pass
+            await conn.closed()
 
 
-async def _mail(client: aiosmtplib.SMTP, sender: str, data: bytes) -> None:
-    """MAIL FROM, with the message's size when the server takes SIZE (RFC 1870): the
-    bytes are CRLF-only already, as they go out."""
-    options = [f"SIZE={len(data)}"] if client.supports_extension("size") else []
-    await client.mail(sender, options=options)
-
-
-async def _reset(client: aiosmtplib.SMTP) -> bool:
-    """RSET after a refusal; False when the connection is not worth keeping."""
-    try:
-        await client.rset()
-    except (aiosmtplib.SMTPException, OSError, TimeoutError):
-        return False
-    return True
-
-
-def _classify(code: int, message: str) -> Result:
-    if 200 <= code < 300:
-        return Result(SENT, _reply(code, message))
-    if 500 <= code < 600:
-        return Result(PERMANENT, _reply(code, message))
-    return Result(TEMPORARY, _reply(code, message))
+def _classify(reply: Reply) -> Result:
+    if 200 <= reply.code < 300:
+        return Result(SENT, reply.detail())
+    if 500 <= reply.code < 600:
+        return Result(PERMANENT, reply.detail())
+    return Result(TEMPORARY, reply.detail())
