@@ -1,0 +1,115 @@
+#!/usr/bin/env bash
+# The copies job end to end beside Postfix (../shared/peers/e2e.sh): every message gets a
+# Cc and a Bcc copy relayed to the counting smtp-sink on 127.0.0.1:2529, timed from the
+# first connection until the last copy is out.  Runs alternate in one session:
+#   bench/e2e.sh [plain|auth] [SIZE] [N] [PAIRS] [TREE...]
+#   bench/e2e.sh plain 4096 3000 3                # Postfix, this checkout; 3 rounds
+#   bench/e2e.sh plain 4096 3000 5 . /tmp/base    # Postfix, this checkout, another build
+# A round runs Postfix and each TREE (a checkout with its .venv) once; every other round in
+# reverse order, so that neither side always runs first.  Each gateway run starts a fresh
+# daemon (bench/gateway-copies.yaml with the relay on the sink, SQLite in a temporary
+# directory) and stops it afterwards.  In auth mode the gateway checks DKIM/SPF/ARC/DMARC
+# inbound (the DNS of e2e.sh on 127.0.0.1:53) and SRS-rewrites, ARC-seals and DKIM-signs
+# every copy with e2e.sh's RSA-2048 key for bench.test.
+# E2E_GATEWAY_ENV: extra environment for the daemon (e.g. MAILFLOWR_PIPELINE__BURST_DELAY=0).
+# PROFILE=DIR: py-spy records each gateway run's processes into DIR.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+MODE=${1:-plain} SIZE=${2:-4096} N=${3:-3000} PAIRS=${4:-3}
+shift $(( $# < 4 ? $# : 4 ))
+TREES=("$@")
+[ ${#TREES[@]} -gt 0 ] || TREES=(.)
+E2E=${PEERS_DIR:-../shared/peers}/e2e.sh
+AUTH_DIR=/etc/postfix-e2e-auth
+work=$(mktemp -d)
+gateway_pid=
+cleanup() {
+    [ -z "$gateway_pid" ] || { kill -TERM "$gateway_pid" 2>/dev/null; wait "$gateway_pid" 2>/dev/null; }
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+"$E2E" start "$MODE" >/dev/null
+if [ "$MODE" = auth ]; then
+    head -c 24 /dev/urandom | base64 >"$work/srs.secret"
+    chmod 600 "$work/srs.secret"
+fi
+python3 - "$work" "$MODE" "$AUTH_DIR" <<'PY'
+import sys, yaml
+work, mode, auth_dir = sys.argv[1:4]
+config = yaml.safe_load(open("bench/gateway-copies.yaml"))
+config["delivery"]["relay"] = "127.0.0.1:2529"
+config["database"]["url"] = f"sqlite:///{work}/gateway.db"
+config["policies"]["directory"] = "bench/policies"
+if mode == "auth":
+    config["delivery"]["dns_servers"] = ["127.0.0.1:53"]
+    config["dkim"] = {"keys": [{"domain": "bench.test", "selector": "s1",
+                                "key_file": f"{auth_dir}/dkim/bench.private"}]}
+    config["srs"] = {"secret_file": f"{work}/srs.secret"}
+yaml.safe_dump(config, open(f"{work}/gateway.yaml", "w"))
+PY
+pending="sqlite3 $work/gateway.db \"select (select count(*) from messages where status='received') + (select count(*) from deliveries where status!='sent')\""
+
+cpu_of() { # PID: CPU seconds of the process, then of its children (live), from /proc
+    python3 - "$1" <<'PY'
+import os, sys
+tick = os.sysconf("SC_CLK_TCK")
+def cpu(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / tick
+pid = int(sys.argv[1])
+kids = [k for task in os.listdir(f"/proc/{pid}/task")
+        for k in open(f"/proc/{pid}/task/{task}/children").read().split()]
+print(cpu(pid), sum(cpu(k) for k in kids))
+PY
+}
+
+run_gateway() { # TREE
+    local tree=$1 line
+    rm -f "$work"/gateway.db*
+    (cd "$tree" && exec env ${E2E_GATEWAY_ENV:-} MAILFLOWR_PRIVACY__KEY_FILE="$work/privacy.key" \
+        .venv/bin/mailflowr-gateway serve --config "$work/gateway.yaml" \
+        >>"$work/gateway.log" 2>&1) &
+    gateway_pid=$!
+    for _ in $(seq 1 200); do
+        (echo >/dev/tcp/127.0.0.1/2525) 2>/dev/null && break
+        sleep 0.1
+    done
+    local spies=()
+    if [ -n "${PROFILE:-}" ]; then
+        mkdir -p "$PROFILE"
+        "$tree/.venv/bin/py-spy" record -r 100 --subprocesses -f raw -p "$gateway_pid" \
+            -o "$PROFILE/$(basename "$(realpath "$tree")")-$gateway_pid.txt" >/dev/null 2>&1 &
+        spies+=($!)
+        sleep 1
+    fi
+    local before after
+    before=$(cpu_of "$gateway_pid")
+    line=$("$E2E" run-gateway "$SIZE" "$N" "$pending") || line="FAILED: $line"
+    after=$(cpu_of "$gateway_pid")
+    for s in "${spies[@]}"; do kill -INT "$s" 2>/dev/null || true; done
+    for s in "${spies[@]}"; do wait "$s" 2>/dev/null || true; done
+    echo "gateway[$tree] $line  daemon/workers CPU $(python3 -c "import sys
+b, a, n = sys.argv[1].split(), sys.argv[2].split(), int(sys.argv[3])
+print(' / '.join(f'{(float(y) - float(x)) * 1000 / n:.2f}' for x, y in zip(b, a)), 'ms/msg')" "$before" "$after" "$N")"
+    kill -TERM "$gateway_pid" 2>/dev/null
+    wait "$gateway_pid" 2>/dev/null || true
+    gateway_pid=
+}
+
+for ((round = 0; round < PAIRS; round++)); do
+    order=(postfix "${TREES[@]}")
+    if ((round % 2)); then
+        reversed=()
+        for ((i = ${#order[@]} - 1; i >= 0; i--)); do reversed+=("${order[i]}"); done
+        order=("${reversed[@]}")
+    fi
+    for side in "${order[@]}"; do
+        if [ "$side" = postfix ]; then
+            echo "postfix $("$E2E" run-postfix "$SIZE" "$N")"
+        else
+            run_gateway "$side"
+        fi
+    done
+done
