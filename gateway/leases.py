@@ -7,13 +7,16 @@ with its own timeout), so a lease set once at the claim could run out while
 the work still goes on and another instance would do it a second time.  A
 ``LeaseKeeper`` extends the leases of every row its owner still holds, in one
 UPDATE every third of the lease time.  When the instance dies the renewals
-stop, and the others take its work over once the lease time has passed.
+stop, and the others take its work over once the lease time has passed; on
+its own host, a process that starts takes back at once what dead processes of
+that host held (``release_dead``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Iterable
 from typing import Literal
 
@@ -63,3 +66,26 @@ class LeaseKeeper:
             if kept < len(ids):
                 # finished meanwhile (fine), or expired and taken by another instance
                 log.debug("%s: %d of %d leases renewed", self.table, kept, len(ids))
+
+
+async def release_dead(store: Store, host: str, what: str) -> None:
+    """Free the leases that processes of this host which no longer run still hold:
+    the work of a process killed with -9 is taken up at once, not after the lease."""
+    try:
+        freed = await asyncio.to_thread(store.release_dead_leases, host, _alive)
+    except Exception:  # loop boundary: the claim loop retries the database anyway
+        log.exception("%s: could not release leases of dead processes", what)
+    else:
+        if freed:
+            log.info("%s: took back %d pieces of work claimed by a process that died",
+                     what, freed)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -33,7 +33,7 @@ from collections.abc import Callable, Mapping
 from gateway import logs
 from gateway.auth.work import AuthCalls
 from gateway.config import KeepOriginalConfig
-from gateway.leases import LeaseKeeper
+from gateway.leases import LeaseKeeper, release_dead
 from gateway.metrics import Metrics
 from gateway.pipeline.flow import InFlow
 from gateway.pipeline.parse import ParserPool
@@ -69,7 +69,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         burst_delay: float = 0.0,
         in_flow_delay: float = 0.0,
         policies: Callable[[], PolicySet] = PolicySet,
-        deliveries_planned: asyncio.Event | None = None,
+        deliveries_planned: Callable[[], None] | None = None,
         metrics: Metrics | None = None,
         auth: AuthCalls | None = None,
         authserv_id: str = "localhost",
@@ -101,13 +101,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
 
     # ------------------------------------------------------------ the runner's hooks
     async def begin(self) -> None:
-        try:
-            freed = await asyncio.to_thread(self.store.release_dead_leases, self.host, _pid_alive)
-        except Exception:  # loop boundary: the claim loop below retries the database anyway
-            log.exception("pipeline: could not release leases of dead processes")
-        else:
-            if freed:
-                log.info("pipeline: took back %d messages claimed by a process that died", freed)
+        await release_dead(self.store, self.host, "pipeline")
 
     async def before_claim(self) -> None:
         await self._after_acceptance()
@@ -213,7 +207,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
             if self.metrics is not None:
                 self.metrics.pipeline_outcome(item.tenant_id, result, p.rules)
         if planned and self.deliveries_planned is not None:
-            self.deliveries_planned.set()
+            self.deliveries_planned()
 
     async def _prepare_guarded(self, ids: list[str], inputs: Mapping[str, PipelineInput],
                                slots: asyncio.Semaphore) -> list[Work | None]:
@@ -320,11 +314,3 @@ def _chunks(ids: list[str], inputs: Mapping[str, PipelineInput]) -> list[list[st
     return chunks
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
