@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import atexit
 import compileall
+import contextlib
 import fcntl
 import functools
 import os
@@ -351,7 +352,7 @@ class Gateway:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config", str(self.config_path)],
             stdout=log, stderr=subprocess.STDOUT, cwd=self.directory,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, **(env or {})}, start_new_session=True,
         )
         log.close()
         if wait:
@@ -382,9 +383,24 @@ class Gateway:
         return self.proc.wait(timeout)
 
     def kill(self) -> None:
+        """SIGKILL to the daemon and its processes at once, as a crash of the machine
+        or systemd's final kill of the unit's control group."""
         assert self.proc is not None
-        self.proc.kill()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait(10)
+
+    def children(self) -> dict[int, str]:
+        """The daemon's child processes by pid, with their names (``comm``)."""
+        assert self.proc is not None
+        found = {}
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            with contextlib.suppress(OSError):
+                pid, rest = stat.read_text().split(" (", 1)
+                comm, fields = rest.rsplit(") ", 1)
+                if int(fields.split()[1]) == self.proc.pid:
+                    found[int(pid)] = comm
+        return found
 
     def close(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -659,6 +675,22 @@ def value(values: dict[Any, float], name: str, **labels: str) -> float:
 
 def metrics_port(gw: Gateway) -> int:
     return int(gw.config["metrics"]["listen"].rsplit(":", 1)[1])
+
+
+def settled(gw: Gateway, name: str, expected: float, timeout: float = 10.0,
+            **labels: str) -> dict[Any, float]:
+    """The gateway's samples once ``name{labels}`` reads ``expected``.  The delivery
+    metrics come from the delivery process, which reports them four times a second,
+    so they may trail the copy at the relay by that much."""
+    deadline = time.monotonic() + timeout
+    while True:
+        _, found = samples(metrics_port(gw))
+        if value(found, name, **labels) == expected:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{name} {labels} is {value(found, name, **labels)}, "
+                                 f"not {expected}")
+        time.sleep(0.1)
 
 
 def simple_message(subject: str = "hello", body: str = "Hello there.\r\n",

@@ -17,10 +17,8 @@ from gateway.auth.signing import Signer
 from tests.conftest import (
     ROOT,
     gateway_with_rules,
-    metrics_port,
     need_perl_module,
-    samples,
-    value,
+    settled,
 )
 from tests.dns_server import ZoneServer, txt
 from tests.test_dkim import keygen
@@ -152,8 +150,6 @@ def test_forwarded_copy_is_sealed_and_a_removed_bcc_is_covered(make_gateway, tmp
         assert out.returncode == 0, out.stderr.decode()
         assert out.stdout.decode().startswith("pass"), out.stdout.decode()
 
-        _, v = samples(metrics_port(gw))
-        assert value(v, "mailflowr_gateway_arc_seals_total", tenant="acme",
-                     result="sealed") == 1
+        settled(gw, "mailflowr_gateway_arc_seals_total", 1, tenant="acme", result="sealed")
     finally:
         zone.stop()

@@ -83,7 +83,9 @@ def test_metrics_move_with_the_mail_and_pass_promtool(make_gateway, tmp_path, si
     def settled():
         body, values = samples(port)
         if value(values, "mailflowr_gateway_delivery_queue_messages",
-                 tenant="acme", state="pending") == 1:
+                 tenant="acme", state="pending") == 1 and value(
+                values, "mailflowr_gateway_deliveries_total", tenant="acme", kind="route",
+                result="deferred", destination="finance") == 1:
             return body, values
         return None
 
