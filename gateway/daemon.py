@@ -39,7 +39,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway import httpd, logs, memory
 from gateway.auth.work import AuthCalls, AuthWork
 from gateway.config import GatewayConfig, parse_hostport
-from gateway.delivery.queue import DeliveryWorker
+from gateway.deliverer import Deliverer
 from gateway.errors import one_line
 from gateway.health import Health, database_name
 from gateway.httpd import HTTPServer
@@ -103,7 +103,7 @@ class App:
         # made by the parts that start them, for the parts that start later
         self.pool: WorkerPool[AuthWork]
         self.auth: AuthCalls
-        self.delivery: DeliveryWorker
+        self.delivery: Deliverer
         self.worker: PipelineWorker
         self.directory = TenantDirectory(config.tenants)
         self.submission: SubmissionHandler | None = None
@@ -230,14 +230,13 @@ class App:
         await self.reloader.sync_subprocessors(None)
 
     async def _delivery(self, stack: AsyncExitStack) -> None:
-        assert self.store is not None
         reloader = self.reloader
-        self.delivery = DeliveryWorker(self.store, self.config, self.metrics,
-                                       policies=self.policies.get,
-                                       signer=lambda: reloader.signer,
-                                       srs=lambda: reloader.srs, auth=self.auth)
-        self.delivery.start()
+        self._step("starting the delivery process")
+        self.delivery = Deliverer(self.config, self.metrics, lambda: (
+            self.policies.current, reloader.signer_config, reloader.srs))
+        await self.delivery.start()
         stack.push_async_callback(self.delivery.stop)
+        reloader.on_change = self.delivery.reloaded
 
     async def _pipeline(self, stack: AsyncExitStack) -> None:
         assert self.store is not None
@@ -251,7 +250,7 @@ class App:
             burst_delay=config.pipeline.burst_delay,
             in_flow_delay=config.smtp.in_flow_delay,
             policies=self.policies.get,
-            deliveries_planned=self.delivery.wakeup,
+            deliveries_planned=self.delivery.wake,
             metrics=self.metrics,
             auth=self.auth if self.auth.checking else None,
             authserv_id=config.authserv_id,

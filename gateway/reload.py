@@ -43,6 +43,8 @@ class Reloader:
         self.metrics = metrics
         self.audit = audit
         self.signer = signing.from_config(config)
+        self.signer_config = config  # the configuration ``signer`` was loaded from
+        self.on_change: Callable[[], None] = lambda: None  # the policy set, keys or SRS changed
         self.srs = (SRS(load_secrets(config.srs.secret_file), config.srs.max_age_days)
                     if config.srs.secret_file else None)
         self.tls: ssl.SSLContext | None = None  # loaded at the start (startup.tls_context)
@@ -78,7 +80,8 @@ class Reloader:
             return
         keys = [k for ks in signer.by_domain.values() for k in ks]
         before = {repr(k) for ks in self.signer.by_domain.values() for k in ks}
-        self.signer = signer
+        self.signer, self.signer_config = signer, fresh
+        self.on_change()
         self.metrics.dkim_reloads.labels("success").inc()
         self.metrics.signing_keys(keys)
         if {repr(k) for k in keys} != before:
@@ -97,6 +100,7 @@ class Reloader:
             return
         if list(secrets) != list(self.srs.secrets):
             self.srs = SRS(secrets, self.config.srs.max_age_days)
+            self.on_change()
             log.info("SRS secrets reloaded: %d in use", len(secrets))
 
     def reload_tls(self) -> None:
@@ -131,6 +135,7 @@ class Reloader:
                 log.info("policy reload (%s): no change (policy %s)", why, previous.version)
                 return
             current = self.policies.current
+            self.on_change()
             self.metrics.policy_reloads.labels("success").inc()
             self.metrics.policy_loaded(current.version, current.loaded_at.timestamp(),
                                        previous.version)

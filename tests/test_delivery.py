@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import time
 from datetime import timedelta
 
@@ -238,6 +240,36 @@ def test_restart_mid_delivery_loses_and_duplicates_nothing(make_gateway, tmp_pat
     keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in got]
     assert len(keys) == 15 and len(set(keys)) == 15
     _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
+
+
+def test_a_delivery_process_killed_mid_copy_is_replaced_and_nothing_is_lost(
+        make_gateway, tmp_path, sinks):
+    """Delivery runs in a child process of the daemon.  Killed with copies in flight
+    (held by the server before any message data went out), it is replaced, and the new
+    one takes up the dead one's copies at once, not after the lease time (5 minutes);
+    the daemon goes on accepting meanwhile, and every copy arrives once."""
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    relay, _ = sinks
+    relay.handler.hold = True
+    with gw.smtp() as s:
+        for n in range(2):
+            s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject=f"m{n}"))
+    wait_for(lambda: relay.handler.held >= 6, what="six copies held at RCPT")
+    (victim,) = [pid for pid, name in gw.children().items() if name == "mailflowr-deliv"]
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: f"delivery process (pid {victim}) ended" in gw.log(), what="the restart")
+    with gw.smtp() as s:  # accepting goes on
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject="m2"))
+    relay.handler.hold = False
+    wait_for(lambda: len(relay.messages) >= 9, what="nine copies")
+    time.sleep(2)  # a copy sent twice would arrive by now
+    keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in relay.messages]
+    assert len(keys) == 9 and len(set(keys)) == 9, keys
+    assert relay.handler.cut >= 6  # the killed process's copies were cut, not finished
+    _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
+    names = gw.children().values()
+    assert "mailflowr-deliv" in names and victim not in gw.children()
+    assert gw.proc.poll() is None
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)

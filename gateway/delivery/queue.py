@@ -35,7 +35,7 @@ from gateway.delivery.compose import compose
 from gateway.delivery.imap_append import Appender, AppendJob
 from gateway.delivery.mx import LookupFailed, MXResolver
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
-from gateway.leases import LeaseKeeper
+from gateway.leases import LeaseKeeper, release_dead
 from gateway.metrics import Metrics
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
 from gateway.policyset import PolicySet
@@ -147,6 +147,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
     # ------------------------------------------------------------ the runner's hooks
     async def begin(self) -> None:
         self._recheck = time.monotonic()
+        await release_dead(self.store, self.host, "delivery")
 
     async def before_claim(self) -> None:
         if time.monotonic() - self._recheck > HOLD_RECHECK:
