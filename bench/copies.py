@@ -6,8 +6,11 @@
 
 Sends N messages at concurrency C (one connection per message), then watches the
 deliveries table until every copy is sent.  Prints the acceptance rate, the rate
-of delivered copies over the whole run, and the queue depth over time (a queue
-that drains shows the copies keep up).
+of delivered copies over the whole run, the queue depth over time (a queue
+that drains shows the copies keep up), and the latency of each message's copies:
+from its arrival (received_at, the moment of the 250) to the record of its last
+copy sent (last_attempt_at, written after the relay's 250), p50/p90/p99/max.
+With --rate, mail is offered at a fixed rate (open loop), as a steady flow is.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import argparse
 import asyncio
 import sys
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,8 +56,25 @@ def signer(spec: str | None):
     return lambda message: author.sign(message, "author").data
 
 
+def latencies(engine, since: datetime) -> list[float]:
+    """Seconds from each message's arrival to the record of its last copy sent."""
+    with engine.connect() as conn:
+        rows = conn.execute(
+            select(messages.c.received_at, func.max(deliveries.c.last_attempt_at))
+            .join(deliveries, deliveries.c.message_id == messages.c.id)
+            .where(deliveries.c.status == "sent", messages.c.received_at >= since)
+            .group_by(messages.c.id)
+        ).all()
+
+    def aware(t: datetime) -> datetime:
+        return t if t.tzinfo else t.replace(tzinfo=UTC)
+
+    return [(aware(last) - aware(received)).total_seconds() for received, last in rows]
+
+
 async def main(args: argparse.Namespace) -> None:
     engine = database.create(args.db)
+    since = datetime.now(UTC)
     before = counts(engine).get("sent", 0)
     depth: list[tuple[float, int]] = []
     started = time.perf_counter()
@@ -91,6 +112,11 @@ async def main(args: argparse.Namespace) -> None:
           f"{100 * (sent / 2 / done_at) / (args.messages / accepted_at):.0f}% of acceptance)")
     c.pop("unprocessed")
     print(f"states        {c}")
+    late = latencies(engine, since)
+    print(f"latency       250 to the last copy recorded sent, {len(late)} messages: "
+          f"p50 {smtp_load.pct(late, 50):.3f} s  p90 {smtp_load.pct(late, 90):.3f} s  "
+          f"p99 {smtp_load.pct(late, 99):.3f} s  "
+          f"max {max(late, default=0):.3f} s")
     samples = depth[:: max(len(depth) // 12, 1)]
     print("copies waiting (pending + 2 per unprocessed message)")
     print("              " + "  ".join(f"{t:.0f}s:{n}" for t, n in samples))

@@ -13,6 +13,9 @@
 # every copy with e2e.sh's RSA-2048 key for bench.test.
 # E2E_GATEWAY_ENV: extra environment for the daemon (e.g. MAILFLOWR_PIPELINE__BURST_DELAY=0).
 # PROFILE=DIR: py-spy records each gateway run's processes into DIR.
+# RATE=R: offer the N messages at R msgs/s (open loop: a steady flow, not a burst) with
+# bench/copies.py, which prints the latency from each 250 to the record of its last copy
+# and the backlog over time; gateway runs only (Postfix has no such record).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE=${1:-plain} SIZE=${2:-4096} N=${3:-3000} PAIRS=${4:-3}
@@ -86,7 +89,13 @@ run_gateway() { # TREE
     fi
     local before after
     before=$(cpu_of "$gateway_pid")
-    line=$("$E2E" run-gateway "$SIZE" "$N" "$pending") || line="FAILED: $line"
+    if [ -n "${RATE:-}" ]; then
+        line=$(.venv/bin/python bench/copies.py --port 2525 --db "sqlite:///$work/gateway.db" \
+            -n "$N" -c 20 --size "$SIZE" --rate "$RATE" | sed 's/^/    /') || line="FAILED: $line"
+        line=$'\n'"$line"$'\n'
+    else
+        line=$("$E2E" run-gateway "$SIZE" "$N" "$pending") || line="FAILED: $line"
+    fi
     after=$(cpu_of "$gateway_pid")
     for s in "${spies[@]}"; do kill -INT "$s" 2>/dev/null || true; done
     for s in "${spies[@]}"; do wait "$s" 2>/dev/null || true; done
@@ -107,6 +116,7 @@ for ((round = 0; round < PAIRS; round++)); do
     fi
     for side in "${order[@]}"; do
         if [ "$side" = postfix ]; then
+            [ -z "${RATE:-}" ] || continue
             echo "postfix $("$E2E" run-postfix "$SIZE" "$N")"
         else
             run_gateway "$side"
