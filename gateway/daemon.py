@@ -248,6 +248,7 @@ class App:
             poll_interval=config.pipeline.poll_interval,
             lease_time=config.pipeline.lease_time,
             burst_delay=config.pipeline.burst_delay,
+            burst_load=config.pipeline.burst_load,
             in_flow_delay=config.smtp.in_flow_delay,
             policies=self.policies.get,
             deliveries_planned=self.delivery.wake,

@@ -19,10 +19,11 @@ class Load:
 
     def __init__(self, ports: int | Sequence[int], clients: int = 8,
                  rcpt: Callable[[int], str] = lambda n: f"user{n}@globex.test",
-                 per_connection: int = 1000) -> None:
+                 per_connection: int = 1000, pace: float = 0.0) -> None:
         self.ports = [ports] if isinstance(ports, int) else list(ports)
         self.rcpt = rcpt
         self.per_connection = per_connection
+        self.pace = pace  # seconds each client rests after a message (0: none)
         self.acked: set[str] = set()
         self.by_port: dict[int, int] = dict.fromkeys(self.ports, 0)
         self.replies: list[str] = []  # every reply to the final dot that was not a 250
@@ -59,6 +60,8 @@ class Load:
                             self.by_port[port] += 1
                         else:
                             self.replies.append(reply)
+                    if self.pace:
+                        self.stop.wait(self.pace)
                 c.close()
             except OSError:
                 time.sleep(0.05)  # the daemon is gone or refusing: on to the next

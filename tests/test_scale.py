@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from gateway.pipeline.flow import InFlow
+from gateway.pipeline.flow import InFlow, LoopLoad
 from gateway.pipeline.worker import BUSY, holdback
 from tests.conftest import (
     _merge,
@@ -135,7 +135,7 @@ def test_a_burst_is_processed_when_it_pauses(make_gateway):
     """Four sessions send without a pause for three seconds: the pipeline waits for them
     most of that time (burst_delay is far away), then processes everything at once
     when the sending stops."""
-    gw = make_gateway({"pipeline": {"burst_delay": "60s"},
+    gw = make_gateway({"pipeline": {"burst_delay": "60s", "burst_load": 0},
                        "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
     with Load(gw.port, clients=4) as load:
         load.wait(10, timeout=30)
@@ -153,7 +153,7 @@ def test_a_burst_is_processed_when_it_pauses(make_gateway):
 def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_gateway):
     """The same sessions with burst_delay 1 s: messages are processed while the load
     still goes on, once the oldest has waited that long."""
-    gw = make_gateway({"pipeline": {"burst_delay": "1s"},
+    gw = make_gateway({"pipeline": {"burst_delay": "1s", "burst_load": 0},
                        "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
     with Load(gw.port, clients=4) as load:
         load.wait(10, timeout=30)
@@ -163,6 +163,43 @@ def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_ga
         load.wait(still + 10, timeout=30)  # and the sessions were accepted meanwhile
     assert held > 0, "the pipeline never waited for the sessions"
     gw.wait_processed(len(load.acked), timeout=30)
+
+
+@pytest.mark.sqlite_only
+def test_mail_at_a_pace_the_loop_keeps_up_with_is_processed_as_it_comes(make_gateway):
+    """Eight sessions that each send a message every 0.05 s (some 140 msgs/s) commit new
+    mail far more often than every BUSY seconds, but leave the loop time to spare: a
+    flow, not a burst.  It is processed as it comes, although burst_delay (60 s) would
+    hold a burst back that long."""
+    gw = make_gateway({"pipeline": {"burst_delay": "60s"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    with Load(gw.port, clients=8, pace=0.05) as load:
+        load.wait(20, timeout=30)
+        time.sleep(4)
+        processed, held = _counters(gw)
+        acked = len(load.acked)
+    assert processed >= acked * 0.8, f"{processed} of {acked} processed while they came"
+    assert held < 1, f"held back {held:.2f} s of a steady flow"
+
+
+def test_the_loop_load_is_the_share_of_time_its_thread_works():
+    async def scenario():
+        load = LoopLoad()
+        load.start()
+        assert load.busy() == 0.0  # one reading: nothing to say yet
+        await asyncio.sleep(0.6)
+        idle = load.busy()
+        stop = time.monotonic() + 0.6
+        while time.monotonic() < stop:  # the loop's thread never idles
+            sum(range(10_000))
+            await asyncio.sleep(0)
+        working = load.busy()
+        load.stop()
+        return idle, working
+
+    idle, working = asyncio.run(scenario())
+    assert idle < 0.2, idle
+    assert working > 0.6, working
 
 
 def test_in_flow_control_lets_a_session_on_per_finished_message_or_after_the_delay():

@@ -12,13 +12,15 @@ so every stage must be idempotent.  An unexpected error in one message
 quarantines that message (kept for a human; only retention deletes it) and
 the loop carries on.
 
-Accepting comes first.  The daemon's one process accepts mail and runs this
+Accepting comes first.  The daemon's main process accepts mail and runs this
 loop, so during a burst every message processed here is CPU the SMTP sessions
-wait for.  While sessions are committing, the next claim waits for a pause,
-but never past ``burst_delay`` after the backlog began: a burst is taken at
-the listener's own rate and processed right after it; under load that goes on,
-the pipeline takes its share again once the oldest work has waited that long,
-and if it still falls behind, new mail comes at its pace (``flow``).
+wait for.  While sessions are committing and the loop is busy (``burst_load``
+of its thread's time), the next claim waits for a pause, but never past
+``burst_delay`` after the backlog began: a burst is taken at the listener's own
+rate and processed right after it; under load that goes on, the pipeline takes
+its share again once the oldest work has waited that long, and if it still falls
+behind, new mail comes at its pace (``flow``).  Mail that comes at a pace the
+loop keeps up with is processed as it comes.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from gateway.auth.work import AuthCalls
 from gateway.config import KeepOriginalConfig
 from gateway.leases import LeaseKeeper, release_dead
 from gateway.metrics import Metrics
-from gateway.pipeline.flow import InFlow
+from gateway.pipeline.flow import InFlow, LoopLoad
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.stages import BATCHED, PER_MESSAGE, SAVE, Work
 from gateway.policyset import PolicySet
@@ -67,6 +69,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         poll_interval: float,
         lease_time: float,
         burst_delay: float = 0.0,
+        burst_load: float = 0.0,
         in_flow_delay: float = 0.0,
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: Callable[[], None] | None = None,
@@ -86,6 +89,8 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         self.deliveries_planned = deliveries_planned
         self.lease_time = lease_time
         self.burst_delay = burst_delay  # the longest wait for acceptance to pause
+        self.burst_load = burst_load  # the loop's busy share at which acceptance comes first
+        self.load = LoopLoad()
         self.metrics = metrics
         self.auth = auth  # DKIM/SPF/ARC/DMARC of inbound mail; None: not checked
         self.authserv_id = authserv_id
@@ -101,7 +106,12 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
 
     # ------------------------------------------------------------ the runner's hooks
     async def begin(self) -> None:
+        self.load.start()
         await release_dead(self.store, self.host, "pipeline")
+
+    async def end(self) -> None:
+        self.load.stop()
+        await super().end()
 
     async def before_claim(self) -> None:
         await self._after_acceptance()
@@ -139,9 +149,9 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         return since is not None and time.monotonic() - since > self.burst_delay + GRACE
 
     async def _after_acceptance(self) -> None:
-        """Wait while SMTP sessions are committing mail, up to ``burst_delay`` after
-        the work in hand began to arrive."""
-        while not self.stopping:
+        """Wait while SMTP sessions are committing mail and keep the loop busy, up to
+        ``burst_delay`` after the work in hand began to arrive."""
+        while not self.stopping and self.load.busy() >= self.burst_load:
             pause = holdback(time.monotonic(), self.store.last_commit, self._backlog_since,
                              self.burst_delay)
             if pause <= 0:
