@@ -119,18 +119,19 @@ class DeliveryStore(StoreBase):
         DSN, nor its DSN twice.
         """
         now = utcnow()
-        out = []
+        done: dict[int, bool] = {}
         with self.writing() as conn:
-            for r in results:
-                done = conn.execute(_ATTEMPT, {
+            # in order of id, as every writer of claimed rows locks them: no deadlock
+            for r in sorted(results, key=lambda r: r.delivery_id):
+                saved = conn.execute(_ATTEMPT, {
                     "b_id": r.delivery_id, "b_owner": owner, "b_status": r.status,
                     "b_now": now, "b_error": r.error[:1000] if r.error else None,
                     "b_next": r.retry_at or now, "b_uncertain": r.uncertain,
-                }).rowcount
-                if done == 1 and r.bounce is not None:
+                }).rowcount == 1
+                if saved and r.bounce is not None:
                     _insert_messages(conn, [r.bounce], self.keystore)
-                out.append(done == 1)
-        return out
+                done[r.delivery_id] = saved
+        return [done[r.delivery_id] for r in results]
 
     def list_deliveries(self, status: str | None = None,
                         tenant: str | None = None) -> list[dict[str, Any]]:

@@ -203,6 +203,7 @@ class MessageStore(StoreBase):
                 select(messages.c.id, messages.c.tenant_id)
                 .where(messages.c.id.in_([message_id for message_id, _, _ in items]),
                        messages.c.status == RECEIVED, messages.c.lease_owner == owner)
+                .order_by(messages.c.id)  # one lock order for every writer: no deadlock
                 .with_for_update()
             )}
             mine = [item for item in items if item[0] in held]
@@ -252,12 +253,24 @@ class MessageStore(StoreBase):
     def renew_leases(self, table: str, owner: str, ids: Sequence[str | int],
                      lease: float) -> int:
         """Extend ``owner``'s leases on these rows of ``messages`` or ``deliveries`` to
-        ``lease`` seconds from now; returns how many it still held."""
+        ``lease`` seconds from now; returns how many it renewed.
+
+        The rows are locked in order of id, as every writer of claimed rows locks
+        them, and a row another transaction holds is skipped (PostgreSQL): that is
+        the recording of its result, which ends the lease anyway.  Renewal never
+        waits for a lock, so it cannot be part of a deadlock."""
         rows = {"messages": messages, "deliveries": deliveries}[table]
         with self.writing() as conn:
+            mine = conn.execute(
+                select(rows.c.id)
+                .where(rows.c.id.in_(sorted(ids)), rows.c.lease_owner == owner)
+                .order_by(rows.c.id)
+                .with_for_update(skip_locked=True)
+            ).scalars().all()
+            if not mine:
+                return 0
             return conn.execute(
-                update(rows)
-                .where(rows.c.id.in_(list(ids)), rows.c.lease_owner == owner)
+                update(rows).where(rows.c.id.in_(mine))
                 .values(lease_until=utcnow() + timedelta(seconds=lease))
             ).rowcount
 
