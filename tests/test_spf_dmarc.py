@@ -163,6 +163,28 @@ def test_organizational_domain():
     assert organizational_domain("a.b.sender.test") == "sender.test"
 
 
+def test_the_public_suffix_list_is_read_once_by_many_threads_at_once(monkeypatch):
+    """Worker processes check messages in many threads: their first checks, side by
+    side, read the list once between them."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import gateway.auth.dmarc as dmarc
+
+    reads = []
+
+    class Counted(dmarc.PublicSuffixList):
+        def __init__(self) -> None:
+            reads.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(dmarc, "PublicSuffixList", Counted)
+    monkeypatch.setattr(dmarc, "_psl", None)
+    with ThreadPoolExecutor(8) as pool:
+        found = list(pool.map(organizational_domain, ["a.b.example.co.uk"] * 16))
+    assert found == ["example.co.uk"] * 16
+    assert len(reads) == 1
+
+
 AUTH_RULES = """
 tenants:
   globex:
