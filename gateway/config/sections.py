@@ -113,7 +113,7 @@ class StorageConfig(Section):
 class PipelineConfig(Section):
     parse_workers: int = Field(default=1, ge=1, le=64)
     parse_timeout: Duration = 20.0
-    batch_size: int = Field(default=50, ge=1)
+    batch_size: int = Field(default=100, ge=1)
     poll_interval: Duration = 2.0
     lease_time: LeaseTime = 300.0
     burst_delay: Duration = 5.0

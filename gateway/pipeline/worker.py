@@ -48,8 +48,8 @@ from gateway.store.repository import Store
 log = logging.getLogger(__name__)
 
 LINGER = 0.2  # seconds to wait after a partial batch
-CALLS_PER_PARSER = 2  # batches of messages in the worker processes at once, per parser
-BATCH_MESSAGES = 10  # messages in one call to a worker process at most
+CALLS_PER_PARSER = 3  # batches of messages in the worker processes at once, per parser
+BATCH_MESSAGES = 25  # messages in one call to a worker process at most
 BATCH_BYTES = 1 << 20  # and their originals' bytes (a larger message goes alone)
 BUSY = 0.05  # seconds: a commit of new mail this recent means sessions are still sending
 GRACE = 1.0  # seconds past burst_delay before the pipeline counts as behind
