@@ -164,7 +164,9 @@ def test_no_message_sees_a_mix_of_versions(make_gateway, tmp_path):
         _send(gw, 5)
         _write(policies, "beta" if round_ % 2 == 0 else "alpha")
         gw.proc.send_signal(signal.SIGHUP)
-        time.sleep(0.05)
+        # the next messages come once the flip is in force, those sent are in hand
+        wait_for(lambda n=round_ + 1: gw.log().count("policy reloaded (SIGHUP)") == n,
+                 timeout=20, what=f"reload {round_ + 1}")
     rows = gw.wait_processed(60, timeout=60)
     copies = _copies(gw)
     by_version = {v: k for k, v in versions.items()}

@@ -185,6 +185,8 @@ def test_renewing_leases_beside_recording_results_never_deadlocks(make_gateway, 
         t.start()
     for t in threads:
         t.join()
+    renewer.engine.dispose()
+    recorder.engine.dispose()
     time.sleep(1.5)  # PostgreSQL's statistics are flushed about once a second
     assert errors == []
     assert _deadlocks(gw) - before == 0
