@@ -145,6 +145,23 @@ def by_value(cls: type[T]) -> type[T]:
     return cls
 
 
+def once(make: Callable[[], T]) -> Callable[[], T]:
+    """``make()`` called once per process, however many of the process's threads ask
+    for it at the same time: what the threads serving calls share (a thread pool, a
+    table read from disk) is made by the first that asks, the others wait for it."""
+    made: list[T] = []
+    lock = threading.Lock()
+
+    def get() -> T:
+        if not made:
+            with lock:
+                if not made:
+                    made.append(make())
+        return made[0]
+
+    return get
+
+
 class WorkerError(Exception):
     """A call a worker process did not complete; the text says why."""
 

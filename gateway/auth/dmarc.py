@@ -18,7 +18,6 @@ from __future__ import annotations
 import email.utils
 import random
 import re
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -28,7 +27,7 @@ from gateway.auth.dns import Resolver, TempLookupError
 from gateway.auth.spf import SPFResult, valid_domain
 from gateway.auth.verify import DKIMResult
 from gateway.headers import field_values
-from gateway.workers import by_value
+from gateway.workers import by_value, once
 
 POLICIES = ("none", "quarantine", "reject")
 _WEAKER = {"reject": "quarantine", "quarantine": "none", "none": "none"}
@@ -48,21 +47,9 @@ class DMARCResult:
                 "disposition": self.disposition, "reason": self.reason}
 
 
-_psl: PublicSuffixList | None = None
-_psl_lock = threading.Lock()
-
-
-def _suffixes() -> PublicSuffixList:
-    """The Public Suffix List, read once per process.  The worker processes check
-    messages in many threads at once: without the lock, each thread's first check
-    read the whole list (75 ms of CPU) beside the others, 0.6 s of a worker's first
-    second after every start."""
-    global _psl
-    if _psl is None:
-        with _psl_lock:
-            if _psl is None:
-                _psl = PublicSuffixList()
-    return _psl
+# Read once per process: each of the worker threads' first checks read the whole
+# list (75 ms of CPU) beside the others, 0.6 s of a worker's first second after start.
+_suffixes = once(PublicSuffixList)
 
 
 def organizational_domain(domain: str) -> str:

@@ -10,7 +10,6 @@ has loaded) and ``check`` and ``protect`` are the calls.  The daemon's own
 
 from __future__ import annotations
 
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +17,7 @@ from gateway.auth.inbound import Authenticator, AuthResults
 from gateway.auth.signing import PrivateKeys, Protected
 from gateway.auth.signing import protect as protect_copy
 from gateway.keyfiles import SigningKey
-from gateway.workers import WorkerPool
+from gateway.workers import WorkerPool, once
 
 CHECK_THREADS = 4  # checks of one check_many call at once (most of a check waits on DNS; each
 # thread that allocates costs the process a heap of its own)
@@ -61,17 +60,8 @@ def check_many(work: AuthWork, items: list[tuple[bytes, str, str, str]]
     return out
 
 
-_threads: ThreadPoolExecutor | None = None
-_threads_lock = threading.Lock()
-
-
-def _checking() -> ThreadPoolExecutor:
-    """The threads of this process that run the checks of a ``check_many`` call."""
-    global _threads
-    with _threads_lock:
-        if _threads is None:
-            _threads = ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="check")
-        return _threads
+# The threads of this process that run the checks of a ``check_many`` call.
+_checking = once(lambda: ThreadPoolExecutor(CHECK_THREADS, thread_name_prefix="check"))
 
 
 def protect(work: AuthWork, data: bytes, seal_key: SigningKey | None,
