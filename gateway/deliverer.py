@@ -52,7 +52,8 @@ from gateway.workers import Process, WorkerPool, spawn
 log = logging.getLogger(__name__)
 
 NAME = "mailflowr-deliv"  # the child's name in ps and top (15 characters at most)
-OWNED = ("deliveries", "delivery_duration", "dsns", "arc_seals", "dkim_signatures")
+OWNED = ("deliveries", "delivery_duration", "delivery_unrecorded", "dsns", "arc_seals",
+         "dkim_signatures")
 METRICS_EVERY = 0.25  # seconds between the child's reports of its metrics
 SIGN_THREADS = 8  # DKIM/ARC calls at once in the child
 SIGN_TIMEOUT = 300.0  # seconds (the worker pool's bound; unused with no processes)

@@ -153,6 +153,13 @@ class Metrics:
             f"{PREFIX}_delivery_duration_seconds",
             "Duration of one delivery attempt (connect to final reply).",
             ["destination"], buckets=DELIVERY_BUCKETS, registry=r)
+        self.delivery_unrecorded = Histogram(
+            f"{PREFIX}_delivery_unrecorded_seconds",
+            "Time from the end of a delivery attempt (the relay's final reply) to the "
+            "durable record of its result: a copy sent in this window is sent again if "
+            "the instance dies in it.",
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=r)
         self.imap_imports = Counter(
             f"{PREFIX}_imap_imports_total",
             "Messages found in a tenant's mailbox (tenants.ID.imap_pull), by source and "

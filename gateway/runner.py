@@ -36,6 +36,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import time
 from typing import Generic, TypeVar
 
 from gateway.leases import LeaseKeeper
@@ -218,7 +219,8 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
         self.in_flight: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self._results: asyncio.Queue[tuple[T, R] | None] = asyncio.Queue()
+        # each result with the moment its work ended, for recorded()
+        self._results: asyncio.Queue[tuple[T, R, float] | None] = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_results(), name=f"{self.name}-results")
         super().start()
 
@@ -245,7 +247,7 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
         if result is None:  # nothing to record: its lease will expire
             self.leases.drop((self.key(item),))
             return
-        await self._results.put((item, result))
+        await self._results.put((item, result, time.monotonic()))
 
     @abc.abstractmethod
     async def process(self, item: T) -> R | None:
@@ -255,6 +257,10 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
     @abc.abstractmethod
     async def record(self, group: list[tuple[T, R]]) -> None:
         """Save the results of a group of items in one go (raises: tried again)."""
+
+    def recorded(self, seconds: float) -> None:
+        """A result is durable, ``seconds`` after its work ended (the runner's metric)."""
+        return None
 
     async def end(self) -> None:
         if self.in_flight:
@@ -267,7 +273,7 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
     async def _write_results(self) -> None:
         """Record results in groups: one transaction for all that finished meanwhile."""
         stopping = False
-        group: list[tuple[T, R]] = []
+        group: list[tuple[T, R, float]] = []
         pause = 0.5
         while True:
             if not group:
@@ -284,7 +290,7 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
                     break
                 group.append(entry)
             try:
-                await self.record(group)
+                await self.record([(item, result) for item, result, _ in group])
             except Exception:  # loop boundary: keep the results and try again
                 self.log.exception("%s: recording %d results failed; retrying in %.1f s",
                                    self.name, len(group), pause)
@@ -296,5 +302,8 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
                 pause = min(pause * 2, 30.0)
                 continue
             pause = 0.5
-            self.leases.drop(self.key(item) for item, _ in group)
+            now = time.monotonic()
+            for _, _, ended in group:
+                self.recorded(now - ended)
+            self.leases.drop(self.key(item) for item, _, _ in group)
             group = []

@@ -229,6 +229,9 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
             if result.bounce is not None:
                 self.metrics.series(self.metrics.dsns, tenant).inc()
 
+    def recorded(self, seconds: float) -> None:
+        self.metrics.delivery_unrecorded.observe(seconds)
+
     async def deliver(self, job: DeliveryJob) -> AttemptResult:
         """Send one delivery; returns the result to record (nothing is written here)."""
         if job.kind == APPEND:  # no SMTP targets: held only when its account is gone

@@ -1,0 +1,270 @@
+#!/usr/bin/env python3
+"""Two instances on one PostgreSQL, one killed with SIGKILL mid-run: copies sent twice.
+
+    .venv/bin/python bench/kill.py                      # 5 runs, 3,000 msgs at 100/s
+    .venv/bin/python bench/kill.py --runs 3 --lease 30s --restart 2
+
+Each run starts from an empty database: two daemons (bench/gateway-copies.yaml, every
+message with a Cc and a Bcc copy) relay to an aiosmtpd sink in this process, which
+answers every copy 250 and remembers each (Message-ID, recipient) it took.  Mail is
+offered at --rate msgs/s (one connection per message, sessions alternating between
+the two daemons).  When a third is acknowledged, one daemon and its delivery process
+are killed (SIGKILL to its process group: a machine gone, nothing flushed); it is
+started again --restart seconds later (a negative value: never).  Once all is sent
+and nothing is pending, prints per run: messages answered 250, missing copies (must
+be 0), messages stored twice (must be 0), copies sent twice, when the first copy
+sent again arrived (the takeover), and the survivor's time from a relay's reply to
+the durable record of its result (mailflowr_gateway_delivery_unrecorded_seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import yaml
+from aiosmtpd.controller import Controller
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+ROOT = Path(__file__).resolve().parent.parent
+GATEWAY = str(ROOT / ".venv/bin/mailflowr-gateway")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Handler:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.copies: list[tuple[str, str, float]] = []  # Message-ID, recipient, when
+
+    async def handle_DATA(self, server, session, envelope):
+        mid = ""
+        for line in envelope.original_content.split(b"\r\n"):
+            if not line:
+                break
+            if line.lower().startswith(b"message-id:"):
+                mid = line[11:].strip().decode()
+        now = time.monotonic()
+        with self.lock:
+            self.copies.extend((mid, rcpt, now) for rcpt in envelope.rcpt_tos)
+        return "250 2.0.0 Ok: stored"
+
+
+class Instance:
+    def __init__(self, config: Path, port: int, metrics: int, log: Path) -> None:
+        self.config, self.port, self.metrics, self.log = config, port, metrics, log
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        env = {**os.environ, "MAILFLOWR_SMTP__LISTEN": f"127.0.0.1:{self.port}",
+               "MAILFLOWR_METRICS__LISTEN": f"127.0.0.1:{self.metrics}"}
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen([GATEWAY, "serve", "--config", str(self.config)],
+                                         env=env, stdout=out, stderr=out, cwd=ROOT,
+                                         start_new_session=True)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit(f"the daemon on {self.port} did not start: see {self.log}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        os.killpg(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+    def pids(self) -> list[int]:
+        """The daemon's process and its children."""
+        assert self.proc is not None
+        children = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True,
+                                  text=True).stdout.split()
+        return [self.proc.pid, *map(int, children)]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(60)
+
+    def unrecorded(self) -> dict[float, float]:
+        """The histogram's cumulative bucket counts by upper bound, and under 0 its sum."""
+        url = f"http://127.0.0.1:{self.metrics}/metrics"
+        body = urllib.request.urlopen(url, timeout=5).read().decode()
+        buckets = {}
+        for line in body.splitlines():
+            if line.startswith("mailflowr_gateway_delivery_unrecorded_seconds_bucket"):
+                bound = line.split('le="')[1].split('"')[0]
+                buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+            elif line.startswith("mailflowr_gateway_delivery_unrecorded_seconds_sum"):
+                buckets[0.0] = float(line.rsplit(" ", 1)[1])  # the sum, under bound 0
+        return buckets
+
+
+def quantile(buckets: dict[float, float], q: float) -> str:
+    """The bucket bound below which a share ``q`` of the observations falls."""
+    total = buckets.get(float("inf"), 0.0)
+    if not total:
+        return "-"
+    for bound in sorted(buckets)[1:]:
+        if buckets[bound] >= q * total:
+            return f"<= {bound * 1000:g} ms" if bound != float("inf") else "> 5 s"
+    return "-"
+
+
+def offer(ports: list[int], count: int, rate: float, sessions: int, acked: list[str],
+          stop: threading.Event) -> None:
+    """``count`` messages at ``rate``/s from ``sessions`` threads, one connection each;
+    a message refused or cut is offered again to the next daemon (as a client would)."""
+    start = time.monotonic()
+    body = ("X" * 70 + "\r\n") * 40
+
+    def client(n: int) -> None:
+        turn = n
+        for k in range(n, count, sessions):
+            due = start + k / rate
+            if (wait := due - time.monotonic()) > 0:
+                time.sleep(wait)
+            mid = f"<kill-{k}@sender.test>"
+            message = (f"From: a@sender.test\r\nTo: b@bench.test\r\nSubject: {k}\r\n"
+                       f"Message-ID: {mid}\r\n\r\n{body}\r\n")
+            while not stop.is_set():
+                port = ports[turn % len(ports)]
+                turn += 1
+                try:
+                    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                        smtp.sendmail("a@sender.test", ["b@bench.test"], message)
+                    acked.append(mid)
+                    break
+                except (OSError, smtplib.SMTPException):
+                    time.sleep(0.05)
+
+    threads = [threading.Thread(target=client, args=(n,)) for n in range(sessions)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
+def run(args: argparse.Namespace, number: int, work: Path) -> str:
+    admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+    db = "mailflowr_bench_kill"
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{db}"'))
+    admin.dispose()
+    url = make_url(args.postgres).set(database=db)
+    handler = Handler()
+    sink = Controller(handler, hostname="127.0.0.1", port=free_port(), ready_timeout=10)
+    sink.start()
+    config = yaml.safe_load((ROOT / "bench/gateway-copies.yaml").read_text())
+    config["database"]["url"] = url.render_as_string(hide_password=False)
+    config["delivery"].update(relay=f"127.0.0.1:{sink.port}", lease_time=args.lease)
+    config["pipeline"] = {"lease_time": args.lease}
+    config["policies"]["directory"] = str(ROOT / "bench/policies")
+    (work / "gateway.yaml").write_text(yaml.safe_dump(config))
+    subprocess.run([GATEWAY, "db", "upgrade", "--config", str(work / "gateway.yaml")],
+                   check=True, cwd=ROOT, capture_output=True)
+    instances = [Instance(work / "gateway.yaml", free_port(), free_port(),
+                          work / f"gateway-{number}-{i}.log") for i in range(2)]
+    for instance in instances:
+        instance.start()
+    survivor, victim = instances
+    acked: list[str] = []
+    stop = threading.Event()
+    load = threading.Thread(target=offer, args=([i.port for i in instances], args.messages,
+                                                args.rate, args.sessions, acked, stop))
+    load.start()
+    while len(acked) < args.messages // 3 and load.is_alive():
+        time.sleep(0.01)
+    victim.kill()
+    killed = time.monotonic()
+    engine = create_engine(url)
+    with engine.connect() as conn:  # what the dead instance held: owners are host:pid
+        held = conn.execute(text(
+            "SELECT count(*) FROM deliveries WHERE lease_owner IS NOT NULL"
+            " AND lease_until > now() AND status = 'pending'"
+            " AND split_part(lease_owner, ':', 2)::int NOT IN (SELECT unnest(:pids))"),
+            {"pids": survivor.pids()}).scalar_one()
+    if args.restart >= 0:
+        time.sleep(args.restart)
+        victim.start()
+    load.join()
+    pending = text("SELECT (SELECT count(*) FROM messages WHERE status = 'received')"
+                   " + (SELECT count(*) FROM deliveries WHERE status != 'sent')")
+    deadline = time.monotonic() + args.lease_seconds + 120
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:
+            if conn.execute(pending).scalar_one() == 0:
+                break
+        time.sleep(0.2)
+    time.sleep(1)
+    with engine.connect() as conn:
+        stored = conn.execute(text(
+            "SELECT count(*), count(DISTINCT message_id) FROM messages")).one()
+        left = conn.execute(pending).scalar_one()
+    engine.dispose()
+    buckets = survivor.unrecorded()
+    for instance in instances:
+        instance.stop()
+    sink.stop()
+    with handler.lock:
+        copies = list(handler.copies)
+    seen = collections.Counter((mid, rcpt) for mid, rcpt, _ in copies)
+    wanted = {(mid, rcpt) for mid in acked for rcpt in ("cc-copy@bench.test",
+                                                         "bcc-copy@bench.test")}
+    missing = len(wanted - set(seen))
+    twice = sum(n - 1 for n in seen.values())
+    first: dict[tuple[str, str], float] = {}
+    again = []
+    for mid, rcpt, when in copies:
+        if (mid, rcpt) in first:
+            again.append(when - killed)
+        first.setdefault((mid, rcpt), when)
+    takeover = f"{min(again):.1f} s" if again else "-"
+    total = buckets.get(float("inf"), 0.0)
+    mean = f"{buckets[0.0] / total * 1000:.1f} ms" if total else "-"
+    return (f"run {number}: acked {len(acked)}, stored {stored[0]} ({stored[0] - stored[1]} "
+            f"twice), missing copies {missing}, pending {left}, copies sent twice {twice}, "
+            f"first resent at +{takeover}, copies in the dead one's hands {held}; "
+            f"survivor's reply-to-record mean {mean}, p50 {quantile(buckets, 0.5)}, "
+            f"p99 {quantile(buckets, 0.99)}, of {int(total)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--messages", type=int, default=3000)
+    parser.add_argument("--rate", type=float, default=100.0)
+    parser.add_argument("--sessions", type=int, default=20)
+    parser.add_argument("--lease", default="5s")
+    parser.add_argument("--restart", type=float, default=1.0,
+                        help="seconds before the killed daemon starts again (<0: never)")
+    parser.add_argument("--postgres",
+                        default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
+    args = parser.parse_args()
+    from gateway.config.values import parse_duration
+    args.lease_seconds = float(parse_duration(args.lease))
+    with tempfile.TemporaryDirectory() as work:
+        for number in range(1, args.runs + 1):
+            print(run(args, number, Path(work)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
