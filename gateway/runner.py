@@ -213,6 +213,10 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
                  poll_interval: float, concurrency: int) -> None:
         super().__init__(name, log, leases, poll_interval)
         self.concurrency = concurrency
+        # Results are written by this many transactions at once: a result that ends
+        # while one is being written does not wait for its commit (a copy sent and not
+        # yet recorded is sent again if the process dies meanwhile).
+        self.writers = 2
         # Claim when this many slots are free (or none is busy): a claim per finished
         # item would cost a transaction for each.
         self.claim_at = max(1, concurrency // 4)
@@ -221,7 +225,8 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
     def start(self) -> None:
         # each result with the moment its work ended, for recorded()
         self._results: asyncio.Queue[tuple[T, R, float] | None] = asyncio.Queue()
-        self._writer = asyncio.create_task(self._write_results(), name=f"{self.name}-results")
+        self._writers = [asyncio.create_task(self._write_results(), name=f"{self.name}-results")
+                         for _ in range(self.writers)]
         super().start()
 
     async def turn(self) -> float | None:
@@ -267,8 +272,9 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
             await asyncio.gather(*self.in_flight)
 
     async def flush(self) -> None:
-        await self._results.put(None)
-        await self._writer
+        for _ in self._writers:
+            await self._results.put(None)
+        await asyncio.gather(*self._writers)
 
     async def _write_results(self) -> None:
         """Record results in groups: one transaction for all that finished meanwhile."""
