@@ -140,6 +140,58 @@ def test_instances_renewing_short_leases_under_load_never_deadlock(make_gateway,
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
+def test_an_instance_killed_mid_flow_sends_no_copy_twice(make_gateway, tmp_path, relay,
+                                                         backend):
+    """Two daemons take a steady flow (about 100 messages/s) and deliver two copies of
+    each; one is killed with SIGKILL (its delivery process with it) a third of the way
+    and started again.  Every message answered 250 is stored once and both its copies
+    arrive; a copy the dead one sent but had not recorded yet is sent again, and the
+    window for that (from the relay's reply to the durable record) is short enough
+    that at most one copy arrives twice; PostgreSQL finds no deadlock."""
+    lease = {"lease_time": "2s"}
+    first = gateway_with_rules(make_gateway, tmp_path, relay, RULES_TWO_COPIES, {
+        "smtp": {"max_connections_per_ip": 200},
+        "pipeline": lease,
+        "delivery": {**lease, "concurrency": 20},
+    })
+    victim = make_gateway(_merge(first.config, {"metrics": {"listen": None}}),
+                          db_url=first.db_url)
+    before = _deadlocks(first)
+    with Load([first.port, victim.port], clients=8, rcpt=lambda n: "support@acme.test",
+              pace=0.07) as load:
+        load.wait(500, timeout=60)
+        wait_for(lambda: len(relay.messages) > 200, timeout=60, what="copies flowing")
+        victim.kill()
+        time.sleep(0.5)
+        victim.start()
+        load.wait(1500, timeout=120)
+    acked = load.acked
+    assert all(load.by_port.values()), load.by_port
+
+    def settled():
+        ds = first.store.list_deliveries()
+        done = len(ds) >= 2 * len(acked) and all(d["status"] == "sent" for d in ds)
+        return ds if done else None
+
+    wait_for(settled, timeout=120, what="every copy sent")
+    time.sleep(1.5)  # a copy sent twice would be in by now; the statistics flushed
+    stored = [r["subject"] for r in first.messages()]
+    assert len(stored) == len(set(stored)), "a message stored twice"
+    assert acked <= set(stored), "acknowledged but not stored"
+    copies: dict[tuple[str, str], int] = {}
+    for m in relay.messages:
+        for rcpt in m.rcpt_tos:
+            key = (m.headers["Subject"], rcpt)
+            copies[key] = copies.get(key, 0) + 1
+    wanted = {(s, r) for s in stored for r in ("cc@vault.test", "archive@vault.test")}
+    assert wanted - set(copies) == set(), "copies missing"
+    assert sum(n - 1 for n in copies.values()) <= 1, "copies sent twice"
+    assert _deadlocks(first) - before == 0
+    for gw in (first, victim):
+        assert "deadlock" not in gw.log().lower()
+
+
+@pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_renewing_leases_beside_recording_results_never_deadlocks(make_gateway, tmp_path,
                                                                   relay, backend):
     """A delivery queue renews the leases of all the copies in hand in one statement
