@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 import pytest
 from sqlalchemy import insert, select
 
-from gateway.clock import utcnow
+from gateway.clock import aware, utcnow
 from gateway.errors import TempFailure
-from gateway.records import NewMessage, Outcome, ParsedFields, PlannedDelivery
+from gateway.records import AttemptResult, NewMessage, Outcome, ParsedFields, PlannedDelivery
 from gateway.store import database, intake
 from gateway.store.ids import new_id
 from gateway.store.intake import HASH_ON_LOOP_MAX
@@ -200,3 +200,31 @@ def test_finishing_a_batch_saves_only_what_is_still_ours(store):
     assert {(d["tenant_id"], d["kind"], d["recipient"]) for d in planned} == {
         ("acme", "bcc", "archive@vault.test")}
     assert store.finish_many("host:1", [(stolen, _parsed("late"), Outcome())]) == [False]
+
+
+def test_recording_delivery_results_saves_only_what_is_still_ours(store):
+    """A group of attempt results in one go: a copy whose lease another instance took
+    meanwhile is left to it, untouched; the others are saved with their outcome."""
+    ids = sorted(_accept(store, 3))
+    store.claim("host:1", 10, lease=300)
+    copy = (PlannedDelivery("bcc", "archive@vault.test", None, "archive"),)
+    store.finish_many("host:1", [(mid, _parsed(mid), Outcome(deliveries=copy)) for mid in ids])
+    jobs = store.claim_deliveries("host:1", 10, lease=0)  # leases run out at once
+    assert len(jobs) == 3
+    [stolen] = store.claim_deliveries("host:2", 1, lease=300)
+    later = datetime(2030, 1, 1, tzinfo=UTC)
+    outcomes = {jobs[0].id: AttemptResult(jobs[0].id, "sent"),
+                jobs[1].id: AttemptResult(jobs[1].id, "pending", "451 4.3.0 later", later),
+                jobs[2].id: AttemptResult(jobs[2].id, "failed", "550 5.1.1 no such user")}
+    saved = store.delivery_results("host:1", list(outcomes.values()))
+    assert saved == [job.id != stolen.id for job in jobs]
+    for row in store.list_deliveries():
+        if row["id"] == stolen.id:
+            assert (row["status"], row["attempts"], row["lease_owner"]) == ("pending", 0,
+                                                                           "host:2")
+            continue
+        result = outcomes[row["id"]]
+        assert (row["status"], row["attempts"], row["lease_owner"], row["last_error"]) == (
+            result.status, 1, None, result.error)
+        if result.retry_at is not None:
+            assert aware(row["next_attempt_at"]) == later
