@@ -9,11 +9,20 @@
 # (acceptance and the pipeline running alongside), PostgreSQL when it runs on this
 # machine, and the rest (smtp-source, the kernel's loopback TCP).
 # PG_URL names the server (default: the local one of the test suite).
+# COPIES=1: the whole copies job instead of acceptance alone: bench/gateway-copies.yaml
+# (a Cc and a Bcc copy of each message, relayed to the smtp-sink of
+# ../shared/peers/e2e.sh on 127.0.0.1:2529, started here), timed until every copy is sent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_URL=${PG_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
 REPS=${REPS:-3} SIZE=${SIZE:-4096} CONC=${CONC:-40} MSGS=${MSGS:-3000}
 SMTP_SOURCE=/usr/sbin/smtp-source
+CONFIG=bench/gateway-bench.yaml
+if [ "${COPIES:-0}" = 1 ]; then
+    CONFIG=bench/gateway-copies.yaml
+    export MAILFLOWR_DELIVERY__RELAY=127.0.0.1:2529
+    ../shared/peers/e2e.sh start plain >/dev/null
+fi
 PROCSTAT=../shared/peers/procstat.py
 [ -x "$SMTP_SOURCE" ] || { echo "smtp-source missing: apt-get install postfix" >&2; exit 1; }
 [ -x .venv/bin/mailflowr-gateway ] || { echo "install first: see README.md" >&2; exit 1; }
@@ -40,7 +49,7 @@ start() { # PORT...: one gateway per port; sets pids
     local port
     for port in "$@"; do
         MAILFLOWR_SMTP__LISTEN=127.0.0.1:$port .venv/bin/mailflowr-gateway serve \
-            --config bench/gateway-bench.yaml >>bench/var/instances.log 2>&1 &
+            --config "$CONFIG" >>bench/var/instances.log 2>&1 &
         pids+=($!)
     done
     for port in "$@"; do
@@ -51,6 +60,20 @@ start() { # PORT...: one gateway per port; sets pids
     done
 }
 stop_all() { cleanup; pids=(); }
+settled() { # until no message waits for the pipeline and every copy is sent
+    .venv/bin/python - "$URL" <<'PY'
+import sys, time
+from sqlalchemy import create_engine, text
+engine = create_engine(sys.argv[1])
+query = text("SELECT (SELECT count(*) FROM messages WHERE status = 'received')"
+             " + (SELECT count(*) FROM deliveries WHERE status != 'sent')")
+while True:
+    with engine.connect() as conn:
+        if conn.execute(query).scalar_one() == 0:
+            break
+    time.sleep(0.05)
+PY
+}
 cpu() { # -> "busy gateways postgres": CPU seconds since boot of all cores (outside idle,
     # iowait and steal), of the started gateways with their worker processes, and of the
     # local PostgreSQL's processes; read by one awk, so that it takes next to no time
@@ -79,7 +102,7 @@ cpu() { # -> "busy gateways postgres": CPU seconds since boot of all cores (outs
 fresh_db() {
     psql_admin "DROP DATABASE IF EXISTS \"$DB\" WITH (FORCE)"
     psql_admin "CREATE DATABASE \"$DB\""
-    .venv/bin/mailflowr-gateway db upgrade --config bench/gateway-bench.yaml >/dev/null
+    .venv/bin/mailflowr-gateway db upgrade --config "$CONFIG" >/dev/null
 }
 run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-source
     # per port, all at once
@@ -89,6 +112,7 @@ run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-s
         "$SMTP_SOURCE" -s 4 -m 100 -l "$SIZE" -f a@bench.test -t b@bench.test "127.0.0.1:$port"
     done
     sleep 1
+    [ "${COPIES:-0}" = 1 ] && settled
     c0=$(cpu)
     t0=$(date +%s%N)
     for port in "$@"; do
@@ -97,6 +121,7 @@ run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-s
         sources+=($!)
     done
     for port in "${sources[@]}"; do wait "$port"; done
+    [ "${COPIES:-0}" = 1 ] && settled
     t1=$(date +%s%N)
     c1=$(cpu)
     python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}', *(f'{b - a:.2f}' for a, b in zip(
@@ -123,7 +148,9 @@ printf '%s\n' "${results[@]}" | python3 -c "
 import statistics, sys
 msgs = $MSGS
 rows = [list(map(float, line.split())) for line in sys.stdin if line.strip()]
-print(f'PostgreSQL, {$SIZE} B, {$CONC} sessions in all, {msgs} messages, median of {len(rows)}')
+job = 'every copy delivered' if '${COPIES:-0}' == '1' else 'acceptance'
+print(f'PostgreSQL, {$SIZE} B, {$CONC} sessions in all, {msgs} messages, {job}, '
+      f'median of {len(rows)}')
 print(f'{\"\":14s} {\"msgs/s\":>6s}  gateway CPU   cores busy of $(nproc): all, gateways, PostgreSQL, rest')
 rate, cost = [], []
 for name, at in (('one instance', 0), ('two instances', 4)):
