@@ -112,6 +112,9 @@ def test_metrics_move_with_the_mail_and_pass_promtool(make_gateway, tmp_path, si
     assert value(v, m + "deliveries_total", tenant="acme", kind="route", result="deferred",
                  destination="finance") == 1
     assert value(v, m + "delivery_queue_oldest_age_seconds", tenant="acme") > 0
+    # both attempts recorded, each timed from the relay's reply to its durable record
+    assert value(v, m + "delivery_unrecorded_seconds_count") == 2
+    assert 0 < value(v, m + "delivery_unrecorded_seconds_sum") < 5
     assert value(v, m + "ready") == 1 and value(v, m + "database_up") == 1
     assert value(v, "process_resident_memory_bytes") > 0
     # No address, no subject in any label or value.
