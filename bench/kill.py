@@ -5,18 +5,19 @@
     .venv/bin/python bench/kill.py --runs 3 --lease 30s --restart 2
 
 Each run starts from an empty database: two daemons (bench/gateway-copies.yaml, every
-message with a Cc and a Bcc copy) relay to an aiosmtpd sink in this process, which
-answers every copy 250 and remembers each (Message-ID, recipient) it took.  Mail is
-offered at --rate msgs/s (one connection per message, sessions alternating between
-the two daemons).  When a third is acknowledged, one daemon and its delivery process
-are killed (SIGKILL to its process group: a machine gone, nothing flushed; with
---kill-holding, once it holds copies); it is
-started again --restart seconds later (a negative value: never).  Once all is sent
-and nothing is pending, prints per run: messages answered 250, missing copies (must
-be 0), messages stored twice (must be 0), copies sent twice, when the first copy
-sent again arrived, when the last of the copies the dead one held was sent (the
-takeover), and the survivor's time from a relay's reply to
-the durable record of its result (mailflowr_gateway_delivery_unrecorded_seconds).
+message with a Cc and a Bcc copy) relay to an aiosmtpd sink in a process of its own,
+which answers every copy 250 and writes down each (Message-ID, recipient) it took.
+Mail is offered at --rate msgs/s (one connection per message, sessions alternating
+between the two daemons; a message refused or cut is offered to the next one).  When
+a third is acknowledged (with --kill-holding: then as soon as it holds copies), one
+daemon and its delivery process are killed (SIGKILL to its process group: a machine
+gone, nothing flushed); it starts again --restart seconds later (negative: never).
+Once nothing is pending, prints per run: messages answered 250, connections refused
+or cut, messages stored twice (the client sent them again: committed, the 250 lost
+with the connection, as RFC 1047 describes), missing copies (must be 0), copies sent
+twice, when the sink took those first (from the kill), how many copies the dead one
+held and by when all were sent (the takeover), and the survivor's time from a relay's
+reply to the durable record of its result (mailflowr_gateway_delivery_unrecorded_seconds).
 """
 
 from __future__ import annotations

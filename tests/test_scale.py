@@ -424,3 +424,4 @@ def test_under_overload_that_goes_on_new_mail_comes_at_the_pipelines_pace(make_g
         assert load.replies == []
         # most are not parsed yet (no subject to match): every 250 is a stored row
         assert len(gw.messages()) >= len(load.acked)
+        gw.kill()  # a graceful stop would first work through the backlog, 0.5 s a message
