@@ -22,7 +22,8 @@ Two shapes of queue work claim rows from the database with a lease:
   claim (the pipeline: its stages on the batch, one transaction for the results).
 - ``PoolRunner``: up to ``concurrency`` items in hand, each processed in a task
   of its own; results recorded in groups, one transaction for all that finished
-  meanwhile, by a writer beside the loop (the delivery queue).
+  meanwhile, by two writers beside the loop, so that a result seldom waits for the
+  commit of the group before it (the delivery queue).
 
 Both claim in the same step (``take``): a claim that fails is logged and counted
 and the runner rests, and what it claims is held by a ``LeaseKeeper`` until
