@@ -210,14 +210,15 @@ class PoolRunner(QueueRunner[T], Generic[T, R]):
     a second time.  On stop, the items in hand finish and their results are saved.
     """
 
+    # Results are written by this many transactions at once: a result that ends while
+    # one is being written does not wait for its commit (a copy sent and not yet
+    # recorded is sent again if the process dies meanwhile).
+    writers = 2
+
     def __init__(self, name: str, log: logging.Logger, leases: LeaseKeeper,
                  poll_interval: float, concurrency: int) -> None:
         super().__init__(name, log, leases, poll_interval)
         self.concurrency = concurrency
-        # Results are written by this many transactions at once: a result that ends
-        # while one is being written does not wait for its commit (a copy sent and not
-        # yet recorded is sent again if the process dies meanwhile).
-        self.writers = 2
         # Claim when this many slots are free (or none is busy): a claim per finished
         # item would cost a transaction for each.
         self.claim_at = max(1, concurrency // 4)

@@ -106,6 +106,36 @@ def _deadlocks(gw) -> int:
         ).scalar_one()
 
 
+def _two_daemons(make_gateway, tmp_path, relay, lease: str, concurrency: int):
+    """Two daemons on one database, a Cc and a Bcc copy of each message, short leases."""
+    leases = {"lease_time": lease}
+    first = gateway_with_rules(make_gateway, tmp_path, relay, RULES_TWO_COPIES, {
+        "smtp": {"max_connections_per_ip": 200},
+        "pipeline": leases,
+        "delivery": {**leases, "concurrency": concurrency},
+    })
+    second = make_gateway(_merge(first.config, {"metrics": {"listen": None}}),
+                          db_url=first.db_url)
+    return first, second
+
+
+def _all_sent(gw, at_least: int) -> list:
+    """The deliveries, once there are ``at_least`` of them and every one is sent."""
+    def settled():
+        ds = gw.store.list_deliveries()
+        done = len(ds) >= at_least and all(d["status"] == "sent" for d in ds)
+        return ds if done else None
+
+    return wait_for(settled, timeout=120, what="every copy sent")
+
+
+def _assert_no_deadlock(first, before: int, daemons) -> None:
+    """None in PostgreSQL's statistics since ``before``, none in the daemons' logs."""
+    assert _deadlocks(first) - before == 0
+    for gw in daemons:
+        assert "deadlock" not in gw.log().lower()
+
+
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
 def test_instances_renewing_short_leases_under_load_never_deadlock(make_gateway, tmp_path,
                                                                     relay, backend):
@@ -113,30 +143,14 @@ def test_instances_renewing_short_leases_under_load_never_deadlock(make_gateway,
     second) accept, process and deliver two copies of each message while the
     downstream server takes its time: renewals and the recording of results touch
     the same rows side by side, and PostgreSQL finds no deadlock between them."""
-    lease = {"lease_time": "1s"}
     relay.handler.delay = 0.1
-    first = gateway_with_rules(make_gateway, tmp_path, relay, RULES_TWO_COPIES, {
-        "smtp": {"max_connections_per_ip": 200},
-        "pipeline": lease,
-        "delivery": {**lease, "concurrency": 50},
-    })
-    second = make_gateway(_merge(first.config, {"metrics": {"listen": None}}),
-                          db_url=first.db_url)
+    first, second = _two_daemons(make_gateway, tmp_path, relay, "1s", 50)
     before = _deadlocks(first)
     with Load([first.port, second.port], clients=8, rcpt=lambda n: "support@acme.test") as load:
         load.wait(800, timeout=120)
-    acked = load.acked
-
-    def settled():
-        ds = first.store.list_deliveries()
-        done = len(ds) == 2 * len(acked) and all(d["status"] == "sent" for d in ds)
-        return ds if done else None
-
-    wait_for(settled, timeout=120, what="every copy sent")
+    assert len(_all_sent(first, 2 * len(load.acked))) == 2 * len(load.acked)
     time.sleep(1.5)  # PostgreSQL's statistics are flushed about once a second
-    assert _deadlocks(first) - before == 0
-    for gw in (first, second):
-        assert "deadlock" not in gw.log().lower()
+    _assert_no_deadlock(first, before, (first, second))
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)
@@ -149,14 +163,7 @@ def test_an_instance_killed_mid_flow_resends_at_most_what_it_held(make_gateway, 
     SMTP leaves open), never more than it had in hand (delivery.concurrency: how often
     a kill lands in that window is bench/kill.py's to measure); PostgreSQL finds no
     deadlock."""
-    lease = {"lease_time": "2s"}
-    first = gateway_with_rules(make_gateway, tmp_path, relay, RULES_TWO_COPIES, {
-        "smtp": {"max_connections_per_ip": 200},
-        "pipeline": lease,
-        "delivery": {**lease, "concurrency": 10},
-    })
-    victim = make_gateway(_merge(first.config, {"metrics": {"listen": None}}),
-                          db_url=first.db_url)
+    first, victim = _two_daemons(make_gateway, tmp_path, relay, "2s", 10)
     before = _deadlocks(first)
     with Load([first.port, victim.port], clients=8, rcpt=lambda n: "support@acme.test",
               pace=0.07) as load:
@@ -168,13 +175,7 @@ def test_an_instance_killed_mid_flow_resends_at_most_what_it_held(make_gateway, 
         load.wait(1500, timeout=120)
     acked = load.acked
     assert all(load.by_port.values()), load.by_port
-
-    def settled():
-        ds = first.store.list_deliveries()
-        done = len(ds) >= 2 * len(acked) and all(d["status"] == "sent" for d in ds)
-        return ds if done else None
-
-    wait_for(settled, timeout=120, what="every copy sent")
+    _all_sent(first, 2 * len(acked))  # and of messages stored but cut before their 250
     time.sleep(1.5)  # a copy sent twice would be in by now; the statistics flushed
     stored = [r["subject"] for r in first.messages()]
     assert len(stored) == len(set(stored)), "a message stored twice"
@@ -188,9 +189,7 @@ def test_an_instance_killed_mid_flow_resends_at_most_what_it_held(make_gateway, 
     assert wanted - set(copies) == set(), "copies missing"
     twice = sum(n - 1 for n in copies.values())
     assert twice <= 10, f"{twice} copies sent twice: more than the killed daemon held"
-    assert _deadlocks(first) - before == 0
-    for gw in (first, victim):
-        assert "deadlock" not in gw.log().lower()
+    _assert_no_deadlock(first, before, (first, victim))
 
 
 @pytest.mark.parametrize("backend", ["postgresql"], indirect=True)

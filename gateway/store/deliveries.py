@@ -45,13 +45,21 @@ _ATTEMPT = (
     )
 )
 
+
+def _attempt(r: AttemptResult, now: datetime) -> dict[str, Any]:
+    """The values an attempt result writes in its row (both statements below)."""
+    return {"b_id": r.delivery_id, "b_status": r.status,
+            "b_error": r.error[:1000] if r.error else None,
+            "b_next": r.retry_at or now, "b_uncertain": r.uncertain}
+
+
 # delivery_results on PostgreSQL in one statement (see _results_in_one_round_trip)
 _RESULTS = """
 UPDATE deliveries AS d
 SET status = v.status, attempts = d.attempts + 1, last_attempt_at = %(now)s,
     last_error = v.error, next_attempt_at = v.next, lease_owner = NULL, lease_until = NULL,
     uncertain = v.uncertain
-FROM unnest(%(ids)s::int[], %(status)s::text[], %(error)s::text[],
+FROM unnest(%(id)s::int[], %(status)s::text[], %(error)s::text[],
             %(next)s::timestamptz[], %(uncertain)s::bool[])
      AS v(id, status, error, next, uncertain)
 WHERE d.id = v.id AND d.lease_owner = %(owner)s
@@ -147,11 +155,7 @@ class DeliveryStore(StoreBase):
             ).scalars())
             mine = [r for r in results if r.delivery_id in held]
             if mine:
-                conn.execute(_ATTEMPT, [{
-                    "b_id": r.delivery_id, "b_status": r.status, "b_now": now,
-                    "b_error": r.error[:1000] if r.error else None,
-                    "b_next": r.retry_at or now, "b_uncertain": r.uncertain,
-                } for r in mine])
+                conn.execute(_ATTEMPT, [{"b_now": now, **_attempt(r, now)} for r in mine])
             bounces = [r.bounce for r in mine if r.bounce is not None]
             if bounces:
                 _insert_messages(conn, bounces, self.keystore)
@@ -167,15 +171,10 @@ class DeliveryStore(StoreBase):
         No deadlock: the rows are leased to this process, and the others that touch
         them (lease renewal, claims) skip locked rows rather than wait; the values come
         in order of id all the same."""
-        ordered = sorted(results, key=lambda r: r.delivery_id)
-        params = {
-            "ids": [r.delivery_id for r in ordered],
-            "status": [r.status for r in ordered],
-            "error": [r.error[:1000] if r.error else None for r in ordered],
-            "next": [r.retry_at or now for r in ordered],
-            "uncertain": [r.uncertain for r in ordered],
-            "now": now, "owner": owner,
-        }
+        rows = [_attempt(r, now) for r in sorted(results, key=lambda r: r.delivery_id)]
+        params: dict[str, Any] = {column: [row[f"b_{column}"] for row in rows]
+                                  for column in ("id", "status", "error", "next", "uncertain")}
+        params.update(now=now, owner=owner)
         with self.engine.connect() as conn:
             raw = conn.connection.driver_connection
             assert raw is not None
