@@ -18,6 +18,7 @@ import asyncio
 import logging
 import os
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Literal
 
 from gateway.store.repository import Store
@@ -68,11 +69,12 @@ class LeaseKeeper:
                 log.debug("%s: %d of %d leases renewed", self.table, kept, len(ids))
 
 
-async def release_dead(store: Store, host: str, what: str) -> None:
+async def release_dead(store: Store, table: Literal["messages", "deliveries"], host: str,
+                       what: str) -> None:
     """Free the leases that processes of this host which no longer run still hold:
     the work of a process killed with -9 is taken up at once, not after the lease."""
     try:
-        freed = await asyncio.to_thread(store.release_dead_leases, host, _alive)
+        freed = await asyncio.to_thread(store.release_dead_leases, table, host, alive)
     except Exception:  # loop boundary: the claim loop retries the database anyway
         log.exception("%s: could not release leases of dead processes", what)
     else:
@@ -81,11 +83,17 @@ async def release_dead(store: Store, host: str, what: str) -> None:
                      what, freed)
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this host runs under ``pid``.  A zombie does not: a
+    process killed with its parent stays one until init reaps it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no /proc (or it went meanwhile): the signal said it runs
+        return True
+    return stat.rpartition(")")[2].split()[:1] not in (["Z"], ["X"])

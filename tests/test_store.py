@@ -161,7 +161,8 @@ def test_dead_leases_of_this_host_are_freed(store):
     ids = _accept(store, 2)
     store.claim("thishost:999999", 10, lease=300)
     assert store.claim("thishost:1", 10, lease=300) == []
-    freed = store.release_dead_leases("thishost", alive=lambda pid: pid != 999999)
+    freed = store.release_dead_leases("messages", "thishost",
+                                     alive=lambda pid: pid != 999999)
     assert freed == 2
     assert sorted(store.claim("thishost:1", 10, lease=300)) == sorted(ids)
 

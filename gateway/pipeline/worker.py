@@ -107,7 +107,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
     # ------------------------------------------------------------ the runner's hooks
     async def begin(self) -> None:
         self.load.start()
-        await release_dead(self.store, self.host, "pipeline")
+        await release_dead(self.store, "messages", self.host, "pipeline")
 
     async def end(self) -> None:
         self.load.stop()

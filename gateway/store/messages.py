@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import (
     and_,
@@ -132,33 +132,36 @@ class MessageStore(StoreBase):
                 )
         return ids
 
-    def release_dead_leases(self, host: str, alive: Callable[[int], bool]) -> int:
-        """Free the leases of this host's processes that no longer run.
+    def release_dead_leases(self, table_name: Literal["messages", "deliveries"], host: str,
+                            alive: Callable[[int], bool]) -> int:
+        """Free the leases of this host's processes that no longer run, in one table.
 
         A daemon killed with -9 leaves its claimed messages and deliveries
         leased; after a restart on the same host they are taken up at once
         instead of after the lease time.  Other hosts' leases expire on their own.
+        Each runner frees its own table when it starts: the delivery runner first
+        records what its dead predecessor's journal lists as sent.
         """
-        freed = 0
+        table, status = ((messages, RECEIVED) if table_name == "messages"
+                         else (deliveries, PENDING))
         with self.writing() as conn:
-            for table, status in ((messages, RECEIVED), (deliveries, PENDING)):
-                owners = conn.execute(
-                    select(table.c.lease_owner)
-                    .where(table.c.status == status, table.c.lease_owner.is_not(None))
-                    .distinct()
-                ).scalars().all()
-                dead = []
-                for owner in owners:
-                    owner_host, _, pid = owner.rpartition(":")
-                    if owner_host == host and (not pid.isdigit() or not alive(int(pid))):
-                        dead.append(owner)
-                if dead:
-                    freed += int(conn.execute(
-                        update(table)
-                        .where(table.c.status == status, table.c.lease_owner.in_(dead))
-                        .values(lease_owner=None, lease_until=None)
-                    ).rowcount)
-        return freed
+            owners = conn.execute(
+                select(table.c.lease_owner)
+                .where(table.c.status == status, table.c.lease_owner.is_not(None))
+                .distinct()
+            ).scalars().all()
+            dead = []
+            for owner in owners:
+                owner_host, _, pid = owner.rpartition(":")
+                if owner_host == host and (not pid.isdigit() or not alive(int(pid))):
+                    dead.append(owner)
+            if not dead:
+                return 0
+            return int(conn.execute(
+                update(table)
+                .where(table.c.status == status, table.c.lease_owner.in_(dead))
+                .values(lease_owner=None, lease_until=None)
+            ).rowcount)
 
     def pipeline_inputs(self, message_ids: Sequence[str]) -> dict[str, PipelineInput]:
         """What the pipeline needs of each claimed message, in two queries."""
