@@ -6,11 +6,13 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import time
 from datetime import timedelta
 
 import pytest
 
+from gateway.delivery import journal as journal_module
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
 from tests.conftest import simple_message, wait_for
 
@@ -221,6 +223,42 @@ def test_copies_without_a_relay_are_held_visibly(make_gateway, tmp_path, sinks):
     assert gw.cli("queue", "drop", "999999").returncode == 1
     retried = gw.cli("queue", "retry", "--all", check=True).stdout
     assert retried.startswith(b"3 deliveries due now")
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # its write lock
+def test_a_copy_the_relay_took_before_a_kill_is_not_sent_again(make_gateway, tmp_path,
+                                                               sinks, backend):
+    """The destination answers 250 while the database cannot take the result (its
+    write lock held elsewhere); the daemon is killed with SIGKILL before the result
+    is recorded.  Started again, it reads what its dead delivery process wrote down
+    the moment the 250 came (delivery.journal), records the copy as sent, and the
+    destination gets it once, where without the journal the restart would free the
+    lease and send it again."""
+    _, finance = sinks
+    finance.handler.delay = 1.0
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    _send_to_billing(gw)
+    wait_for(lambda: finance.handler.attempts == 1, what="the copy's DATA")
+    lock = sqlite3.connect(gw.store.engine.url.database, isolation_level=None)
+    try:
+        lock.execute("BEGIN IMMEDIATE")  # the result cannot be written from now on
+        journal = gw.directory / "var" / "journal"
+        wait_for(lambda: any(p.read_bytes() for p in journal.glob("*.journal")),
+                 what="the copy written down")
+        assert len(finance.messages) == 1
+        gw.kill()
+    finally:
+        lock.close()
+    row = gw.store.list_deliveries()[0]
+    assert row["status"] == "pending" and row["lease_owner"] is not None  # not recorded
+    gw.start()
+    row = _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")[0]
+    assert (row["attempts"], row["lease_owner"]) == (1, None)
+    time.sleep(1.0)  # a copy sent again would be in by now
+    assert len(finance.messages) == 1 and finance.handler.attempts == 1
+    assert "1 copies that process" in gw.log()
+    # the dead process's journal is gone; the new one's lists nothing
+    assert all(not p.read_bytes() for p in journal.glob("*.journal"))
 
 
 def test_restart_mid_delivery_loses_and_duplicates_nothing(make_gateway, tmp_path, sinks):
@@ -578,3 +616,36 @@ def test_copies_go_over_starttls_to_a_verified_relay(tls, tls_files, tmp_path, m
         assert got.tls and got.data.startswith(b"Subject: trusted")
     finally:
         sink.stop()
+
+
+def test_the_journal_keeps_only_what_is_not_recorded_and_is_read_by_host_and_pid(
+        tmp_path, monkeypatch):
+    """Each copy taken is a line on disk at once; a file goes once all it lists is
+    recorded, and a full one makes way for the next.  What a dead process left is
+    read per process of this host only (a host whose name has dashes, another host
+    whose name begins the same), a line cut short skipped."""
+    monkeypatch.setattr(journal_module, "SEGMENT", 8)  # a new file after two lines
+    folder = tmp_path / "journal"
+    journal = journal_module.Journal(folder, "mx-1")
+    journal.open()
+    pid = os.getpid()
+    journal.sent(101)
+    assert (folder / f"mx-1-{pid}-0.journal").read_bytes() == b"101\n"
+    journal.sent(102)  # the file is full: the next one begins
+    journal.sent(103)
+    assert sorted(p.name for p in folder.iterdir()) == [f"mx-1-{pid}-0.journal",
+                                                       f"mx-1-{pid}-1.journal"]
+    journal.recorded([101])
+    assert (folder / f"mx-1-{pid}-0.journal").exists()  # 102 is not recorded yet
+    journal.recorded([102, 999])
+    assert [p.name for p in folder.iterdir()] == [f"mx-1-{pid}-1.journal"]
+    (folder / "mx-1-77-0.journal").write_bytes(b"5\n6\n7")  # 7: cut short
+    (folder / "mx-1-78-0.journal").write_bytes(b"8\n")  # a process that still runs
+    (folder / "mx-77-0.journal").write_bytes(b"9\n")  # host "mx"? not a journal of ours
+    (folder / "mx-1-2-77-0.journal").write_bytes(b"10\n")  # host "mx-1-2"
+    left = journal_module.left_behind(folder, "mx-1", lambda p: p in (pid, 78))
+    assert {p: ids for p, (ids, _) in left.items()} == {77: [5, 6]}
+    assert journal_module.left_behind(folder, "mx", lambda p: False) == {
+        77: ([9], [folder / "mx-77-0.journal"])}
+    journal.close()  # 103 was never recorded: its file stays for the next start
+    assert (folder / f"mx-1-{pid}-1.journal").read_bytes() == b"103\n"

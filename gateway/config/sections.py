@@ -171,6 +171,9 @@ class DeliveryConfig(Section):
     dns_servers: list[str] = []
     dns_timeout: Duration = 10.0
     mx_port: int = Field(default=25, ge=1, le=65535)
+    # Where each copy a relay took is written down before its result is committed
+    # (gateway.delivery.journal); a restart on the same host reads it.
+    journal: Path = Path("var/journal")
 
     @field_validator("dns_servers")
     @classmethod

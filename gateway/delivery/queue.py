@@ -33,9 +33,10 @@ from gateway.config import GatewayConfig, KeepOriginalConfig, parse_hostport
 from gateway.delivery import dsn
 from gateway.delivery.compose import compose
 from gateway.delivery.imap_append import Appender, AppendJob
+from gateway.delivery.journal import Journal, left_behind
 from gateway.delivery.mx import LookupFailed, MXResolver
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
-from gateway.leases import LeaseKeeper, release_dead
+from gateway.leases import LeaseKeeper, alive, release_dead
 from gateway.metrics import Metrics
 from gateway.policy.subprocessors import HELD_PREFIX, Consent
 from gateway.policyset import PolicySet
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 CONSENT_TTL = 5.0  # seconds an objection recorded elsewhere may take to be seen
 HOLD_RECHECK = 600.0  # seconds between re-checks of subprocessor holds
+REPLAY_CHUNK = 5000  # copies of a dead process's journal recorded per transaction
 FORWARDED = ("cc", "bcc", "route")  # kinds that send inbound mail on: SRS and ARC apply
 Content = tuple[str, bytes] | Exception  # our header fields and the original, or why not
 
@@ -89,6 +91,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         self.mx = (MXResolver(self.settings.dns_servers, self.settings.dns_timeout)
                    if self.settings.mx_lookup else None)
         self.appender = Appender(config.imap_accounts, self._keep_setting)
+        self.journal = Journal(self.settings.journal, self.host)
         self._recheck = 0.0  # when held deliveries were last re-checked
         self._consent: tuple[float, Consent] | None = None
         # by message: the claimed deliveries in hand that need it, and its content
@@ -106,6 +109,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
     async def close(self) -> None:
         await self.sender.close()
         await self.appender.close()
+        self.journal.close()
 
     def _keep_setting(self, tenant: str) -> KeepOriginalConfig | None:
         settings = self.config.tenants.get(tenant)
@@ -147,7 +151,33 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
     # ------------------------------------------------------------ the runner's hooks
     async def begin(self) -> None:
         self._recheck = time.monotonic()
-        await release_dead(self.store, self.host, "delivery")
+        await asyncio.to_thread(self._replay)
+        self.journal.open()
+        await release_dead(self.store, "deliveries", self.host, "delivery")
+
+    def _replay(self) -> None:
+        """Record as sent what the journals of this host's dead processes list (the
+        relay took those copies), while their leases still hold: then the work that
+        is freed is only what was not sent.  A journal whose copies cannot be recorded
+        now (database away) is kept for the next start; the copies it lists go again."""
+        me = os.getpid()  # a journal under this process's id is an earlier process's
+        for pid, (ids, paths) in left_behind(self.settings.journal, self.host,
+                                             lambda pid: pid != me and alive(pid)).items():
+            unique = sorted(set(ids))
+            try:
+                saved = 0
+                for start in range(0, len(unique), REPLAY_CHUNK):
+                    saved += sum(self.store.delivery_results(f"{self.host}:{pid}", [
+                        AttemptResult(i, SENT_STATUS, where="journal")
+                        for i in unique[start:start + REPLAY_CHUNK]]))
+            except Exception:  # loop boundary: the database may be away; the next start
+                log.exception("delivery: recording the journal of process %d failed", pid)
+                continue
+            if saved:
+                log.info("delivery: %d copies that process %d sent before it died recorded "
+                         "from its journal", saved, pid)
+            for path in paths:
+                path.unlink(missing_ok=True)
 
     async def before_claim(self) -> None:
         if time.monotonic() - self._recheck > HOLD_RECHECK:
@@ -210,6 +240,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
             return await self.deliver(job)
         except Exception:  # the one catch-all per delivery: its lease will expire
             log.exception("delivery %d of %s failed unexpectedly", job.id, job.message_id)
+            self.journal.recorded((job.id,))
             return None
         finally:
             self._done_with(job)
@@ -218,6 +249,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         """Record attempt results in one transaction (raises: the group is tried again)."""
         saved = await asyncio.to_thread(self.store.delivery_results, self.owner,
                                         [r for _, r in group])
+        self.journal.recorded(job.id for job, _ in group)
         for (job, result), ok in zip(group, saved, strict=True):
             if not ok:
                 log.warning("delivery %d: lease lost before its result was saved", job.id)
@@ -258,6 +290,8 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
                 look_first=job.interrupted))
             self.metrics.series(self.metrics.delivery_duration, name).observe(
                 time.monotonic() - started)
+            if result.outcome == SENT:
+                self.journal.sent(job.id)
         elif isinstance(targets, Result):
             result = targets
         else:
@@ -269,6 +303,8 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
                 started = time.monotonic()
                 result = await self.sender.send(target, sender=sender,
                                                 recipient=job.recipient, data=data)
+                if result.outcome == SENT:
+                    self.journal.sent(job.id)
                 name, host = target.name, f"{target.host}:{target.port}"
                 self.metrics.series(self.metrics.delivery_duration, name).observe(
                     time.monotonic() - started)
