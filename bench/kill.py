@@ -9,7 +9,8 @@ message with a Cc and a Bcc copy) relay to an aiosmtpd sink in a process of its 
 which answers every copy 250 and writes down each (Message-ID, recipient) it took.
 Mail is offered at --rate msgs/s (one connection per message, sessions alternating
 between the two daemons; a message refused or cut is offered to the next one).  When
-a third is acknowledged (with --kill-holding: then as soon as it holds copies), one
+a third is acknowledged (with --kill-holding: then as soon as it holds copies; with
+--kill-after-copy MS: then MS ms after the sink took a copy), one
 daemon and its delivery process are killed (SIGKILL to its process group: a machine
 gone, nothing flushed); it starts again --restart seconds later (negative: never).
 Once nothing is pending, prints per run: messages answered 250, connections refused
@@ -17,7 +18,8 @@ or cut, messages stored twice (the client sent them again: committed, the 250 lo
 with the connection, as RFC 1047 describes), missing copies (must be 0), copies sent
 twice, when the sink took those first (from the kill), how many copies the dead one
 held and by when all were sent (the takeover), and the survivor's time from a relay's
-reply to the durable record of its result (mailflowr_gateway_delivery_unrecorded_seconds).
+reply to the durable record of its result (mailflowr_gateway_delivery_unrecorded_seconds),
+and how many of the copies it held its journal lists as sent (a restart records those).
 """
 
 from __future__ import annotations
@@ -195,6 +197,7 @@ def run(args: argparse.Namespace, number: int, work: Path) -> str:
     admin.dispose()
     url = make_url(args.postgres).set(database=db)
     sink_port, sink_file = free_port(), work / f"sink-{number}.txt"
+    sink_file.unlink(missing_ok=True)  # a kept --work folder: this run's copies only
     ready = multiprocessing.get_context("fork").Event()
     server = multiprocessing.get_context("fork").Process(
         target=sink, args=(sink_port, sink_file, ready), daemon=True)
@@ -231,11 +234,22 @@ def run(args: argparse.Namespace, number: int, work: Path) -> str:
         with engine.connect() as conn:
             if conn.execute(holding, {"pids": survivor.pids()}).first():
                 break
+    if args.kill_after_copy is not None:  # the moment a copy was taken, plus MS
+        size = sink_file.stat().st_size
+        deadline = time.monotonic() + 5
+        while sink_file.stat().st_size == size and time.monotonic() < deadline:
+            time.sleep(0.0002)
+        time.sleep(args.kill_after_copy / 1000)
+    killed = time.monotonic()  # the signal, not the end of the dying
     victim.kill()
-    killed = time.monotonic()
     with engine.connect() as conn:
         held = list(conn.execute(holding, {"pids": survivor.pids()}).scalars())
         killed_at = conn.execute(text("SELECT now()")).scalar_one()
+    # of those, the copies the dead one had sent: written down in its journal
+    alive = {str(pid) for pid in survivor.pids()}
+    journaled = {int(line) for path in (ROOT / "var" / "journal").glob("*.journal")
+                 if path.name.split("-")[-2] not in alive
+                 for line in path.read_bytes().split()}
     if args.restart >= 0:
         time.sleep(args.restart)
         victim.start()
@@ -260,6 +274,7 @@ def run(args: argparse.Namespace, number: int, work: Path) -> str:
         left = conn.execute(pending).scalar_one()
     engine.dispose()
     buckets = survivor.unrecorded()
+    journal = len(journaled & set(held))  # the restart records them, not sent again
     for instance in instances:
         instance.stop()
     server.terminate()
@@ -289,7 +304,7 @@ def run(args: argparse.Namespace, number: int, work: Path) -> str:
             f"the connection), missing copies {missing}, pending {left}, "
             f"copies sent twice {copies_twice}, "
             f"first resent at +{resent}; the dead one held {len(held)} copies, all sent "
-            f"by {takeover}; "
+            f"by {takeover}, {journal} of them in its journal (sent, not recorded); "
             f"survivor's reply-to-record mean {mean}, p50 {quantile(buckets, 0.5)}, "
             f"p99 {quantile(buckets, 0.99)}, of {int(total)}")
 
@@ -305,14 +320,22 @@ def main() -> None:
                         help="seconds before the killed daemon starts again (<0: never)")
     parser.add_argument("--kill-holding", action="store_true",
                         help="kill when the daemon holds copies (waits up to 5 s)")
+    parser.add_argument("--kill-after-copy", type=float, metavar="MS",
+                        help="kill MS ms after the sink took a copy (in the window between "
+                        "a relay's reply and its record)")
+    parser.add_argument("--work", type=Path, metavar="DIR",
+                        help="keep the daemons' logs and the sink's records here")
     parser.add_argument("--postgres",
                         default="postgresql+psycopg://postgres@127.0.0.1:5432/test")
     args = parser.parse_args()
     from gateway.config.values import parse_duration
     args.lease_seconds = float(parse_duration(args.lease))
-    with tempfile.TemporaryDirectory() as work:
+    if args.work is not None:
+        args.work.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as temporary:
+        work = args.work or Path(temporary)
         for number in range(1, args.runs + 1):
-            print(run(args, number, Path(work)), flush=True)
+            print(run(args, number, work), flush=True)
 
 
 if __name__ == "__main__":
