@@ -164,7 +164,9 @@ def test_an_instance_killed_mid_flow_resends_at_most_what_it_held(make_gateway, 
     way may be (the window SMTP leaves open), never more than it had in hand
     (delivery.concurrency: how often that happens is bench/kill.py's to measure);
     PostgreSQL finds no deadlock."""
-    first, victim = _two_daemons(make_gateway, tmp_path, relay, "2s", 10)
+    # leases longer than a restart takes on a loaded machine: the restart reads the
+    # journal before the other instance may take the dead one's copies over
+    first, victim = _two_daemons(make_gateway, tmp_path, relay, "10s", 10)
     before = _deadlocks(first)
     with Load([first.port, victim.port], clients=8, rcpt=lambda n: "support@acme.test",
               pace=0.07) as load:
