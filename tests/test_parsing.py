@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import email
 import time
 
 import pytest
 
+from gateway.pipeline import parse
 from gateway.pipeline.parse import ParserPool, parse_message
+from gateway.policy.classify import Classifier
 from gateway.workers import WorkerPool
 from tests.conftest import simple_message
 
@@ -47,6 +50,45 @@ def test_parse_extracts_fields_and_attachments():
     ]
     assert ("reply_to", "r@x.test") in result["addresses"]
     assert ("cc", "d@y.test") in result["addresses"]
+
+
+LINES = b"".join(b"La la la la la la la la la la la la %d\r\n" % i for i in range(1400))
+SHAPES = {
+    "plain, 60 KiB": b"From: A <a@x.test>\r\nTo: b@y.test\r\nSubject: hi\r\n\r\n" + LINES,
+    "base64 text": b"From: a@x.test\r\nContent-Type: text/plain; charset=utf-8\r\n"
+                   b"Content-Transfer-Encoding: base64\r\nSubject: =?utf-8?q?h=C3=A9?=\r\n"
+                   b"\r\naMOpbGxvIHdvcmxk\r\n",
+    "quoted-printable html": b"From: a@x.test\r\nContent-Type: text/html\r\n"
+                             b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
+                             b"<p>caf=C3=A9 Art. 9 health=\r\n data</p>\r\n",
+    "UTF-8 header and body": "From: Jos\u00e9 <jos\u00e9@x.test>\r\nSubject: \u00e9t\u00e9\r\n"
+                             "\r\n\u00e9t\u00e9\r\n".encode(),
+    "no body": b"From: a@x.test\r\nSubject: empty\r\n\r\n",
+    "no blank line": b"From: a@x.test\r\nSubject: all header\r\n",
+    "a line that is no header": b"From: a@x.test\r\nthis is not a header\r\n\r\nbody\r\n",
+    "bare LF": b"From: a@x.test\nSubject: lf\n\nbody\nmore\n",
+    "multipart": b"From: a@x.test\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                 b"--b\r\nContent-Type: text/plain\r\n\r\nsee attached\r\n--b\r\n"
+                 b"Content-Type: application/pdf; name=a.pdf\r\nContent-Disposition: "
+                 b"attachment; filename=a.pdf\r\nContent-Transfer-Encoding: base64\r\n\r\n"
+                 b"JVBERg==\r\n--b--\r\n",
+    "enclosed message": b"From: a@x.test\r\nContent-Type: message/rfc822\r\n\r\n"
+                        b"From: inner@y.test\r\nSubject: inner\r\n\r\ninner body\r\n",
+    "bad content type": b"From: a@x.test\r\nContent-Type: multipart\r\n\r\nbody\r\n",
+}
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_a_body_taken_whole_parses_as_the_email_package_parses_it(shape, monkeypatch):
+    """A single-part body is not walked line by line (most of a large message's
+    parse), and every field, address, attachment, defect and finding comes out as the
+    email package's own parser of the whole message gives it."""
+    raw = SHAPES[shape]
+    classifier = Classifier(health_keywords=("health",))
+    fast = parse_message(raw, classifier)
+    monkeypatch.setattr(parse, "_message", email.message_from_bytes)
+    assert fast == parse_message(raw, classifier)
+    assert not fast["parse_failed"]
 
 
 def test_ambiguous_address_does_not_crash():
