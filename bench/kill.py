@@ -246,10 +246,11 @@ def run(args: argparse.Namespace, number: int, work: Path) -> str:
         held = list(conn.execute(holding, {"pids": survivor.pids()}).scalars())
         killed_at = conn.execute(text("SELECT now()")).scalar_one()
     # of those, the copies the dead one had sent: written down in its journal
-    alive = {str(pid) for pid in survivor.pids()}
-    journaled = {int(line) for path in (ROOT / "var" / "journal").glob("*.journal")
-                 if path.name.split("-")[-2] not in alive
-                 for line in path.read_bytes().split()}
+    from gateway.delivery.journal import left_behind
+    alive = set(survivor.pids())
+    journaled = {i for ids, _ in left_behind(ROOT / "var" / "journal",
+                                             socket.gethostname()[:40],
+                                             alive.__contains__).values() for i in ids}
     if args.restart >= 0:
         time.sleep(args.restart)
         victim.start()

@@ -290,8 +290,6 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
                 look_first=job.interrupted))
             self.metrics.series(self.metrics.delivery_duration, name).observe(
                 time.monotonic() - started)
-            if result.outcome == SENT:
-                self.journal.sent(job.id)
         elif isinstance(targets, Result):
             result = targets
         else:
@@ -303,13 +301,13 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
                 started = time.monotonic()
                 result = await self.sender.send(target, sender=sender,
                                                 recipient=job.recipient, data=data)
-                if result.outcome == SENT:
-                    self.journal.sent(job.id)
                 name, host = target.name, f"{target.host}:{target.port}"
                 self.metrics.series(self.metrics.delivery_duration, name).observe(
                     time.monotonic() - started)
                 if result.connected:
                     break
+        if result.outcome == SENT:  # the relay took it: on disk before anything else
+            self.journal.sent(job.id)
         status, retry_at = self._next(job, result)
         bounce = None
         if status == FAILED and dsn.wants_dsn(kind=job.kind, direction=job.direction,

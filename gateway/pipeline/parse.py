@@ -79,12 +79,15 @@ def header_fields(raw: bytes) -> list[tuple[str, str]]:
 
     Cheap enough for the end of DATA: only the header block, no MIME structure.
     """
+    return _fields(_header_block(raw[: header_end(raw, HEADER_BLOCK_LIMIT)]))
+
+
+def _header_block(block: bytes) -> Any:
+    """A header block alone as the email package reads it (compat32, no body)."""
     import email.parser
     import email.policy
 
-    block = raw[: header_end(raw, HEADER_BLOCK_LIMIT)]
-    headers = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
-    return _fields(headers)
+    return email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(block)
 
 
 def _fields(headers: Any) -> list[tuple[str, str]]:
@@ -112,13 +115,10 @@ def _message(raw: bytes) -> Any:
     doubt (no blank line in the first HEADER_BLOCK_LIMIT bytes, a defect in the header
     block, a MIME structure) and the whole message goes through the parser."""
     import email
-    import email.parser
-    import email.policy
 
-    blank = raw.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)
+    blank = raw.find(b"\r\n\r\n", 0, HEADER_BLOCK_LIMIT)  # header_end cannot say "none"
     if blank >= 0:
-        head = email.parser.BytesHeaderParser(policy=email.policy.compat32).parsebytes(
-            raw[:blank + 2])
+        head = _header_block(raw[:blank + 2])
         if not head.defects and head.get_content_maintype() not in ("multipart", "message"):
             head.set_payload(raw[blank + 4:].decode("ascii", "surrogateescape"))
             return head
