@@ -53,7 +53,7 @@ yaml.safe_dump(config, open(f"{work}/gateway.yaml", "w"))
 PY
 pending="sqlite3 $work/gateway.db \"select (select count(*) from messages where status='received') + (select count(*) from deliveries where status!='sent')\""
 
-cpu_of() { # PID: CPU seconds of the process, then of its children (live), from /proc
+cpu_of() { # PID: CPU seconds of the process, then of each of its children (live), from /proc
     python3 - "$1" <<'PY'
 import os, sys
 tick = os.sysconf("SC_CLK_TCK")
@@ -64,7 +64,7 @@ def cpu(pid):
 pid = int(sys.argv[1])
 kids = [k for task in os.listdir(f"/proc/{pid}/task")
         for k in open(f"/proc/{pid}/task/{task}/children").read().split()]
-print(cpu(pid), sum(cpu(k) for k in kids))
+print(cpu(pid), *(cpu(k) for k in sorted(kids, key=int)))
 PY
 }
 
@@ -99,9 +99,9 @@ run_gateway() { # TREE
     after=$(cpu_of "$gateway_pid")
     for s in "${spies[@]}"; do kill -INT "$s" 2>/dev/null || true; done
     for s in "${spies[@]}"; do wait "$s" 2>/dev/null || true; done
-    echo "gateway[$tree] $line  daemon/workers CPU $(python3 -c "import sys
+    echo "gateway[$tree] $line  CPU ms/msg main/children $(python3 -c "import sys
 b, a, n = sys.argv[1].split(), sys.argv[2].split(), int(sys.argv[3])
-print(' / '.join(f'{(float(y) - float(x)) * 1000 / n:.2f}' for x, y in zip(b, a)), 'ms/msg')" "$before" "$after" "$N")"
+print(' / '.join(f'{(float(y) - float(x)) * 1000 / n:.2f}' for x, y in zip(b, a)))" "$before" "$after" "$N")"
     kill -TERM "$gateway_pid" 2>/dev/null
     wait "$gateway_pid" 2>/dev/null || true
     gateway_pid=

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import multiprocessing.connection
 import signal
@@ -274,6 +275,10 @@ async def _deliver(conn: multiprocessing.connection.Connection, config: GatewayC
         store, config, child.metrics, policies=lambda: child.policies,
         signer=lambda: child.signer, srs=lambda: child.srs, auth=AuthCalls(pool, 0))
     worker.start()
+    # As in the daemon: what start made lives as long as the process (modules, engine,
+    # policies); the collector's passes stop walking it.
+    gc.collect()
+    gc.freeze()
     reports = asyncio.create_task(child.reports())
     try:
         await child.stop.wait()

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from gateway.ingress.data import MAX_TEXT_LINE, DataReader, has_long_line
+from gateway.ingress.data import MAX_TEXT_LINE, DataReader, has_bare_newline, has_long_line
 
 
 def _read(chunks: list[bytes], limit: int) -> tuple[bytes | None, bytes]:
@@ -86,3 +86,23 @@ def test_long_lines_are_found_wherever_they_are():
         assert has_long_line(short * where + over + short * 3), where
     assert has_long_line(short * 9 + over)  # the last line
     assert has_long_line(b"w" * 5000)  # no line end at all
+
+
+@pytest.mark.parametrize("content, bare", [
+    (b"", False),
+    (b"Subject: x\r\n\r\nbody\r\n", False),
+    (b"\r\n\r\n", False),
+    (b"Subject: x\r\n\r\nbare\nlf\r\n", True),
+    (b"Subject: x\r\n\r\nbare\rcr\r\n", True),
+    (b"\n", True),
+    (b"\r", True),
+    (b"line\r", True),  # a CR at the very end
+    (b"\r\r\n\n", True),  # as many CRs as LFs, neither pair whole
+    (b"\n\r", True),  # LF then CR: the counts agree, no CRLF
+    (b"a\r\nb\n\rc\r\n", True),
+])
+def test_a_bare_cr_or_lf_is_found_however_the_counts_fall(content, bare):
+    assert has_bare_newline(content) is bare
+    # the same as counting CRLFs against CRs and LFs
+    crlf = content.count(b"\r\n")
+    assert bare == (content.count(b"\r") != crlf or content.count(b"\n") != crlf)

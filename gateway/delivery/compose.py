@@ -73,4 +73,4 @@ def compose(trace_header: str, raw: bytes, *, kind: str, recipient: str,
                 break
         else:
             fields.append(b"Cc: " + address + b"\r\n")
-    return trace_header.encode("utf-8") + b"".join(fields) + rest
+    return b"".join([trace_header.encode("utf-8"), *fields, rest])  # one copy of the body
