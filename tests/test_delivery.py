@@ -455,18 +455,29 @@ class _ScriptedRelay:
     the gateway still held it."""
 
     def __init__(self, *, pipelining: bool = False, one_per_connection: bool = False,
-                 farewell: bytes | None = None, refuse: dict[bytes, bytes] | None = None
-                 ) -> None:
+                 farewell: bytes | None = None, refuse: dict[bytes, bytes] | None = None,
+                 hold: float = 0.0) -> None:
         self.pipelining = pipelining
+        self.hold = hold  # seconds before the 250 for a message
         self.one_per_connection = one_per_connection
         self.farewell = farewell
         self.refuse = refuse or {}
         self.connections = 0
         self.messages: list[bytes] = []
         self.reads: list[list[bytes]] = []  # the commands of each read from the socket
+        self.open = self.most_open = 0  # connections open now, and at most
 
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            await self._session(reader, writer)
+        finally:
+            self.open -= 1
+
+    async def _session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+                       ) -> None:
         writer.write(b"220 relay.test ESMTP\r\n")
         served = refused = False
         pending = b""
@@ -497,6 +508,7 @@ class _ScriptedRelay:
                     pending = b""
                     self.messages.append(data)
                     served = True
+                    await asyncio.sleep(self.hold)
                     writer.write(b"250 2.0.0 queued\r\n")
                 elif verb == b"RSET":
                     refused = False
@@ -528,6 +540,35 @@ def _send_each(relay: _ScriptedRelay, messages: list[tuple[str, bytes]]) -> list
         return results
 
     return asyncio.run(run())
+
+
+@pytest.mark.sqlite_only
+def test_copies_beyond_the_connections_per_server_wait_for_one():
+    """Twelve copies at once to one relay, three connections allowed: the relay never
+    sees more than three sessions, and every copy arrives on one of them."""
+    relay = _ScriptedRelay(pipelining=True, hold=0.05)
+
+    async def run() -> list[Result]:
+        server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        sender = Sender(helo="mx.gateway.test", reply_timeout=10, per_server=3)
+        target = Target("127.0.0.1", port, "none")
+        try:
+            return await asyncio.gather(*(
+                sender.send(target, sender="a@sender.test", recipient=f"r{n}@b.test",
+                            data=f"Subject: {n}\r\n\r\nhi\r\n".encode())
+                for n in range(12)))
+        finally:
+            await sender.close()
+            server.close()
+            await server.wait_closed()
+
+    results = asyncio.run(run())
+    assert [r.outcome for r in results] == [SENT] * 12
+    assert sorted(m.split(b"\r\n", 1)[0] for m in relay.messages) == sorted(
+        f"Subject: {n}".encode() for n in range(12))
+    assert relay.most_open == 3
+    assert relay.connections == 3  # kept and reused, not opened per copy
 
 
 @pytest.mark.sqlite_only

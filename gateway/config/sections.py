@@ -158,7 +158,11 @@ class DeliveryConfig(Section):
     # host:port of the relay (smarthost) that copies to other domains go through.
     relay: OptionalHostPort = None
     relay_tls: Literal["none", "opportunistic", "required"] = "opportunistic"
+    # Copies in hand at once (each holds its message in memory; claimed a quarter at a
+    # time), and connections to one server at once (Postfix's
+    # default_destination_concurrency_limit).
     concurrency: int = Field(default=10, ge=1, le=500)
+    connections_per_server: int = Field(default=20, ge=1, le=500)
     timeout: Duration = 60.0
     poll_interval: Duration = 2.0
     retry_base: Duration = 60.0

@@ -87,7 +87,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
                          LeaseKeeper(store, "deliveries", self.owner, self.settings.lease_time),
                          self.settings.poll_interval, self.settings.concurrency)
         self.sender = Sender(helo=config.smtp.hostname, reply_timeout=self.settings.timeout,
-                             max_idle=self.settings.concurrency)
+                             per_server=self.settings.connections_per_server)
         self.mx = (MXResolver(self.settings.dns_servers, self.settings.dns_timeout)
                    if self.settings.mx_lookup else None)
         self.appender = Appender(config.imap_accounts, self._keep_setting)

@@ -18,6 +18,7 @@ offer it gets nothing).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import re
 import ssl
@@ -150,14 +151,18 @@ class Sender:
     reply, before anything of the message was sent, and is replaced once.
     """
 
-    def __init__(self, *, helo: str, reply_timeout: float, max_idle: int = 20,
+    def __init__(self, *, helo: str, reply_timeout: float, per_server: int = 20,
                  idle_time: float = 30.0) -> None:
         self.helo = helo
         self.reply_timeout = reply_timeout
-        self.max_idle = max_idle
+        self.per_server = per_server  # connections to one target at a time, at most
         self.idle_time = idle_time
         self._idle: dict[Target, list[tuple[float, Connection]]] = {}
         self._tls: dict[bool, ssl.SSLContext] = {}
+        # A target's connections in use (a semaphore) and the sends that hold or wait
+        # for one; both go when the last send to the target ends.
+        self._slots: dict[Target, asyncio.Semaphore] = {}
+        self._users: collections.Counter[Target] = collections.Counter()
 
     def _tls_context(self, verify: bool) -> ssl.SSLContext:
         context = self._tls.get(verify)
@@ -215,7 +220,7 @@ class Sender:
 
     def _give_back(self, target: Target, conn: Connection) -> None:
         pool = self._idle.setdefault(target, [])
-        if conn.usable and len(pool) < self.max_idle:
+        if conn.usable and len(pool) < self.per_server:
             pool.append((time.monotonic(), conn))
         else:
             conn.close()
@@ -223,9 +228,26 @@ class Sender:
     async def send(self, target: Target, *, sender: str, recipient: str,
                    data: bytes) -> Result:
         """One message to one recipient; sent again only on a fresh connection, and only
-        when a kept one failed before its first reply."""
+        when a kept one failed before its first reply.  Waits while ``per_server``
+        connections to the target are in use (as Postfix's
+        default_destination_concurrency_limit, so that the copies in hand do not open
+        as many connections to one relay)."""
         if has_unsafe_chars(recipient) or (sender and has_unsafe_chars(sender)):
             return Result(PERMANENT, "address contains CR, LF, spaces or control characters")
+        slot = self._slots.get(target)
+        if slot is None:
+            slot = self._slots[target] = asyncio.Semaphore(self.per_server)
+        self._users[target] += 1
+        try:
+            async with slot:
+                return await self._send(target, sender, recipient, data)
+        finally:
+            self._users[target] -= 1
+            if not self._users[target]:
+                del self._users[target], self._slots[target]
+
+    async def _send(self, target: Target, sender: str, recipient: str, data: bytes
+                    ) -> Result:
         conn = self._take(target)
         if conn is not None:
             result = await self._transaction(target, conn, sender, recipient, data,
