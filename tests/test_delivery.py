@@ -545,17 +545,19 @@ def _send_each(relay: _ScriptedRelay, messages: list[tuple[str, bytes]]) -> list
 @pytest.mark.sqlite_only
 def test_copies_beyond_the_connections_per_server_wait_for_one():
     """Twelve copies at once to one relay, three connections allowed: the relay never
-    sees more than three sessions, and every copy arrives on one of them."""
+    sees more than three sessions, and every copy arrives on one of them, also when the
+    one server is named as two targets (a relay and a destination on the same port)."""
     relay = _ScriptedRelay(pipelining=True, hold=0.05)
 
     async def run() -> list[Result]:
         server = await asyncio.start_server(relay.session, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
         sender = Sender(helo="mx.gateway.test", reply_timeout=10, per_server=3)
-        target = Target("127.0.0.1", port, "none")
+        targets = [Target("127.0.0.1", port, "none", name="relay"),
+                   Target("127.0.0.1", port, "none", name="finance")]
         try:
             return await asyncio.gather(*(
-                sender.send(target, sender="a@sender.test", recipient=f"r{n}@b.test",
+                sender.send(targets[n % 2], sender="a@sender.test", recipient=f"r{n}@b.test",
                             data=f"Subject: {n}\r\n\r\nhi\r\n".encode())
                 for n in range(12)))
         finally:

@@ -141,6 +141,10 @@ def _stuffed(data: bytes) -> bytes:
     return data + end
 
 
+def _opened_for(target: Target) -> tuple[str, int, str, bool]:
+    return target.host, target.port, target.tls, target.verify
+
+
 class Sender:
     """Sends over SMTP, keeping connections to each target open between messages.
 
@@ -157,12 +161,15 @@ class Sender:
         self.reply_timeout = reply_timeout
         self.per_server = per_server  # connections to one target at a time, at most
         self.idle_time = idle_time
-        self._idle: dict[Target, list[tuple[float, Connection]]] = {}
+        # Idle connections by what they were opened for (a target's name is only its
+        # label: the relay named as a destination shares them).
+        self._idle: dict[tuple[str, int, str, bool], list[tuple[float, Connection]]] = {}
         self._tls: dict[bool, ssl.SSLContext] = {}
-        # A target's connections in use (a semaphore) and the sends that hold or wait
-        # for one; both go when the last send to the target ends.
-        self._slots: dict[Target, asyncio.Semaphore] = {}
-        self._users: collections.Counter[Target] = collections.Counter()
+        # A server's connections in use (a semaphore, by host and port: the same relay
+        # may be named as relay, destination and subprocessor) and the sends that hold
+        # or wait for one; both go when the last send to the server ends.
+        self._slots: dict[tuple[str, int], asyncio.Semaphore] = {}
+        self._users: collections.Counter[tuple[str, int]] = collections.Counter()
 
     def _tls_context(self, verify: bool) -> ssl.SSLContext:
         context = self._tls.get(verify)
@@ -209,7 +216,7 @@ class Sender:
         return conn
 
     def _take(self, target: Target) -> Connection | None:
-        pool = self._idle.get(target, [])
+        pool = self._idle.get(_opened_for(target), [])
         now = time.monotonic()
         while pool:
             since, conn = pool.pop()
@@ -219,7 +226,7 @@ class Sender:
         return None
 
     def _give_back(self, target: Target, conn: Connection) -> None:
-        pool = self._idle.setdefault(target, [])
+        pool = self._idle.setdefault(_opened_for(target), [])
         if conn.usable and len(pool) < self.per_server:
             pool.append((time.monotonic(), conn))
         else:
@@ -229,22 +236,23 @@ class Sender:
                    data: bytes) -> Result:
         """One message to one recipient; sent again only on a fresh connection, and only
         when a kept one failed before its first reply.  Waits while ``per_server``
-        connections to the target are in use (as Postfix's
+        connections to the target's host and port are in use (as Postfix's
         default_destination_concurrency_limit, so that the copies in hand do not open
         as many connections to one relay)."""
         if has_unsafe_chars(recipient) or (sender and has_unsafe_chars(sender)):
             return Result(PERMANENT, "address contains CR, LF, spaces or control characters")
-        slot = self._slots.get(target)
+        server = (target.host, target.port)
+        slot = self._slots.get(server)
         if slot is None:
-            slot = self._slots[target] = asyncio.Semaphore(self.per_server)
-        self._users[target] += 1
+            slot = self._slots[server] = asyncio.Semaphore(self.per_server)
+        self._users[server] += 1
         try:
             async with slot:
                 return await self._send(target, sender, recipient, data)
         finally:
-            self._users[target] -= 1
-            if not self._users[target]:
-                del self._users[target], self._slots[target]
+            self._users[server] -= 1
+            if not self._users[server]:
+                del self._users[server], self._slots[server]
 
     async def _send(self, target: Target, sender: str, recipient: str, data: bytes
                     ) -> Result:
