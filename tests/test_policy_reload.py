@@ -162,6 +162,11 @@ def test_no_message_sees_a_mix_of_versions(make_gateway, tmp_path):
                        "pipeline": {"batch_size": 4}})
     for round_ in range(12):  # flip the policy while messages are being processed
         _send(gw, 5)
+        if round_ in (5, 6):
+            # Once under each version for certain: these five are processed before the
+            # next flip (beta is in force from round 4's flip, alpha from round 5's).
+            # Otherwise a loaded machine may hold every message until after the last flip.
+            gw.wait_processed(5 * (round_ + 1), timeout=60)
         _write(policies, "beta" if round_ % 2 == 0 else "alpha")
         gw.proc.send_signal(signal.SIGHUP)
         # the next messages come once the flip is in force, those sent are in hand
