@@ -24,7 +24,6 @@ draining.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import signal
 import ssl
@@ -132,11 +131,7 @@ class App:
             stack.push(_log_stopped)
             for start in self.parts():
                 await start(stack)
-            # Everything made so far lives as long as the daemon (modules, configuration,
-            # policies, pools): keep it out of the collector's full passes, which otherwise
-            # walk it all and stalled 1-5% of acceptances for 100-250 ms at 100 sessions.
-            gc.collect()
-            gc.freeze()
+            memory.settle()
             config = self.config
             assert self.store is not None
             log.info("listening for SMTP on %s%s (%d tenants, database %s)",

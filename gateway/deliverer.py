@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import logging
 import multiprocessing.connection
 import signal
@@ -39,7 +38,7 @@ from typing import Any
 
 from prometheus_client.metrics_core import Metric
 
-from gateway import logs
+from gateway import logs, memory
 from gateway.auth import signing
 from gateway.auth.work import AuthCalls, AuthWork
 from gateway.config import GatewayConfig
@@ -275,10 +274,7 @@ async def _deliver(conn: multiprocessing.connection.Connection, config: GatewayC
         store, config, child.metrics, policies=lambda: child.policies,
         signer=lambda: child.signer, srs=lambda: child.srs, auth=AuthCalls(pool, 0))
     worker.start()
-    # As in the daemon: what start made lives as long as the process (modules, engine,
-    # policies); the collector's passes stop walking it.
-    gc.collect()
-    gc.freeze()
+    memory.settle()
     reports = asyncio.create_task(child.reports())
     try:
         await child.stop.wait()

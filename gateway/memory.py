@@ -1,4 +1,5 @@
-"""Give memory freed after a burst of mail back to the system.
+"""Memory of the daemon's processes: start-up objects kept out of the collector's
+passes (``settle``), and memory freed after a burst of mail given back to the system.
 
 CPython hands large objects (message bytes, the buffers of sessions that have
 ended) back to the C allocator when they are freed, but glibc keeps what was
@@ -14,9 +15,19 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import ctypes.util
+import gc
 from collections.abc import Callable
 
 TRIM_INTERVAL = 60.0  # seconds between returns of freed memory to the system
+
+
+def settle() -> None:
+    """After a process's start: what it made so far (modules, configuration, policies,
+    pools) lives as long as the process; the cyclic collector's passes stop walking it.
+    A full pass over it all stalled 1-5% of acceptances for 100-250 ms at 100 sessions
+    in the daemon, and was 5% of the delivery process's CPU."""
+    gc.collect()
+    gc.freeze()
 
 
 def trimmer() -> Callable[[], None] | None:

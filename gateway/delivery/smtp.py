@@ -159,7 +159,7 @@ class Sender:
                  idle_time: float = 30.0) -> None:
         self.helo = helo
         self.reply_timeout = reply_timeout
-        self.per_server = per_server  # connections to one target at a time, at most
+        self.per_server = per_server  # connections to one host and port at a time, at most
         self.idle_time = idle_time
         # Idle connections by what they were opened for (a target's name is only its
         # label: the relay named as a destination shares them).
