@@ -53,7 +53,8 @@ yaml.safe_dump(config, open(f"{work}/gateway.yaml", "w"))
 PY
 pending="sqlite3 $work/gateway.db \"select (select count(*) from messages where status='received') + (select count(*) from deliveries where status!='sent')\""
 
-cpu_of() { # PID: CPU seconds of the process, then of each of its children (live), from /proc
+cpu_of() { # PID: CPU seconds of the process, then of each of its children with their own
+    # children (live), from /proc
     python3 - "$1" <<'PY'
 import os, sys
 tick = os.sysconf("SC_CLK_TCK")
@@ -61,10 +62,13 @@ def cpu(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / tick
+def kids(pid):
+    return sorted((int(k) for task in os.listdir(f"/proc/{pid}/task")
+                   for k in open(f"/proc/{pid}/task/{task}/children").read().split()))
+def tree(pid):
+    return cpu(pid) + sum(tree(k) for k in kids(pid))
 pid = int(sys.argv[1])
-kids = [k for task in os.listdir(f"/proc/{pid}/task")
-        for k in open(f"/proc/{pid}/task/{task}/children").read().split()]
-print(cpu(pid), *(cpu(k) for k in sorted(kids, key=int)))
+print(cpu(pid), *(tree(k) for k in kids(pid)))
 PY
 }
 

@@ -2,12 +2,12 @@
 
 ``App.run()`` starts the parts of ``App.parts()`` in order: the database
 (SQLite is upgraded to the current schema; PostgreSQL must have been upgraded
-with ``mailflowr-gateway db upgrade``), the worker processes, the group
-committer, the delivery and pipeline workers, the IMAP pull, the retention
-sweeps, the SMTP listeners and the admin API, all on this process's own event
-loop, and then waits.  Each part's stop goes on one exit stack as soon as the
-part has started, so the parts stop in reverse order, and a start that fails
-half-way stops exactly what had started.
+with ``mailflowr-gateway db upgrade``), the worker processes of the checks
+before the 250, the group committer, the delivery and pipeline processes, the
+IMAP pull, the retention sweeps, the SMTP listeners and the admin API, and then
+waits; the SMTP sessions run on this process's own event loop.  Each part's stop
+goes on one exit stack as soon as the part has started, so the parts stop in
+reverse order, and a start that fails half-way stops exactly what had started.
 
 SIGTERM or SIGINT only set a flag; shutdown then stops listening, lets sessions
 that are inside a transaction finish (up to ``smtp.shutdown_timeout``), commits
@@ -47,11 +47,10 @@ from gateway.ingress.mx import IngressHandler
 from gateway.ingress.smtp import ConnectionTracker, abort, protocol_factory
 from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics
-from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.precheck import Precheck
-from gateway.pipeline.worker import PipelineWorker
 from gateway.policyset import PolicyHolder, PolicySet
 from gateway.privacy.purge import watch_deactivated
+from gateway.processor import AUTH_CALL_TIMEOUT, WORKER_THREADS, Processor
 from gateway.reload import Reloader
 from gateway.sdnotify import Notifier
 from gateway.startup import (
@@ -75,9 +74,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-WORKER_THREADS = 8  # calls a worker process runs at once: most wait on DNS, not on the CPU
-AUTH_CALL_TIMEOUT = 300.0  # seconds before a worker process is taken for stuck and replaced
-
 Part = Callable[[AsyncExitStack], Awaitable[None]]
 
 
@@ -100,10 +96,9 @@ class App:
         self.servers: list[asyncio.Server] = []
         self._background: set[asyncio.Task[None]] = set()
         # made by the parts that start them, for the parts that start later
-        self.pool: WorkerPool[AuthWork]
-        self.auth: AuthCalls
+        self.auth: AuthCalls | None = None  # the checks before the 250 (DMARC p=reject)
         self.delivery: Deliverer
-        self.worker: PipelineWorker
+        self.processor: Processor
         self.directory = TenantDirectory(config.tenants)
         self.submission: SubmissionHandler | None = None
 
@@ -204,14 +199,17 @@ class App:
         self.store = store
 
     async def _worker_processes(self, stack: AsyncExitStack) -> None:
+        """Worker processes for the checks a tenant with ``dmarc: reject`` needs before
+        the 250; the pipeline process has its own for the rest."""
         config = self.config
+        checks = authenticator(config)
+        if checks is None or not any(t.dmarc == "reject" for t in config.tenants.values()):
+            return
         self._step("starting the worker processes")
-        # One set of processes parses and authenticates: each is a whole interpreter.
-        pool = WorkerPool("work", max(config.pipeline.parse_workers, config.auth.workers),
-                          WORKER_THREADS, AuthWork(authenticator(config)), AUTH_CALL_TIMEOUT)
+        pool = WorkerPool("work", config.auth.workers, WORKER_THREADS, AuthWork(checks),
+                          AUTH_CALL_TIMEOUT)
         await pool.start()
         stack.push_async_callback(pool.close)
-        self.pool = pool
         self.auth = AuthCalls(pool, config.auth.workers)
 
     async def _committer(self, stack: AsyncExitStack) -> None:
@@ -231,36 +229,25 @@ class App:
             self.policies.current, reloader.signer_config, reloader.srs))
         await self.delivery.start()
         stack.push_async_callback(self.delivery.stop)
-        reloader.on_change = self.delivery.reloaded
 
     async def _pipeline(self, stack: AsyncExitStack) -> None:
         assert self.store is not None
-        config = self.config
-        self.worker = PipelineWorker(
-            self.store, ParserPool(self.pool, config.pipeline.parse_workers,
-                                   config.pipeline.parse_timeout),
-            batch_size=config.pipeline.batch_size,
-            poll_interval=config.pipeline.poll_interval,
-            lease_time=config.pipeline.lease_time,
-            burst_delay=config.pipeline.burst_delay,
-            burst_load=config.pipeline.burst_load,
-            in_flow_delay=config.smtp.in_flow_delay,
-            policies=self.policies.get,
-            deliveries_planned=self.delivery.wake,
-            metrics=self.metrics,
-            auth=self.auth if self.auth.checking else None,
-            authserv_id=config.authserv_id,
-            srs=self.reloader.srs is not None,
-            keep_original={tid: t.keep_original for tid, t in config.tenants.items()
-                           if t.keep_original is not None},
-        )
-        self.worker.start()
-        stack.push_async_callback(self.worker.stop)
+        self._step("starting the pipeline process")
+        self.processor = Processor(self.config, self.metrics, self.store, self.policies.get,
+                                   planned=self.delivery.wake)
+        await self.processor.start()
+        stack.push_async_callback(self.processor.stop)
+        self.reloader.on_change = self._reloaded
+
+    def _reloaded(self) -> None:
+        """The policy set, keys or SRS secrets changed: the child processes follow."""
+        self.delivery.reloaded()
+        self.processor.reloaded()
 
     async def _imap_pull(self, stack: AsyncExitStack) -> None:
         assert self.store is not None
         imap_pull = ImapPull(self.config, self.store, self.metrics,
-                             imported=self.worker.wakeup.set)
+                             imported=self.processor.wake)
         imap_pull.start()
         stack.push_async_callback(imap_pull.stop)
 
@@ -285,18 +272,17 @@ class App:
     async def _listeners(self, stack: AsyncExitStack) -> None:
         assert self.store is not None
         config, store, reloader = self.config, self.store, self.reloader
-        auth = self.auth if self.auth.checking else None
-        precheck = Precheck(self.policies.workflows, auth=auth,
+        precheck = Precheck(self.policies.workflows, auth=self.auth,
                             dmarc_rejecting={t for t, tenant in config.tenants.items()
                                              if tenant.dmarc == "reject"})
         handler = IngressHandler(config.smtp, self.directory, store, self.metrics, precheck,
-                                 srs=lambda: reloader.srs, flow=self.worker.flow)
+                                 srs=lambda: reloader.srs, flow=self.processor.flow)
         listeners: list[tuple[str, str, IngressHandler | SubmissionHandler, dict[str, Any]]] = [
             ("smtp", config.smtp.listen, handler, {})
         ]
         if config.submission.listen:
             self.submission = SubmissionHandler(config.smtp, config.submission, config.tenants,
-                                                store, self.metrics, flow=self.worker.flow)
+                                                store, self.metrics, flow=self.processor.flow)
             listeners.append(("submission", config.submission.listen, self.submission,
                               {"submission": True, "auth_required": True,
                                "auth_require_tls": True}))

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sqlite3
 import time
 from datetime import timedelta
@@ -278,6 +279,41 @@ def test_restart_mid_delivery_loses_and_duplicates_nothing(make_gateway, tmp_pat
     keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in got]
     assert len(keys) == 15 and len(set(keys)) == 15
     _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
+
+
+def test_a_pipeline_process_killed_with_messages_in_hand_is_replaced_and_nothing_is_lost(
+        make_gateway, tmp_path, sinks):
+    """The pipeline runs in a child process of the daemon.  Killed while the checks of
+    the messages it claimed wait on a DNS server that never answers, it is replaced,
+    and the new one takes the dead one's messages up at once, not after the lease time
+    (5 minutes); the daemon goes on accepting meanwhile; every message is processed
+    once and each of its copies arrives once."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        gw = _gateway(make_gateway, tmp_path, sinks,
+                      dns_servers=[f"127.0.0.1:{silent.getsockname()[1]}"], dns_timeout="1s")
+        relay, _ = sinks
+        with gw.smtp() as s:
+            for n in range(2):
+                s.sendmail("a@sender.test", ["support@acme.test"],
+                           simple_message(subject=f"m{n}"))
+        wait_for(lambda: all(r["lease_owner"] for r in gw.messages()), what="the claims")
+        (victim,) = [pid for pid, name in gw.children().items() if name == "mailflowr-pipe"]
+        os.kill(victim, signal.SIGKILL)
+        wait_for(lambda: f"pipeline process (pid {victim}) ended" in gw.log(),
+                 what="the restart")
+        with gw.smtp() as s:  # accepting goes on
+            s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject="m2"))
+        wait_for(lambda: len(relay.messages) >= 9, timeout=30, what="nine copies")
+        time.sleep(2)  # a message processed twice would have its copies here by now
+    keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in relay.messages]
+    assert len(keys) == 9 and len(set(keys)) == 9, keys
+    rows = gw.messages()
+    assert [r["status"] for r in rows] == ["processed"] * 3
+    assert sorted(r["attempts"] for r in rows) == [1, 2, 2]  # the two were taken up again
+    names = gw.children().values()
+    assert "mailflowr-pipe" in names and victim not in gw.children()
+    assert gw.proc.poll() is None
 
 
 def test_a_delivery_process_killed_mid_copy_is_replaced_and_nothing_is_lost(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import smtplib
 import socket
 import threading
 import time
@@ -12,8 +13,8 @@ import time
 import pytest
 from sqlalchemy import update
 
-from gateway.pipeline.flow import InFlow, LoopLoad
-from gateway.pipeline.worker import BUSY, holdback
+from gateway.pipeline.flow import BUSY, Bursts, InFlow, LoopLoad
+from gateway.pipeline.worker import holdback
 from gateway.records import AttemptResult
 from gateway.store import database
 from gateway.store.models import deliveries
@@ -290,23 +291,57 @@ def test_a_pipeline_step_slower_than_its_lease_keeps_the_claim(make_gateway):
     assert "spf=temperror" in (row["auth_header"] or ""), row["auth_header"]
 
 
-def test_the_next_claim_waits_for_a_pause_in_acceptance_up_to_the_burst_delay():
+def test_the_next_claim_waits_for_a_burst_to_end_up_to_the_burst_delay():
     # work left from before (a restart, another instance): taken at once
-    assert holdback(now=100.0, last_commit=100.0, backlog_since=None, burst_delay=5) == 0
-    # sessions committed just now: wait until they have been quiet for BUSY
-    assert holdback(100.0, 100.0, backlog_since=99.0, burst_delay=5) == pytest.approx(BUSY)
-    assert holdback(100.0, 99.98, 99.0, 5) == pytest.approx(BUSY - 0.02)
-    # quiet long enough: claim now
-    assert holdback(100.0, 100.0 - BUSY, 99.0, 5) == 0
-    # still committing, but the backlog began burst_delay ago: no more waiting
-    assert holdback(104.0, 104.0, 99.0, 5) == 0
-    assert holdback(103.99, 103.99, 99.0, 5) == pytest.approx(0.01)
+    assert holdback(now=100.0, backlog_since=None, burst_delay=5) == 0
+    # the backlog began a second ago: at most four more seconds
+    assert holdback(100.0, backlog_since=99.0, burst_delay=5) == pytest.approx(4.0)
+    # the backlog began burst_delay ago: no more waiting
+    assert holdback(104.0, 99.0, 5) == 0
+    assert holdback(103.99, 99.0, 5) == pytest.approx(0.01)
     # 0 turns the wait off
-    assert holdback(100.0, 100.0, 100.0, 0) == 0
+    assert holdback(100.0, 100.0, 0) == 0
+
+
+def test_a_burst_is_commits_of_new_mail_while_the_loop_is_busy_and_ends_after_busy_seconds():
+    """The main process tells the pipeline's process when a burst begins and ends:
+    it begins with a commit while the loop is busy, and ends BUSY seconds after the
+    last commit, or when the loop is no longer busy."""
+    async def scenario():
+        told = []
+        bursts = Bursts(0.5, told.append)
+        bursts.load.busy = lambda: busy  # the loop's load, as LoopLoad would measure it
+        busy = 0.2
+        bursts.start()
+        bursts.committed()  # mail while the loop has time to spare: a flow, not a burst
+        busy = 0.9
+        await asyncio.sleep(BUSY * 2)
+        assert told == []
+        for _ in range(5):  # commits closer together than BUSY, the loop busy
+            bursts.committed()
+            await asyncio.sleep(BUSY / 5)
+        assert told == [True]
+        await asyncio.sleep(BUSY * 2)  # no commit for BUSY seconds: it ended
+        assert told == [True, False]
+        bursts.committed()
+        assert told == [True, False, True]
+        busy = 0.1  # the loop is no longer busy: ended at the next reading
+        await asyncio.sleep(0.3)
+        assert told == [True, False, True, False]
+        bursts.stop()
+
+    asyncio.run(scenario())
 
 
 PROCESSED = "mailflowr_gateway_pipeline_messages_total"
 HELD_BACK = "mailflowr_gateway_pipeline_held_back_seconds_total"
+
+
+def _processed_one(gw):
+    """One message sent and processed: the pipeline's process is up and idle."""
+    with smtplib.SMTP("127.0.0.1", gw.port) as s:
+        s.sendmail("a@sender.test", ["support@globex.test"], simple_message())
+    gw.wait_processed(1)
 
 
 def _counters(gw):
@@ -321,6 +356,7 @@ def test_a_burst_is_processed_when_it_pauses(make_gateway):
     when the sending stops."""
     gw = make_gateway({"pipeline": {"burst_delay": "60s", "burst_load": 0},
                        "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    _processed_one(gw)
     with Load(gw.port, clients=4) as load:
         load.wait(10, timeout=30)
         time.sleep(3)
@@ -328,7 +364,7 @@ def test_a_burst_is_processed_when_it_pauses(make_gateway):
     assert during[1] >= 1.5, f"held back {during[1]:.2f} s of a 3 s burst"
     assert during[0] < len(load.acked) / 2, during
     started = time.monotonic()
-    rows = gw.wait_processed(len(load.acked), timeout=30)
+    rows = gw.wait_processed(len(load.acked) + 1, timeout=30)
     assert time.monotonic() - started < 20  # long before the 60 s bound
     assert {r["subject"] for r in rows if r["status"] == "processed"} >= load.acked
 
@@ -339,6 +375,7 @@ def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_ga
     still goes on, once the oldest has waited that long."""
     gw = make_gateway({"pipeline": {"burst_delay": "1s", "burst_load": 0},
                        "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    _processed_one(gw)
     with Load(gw.port, clients=4) as load:
         load.wait(10, timeout=30)
         _, held = wait_for(lambda: (c := _counters(gw))[0] >= 10 and c, timeout=20,
@@ -346,7 +383,7 @@ def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_ga
         still = len(load.acked)
         load.wait(still + 10, timeout=30)  # and the sessions were accepted meanwhile
     assert held > 0, "the pipeline never waited for the sessions"
-    gw.wait_processed(len(load.acked), timeout=30)
+    gw.wait_processed(len(load.acked) + 1, timeout=30)
 
 
 @pytest.mark.sqlite_only

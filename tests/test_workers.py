@@ -234,28 +234,36 @@ async def wait_for_children(pool: WorkerPool, count: int, not_pid: int | None = 
     raise AssertionError(f"no {count} live worker processes")
 
 
-def children(pid: int, name: str) -> list[int]:
-    """Processes whose parent is ``pid`` and whose name is ``name``."""
-    found = []
+def descendants(pid: int, name: str) -> list[int]:
+    """Processes named ``name`` among the children of ``pid`` and theirs."""
+    parents, names = {}, {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             status = (entry / "status").read_text()
-            comm = (entry / "comm").read_text().strip()
+            names[int(entry.name)] = (entry / "comm").read_text().strip()
         except OSError:
             continue
-        if f"\nPPid:\t{pid}\n" in status and comm == name:
-            found.append(int(entry.name))
-    return found
+        parents[int(entry.name)] = int(status.split("\nPPid:\t", 1)[1].split("\n", 1)[0])
+
+    def under(child: int) -> bool:
+        while child in parents and parents[child] > 1:
+            child = parents[child]
+            if child == pid:
+                return True
+        return False
+
+    return [p for p, comm in names.items() if comm == name and under(p)]
 
 
 @pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="needs Linux /proc")
 @pytest.mark.parametrize("workers", [0, 2])
 def test_inbound_checks_and_copy_signatures_survive_killed_worker_processes(
         make_gateway, tmp_path, relay, workers):
-    """auth.workers 0: the checks run in the daemon, and the one worker process only
-    parses; 2: two processes do both.  All of them killed, nothing is missed."""
+    """auth.workers 0: the checks run in the pipeline process, and the one worker
+    process only parses; 2: two processes do both.  All of them killed, nothing is
+    missed."""
     key_dir = tmp_path / "keys"
     key_dir.mkdir()
     key_file, record = keygen(key_dir, "acme.test", "s1")
@@ -272,7 +280,7 @@ def test_inbound_checks_and_copy_signatures_survive_killed_worker_processes(
 
     def worker_processes() -> list[int]:
         assert gw.proc is not None
-        found = children(gw.proc.pid, "mailflowr-work")
+        found = descendants(gw.proc.pid, "mailflowr-work")
         return found if len(found) == processes else []
 
     try:

@@ -12,15 +12,17 @@ so every stage must be idempotent.  An unexpected error in one message
 quarantines that message (kept for a human; only retention deletes it) and
 the loop carries on.
 
-Accepting comes first.  The daemon's main process accepts mail and runs this
-loop, so during a burst every message processed here is CPU the SMTP sessions
-wait for.  While sessions are committing and the loop is busy (``burst_load``
-of its thread's time), the next claim waits for a pause, but never past
-``burst_delay`` after the backlog began: a burst is taken at the listener's own
-rate and processed right after it; under load that goes on, the pipeline takes
-its share again once the oldest work has waited that long, and if it still falls
-behind, new mail comes at its pace (``flow``).  Mail that comes at a pace the
-loop keeps up with is processed as it comes.
+Accepting comes first.  This loop runs in a process of its own
+(gateway.processor), at a lower priority than the daemon's main process, where
+the SMTP sessions are; on a machine whose cores are all busy, every message
+processed here is still CPU and database time the sessions wait for.  While
+sessions are committing and keep their loop busy (``acceptance``, as the main
+process says), the next claim waits for a pause, but never past ``burst_delay``
+after the backlog began: a burst is taken at the listener's own rate and
+processed right after it; under load that goes on, the pipeline takes its share
+again once the oldest work has waited that long, and if it still falls behind,
+new mail comes at its pace (gateway.pipeline.flow).  Mail that comes at a pace
+the sessions' loop keeps up with is processed as it comes.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from gateway.auth.work import AuthCalls
 from gateway.config import KeepOriginalConfig
 from gateway.leases import LeaseKeeper, release_dead
 from gateway.metrics import Metrics
-from gateway.pipeline.flow import InFlow, LoopLoad
+from gateway.pipeline.flow import Acceptance
 from gateway.pipeline.parse import ParserPool
 from gateway.pipeline.stages import BATCHED, PER_MESSAGE, SAVE, Work
 from gateway.policyset import PolicySet
@@ -48,11 +50,10 @@ from gateway.store.repository import Store
 log = logging.getLogger(__name__)
 
 LINGER = 0.2  # seconds to wait after a partial batch
+HELD_SLICE = 0.25  # seconds: a wait for a burst to end is counted in the metrics this often
 CALLS_PER_PARSER = 3  # batches of messages in the worker processes at once, per parser
 BATCH_MESSAGES = 25  # messages in one call to a worker process at most
 BATCH_BYTES = 1 << 20  # and their originals' bytes (a larger message goes alone)
-BUSY = 0.05  # seconds: a commit of new mail this recent means sessions are still sending
-GRACE = 1.0  # seconds past burst_delay before the pipeline counts as behind
 
 
 class PipelineWorker(BatchRunner[str, list[Work]]):
@@ -69,10 +70,10 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         poll_interval: float,
         lease_time: float,
         burst_delay: float = 0.0,
-        burst_load: float = 0.0,
-        in_flow_delay: float = 0.0,
+        acceptance: Acceptance | None = None,
         policies: Callable[[], PolicySet] = PolicySet,
         deliveries_planned: Callable[[], None] | None = None,
+        finished: Callable[[int], None] | None = None,
         metrics: Metrics | None = None,
         auth: AuthCalls | None = None,
         authserv_id: str = "localhost",
@@ -87,31 +88,21 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         self.parser = parser
         self.policies = policies  # the policy set in force, read once per message
         self.deliveries_planned = deliveries_planned
+        self.finished = finished  # told how many messages each saved batch finished
         self.lease_time = lease_time
         self.burst_delay = burst_delay  # the longest wait for acceptance to pause
-        self.burst_load = burst_load  # the loop's busy share at which acceptance comes first
-        self.load = LoopLoad()
+        self.acceptance = acceptance or Acceptance()  # what the SMTP sessions are doing
         self.metrics = metrics
         self.auth = auth  # DKIM/SPF/ARC/DMARC of inbound mail; None: not checked
         self.authserv_id = authserv_id
         self.srs = srs  # recipients that are our SRS addresses get the message back
         self.keep_original = keep_original or {}  # by tenant: where originals are kept
-        self._backlog_since: float | None = None  # the oldest work in hand arrived since
+        self.backlog_since: float | None = None  # the oldest work in hand arrived since
         self._claimed = 0.0  # when the batch in hand was claimed
-        self.flow = InFlow(in_flow_delay, self.behind, metrics)  # for the SMTP sessions
-
-    def start(self) -> None:
-        self.store.notify_on_commit(self.wakeup)
-        super().start()
 
     # ------------------------------------------------------------ the runner's hooks
     async def begin(self) -> None:
-        self.load.start()
         await release_dead(self.store, "messages", self.host, "pipeline")
-
-    async def end(self) -> None:
-        self.load.stop()
-        await super().end()
 
     async def before_claim(self) -> None:
         await self._after_acceptance()
@@ -130,42 +121,37 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
             # That claim took all there was: what is left arrived since.  Under a
             # stream of mail, let a batch gather instead of waking for each commit:
             # fewer, larger transactions, and more CPU left for accepting.
-            self._backlog_since = self._claimed
+            self.backlog_since = self._claimed
             if not self.stopping:
                 await asyncio.sleep(LINGER)
         return None
 
     async def rest(self, seconds: float) -> bool:
-        self._backlog_since = None
+        self.backlog_since = None
         woken = await super().rest(seconds)
         if woken:  # woken by a commit: its message is the oldest of the next work
-            self._backlog_since = time.monotonic()
+            self.backlog_since = time.monotonic()
         return woken
 
-    def behind(self) -> bool:
-        """True while the oldest work in hand has waited past ``burst_delay`` (and a
-        second's grace): mail arrives faster than the pipeline processes it."""
-        since = self._backlog_since
-        return since is not None and time.monotonic() - since > self.burst_delay + GRACE
-
     async def _after_acceptance(self) -> None:
-        """Wait while SMTP sessions are committing mail and keep the loop busy, up to
-        ``burst_delay`` after the work in hand began to arrive."""
-        while not self.stopping and self.load.busy() >= self.burst_load:
-            pause = holdback(time.monotonic(), self.store.last_commit, self._backlog_since,
-                             self.burst_delay)
+        """Wait while the SMTP sessions accept a burst, up to ``burst_delay`` after the
+        work in hand began to arrive."""
+        acceptance = self.acceptance
+        while not self.stopping and acceptance.bursting:
+            pause = holdback(time.monotonic(), self.backlog_since, self.burst_delay)
             if pause <= 0:
                 return
-            await asyncio.sleep(pause)
+            started = time.monotonic()
+            await acceptance.changed(min(pause, HELD_SLICE))
             if self.metrics is not None:
-                self.metrics.pipeline_held_back.inc(pause)
+                self.metrics.pipeline_held_back.inc(time.monotonic() - started)
 
     # ------------------------------------------------------------ a claimed batch
     async def process(self, batch: list[str]) -> list[Work]:
         """Run the stages on a claimed batch; what stopping left undone is given back."""
         self._claimed = claimed = time.monotonic()
-        if self._backlog_since is None:
-            self._backlog_since = claimed
+        if self.backlog_since is None:
+            self.backlog_since = claimed
         ids = batch
         try:
             inputs = await asyncio.to_thread(self.store.pipeline_inputs, ids)
@@ -198,7 +184,8 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
             log.exception("pipeline: saving %d results failed; they will be redone", len(ready))
             self._failed("save")
             return
-        self.flow.finished(sum(saved))
+        if self.finished is not None:
+            self.finished(sum(saved))
         planned = False
         for p, ok in zip(ready, saved, strict=True):
             item, parsed, outcome = p.item, p.parsed, p.outcome
@@ -297,16 +284,12 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
             self.metrics.series(self.metrics.pipeline_failures, stage).inc()
 
 
-def holdback(now: float, last_commit: float, backlog_since: float | None,
-             burst_delay: float) -> float:
-    """Seconds to wait before the next claim: until acceptance has paused for ``BUSY``,
-    but not past ``burst_delay`` after ``backlog_since`` (None: work left from before,
-    taken at once)."""
+def holdback(now: float, backlog_since: float | None, burst_delay: float) -> float:
+    """Seconds the next claim may still wait for a burst to end: until ``burst_delay``
+    after ``backlog_since`` (None: work left from before, taken at once)."""
     if backlog_since is None:
         return 0.0
-    quiet_at = last_commit + BUSY
-    deadline = backlog_since + burst_delay
-    return max(0.0, min(quiet_at, deadline) - now)
+    return max(0.0, backlog_since + burst_delay - now)
 
 
 def _chunks(ids: list[str], inputs: Mapping[str, PipelineInput]) -> list[list[str]]:

@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.exc import DBAPIError, IntegrityError, SQLAlchemyError
@@ -103,9 +103,9 @@ class IntakeStore(StoreBase):
             await self._committer
         self._executor.shutdown(wait=True)
 
-    def notify_on_commit(self, event: asyncio.Event) -> None:
-        """Set ``event`` after every commit of new messages (wakes the pipeline)."""
-        self._listeners.append(event)
+    def notify_on_commit(self, listener: Callable[[], None]) -> None:
+        """Call ``listener`` after every commit of new messages (wakes the pipeline)."""
+        self._listeners.append(listener)
 
     async def accept(self, batch: Sequence[NewMessage]) -> None:
         """Store ``batch`` atomically; returns once it is committed durably.
@@ -176,8 +176,8 @@ class IntakeStore(StoreBase):
         for item in group:
             if not item.future.done():
                 item.future.set_result(None)
-        for event in self._listeners:
-            event.set()
+        for listener in self._listeners:
+            listener()
 
     async def _commit_single(self, loop: asyncio.AbstractEventLoop, item: _Pending) -> None:
         try:

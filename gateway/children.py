@@ -1,0 +1,292 @@
+"""Parts of the daemon that run in child processes, each with its own event loop.
+
+The pipeline (gateway.processor) and the delivery queue (gateway.deliverer) each
+run in a process of their own, so that the work after the 250 has the machine's
+other cores while the daemon's main process accepts mail, as Postfix's cleanup,
+qmgr and smtp run apart from its smtpd.  Everything such a child shares with the
+daemon is in the database: it claims its work with leases, so it may end at any
+moment and a new one takes over (what it had in hand is claimed again once its
+lease runs out, as after a crash of the whole daemon).
+
+Each speaks with the daemon over one pipe, in multiprocessing's framing, in
+tuples whose first item names the message.  Every child understands:
+
+- daemon to child: ``("wake",)`` new work is in the database; ``("state", ...)``
+  what the child works with changed (the policy set, keys: at every reload);
+  ``("stop",)`` finish what is in hand, record it, and exit;
+- child to daemon: ``("metrics", families)`` four times a second and at the end:
+  the metrics the child owns, which the daemon's /metrics shows as its own.
+
+A child's own messages are its module's to say.  ``Child`` is the daemon's side:
+it starts the process, restarts it when it dies (with a pause that grows when it
+dies soon after each start) and, at shutdown, waits for it to finish what it has
+in hand.  ``ChildLoop`` is the child's side of the pipe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing.connection
+import os
+import signal
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Iterable
+from typing import Any, Protocol
+
+from prometheus_client.metrics_core import Metric
+
+from gateway import logs, memory
+from gateway.config import GatewayConfig
+from gateway.metrics import Metrics
+from gateway.store.repository import Store
+from gateway.workers import Process, WorkerPool, spawn
+
+log = logging.getLogger(__name__)
+
+METRICS_EVERY = 0.25  # seconds between a child's reports of its metrics
+SHORT_LIFE = 10.0  # seconds: a child that ends sooner is restarted only after a pause
+MAX_PAUSE = 30.0  # seconds: the longest pause before a restart
+
+
+class _Families:
+    """A child's metrics in the daemon's registry: what it last reported, or the
+    daemon's own (empty) families until it has."""
+
+    def __init__(self, fallback: list[Any]) -> None:
+        self.fallback = fallback
+        self.families: list[Metric] | None = None
+
+    def collect(self) -> Iterable[Metric]:
+        if self.families is not None:
+            return self.families
+        return [f for collector in self.fallback for f in collector.collect()]
+
+
+class Child:
+    """The daemon's side of a child process: starts it, tells it of new work and of
+    reloads, shows its metrics, restarts it when it dies, stops it.
+
+    ``target(conn, config, *state())`` is the child's module-level entry point;
+    ``owned`` names the ``Metrics`` attributes the child reports.  A subclass
+    handles the child's other messages in ``received`` (on the event loop)."""
+
+    def __init__(self, what: str, target: Callable[..., None], config: GatewayConfig,
+                 metrics: Metrics, owned: Iterable[str], state: Callable[[], tuple[Any, ...]],
+                 stop_timeout: float) -> None:
+        self.what = what  # "delivery process": for the log
+        self.target = target
+        self.config = config
+        self.state = state  # what the child works with, read at every (re)start and reload
+        self.stop_timeout = stop_timeout  # seconds a stopping child may take
+        collectors = [getattr(metrics, name) for name in owned]
+        for collector in collectors:
+            metrics.registry.unregister(collector)
+        self.families = _Families(collectors)
+        metrics.registry.register(self.families)
+        self.process: Process | None = None
+        self.conn: multiprocessing.connection.Connection | None = None
+        self.stopping = False
+        self.restarts = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake_pending = False
+        self._ended: asyncio.Event | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._send_lock = threading.Lock()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        await self._start_child()
+        self._supervisor = asyncio.create_task(self._supervise(), name=self.what)
+
+    async def _start_child(self) -> None:
+        process, conn = await asyncio.to_thread(spawn, self.target, self.config, *self.state())
+        self.process, self.conn = process, conn
+        self._ended = ended = asyncio.Event()
+        threading.Thread(target=self._read, args=(conn, ended), name=f"{self.what} pipe",
+                         daemon=True).start()
+        log.info("%s started (pid %d)", self.what, process.pid)
+
+    def _read(self, conn: multiprocessing.connection.Connection, ended: asyncio.Event) -> None:
+        """The pipe from the child, in a thread of its own: until it ends."""
+        loop = self._loop
+        assert loop is not None
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                break
+            except Exception:  # a message that does not unpickle: the child is broken
+                log.exception("%s: unreadable message", self.what)
+                break
+            if message[0] == "metrics":
+                self.families.families = message[1]  # one reference swap: scrapes see either
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed
+                    loop.call_soon_threadsafe(self.received, message)
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
+            loop.call_soon_threadsafe(ended.set)
+
+    def received(self, message: tuple[Any, ...]) -> None:
+        """A message of the child's own kind, on the event loop."""
+        log.warning("%s: unexpected message %r", self.what, message[0])
+
+    async def _supervise(self) -> None:
+        """Restart the child whenever it ends while the daemon runs."""
+        pause = 1.0
+        while True:
+            started = time.monotonic()
+            assert self._ended is not None and self.process is not None
+            await self._ended.wait()
+            await asyncio.to_thread(self.process.join, 5)
+            if self.stopping:
+                return
+            log.error("%s (pid %d) ended with %s; starting another", self.what,
+                      self.process.pid, self.process.exitcode)
+            self.restarts += 1
+            if time.monotonic() - started < SHORT_LIFE:
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_PAUSE)
+            else:
+                pause = 1.0
+            if self.stopping:
+                return
+            try:
+                await self._start_child()
+                self.restarted()
+            except Exception:  # loop boundary: try again after the pause
+                log.exception("%s could not be started", self.what)
+                self._ended = asyncio.Event()
+                self._ended.set()
+
+    def restarted(self) -> None:
+        """A new child took over from one that died (for a subclass's own state)."""
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        conn = self.conn
+        if conn is None:
+            return
+        with self._send_lock, contextlib.suppress(OSError, ValueError):
+            conn.send(message)  # a child that died is restarted by the supervisor
+
+    def wake(self) -> None:
+        """New work is in the database: one message to the child, however many calls."""
+        if self._wake_pending or self._loop is None:
+            return
+        self._wake_pending = True
+        self._loop.call_soon(self._send_wake)
+
+    def _send_wake(self) -> None:
+        self._wake_pending = False
+        self.send(("wake",))
+
+    def reloaded(self) -> None:
+        """What the child works with changed (``state()``): the child follows."""
+        self.send(("state", *self.state()))
+
+    async def stop(self) -> None:
+        self.stopping = True
+        process, ended = self.process, self._ended
+        self.send(("stop",))
+        if process is not None and ended is not None:
+            try:
+                await asyncio.wait_for(ended.wait(), self.stop_timeout)
+            except TimeoutError:
+                log.error("%s (pid %d) did not stop in time; killing it", self.what,
+                          process.pid)
+                process.kill()
+            await asyncio.to_thread(process.join, 5)
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        if self.conn is not None:
+            self.conn.close()
+
+
+# ---------------------------------------------------------------- the child's side
+def enter(name: str, config: GatewayConfig, nice: int = 0) -> None:
+    """What a child process does first: the daemon decides when it stops; its name in
+    ps and top (15 characters at most); the daemon's logging; its priority."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
+        comm.write(name[:15])
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(nice)
+    logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
+
+
+class _Worker(Protocol):
+    def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+class ChildLoop:
+    """The child's side of the pipe: messages from the daemon handed to ``received``
+    on the event loop, the owned metrics reported, ``stop`` set when told to stop or
+    when the daemon is gone."""
+
+    def __init__(self, conn: multiprocessing.connection.Connection, config: GatewayConfig,
+                 owned: Iterable[str]) -> None:
+        self.conn = conn
+        self.config = config
+        self.stop = asyncio.Event()
+        self.metrics = Metrics(tenant_labels=config.metrics.tenant_labels)
+        self._owned = [getattr(self.metrics, name) for name in owned]
+
+    def received(self, message: tuple[Any, ...]) -> None:
+        if message[0] == "stop":
+            self.stop.set()
+
+    def _read(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The pipe from the daemon, in a thread: its end means stop."""
+        while True:
+            try:
+                message = self.conn.recv()
+            except (EOFError, OSError):
+                break
+            loop.call_soon_threadsafe(self.received, message)
+        loop.call_soon_threadsafe(self.stop.set)
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        """To the daemon (from the event loop's thread only)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.conn.send(message)
+
+    def report(self) -> None:
+        self.send(("metrics", [f for c in self._owned for f in c.collect()]))
+
+    async def _reports(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_EVERY)
+            self.report()
+
+    @contextlib.asynccontextmanager
+    async def running(self) -> AsyncIterator[None]:
+        """Listen to the daemon and report the metrics while the body runs; a last
+        report at the end."""
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=self._read, args=(loop,), name="pipe", daemon=True).start()
+        reports = asyncio.create_task(self._reports())
+        try:
+            yield
+        finally:
+            reports.cancel()
+            self.report()
+
+    async def work(self, worker: _Worker, pool: WorkerPool[Any], store: Store) -> None:
+        """Run ``worker`` until told to stop, then let it finish what it has in hand;
+        the pool and the store it used are closed at the end."""
+        worker.start()
+        memory.settle()
+        try:
+            await self.stop.wait()
+            await worker.stop()
+        finally:
+            await pool.close()
+            store.engine.dispose()
