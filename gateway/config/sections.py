@@ -262,8 +262,8 @@ class AuthConfig(Section):
     check_arc: bool = True
     # Evaluate DMARC (needs DKIM and SPF results; computes them when those are off).
     check_dmarc: bool = True
-    # Processes that run these checks and the ARC seals and DKIM signatures of copies;
-    # 0: threads of the daemon's own process (slower: they share one core with it).
+    # Processes that run these checks;
+    # 0: threads of the pipeline process itself (slower: they share one core with it).
     workers: int = Field(default=1, ge=0, le=64)
 
     @field_validator("authserv_id")
