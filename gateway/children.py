@@ -29,7 +29,6 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing.connection
-import os
 import signal
 import threading
 import time
@@ -75,12 +74,13 @@ class Child:
 
     def __init__(self, what: str, target: Callable[..., None], config: GatewayConfig,
                  metrics: Metrics, owned: Iterable[str], state: Callable[[], tuple[Any, ...]],
-                 stop_timeout: float) -> None:
+                 stop_timeout: float, nice: int = 0) -> None:
         self.what = what  # "delivery process": for the log
         self.target = target
         self.config = config
         self.state = state  # what the child works with, read at every (re)start and reload
         self.stop_timeout = stop_timeout  # seconds a stopping child may take
+        self.nice = nice  # how much lower than the daemon's the child's priority is
         collectors = [getattr(metrics, name) for name in owned]
         for collector in collectors:
             metrics.registry.unregister(collector)
@@ -102,7 +102,8 @@ class Child:
         self._supervisor = asyncio.create_task(self._supervise(), name=self.what)
 
     async def _start_child(self) -> None:
-        process, conn = await asyncio.to_thread(spawn, self.target, self.config, *self.state())
+        process, conn = await asyncio.to_thread(spawn, self.target, self.config, *self.state(),
+                                                nice=self.nice)
         self.process, self.conn = process, conn
         self._ended = ended = asyncio.Event()
         threading.Thread(target=self._read, args=(conn, ended), name=f"{self.what} pipe",
@@ -207,16 +208,13 @@ class Child:
 
 
 # ---------------------------------------------------------------- the child's side
-def enter(name: str, config: GatewayConfig, nice: int = 0) -> None:
+def enter(name: str, config: GatewayConfig) -> None:
     """What a child process does first: the daemon decides when it stops; its name in
-    ps and top (15 characters at most); the daemon's logging; its priority."""
+    ps and top (15 characters at most); the daemon's logging."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
         comm.write(name[:15])
-    if nice:
-        with contextlib.suppress(OSError):
-            os.nice(nice)
     logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
 
 

@@ -62,7 +62,7 @@ class Processor(Child):
     def __init__(self, config: GatewayConfig, metrics: Metrics, store: Store,
                  policies: Callable[[], PolicySet], planned: Callable[[], None]) -> None:
         super().__init__("pipeline process", serve, config, metrics, OWNED,
-                         lambda: (policies(),), config.pipeline.lease_time + STOP_GRACE)
+                         lambda: (policies(),), config.pipeline.lease_time + STOP_GRACE, NICE)
         self.store = store
         self.planned = planned  # deliveries were planned: the delivery process is woken
         self.burst_delay = config.pipeline.burst_delay
@@ -113,7 +113,7 @@ def serve(conn: multiprocessing.connection.Connection, config: GatewayConfig,
           policies: PolicySet) -> None:
     """The pipeline process: runs the pipeline until told to stop or the daemon is
     gone."""
-    enter(NAME, config, NICE)
+    enter(NAME, config)
     asyncio.run(_process(_Child(conn, config, policies)))
 
 

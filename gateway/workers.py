@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 C = TypeVar("C")  # what the processes are given once: the context of every call
 CHILD_MEMORY = 2 << 30  # address-space cap of a worker process
+NICE = 10  # this work can wait; accepting mail cannot: under load, the SMTP side comes first
 SHORT_LIFE = 10.0  # seconds: a process that ends sooner is restarted only after a pause
 MAX_PAUSE = 60.0  # seconds: the longest pause before a restart
 FRAME_JOIN = 65536  # bytes: a smaller call goes to the pipe with its header in one write
@@ -70,12 +71,17 @@ READ_CHUNK = 1 << 20  # bytes read from a pipe at a time
 
 # What a worker process runs first: the daemon's sys.path, then its work, from the pipe.
 _BOOT = """\
-import sys
+import os, sys
 from multiprocessing.connection import Connection
+if sys.argv[2] != "0":
+    try:
+        os.nice(int(sys.argv[2]))
+    except OSError:
+        pass
 conn = Connection(int(sys.argv[1]))
 sys.path[:] = conn.recv()
 target, args = conn.recv()
-del sys, Connection
+del os, sys, Connection
 target(conn, *args)
 """
 
@@ -104,14 +110,15 @@ class Process:
             self._popen.wait(timeout)
 
 
-def spawn(target: Callable[..., None], *args: Any
+def spawn(target: Callable[..., None], *args: Any, nice: int = 0
           ) -> tuple[Process, multiprocessing.connection.Connection]:
     """A fresh interpreter that runs ``target(conn, *args)`` (``target`` module-level,
-    ``args`` picklable) with ``conn`` its end of the pipe returned here.  Blocks until
-    the child has read its work: call it from a thread, not the loop."""
+    ``args`` picklable) with ``conn`` its end of the pipe returned here, ``nice``
+    lower in priority than this process from its first import on.  Blocks until the
+    child has read its work: call it from a thread, not the loop."""
     ours, theirs = multiprocessing.connection.Pipe()
     try:
-        popen = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno())],
+        popen = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), str(nice)],
                                  pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
     except BaseException:
         ours.close()
@@ -180,9 +187,6 @@ def child_setup(name: str) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the daemon decides when we stop
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_AS, (CHILD_MEMORY, CHILD_MEMORY))
-    # This work can wait; accepting mail cannot: under load, the SMTP side gets the CPU first.
-    with contextlib.suppress(OSError):
-        os.nice(10)
     # The name ps, top and the OOM killer's report show (Linux; 15 characters at most).
     with contextlib.suppress(OSError), open("/proc/self/comm", "w") as comm:
         comm.write(name[:15])
@@ -262,7 +266,8 @@ class WorkerPool(Generic[C]):
 
     async def _start_slot(self, slot: int) -> None:
         name = f"mailflowr-{self.name}"
-        process, conn = await asyncio.to_thread(spawn, _serve, name, self.threads, self.context)
+        process, conn = await asyncio.to_thread(spawn, _serve, name, self.threads, self.context,
+                                                nice=NICE)
         child = _Child(slot, process, conn)
         if self._closing:  # closed while it started: nobody will stop it otherwise
             self._kill(child)

@@ -324,3 +324,25 @@ def test_authentication_results_cross_to_the_daemon_whole():
         back = pickle.loads(pickle.dumps(results))
         assert back == results and type(back) is AuthResults
         assert back.header("mx.test") == results.header("mx.test")
+
+
+def _nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[16])
+
+
+@pytest.mark.skipif(not Path("/proc/self/comm").exists(), reason="needs Linux /proc")
+def test_processing_runs_below_the_smtp_sessions_priority_and_parsing_below_that(make_gateway):
+    """Under load the kernel gives the CPU to the sessions first, then to delivery, then
+    to the pipeline, and last to its parsers, from their first import on."""
+    gw = make_gateway()
+    assert gw.proc is not None
+    found = wait_for(lambda: (
+        (d := descendants(gw.proc.pid, "mailflowr-deliv"))
+        and (p := descendants(gw.proc.pid, "mailflowr-pipe"))
+        and (w := descendants(gw.proc.pid, "mailflowr-work")) and (d, p, w)),
+        what="the daemon's processes")
+    delivery, pipeline, workers = found
+    base = _nice(gw.proc.pid)
+    assert [_nice(pid) - base for pid in delivery] == [0]
+    assert [_nice(pid) - base for pid in pipeline] == [5]
+    assert [_nice(pid) - base for pid in workers] == [15]
