@@ -64,6 +64,24 @@ class _Families:
         return [f for collector in self.fallback for f in collector.collect()]
 
 
+class _Soon:
+    """Messages for the other side sent at the end of the event loop's turn, each at
+    most once however often it was asked for meanwhile: a run of commits is one wake."""
+
+    def __init__(self, send: Callable[[tuple[Any, ...]], None]) -> None:
+        self._send = send
+        self._pending: set[tuple[Any, ...]] = set()
+
+    def __call__(self, message: tuple[Any, ...]) -> None:
+        if message not in self._pending:
+            self._pending.add(message)
+            asyncio.get_running_loop().call_soon(self._flush, message)
+
+    def _flush(self, message: tuple[Any, ...]) -> None:
+        self._pending.discard(message)
+        self._send(message)
+
+
 class Child:
     """The daemon's side of a child process: starts it, tells it of new work and of
     reloads, shows its metrics, restarts it when it dies, stops it.
@@ -89,9 +107,8 @@ class Child:
         self.process: Process | None = None
         self.conn: multiprocessing.connection.Connection | None = None
         self.stopping = False
-        self.restarts = 0
+        self.soon = _Soon(self.send)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._wake_pending = False
         self._ended: asyncio.Event | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._send_lock = threading.Lock()
@@ -146,7 +163,6 @@ class Child:
                 return
             log.error("%s (pid %d) ended with %s; starting another", self.what,
                       self.process.pid, self.process.exitcode)
-            self.restarts += 1
             if time.monotonic() - started < SHORT_LIFE:
                 await asyncio.sleep(pause)
                 pause = min(pause * 2, MAX_PAUSE)
@@ -174,14 +190,7 @@ class Child:
 
     def wake(self) -> None:
         """New work is in the database: one message to the child, however many calls."""
-        if self._wake_pending or self._loop is None:
-            return
-        self._wake_pending = True
-        self._loop.call_soon(self._send_wake)
-
-    def _send_wake(self) -> None:
-        self._wake_pending = False
-        self.send(("wake",))
+        self.soon(("wake",))
 
     def reloaded(self) -> None:
         """What the child works with changed (``state()``): the child follows."""
@@ -234,6 +243,7 @@ class ChildLoop:
         self.conn = conn
         self.config = config
         self.stop = asyncio.Event()
+        self.soon = _Soon(self.send)
         self.metrics = Metrics(tenant_labels=config.metrics.tenant_labels)
         self._owned = [getattr(self.metrics, name) for name in owned]
 

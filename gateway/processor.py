@@ -124,7 +124,6 @@ class _Child(ChildLoop):
         self.policies = policies
         self.acceptance = Acceptance()
         self.worker: PipelineWorker | None = None
-        self._planned_pending = False
         self._told_backlog: float | None = None
 
     def received(self, message: tuple[Any, ...]) -> None:
@@ -139,13 +138,7 @@ class _Child(ChildLoop):
             super().received(message)
 
     def planned(self) -> None:
-        if not self._planned_pending:
-            self._planned_pending = True
-            asyncio.get_running_loop().call_soon(self._send_planned)
-
-    def _send_planned(self) -> None:
-        self._planned_pending = False
-        self.send(("planned",))
+        self.soon(("planned",))
 
     def finished(self, count: int) -> None:
         since = self.worker.backlog_since if self.worker is not None else None

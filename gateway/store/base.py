@@ -76,7 +76,6 @@ class StoreBase:
         self._committer: asyncio.Task[None] | None = None
         self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="commit")
         self._listeners: list[Callable[[], None]] = []
-        self.last_commit = float("-inf")  # time.monotonic() of the last commit of new mail
         self._space_checked = 0.0
         self._space_ok = True
         # SQLite has one writer at a time.  This process's writers (the group

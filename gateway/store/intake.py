@@ -172,7 +172,6 @@ class IntakeStore(StoreBase):
             return
         if self._on_commit is not None:
             self._on_commit(count, time.monotonic() - started)
-        self.last_commit = time.monotonic()
         for item in group:
             if not item.future.done():
                 item.future.set_result(None)
