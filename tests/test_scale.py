@@ -165,9 +165,11 @@ def test_an_instance_killed_mid_flow_resends_at_most_what_it_held(make_gateway, 
     way may be (the window SMTP leaves open), never more than it had in hand
     (delivery.concurrency: how often that happens is bench/kill.py's to measure);
     PostgreSQL finds no deadlock."""
-    # leases longer than a restart takes on a loaded machine: the restart reads the
-    # journal before the other instance may take the dead one's copies over
-    first, victim = _two_daemons(make_gateway, tmp_path, relay, "10s", 10)
+    # leases longer than a restart takes on a loaded machine (the lease left at the kill
+    # is at least two thirds of it): the restart reads the journal before the other
+    # instance may take the dead one's copies over; with 10 s a restart beside another
+    # test's load once came too late
+    first, victim = _two_daemons(make_gateway, tmp_path, relay, "30s", 10)
     before = _deadlocks(first)
     with Load([first.port, victim.port], clients=8, rcpt=lambda n: "support@acme.test",
               pace=0.07) as load:
@@ -394,6 +396,7 @@ def test_mail_at_a_pace_the_loop_keeps_up_with_is_processed_as_it_comes(make_gat
     hold a burst back that long."""
     gw = make_gateway({"pipeline": {"burst_delay": "60s"},
                        "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    _processed_one(gw)  # the pipeline's process has started: its start-up is not "behind"
     with Load(gw.port, clients=8, pace=0.05) as load:
         load.wait(20, timeout=30)
         time.sleep(4)
