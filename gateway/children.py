@@ -41,7 +41,8 @@ from gateway import logs, memory
 from gateway.config import GatewayConfig
 from gateway.metrics import Metrics
 from gateway.store.repository import Store
-from gateway.workers import Process, WorkerPool, spawn
+from gateway.workers import WorkerPool
+from gateway.zygote import Process, spawn
 
 log = logging.getLogger(__name__)
 

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import SQLAlchemyError
 
-from gateway import httpd, logs, memory
+from gateway import httpd, logs, memory, zygote
 from gateway.auth.work import AuthCalls, AuthWork
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.deliverer import Deliverer
@@ -388,6 +388,7 @@ def _log_stopped(exc_type: type[BaseException] | None, exc: BaseException | None
 def serve(config: GatewayConfig, policies: PolicySet, config_path: Path | None = None) -> int:
     logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
     ensure_open_files(open_files_needed(config))
+    zygote.start()  # before the first thread: every child is forked from it
     app = App(config, policies, config_path=config_path)
     try:
         with asyncio.Runner(loop_factory=loop_factory(config.smtp.event_loop)) as runner:
@@ -395,3 +396,5 @@ def serve(config: GatewayConfig, policies: PolicySet, config_path: Path | None =
     except StartupError as exc:
         log.error("cannot start: %s", exc)
         return 1
+    finally:
+        zygote.stop()

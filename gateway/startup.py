@@ -24,7 +24,7 @@ from gateway.privacy import keys as privacy_keys
 from gateway.store import database
 from gateway.store.keystore import KeyStore
 from gateway.store.repository import Store
-from gateway.workers import spawn
+from gateway.zygote import spawn
 
 log = logging.getLogger(__name__)
 

@@ -1,15 +1,16 @@
 """Worker processes for CPU-bound work the event loop hands off: a call returns a future.
 
-The daemon's one process accepts mail, runs the pipeline and delivers; Python
-runs one thread at a time in it, so CPU work done there in threads (parsing,
-RSA, DKIM canonicalization, SPF and DMARC evaluation) slows all of that down
-however many cores the machine has.  A ``WorkerPool`` runs such work in child
-processes instead.  Each child serves several calls at once, in threads, so a
-call waiting on DNS does not hold up the others; each is given the pool's
-``context`` once, at start, and runs ``fn(context, *args)`` with the
-module-level ``fn`` a call names.  One pool serves every kind of such work:
-each process is a whole interpreter with its libraries (20-25 MiB before any
-work), so the daemon keeps as few as the configuration asks for.
+Each process of the daemon does its work on one event loop (the pipeline
+process parses and checks mail); Python runs one thread at a time in it, so CPU
+work done there in threads (parsing, RSA, DKIM canonicalization, SPF and DMARC
+evaluation) holds up that loop however many cores the machine has.  A
+``WorkerPool`` runs such work in child processes instead.  Each child serves
+several calls at once, in threads, so a call waiting on DNS does not hold up the
+others; each is given the pool's ``context`` once, at start, and runs
+``fn(context, *args)`` with the module-level ``fn`` a call names.  One pool
+serves every kind of such work, and each process costs memory of its own (a few
+MiB forked by the zygote, 20-25 MiB as a fresh interpreter), so a process keeps
+as few as the configuration asks for.
 
 ``run()`` is for work the daemon can also do itself: the call runs in a
 thread of the daemon instead when there is no worker process for it or its
@@ -23,11 +24,8 @@ hostile mail): one such call at a time in a process, with a time bound of its
 own.  When it overruns, its process is killed, so that only the call at fault
 fails; calls of the other kind that were in hand there finish in the daemon.
 
-Worker processes are started with ``spawn()``: a fresh interpreter that
-imports only what its work needs.  Not with multiprocessing's own start
-methods: its "spawn" imports the daemon's main module again in every child and
-keeps a resource tracker process beside them, another interpreter for
-semaphores and shared memory the daemon never uses.  The event loop itself
+Worker processes are started with ``gateway.zygote.spawn()``: forked by the
+daemon's zygote, or fresh interpreters where there is none.  The event loop itself
 writes the calls to each process's pipe and reads the results, both without
 blocking, in the framing of multiprocessing's ``Connection`` (which the
 process uses on its end).
@@ -47,8 +45,6 @@ import os
 import resource
 import signal
 import struct
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Coroutine
@@ -56,6 +52,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from multiprocessing.reduction import ForkingPickler
 from typing import Any, Generic, TypeVar
+
+from gateway.zygote import Process, spawn
 
 log = logging.getLogger(__name__)
 
@@ -67,74 +65,6 @@ SHORT_LIFE = 10.0  # seconds: a process that ends sooner is restarted only after
 MAX_PAUSE = 60.0  # seconds: the longest pause before a restart
 FRAME_JOIN = 65536  # bytes: a smaller call goes to the pipe with its header in one write
 READ_CHUNK = 1 << 20  # bytes read from a pipe at a time
-
-
-# What a worker process runs first: the daemon's sys.path, then its work, from the pipe.
-_BOOT = """\
-import os, sys
-from multiprocessing.connection import Connection
-if sys.argv[2] != "0":
-    try:
-        os.nice(int(sys.argv[2]))
-    except OSError:
-        pass
-conn = Connection(int(sys.argv[1]))
-sys.path[:] = conn.recv()
-target, args = conn.recv()
-del os, sys, Connection
-target(conn, *args)
-"""
-
-
-class Process:
-    """A worker process: what the pools need of multiprocessing.Process."""
-
-    def __init__(self, popen: subprocess.Popen[bytes]) -> None:
-        self._popen = popen
-        self.pid = popen.pid
-
-    @property
-    def exitcode(self) -> int | None:
-        """None while it runs; negative: the signal that ended it."""
-        return self._popen.poll()
-
-    def is_alive(self) -> bool:
-        return self._popen.poll() is None
-
-    def kill(self) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            self._popen.kill()
-
-    def join(self, timeout: float | None = None) -> None:
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self._popen.wait(timeout)
-
-
-def spawn(target: Callable[..., None], *args: Any, nice: int = 0
-          ) -> tuple[Process, multiprocessing.connection.Connection]:
-    """A fresh interpreter that runs ``target(conn, *args)`` (``target`` module-level,
-    ``args`` picklable) with ``conn`` its end of the pipe returned here, ``nice``
-    lower in priority than this process from its first import on.  Blocks until the
-    child has read its work: call it from a thread, not the loop."""
-    ours, theirs = multiprocessing.connection.Pipe()
-    try:
-        popen = subprocess.Popen([sys.executable, "-c", _BOOT, str(theirs.fileno()), str(nice)],
-                                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
-    except BaseException:
-        ours.close()
-        raise
-    finally:
-        theirs.close()
-    process = Process(popen)
-    try:
-        ours.send(sys.path)
-        ours.send((target, args))
-    except BaseException:
-        process.kill()
-        process.join(5)
-        ours.close()
-        raise
-    return process, ours
 
 
 def by_value(cls: type[T]) -> type[T]:

@@ -391,15 +391,22 @@ class Gateway:
         self.proc.wait(10)
 
     def children(self) -> dict[int, str]:
-        """The daemon's child processes by pid, with their names (``comm``)."""
+        """The daemon's processes by pid, with their names (``comm``): its children
+        (the zygote) and theirs, down the tree."""
         assert self.proc is not None
-        found = {}
+        parent, name = {}, {}
         for stat in Path("/proc").glob("[0-9]*/stat"):
-            with contextlib.suppress(OSError):
+            with contextlib.suppress(OSError, ValueError):
                 pid, rest = stat.read_text().split(" (", 1)
                 comm, fields = rest.rsplit(") ", 1)
-                if int(fields.split()[1]) == self.proc.pid:
-                    found[int(pid)] = comm
+                parent[int(pid)], name[int(pid)] = int(fields.split()[1]), comm
+        found: dict[int, str] = {}
+        for pid in parent:
+            up = parent[pid]
+            while up > 1 and up != self.proc.pid:
+                up = parent.get(up, 0)
+            if up == self.proc.pid:
+                found[pid] = name[pid]
         return found
 
     def close(self) -> None:

@@ -10,6 +10,7 @@ import socket
 import sqlite3
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 
@@ -297,7 +298,8 @@ def test_a_pipeline_process_killed_with_messages_in_hand_is_replaced_and_nothing
             for n in range(2):
                 s.sendmail("a@sender.test", ["support@acme.test"],
                            simple_message(subject=f"m{n}"))
-        wait_for(lambda: all(r["lease_owner"] for r in gw.messages()), what="the claims")
+        claimed = wait_for(lambda: {r["id"] for r in gw.messages() if r["lease_owner"]},
+                           what="a claim")
         (victim,) = [pid for pid, name in gw.children().items() if name == "mailflowr-pipe"]
         os.kill(victim, signal.SIGKILL)
         wait_for(lambda: f"pipeline process (pid {victim}) ended" in gw.log(),
@@ -310,7 +312,9 @@ def test_a_pipeline_process_killed_with_messages_in_hand_is_replaced_and_nothing
     assert len(keys) == 9 and len(set(keys)) == 9, keys
     rows = gw.messages()
     assert [r["status"] for r in rows] == ["processed"] * 3
-    assert sorted(r["attempts"] for r in rows) == [1, 2, 2]  # the two were taken up again
+    # what the dead one had claimed was taken up again, the rest processed once
+    assert {r["id"]: r["attempts"] for r in rows} == {
+        r["id"]: 2 if r["id"] in claimed else 1 for r in rows}
     names = gw.children().values()
     assert "mailflowr-pipe" in names and victim not in gw.children()
     assert gw.proc.poll() is None
@@ -343,6 +347,37 @@ def test_a_delivery_process_killed_mid_copy_is_replaced_and_nothing_is_lost(
     _deliveries(gw, until=lambda rows: all(r["status"] == "sent" for r in rows))
     names = gw.children().values()
     assert "mailflowr-deliv" in names and victim not in gw.children()
+    assert gw.proc.poll() is None
+
+
+def _parent(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1].split()[1])
+
+
+def test_children_are_forked_by_the_zygote_and_without_it_still_replaced(
+        make_gateway, tmp_path, sinks):
+    """The pipeline and delivery processes are forked by the daemon's zygote
+    (mailflowr-forks), a copy of the daemon made before it opened anything.  When the
+    zygote is killed the daemon says so and goes on: a child that dies afterwards is
+    replaced by a fresh interpreter, and mail still flows."""
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    relay, _ = sinks
+    procs = gw.children()
+    (zygote,) = [pid for pid, name in procs.items() if name == "mailflowr-forks"]
+    assert _parent(zygote) == gw.proc.pid
+    forked = {name: _parent(pid) for pid, name in procs.items()
+              if name in ("mailflowr-pipe", "mailflowr-deliv")}
+    assert forked == {"mailflowr-pipe": zygote, "mailflowr-deliv": zygote}
+    (victim,) = [pid for pid, name in procs.items() if name == "mailflowr-deliv"]
+    os.kill(zygote, signal.SIGKILL)
+    wait_for(lambda: f"the zygote (pid {zygote}) is gone" in gw.log(), what="the notice")
+    os.kill(victim, signal.SIGKILL)
+    wait_for(lambda: f"delivery process (pid {victim}) ended" in gw.log(), what="the restart")
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject="after"))
+    wait_for(lambda: len(relay.messages) >= 3, what="three copies")
+    (replaced,) = [pid for pid, name in gw.children().items() if name == "mailflowr-deliv"]
+    assert replaced != victim and _parent(replaced) == gw.proc.pid
     assert gw.proc.poll() is None
 
 

@@ -246,7 +246,7 @@ def upgrade(engine: Engine) -> tuple[str | None, str]:
 
 
 def upgrade_child(conn: Pipe, url: str) -> None:
-    """``upgrade()`` in a process of its own (see gateway.workers.spawn): sends back
+    """``upgrade()`` in a process of its own (see gateway.zygote.spawn): sends back
     (True, (before, after)), or (False, the error in one line)."""
     engine = create(url, pool_size=1)
     try:
