@@ -538,7 +538,7 @@ def pytest_cmdline_main(config: pytest.Config) -> None:
         return
     config.option.numprocesses = DEFAULT_WORKERS
     if config.option.dist == "no":
-        config.option.dist = "load"
+        config.option.dist = "loadgroup"  # as "load"; a module's xdist_group in one worker
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
