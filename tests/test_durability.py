@@ -396,3 +396,38 @@ def test_sigterm_lets_a_transaction_finish_then_exits_0(make_gateway):
     rows = gw.messages()
     assert [r["subject"] or gw.store.raw(r["id"]).split(b"\r\n")[0] for r in rows] in (
         [b"Subject: in flight"], ["in flight"])
+
+
+def test_a_writer_waits_for_sqlites_write_lock_and_gives_up_after_the_busy_timeout(
+        tmp_path, monkeypatch):
+    """The daemon's processes share one SQLite file.  A write transaction that finds
+    another connection holding the write lock waits and writes once it is free; one
+    that finds it held past the busy timeout fails with "database is locked"; every
+    other statement keeps SQLite's busy timeout."""
+    import sqlite3
+
+    path = tmp_path / "gateway.db"
+    engine = database.create(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        conn.exec_driver_sql("CREATE TABLE t (x INTEGER)")
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    holder.execute("INSERT INTO t VALUES (1)")
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+    started = time.monotonic()
+    with engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (2)")
+    assert time.monotonic() - started >= 0.25  # it waited for the lock
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT x FROM t ORDER BY x").scalars().all() == [1, 2]
+        assert (conn.exec_driver_sql("PRAGMA busy_timeout").scalar()
+                == database.SQLITE_BUSY_TIMEOUT_MS)
+    monkeypatch.setattr(database, "SQLITE_BUSY_TIMEOUT_MS", 300)
+    holder.execute("BEGIN IMMEDIATE")
+    with pytest.raises(Exception, match="database is locked"), engine.begin() as conn:
+        conn.exec_driver_sql("INSERT INTO t VALUES (3)")
+    holder.execute("ROLLBACK")
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SELECT count(*) FROM t").scalar() == 2
+    holder.close()
+    engine.dispose()

@@ -3,8 +3,10 @@
 SQLite runs in WAL mode with synchronous=FULL (a commit is on disk when it
 returns), foreign keys on, and write transactions that take the write lock at
 BEGIN (``BEGIN IMMEDIATE``), so two writers wait for each other instead of
-failing half-way.  PostgreSQL runs with synchronous_commit on.  Alembic
-migrations ship inside the package; ``upgrade()`` applies them.
+failing half-way; a BEGIN that finds the lock taken tries again within 2 ms
+(SQLite's own busy handler sleeps up to 25 ms and more between tries).
+PostgreSQL runs with synchronous_commit on.  Alembic migrations ship inside the
+package; ``upgrade()`` applies them.
 
 Alembic (with Mako and Pygments, 11 MiB) is loaded only to upgrade: the daemon
 reads the schema's revision with one query and, when a SQLite database needs
@@ -19,6 +21,7 @@ import hashlib
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +57,8 @@ MIGRATIONS = Path(__file__).parent / "migrations"
 HEAD = "0008"
 VERSION_TABLE = "alembic_version"  # where Alembic records a database's revision
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+BEGIN_RETRY = 0.0002  # seconds before the first new try for SQLite's write lock
+BEGIN_RETRY_MAX = 0.002  # and the longest pause between two tries
 
 
 def is_sqlite(engine_or_url: Engine | str) -> bool:
@@ -202,8 +207,30 @@ def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _sqlite_begin(conn: Any) -> None:
-    mode = "DEFERRED" if conn.get_execution_options().get("readonly") else "IMMEDIATE"
-    conn.exec_driver_sql(f"BEGIN {mode}")
+    if conn.get_execution_options().get("readonly"):
+        conn.exec_driver_sql("BEGIN DEFERRED")
+        return
+    # The write lock, asked for again every 0.2 ms (growing to 2 ms) while another
+    # process holds it.  SQLite's own busy handler sleeps 1, 2, 5, 10, 15, 20, 25 ms
+    # ... between tries: where the daemon's processes take the lock for a millisecond
+    # each, sessions waited 10-20 ms for one that was free after one.
+    raw = conn.connection.dbapi_connection
+    raw.execute("PRAGMA busy_timeout=0")
+    try:
+        deadline = time.monotonic() + SQLITE_BUSY_TIMEOUT_MS / 1000
+        pause = BEGIN_RETRY
+        while True:
+            try:
+                raw.execute("BEGIN IMMEDIATE")
+                return
+            except sqlite3.OperationalError as exc:
+                if (getattr(exc, "sqlite_errorname", "SQLITE_BUSY") != "SQLITE_BUSY"
+                        or time.monotonic() + pause > deadline):
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 1.5, BEGIN_RETRY_MAX)
+    finally:  # every other statement waits for locks as SQLite does it
+        raw.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def _alembic_config(engine: Engine) -> AlembicConfig:
