@@ -117,7 +117,7 @@ class PipelineConfig(Section):
     poll_interval: Duration = 2.0
     lease_time: LeaseTime = 300.0
     burst_delay: Duration = 5.0
-    burst_load: float = Field(default=0.5, ge=0.0, le=1.0)
+    burst_load: float = Field(default=1.0, ge=0.0, le=1.0)
 
 
 class MetricsConfig(Section):
