@@ -5,8 +5,8 @@ run in a process of their own, so that the work after the 250 has the machine's
 other cores while the daemon's main process accepts mail, as Postfix's cleanup,
 qmgr and smtp run apart from its smtpd.  Everything such a child shares with the
 daemon is in the database: it claims its work with leases, so it may end at any
-moment and a new one takes over (what it had in hand is claimed again once its
-lease runs out, as after a crash of the whole daemon).
+moment and a new one takes over (what it had in hand is taken up at once by its
+replacement, which frees the leases of this host's dead processes).
 
 Each speaks with the daemon over one pipe, in multiprocessing's framing, in
 tuples whose first item names the message.  Every child understands:
@@ -229,6 +229,8 @@ def enter(name: str, config: GatewayConfig) -> None:
 
 
 class _Worker(Protocol):
+    wakeup: asyncio.Event  # set: look for new work now
+
     def start(self) -> None: ...
 
     async def stop(self) -> None: ...
@@ -247,9 +249,13 @@ class ChildLoop:
         self.soon = _Soon(self.send)
         self.metrics = Metrics(tenant_labels=config.metrics.tenant_labels)
         self._owned = [getattr(self.metrics, name) for name in owned]
+        self._worker: _Worker | None = None  # once ``work`` runs it
 
     def received(self, message: tuple[Any, ...]) -> None:
-        if message[0] == "stop":
+        if message[0] == "wake":
+            if self._worker is not None:
+                self._worker.wakeup.set()
+        elif message[0] == "stop":
             self.stop.set()
 
     def _read(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -291,6 +297,7 @@ class ChildLoop:
     async def work(self, worker: _Worker, pool: WorkerPool[Any], store: Store) -> None:
         """Run ``worker`` until told to stop, then let it finish what it has in hand;
         the pool and the store it used are closed at the end."""
+        self._worker = worker
         worker.start()
         memory.settle()
         try:

@@ -68,13 +68,10 @@ class _Child(ChildLoop):
         super().__init__(conn, config, OWNED)
         self.policies, signing_config, self.srs = state
         self.signer = signing.from_config(signing_config)
-        self.worker: DeliveryWorker | None = None
 
     def received(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "wake" and self.worker is not None:
-            self.worker.wakeup.set()
-        elif kind == "state":
+        if kind == "state":
             self.policies, signing_config, self.srs = message[1:]
             try:
                 self.signer = signing.from_config(signing_config)
@@ -91,7 +88,7 @@ async def _deliver(child: _Child) -> None:
         store = await asyncio.to_thread(open_store, config, upgrade_sqlite=False)
         pool = WorkerPool("sign", 0, SIGN_THREADS, AuthWork(None), SIGN_TIMEOUT)
         await pool.start()
-        worker = child.worker = DeliveryWorker(
+        worker = DeliveryWorker(
             store, config, child.metrics, policies=lambda: child.policies,
             signer=lambda: child.signer, srs=lambda: child.srs, auth=AuthCalls(pool, 0))
         await child.work(worker, pool, store)

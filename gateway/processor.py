@@ -128,9 +128,7 @@ class _Child(ChildLoop):
 
     def received(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "wake" and self.worker is not None:
-            self.worker.wakeup.set()
-        elif kind == "bursting":
+        if kind == "bursting":
             self.acceptance.set(message[1])
         elif kind == "state":
             self.policies = message[1]
