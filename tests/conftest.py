@@ -15,6 +15,7 @@ the PostgreSQL server runs alone (``exclusive_postgres``).
 from __future__ import annotations
 
 import atexit
+import collections
 import compileall
 import contextlib
 import fcntl
@@ -128,19 +129,27 @@ def _worker_ports() -> range:
     return range(start, start + share)
 
 
+_GIVEN: collections.deque[int] = collections.deque(maxlen=256)  # free_port's last ports
+
+
 def free_port() -> int:
     """A loopback port free now, for a daemon to bind a moment later.  Taken below the
     kernel's ephemeral range: a port from that range can be given to an outgoing
     connection (a database, DNS or SMTP client) in that moment, and the daemon then
-    fails to bind it.  Each xdist worker takes its ports from a range of its own."""
+    fails to bind it.  Each xdist worker takes its ports from a range of its own, and
+    never gives out a port it gave out lately: one free now is free again a moment
+    later, until a daemon binds it (a test's SMTP and metrics ports were once the same)."""
     ports = _worker_ports()
     for _ in range(200 if len(ports) > 100 else 0):
         port = _PORTS.choice(ports)
+        if port in _GIVEN:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _GIVEN.append(port)
             return port
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
