@@ -318,8 +318,8 @@ class App:
                 raise StartupError(f"admin_api TLS: {exc}") from None
         from gateway.api import AdminAPI  # aiohttp is loaded only when the API is on
 
-        admin: AdminAPI = AdminAPI(self.config, self.store,
-                                   lambda: self.policies.get().retention)
+        admin: AdminAPI = AdminAPI(self.config, self.store, self.policies.get,
+                                   self.metrics)
         host, port = parse_hostport(settings.listen)
         try:
             await admin.start(host, port, context)

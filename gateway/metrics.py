@@ -234,6 +234,11 @@ class Metrics:
             f"{PREFIX}_tls_reloads_total",
             "Reloads of the TLS certificate and key on SIGHUP, by result (success, failure: "
             "the certificate in use stays).", ["result"], registry=r)
+        self.api_auth_failures = Counter(
+            f"{PREFIX}_api_authentication_failures_total",
+            "Admin API requests refused for their token (401), by reason: missing, "
+            "malformed, unknown, wrong_secret, revoked, deactivated.", ["reason"],
+            registry=r)
         self.retention_sweeps = Counter(
             f"{PREFIX}_retention_sweeps_total",
             "Retention sweeps, by result (success, failure, skipped: another instance swept).",

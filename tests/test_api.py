@@ -13,14 +13,19 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
+from gateway.passwords import hash_password
 from gateway.store.models import api_tokens
 from tests.conftest import client_context, free_port, wait_for
+from tests.sink import Sink
+from tests.test_incident import SUBPROCESSORS  # relay-eu, authorised by acme and globex
+from tests.test_subprocessors import WORKFLOWS  # a Bcc of all inbound mail, both tenants
 
 SUBJECT = "jane.doe@sender.test"
 
@@ -48,21 +53,40 @@ class Api:
         return status, payload, headers
 
 
-def _token(gw: Any, tenant: str) -> str:
-    result = gw.cli("token", "create", "--tenant", tenant, "--name", f"{tenant} tools")
+def _token(gw: Any, tenant: str, scope: str = "admin") -> str:
+    result = gw.cli("token", "create", "--tenant", tenant, "--name", f"{tenant} tools",
+                    "--scope", scope)
     assert result.returncode == 0, result.stderr.decode()
     return result.stdout.decode().split()[-1]
 
 
+AGENT_HASH = hash_password("agent password")
+
+
 @pytest.fixture
-def api_gateway(make_gateway: Any, tmp_path: Any) -> tuple[Any, Api]:
+def relay() -> Iterator[Sink]:
+    sink = Sink()
+    yield sink
+    sink.stop()
+
+
+@pytest.fixture
+def api_gateway(make_gateway: Any, tmp_path: Any, relay: Sink) -> tuple[Any, Api]:
+    """A daemon with mail of acme and globex, each message copied (Bcc) through the
+    sub-processor relay-eu to the ``relay`` sink."""
     port = free_port()
     policies = tmp_path / "policies"
     policies.mkdir()
     (policies / "retention.yaml").write_text(
         "default: 1y\nholds:\n  - {name: case-9, reason: court, address: held@client.test}\n")
+    (policies / "subprocessors.yaml").write_text(SUBPROCESSORS.format(port=relay.port))
+    (policies / "workflows.yaml").write_text(WORKFLOWS)
     gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}"},
-                       "policies": {"directory": str(policies)}})
+                       "policies": {"directory": str(policies)},
+                       "delivery": {"poll_interval": "0.2s"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "tenants": {"acme": {"users": {"agent": {
+                           "password_hash": AGENT_HASH, "send_as": ["agent@acme.test"]}}}}})
     with gw.smtp() as s:
         for sender, to, subject in ((SUBJECT, "support@acme.test", "acme from jane"),
                                     ("bob@client.test", "support@acme.test", "acme from bob"),
@@ -71,6 +95,7 @@ def api_gateway(make_gateway: Any, tmp_path: Any) -> tuple[Any, Api]:
             s.sendmail(sender, [to], f"From: {sender}\r\nTo: {to}\r\nSubject: {subject}\r\n"
                                      f"\r\nbody of {subject}\r\n".encode())
     gw.wait_processed(4)
+    relay.wait(4)
     return gw, Api(port)
 
 
@@ -226,21 +251,37 @@ def test_without_a_valid_token_nothing_is_served(api_gateway):
 
 
 def test_the_openapi_description_covers_every_route():
-    from gateway.api import openapi_document
+    from gateway.api import AdminAPI, openapi_document
+    from gateway.api.exports import ExportRoutes
+    from gateway.api.http import Context
+    from gateway.config import GatewayConfig
+    from gateway.policyset import PolicySet
 
     doc = openapi_document()
-    routes = {("GET", "/api/v1/messages"), ("GET", "/api/v1/messages/{id}"),
-              ("GET", "/api/v1/messages/{id}/eml"), ("POST", "/api/v1/exports"),
-              ("GET", "/api/v1/exports/{id}"), ("GET", "/api/v1/exports/{id}/archive"),
-              ("POST", "/api/v1/erasures"), ("GET", "/api/v1/audit"),
-              ("GET", "/api/v1/openapi.json")}
+    routes = {("GET", "/api/v1/openapi.json"),
+              ("GET", "/api/v1/messages"), ("GET", "/api/v1/messages/{id}"),
+              ("DELETE", "/api/v1/messages/{id}"), ("GET", "/api/v1/messages/{id}/eml"),
+              ("GET", "/api/v1/deliveries"), ("GET", "/api/v1/deliveries/{id}"),
+              ("POST", "/api/v1/deliveries/{id}/retry"),
+              ("POST", "/api/v1/deliveries/{id}/drop"),
+              ("POST", "/api/v1/exports"), ("GET", "/api/v1/exports/{id}"),
+              ("GET", "/api/v1/exports/{id}/archive"), ("POST", "/api/v1/erasures"),
+              ("GET", "/api/v1/users"), ("GET", "/api/v1/contacts"),
+              ("GET", "/api/v1/subprocessors"), ("GET", "/api/v1/subprocessors/notices"),
+              ("POST", "/api/v1/subprocessors/{name}/objections"),
+              ("GET", "/api/v1/holds"), ("GET", "/api/v1/audit")}
     described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert described == routes
-    from gateway.api import AdminAPI
-    from gateway.config import GatewayConfig
+    # every operation but the document itself names the scope it needs
+    scopes = {(m.upper(), p): op.get("security") for p, ops in doc["paths"].items()
+              for m, op in ops.items()}
+    assert scopes.pop(("GET", "/api/v1/openapi.json")) == []
+    assert {s[0]["token"][0] for s in scopes.values()} == {"read", "export", "erase", "admin"}
 
     api = AdminAPI.__new__(AdminAPI)  # only the routing table is wanted here
-    api.config = GatewayConfig()
+    api.config, api._scopes = GatewayConfig(), {}
+    api.ctx = Context(GatewayConfig(), None, None, None, None, PolicySet)  # type: ignore[arg-type]
+    api.exports = ExportRoutes(api.ctx)
     served = {(r.method, r.resource.canonical) for r in api.app().router.routes()
               if r.method != "HEAD"}
     assert served == routes

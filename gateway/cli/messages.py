@@ -161,9 +161,8 @@ def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         return {"retention": f"kept: tag {', '.join(unknown)} is not in the retention policy"}
     decision = policy.decide(row["tenant_id"], tags)
-    addresses = {a for _, a in row.get("addresses", [])}
-    holds = [h.name for h in policy.active_holds(now)
-             if h.covers(row["tenant_id"], tags) and (h.address is None or h.address in addresses)]
+    addresses = {a.lower() for _, a in row.get("addresses", [])}
+    holds = policy.held_by(row["tenant_id"], tags, addresses, now)
     received = aware(row["received_at"])
     return {"retention": decision.rule,
             "expires_at": decision.expires(received).isoformat(),

@@ -19,7 +19,7 @@ from gateway.cli.common import (
     open_store,
     printable,
 )
-from gateway.store.tokens import TokenStore
+from gateway.store.tokens import SCOPES, TokenStore, parse_scopes
 
 
 def add_parsers(sub: Subcommands) -> None:
@@ -29,6 +29,9 @@ def add_parsers(sub: Subcommands) -> None:
     config_arg(p)
     p.add_argument("--tenant", required=True)
     p.add_argument("--name", default="", help="what it is for, e.g. the tool that uses it")
+    p.add_argument("--scope", default="read", metavar="SCOPES",
+                   help=f"what it may do, comma-separated: {', '.join(SCOPES)} (every "
+                        "scope); default: read")
     p.set_defaults(func=cmd_token_create)
     p = tsub2.add_parser("list", help="tokens, without their secrets")
     config_arg(p)
@@ -42,12 +45,17 @@ def add_parsers(sub: Subcommands) -> None:
 
 
 def cmd_token_create(args: argparse.Namespace) -> int:
+    try:
+        scopes = parse_scopes(args.scope)
+    except ValueError as exc:
+        raise CommandError(f"--scope: {exc}") from None
     config, _key, store = open_privacy(args)
     known_tenant(config, store, args.tenant, active=True)
-    token_id, token = TokenStore(store.store).create(args.tenant, args.name)
+    token_id, token = TokenStore(store.store).create(args.tenant, args.name, scopes)
+    listed = " ".join(s for s in SCOPES if s in scopes)
     store.store.audit(actor(), "token.create", tenant_id=args.tenant,
-                      detail={"token": token_id, "name": args.name[:200]})
-    print(f"token {token_id} for tenant {args.tenant}; it is shown only now:")
+                      detail={"token": token_id, "name": args.name[:200], "scopes": listed})
+    print(f"token {token_id} for tenant {args.tenant}, scopes {listed}; it is shown only now:")
     print(token)
     return EXIT_OK
 
@@ -55,6 +63,7 @@ def cmd_token_create(args: argparse.Namespace) -> int:
 def cmd_token_list(args: argparse.Namespace) -> int:
     rows = TokenStore(open_store(args)).list(args.tenant)
     items = [{"id": r["id"], "tenant": r["tenant_id"], "name": r["name"],
+              "scopes": r["scopes"].split(),
               "created_at": jsonable(r["created_at"]),
               "last_used_at": jsonable(r["last_used_at"]),
               "revoked_at": jsonable(r["revoked_at"])} for r in rows]
@@ -62,9 +71,11 @@ def cmd_token_list(args: argparse.Namespace) -> int:
         json.dump(items, sys.stdout, indent=1)
         print()
         return EXIT_OK
-    print(f"{'ID':12} {'TENANT':16} {'CREATED':25} {'LAST USED':25} {'REVOKED':25} NAME")
+    print(f"{'ID':12} {'TENANT':16} {'SCOPES':22} {'CREATED':25} {'LAST USED':25} "
+          f"{'REVOKED':25} NAME")
     for t in items:
-        print(f"{t['id']:12} {printable(t['tenant'], 16):16} {t['created_at'][:25]:25} "
+        print(f"{t['id']:12} {printable(t['tenant'], 16):16} {','.join(t['scopes']):22} "
+              f"{t['created_at'][:25]:25} "
               f"{(t['last_used_at'] or '-')[:25]:25} {(t['revoked_at'] or '-')[:25]:25} "
               f"{printable(t['name'])}")
     return EXIT_OK

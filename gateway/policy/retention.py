@@ -174,6 +174,13 @@ class RetentionPolicy:
     def active_holds(self, now: datetime) -> list[Hold]:
         return [h for h in self.holds if h.active(now)]
 
+    def held_by(self, tenant: str, tags: Collection[str], addresses: Collection[str],
+                now: datetime) -> list[str]:
+        """The names of the active holds that cover a message of ``tenant`` with
+        ``tags`` and ``addresses`` (in lower case)."""
+        return [h.name for h in self.active_holds(now)
+                if h.covers(tenant, tags) and (h.address is None or h.address in addresses)]
+
     def tags_for(self, tenant: str, findings: Iterable[str]) -> tuple[str, ...]:
         """The tags a tenant's defaults and the classifier's findings add to a message."""
         t = self.tenants.get(tenant, TenantRetention())

@@ -61,11 +61,8 @@ def plan(store: PrivacyStore, policy: RetentionPolicy | None, config: GatewayCon
                   exports=store.stored_exports(tenant))
     if policy is not None:
         held: Counter[str] = Counter()
-        holds = policy.active_holds(now)
         for f in found:
-            for h in holds:
-                if h.covers(tenant, f.tags) and (h.address is None or h.address in f.addresses):
-                    held[h.name] += 1
+            held.update(policy.held_by(tenant, f.tags, f.addresses, now))
         result.held = dict(held)
     return result
 
@@ -86,12 +83,37 @@ def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str, exports:
     removed = store.erase(p.tenant, p.ids, {
         "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
     store.scrub()
+    _tidy(store, exports, p.tenant)
+    return removed
+
+
+def delete_message(store: PrivacyStore, policy: RetentionPolicy, found: Found, tenant: str,
+                   now: datetime, *, actor: str, exports: Path,
+                   override_reason: str | None = None) -> Removed:
+    """Delete one message of ``tenant`` as an erasure would (the tenant's exports made
+    before go with it: they hold it), unless a legal hold covers it."""
+    held = policy.held_by(tenant, found.tags, found.addresses, now)
+    if held and override_reason is None:
+        raise ErasureRefused(f"legal hold {', '.join(held)} covers this message: "
+                             "it is not deleted")
+    detail: dict[str, object] = {}
+    if held:
+        detail["holds_overridden"] = held
+        detail["reason"] = mask(override_reason or "")[:500]
+    removed = store.erase(tenant, [found.id], {
+        "actor": actor, "action": "message.delete", "tenant_id": tenant,
+        "message_id": found.id, "detail": detail})
+    store.scrub()
+    _tidy(store, exports, tenant)
+    return removed
+
+
+def _tidy(store: PrivacyStore, exports: Path, tenant: str) -> None:
     try:
         tidy(store, exports)
     except (OSError, SQLAlchemyError) as exc:  # the erasure is done; the daemons' own tidy
         # (every few seconds, gateway.api) deletes the removed archives on their disks
-        log.warning("export archives of tenant %s not deleted here: %s", p.tenant, exc)
-    return removed
+        log.warning("export archives of tenant %s not deleted here: %s", tenant, exc)
 
 
 @dataclass

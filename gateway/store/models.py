@@ -181,7 +181,8 @@ audit_events = Table(
     Column("hash", String(64)),
 )
 
-# Admin API tokens (store.tokens): one tenant each; only the secret's SHA-256 is kept.
+# Admin API tokens (store.tokens): one tenant each; only the secret's SHA-256 is kept;
+# scopes: what it may do, space-separated (read, export, erase, admin).
 api_tokens = Table(
     "api_tokens",
     metadata,
@@ -192,6 +193,7 @@ api_tokens = Table(
     Column("created_at", DateTime(timezone=True), nullable=False),
     Column("last_used_at", DateTime(timezone=True)),
     Column("revoked_at", DateTime(timezone=True)),
+    Column("scopes", Text, nullable=False, server_default="read export erase"),
 )
 
 # Exports started over the admin API: status running | done | failed | removed (by an

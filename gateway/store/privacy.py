@@ -109,6 +109,14 @@ class PrivacyStore:
                     ids.add(row.id)
             return self._describe(conn, sorted(ids))
 
+    def find_message(self, tenant: str, message_id: str) -> Found | None:
+        """One message of ``tenant`` as erasure sees it; None when it has none such."""
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            mine = conn.execute(select(messages.c.id).where(
+                messages.c.id == message_id, messages.c.tenant_id == tenant)).first()
+            found = self._describe(conn, [message_id]) if mine else []
+        return found[0] if found else None
+
     def _describe(self, conn: Any, ids: Sequence[str]) -> list[Found]:
         found: dict[str, Found] = {}
         for chunk in _chunks(ids):

@@ -1,0 +1,143 @@
+"""The admin API's records of a tenant besides its mail: its users, the addresses its mail
+holds, the sub-processors it may use (with the change notices and objections), the
+legal holds on its mail, and its audit events."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC, datetime
+
+from aiohttp import web
+
+from gateway.api.http import (
+    ApiError,
+    Context,
+    Route,
+    actor,
+    body_text,
+    not_found,
+    query_address,
+    query_int,
+    query_time,
+    read_body,
+    reply,
+    tenant,
+    when,
+)
+from gateway.api.openapi import MAX_LIMIT
+from gateway.policy.subprocessors import Consent
+from gateway.privacy import subject_address
+from gateway.store.pages import AuditFilter
+
+_NEWEST = 2**63 - 1
+
+
+class RecordRoutes:
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+
+    def routes(self) -> list[Route]:
+        return [Route("GET", "/users", self.users, "read"),
+                Route("GET", "/contacts", self.contacts, "read"),
+                Route("GET", "/subprocessors", self.subprocessors, "read"),
+                Route("GET", "/subprocessors/notices", self.notices, "read"),
+                Route("POST", "/subprocessors/{name}/objections", self.object, "admin"),
+                Route("GET", "/holds", self.holds, "read"),
+                Route("GET", "/audit", self.audit, "read")]
+
+    async def users(self, request: web.Request) -> web.Response:
+        """The tenant's submission users: login and the addresses they may send as (the
+        password hash stays in the configuration)."""
+        config = self.ctx.config.tenants.get(tenant(request))
+        users = config.users if config is not None else {}
+        return reply({"users": [{"login": login, "send_as": list(u.send_as)}
+                                for login, u in sorted(users.items())]})
+
+    async def contacts(self, request: web.Request) -> web.Response:
+        limit = query_int(request, "limit", 100, 1, MAX_LIMIT)
+        after = request.query.get("after", "")
+        if len(after) > 1000:
+            raise ApiError(400, "after: the 'next' of the previous page")
+        rows = await asyncio.to_thread(self.ctx.pages.contacts, tenant(request),
+                                       after=after.lower(), limit=limit)
+        return reply({"contacts": [{"address": r["address"], "roles": r["roles"],
+                                    "messages": r["messages"],
+                                    "first_seen": when(r["first_seen"]),
+                                    "last_seen": when(r["last_seen"])} for r in rows],
+                      "next": rows[-1]["address"] if len(rows) == limit else None})
+
+    # ------------------------------------------------------------ sub-processors
+    async def subprocessors(self, request: web.Request) -> web.Response:
+        """Every sub-processor of the registry: whether the tenant's mail may go through
+        it now, and if not, why (not authorised, objected to, its notice's window...)."""
+        policy = self.ctx.policies().subprocessors
+        if policy is None:
+            return reply({"policy": False, "subprocessors": []})
+        rows = await asyncio.to_thread(self.ctx.store.consent_rows)
+        consent = Consent(rows.baseline, rows.effective, rows.objections)
+        mine, now = tenant(request), datetime.now(UTC)
+        items = []
+        for sp in policy.registry.values():
+            why = policy.why_not(mine, sp.name, consent, now)
+            items.append({"name": sp.name, "purpose": sp.purpose, "entity": sp.entity,
+                          "country": sp.country, "region": sp.region,
+                          "data_categories": list(sp.data_categories),
+                          "added": sp.added.isoformat(), "usable": why is None,
+                          "why_not": why})
+        return reply({"policy": True, "subprocessors": items})
+
+    async def notices(self, request: web.Request) -> web.Response:
+        rows = await asyncio.to_thread(self.ctx.store.list_notices, tenant(request))
+        return reply({"notices": [{"subprocessor": r["subprocessor"], "change": r["change"],
+                                   "queued_at": when(r["created_at"]),
+                                   "objection_window_ends": when(r["effective_at"]),
+                                   "message": r["message_id"]} for r in rows]})
+
+    async def object(self, request: web.Request) -> web.Response:
+        """Record the tenant's objection to a sub-processor: from now on it does not
+        handle the tenant's mail (audited, as ``subprocessors object``)."""
+        body = await read_body(request, {"note"})
+        note = body_text(body, "note", required=False) or ""
+        name = request.match_info["name"]
+        policy = self.ctx.policies().subprocessors
+        if policy is None or name not in policy.registry:
+            raise not_found()
+        await asyncio.to_thread(self.ctx.store.record_objection, tenant(request), name,
+                                actor(request), note)
+        return reply({"subprocessor": name, "note": note, "usable": False}, 201)
+
+    # ------------------------------------------------------------ holds, audit
+    async def holds(self, request: web.Request) -> web.Response:
+        """The legal holds in force that apply to the tenant's mail (its own, and those
+        of the whole gateway)."""
+        mine = tenant(request)
+        holds = self.ctx.policies().retention.active_holds(datetime.now(UTC))
+        return reply({"holds": [{"name": h.name, "reason": h.reason, "address": h.address,
+                                 "tag": h.tag, "tenant_only": h.tenant is not None,
+                                 "until": h.until.isoformat() if h.until else None}
+                                for h in holds if h.tenant in (None, mine)]})
+
+    async def audit(self, request: web.Request) -> web.Response:
+        """The tenant's audit events, a page at a time in either direction: the newest
+        page, then ``before`` the first of a page for older ones, or ``after`` the last
+        for newer ones (both: the first page between them)."""
+        limit = query_int(request, "limit", 100, 1, MAX_LIMIT)
+        after = query_int(request, "after", -1, 0, _NEWEST)
+        before = query_int(request, "before", -1, 1, _NEWEST)
+        action = request.query.get("action")
+        if action is not None and not 0 < len(action) <= 64:
+            raise ApiError(400, "action: 1 to 64 characters")
+        subject = query_address(request, "subject")
+        person = subject_address(subject) if subject else None
+        where = AuditFilter(action=action,
+                            subject=self.ctx.key.subject_hash(person) if person else None,
+                            since=query_time(request, "since"),
+                            until=query_time(request, "until"))
+        page = await asyncio.to_thread(
+            self.ctx.pages.audit_page, tenant(request), after=after if after >= 0 else None,
+            before=before if before >= 0 else None, limit=limit, where=where)
+        events = [{k: r[k] for k in ("id", "at", "actor", "action", "message_id", "detail",
+                                     "hash")} for r in page.events]
+        return reply({"events": events,
+                      "older": events[0]["id"] if events and page.older else None,
+                      "newer": events[-1]["id"] if events and page.newer else None})
