@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import json
 import logging
 import os
@@ -19,6 +20,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from gateway import __version__
+from gateway.clock import utcnow
 from gateway.errors import one_line
 from gateway.ingress.smtp import ConnectionTracker
 from gateway.metrics import Metrics
@@ -164,7 +166,7 @@ class Health:
         assert store is not None
         while True:
             try:
-                self.queue = await asyncio.to_thread(store.queue_stats)
+                self.queue = await asyncio.to_thread(_stats, store)
             except Exception as exc:  # loop boundary: the database may be away
                 if self.database_up:
                     log.error("database check failed: %s", one_line(exc))
@@ -179,6 +181,12 @@ class Health:
                                    and not self.stopping.is_set() else 0)
             self.notifier.status(self.status_line())
             await asyncio.sleep(STATS_INTERVAL)
+
+
+def _stats(store: Store) -> QueueStats:
+    """The backlog, and the sub-processor notices not delivered."""
+    return dataclasses.replace(store.queue_stats(),
+                               notices=store.undelivered_notices(utcnow()))
 
 
 def database_name(store: Store) -> str:

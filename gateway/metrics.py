@@ -37,6 +37,9 @@ def reply_class(reply: str) -> str:
     return f"{reply[:1]}xx" if reply[:1] in "2345" else "other"
 
 
+NOTICE_STATES = ("pending", "held", "failed", "unsent")
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None,
                  tenant_labels: bool = True) -> None:
@@ -234,6 +237,14 @@ class Metrics:
             f"{PREFIX}_tls_reloads_total",
             "Reloads of the TLS certificate and key on SIGHUP, by result (success, failure: "
             "the certificate in use stays).", ["result"], registry=r)
+        self.notices_undelivered = Gauge(
+            f"{PREFIX}_subprocessor_notices_undelivered",
+            "Sub-processor change notices not delivered to the tenant's privacy contact, by "
+            "state (pending, held, failed, unsent: no privacy contact). Until delivered, "
+            "the sub-processor stays unusable for that tenant.", ["state"], registry=r)
+        self.notices_undelivered_oldest = Gauge(
+            f"{PREFIX}_subprocessor_notice_undelivered_oldest_seconds",
+            "Age of the oldest sub-processor change notice not delivered.", registry=r)
         self.api_auth_failures = Counter(
             f"{PREFIX}_api_authentication_failures_total",
             "Admin API requests refused for their token (401), by reason: missing, "
@@ -306,6 +317,10 @@ class Metrics:
         """Set the backlog gauges from one look at the database."""
         self.pipeline_backlog.set(stats.pipeline_waiting)
         self.pipeline_oldest.set(stats.pipeline_oldest)
+        for state in NOTICE_STATES:
+            self.notices_undelivered.labels(state).set(stats.notices.get(state, (0, 0.0))[0])
+        self.notices_undelivered_oldest.set(max((age for _, age in stats.notices.values()),
+                                                default=0.0))
         depth: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
         for tenant_id, state, count, age in stats.deliveries:

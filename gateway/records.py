@@ -84,8 +84,9 @@ class Notice:
 @dataclass(frozen=True, slots=True)
 class ConsentRows:
     baseline: frozenset[str]
-    effective: dict[tuple[str, str], datetime]
+    effective: dict[tuple[str, str], datetime]  # notice delivered: usable from then
     objections: frozenset[tuple[str, str]]
+    undelivered: dict[tuple[str, str], str]  # notice not delivered (yet): why
 
 
 @dataclass(frozen=True, slots=True)
@@ -158,6 +159,9 @@ class QueueStats:
     pipeline_waiting: int
     pipeline_oldest: float  # seconds
     deliveries: list[tuple[str, str, int, float]]  # (tenant, state, count, oldest age in s)
+    # sub-processor notices not delivered: state (pending, held, failed, unsent) -> (count,
+    # oldest age in s)
+    notices: dict[str, tuple[int, float]] = field(default_factory=dict)
 
 
 @dataclass

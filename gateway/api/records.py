@@ -28,6 +28,7 @@ from gateway.api.openapi import MAX_LIMIT
 from gateway.policy.subprocessors import Consent
 from gateway.privacy import subject_address
 from gateway.store.pages import AuditFilter
+from gateway.store.subprocessors import notice_record
 
 _NEWEST = 2**63 - 1
 
@@ -74,7 +75,7 @@ class RecordRoutes:
         if policy is None:
             return reply({"policy": False, "subprocessors": []})
         rows = await asyncio.to_thread(self.ctx.store.consent_rows)
-        consent = Consent(rows.baseline, rows.effective, rows.objections)
+        consent = Consent.of(rows)
         mine, now = tenant(request), datetime.now(UTC)
         items = []
         for sp in policy.registry.values():
@@ -88,10 +89,7 @@ class RecordRoutes:
 
     async def notices(self, request: web.Request) -> web.Response:
         rows = await asyncio.to_thread(self.ctx.store.list_notices, tenant(request))
-        return reply({"notices": [{"subprocessor": r["subprocessor"], "change": r["change"],
-                                   "queued_at": when(r["created_at"]),
-                                   "objection_window_ends": when(r["effective_at"]),
-                                   "message": r["message_id"]} for r in rows]})
+        return reply({"notices": [notice_record(r) for r in rows]})
 
     async def object(self, request: web.Request) -> web.Response:
         """Record the tenant's objection to a sub-processor: from now on it does not

@@ -14,7 +14,6 @@ from gateway.cli.common import (
     Subcommands,
     actor,
     config_arg,
-    jsonable,
     load_config,
     load_policies,
     open_store,
@@ -23,6 +22,7 @@ from gateway.cli.common import (
 from gateway.clock import utcnow
 from gateway.config import GatewayConfig
 from gateway.policy.subprocessors import Consent, SubprocessorPolicy
+from gateway.store.subprocessors import notice_record
 
 
 def add_parsers(sub: Subcommands) -> None:
@@ -57,7 +57,7 @@ def cmd_subprocessors_list(args: argparse.Namespace) -> int:
     config = load_config(args)
     routing = _routing(config, args)
     rows = open_store(args).consent_rows()
-    consent = Consent(rows.baseline, rows.effective, rows.objections)
+    consent = Consent.of(rows)
     now = utcnow()
     registry = [{"name": sp.name, "purpose": sp.purpose, "entity": sp.entity,
                  "country": sp.country, "region": sp.region,
@@ -83,19 +83,21 @@ def cmd_subprocessors_list(args: argparse.Namespace) -> int:
 
 def cmd_subprocessors_notices(args: argparse.Namespace) -> int:
     rows = open_store(args).list_notices(args.tenant)
-    items = [{"tenant": r["tenant_id"], "subprocessor": r["subprocessor"],
-              "change": r["change"], "sent_at": jsonable(r["created_at"]),
-              "objection_window_ends": jsonable(r["effective_at"]),
-              "message": r["message_id"]} for r in rows]
+    items = [notice_record(r) | {"tenant": r["tenant_id"]} for r in rows]
     if args.json:
         json.dump(items, sys.stdout, indent=1)
         print()
         return EXIT_OK
-    print(f"{'TENANT':16} {'SUBPROCESSOR':16} {'CHANGE':8} {'QUEUED':26} {'WINDOW ENDS':26} "
-          "MESSAGE")
+    print(f"{'TENANT':16} {'SUBPROCESSOR':16} {'CHANGE':8} {'QUEUED':19} {'DELIVERED':19} "
+          f"{'WINDOW ENDS':19} {'STATE':8} MESSAGE")
     for n in items:
-        print(f"{n['tenant']:16} {n['subprocessor']:16} {n['change']:8} {n['sent_at']:26} "
-              f"{n['objection_window_ends']:26} {n['message'] or '-'}")
+        print(f"{printable(n['tenant'], 16):16} {n['subprocessor']:16} {n['change']:8} "
+              f"{n['queued_at'][:19]:19} {(n['delivered_at'] or '-')[:19]:19} "
+              f"{(n['objection_window_ends'] or '-')[:19]:19} {n['state']:8} "
+              f"{n['message'] or '-'}")
+    for n in items:
+        if n["why"]:
+            print(f"  {printable(n['tenant'], 16)} {n['subprocessor']}: {n['why']}")
     return EXIT_OK
 
 

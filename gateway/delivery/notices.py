@@ -3,7 +3,12 @@
 When the registry in force gains a subprocessor, every tenant whose
 authorisation covers it is told (its ``privacy_contact``), and the new
 subprocessor becomes usable for that tenant only after the objection window
-(``notice.window_days``, at least 5 days) has passed without an objection.
+(``notice.window_days``, at least 5 days) has passed without an objection; the
+window runs from the notice's delivery to the privacy contact (a 250 from the
+server that took it), never ending before the date the notice states.  A tenant
+that authorises a subprocessor later (added to the configuration after it, or
+authorising one more) gets a notice and a window of its own; a notice that could
+not be sent (no privacy contact) is sent once there is one.
 A removal is told too; it takes effect at once.  The emails are stored as
 outbound messages of the tenant, so the pipeline and the delivery queue send
 them like any other mail (through the tenant's authorised relay).  ``sync()``
@@ -40,9 +45,13 @@ async def sync(store: Store, current: PolicySet, previous: PolicySet | None,
         return
     before = previous.subprocessors.registry if previous and previous.subprocessors else {}
     now = datetime.now(UTC)
+    authorised = {(tenant, name): bool(terms.privacy_contact)
+                  for tenant, terms in routing.tenants.items()
+                  for name in routing.registry if terms.authorises(name)}
     added, removed = await asyncio.to_thread(
         store.sync_subprocessors, routing.registry.keys(), now,
-        lambda a, r: build(routing, before, tenant_names, hostname, now, a, r))
+        lambda a, r, p: build(routing, before, tenant_names, hostname, now, a, r, p),
+        authorised)
     for name in added:
         log.info("subprocessor %s added: notices queued; usable per tenant after %d days "
                  "without objection", name, routing.window_days)
@@ -55,23 +64,29 @@ async def sync(store: Store, current: PolicySet, previous: PolicySet | None,
 
 def build(policy: SubprocessorPolicy, previous: Mapping[str, Subprocessor],
           tenant_names: Mapping[str, str], hostname: str, now: datetime,
-          added: list[str], removed: list[str]) -> list[Notice]:
-    """The notices for a registry change; ``previous`` describes removed subprocessors."""
+          added: list[str], removed: list[str], pairs: list[tuple[str, str]],
+          ) -> list[Notice]:
+    """The notices for a registry change (``previous`` describes removed
+    subprocessors), and for ``pairs``: a tenant that authorises a subprocessor it was
+    not notified of (a tenant added later, an authorisation extended, a privacy
+    contact set where there was none)."""
     deadline = now + timedelta(days=policy.window_days)
+    wanted = [("added", name, tenant, deadline) for name in added
+              for tenant in policy.affected_by(name)]
+    wanted += [("removed", name, tenant, now) for name in removed
+               for tenant in sorted(policy.tenants)]
+    wanted += [("added", name, tenant, deadline) for tenant, name in pairs]
     out = []
-    for change, names, effective in (("added", added, deadline), ("removed", removed, now)):
-        for name in names:
-            sp = policy.registry.get(name) or previous.get(name) or _unknown(name)
-            tenants = policy.affected_by(name) if change == "added" else sorted(policy.tenants)
-            for tenant in tenants:
-                contact = policy.tenants[tenant].privacy_contact
-                message = None
-                if contact:
-                    body = notice_text(policy, tenant=tenant,
-                                       tenant_name=tenant_names.get(tenant, tenant),
-                                       change=change, sp=sp, deadline=deadline)
-                    message = _email(policy, tenant, contact, body, hostname, now)
-                out.append(Notice(tenant, name, change, effective, message))
+    for change, name, tenant, effective in wanted:
+        sp = policy.registry.get(name) or previous.get(name) or _unknown(name)
+        contact = policy.tenants[tenant].privacy_contact
+        message = None
+        if contact:
+            body = notice_text(policy, tenant=tenant,
+                               tenant_name=tenant_names.get(tenant, tenant),
+                               change=change, sp=sp, deadline=deadline)
+            message = _email(policy, tenant, contact, body, hostname, now)
+        out.append(Notice(tenant, name, change, effective, message))
     return out
 
 

@@ -103,7 +103,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         now = time.monotonic()
         if self._consent is None or now - self._consent[0] > CONSENT_TTL:
             rows = await asyncio.to_thread(self.store.consent_rows)
-            self._consent = (now, Consent(rows.baseline, rows.effective, rows.objections))
+            self._consent = (now, Consent.of(rows))
         return self._consent[1]
 
     async def close(self) -> None:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from datetime import date, datetime
 from typing import Any, Literal
 
+from gateway.records import ConsentRows
 from gateway.yamlfile import Checker, KeyPath, YamlDocument
 
 HELD_PREFIX = "no authorised subprocessor"  # the start of every hold reason from routing
@@ -97,6 +98,11 @@ class Consent:
     baseline: frozenset[str] = frozenset()  # in the registry before notices were kept
     effective: Mapping[tuple[str, str], datetime] = field(default_factory=dict)
     objections: frozenset[tuple[str, str]] = frozenset()
+    undelivered: Mapping[tuple[str, str], str] = field(default_factory=dict)  # and why
+
+    @classmethod
+    def of(cls, rows: ConsentRows) -> Consent:
+        return cls(rows.baseline, rows.effective, rows.objections, rows.undelivered)
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +144,9 @@ class SubprocessorPolicy:
         if name not in consent.baseline:
             effective = consent.effective.get((tenant, name))
             if effective is None:
-                return f"{name} is new and tenant {tenant} has not been notified yet"
+                why = consent.undelivered.get((tenant, name))
+                return f"{name} is new: {why}" if why else \
+                    f"{name} is new and tenant {tenant} has not been notified yet"
             if effective > now:
                 return (f"{name} is usable for tenant {tenant} from {effective:%Y-%m-%d %H:%M} "
                         "UTC (objection window)")

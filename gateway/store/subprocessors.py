@@ -3,7 +3,7 @@ record them and delivery reads them."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Mapping
 from datetime import datetime
 from typing import Any
 
@@ -23,6 +23,8 @@ from gateway.store import database
 from gateway.store.base import StoreBase
 from gateway.store.intake import _insert_messages
 from gateway.store.models import (
+    SENT,
+    deliveries,
     subprocessor_notices,
     subprocessor_objections,
     subprocessor_registry,
@@ -34,16 +36,25 @@ class SubprocessorStore(StoreBase):
 
     def sync_subprocessors(
         self, current: Collection[str], now: datetime,
-        notices: Callable[[list[str], list[str]], list[Notice]],
+        notices: Callable[[list[str], list[str], list[tuple[str, str]]], list[Notice]],
+        authorised: Mapping[tuple[str, str], bool] | None = None,
     ) -> tuple[list[str], list[str]]:
         """Compare the registry in force with the one remembered, in one transaction.
 
-        The first time, everything present is the baseline (covered by the
-        agreement).  After that, each subprocessor added or removed gets the
-        notices ``notices(added, removed)`` returns, with their emails, written
-        together with the registry change: a change is never remembered without
-        its notices, nor notified twice.
+        The first time, everything present is the baseline (covered by the agreement).
+        After that, each subprocessor added or removed gets the notices
+        ``notices(added, removed, pairs)`` returns, with their emails, written together
+        with the registry change: a change is never remembered without its notices, nor
+        notified twice.
+
+        ``authorised``: (tenant, subprocessor) -> whether the tenant has a privacy
+        contact, for every subprocessor each tenant authorises now.  The pairs present
+        when they are first seen are the baseline of each tenant; a pair that appears
+        later (a tenant added, or authorising one more subprocessor) gets its own notice
+        (``pairs``), and so does a pair whose notice could not be sent for want of a
+        privacy contact, once the tenant has one.
         """
+        pairs = dict(authorised or {})
         with self.writing() as conn:
             # Instances that start (or reload) together: one notices the change.
             database.take_turn(conn, "subprocessor registry")
@@ -52,6 +63,7 @@ class SubprocessorStore(StoreBase):
                 if current:
                     conn.execute(insert(subprocessor_registry), [
                         {"name": n, "first_seen_at": now, "baseline": True} for n in current])
+                    _track_pairs(conn, pairs, now, set(current))
                 return [], []
             added = sorted(n for n in current
                            if n not in known or known[n].removed_at is not None)
@@ -69,8 +81,11 @@ class SubprocessorStore(StoreBase):
                 conn.execute(update(subprocessor_registry)
                              .where(subprocessor_registry.c.name.in_(removed))
                              .values(removed_at=now))
-            if added or removed:
-                made = notices(added, removed)
+            baseline = {n for n, r in known.items() if r.baseline and r.removed_at is None}
+            later = _track_pairs(conn, {p: c for p, c in pairs.items() if p[1] not in added},
+                                 now, baseline)
+            if added or removed or later:
+                made = notices(added, removed, later)
                 emails = [n.message for n in made if n.message is not None]
                 if emails:
                     _insert_messages(conn, emails, self.keystore)
@@ -90,27 +105,56 @@ class SubprocessorStore(StoreBase):
         return added, removed
 
     def consent_rows(self) -> ConsentRows:
+        """What delivery needs to know: the baseline, and per (tenant, subprocessor) the
+        time from which an added one is usable (its notice's delivery plus the window,
+        never before the end the notice states) or why it is not (the notice is not
+        delivered), and the objections."""
         with self.engine.connect().execution_options(readonly=True) as conn:
-            baseline = frozenset(conn.execute(
+            tracked = conn.execute(select(subprocessor_notices.c.id).where(
+                subprocessor_notices.c.tenant_id == _TRACKING[0],
+                subprocessor_notices.c.subprocessor == _TRACKING[1]).limit(1)).first()
+            # once pairs are tracked, a baseline subprocessor is usable by the tenants
+            # whose pair is in the baseline (below), not by every tenant
+            baseline = frozenset() if tracked else frozenset(conn.execute(
                 select(subprocessor_registry.c.name)
                 .where(subprocessor_registry.c.baseline.is_(True),
                        subprocessor_registry.c.removed_at.is_(None))).scalars())
-            effective = {}
-            for r in conn.execute(select(subprocessor_notices)
-                                  .where(subprocessor_notices.c.change == "added")
-                                  .order_by(subprocessor_notices.c.id)):
-                effective[(r.tenant_id, r.subprocessor)] = aware(r.effective_at)
+            effective: dict[tuple[str, str], datetime] = {}
+            undelivered: dict[tuple[str, str], str] = {}
+            for n in _notices(conn):
+                key = (n["tenant_id"], n["subprocessor"])
+                if n["change"] == "removed":
+                    continue
+                # the newest notice of a pair decides (a subprocessor removed and added
+                # again is notified again)
+                if n["usable_from"] is not None:
+                    effective[key] = n["usable_from"]
+                    undelivered.pop(key, None)
+                else:
+                    effective.pop(key, None)
+                    undelivered[key] = n["why"]
             objections = frozenset(
                 (r.tenant_id, r.subprocessor)
                 for r in conn.execute(select(subprocessor_objections)))
-        return ConsentRows(baseline, effective, objections)
+        return ConsentRows(baseline, effective, objections, undelivered)
 
     def list_notices(self, tenant: str | None = None) -> list[dict[str, Any]]:
-        q = select(subprocessor_notices).order_by(subprocessor_notices.c.id)
-        if tenant is not None:
-            q = q.where(subprocessor_notices.c.tenant_id == tenant)
+        """The change notices (oldest first), each with its delivery: ``state`` (sent,
+        pending, held, failed, unsent), ``delivered_at``, ``why`` it is not, and
+        ``usable_from`` (an added subprocessor, for that tenant, once delivered)."""
         with self.engine.connect().execution_options(readonly=True) as conn:
-            return [dict(r._mapping) for r in conn.execute(q)]
+            return [n for n in _notices(conn, tenant=tenant) if n["change"] != BASELINE]
+
+    def undelivered_notices(self, now: datetime) -> dict[str, tuple[int, float]]:
+        """Notices not delivered: state -> (how many, age of the oldest in seconds)."""
+        out: dict[str, tuple[int, float]] = {}
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            for n in _notices(conn):
+                if n["state"] not in (SENT, BASELINE):
+                    count, oldest = out.get(n["state"], (0, 0.0))
+                    age = max((now - n["created_at"]).total_seconds(), 0.0)
+                    out[n["state"]] = (count + 1, max(oldest, age))
+        return out
 
     def record_objection(self, tenant: str, subprocessor: str, actor: str, note: str) -> None:
         with self.writing() as conn:
@@ -120,3 +164,91 @@ class SubprocessorStore(StoreBase):
             audit_chain.append(conn, self.audit_key, actor=actor,
                                action="subprocessor.objection", tenant_id=tenant,
                                detail={"subprocessor": subprocessor, "note": note[:500]})
+
+
+UNSENT = "unsent"  # a notice without an email: the tenant had no privacy contact
+BASELINE = "baseline"  # a notice row's change: the pair was covered by the agreement
+_TRACKING = ("*", "*")  # the row that says pairs are tracked (written with the first)
+
+
+def _track_pairs(conn: Any, pairs: Mapping[tuple[str, str], bool], now: datetime,
+                 baseline: set[str]) -> list[tuple[str, str]]:
+    """Record the pairs covered by the agreement and return those that need a notice
+    of their own (see ``sync_subprocessors``).  The first time pairs are tracked (a new
+    database, or one from before they were), every pair of a baseline subprocessor is
+    covered; after that, only notices make a pair usable."""
+    rows = conn.execute(select(subprocessor_notices.c.tenant_id,
+                               subprocessor_notices.c.subprocessor,
+                               subprocessor_notices.c.change,
+                               subprocessor_notices.c.message_id)
+                        .where(subprocessor_notices.c.change.in_(("added", BASELINE)))).all()
+    noticed = {(r.tenant_id, r.subprocessor) for r in rows
+               if r.change == BASELINE or r.message_id is not None}
+    unsent = {(r.tenant_id, r.subprocessor) for r in rows} - noticed
+    first = _TRACKING not in noticed
+    covered = [p for p in pairs if first and p[1] in baseline and p not in noticed]
+    if first or covered:
+        conn.execute(insert(subprocessor_notices), [
+            {"tenant_id": t, "subprocessor": n, "change": BASELINE, "created_at": now,
+             "effective_at": now, "message_id": None}
+            for t, n in [*covered, *([_TRACKING] if first else [])]])
+    return sorted(p for p, contact in pairs.items()
+                  if p not in noticed and p not in covered and (p not in unsent or contact))
+
+
+def _notices(conn: Any, tenant: str | None = None, change: str | None = None,
+             ) -> list[dict[str, Any]]:
+    """Notice rows with the state of their email's delivery (see ``list_notices``)."""
+    q = (select(subprocessor_notices).order_by(subprocessor_notices.c.id)
+         .where(subprocessor_notices.c.tenant_id != _TRACKING[0]))
+    if tenant is not None:
+        q = q.where(subprocessor_notices.c.tenant_id == tenant)
+    if change is not None:
+        q = q.where(subprocessor_notices.c.change == change)
+    rows = [dict(r._mapping) for r in conn.execute(q)]
+    emails = [r["message_id"] for r in rows if r["message_id"]]
+    copies: dict[str, list[Any]] = {}
+    for chunk in range(0, len(emails), 500):
+        for d in conn.execute(select(deliveries.c.message_id, deliveries.c.status,
+                                     deliveries.c.last_attempt_at, deliveries.c.last_error)
+                              .where(deliveries.c.message_id.in_(emails[chunk:chunk + 500]),
+                                     deliveries.c.kind == "rcpt")):  # not a rule's copies
+            copies.setdefault(d.message_id, []).append(d)
+    for r in rows:
+        r["created_at"], r["effective_at"] = aware(r["created_at"]), aware(r["effective_at"])
+        sent = [aware(d.last_attempt_at) for d in copies.get(r["message_id"], ())
+                if d.status == SENT and d.last_attempt_at is not None]
+        r["delivered_at"] = min(sent) if sent else None
+        r["usable_from"] = None
+        if r["change"] == BASELINE:
+            r["state"], r["why"], r["usable_from"] = BASELINE, None, r["created_at"]
+        elif r["delivered_at"] is not None:
+            r["state"], r["why"] = SENT, None
+            window = r["effective_at"] - r["created_at"]
+            r["usable_from"] = max(r["effective_at"], r["delivered_at"] + window)
+        elif not r["message_id"]:
+            r["state"] = UNSENT
+            r["why"] = (f"no notice could be sent to tenant {r['tenant_id']}: it has no "
+                        "privacy_contact")
+        else:
+            pending = copies.get(r["message_id"], [])
+            state = pending[0].status if pending else "pending"
+            r["state"] = state
+            reason = pending[0].last_error if pending and pending[0].last_error else None
+            r["why"] = (f"the notice to tenant {r['tenant_id']}'s privacy contact is "
+                        f"{state}{f' ({reason})' if reason else ''}: the objection window "
+                        "starts when it is delivered")
+    return rows
+
+
+def notice_record(r: dict[str, Any]) -> dict[str, Any]:
+    """A change notice as ``subprocessors notices --json`` and the admin API show it: for
+    an added subprocessor the window ends ``window_days`` after the notice's delivery
+    (None while it is not delivered, with ``why``)."""
+    ends = r["usable_from"] if r["change"] == "added" else r["effective_at"]
+    return {"subprocessor": r["subprocessor"], "change": r["change"],
+            "queued_at": r["created_at"].isoformat(),
+            "delivered_at": r["delivered_at"].isoformat() if r["delivered_at"] else None,
+            "objection_window_ends": ends.isoformat() if ends else None,
+            "state": r["state"], "why": r["why"], "message": r["message_id"]}
+
