@@ -166,6 +166,10 @@ def test_a_message_in_full_says_what_was_done_with_it_and_why(api_gateway):
     assert set(doc["authentication"]) >= {"dkim"}
     other = api.call("GET", f"/api/v1/messages/{mine['acme from bob']}", acme)[1]
     assert other["retention"]["held_by"] == []
+    # reading the content is an audit event naming the message and the token
+    assert api.call("GET", f"/api/v1/messages/{mine['acme held']}/eml", acme)[0] == 200
+    assert [(e["actor"], e["message"]) for e in _audit(gw, "message.export")] == [
+        (f"api:{acme.split('_')[1]}", mine["acme held"])]
 
 
 def test_deleting_a_message_respects_legal_holds(api_gateway):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pwd
 import re
 import smtplib
 import stat
@@ -30,7 +31,7 @@ from gateway.store.intake import _insert_messages
 from gateway.store.models import audit_events, metadata
 from gateway.store.privacy import PrivacyStore, _remove_exports
 from gateway.store.repository import Store
-from tests.conftest import free_port, gateway_with_rules, wait_for
+from tests.conftest import free_port, gateway_with_rules, simple_message, wait_for
 from tests.test_api import Api, _token
 from tests.test_parsing import DEEP, MANY
 
@@ -299,6 +300,8 @@ def test_audit_verify_on_the_command_line(gateway):
     head = ok.stdout.split()[-1].decode()
 
     with gateway.store.engine.begin() as conn:
+        actor = conn.execute(select(audit_events.c.actor)
+                             .where(audit_events.c.id == 1)).scalar_one()
         conn.execute(update(audit_events).where(audit_events.c.id == 1)
                      .values(actor="someone-else"))
     bad = gateway.cli("audit", "verify")
@@ -307,7 +310,7 @@ def test_audit_verify_on_the_command_line(gateway):
     assert gateway.cli("audit", "verify", "--anchor", "x").returncode == 2
     with gateway.store.engine.begin() as conn:
         conn.execute(update(audit_events).where(audit_events.c.id == 1)
-                     .values(actor=f"cli:{__import__('os').environ.get('USER', 'unknown')}"))
+                     .values(actor=actor))
         conn.execute(delete(audit_events).where(audit_events.c.id == 2))
     cut = gateway.cli("audit", "verify", "--anchor", head)
     assert cut.returncode == 1 and b"removed from its end" in cut.stderr
@@ -577,3 +580,21 @@ def test_mail_is_found_and_erased_by_its_header_addresses_whatever_its_parse(mak
     after = _database_bytes(gw)
     assert _hits(after, "zoë@people.example") == 0 and _hits(after, SUBJECT) == 0
     assert _hits(after, "bounce@people.example") == 0  # the scan would have seen it
+
+
+@pytest.mark.sqlite_only  # who the audit log names: any database
+def test_operator_reads_of_mail_are_audited_with_the_real_login(gateway):
+    """`messages show` and `messages export` are audit events naming the operator by the
+    process's login, or under sudo the one who ran sudo: not by $USER, which anyone sets."""
+    with gateway.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
+    [row] = gateway.wait_processed(1)
+    login = pwd.getpwuid(os.getuid()).pw_name
+    gateway.cli("messages", "show", row["id"], env={"USER": "mallory"}, check=True)
+    gateway.cli("messages", "export", row["id"], "--out", os.devnull,
+                env={"USER": "mallory", "SUDO_USER": "alice"}, check=True)
+    events = [(e["actor"], e["action"], e["message_id"])
+              for e in gateway.store.audit_events("acme") if e["action"].startswith("message.")]
+    by_sudo = "cli:alice (sudo)" if os.getuid() == 0 else f"cli:{login}"
+    assert events == [(f"cli:{login}", "message.show", row["id"]),
+                      (by_sudo, "message.export", row["id"])]

@@ -102,6 +102,9 @@ class MessageRoutes:
         raw = await asyncio.to_thread(self.ctx.store.raw, row["id"])
         if raw is None:
             raise not_found()
+        await asyncio.to_thread(self.ctx.store.audit, actor(request), "message.export",
+                                tenant_id=row["tenant_id"], message_id=row["id"],
+                                detail={"bytes": len(raw)})
         return web.Response(body=raw, content_type="message/rfc822", headers={
             "Content-Disposition": f'attachment; filename="{row["id"]}.eml"'})
 

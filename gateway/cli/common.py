@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import pwd
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -69,8 +70,18 @@ def subject_address(text: str) -> str:
 
 
 def actor() -> str:
-    """Who did it, for the audit log: the operator's login."""
-    return f"cli:{os.environ.get('USER', 'unknown')}"
+    """Who did it, for the audit log: the operator's login.  Under sudo the login that
+    ran sudo (SUDO_USER, which sudo sets for root), else the user of the process's real
+    uid; never $USER alone, which anyone can set."""
+    uid = os.getuid()
+    try:
+        login = pwd.getpwuid(uid).pw_name
+    except KeyError:  # a uid without a passwd entry (a container)
+        login = f"uid {uid}"
+    sudo = os.environ.get("SUDO_USER", "")
+    if uid == 0 and sudo and sudo != "root" and sudo.isprintable():
+        return f"cli:{sudo[:64]} (sudo)"
+    return f"cli:{login}"
 
 
 def load_config(args: argparse.Namespace) -> GatewayConfig:

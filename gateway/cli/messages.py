@@ -114,6 +114,7 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
         }
     )
     data.update(_retention_of(load_config(args), row))
+    store.audit(actor(), "message.show", tenant_id=row["tenant_id"], message_id=row["id"])
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         print()
