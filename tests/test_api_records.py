@@ -14,7 +14,7 @@ import pytest
 
 from gateway.delivery.queue import CONSENT_TTL
 from tests import test_api
-from tests.conftest import metrics_port, samples, value, wait_for
+from tests.conftest import free_port, metrics_port, samples, value, wait_for
 from tests.test_api import SUBJECT, _token
 
 api_gateway = test_api.api_gateway  # a daemon with acme's and globex's mail, copied
@@ -297,3 +297,28 @@ def test_audit_events_are_paged_in_both_directions_and_filtered(api_gateway):
     newer = api.call("GET", "/api/v1/audit?action=api.get&limit=1000&since="
                      + urllib.parse.quote(since), acme)[1]["events"]
     assert newer and all(e["at"] >= since for e in newer) and len(newer) < len(gets)
+
+
+@pytest.mark.sqlite_only  # the daemon's timer: any database
+def test_an_export_archive_expires(make_gateway, tmp_path):
+    port = free_port()
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}", "export_expiry": "3s"}})
+    with gw.smtp() as s:
+        s.sendmail(SUBJECT, ["support@acme.test"], b"Subject: kept\r\n\r\nkept\r\n")
+    gw.wait_processed(1)
+    api, token = test_api.Api(port), _token(gw, "acme", "export,read")
+    export_id = api.call("POST", "/api/v1/exports", token, {})[1]["id"]
+    done = wait_for(lambda: api.call("GET", f"/api/v1/exports/{export_id}", token)[1]
+                    if api.call("GET", f"/api/v1/exports/{export_id}", token)[1]["status"]
+                    == "done" else None, what="the export")
+    archive = gw.directory / "var" / "exports" / "acme" / f"{export_id}.tar"
+    assert done["bytes"] > 0 and archive.is_file()
+    assert api.call("GET", f"/api/v1/exports/{export_id}/archive", token)[0] == 200
+
+    gone = wait_for(lambda: (doc := api.call("GET", f"/api/v1/exports/{export_id}",
+                                             token)[1])["status"] == "removed" and doc,
+                    what="the expiry")
+    assert gone["error"] == "expired (admin_api.export_expiry)"
+    wait_for(lambda: not archive.exists(), what="the archive deleted")
+    status, doc, _ = api.call("GET", f"/api/v1/exports/{export_id}/archive", token)
+    assert status == 404 and "expired" in doc["error"]

@@ -598,3 +598,40 @@ def test_operator_reads_of_mail_are_audited_with_the_real_login(gateway):
     by_sudo = "cli:alice (sudo)" if os.getuid() == 0 else f"cli:{login}"
     assert events == [(f"cli:{login}", "message.show", row["id"]),
                       (by_sudo, "message.export", row["id"])]
+
+
+@pytest.mark.sqlite_only  # the command's checks: any database
+def test_deactivation_respects_legal_holds_unless_overridden_with_a_reason(make_gateway,
+                                                                           tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "retention.yaml").write_text(
+        "default: 1y\nholds:\n  - {name: case-7, reason: court, address: held@client.test}\n")
+    gw = make_gateway({"policies": {"directory": str(policies)}})
+    _send(gw, "held@client.test", "support@acme.test", "under the hold")
+    _send(gw, "bob@client.test", "support@acme.test", "not held")
+    gw.wait_processed(2)
+    token = gw.cli("token", "create", "--tenant", "acme", check=True).stdout.split()[-1]
+
+    dry = gw.cli("tenant", "deactivate", "acme", "--dry-run", check=True).stdout.decode()
+    assert "legal hold case-7 (1 messages) covers its mail" in dry
+    refused = gw.cli("tenant", "deactivate", "acme", "--yes")
+    assert refused.returncode == 1
+    assert b"legal hold case-7 (1 messages) covers mail of tenant acme: nothing changed" \
+        in refused.stderr
+    assert len(gw.messages(tenant="acme")) == 2
+    no_reason = gw.cli("tenant", "deactivate", "acme", "--yes", "--override-hold")
+    assert no_reason.returncode == 1 and b"--override-hold needs --reason" in no_reason.stderr
+    assert len(gw.messages(tenant="acme")) == 2
+
+    gw.cli("tenant", "deactivate", "acme", "--yes", "--override-hold",
+           "--reason", "hold lifted by letter of 2 December", check=True)
+    assert gw.messages(tenant="acme") == []
+    assert _json(gw.cli("token", "list", "--json")) == []
+    assert token.decode().startswith("mfr_")
+    events = [(e["action"], e["detail"]) for e in _json(
+        gw.cli("audit", "list", "--tenant", "acme", "--json"))
+        if e["action"].startswith("tenant.")]
+    assert events[0] == ("tenant.hold_override", {
+        "holds_overridden": ["case-7"], "reason": "hold lifted by letter of 2 December"})
+    assert [a for a, _ in events[1:]] == ["tenant.deactivate", "tenant.purge", "tenant.shred"]

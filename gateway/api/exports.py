@@ -2,8 +2,8 @@
 
 Exports run in the background, at most ``admin_api.max_exports_per_tenant`` of a tenant
 at once, into ``admin_api.export_directory``, and are downloaded when done, until an
-erasure removes them; every few seconds the archives removed by an erasure elsewhere go
-from this instance's disk too (``export.tidy``).
+erasure removes them or they expire (``admin_api.export_expiry``); every few seconds the
+archives removed elsewhere go from this instance's disk too (``export.tidy``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections import Counter
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -41,6 +41,7 @@ log = logging.getLogger("gateway.api")
 
 EXPORT_RETRY_AFTER = 10  # seconds: a small tenant's export is done by then
 TIDY_INTERVAL = 2.0  # seconds between looks for archives an erasure removed
+EXPIRE_INTERVAL = 60.0  # seconds between looks for expired exports
 
 
 class ExportRoutes:
@@ -115,10 +116,20 @@ class ExportRoutes:
 
     async def _tidy(self) -> None:
         """Every few seconds: delete the archives on this instance's disk that an
-        erasure removed (one that ran on another instance, or the command line)."""
+        erasure removed (one that ran on another instance, or the command line), or that
+        expired (``admin_api.export_expiry``, looked for every minute)."""
+        expiry = self.ctx.config.admin_api.export_expiry
+        last_expiry = 0.0
         while True:
             await asyncio.sleep(TIDY_INTERVAL)
             try:
+                if time.monotonic() - last_expiry >= min(EXPIRE_INTERVAL, expiry):
+                    expired = await asyncio.to_thread(
+                        self.ctx.privacy.expire_exports,
+                        datetime.now(UTC) - timedelta(seconds=expiry))
+                    last_expiry = time.monotonic()
+                    if expired:
+                        log.info("%d exports expired: %s", len(expired), " ".join(expired))
                 gone = await asyncio.to_thread(tidy, self.ctx.privacy, self.directory)
             except (SQLAlchemyError, OSError) as exc:  # tried again next time
                 log.warning("export archives not tidied: %s", one_line(exc))

@@ -14,8 +14,12 @@ from gateway.cli.common import (
     config_arg,
     jsonable,
     known_tenant,
+    load_policies,
     open_privacy,
 )
+from gateway.clock import utcnow
+from gateway.logs import mask
+from gateway.privacy import erasure
 from gateway.privacy.erasure import shred_tenant
 
 
@@ -28,17 +32,34 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("tenant")
     p.add_argument("--yes", action="store_true", help="do not ask (when run from a terminal)")
     p.add_argument("--dry-run", action="store_true", help="count, change nothing")
+    p.add_argument("--override-hold", action="store_true",
+                   help="deactivate even when legal holds cover its mail (needs --reason)")
+    p.add_argument("--reason", help="why the holds are overridden (kept in the audit log)")
     p.set_defaults(func=cmd_tenant_deactivate)
 
 
 def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
+    if args.override_hold and not (args.reason or "").strip():
+        raise CommandError("--override-hold needs --reason TEXT (it is kept in the audit log)")
     config, _key, store = open_privacy(args)
     row = known_tenant(config, store, args.tenant)
+    held = erasure.tenant_holds(store, load_policies(config).retention, args.tenant, utcnow())
+    holds = ", ".join(f"{name} ({n} messages)" for name, n in sorted(held.items()))
     if args.dry_run:
         print(f"would refuse mail for tenant {args.tenant} and delete its "
-              f"{store.count_messages(args.tenant)} messages, their deliveries, import state "
-              "and consent records")
+              f"{store.count_messages(args.tenant)} messages, their deliveries, import state, "
+              "consent records, export archives, API tokens and data key")
+        if held:
+            print(f"  legal hold {holds} covers its mail: deactivate would refuse without "
+                  "--override-hold")
         return EXIT_OK
+    if held and not args.override_hold:
+        raise CommandError(f"legal hold {holds} covers mail of tenant {args.tenant}: nothing "
+                           "changed (--override-hold --reason TEXT deactivates anyway)")
+    if held:
+        store.store.audit(actor(), "tenant.hold_override", tenant_id=args.tenant,
+                          detail={"holds_overridden": sorted(held),
+                                  "reason": mask(args.reason)[:500]})
     if row is not None and not row["active"]:
         print(f"tenant {args.tenant} was deactivated at {jsonable(row['deactivated_at'])}; "
               "deleting whatever is left")

@@ -355,6 +355,8 @@ class AdminAPIConfig(Section):
     header_timeout: Duration = Field(default=10.0, gt=0)
     # Exports of one tenant running at once on this instance; one more gets 429.
     max_exports_per_tenant: int = Field(default=2, ge=1)
+    # A finished export's archive is deleted this long after it was written.
+    export_expiry: Duration = Field(default=7 * 86400.0, gt=0)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> AdminAPIConfig:

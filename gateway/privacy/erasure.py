@@ -116,6 +116,18 @@ def _tidy(store: PrivacyStore, exports: Path, tenant: str) -> None:
         log.warning("export archives of tenant %s not deleted here: %s", tenant, exc)
 
 
+def tenant_holds(store: PrivacyStore, policy: RetentionPolicy, tenant: str, now: datetime,
+                 ) -> dict[str, int]:
+    """The legal holds in force on a tenant's mail: hold name -> messages it covers."""
+    held: Counter[str] = Counter()
+    if not policy.active_holds(now):
+        return {}
+    for page in store.tenant_messages(tenant):
+        for f in page:
+            held.update(policy.held_by(tenant, f.tags, f.addresses, now))
+    return dict(held)
+
+
 @dataclass
 class Purged:
     removed: Removed

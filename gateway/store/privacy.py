@@ -117,6 +117,21 @@ class PrivacyStore:
             found = self._describe(conn, [message_id]) if mine else []
         return found[0] if found else None
 
+    def tenant_messages(self, tenant: str) -> Iterable[list[Found]]:
+        """Every message of ``tenant`` as erasure sees it, a page at a time."""
+        after = ""
+        while True:
+            with self.engine.connect().execution_options(readonly=True) as conn:
+                ids = list(conn.execute(
+                    select(messages.c.id).where(messages.c.tenant_id == tenant,
+                                                messages.c.id > after)
+                    .order_by(messages.c.id).limit(BATCH)).scalars())
+                if not ids:
+                    return
+                page = self._describe(conn, ids)
+            yield page
+            after = ids[-1]
+
     def _describe(self, conn: Any, ids: Sequence[str]) -> list[Found]:
         found: dict[str, Found] = {}
         for chunk in _chunks(ids):
@@ -221,6 +236,18 @@ class PrivacyStore:
         """The tenant's exports that are running or done (an erasure would remove them)."""
         with self.engine.connect().execution_options(readonly=True) as conn:
             return _stored_exports(conn, tenant)
+
+    def expire_exports(self, before: datetime) -> list[str]:
+        """Mark the exports finished before ``before`` removed (their archives go with
+        the next ``export.tidy`` on the instance that holds them); their ids."""
+        with self.store.writing() as conn:
+            ids = list(conn.execute(select(api_exports.c.id).where(
+                api_exports.c.status == EXPORT_DONE,
+                api_exports.c.finished_at < before)).scalars())
+            if ids:
+                conn.execute(update(api_exports).where(api_exports.c.id.in_(ids)).values(
+                    status=EXPORT_REMOVED, error="expired (admin_api.export_expiry)"))
+        return ids
 
     def kept_exports(self, ids: Sequence[str]) -> set[str]:
         """Those of these exports whose archives stay: running or done."""
