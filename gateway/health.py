@@ -27,6 +27,7 @@ from gateway.metrics import Metrics
 from gateway.policyset import PolicyHolder
 from gateway.records import QueueStats
 from gateway.sdnotify import Notifier
+from gateway.store.incidents import IncidentStore
 from gateway.store.repository import Store
 
 log = logging.getLogger(__name__)
@@ -184,9 +185,11 @@ class Health:
 
 
 def _stats(store: Store) -> QueueStats:
-    """The backlog, and the sub-processor notices not delivered."""
-    return dataclasses.replace(store.queue_stats(),
-                               notices=store.undelivered_notices(utcnow()))
+    """The backlog, and the sub-processor and breach notices not delivered."""
+    now = utcnow()
+    due = IncidentStore(store).due(now)
+    return dataclasses.replace(store.queue_stats(), notices=store.undelivered_notices(now),
+                               breach_notices=due.undelivered, breach_deadline=due.nearest)
 
 
 def database_name(store: Store) -> str:

@@ -245,6 +245,14 @@ class Metrics:
         self.notices_undelivered_oldest = Gauge(
             f"{PREFIX}_subprocessor_notice_undelivered_oldest_seconds",
             "Age of the oldest sub-processor change notice not delivered.", registry=r)
+        self.breach_notices = Gauge(
+            f"{PREFIX}_breach_notices_undelivered",
+            "Tenants affected by an open incident whose breach notice is not delivered "
+            "(not queued, pending, held or failed).", registry=r)
+        self.breach_deadline = Gauge(
+            f"{PREFIX}_breach_notice_deadline_seconds",
+            "Seconds to the nearest deadline (discovery + 48 h) among the breach notices "
+            "not delivered; negative once passed, 0 when there are none.", registry=r)
         self.api_auth_failures = Counter(
             f"{PREFIX}_api_authentication_failures_total",
             "Admin API requests refused for their token (401), by reason: missing, "
@@ -321,6 +329,8 @@ class Metrics:
             self.notices_undelivered.labels(state).set(stats.notices.get(state, (0, 0.0))[0])
         self.notices_undelivered_oldest.set(max((age for _, age in stats.notices.values()),
                                                 default=0.0))
+        self.breach_notices.set(stats.breach_notices)
+        self.breach_deadline.set(stats.breach_deadline or 0.0)
         depth: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
         for tenant_id, state, count, age in stats.deliveries:

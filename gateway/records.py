@@ -162,6 +162,10 @@ class QueueStats:
     # sub-processor notices not delivered: state (pending, held, failed, unsent) -> (count,
     # oldest age in s)
     notices: dict[str, tuple[int, float]] = field(default_factory=dict)
+    # breach notices of open incidents not delivered, and the seconds to the nearest of
+    # their deadlines (negative: passed; None: there are none)
+    breach_notices: int = 0
+    breach_deadline: float | None = None
 
 
 @dataclass

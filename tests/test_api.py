@@ -13,7 +13,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -64,13 +63,6 @@ AGENT_HASH = hash_password("agent password")
 
 
 @pytest.fixture
-def relay() -> Iterator[Sink]:
-    sink = Sink()
-    yield sink
-    sink.stop()
-
-
-@pytest.fixture
 def api_gateway(make_gateway: Any, tmp_path: Any, relay: Sink) -> tuple[Any, Api]:
     """A daemon with mail of acme and globex, each message copied (Bcc) through the
     sub-processor relay-eu to the ``relay`` sink."""
@@ -96,6 +88,8 @@ def api_gateway(make_gateway: Any, tmp_path: Any, relay: Sink) -> tuple[Any, Api
                                      f"\r\nbody of {subject}\r\n".encode())
     gw.wait_processed(4)
     relay.wait(4)
+    gw.cli("incident", "open", "--tenant", "acme", "--discovered", "2026-12-01T09:00Z",
+           "--description", "a misdirected export", check=True)
     return gw, Api(port)
 
 
@@ -269,7 +263,8 @@ def test_the_openapi_description_covers_every_route():
               ("GET", "/api/v1/users"), ("GET", "/api/v1/contacts"),
               ("GET", "/api/v1/subprocessors"), ("GET", "/api/v1/subprocessors/notices"),
               ("POST", "/api/v1/subprocessors/{name}/objections"),
-              ("GET", "/api/v1/holds"), ("GET", "/api/v1/audit")}
+              ("GET", "/api/v1/holds"), ("GET", "/api/v1/audit"),
+              ("GET", "/api/v1/incidents"), ("GET", "/api/v1/incidents/{id}")}
     described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert described == routes
     # every operation but the document itself names the scope it needs

@@ -18,7 +18,6 @@ from tests.conftest import free_port, metrics_port, samples, value, wait_for
 from tests.test_api import SUBJECT, _token
 
 api_gateway = test_api.api_gateway  # a daemon with acme's and globex's mail, copied
-relay = test_api.relay
 
 
 def _audit(gw: Any, action: str) -> list[dict[str, Any]]:

@@ -123,6 +123,13 @@ def openapi_document() -> dict[str, Any]:
     hold = record(name=string, reason=string, address=text, tag=text,
                   tenant_only={"type": "boolean"},
                   until=nullable({"type": "string", "format": "date"}))
+    incident = record(
+        id=number, status={"enum": ["open", "closed"]}, description=string,
+        discovered_at=when, deadline=when, closed_at=nullable(when), closing_note=text,
+        notice=record(message=nullable(ref("id")),
+                      state={"enum": ["not notified", "pending", "held", "failed", "sent"]},
+                      queued_at=nullable(when), delivered_at=nullable(when),
+                      in_time=nullable({"type": "boolean"})))
     contact = record(address=string, roles=strings, messages=count,
                      first_seen=nullable(when), last_seen=nullable(when))
     note = {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"}
@@ -230,6 +237,13 @@ def openapi_document() -> dict[str, Any]:
         "/api/v1/holds": {"get": op(
             "The legal holds in force on the tenant's mail",
             json_body(record(holds={"type": "array", "items": hold})))},
+        "/api/v1/incidents": {"get": op(
+            "The personal-data incidents that affect the tenant, newest first, with the "
+            "notice to the tenant: queued, delivered, the deadline, kept or not",
+            json_body(record(incidents={"type": "array", "items": incident})),
+            links=first("incidents", "id", "get_incidents_id"))},
+        "/api/v1/incidents/{id}": {"get": op(
+            "One incident that affects the tenant", json_body(incident), path_number)},
         "/api/v1/audit": {"get": op(
             "The tenant's audit events, oldest first: the newest page, or the page "
             "before/after an event",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from datetime import UTC, datetime
+from typing import Any
 
 from aiohttp import web
 
@@ -16,6 +17,7 @@ from gateway.api.http import (
     actor,
     body_text,
     not_found,
+    path_number,
     query_address,
     query_int,
     query_time,
@@ -27,6 +29,7 @@ from gateway.api.http import (
 from gateway.api.openapi import MAX_LIMIT
 from gateway.policy.subprocessors import Consent
 from gateway.privacy import subject_address
+from gateway.store.incidents import IncidentStore
 from gateway.store.pages import AuditFilter
 from gateway.store.subprocessors import notice_record
 
@@ -44,6 +47,8 @@ class RecordRoutes:
                 Route("GET", "/subprocessors/notices", self.notices, "read"),
                 Route("POST", "/subprocessors/{name}/objections", self.object, "admin"),
                 Route("GET", "/holds", self.holds, "read"),
+                Route("GET", "/incidents", self.incidents, "read"),
+                Route("GET", "/incidents/{id}", self.incident, "read"),
                 Route("GET", "/audit", self.audit, "read")]
 
     async def users(self, request: web.Request) -> web.Response:
@@ -115,6 +120,20 @@ class RecordRoutes:
                                  "until": h.until.isoformat() if h.until else None}
                                 for h in holds if h.tenant in (None, mine)]})
 
+    async def incidents(self, request: web.Request) -> web.Response:
+        """The personal-data incidents that affect the tenant, newest first, each with
+        the notice to the tenant: queued, delivered, its deadline and whether it was
+        kept."""
+        rows = await asyncio.to_thread(IncidentStore(self.ctx.store).list, tenant(request))
+        return reply({"incidents": [_incident(r) for r in rows]})
+
+    async def incident(self, request: web.Request) -> web.Response:
+        rows = await asyncio.to_thread(IncidentStore(self.ctx.store).list, tenant(request),
+                                       ids=[path_number(request)])
+        if not rows:
+            raise not_found()
+        return reply(_incident(rows[0]))
+
     async def audit(self, request: web.Request) -> web.Response:
         """The tenant's audit events, a page at a time in either direction: the newest
         page, then ``before`` the first of a page for older ones, or ``after`` the last
@@ -139,3 +158,17 @@ class RecordRoutes:
         return reply({"events": events,
                       "older": events[0]["id"] if events and page.older else None,
                       "newer": events[-1]["id"] if events and page.newer else None})
+
+
+def _incident(r: dict[str, Any]) -> dict[str, Any]:
+    """An incident as its tenant sees it: no other tenant's name or notice, and not who
+    opened it."""
+    [mine] = r["tenants"]
+    return {"id": r["id"], "status": r["status"], "description": r["description"],
+            "discovered_at": when(r["discovered_at"]), "deadline": when(r["deadline"]),
+            "closed_at": when(r["closed_at"]), "closing_note": r["closing_note"],
+            "notice": {"message": mine["message_id"], "state": mine["state"],
+                       "queued_at": when(mine["notified_at"]),
+                       "delivered_at": when(mine["delivered_at"]),
+                       "in_time": mine["in_time"]}}
+

@@ -19,8 +19,8 @@ from datetime import datetime
 from gateway.delivery.notices import local_message
 from gateway.policy.subprocessors import SubprocessorPolicy
 from gateway.records import NewMessage
+from gateway.store.incidents import PROMISE_HOURS
 
-PROMISE_HOURS = 48
 MAX_NOTICE_BYTES = 1_000_000
 
 

@@ -4,6 +4,7 @@ queue listed, retried, dropped and measured."""
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -29,6 +30,7 @@ from gateway.store.models import (
     HELD,
     PENDING,
     RECEIVED,
+    SENT,
     deliveries,
     message_blobs,
     messages,
@@ -247,3 +249,39 @@ class DeliveryStore(StoreBase):
                         lease_owner=None, lease_until=None)
             ).rowcount
         return done == 1
+
+
+@dataclass(frozen=True)
+class NoticeDelivery:
+    """How a notice the gateway wrote (to a privacy contact) stands: ``state`` is sent,
+    pending, held or failed; ``reason`` the last attempt's error or the hold's."""
+
+    state: str
+    delivered_at: datetime | None = None
+    reason: str | None = None
+
+
+def notice_deliveries(conn: Any, message_ids: Sequence[str]) -> dict[str, NoticeDelivery]:
+    """The delivery of each of these notices to its recipient (not a rule's copies of
+    it); a notice the pipeline has not processed yet is pending."""
+    copies: dict[str, list[Any]] = {}
+    ids = list(message_ids)
+    for chunk in range(0, len(ids), 500):
+        for d in conn.execute(select(deliveries.c.message_id, deliveries.c.status,
+                                     deliveries.c.last_attempt_at, deliveries.c.last_error)
+                              .where(deliveries.c.message_id.in_(ids[chunk:chunk + 500]),
+                                     deliveries.c.kind == "rcpt")):
+            copies.setdefault(d.message_id, []).append(d)
+    out = {}
+    for message_id in ids:
+        rows = copies.get(message_id, [])
+        sent = [aware(d.last_attempt_at) for d in rows
+                if d.status == SENT and d.last_attempt_at is not None]
+        if sent:
+            out[message_id] = NoticeDelivery(SENT, min(sent))
+        elif rows:
+            out[message_id] = NoticeDelivery(rows[0].status, None, rows[0].last_error)
+        else:
+            out[message_id] = NoticeDelivery(PENDING)
+    return out
+

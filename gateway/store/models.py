@@ -291,3 +291,28 @@ imap_imports = Table(
     Index("ix_imap_imports_msgid_hash", "tenant_id", "source", "msgid_hash"),
     Index("ix_imap_imports_message_id", "message_id"),
 )
+
+# Personal-data incidents (store.incidents): opened with the time of discovery; each
+# tenant affected gets a notice (a stored outbound message) whose delivery is its record.
+INCIDENT_OPEN, INCIDENT_CLOSED = "open", "closed"
+incidents = Table(
+    "incidents",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("discovered_at", DateTime(timezone=True), nullable=False),
+    Column("opened_at", DateTime(timezone=True), nullable=False),
+    Column("opened_by", Text, nullable=False),
+    Column("description", Text, nullable=False),
+    Column("status", String(8), nullable=False),
+    Column("closed_at", DateTime(timezone=True)),
+    Column("closing_note", Text),
+)
+incident_tenants = Table(
+    "incident_tenants",
+    metadata,
+    Column("incident_id", Integer, ForeignKey("incidents.id"), primary_key=True),
+    Column("tenant_id", String(64), primary_key=True),
+    Column("message_id", String(26)),  # the notice, once queued
+    Column("notified_at", DateTime(timezone=True)),  # when it was queued
+    Index("ix_incident_tenants_tenant_id", "tenant_id"),
+)

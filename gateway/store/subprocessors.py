@@ -21,10 +21,10 @@ from gateway.records import (
 from gateway.store import audit as audit_chain
 from gateway.store import database
 from gateway.store.base import StoreBase
+from gateway.store.deliveries import notice_deliveries
 from gateway.store.intake import _insert_messages
 from gateway.store.models import (
     SENT,
-    deliveries,
     subprocessor_notices,
     subprocessor_objections,
     subprocessor_registry,
@@ -206,19 +206,11 @@ def _notices(conn: Any, tenant: str | None = None, change: str | None = None,
     if change is not None:
         q = q.where(subprocessor_notices.c.change == change)
     rows = [dict(r._mapping) for r in conn.execute(q)]
-    emails = [r["message_id"] for r in rows if r["message_id"]]
-    copies: dict[str, list[Any]] = {}
-    for chunk in range(0, len(emails), 500):
-        for d in conn.execute(select(deliveries.c.message_id, deliveries.c.status,
-                                     deliveries.c.last_attempt_at, deliveries.c.last_error)
-                              .where(deliveries.c.message_id.in_(emails[chunk:chunk + 500]),
-                                     deliveries.c.kind == "rcpt")):  # not a rule's copies
-            copies.setdefault(d.message_id, []).append(d)
+    sent = notice_deliveries(conn, [r["message_id"] for r in rows if r["message_id"]])
     for r in rows:
         r["created_at"], r["effective_at"] = aware(r["created_at"]), aware(r["effective_at"])
-        sent = [aware(d.last_attempt_at) for d in copies.get(r["message_id"], ())
-                if d.status == SENT and d.last_attempt_at is not None]
-        r["delivered_at"] = min(sent) if sent else None
+        delivery = sent.get(r["message_id"] or "")
+        r["delivered_at"] = delivery.delivered_at if delivery else None
         r["usable_from"] = None
         if r["change"] == BASELINE:
             r["state"], r["why"], r["usable_from"] = BASELINE, None, r["created_at"]
@@ -226,18 +218,16 @@ def _notices(conn: Any, tenant: str | None = None, change: str | None = None,
             r["state"], r["why"] = SENT, None
             window = r["effective_at"] - r["created_at"]
             r["usable_from"] = max(r["effective_at"], r["delivered_at"] + window)
-        elif not r["message_id"]:
+        elif delivery is None:
             r["state"] = UNSENT
             r["why"] = (f"no notice could be sent to tenant {r['tenant_id']}: it has no "
                         "privacy_contact")
         else:
-            pending = copies.get(r["message_id"], [])
-            state = pending[0].status if pending else "pending"
-            r["state"] = state
-            reason = pending[0].last_error if pending and pending[0].last_error else None
+            r["state"] = delivery.state
+            reason = f" ({delivery.reason})" if delivery.reason else ""
             r["why"] = (f"the notice to tenant {r['tenant_id']}'s privacy contact is "
-                        f"{state}{f' ({reason})' if reason else ''}: the objection window "
-                        "starts when it is delivered")
+                        f"{delivery.state}{reason}: the objection window starts when it is "
+                        "delivered")
     return rows
 
 
