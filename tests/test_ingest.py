@@ -430,7 +430,7 @@ def test_cli_lists_shows_and_exports(gateway, tmp_path):
     assert out.read_bytes().startswith(b"Received: from ")
     assert out.read_bytes().endswith(raw)
     events = gateway.store.audit_events("acme")
-    assert [e["action"] for e in events] == ["message.export", "message.export"]
+    assert [e["action"] for e in events] == ["message.show", "message.export", "message.export"]
     missing = gateway.cli("messages", "show", "01NOSUCHMESSAGE0000000000")
     assert missing.returncode == 1
     assert missing.stderr.decode().strip() == (
