@@ -321,3 +321,54 @@ def test_an_export_archive_expires(make_gateway, tmp_path):
     wait_for(lambda: not archive.exists(), what="the archive deleted")
     status, doc, _ = api.call("GET", f"/api/v1/exports/{export_id}/archive", token)
     assert status == 404 and "expired" in doc["error"]
+
+
+def test_the_record_of_processing_states_what_the_gateway_holds(make_gateway, tmp_path,
+                                                                 relay):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "retention.yaml").write_text(
+        "default: 1y\ntags:\n  support: {keep: 2y, description: support requests}\n"
+        "tenants:\n  acme: {tags: [support]}\n"
+        "holds:\n  - {name: case-9, reason: court, tenant: acme}\n")
+    (policies / "subprocessors.yaml").write_text(
+        test_api.SUBPROCESSORS.format(port=relay.port))
+    port = free_port()
+    gw = make_gateway({"policies": {"directory": str(policies)},
+                       "admin_api": {"listen": f"127.0.0.1:{port}"}})
+    with gw.smtp() as s:
+        for to in ("support@acme.test", "billing@acme.test", "x@globex.test"):
+            s.sendmail(SUBJECT, [to], f"To: {to}\r\nSubject: s\r\n\r\nbody\r\n".encode())
+    gw.wait_processed(3)
+    api = test_api.Api(port)
+    acme, globex = _token(gw, "acme", "read"), _token(gw, "globex", "read")
+
+    status, doc, _ = api.call("GET", "/api/v1/processing-record", acme)
+    assert status == 200 and (doc["tenant"], doc["tenant_name"]) == ("acme", "Acme")
+    assert doc["privacy_contact"] == "dpo@customer.test"
+    categories = {c["tag"]: c for c in doc["categories"]}
+    assert categories[None]["messages"] == 2 and categories[None]["bytes"] > 0
+    assert (categories["support"]["category"], categories["support"]["messages"]) == (
+        "support requests", 2)
+    assert doc["retention"]["default"]["keep"] == "1y"
+    assert doc["retention"]["tags"]["support"]["keep"] == "2y"
+    assert doc["retention"]["legal_holds"] == ["case-9"]
+    assert [(s["name"], s["region"], s["outside_eea"], s["in_use"])
+            for s in doc["subprocessors"]] == [("relay-eu", "EU", False, True)]
+    assert doc["security"]["encryption_at_rest"] is False
+    assert doc["counts"]["messages"] == {"inbound": 2}
+    assert doc["counts"]["addresses"] == 3  # jane, support@, billing@
+    assert doc["not_stated"]  # what only the controller can say is named as such
+
+    theirs = api.call("GET", "/api/v1/processing-record", globex)[1]
+    assert theirs["counts"]["messages"] == {"inbound": 1}
+    assert theirs["retention"]["legal_holds"] == []
+    status, text, headers = api.call("GET", "/api/v1/processing-record?format=markdown", acme)
+    assert status == 200 and headers["Content-Type"].startswith("text/markdown")
+    assert text.decode().startswith("# Record of processing: Acme (acme)\n")
+    assert "| support requests | support | 2 |" in text.decode()
+    printed = gw.cli("processing-record", "--tenant", "acme", check=True).stdout.decode()
+    assert printed.split("Generated")[0] == text.decode().split("Generated")[0]
+    as_json = json.loads(gw.cli("processing-record", "--tenant", "acme", "--json",
+                                check=True).stdout)
+    assert as_json["categories"] == doc["categories"]

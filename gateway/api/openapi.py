@@ -130,6 +130,18 @@ def openapi_document() -> dict[str, Any]:
                       state={"enum": ["not notified", "pending", "held", "failed", "sent"]},
                       queued_at=nullable(when), delivered_at=nullable(when),
                       in_time=nullable({"type": "boolean"})))
+    processing = record(
+        tenant=string, tenant_name=string, generated_at=when, processor=string,
+        privacy_contact=text,
+        categories={"type": "array", "items": record(
+            category=string, tag=text, messages=count, bytes=count)},
+        retention={"type": "object"},
+        subprocessors={"type": "array", "items": record(
+            name=string, entity=string, purpose=string, country=string, region=string,
+            outside_eea={"type": "boolean"}, data_categories=strings,
+            in_use={"type": "boolean"}, why_not=text)},
+        own_servers={"type": "array", "items": record(what=string, where=string)},
+        security={"type": "object"}, counts={"type": "object"}, not_stated=strings)
     contact = record(address=string, roles=strings, messages=count,
                      first_seen=nullable(when), last_seen=nullable(when))
     note = {"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"}
@@ -244,6 +256,11 @@ def openapi_document() -> dict[str, Any]:
             links=first("incidents", "id", "get_incidents_id"))},
         "/api/v1/incidents/{id}": {"get": op(
             "One incident that affects the tenant", json_body(incident), path_number)},
+        "/api/v1/processing-record": {"get": op(
+            "The tenant's record of processing (GDPR art. 30) as the gateway can state it: "
+            "categories of data, retention, sub-processors, security, counts",
+            {**json_body(processing), "text/markdown": {"schema": string}},
+            [q("format", {"enum": ["json", "markdown"]}, "json (default) or markdown")])},
         "/api/v1/audit": {"get": op(
             "The tenant's audit events, oldest first: the newest page, or the page "
             "before/after an event",

@@ -19,6 +19,7 @@ from gateway.api.http import (
     not_found,
     path_number,
     query_address,
+    query_choice,
     query_int,
     query_time,
     read_body,
@@ -28,7 +29,7 @@ from gateway.api.http import (
 )
 from gateway.api.openapi import MAX_LIMIT
 from gateway.policy.subprocessors import Consent
-from gateway.privacy import subject_address
+from gateway.privacy import register, subject_address
 from gateway.store.incidents import IncidentStore
 from gateway.store.pages import AuditFilter
 from gateway.store.subprocessors import notice_record
@@ -49,7 +50,8 @@ class RecordRoutes:
                 Route("GET", "/holds", self.holds, "read"),
                 Route("GET", "/incidents", self.incidents, "read"),
                 Route("GET", "/incidents/{id}", self.incident, "read"),
-                Route("GET", "/audit", self.audit, "read")]
+                Route("GET", "/audit", self.audit, "read"),
+                Route("GET", "/processing-record", self.processing_record, "read")]
 
     async def users(self, request: web.Request) -> web.Response:
         """The tenant's submission users: login and the addresses they may send as (the
@@ -133,6 +135,17 @@ class RecordRoutes:
         if not rows:
             raise not_found()
         return reply(_incident(rows[0]))
+
+    async def processing_record(self, request: web.Request) -> web.Response:
+        """The tenant's record of processing (GDPR art. 30): JSON, or ``format=markdown``."""
+        form = query_choice(request, "format", ("json", "markdown")) or "json"
+        record = await asyncio.to_thread(register.build, self.ctx.config,
+                                         self.ctx.policies(), self.ctx.store,
+                                         tenant(request), datetime.now(UTC))
+        if form == "markdown":
+            return web.Response(text=register.as_markdown(record),
+                                content_type="text/markdown")
+        return reply(record.as_dict())
 
     async def audit(self, request: web.Request) -> web.Response:
         """The tenant's audit events, a page at a time in either direction: the newest

@@ -1,4 +1,5 @@
-"""``erase`` and ``export``: data-subject requests (erasure, access, portability)."""
+"""``erase`` and ``export``: data-subject requests (erasure, access, portability);
+``processing-record``: a tenant's record of processing (GDPR art. 30)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from gateway.cli.common import (
     subject_address,
 )
 from gateway.clock import utcnow
-from gateway.privacy import erasure
+from gateway.privacy import erasure, register
 from gateway.privacy.export import export
 
 
@@ -48,6 +49,14 @@ def add_parsers(sub: Subcommands) -> None:
                    help="only this person's data (an access or portability request)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("processing-record",
+                       help="a tenant's record of processing (GDPR art. 30), from the "
+                            "configuration and the data: Markdown, or JSON")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_processing_record)
 
 
 def cmd_erase(args: argparse.Namespace) -> int:
@@ -124,3 +133,16 @@ def cmd_export(args: argparse.Namespace) -> int:
     print(f"{out}: {result.messages} messages, {result.files} files, {result.size} bytes "
           f"in {result.seconds:.1f} s ({rate:.1f} MB/s)")
     return EXIT_OK
+
+
+def cmd_processing_record(args: argparse.Namespace) -> int:
+    config, _key, store = open_privacy(args)
+    known_tenant(config, store, args.tenant, active=True)
+    record = register.build(config, load_policies(config), store.store, args.tenant, utcnow())
+    if args.json:
+        json.dump(record.as_dict(), sys.stdout, indent=1, ensure_ascii=False)
+        print()
+    else:
+        sys.stdout.write(register.as_markdown(record))
+    return EXIT_OK
+

@@ -136,6 +136,34 @@ class Pages:
             r["roles"] = sorted(roles[r["address"]])
         return rows
 
+    # ------------------------------------------------------------ register
+    def holdings(self, tenant: str) -> dict[str, Any]:
+        """What the tenant's data amounts to: messages by direction and by tag (count,
+        bytes), the addresses they hold, the deliveries by state."""
+        with self._read() as conn:
+            by_tags = conn.execute(
+                select(messages.c.tag_key, messages.c.direction, func.count(),
+                       func.coalesce(func.sum(messages.c.size), 0))
+                .where(messages.c.tenant_id == tenant)
+                .group_by(messages.c.tag_key, messages.c.direction)).all()
+            contacts = conn.execute(
+                select(func.count(func.distinct(func.lower(message_addresses.c.address))))
+                .join(messages, messages.c.id == message_addresses.c.message_id)
+                .where(messages.c.tenant_id == tenant, message_addresses.c.address != "")
+            ).scalar_one()
+            states = conn.execute(select(deliveries.c.status, func.count())
+                                  .where(deliveries.c.tenant_id == tenant)
+                                  .group_by(deliveries.c.status)).all()
+        tags: dict[str, list[int]] = {}
+        directions: dict[str, list[int]] = {}
+        for key, direction, count, size in by_tags:
+            for total in (directions.setdefault(direction, [0, 0]),
+                          *(tags.setdefault(t, [0, 0]) for t in (key or "").split(",") if t)):
+                total[0] += int(count)
+                total[1] += int(size)
+        return {"directions": directions, "tags": tags, "contacts": int(contacts),
+                "deliveries": {status: int(n) for status, n in states}}
+
     # ------------------------------------------------------------ audit
     def audit_page(self, tenant: str, *, after: int | None, before: int | None,
                    limit: int, where: AuditFilter) -> AuditPage:
