@@ -29,6 +29,7 @@ from gateway.records import QueueStats
 from gateway.sdnotify import Notifier
 from gateway.store.incidents import IncidentStore
 from gateway.store.repository import Store
+from gateway.store.requests import RequestStore
 
 log = logging.getLogger(__name__)
 
@@ -185,11 +186,15 @@ class Health:
 
 
 def _stats(store: Store) -> QueueStats:
-    """The backlog, and the sub-processor and breach notices not delivered."""
+    """The backlog, the sub-processor and breach notices not delivered, the data-subject
+    requests not answered."""
     now = utcnow()
     due = IncidentStore(store).due(now)
+    requests = RequestStore(store).due(now)
     return dataclasses.replace(store.queue_stats(), notices=store.undelivered_notices(now),
-                               breach_notices=due.undelivered, breach_deadline=due.nearest)
+                               breach_notices=due.undelivered, breach_deadline=due.nearest,
+                               requests_open=requests.open,
+                               request_deadline=requests.nearest)
 
 
 def database_name(store: Store) -> str:

@@ -253,6 +253,14 @@ class Metrics:
             f"{PREFIX}_breach_notice_deadline_seconds",
             "Seconds to the nearest deadline (discovery + 48 h) among the breach notices "
             "not delivered; negative once passed, 0 when there are none.", registry=r)
+        self.requests_open = Gauge(
+            f"{PREFIX}_subject_requests_open",
+            "Data-subject requests recorded and not yet answered (by an export, an "
+            "erasure, or closed by hand).", registry=r)
+        self.request_deadline = Gauge(
+            f"{PREFIX}_subject_request_deadline_seconds",
+            "Seconds to the nearest deadline (received + 1 month) among the open "
+            "data-subject requests; negative once passed, 0 when there are none.", registry=r)
         self.api_auth_failures = Counter(
             f"{PREFIX}_api_authentication_failures_total",
             "Admin API requests refused for their token (401), by reason: missing, "
@@ -331,6 +339,8 @@ class Metrics:
                                                 default=0.0))
         self.breach_notices.set(stats.breach_notices)
         self.breach_deadline.set(stats.breach_deadline or 0.0)
+        self.requests_open.set(stats.requests_open)
+        self.request_deadline.set(stats.request_deadline or 0.0)
         depth: dict[tuple[str, str], int] = {}
         oldest: dict[str, float] = {}
         for tenant_id, state, count, age in stats.deliveries:

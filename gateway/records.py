@@ -166,6 +166,9 @@ class QueueStats:
     # their deadlines (negative: passed; None: there are none)
     breach_notices: int = 0
     breach_deadline: float | None = None
+    # data-subject requests not answered, and the seconds to the nearest deadline
+    requests_open: int = 0
+    request_deadline: float | None = None
 
 
 @dataclass

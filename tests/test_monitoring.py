@@ -31,7 +31,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests():
     check = subprocess.run([promtool, "check", "rules", "alerts.yaml"], cwd=MONITORING,
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 18 rules found" in check.stdout
+    assert "SUCCESS: 19 rules found" in check.stdout
     tests = subprocess.run([promtool, "test", "rules", "alerts.test.yaml"], cwd=MONITORING,
                            capture_output=True, text=True, timeout=120)
     assert tests.returncode == 0 and "SUCCESS" in tests.stdout, tests.stdout + tests.stderr

@@ -256,6 +256,16 @@ def openapi_document() -> dict[str, Any]:
             links=first("incidents", "id", "get_incidents_id"))},
         "/api/v1/incidents/{id}": {"get": op(
             "One incident that affects the tenant", json_body(incident), path_number)},
+        "/api/v1/requests": {"get": op(
+            "The data-subject requests about the tenant's data that reached the processor, "
+            "newest first: forwarded, due, answered by which export or erasure",
+            json_body(record(requests={"type": "array", "items": record(
+                id=number, kind={"enum": ["access", "erasure", "portability", "other"]},
+                subject=string, status={"enum": ["open", "fulfilled", "closed"]},
+                received_at=when, due_at=when,
+                forward={"enum": ["not forwarded", "pending", "held", "failed", "sent"]},
+                forwarded_at=nullable(when), fulfilled_at=nullable(when),
+                fulfilled_by=text)})))},
         "/api/v1/processing-record": {"get": op(
             "The tenant's record of processing (GDPR art. 30) as the gateway can state it: "
             "categories of data, retention, sub-processors, security, counts",

@@ -32,6 +32,7 @@ from gateway.policy.subprocessors import Consent
 from gateway.privacy import register, subject_address
 from gateway.store.incidents import IncidentStore
 from gateway.store.pages import AuditFilter
+from gateway.store.requests import RequestStore
 from gateway.store.subprocessors import notice_record
 
 _NEWEST = 2**63 - 1
@@ -50,6 +51,7 @@ class RecordRoutes:
                 Route("GET", "/holds", self.holds, "read"),
                 Route("GET", "/incidents", self.incidents, "read"),
                 Route("GET", "/incidents/{id}", self.incident, "read"),
+                Route("GET", "/requests", self.requests, "read"),
                 Route("GET", "/audit", self.audit, "read"),
                 Route("GET", "/processing-record", self.processing_record, "read")]
 
@@ -135,6 +137,18 @@ class RecordRoutes:
         if not rows:
             raise not_found()
         return reply(_incident(rows[0]))
+
+    async def requests(self, request: web.Request) -> web.Response:
+        """The data-subject requests about the tenant's data that reached the processor:
+        forwarded, due, and answered by which export or erasure."""
+        rows = await asyncio.to_thread(RequestStore(self.ctx.store).list, tenant(request))
+        return reply({"requests": [
+            {"id": r["id"], "kind": r["kind"], "subject": r["subject"],
+             "status": r["status"], "received_at": when(r["received_at"]),
+             "due_at": when(r["due_at"]), "forward": r["forward"],
+             "forwarded_at": when(r["forwarded_at"]),
+             "fulfilled_at": when(r["fulfilled_at"]), "fulfilled_by": r["fulfilled_by"]}
+            for r in rows]})
 
     async def processing_record(self, request: web.Request) -> web.Response:
         """The tenant's record of processing (GDPR art. 30): JSON, or ``format=markdown``."""

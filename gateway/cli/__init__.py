@@ -26,6 +26,7 @@ from gateway.cli import (
     messages,
     privacy,
     queue,
+    requests,
     retention,
     rules,
     serve,
@@ -42,7 +43,7 @@ from gateway.store.keystore import KeyUnavailable
 
 # the order of the commands in --help
 COMMANDS = (serve, check, status, dkim, db, messages, queue, users, retention, subprocessors,
-            imap, rules, privacy, tenant, keys, token, incident, audit)
+            imap, rules, privacy, requests, tenant, keys, token, incident, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

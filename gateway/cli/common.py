@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
 
@@ -133,3 +133,14 @@ def printable(text: Any, width: int | None = None) -> str:
         return "-"
     clean = "".join(c if c.isprintable() else " " for c in str(text))
     return clean if width is None or len(clean) <= width else clean[: width - 1] + "…"
+
+
+def when(text: str) -> datetime:
+    value = text.strip()
+    if value.endswith(("Z", "z")):
+        value = value[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a time (ISO 8601): {text!r}") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from gateway.cli.common import (
     positive_int,
     printable,
     subject_address,
+    when,
 )
 from gateway.clock import utcnow
 from gateway.privacy import incident
@@ -39,7 +40,7 @@ def add_parsers(sub: Subcommands) -> None:
     config_arg(p)
     p.add_argument("--tenant", required=True, action="append", dest="tenants",
                    metavar="T", help="a tenant affected (again for each)")
-    p.add_argument("--discovered", required=True, type=_when, metavar="TIME",
+    p.add_argument("--discovered", required=True, type=when, metavar="TIME",
                    help="when the incident was discovered (ISO 8601, e.g. 2026-11-24T09:30Z)")
     p.add_argument("--description", required=True, help="what happened (kept in the record)")
     p.set_defaults(func=cmd_incident_open)
@@ -51,7 +52,7 @@ def add_parsers(sub: Subcommands) -> None:
                    help="the incident (without it, one is opened for this tenant)")
     p.add_argument("--tenant", required=True)
     p.add_argument("--file", required=True, metavar="NOTICE.txt", help="the notice (UTF-8)")
-    p.add_argument("--discovered", type=_when, metavar="TIME",
+    p.add_argument("--discovered", type=when, metavar="TIME",
                    help="when the incident was discovered (ISO 8601, e.g. 2026-11-24T09:30Z); "
                         "needed without --incident")
     p.add_argument("--title", default="Notice of a personal data breach",
@@ -77,17 +78,6 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("id", type=positive_int)
     p.add_argument("--note", required=True, help="how it ended (kept in the record)")
     p.set_defaults(func=cmd_incident_close)
-
-
-def _when(text: str) -> datetime:
-    value = text.strip()
-    if value.endswith(("Z", "z")):
-        value = value[:-1] + "+00:00"
-    try:
-        when = datetime.fromisoformat(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a time (ISO 8601): {text!r}") from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def cmd_incident_open(args: argparse.Namespace) -> int:
@@ -121,10 +111,10 @@ def cmd_incident_notify(args: argparse.Namespace) -> int:
             raise CommandError(f"no incident {args.incident}")
         discovered = found[0]["discovered_at"]
     routing = load_policies(config).subprocessors
-    to = args.to or incident.privacy_contact(routing, args.tenant)
-    if not to:
-        raise CommandError(f"tenant {args.tenant} has no privacy_contact in "
-                           "subprocessors.yaml: give --to ADDRESS")
+    try:
+        to = incident.recipient(routing, args.tenant, args.to)
+    except incident.NoticeError as exc:
+        raise CommandError(str(exc)) from None
     sender = args.sender or incident.notice_sender(routing, config.smtp.hostname)
     try:
         data = Path(args.file).read_bytes()

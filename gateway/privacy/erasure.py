@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config import GatewayConfig
 from gateway.logs import mask
 from gateway.policy.retention import RetentionPolicy
+from gateway.privacy import requests
 from gateway.privacy.export import tidy
 from gateway.privacy.keys import PrivacyKey
 from gateway.records import Removed
@@ -82,6 +83,7 @@ def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str, exports:
         detail["reason"] = mask(override_reason or "")[:500]
     removed = store.erase(p.tenant, p.ids, {
         "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
+    requests.fulfilled(store.store, p.tenant, p.subject, "erasure", "erasure", actor)
     store.scrub()
     _tidy(store, exports, p.tenant)
     return removed

@@ -54,6 +54,7 @@ from typing import IO, Any, TypeVar
 from gateway import __version__, files
 from gateway.clock import aware
 from gateway.config import GatewayConfig
+from gateway.privacy import requests
 from gateway.privacy.keys import load_or_create
 from gateway.store.models import imap_folders, subprocessor_notices, subprocessor_objections
 from gateway.store.privacy import ExportReader, PrivacyStore
@@ -363,6 +364,11 @@ def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *
         detail["subject"] = subject_hash
     store.store.audit(actor, "subject.export" if subject else "tenant.export",
                       tenant_id=tenant, detail=detail)
+    if subject:
+        export_id = (audit_detail or {}).get("export")
+        requests.fulfilled(store.store, tenant, subject, "export",
+                           f"export {export_id}" if export_id else "export (command line)",
+                           actor)
     return result
 
 

@@ -61,6 +61,15 @@ def notice_sender(routing: SubprocessorPolicy | None, hostname: str) -> str:
     return (routing.notice_from if routing is not None else "") or f"postmaster@{hostname}"
 
 
+def recipient(routing: SubprocessorPolicy | None, tenant: str, to: str | None) -> str:
+    """Where a notice to ``tenant`` goes: ``to``, else its privacy contact."""
+    found = to or privacy_contact(routing, tenant)
+    if not found:
+        raise NoticeError(f"tenant {tenant} has no privacy_contact in subprocessors.yaml: "
+                          "give --to ADDRESS")
+    return found
+
+
 def read_text(data: bytes, where: str) -> str:
     if not data.strip():
         raise NoticeError(f"{where}: the notice is empty")

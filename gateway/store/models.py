@@ -316,3 +316,21 @@ incident_tenants = Table(
     Column("notified_at", DateTime(timezone=True)),  # when it was queued
     Index("ix_incident_tenants_tenant_id", "tenant_id"),
 )
+
+# Data-subject requests (store.requests) that reached the processor: forwarded to the
+# tenant's privacy contact, due a month after they arrived (GDPR art. 12(3)), fulfilled
+# by an export or an erasure of the person (or closed by hand with a note).
+subject_requests = Table(
+    "subject_requests",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("kind", String(16), nullable=False),  # access | erasure | portability | other
+    Column("subject", Text, nullable=False),  # the person's address, to act on it
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("due_at", DateTime(timezone=True), nullable=False),
+    Column("message_id", String(26)),  # the forward to the privacy contact
+    Column("status", String(12), nullable=False),  # open | fulfilled | closed
+    Column("fulfilled_at", DateTime(timezone=True)),
+    Column("fulfilled_by", Text),  # "export ID", "erasure", or the note of a hand close
+)

@@ -1,0 +1,129 @@
+"""``request record|list|show|close``: data-subject requests that reached the processor,
+forwarded to the tenant's privacy contact and tracked until answered."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.cli.common import (
+    EXIT_OK,
+    CommandError,
+    Parser,
+    Subcommands,
+    actor,
+    config_arg,
+    jsonable,
+    known_tenant,
+    load_policies,
+    open_privacy,
+    open_store,
+    positive_int,
+    printable,
+    subject_address,
+    when,
+)
+from gateway.clock import utcnow
+from gateway.privacy import incident, requests
+from gateway.store.requests import KINDS, RequestStore
+
+
+def add_parsers(sub: Subcommands) -> None:
+    group = sub.add_parser("request", help="data-subject requests that reached the processor")
+    rsub = group.add_subparsers(dest="request_command", required=True, parser_class=Parser)
+    p = rsub.add_parser("record", help="record a request and forward it, with a copy, to the "
+                                       "tenant's privacy contact (audited)")
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--subject", required=True, type=subject_address, metavar="ADDRESS",
+                   help="the person's e-mail address")
+    p.add_argument("--received", required=True, type=when, metavar="TIME",
+                   help="when it reached us (ISO 8601); it is due a month later")
+    p.add_argument("--file", required=True, metavar="REQUEST.txt",
+                   help="the request as received (UTF-8 text, e.g. the mail's body)")
+    p.add_argument("--to", type=subject_address, metavar="ADDRESS",
+                   help="instead of the privacy_contact in subprocessors.yaml")
+    p.set_defaults(func=cmd_request_record)
+    p = rsub.add_parser("list", help="requests, newest first")
+    config_arg(p)
+    p.add_argument("--open", action="store_true", help="only those not answered")
+    p.add_argument("--tenant")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_request_list)
+    p = rsub.add_parser("close", help="close a request answered another way (audited)")
+    config_arg(p)
+    p.add_argument("id", type=positive_int)
+    p.add_argument("--note", required=True, help="how it was answered")
+    p.set_defaults(func=cmd_request_close)
+
+
+def cmd_request_record(args: argparse.Namespace) -> int:
+    config, key, store = open_privacy(args)
+    known_tenant(config, store, args.tenant, active=True)
+    now = utcnow()
+    if args.received > now:
+        raise CommandError(f"--received {args.received.isoformat()} is in the future")
+    routing = load_policies(config).subprocessors
+    try:
+        to = incident.recipient(routing, args.tenant, args.to)
+    except incident.NoticeError as exc:
+        raise CommandError(str(exc)) from None
+    try:
+        text = incident.read_text(Path(args.file).read_bytes(), args.file)
+    except OSError as exc:
+        raise CommandError(f"{args.file}: {exc.strerror}") from None
+    except incident.NoticeError as exc:
+        raise CommandError(str(exc)) from None
+    tenant = config.tenants.get(args.tenant)
+    message = requests.forward(
+        tenant=args.tenant, tenant_name=(tenant.name if tenant else "") or args.tenant,
+        kind=args.kind, subject=args.subject, text=text,
+        sender=incident.notice_sender(routing, config.smtp.hostname), to=to,
+        received_at=args.received, now=now, hostname=config.smtp.hostname)
+    due = requests.due(args.received)
+    request_id = RequestStore(store.store).record(
+        args.tenant, args.kind, args.subject, args.received, due, message, actor(),
+        {"subject": key.subject_hash(args.subject), "to": to,
+         "received_at": args.received.isoformat(), "due_at": due.isoformat()})
+    print(f"request {request_id} ({args.kind}) recorded and forwarded to {to}; due by "
+          f"{due.isoformat()}; an export or erasure of {args.subject} in tenant "
+          f"{args.tenant} fulfils it")
+    return EXIT_OK
+
+
+def _json(r: dict[str, Any]) -> dict[str, Any]:
+    return {"id": r["id"], "tenant": r["tenant_id"], "kind": r["kind"],
+            "subject": r["subject"], "status": r["status"],
+            "received_at": jsonable(r["received_at"]), "due_at": jsonable(r["due_at"]),
+            "forward": r["forward"], "forwarded_at": jsonable(r["forwarded_at"]),
+            "fulfilled_at": jsonable(r["fulfilled_at"]), "fulfilled_by": r["fulfilled_by"]}
+
+
+def cmd_request_list(args: argparse.Namespace) -> int:
+    items = [_json(r) for r in RequestStore(open_store(args)).list(args.tenant,
+                                                                    open_only=args.open)]
+    if args.json:
+        json.dump(items, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
+    print(f"{'ID':>5} {'TENANT':16} {'KIND':11} {'STATUS':9} {'RECEIVED':19} {'DUE':19} "
+          f"{'FORWARD':8} SUBJECT / ANSWERED BY")
+    for r in items:
+        print(f"{r['id']:>5} {printable(r['tenant'], 16):16} {r['kind']:11} {r['status']:9} "
+              f"{r['received_at'][:19]:19} {r['due_at'][:19]:19} {r['forward'][:8]:8} "
+              f"{printable(r['subject'], 40)}"
+              + (f" / {printable(r['fulfilled_by'], 60)}" if r["fulfilled_by"] else ""))
+    return EXIT_OK
+
+
+def cmd_request_close(args: argparse.Namespace) -> int:
+    if not args.note.strip():
+        raise CommandError("--note: say how it was answered")
+    if not RequestStore(open_store(args)).close(args.id, args.note[:2000], actor()):
+        raise CommandError(f"no open request {args.id}")
+    print(f"request {args.id} closed")
+    return EXIT_OK

@@ -1,0 +1,120 @@
+"""Data-subject requests that reached the processor: recorded, forwarded with a copy to
+the tenant's privacy contact through the delivery queue, due a month after they arrived,
+and fulfilled by the export or erasure of the person (CLI and admin API alike)."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from tests.conftest import free_port, metrics_port, samples, value, wait_for
+from tests.test_api import Api, _token
+from tests.test_incident import SUBPROCESSORS
+
+JANE = "jane.doe@sender.test"
+
+
+def _gateway(make_gateway: Any, tmp_path: Any, relay: Any) -> tuple[Any, Api]:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "subprocessors.yaml").write_text(SUBPROCESSORS.format(port=relay.port))
+    port = free_port()
+    gw = make_gateway({"policies": {"directory": str(policies)},
+                       "delivery": {"poll_interval": "0.2s"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "admin_api": {"listen": f"127.0.0.1:{port}"}})
+    return gw, Api(port)
+
+
+def _requests(gw: Any) -> dict[int, dict[str, Any]]:
+    return {r["id"]: r for r in json.loads(
+        gw.cli("request", "list", "--json", check=True).stdout)}
+
+
+def test_a_request_is_forwarded_tracked_and_fulfilled_by_the_export_or_erasure(
+        make_gateway, tmp_path, relay):
+    gw, api = _gateway(make_gateway, tmp_path, relay)
+    with gw.smtp() as s:
+        s.sendmail(JANE, ["support@acme.test"], b"Subject: hello\r\n\r\nhello\r\n")
+    gw.wait_processed(1)
+    letter = tmp_path / "request.txt"
+    letter.write_text("Dear processor,\nplease tell me what you hold about me, and erase it.\n"
+                      "Jane Doe\n")
+    received = datetime(2026, 11, 20, 10, tzinfo=UTC)  # a month later: 20 December
+    for kind in ("access", "erasure"):
+        out = gw.cli("request", "record", "--tenant", "acme", "--kind", kind, "--subject",
+                     "Jane.Doe@sender.test", "--received", received.isoformat(),
+                     "--file", str(letter), check=True).stdout.decode()
+        assert f"({kind}) recorded and forwarded to dpo@customer.test; due by " \
+               "2026-12-20T10:00:00+00:00" in out
+    # the forwards reach the privacy contact, the request quoted
+    forwards = relay.wait(2)
+    assert [m.rcpt_tos for m in forwards] == [["dpo@customer.test"]] * 2
+    assert b"Kind: access" in forwards[0].data and b"> please tell me what you hold" \
+        in forwards[0].data
+    wait_for(lambda: {r["forward"] for r in _requests(gw).values()} == {"sent"},
+             what="both forwards delivered")
+
+    def gauges() -> tuple[float, float]:
+        _, values = samples(metrics_port(gw))
+        return (value(values, "mailflowr_gateway_subject_requests_open"),
+                value(values, "mailflowr_gateway_subject_request_deadline_seconds"))
+
+    wait_for(lambda: gauges()[0] == 2, what="two open requests")
+    due = (datetime(2026, 12, 20, 10, tzinfo=UTC) - datetime.now(UTC)).total_seconds()
+    assert abs(gauges()[1] - due) < 60
+
+    # an export of the person answers the access request, an erasure the other
+    gw.cli("export", "--tenant", "acme", "--subject", JANE, "--out",
+           str(tmp_path / "jane.zip"), check=True)
+    requests = _requests(gw)
+    assert (requests[1]["status"], requests[1]["fulfilled_by"]) == (
+        "fulfilled", "export (command line)")
+    assert requests[2]["status"] == "open"
+    token = _token(gw, "acme", "erase,read")
+    status, doc, _ = api.call("POST", "/api/v1/erasures", token, {"subject": JANE})
+    assert status == 200 and doc["messages"] == 1
+    requests = _requests(gw)
+    assert (requests[2]["status"], requests[2]["fulfilled_by"]) == ("fulfilled", "erasure")
+    wait_for(lambda: gauges() == (0, 0), what="nothing open")
+
+    # the tenant's tools see them; another tenant's do not
+    mine = api.call("GET", "/api/v1/requests", token)[1]["requests"]
+    assert [(r["id"], r["kind"], r["status"]) for r in mine] == [
+        (2, "erasure", "fulfilled"), (1, "access", "fulfilled")]
+    theirs = api.call("GET", "/api/v1/requests", _token(gw, "globex", "read"))[1]
+    assert theirs == {"requests": []}
+    # the audit log names the person only by a keyed hash
+    events = [e for e in gw.store.audit_events("acme") if e["action"].startswith("request.")]
+    assert [e["action"] for e in events] == ["request.record", "request.record",
+                                             "request.fulfil", "request.fulfil"]
+    assert "jane" not in json.dumps([e["detail"] for e in events]).lower()
+    again = gw.cli("request", "close", "1", "--note", "answered")
+    assert again.returncode == 1 and b"no open request 1" in again.stderr
+
+
+def test_request_input_is_checked(make_gateway, tmp_path, relay):
+    gw, _ = _gateway(make_gateway, tmp_path, relay)
+    letter = tmp_path / "request.txt"
+    letter.write_text("Please erase my data.\n")
+    now = datetime.now(UTC)
+
+    def run(*args: str) -> Any:
+        return gw.cli("request", "record", "--tenant", "acme", "--subject", JANE,
+                      "--file", str(letter), *args)
+
+    bogus = run("--kind", "bogus", "--received", now.isoformat())
+    assert bogus.returncode == 2 and b"invalid choice: 'bogus'" in bogus.stderr
+    future = run("--kind", "erasure", "--received", (now + timedelta(days=1)).isoformat())
+    assert future.returncode == 1 and b"is in the future" in future.stderr
+    nobody = gw.cli("request", "record", "--tenant", "nobody", "--subject", JANE, "--kind",
+                    "access", "--received", now.isoformat(), "--file", str(letter))
+    assert nobody.returncode == 1 and b"no tenant 'nobody'" in nobody.stderr
+    for r in (bogus, future, nobody):
+        assert b"Traceback" not in r.stderr
+    closed = run("--kind", "other", "--received", now.isoformat())
+    assert closed.returncode == 0
+    gw.cli("request", "close", "1", "--note", "answered by letter", check=True)
+    [row] = json.loads(gw.cli("request", "list", "--json", check=True).stdout)
+    assert (row["status"], row["fulfilled_by"]) == ("closed", "answered by letter")
