@@ -18,6 +18,7 @@ looks the same.  Saying "no rules" takes an explicit ``tenants: {}``.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 from collections.abc import Collection
@@ -27,8 +28,10 @@ from pathlib import Path
 
 from gateway.errors import ConfigError
 from gateway.policy import retention, subprocessors
-from gateway.policy.retention import RetentionPolicy
+from gateway.policy.retention import Hold, RetentionPolicy
 from gateway.policy.subprocessors import SubprocessorPolicy
+from gateway.store.holds import HoldStore
+from gateway.store.repository import Store
 from gateway.workflow import loader as workflow_loader
 from gateway.workflow.loader import Workflows
 from gateway.yamlfile import YamlDocument, YamlFileError, parse_bytes, read_regular
@@ -191,3 +194,12 @@ class PolicyHolder:
             ])
         self.current = build(self.directory, contents, self.tenants, self.destinations)
         return True
+
+
+def retention_in_force(policy: RetentionPolicy, store: Store) -> RetentionPolicy:
+    """The retention policy with the legal holds tenants placed through the admin API
+    beside those of retention.yaml: what everything that deletes mail must respect."""
+    placed = tuple(Hold(r["name"], r["reason"], r["tenant_id"], r["address"], r["tag"],
+                        r["until"]) for r in HoldStore(store).in_force())
+    return dataclasses.replace(policy, holds=policy.holds + placed) if placed else policy
+

@@ -28,7 +28,7 @@ from gateway import logs
 from gateway.clock import utcnow
 from gateway.metrics import Metrics
 from gateway.policy.retention import RetentionPolicy
-from gateway.policyset import PolicyHolder
+from gateway.policyset import PolicyHolder, retention_in_force
 from gateway.records import RetentionGroup
 from gateway.runner import Runner
 from gateway.store.repository import Store
@@ -90,6 +90,7 @@ class Sweeper:
     def sweep(self, policy: RetentionPolicy, *, dry_run: bool = False,
               actor: str = "retention-sweeper") -> SweepReport:
         now = self.clock()
+        policy = retention_in_force(policy, self.store)  # with the tenants' own holds
         report = SweepReport(dry_run=dry_run, started=now)
         began = time.monotonic()
         with self.store.exclusive(LOCK_NAME) as ours:

@@ -263,7 +263,8 @@ def test_the_openapi_description_covers_every_route():
               ("GET", "/api/v1/users"), ("GET", "/api/v1/contacts"),
               ("GET", "/api/v1/subprocessors"), ("GET", "/api/v1/subprocessors/notices"),
               ("POST", "/api/v1/subprocessors/{name}/objections"),
-              ("GET", "/api/v1/holds"), ("GET", "/api/v1/audit"),
+              ("GET", "/api/v1/holds"), ("POST", "/api/v1/holds"),
+              ("DELETE", "/api/v1/holds/{id}"), ("GET", "/api/v1/audit"),
               ("GET", "/api/v1/incidents"), ("GET", "/api/v1/incidents/{id}"),
               ("GET", "/api/v1/processing-record"), ("GET", "/api/v1/requests")}
     described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}

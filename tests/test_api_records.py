@@ -223,8 +223,9 @@ def test_users_contacts_and_holds_of_the_tenant(api_gateway):
     assert theirs == {SUBJECT, "x@globex.test"}
 
     holds = api.call("GET", "/api/v1/holds", acme)[1]["holds"]
-    assert holds == [{"name": "case-9", "reason": "court", "address": "held@client.test",
-                      "tag": None, "tenant_only": False, "until": None}]
+    assert holds == [{"id": None, "placed_by": "gateway", "name": "case-9", "reason": "court",
+                      "address": "held@client.test", "tag": None, "tenant_only": False,
+                      "until": None}]
 
 
 def test_subprocessors_notices_and_an_objection_through_the_api(api_gateway):
@@ -372,3 +373,41 @@ def test_the_record_of_processing_states_what_the_gateway_holds(make_gateway, tm
     as_json = json.loads(gw.cli("processing-record", "--tenant", "acme", "--json",
                                 check=True).stdout)
     assert as_json["categories"] == doc["categories"]
+
+
+def test_a_tenant_places_a_legal_hold_that_erasure_and_deletion_respect(api_gateway):
+    gw, api = api_gateway
+    admin, reader = _token(gw, "acme", "admin"), _token(gw, "acme", "read")
+    globex = _token(gw, "globex", "admin")
+    hold = {"name": "audit-2026", "reason": "tax audit", "address": "Bob@client.test"}
+    assert api.call("POST", "/api/v1/holds", reader, hold)[0] == 403
+    assert api.call("POST", "/api/v1/holds", admin, {**hold, "tag": "nope"})[0] == 409
+    assert api.call("POST", "/api/v1/holds", admin, {**hold, "until": "2020-01-01"})[0] == 409
+    assert api.call("POST", "/api/v1/holds", admin, {**hold, "until": "20991231"})[0] == 400
+    status, doc, _ = api.call("POST", "/api/v1/holds", admin, hold)
+    assert status == 201 and doc["name"] == "audit-2026"
+    hold_id = doc["id"]
+    assert api.call("POST", "/api/v1/holds", admin, hold)[0] == 409  # in force already
+    mine = api.call("GET", "/api/v1/holds", admin)[1]["holds"]
+    assert {(h["placed_by"], h["name"], h["address"]) for h in mine} == {
+        ("gateway", "case-9", "held@client.test"), ("tenant", "audit-2026", "bob@client.test")}
+    theirs = api.call("GET", "/api/v1/holds", globex)[1]["holds"]
+    assert [h["name"] for h in theirs] == ["case-9"]
+    assert api.call("DELETE", f"/api/v1/holds/{hold_id}", globex)[0] == 404
+
+    bob = next(m["id"] for m in gw.messages(tenant="acme") if m["subject"] == "acme from bob")
+    status, doc, _ = api.call("POST", "/api/v1/erasures", admin,
+                              {"subject": "bob@client.test"})
+    assert status == 409 and "legal hold audit-2026" in doc["error"]
+    assert api.call("DELETE", f"/api/v1/messages/{bob}", admin)[0] == 409
+    detail = api.call("GET", f"/api/v1/messages/{bob}", admin)[1]
+    assert detail["retention"]["held_by"] == ["audit-2026"]
+    shown = json.loads(gw.cli("messages", "show", bob, "--json", check=True).stdout)
+    assert shown["held_by"] == ["audit-2026"]
+
+    status, doc, _ = api.call("DELETE", f"/api/v1/holds/{hold_id}", admin)
+    assert (status, doc) == (200, {"id": hold_id, "released": True})
+    assert api.call("POST", "/api/v1/erasures", admin, {"subject": "bob@client.test"})[0] \
+        == 200
+    assert gw.store.get_message(bob) is None
+    assert [e["action"] for e in _audit(gw, "hold")] == ["hold.place", "hold.release"]

@@ -11,6 +11,7 @@ from sqlalchemy import func, select, update
 from gateway.policy.retention import Duration, Hold, RetentionPolicy, Tag, TenantRetention
 from gateway.policyset import PolicyError, load
 from gateway.records import NewMessage
+from gateway.store.holds import HoldStore
 from gateway.store.ids import new_id
 from gateway.store.intake import _insert_messages
 from gateway.store.messages import tag_key
@@ -374,3 +375,23 @@ def test_the_daemon_sweeps_on_its_interval(make_gateway, tmp_path):
     assert [r["mail_from"] for r in gw.messages()] == ["claims@big.example"]
     assert "retention sweep (policy " in gw.log()
     assert gw.terminate() == 0
+
+
+def test_a_hold_a_tenant_placed_keeps_its_mail_from_the_sweep_until_released(store):
+    policy = RetentionPolicy(default=Duration.parse("1y"))
+    held = _seed(store, age_days=400, addresses=["claims@big.example"])
+    other_tenant = _seed(store, tenant="globex", age_days=400,
+                         addresses=["claims@big.example"])
+    free = _seed(store, age_days=400)
+    holds = HoldStore(store)
+    hold_id = holds.place("acme", name="claims", reason="a dispute",
+                          address="claims@big.example", tag=None, until=None, actor="api:t")
+    assert hold_id is not None
+    sweeper = Sweeper(store, batch_size=2, clock=lambda: NOW, sleep=lambda _: None)
+    report = sweeper.sweep(policy)
+    assert (report.expired, report.held) == (2, 1)
+    assert _ids(store) == {held}  # globex's mail with the address is not acme's to hold
+    assert other_tenant not in _ids(store) and free not in _ids(store)
+    assert holds.release("acme", hold_id, "api:t") is True
+    assert holds.release("acme", hold_id, "api:t") is False  # released once
+    assert sweeper.sweep(policy).expired == 1 and _ids(store) == set()

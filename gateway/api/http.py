@@ -33,6 +33,10 @@ OWNER = web.RequestKey("owner", TokenOwner)
 # Matched whole (fullmatch) and before upper(), which makes a dotless i an ASCII "I"
 _ID = re.compile(r"[0-9A-Za-z]{26}")
 _NUMBER = re.compile(r"[1-9][0-9]{0,17}")
+# A character JSON Schema's \S matches (ECMA-262 white space and line terminators are
+# fewer than Python's \s, which also counts U+001C-U+001F and U+0085)
+_VISIBLE = re.compile("[^\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f"
+                      "\u205f\u3000\ufeff]")
 
 
 @dataclass(frozen=True)
@@ -203,7 +207,7 @@ def body_text(body: dict[str, Any], name: str, *, required: bool, most: int = 10
     if name not in body and not required:
         return None
     value = body.get(name)
-    if not isinstance(value, str) or not value.strip() or len(value) > most:
+    if not isinstance(value, str) or not _VISIBLE.search(value) or len(value) > most:
         raise ApiError(400, f"{name}: text of 1 to {most} characters is needed")
     return value
 

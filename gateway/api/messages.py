@@ -28,6 +28,7 @@ from gateway.api.http import (
 )
 from gateway.api.openapi import MAX_LIMIT
 from gateway.clock import aware
+from gateway.policyset import retention_in_force
 from gateway.privacy import erasure
 from gateway.store.pages import DeliveryFilter
 from gateway.store.privacy import Found
@@ -82,7 +83,7 @@ class MessageRoutes:
 
     def _retention(self, row: dict[str, Any]) -> dict[str, Any]:
         """The retention rule that keeps the message, when it expires, the holds on it."""
-        policy = self.ctx.policies().retention
+        policy = retention_in_force(self.ctx.policies().retention, self.ctx.store)
         now = datetime.now(UTC)
         tags = row["tags"] or []
         addresses = {a.lower() for _, a in row["addresses"]}

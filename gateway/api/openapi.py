@@ -120,9 +120,16 @@ def openapi_document() -> dict[str, Any]:
                     objection_window_ends=nullable(when),
                     state={"enum": ["sent", "pending", "held", "failed", "unsent"]},
                     why=text, message=nullable(ref("id")))
-    hold = record(name=string, reason=string, address=text, tag=text,
+    hold = record(id=nullable(number), placed_by={"enum": ["gateway", "tenant"]},
+                  name=string, reason=string, address=text, tag=text,
                   tenant_only={"type": "boolean"},
                   until=nullable({"type": "string", "format": "date"}))
+    new_hold = record(
+        name={"type": "string", "minLength": 1, "maxLength": 64, "pattern": r"\S"},
+        reason={"type": "string", "minLength": 1, "maxLength": 1000, "pattern": r"\S"},
+        address=address, tag=string,
+        until={"type": "string", "format": "date"},
+        optional=("address", "tag", "until"))
     incident = record(
         id=number, status={"enum": ["open", "closed"]}, description=string,
         discovered_at=when, deadline=when, closed_at=nullable(when), closing_note=text,
@@ -246,9 +253,18 @@ def openapi_document() -> dict[str, Any]:
                              usable={"const": False})),
             [{"name": "name", "in": "path", "required": True, "schema": string}],
             body=record(note=note, optional=("note",)), status="201", scope="admin")},
-        "/api/v1/holds": {"get": op(
-            "The legal holds in force on the tenant's mail",
-            json_body(record(holds={"type": "array", "items": hold})))},
+        "/api/v1/holds": {
+            "get": op("The legal holds in force on the tenant's mail",
+                      json_body(record(holds={"type": "array", "items": hold}))),
+            "post": op("Place a legal hold on the tenant's mail (all of it, or what carries "
+                       "an address or a tag); 409 when one of that name is in force, the "
+                       "retention policy in force has no such tag, or until has passed",
+                       json_body(record(id=number, name=string)), body=new_hold,
+                       status="201", errors=("409",), scope="admin")},
+        "/api/v1/holds/{id}": {"delete": op(
+            "Release a legal hold the tenant placed",
+            json_body(record(id=number, released={"const": True})), path_number,
+            scope="admin")},
         "/api/v1/incidents": {"get": op(
             "The personal-data incidents that affect the tenant, newest first, with the "
             "notice to the tenant: queued, delivered, the deadline, kept or not",

@@ -5,7 +5,8 @@ legal holds on its mail, and its audit events."""
 from __future__ import annotations
 
 import asyncio
-from datetime import UTC, datetime
+import re
+from datetime import UTC, date, datetime
 from typing import Any
 
 from aiohttp import web
@@ -30,12 +31,16 @@ from gateway.api.http import (
 from gateway.api.openapi import MAX_LIMIT
 from gateway.policy.subprocessors import Consent
 from gateway.privacy import register, subject_address
+from gateway.store.holds import HoldStore
 from gateway.store.incidents import IncidentStore
 from gateway.store.pages import AuditFilter
 from gateway.store.requests import RequestStore
 from gateway.store.subprocessors import notice_record
 
 _NEWEST = 2**63 - 1
+
+
+_DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
 
 class RecordRoutes:
@@ -49,6 +54,8 @@ class RecordRoutes:
                 Route("GET", "/subprocessors/notices", self.notices, "read"),
                 Route("POST", "/subprocessors/{name}/objections", self.object, "admin"),
                 Route("GET", "/holds", self.holds, "read"),
+                Route("POST", "/holds", self.place_hold, "admin"),
+                Route("DELETE", "/holds/{id}", self.release_hold, "admin"),
                 Route("GET", "/incidents", self.incidents, "read"),
                 Route("GET", "/incidents/{id}", self.incident, "read"),
                 Route("GET", "/requests", self.requests, "read"),
@@ -115,14 +122,66 @@ class RecordRoutes:
 
     # ------------------------------------------------------------ holds, audit
     async def holds(self, request: web.Request) -> web.Response:
-        """The legal holds in force that apply to the tenant's mail (its own, and those
-        of the whole gateway)."""
-        mine = tenant(request)
-        holds = self.ctx.policies().retention.active_holds(datetime.now(UTC))
-        return reply({"holds": [{"name": h.name, "reason": h.reason, "address": h.address,
-                                 "tag": h.tag, "tenant_only": h.tenant is not None,
-                                 "until": h.until.isoformat() if h.until else None}
-                                for h in holds if h.tenant in (None, mine)]})
+        """The legal holds in force that apply to the tenant's mail: those of the
+        gateway's retention policy (its own, and the whole gateway's), and those the
+        tenant placed here (with their id, to release them)."""
+        mine, now = tenant(request), datetime.now(UTC)
+        holds = self.ctx.policies().retention.active_holds(now)
+        doc = [{"id": None, "placed_by": "gateway", "name": h.name, "reason": h.reason,
+                "address": h.address, "tag": h.tag, "tenant_only": h.tenant is not None,
+                "until": h.until.isoformat() if h.until else None}
+               for h in holds if h.tenant in (None, mine)]
+        placed = await asyncio.to_thread(HoldStore(self.ctx.store).in_force, mine)
+        doc += [{"id": r["id"], "placed_by": "tenant", "name": r["name"],
+                 "reason": r["reason"], "address": r["address"], "tag": r["tag"],
+                 "tenant_only": True, "until": r["until"].isoformat() if r["until"] else None}
+                for r in placed if r["until"] is None or r["until"] >= now.date()]
+        return reply({"holds": doc})
+
+    async def place_hold(self, request: web.Request) -> web.Response:
+        """Place a legal hold on the tenant's mail (all of it, or what carries an address
+        or a tag, until a day or until released): retention, erasures and deletions keep
+        what it covers (audited)."""
+        body = await read_body(request, {"name", "reason", "address", "tag", "until"})
+        name = body_text(body, "name", required=True, most=64)
+        reason = body_text(body, "reason", required=True)
+        address = body.get("address")
+        if address is not None:
+            address = subject_address(address) if isinstance(address, str) else None
+            if address is None:
+                raise ApiError(400, "address: an e-mail address is needed")
+        tag = body.get("tag")
+        if tag is not None and not isinstance(tag, str):
+            raise ApiError(400, "tag: the name of a tag is needed")
+        if tag is not None and tag not in self.ctx.policies().retention.tags:
+            # well formed, but not a tag of the policy in force (which may change)
+            raise ApiError(409, f"tag: the retention policy has no tag {tag[:64]!r}")
+        until = body.get("until")
+        if until is not None:
+            try:
+                until = date.fromisoformat(until) if isinstance(until, str) and \
+                    _DAY.fullmatch(until) else None
+            except ValueError:
+                until = None
+            if until is None:
+                raise ApiError(400, "until: a day (YYYY-MM-DD)")
+            if until < datetime.now(UTC).date():
+                raise ApiError(409, f"until: {until.isoformat()} has passed")
+        assert name is not None and reason is not None
+        hold_id = await asyncio.to_thread(
+            HoldStore(self.ctx.store).place, tenant(request), name=name, reason=reason,
+            address=address.lower() if address else None, tag=tag,
+            until=until, actor=actor(request))
+        if hold_id is None:
+            raise ApiError(409, f"a hold named {name!r} is in force")
+        return reply({"id": hold_id, "name": name}, 201)
+
+    async def release_hold(self, request: web.Request) -> web.Response:
+        hold_id = path_number(request)
+        if not await asyncio.to_thread(HoldStore(self.ctx.store).release, tenant(request),
+                                       hold_id, actor(request)):
+            raise not_found()
+        return reply({"id": hold_id, "released": True})
 
     async def incidents(self, request: web.Request) -> web.Response:
         """The personal-data incidents that affect the tenant, newest first, each with

@@ -28,7 +28,7 @@ from gateway.cli.common import (
 )
 from gateway.clock import aware, utcnow
 from gateway.config import GatewayConfig
-from gateway.policyset import PolicyError
+from gateway.policyset import PolicyError, retention_in_force
 from gateway.store.repository import Store
 
 
@@ -113,7 +113,7 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
             **_auth_summary(row["auth_results"] or {}),
         }
     )
-    data.update(_retention_of(load_config(args), row))
+    data.update(_retention_of(load_config(args), store, row))
     store.audit(actor(), "message.show", tenant_id=row["tenant_id"], message_id=row["id"])
     if args.json:
         json.dump(data, sys.stdout, indent=1)
@@ -147,11 +147,12 @@ def _auth_summary(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _retention_of(config: GatewayConfig, row: dict[str, Any]) -> dict[str, Any]:
+def _retention_of(config: GatewayConfig, store: Store, row: dict[str, Any]
+                  ) -> dict[str, Any]:
     """Which retention rule applies to a stored message under the policy on disk,
     when it expires, and what holds it."""
     try:
-        policy = load_policies(config).retention
+        policy = retention_in_force(load_policies(config).retention, store)
     except PolicyError as exc:
         return {"retention": f"unknown: the policy does not validate ({exc.problems[0]})"}
     if row["status"] == "received":

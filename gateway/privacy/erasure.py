@@ -26,6 +26,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from gateway.config import GatewayConfig
 from gateway.logs import mask
 from gateway.policy.retention import RetentionPolicy
+from gateway.policyset import retention_in_force
 from gateway.privacy import requests
 from gateway.privacy.export import tidy
 from gateway.privacy.keys import PrivacyKey
@@ -61,6 +62,7 @@ def plan(store: PrivacyStore, policy: RetentionPolicy | None, config: GatewayCon
                                                                           subject),
                   exports=store.stored_exports(tenant))
     if policy is not None:
+        policy = retention_in_force(policy, store.store)
         held: Counter[str] = Counter()
         for f in found:
             held.update(policy.held_by(tenant, f.tags, f.addresses, now))
@@ -94,7 +96,8 @@ def delete_message(store: PrivacyStore, policy: RetentionPolicy, found: Found, t
                    override_reason: str | None = None) -> Removed:
     """Delete one message of ``tenant`` as an erasure would (the tenant's exports made
     before go with it: they hold it), unless a legal hold covers it."""
-    held = policy.held_by(tenant, found.tags, found.addresses, now)
+    held = retention_in_force(policy, store.store).held_by(tenant, found.tags,
+                                                            found.addresses, now)
     if held and override_reason is None:
         raise ErasureRefused(f"legal hold {', '.join(held)} covers this message: "
                              "it is not deleted")
@@ -122,6 +125,7 @@ def tenant_holds(store: PrivacyStore, policy: RetentionPolicy, tenant: str, now:
                  ) -> dict[str, int]:
     """The legal holds in force on a tenant's mail: hold name -> messages it covers."""
     held: Counter[str] = Counter()
+    policy = retention_in_force(policy, store.store)
     if not policy.active_holds(now):
         return {}
     for page in store.tenant_messages(tenant):

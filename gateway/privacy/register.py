@@ -16,7 +16,7 @@ from typing import Any
 
 from gateway.config import GatewayConfig
 from gateway.policy.subprocessors import Consent
-from gateway.policyset import PolicySet
+from gateway.policyset import PolicySet, retention_in_force
 from gateway.store.pages import Pages
 from gateway.store.repository import Store
 
@@ -53,7 +53,7 @@ def build(config: GatewayConfig, policies: PolicySet, store: Store, tenant: str,
     routing = policies.subprocessors
     terms = routing.tenants.get(tenant) if routing is not None else None
     held = Pages(store).holdings(tenant)
-    retention = policies.retention
+    retention = retention_in_force(policies.retention, store)
     reg = Register(tenant, (tenant_config.name if tenant_config else "") or tenant, now,
                    config.smtp.hostname, terms.privacy_contact if terms else None)
 

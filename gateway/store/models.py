@@ -334,3 +334,21 @@ subject_requests = Table(
     Column("fulfilled_at", DateTime(timezone=True)),
     Column("fulfilled_by", Text),  # "export ID", "erasure", or the note of a hand close
 )
+
+# Legal holds a tenant placed through the admin API (beside those of retention.yaml):
+# always on its own mail; released, not deleted, so the record stays.
+legal_holds = Table(
+    "legal_holds",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("name", String(64), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("address", Text),
+    Column("tag", String(64)),
+    Column("until", DateTime(timezone=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("created_by", Text, nullable=False),
+    Column("released_at", DateTime(timezone=True)),
+    Column("released_by", Text),
+)
