@@ -84,19 +84,11 @@ class MessageRoutes:
     def _retention(self, row: dict[str, Any]) -> dict[str, Any]:
         """The retention rule that keeps the message, when it expires, the holds on it."""
         policy = retention_in_force(self.ctx.policies().retention, self.ctx.store)
-        now = datetime.now(UTC)
-        tags = row["tags"] or []
-        addresses = {a.lower() for _, a in row["addresses"]}
-        held = policy.held_by(row["tenant_id"], tags, addresses, now)
-        if row["status"] == "received":
-            return {"rule": "decided once the message is processed", "expires_at": None,
-                    "held_by": held}
-        if unknown := policy.unknown_tags(tags):
-            return {"rule": f"kept: tag {', '.join(unknown)} is not in the retention policy",
-                    "expires_at": None, "held_by": held}
-        decision = policy.decide(row["tenant_id"], tags)
-        return {"rule": decision.rule, "held_by": held,
-                "expires_at": decision.expires(aware(row["received_at"])).isoformat()}
+        s = policy.standing(row["tenant_id"], row["tags"] or [],
+                            {a.lower() for _, a in row["addresses"]},
+                            aware(row["received_at"]), row["status"] != "received",
+                            datetime.now(UTC))
+        return {"rule": s.rule, "expires_at": when(s.expires_at), "held_by": s.held_by}
 
     async def eml(self, request: web.Request) -> web.Response:
         row = await self._own(request)

@@ -34,7 +34,7 @@ from gateway.privacy import register, subject_address
 from gateway.store.holds import HoldStore
 from gateway.store.incidents import IncidentStore
 from gateway.store.pages import AuditFilter
-from gateway.store.requests import RequestStore
+from gateway.store.requests import RequestStore, request_record
 from gateway.store.subprocessors import notice_record
 
 _NEWEST = 2**63 - 1
@@ -201,13 +201,8 @@ class RecordRoutes:
         """The data-subject requests about the tenant's data that reached the processor:
         forwarded, due, and answered by which export or erasure."""
         rows = await asyncio.to_thread(RequestStore(self.ctx.store).list, tenant(request))
-        return reply({"requests": [
-            {"id": r["id"], "kind": r["kind"], "subject": r["subject"],
-             "status": r["status"], "received_at": when(r["received_at"]),
-             "due_at": when(r["due_at"]), "forward": r["forward"],
-             "forwarded_at": when(r["forwarded_at"]),
-             "fulfilled_at": when(r["fulfilled_at"]), "fulfilled_by": r["fulfilled_by"]}
-            for r in rows]})
+        return reply({"requests": [{k: v for k, v in request_record(r).items()
+                                    if k != "tenant"} for r in rows]})
 
     async def processing_record(self, request: web.Request) -> web.Response:
         """The tenant's record of processing (GDPR art. 30): JSON, or ``format=markdown``."""

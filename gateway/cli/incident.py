@@ -7,7 +7,6 @@ import argparse
 import json
 import sys
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from gateway.cli.common import (
@@ -116,15 +115,11 @@ def cmd_incident_notify(args: argparse.Namespace) -> int:
     except incident.NoticeError as exc:
         raise CommandError(str(exc)) from None
     sender = args.sender or incident.notice_sender(routing, config.smtp.hostname)
-    try:
-        data = Path(args.file).read_bytes()
-    except OSError as exc:
-        raise CommandError(f"{args.file}: {exc.strerror}") from None
     tenant = config.tenants.get(args.tenant)
     try:
         notice = incident.build(
             tenant=args.tenant, tenant_name=(tenant.name if tenant else "") or args.tenant,
-            sender=sender, to=to, text=incident.read_text(data, args.file), title=args.title,
+            sender=sender, to=to, text=incident.read_file(args.file), title=args.title,
             discovered_at=discovered, now=utcnow(), hostname=config.smtp.hostname)
     except incident.NoticeError as exc:
         raise CommandError(str(exc)) from None

@@ -155,20 +155,11 @@ def _retention_of(config: GatewayConfig, store: Store, row: dict[str, Any]
         policy = retention_in_force(load_policies(config).retention, store)
     except PolicyError as exc:
         return {"retention": f"unknown: the policy does not validate ({exc.problems[0]})"}
-    if row["status"] == "received":
-        return {"retention": "decided once the pipeline has processed the message"}
-    now = utcnow()
-    tags = row["tags"] or []
-    unknown = policy.unknown_tags(tags)
-    if unknown:
-        return {"retention": f"kept: tag {', '.join(unknown)} is not in the retention policy"}
-    decision = policy.decide(row["tenant_id"], tags)
-    addresses = {a.lower() for _, a in row.get("addresses", [])}
-    holds = policy.held_by(row["tenant_id"], tags, addresses, now)
-    received = aware(row["received_at"])
-    return {"retention": decision.rule,
-            "expires_at": decision.expires(received).isoformat(),
-            "held_by": holds}
+    s = policy.standing(row["tenant_id"], row["tags"] or [],
+                        {a.lower() for _, a in row.get("addresses", [])},
+                        aware(row["received_at"]), row["status"] != "received", utcnow())
+    return {"retention": s.rule, "held_by": s.held_by,
+            **({"expires_at": s.expires_at.isoformat()} if s.expires_at else {})}
 
 
 def cmd_messages_export(args: argparse.Namespace) -> int:

@@ -6,8 +6,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
-from typing import Any
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -16,7 +14,6 @@ from gateway.cli.common import (
     Subcommands,
     actor,
     config_arg,
-    jsonable,
     known_tenant,
     load_policies,
     open_privacy,
@@ -28,7 +25,7 @@ from gateway.cli.common import (
 )
 from gateway.clock import utcnow
 from gateway.privacy import incident, requests
-from gateway.store.requests import KINDS, RequestStore
+from gateway.store.requests import KINDS, RequestStore, request_record
 
 
 def add_parsers(sub: Subcommands) -> None:
@@ -73,9 +70,7 @@ def cmd_request_record(args: argparse.Namespace) -> int:
     except incident.NoticeError as exc:
         raise CommandError(str(exc)) from None
     try:
-        text = incident.read_text(Path(args.file).read_bytes(), args.file)
-    except OSError as exc:
-        raise CommandError(f"{args.file}: {exc.strerror}") from None
+        text = incident.read_file(args.file)
     except incident.NoticeError as exc:
         raise CommandError(str(exc)) from None
     tenant = config.tenants.get(args.tenant)
@@ -95,16 +90,8 @@ def cmd_request_record(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _json(r: dict[str, Any]) -> dict[str, Any]:
-    return {"id": r["id"], "tenant": r["tenant_id"], "kind": r["kind"],
-            "subject": r["subject"], "status": r["status"],
-            "received_at": jsonable(r["received_at"]), "due_at": jsonable(r["due_at"]),
-            "forward": r["forward"], "forwarded_at": jsonable(r["forwarded_at"]),
-            "fulfilled_at": jsonable(r["fulfilled_at"]), "fulfilled_by": r["fulfilled_by"]}
-
-
 def cmd_request_list(args: argparse.Namespace) -> int:
-    items = [_json(r) for r in RequestStore(open_store(args)).list(args.tenant,
+    items = [request_record(r) for r in RequestStore(open_store(args)).list(args.tenant,
                                                                     open_only=args.open)]
     if args.json:
         json.dump(items, sys.stdout, indent=1)

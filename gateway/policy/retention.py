@@ -138,6 +138,16 @@ class Decision:
 
 
 @dataclass(frozen=True, slots=True)
+class Standing:
+    """Where a stored message stands: the rule that keeps it, when it expires (None:
+    not decided, or kept), the legal holds on it."""
+
+    rule: str
+    expires_at: datetime | None
+    held_by: list[str]
+
+
+@dataclass(frozen=True, slots=True)
 class RetentionPolicy:
     default: Duration = Duration(months=12)
     tags: dict[str, Tag] = field(default_factory=dict)
@@ -167,6 +177,20 @@ class RetentionPolicy:
         if overrides.default is not None:
             return Decision(overrides.default, f"default of tenant {tenant} ({overrides.default})")
         return Decision(self.default, f"default ({self.default})")
+
+    def standing(self, tenant: str, tags: Collection[str], addresses: Collection[str],
+                 received_at: datetime, processed: bool, now: datetime) -> Standing:
+        """Where a stored message of ``tenant`` stands under this policy (``addresses``
+        in lower case; a message not ``processed`` yet has no rule decided)."""
+        held = self.held_by(tenant, tags, addresses, now)
+        if not processed:
+            return Standing("decided once the message is processed", None, held)
+        unknown = self.unknown_tags(tags)
+        if unknown:
+            return Standing(f"kept: tag {', '.join(unknown)} is not in the retention policy",
+                            None, held)
+        decision = self.decide(tenant, tags)
+        return Standing(decision.rule, decision.expires(received_at), held)
 
     def unknown_tags(self, tags: Iterable[str]) -> list[str]:
         return [t for t in tags if t not in self.tags]

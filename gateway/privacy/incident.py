@@ -15,6 +15,7 @@ import email.header
 import hashlib
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 
 from gateway.delivery.notices import local_message
 from gateway.policy.subprocessors import SubprocessorPolicy
@@ -68,6 +69,15 @@ def recipient(routing: SubprocessorPolicy | None, tenant: str, to: str | None) -
         raise NoticeError(f"tenant {tenant} has no privacy_contact in subprocessors.yaml: "
                           "give --to ADDRESS")
     return found
+
+
+def read_file(path: str) -> str:
+    """The text of a notice (or a request) the operator wrote to ``path``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise NoticeError(f"{path}: {exc.strerror}") from None
+    return read_text(data, path)
 
 
 def read_text(data: bytes, where: str) -> str:

@@ -115,3 +115,15 @@ class RequestStore:
                 select(func.count(), func.min(subject_requests.c.due_at))
                 .where(subject_requests.c.status == OPEN)).one()
         return Due(int(count), (aware(nearest) - now).total_seconds() if nearest else None)
+
+
+def request_record(r: dict[str, Any]) -> dict[str, Any]:
+    """A request as ``request list --json`` and the admin API show it."""
+    def iso(value: datetime | None) -> str | None:
+        return value.isoformat() if value else None
+
+    return {"id": r["id"], "tenant": r["tenant_id"], "kind": r["kind"],
+            "subject": r["subject"], "status": r["status"],
+            "received_at": iso(r["received_at"]), "due_at": iso(r["due_at"]),
+            "forward": r["forward"], "forwarded_at": iso(r["forwarded_at"]),
+            "fulfilled_at": iso(r["fulfilled_at"]), "fulfilled_by": r["fulfilled_by"]}
