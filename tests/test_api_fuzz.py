@@ -85,6 +85,8 @@ def assert_json_errors(entries: list[dict[str, Any]]) -> None:
 @pytest.mark.timeout(400)  # two fuzzing runs of up to 120 s each on a slow machine
 def test_the_admin_api_does_what_its_openapi_document_says(api_gateway, tmp_path):
     gw, api = api_gateway
+    gw.cli("incident", "open", "--tenant", "acme", "--discovered", "2026-12-01T09:00Z",
+           "--description", "a misdirected export", check=True)
     token = _token(gw, "acme")
 
     acme, globex = ([m["id"] for m in gw.messages(tenant=t)] for t in ("acme", "globex"))

@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
-from gateway.delivery.queue import CONSENT_TTL
 from tests import test_api
 from tests.conftest import free_port, metrics_port, samples, value, wait_for
 from tests.test_api import SUBJECT, _token
+from tests.test_subprocessors import CONSENT_REFRESH
 
 api_gateway = test_api.api_gateway  # a daemon with acme's and globex's mail, copied
 
@@ -135,7 +135,7 @@ def _held_copy(gw: Any, api: Any, token: str) -> int:
     status, doc, _ = api.call("POST", "/api/v1/subprocessors/relay-eu/objections", token,
                               {"note": "by letter of 3 December"})
     assert status == 201, doc
-    time.sleep(CONSENT_TTL + 0.5)  # the delivery process sees an objection within this
+    time.sleep(CONSENT_REFRESH + 0.5)  # the delivery process sees an objection within this
     with gw.smtp() as s:
         s.sendmail("carol@client.test", ["support@acme.test"],
                    b"From: carol@client.test\r\nSubject: later\r\n\r\nlater\r\n")

@@ -15,12 +15,17 @@ from typing import Any
 from sqlalchemy import update
 
 from gateway.delivery.notices import local_message
-from gateway.delivery.queue import CONSENT_TTL
 from gateway.records import Notice
 from gateway.store.models import deliveries, subprocessor_notices
 from tests.conftest import free_port, metrics_port, samples, simple_message, value, wait_for
 from tests.sink import Sink
-from tests.test_subprocessors import _gateway, _policy_text, relays, with_new_relay
+from tests.test_subprocessors import (
+    CONSENT_REFRESH,
+    _gateway,
+    _policy_text,
+    relays,
+    with_new_relay,
+)
 
 __all__ = ["relays"]  # the fixture, used by the tests below
 
@@ -86,14 +91,14 @@ def test_the_window_runs_from_the_notices_delivery(make_gateway, tmp_path, relay
         _set_times(gw, notice, now - timedelta(days=6), now - timedelta(days=2))
         assert datetime.fromisoformat(_notices(gw)[0]["objection_window_ends"]) == \
             now + timedelta(days=3)
-        time.sleep(CONSENT_TTL + 0.5)  # the delivery process reads consent this often
+        time.sleep(CONSENT_REFRESH + 0.5)  # the delivery process reads consent this often
         assert _copy_through(gw, [eu, new], "within the window") is eu
         assert "objection window" in _usable(gw)["acme"]["relay-new"]
 
         # delivered five days and a minute ago: relay-new carries acme's copies
         _set_times(gw, notice, now - timedelta(days=6),
                    now - timedelta(days=5, minutes=1))
-        time.sleep(CONSENT_TTL + 0.5)
+        time.sleep(CONSENT_REFRESH + 0.5)
         assert _copy_through(gw, [eu, new], "after the window") is new
         assert _usable(gw)["acme"]["relay-new"] == "usable"
     finally:
@@ -112,7 +117,7 @@ def test_a_tenant_authorising_one_more_gets_its_own_notice_and_a_held_one_says_w
     assert _notices(gw) == []
     for name in ("relay-us", "relay-eu"):
         gw.cli("subprocessors", "object", "--tenant", "globex", name, check=True)
-    time.sleep(CONSENT_TTL + 0.5)
+    time.sleep(CONSENT_REFRESH + 0.5)
 
     text = _policy_text(eu, eu2, us).replace("authorised: [relay-us, relay-eu]",
                                              "authorised: [relay-us, relay-eu, relay-eu-2]")

@@ -413,17 +413,22 @@ def test_the_loop_load_is_the_share_of_time_its_thread_works():
         assert load.busy() == 0.0  # one reading: nothing to say yet
         await asyncio.sleep(0.6)
         idle = load.busy()
-        stop = time.monotonic() + 0.6
+        started, cpu = time.monotonic(), time.thread_time()
+        stop = started + 0.8
         while time.monotonic() < stop:  # the loop's thread never idles
             sum(range(10_000))
             await asyncio.sleep(0)
         working = load.busy()
+        # what the thread got: all of a core on an idle machine, less where other
+        # processes (another test worker) take their share
+        got = (time.thread_time() - cpu) / (time.monotonic() - started)
         load.stop()
-        return idle, working
+        return idle, working, got
 
-    idle, working = asyncio.run(scenario())
+    idle, working, got = asyncio.run(scenario())
     assert idle < 0.2, idle
-    assert working > 0.6, working
+    assert got > 0.3, f"the test's thread got {got:.2f} of a core: too busy a machine"
+    assert abs(working - got) < 0.2, (working, got)
 
 
 def test_in_flow_control_lets_a_session_on_per_finished_message_or_after_the_delay():

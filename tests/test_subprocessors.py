@@ -23,6 +23,8 @@ from gateway.policyset import PolicyError, load
 from tests.conftest import simple_message, wait_for
 from tests.sink import Sink
 
+CONSENT_REFRESH = 0.5  # delivery.consent_refresh of the daemons below (default 5s)
+
 NOW = datetime(2026, 11, 25, 12, tzinfo=UTC)
 
 
@@ -226,7 +228,8 @@ def _gateway(make_gateway, tmp_path, relays, **extra):
     (policies / "workflows.yaml").write_text(WORKFLOWS)
     return policies, make_gateway({
         "policies": {"directory": str(policies), "watch_interval": 0},
-        "delivery": {"poll_interval": "0.2s", "retry_base": "1s", "timeout": "10s"},
+        "delivery": {"poll_interval": "0.2s", "retry_base": "1s", "timeout": "10s",
+                     "consent_refresh": f"{CONSENT_REFRESH}s"},
         **extra,
     })
 
@@ -254,7 +257,7 @@ def test_copies_leave_only_through_authorised_relays(make_gateway, tmp_path, rel
     # acme objects to relay-eu: its next copy takes relay-eu-2
     assert gw.cli("subprocessors", "object", "--tenant", "acme", "relay-eu",
                   "--note", "letter of 2026-11-20").returncode == 0
-    time.sleep(5.5)  # the delivery worker re-reads objections every 5 s
+    time.sleep(CONSENT_REFRESH + 0.5)  # the delivery worker re-reads objections this often
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message("after objection"))
     wait_for(lambda: eu2.messages, what="relay-eu-2")
@@ -265,7 +268,7 @@ def test_copies_leave_only_through_authorised_relays(make_gateway, tmp_path, rel
 
     # and to relay-eu-2: nothing may carry acme's copies; they are held, visibly
     gw.cli("subprocessors", "object", "--tenant", "acme", "relay-eu-2", check=True)
-    time.sleep(5.5)
+    time.sleep(CONSENT_REFRESH + 0.5)
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message("nowhere to go"))
     held = wait_for(lambda: [d for d in _queue(gw) if d["status"] == "held"], what="a hold")

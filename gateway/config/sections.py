@@ -169,6 +169,9 @@ class DeliveryConfig(Section):
     retry_max: Duration = 3600.0
     max_age: Duration = 5 * 86400.0
     lease_time: LeaseTime = 300.0
+    # Sub-processor objections and notices recorded by another process (the command
+    # line, the admin API, another instance) are obeyed within this time.
+    consent_refresh: Duration = 5.0
     # Without a relay, copies may go straight to the recipient domain's MX hosts.
     mx_lookup: bool = False
     # host:port of DNS servers for MX lookups; empty: the system's (/etc/resolv.conf).

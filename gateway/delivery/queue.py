@@ -50,7 +50,6 @@ from gateway.workflow.actions import APPEND, KEEP
 
 log = logging.getLogger(__name__)
 
-CONSENT_TTL = 5.0  # seconds an objection recorded elsewhere may take to be seen
 HOLD_RECHECK = 600.0  # seconds between re-checks of subprocessor holds
 REPLAY_CHUNK = 5000  # copies of a dead process's journal recorded per transaction
 FORWARDED = ("cc", "bcc", "route")  # kinds that send inbound mail on: SRS and ARC apply
@@ -98,10 +97,10 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
         self._contents: dict[str, tuple[int, Content | None]] = {}
 
     async def consent(self) -> Consent:
-        """Notices and objections from the database, re-read at most every CONSENT_TTL s
-        (objections are recorded by the command line, another process)."""
+        """Notices and objections from the database, re-read at most every
+        ``delivery.consent_refresh`` (objections are recorded by another process)."""
         now = time.monotonic()
-        if self._consent is None or now - self._consent[0] > CONSENT_TTL:
+        if self._consent is None or now - self._consent[0] > self.settings.consent_refresh:
             rows = await asyncio.to_thread(self.store.consent_rows)
             self._consent = (now, Consent.of(rows))
         return self._consent[1]
