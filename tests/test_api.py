@@ -270,7 +270,8 @@ def test_the_openapi_description_covers_every_route():
               ("GET", "/api/v1/holds"), ("POST", "/api/v1/holds"),
               ("DELETE", "/api/v1/holds/{id}"), ("GET", "/api/v1/audit"),
               ("GET", "/api/v1/incidents"), ("GET", "/api/v1/incidents/{id}"),
-              ("GET", "/api/v1/processing-record"), ("GET", "/api/v1/requests")}
+              ("GET", "/api/v1/processing-record"), ("GET", "/api/v1/requests"),
+              ("POST", "/api/v1/requests")}
     described = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
     assert described == routes
     # every operation but the document itself names the scope it needs

@@ -118,3 +118,43 @@ def test_request_input_is_checked(make_gateway, tmp_path, relay):
     gw.cli("request", "close", "1", "--note", "answered by letter", check=True)
     [row] = json.loads(gw.cli("request", "list", "--json", check=True).stdout)
     assert (row["status"], row["fulfilled_by"]) == ("closed", "answered by letter")
+
+
+def test_a_request_through_the_api_is_recorded_forwarded_and_checked(make_gateway, tmp_path,
+                                                                      relay):
+    """A tenant's own channel (a web form, a helpdesk) hands a request to the processor
+    through the API: the same record, forward and audit as ``request record``."""
+    gw, api = _gateway(make_gateway, tmp_path, relay)
+    admin, reader = _token(gw, "acme"), _token(gw, "acme", "read")
+    received = (datetime.now(UTC) - timedelta(days=2)).replace(microsecond=0)
+    ask = {"kind": "portability", "subject": "Jane.Doe@sender.test",
+           "text": "Please send me my data in a portable form.\nJane",
+           "received_at": received.isoformat()}
+    status, doc, _ = api.call("POST", "/api/v1/requests", admin, ask)
+    assert status == 201, doc
+    assert (doc["kind"], doc["subject"], doc["status"]) == (
+        "portability", "Jane.Doe@sender.test", "open")
+    assert doc["received_at"] == received.isoformat()
+    assert doc["due_at"].startswith((received + timedelta(days=28)).date().isoformat()[:7])
+    [forward] = relay.wait(1)
+    assert forward.rcpt_tos == ["dpo@customer.test"]
+    assert b"Kind: portability" in forward.data and b"> Please send me my data" in forward.data
+    listed = wait_for(lambda: [r for r in api.call("GET", "/api/v1/requests", reader)[1]
+                               ["requests"] if r["forward"] == "sent"], what="forwarded")
+    assert [r["id"] for r in listed] == [doc["id"]]
+    events = [e for e in gw.store.audit_events("acme") if e["action"] == "request.record"]
+    assert [e["actor"] for e in events] == [f"api:{admin.split('_')[1]}"]
+    assert "jane" not in json.dumps(events[0]["detail"]).lower()
+
+    # a read token may not; bad fields are 400; what cannot be is 409
+    assert api.call("POST", "/api/v1/requests", reader, ask)[0] == 403
+    for bad, field in (({**ask, "kind": "gossip"}, "kind"), ({**ask, "subject": "jane"}, "subject"),
+                       ({**ask, "text": " \n"}, "text"),
+                       ({**ask, "received_at": "yesterday"}, "received_at"),
+                       ({**ask, "extra": 1}, "extra")):
+        status, doc, _ = api.call("POST", "/api/v1/requests", admin, bad)
+        assert status == 400 and field in doc["error"], (bad, doc)
+    later = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    status, doc, _ = api.call("POST", "/api/v1/requests", admin, {**ask, "received_at": later})
+    assert status == 409 and "in the future" in doc["error"]
+    assert len(json.loads(gw.cli("request", "list", "--json", check=True).stdout)) == 1

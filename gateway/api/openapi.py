@@ -6,9 +6,11 @@ from typing import Any
 
 from gateway import __version__
 from gateway.store.models import FAILED, HELD, PENDING, SENT
+from gateway.store.requests import KINDS
 from gateway.store.tokens import SCOPES
 
 MAX_LIMIT = 1000  # rows of one page at most
+MAX_REQUEST_TEXT = 100_000  # characters of a data-subject request's text
 DELIVERY_STATUSES = (PENDING, HELD, SENT, FAILED)
 
 
@@ -130,6 +132,12 @@ def openapi_document() -> dict[str, Any]:
         address=address, tag=string,
         until={"type": "string", "format": "date"},
         optional=("address", "tag", "until"))
+    kinds = {"enum": list(KINDS)}
+    subject_request = record(
+        id=number, kind=kinds, subject=string, status={"enum": ["open", "fulfilled", "closed"]},
+        received_at=when, due_at=when,
+        forward={"enum": ["not forwarded", "pending", "held", "failed", "sent"]},
+        forwarded_at=nullable(when), fulfilled_at=nullable(when), fulfilled_by=text)
     incident = record(
         id=number, status={"enum": ["open", "closed"]}, description=string,
         discovered_at=when, deadline=when, closed_at=nullable(when), closing_note=text,
@@ -272,16 +280,21 @@ def openapi_document() -> dict[str, Any]:
             links=first("incidents", "id", "get_incidents_id"))},
         "/api/v1/incidents/{id}": {"get": op(
             "One incident that affects the tenant", json_body(incident), path_number)},
-        "/api/v1/requests": {"get": op(
-            "The data-subject requests about the tenant's data that reached the processor, "
-            "newest first: forwarded, due, answered by which export or erasure",
-            json_body(record(requests={"type": "array", "items": record(
-                id=number, kind={"enum": ["access", "erasure", "portability", "other"]},
-                subject=string, status={"enum": ["open", "fulfilled", "closed"]},
-                received_at=when, due_at=when,
-                forward={"enum": ["not forwarded", "pending", "held", "failed", "sent"]},
-                forwarded_at=nullable(when), fulfilled_at=nullable(when),
-                fulfilled_by=text)})))},
+        "/api/v1/requests": {
+            "get": op("The data-subject requests about the tenant's data that reached the "
+                      "processor, newest first: forwarded, due, answered by which export "
+                      "or erasure",
+                      json_body(record(requests={"type": "array", "items": subject_request}))),
+            "post": op("Record a data-subject request that reached the processor through the "
+                       "tenant's own channel and forward it, quoted, to the tenant's privacy "
+                       "contact; 409 when the tenant names no privacy contact or "
+                       "received_at is to come or over a year ago",
+                       json_body(subject_request), body=record(
+                           kind=kinds, subject=address,
+                           text={"type": "string", "minLength": 1,
+                                 "maxLength": MAX_REQUEST_TEXT, "pattern": r"\S"},
+                           received_at=when, optional=("received_at",)),
+                       status="201", errors=("409",), scope="admin")},
         "/api/v1/processing-record": {"get": op(
             "The tenant's record of processing (GDPR art. 30) as the gateway can state it: "
             "categories of data, retention, sub-processors, security, counts",

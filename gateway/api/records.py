@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from datetime import UTC, date, datetime
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from aiohttp import web
@@ -28,19 +28,24 @@ from gateway.api.http import (
     tenant,
     when,
 )
-from gateway.api.openapi import MAX_LIMIT
+from gateway.api.openapi import MAX_LIMIT, MAX_REQUEST_TEXT
 from gateway.policy.subprocessors import Consent
-from gateway.privacy import register, subject_address
+from gateway.privacy import register, requests, subject_address
+from gateway.privacy.incident import NoticeError
 from gateway.store.holds import HoldStore
 from gateway.store.incidents import IncidentStore
 from gateway.store.pages import AuditFilter
-from gateway.store.requests import RequestStore, request_record
+from gateway.store.requests import KINDS, RequestStore, request_record
 from gateway.store.subprocessors import notice_record
 
 _NEWEST = 2**63 - 1
 
 
 _DAY = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+# RFC 3339 (JSON Schema's date-time): a day, a time and its offset
+_TIME = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+                   r"([Zz]|[+-][0-9]{2}:[0-9]{2})")
+
 
 
 class RecordRoutes:
@@ -59,6 +64,7 @@ class RecordRoutes:
                 Route("GET", "/incidents", self.incidents, "read"),
                 Route("GET", "/incidents/{id}", self.incident, "read"),
                 Route("GET", "/requests", self.requests, "read"),
+                Route("POST", "/requests", self.receive_request, "admin"),
                 Route("GET", "/audit", self.audit, "read"),
                 Route("GET", "/processing-record", self.processing_record, "read")]
 
@@ -203,6 +209,49 @@ class RecordRoutes:
         rows = await asyncio.to_thread(RequestStore(self.ctx.store).list, tenant(request))
         return reply({"requests": [{k: v for k, v in request_record(r).items()
                                     if k != "tenant"} for r in rows]})
+
+    async def receive_request(self, request: web.Request) -> web.Response:
+        """Record a data-subject request that reached the processor through the tenant's
+        own channel (a form, a helpdesk) and forward it, quoted, to the tenant's privacy
+        contact, as ``request record`` does (audited)."""
+        body = await read_body(request, {"kind", "subject", "text", "received_at"})
+        kind = body.get("kind")
+        if kind not in KINDS:
+            raise ApiError(400, f"kind: one of {', '.join(KINDS)}")
+        person = body.get("subject")
+        person = subject_address(person) if isinstance(person, str) else None
+        if person is None:
+            raise ApiError(400, "subject: the person's e-mail address is needed")
+        text = body_text(body, "text", required=True, most=MAX_REQUEST_TEXT)
+        received = body.get("received_at", None)
+        now = datetime.now(UTC)
+        if received is not None:
+            try:
+                received = datetime.fromisoformat(received) if isinstance(received, str) \
+                    and _TIME.fullmatch(received) else None
+            except ValueError:
+                received = None
+            if received is None:
+                raise ApiError(400, "received_at: an RFC 3339 time (with its offset)")
+            try:
+                received = received.astimezone(UTC)
+            except OverflowError:
+                received = datetime.min.replace(tzinfo=UTC)
+            if received < now - timedelta(days=366):
+                raise ApiError(409, "received_at: over a year ago")
+        assert text is not None
+        try:
+            got = await asyncio.to_thread(
+                requests.receive, self.ctx.store, self.ctx.config,
+                self.ctx.policies().subprocessors, tenant=tenant(request), kind=kind,
+                subject=person, subject_hash=self.ctx.key.subject_hash(person), text=text,
+                received_at=received or now, now=now, to=None, actor=actor(request))
+        except NoticeError as exc:  # no privacy contact; a time to come
+            raise ApiError(409, str(exc).replace(": give --to ADDRESS", "")) from None
+        rows = await asyncio.to_thread(RequestStore(self.ctx.store).list, tenant(request),
+                                       ids=[got.id])
+        return reply({k: v for k, v in request_record(rows[0]).items() if k != "tenant"},
+                     201)
 
     async def processing_record(self, request: web.Request) -> web.Response:
         """The tenant's record of processing (GDPR art. 30): JSON, or ``format=markdown``."""

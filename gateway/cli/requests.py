@@ -61,31 +61,16 @@ def add_parsers(sub: Subcommands) -> None:
 def cmd_request_record(args: argparse.Namespace) -> int:
     config, key, store = open_privacy(args)
     known_tenant(config, store, args.tenant, active=True)
-    now = utcnow()
-    if args.received > now:
-        raise CommandError(f"--received {args.received.isoformat()} is in the future")
-    routing = load_policies(config).subprocessors
-    try:
-        to = incident.recipient(routing, args.tenant, args.to)
-    except incident.NoticeError as exc:
-        raise CommandError(str(exc)) from None
     try:
         text = incident.read_file(args.file)
+        got = requests.receive(
+            store.store, config, load_policies(config).subprocessors, tenant=args.tenant,
+            kind=args.kind, subject=args.subject, subject_hash=key.subject_hash(args.subject),
+            text=text, received_at=args.received, now=utcnow(), to=args.to, actor=actor())
     except incident.NoticeError as exc:
-        raise CommandError(str(exc)) from None
-    tenant = config.tenants.get(args.tenant)
-    message = requests.forward(
-        tenant=args.tenant, tenant_name=(tenant.name if tenant else "") or args.tenant,
-        kind=args.kind, subject=args.subject, text=text,
-        sender=incident.notice_sender(routing, config.smtp.hostname), to=to,
-        received_at=args.received, now=now, hostname=config.smtp.hostname)
-    due = requests.due(args.received)
-    request_id = RequestStore(store.store).record(
-        args.tenant, args.kind, args.subject, args.received, due, message, actor(),
-        {"subject": key.subject_hash(args.subject), "to": to,
-         "received_at": args.received.isoformat(), "due_at": due.isoformat()})
-    print(f"request {request_id} ({args.kind}) recorded and forwarded to {to}; due by "
-          f"{due.isoformat()}; an export or erasure of {args.subject} in tenant "
+        raise CommandError(str(exc).replace("received ", "--received ", 1)) from None
+    print(f"request {got.id} ({args.kind}) recorded and forwarded to {got.to}; due by "
+          f"{got.due.isoformat()}; an export or erasure of {args.subject} in tenant "
           f"{args.tenant} fulfils it")
     return EXIT_OK
 

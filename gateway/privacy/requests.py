@@ -2,16 +2,21 @@
 the controller (the tenant's privacy contact) with a copy of the request, and tracked
 until the export or erasure that answers them, within the month of GDPR art. 12(3).
 
-``forward()`` writes the forward, an outbound message of the tenant delivered through
-the queue like a breach notice; ``fulfilled()`` is called by exports and erasures of a
-person, and marks that person's open requests of those kinds fulfilled."""
+``receive()`` records one (from ``request record`` or the admin API) with its
+``forward()``, an outbound message of the tenant delivered through the queue like a
+breach notice; ``fulfilled()`` is called by exports and erasures of a person, and marks
+that person's open requests of those kinds fulfilled."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
+from gateway.config import GatewayConfig
 from gateway.delivery.notices import local_message
 from gateway.policy.retention import Duration
+from gateway.policy.subprocessors import SubprocessorPolicy
+from gateway.privacy import incident
 from gateway.records import NewMessage
 from gateway.store.repository import Store
 from gateway.store.requests import RequestStore
@@ -39,6 +44,36 @@ def forward(*, tenant: str, tenant_name: str, kind: str, subject: str, text: str
                          subject=f"Data-subject request ({kind})", body=body,
                          hostname=hostname, now=now, kind="request",
                          submitted_by="(data-subject request)")
+
+
+@dataclass(frozen=True)
+class Received:
+    id: int
+    to: str  # where the forward went
+    due: datetime
+
+
+def receive(store: Store, config: GatewayConfig, routing: SubprocessorPolicy | None, *,
+            tenant: str, kind: str, subject: str, subject_hash: str, text: str,
+            received_at: datetime, now: datetime, to: str | None, actor: str) -> Received:
+    """Record a request about ``subject`` in ``tenant``'s data and forward it, the text
+    quoted, to ``to`` or the tenant's privacy contact; NoticeError says why it cannot be
+    (no contact, a time in the future)."""
+    if received_at > now:
+        raise incident.NoticeError(f"received {received_at.isoformat()} is in the future")
+    to = incident.recipient(routing, tenant, to)
+    settings = config.tenants.get(tenant)
+    message = forward(
+        tenant=tenant, tenant_name=(settings.name if settings else "") or tenant,
+        kind=kind, subject=subject, text=text,
+        sender=incident.notice_sender(routing, config.smtp.hostname), to=to,
+        received_at=received_at, now=now, hostname=config.smtp.hostname)
+    deadline = due(received_at)
+    request_id = RequestStore(store).record(
+        tenant, kind, subject, received_at, deadline, message, actor,
+        {"subject": subject_hash, "to": to, "received_at": received_at.isoformat(),
+         "due_at": deadline.isoformat()})
+    return Received(request_id, to, deadline)
 
 
 def fulfilled(store: Store, tenant: str, subject: str, how: str, by: str,
