@@ -49,6 +49,8 @@ from gateway.ingress.submission import SubmissionHandler
 from gateway.metrics import Metrics
 from gateway.pipeline.precheck import Precheck
 from gateway.policyset import PolicyHolder, PolicySet
+from gateway.privacy import keys as privacy_keys
+from gateway.privacy.intake import RequestIntake
 from gateway.privacy.purge import watch_deactivated
 from gateway.processor import AUTH_CALL_TIMEOUT, WORKER_THREADS, Processor
 from gateway.reload import Reloader
@@ -259,10 +261,18 @@ class App:
             self._spawn(self.reloader.watch(self.config.policies.watch_interval))
 
     async def _sweeps(self, stack: AsyncExitStack) -> None:
+        """The retention sweeper, and the reader of data-subject requests by mail."""
+        assert self.store is not None
+        if self.config.privacy.request_address:
+            key = await asyncio.to_thread(privacy_keys.load_or_create,
+                                          self.config.privacy.key_file)
+            intake = RequestIntake(self.store, self.config, self.policies.get, key,
+                                   self.config.pipeline.poll_interval)
+            intake.start()
+            stack.push_async_callback(intake.stop)
         retention = self.config.retention
         if retention.sweep_interval <= 0:
             return
-        assert self.store is not None
         sweeper = Sweeper(self.store, batch_size=retention.batch_size,
                           pause=retention.batch_pause)
         self.sweeps = SweepLoop(sweeper, retention.sweep_interval, self.policies, self.metrics)

@@ -177,5 +177,6 @@ async def _process(child: _Child) -> None:
             srs=bool(config.srs.secret_file),
             keep_original={tid: t.keep_original for tid, t in config.tenants.items()
                            if t.keep_original is not None},
+            request_address=config.privacy.request_address or "",
         )
         await child.work(worker, pool, store)

@@ -68,6 +68,9 @@ class Outcome:
     policy_version: str | None = None
     auth_results: dict[str, Any] | None = None  # see messages.auth_results
     auth_header: str | None = None
+    # inbound mail to the gateway's privacy.request_address: the recipient it came to
+    # (a data-subject request, recorded with the message)
+    request: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -73,10 +73,29 @@ class SendAs:
         return next((a for a in addresses if not self.owns(a)), None)
 
 
+DELIMITER = "+"  # between an address's local part and its detail: support+x@ is support@'s
+
+
+def subaddress(address: str, base: str, delimiter: str = DELIMITER) -> str | None:
+    """Of ``address``, the detail after the recipient delimiter when it is ``base``'s
+    (``privacy+acme@x`` of ``privacy@x``: ``acme``), ``""`` when it is ``base`` itself
+    (any case), None when it is another address."""
+    local, _, domain = address.rpartition("@")
+    base_local, _, base_domain = base.rpartition("@")
+    if domain.lower().rstrip(".") != base_domain.lower() or not local:
+        return None
+    if local.lower() == base_local.lower():
+        return ""
+    if delimiter and local.lower().startswith(base_local.lower() + delimiter):
+        return local[len(base_local) + len(delimiter):]
+    return None
+
+
 class TenantDirectory:
     """Every tenant's domains and addresses, ready for lookups."""
 
-    def __init__(self, tenants: Mapping[str, TenantConfig], recipient_delimiter: str = "+") -> None:
+    def __init__(self, tenants: Mapping[str, TenantConfig],
+                 recipient_delimiter: str = DELIMITER) -> None:
         self.recipient_delimiter = recipient_delimiter
         self._domain_owner: dict[str, str] = {}
         self._addresses: set[str] = set()

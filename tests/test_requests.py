@@ -158,3 +158,89 @@ def test_a_request_through_the_api_is_recorded_forwarded_and_checked(make_gatewa
     status, doc, _ = api.call("POST", "/api/v1/requests", admin, {**ask, "received_at": later})
     assert status == 409 and "in the future" in doc["error"]
     assert len(json.loads(gw.cli("request", "list", "--json", check=True).stdout)) == 1
+
+
+PROCESSOR = {"name": "The processor", "domains": ["processor.test"],
+             "addresses": ["privacy@processor.test"]}
+
+
+def test_a_request_by_mail_is_recorded_and_forwarded_or_waits_for_its_tenant(
+        make_gateway, tmp_path, relay):
+    """Mail to privacy.request_address is a request: to privacy+acme@ it goes to acme's
+    privacy contact at once; one that names no tenant waits, counted, until assigned."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "subprocessors.yaml").write_text(SUBPROCESSORS.format(port=relay.port).replace(
+        "routing:", "  processor: {privacy_contact: dpo@processor.test, authorised: all}\n"
+                    "routing:"))
+    gw = make_gateway({"policies": {"directory": str(policies)},
+                       "pipeline": {"poll_interval": "0.2s"},
+                       "delivery": {"poll_interval": "0.2s"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "privacy": {"request_address": "privacy@processor.test"},
+                       "tenants": {"processor": PROCESSOR}})
+    letters = [
+        (JANE, "privacy+ACME@processor.test", "Jane Doe <jane.doe@sender.test>",
+         "Please send me all you hold about me."),
+        ("bob@client.test", "privacy+nobody@processor.test", "bob@client.test",
+         "Erase me from the helpdesk of the shop where I bought a kettle."),
+        ("carol@client.test", "support@acme.test", "carol@client.test", "not a request")]
+    with gw.smtp() as s:
+        for sender, to, header, body in letters:
+            assert s.sendmail(sender, [to], f"From: {header}\r\nTo: {to}\r\nSubject: my data"
+                                            f"\r\n\r\n{body}\r\n".encode()) == {}
+    [forward] = relay.wait(1)
+    assert forward.rcpt_tos == ["dpo@customer.test"]
+    assert b"Person: jane.doe@sender.test" in forward.data
+    assert b"> Please send me all you hold about me." in forward.data
+    assert b"> Subject: my data" in forward.data
+
+    def listed() -> dict[int, dict[str, Any]]:
+        return _requests(gw)
+
+    rows = wait_for(lambda: listed() if len(listed()) == 2 and all(
+        r["status"] != "received" for r in listed().values()) else None, what="both read")
+    assert [(r["tenant"], r["kind"], r["status"], r["subject"]) for r in rows.values()] == [
+        ("", "other", "unassigned", "bob@client.test"),
+        ("acme", "other", "open", "jane.doe@sender.test")]
+    assert "request 2 by mail names no tenant" in gw.log()
+    wait_for(lambda: value(samples(metrics_port(gw))[1],
+                           "mailflowr_gateway_subject_requests_open") == 2, what="the gauge")
+    shown = gw.cli("request", "list", "--open", check=True).stdout.decode()
+    assert shown.splitlines()[1].split()[:4] == ["2", "-", "other", "unassigned"]
+
+    # the operator reads it and names the tenant: forwarded, as an erasure request
+    out = gw.cli("request", "assign", "2", "--tenant", "globex", "--kind", "erasure",
+                 check=True).stdout.decode()
+    assert "request 2 (erasure) forwarded to dpo@globex.test for tenant globex" in out
+    second = wait_for(lambda: [m for m in relay.messages if m.rcpt_tos == ["dpo@globex.test"]],
+                      what="the second forward")
+    assert b"Kind: erasure" in second[0].data and b"> Erase me from the helpdesk" \
+        in second[0].data
+    row = listed()[2]
+    assert (row["tenant"], row["kind"], row["status"]) == ("globex", "erasure", "open")
+    again = gw.cli("request", "assign", "2", "--tenant", "acme", "--kind", "access")
+    assert again.returncode == 1 and b"no request 2 by mail waits" in again.stderr
+    # an erasure of the person in globex answers it
+    gw.cli("erase", "--tenant", "globex", "--subject", "bob@client.test", check=True)
+    assert listed()[2]["status"] == "fulfilled"
+    events = [(e["action"], e["actor"], e["tenant_id"]) for e in gw.store.audit_events()
+              if e["action"].startswith("request.")]
+    assert events[:3] == [("request.record", "gateway", "acme"),
+                          ("request.unassigned", "gateway", None),
+                          ("request.record", events[2][1], "globex")]
+    assert events[2][1] != "gateway"  # the operator who assigned it
+    # the mail itself is the processor's, kept under its retention like any other
+    assert len(gw.messages(tenant="processor")) == 2
+
+
+def test_the_request_address_must_be_one_the_gateway_receives(gateway):
+    for address, said in (("privacy@nowhere.test", "no tenant has the domain nowhere.test"),
+                          ("privacy@acme.test", "add it to the addresses of tenant acme"),
+                          ("privacy+x@acme.test", "is not a plain address")):
+        checked = gateway.cli("check", env={"MAILFLOWR_PRIVACY__REQUEST_ADDRESS": address})
+        assert checked.returncode != 0 and said.encode() in checked.stderr, checked.stderr
+        assert b"Traceback" not in checked.stderr
+    # globex takes all of its domain's mail
+    assert gateway.cli("check", env={"MAILFLOWR_PRIVACY__REQUEST_ADDRESS":
+                                     "privacy@globex.test"}).returncode == 0

@@ -1,4 +1,4 @@
-"""``request record|list|show|close``: data-subject requests that reached the processor,
+"""``request record|assign|list|close``: data-subject requests that reached the processor,
 forwarded to the tenant's privacy contact and tracked until answered."""
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from gateway.cli.common import (
 )
 from gateway.clock import utcnow
 from gateway.privacy import incident, requests
+from gateway.store.models import UNASSIGNED
 from gateway.store.requests import KINDS, RequestStore, request_record
 
 
@@ -45,6 +46,17 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--to", type=subject_address, metavar="ADDRESS",
                    help="instead of the privacy_contact in subprocessors.yaml")
     p.set_defaults(func=cmd_request_record)
+    p = rsub.add_parser("assign", help="say which tenant a request by mail concerns: it is "
+                                       "forwarded to that tenant's privacy contact (audited)")
+    config_arg(p)
+    p.add_argument("id", type=positive_int)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("--kind", required=True, choices=KINDS)
+    p.add_argument("--subject", type=subject_address, metavar="ADDRESS",
+                   help="the person, if not the sender of the mail")
+    p.add_argument("--to", type=subject_address, metavar="ADDRESS",
+                   help="instead of the privacy_contact in subprocessors.yaml")
+    p.set_defaults(func=cmd_request_assign)
     p = rsub.add_parser("list", help="requests, newest first")
     config_arg(p)
     p.add_argument("--open", action="store_true", help="only those not answered")
@@ -75,6 +87,26 @@ def cmd_request_record(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_request_assign(args: argparse.Namespace) -> int:
+    config, key, store = open_privacy(args)
+    known_tenant(config, store, args.tenant, active=True)
+    rows = RequestStore(store.store).mail_requests(UNASSIGNED, ids=[args.id])
+    if not rows:
+        raise CommandError(f"no request {args.id} by mail waits for its tenant "
+                           "(request list --open)")
+    try:
+        to = requests.read_mail_request(
+            store.store, config, load_policies(config).subprocessors, key, rows[0], UNASSIGNED,
+            tenant=args.tenant, kind=args.kind, subject=args.subject, to=args.to,
+            actor=actor(), now=utcnow())
+    except incident.NoticeError as exc:
+        raise CommandError(str(exc)) from None
+    if to is None:
+        raise CommandError(f"request {args.id} was assigned meanwhile")
+    print(f"request {args.id} ({args.kind}) forwarded to {to} for tenant {args.tenant}")
+    return EXIT_OK
+
+
 def cmd_request_list(args: argparse.Namespace) -> int:
     items = [request_record(r) for r in RequestStore(open_store(args)).list(args.tenant,
                                                                     open_only=args.open)]
@@ -82,10 +114,11 @@ def cmd_request_list(args: argparse.Namespace) -> int:
         json.dump(items, sys.stdout, indent=1)
         print()
         return EXIT_OK
-    print(f"{'ID':>5} {'TENANT':16} {'KIND':11} {'STATUS':9} {'RECEIVED':19} {'DUE':19} "
+    print(f"{'ID':>5} {'TENANT':16} {'KIND':11} {'STATUS':10} {'RECEIVED':19} {'DUE':19} "
           f"{'FORWARD':8} SUBJECT / ANSWERED BY")
     for r in items:
-        print(f"{r['id']:>5} {printable(r['tenant'], 16):16} {r['kind']:11} {r['status']:9} "
+        print(f"{r['id']:>5} {printable(r['tenant'] or '-', 16):16} {r['kind']:11} "
+              f"{r['status']:10} "
               f"{r['received_at'][:19]:19} {r['due_at'][:19]:19} {r['forward'][:8]:8} "
               f"{printable(r['subject'], 40)}"
               + (f" / {printable(r['fulfilled_by'], 60)}" if r["fulfilled_by"] else ""))

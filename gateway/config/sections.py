@@ -310,6 +310,11 @@ class PrivacyConfig(Section):
     # Where the tenants' data keys are kept, wrapped by the master key. Not in the
     # database, so deactivating a tenant makes its mail in database backups unreadable.
     keystore: Path = Path("var/keys")
+    # Where people send data-subject requests to the processor (e.g. privacy@ of the
+    # operator's domain; an address of one of the tenants here, the operator's own).
+    # Mail to it, or to it+TENANT@, is recorded as a request; one naming a tenant is
+    # forwarded to that tenant's privacy contact. Empty: none.
+    request_address: str | None = None
 
     @model_validator(mode="after")
     def _master_key(self) -> PrivacyConfig:

@@ -114,6 +114,25 @@ class GatewayConfig(Section):
                                      f"{pull.account!r} is not in imap_accounts")
         return self
 
+    @model_validator(mode="after")
+    def _request_address(self) -> GatewayConfig:
+        """privacy.request_address must be one the gateway receives: an address (or the
+        domain, catch_all) of a tenant, normally the operator's own."""
+        address = self.privacy.request_address
+        if not address:
+            return self
+        local, at, domain = address.rpartition("@")
+        if not at or not local or "+" in local or " " in address:
+            raise ValueError(f"privacy.request_address {address!r} is not a plain address")
+        for tid, tenant in self.tenants.items():
+            if domain.lower() in (d.lower() for d in tenant.domains):
+                if tenant.catch_all or address.lower() in (a.lower() for a in tenant.addresses):
+                    return self
+                raise ValueError(f"privacy.request_address {address}: add it to the "
+                                 f"addresses of tenant {tid}, whose domain it is in")
+        raise ValueError(f"privacy.request_address {address}: no tenant has the domain "
+                         f"{domain} (the operator's own tenant receives it)")
+
     @property
     def authserv_id(self) -> str:
         return self.auth.authserv_id or self.smtp.hostname

@@ -37,6 +37,7 @@ from gateway.pipeline.parse import ParserPool, to_fields
 from gateway.policyset import PolicySet
 from gateway.records import Outcome, ParsedFields, PipelineInput
 from gateway.store.repository import Store
+from gateway.tenancy import subaddress
 from gateway.workers import WorkerError
 from gateway.workflow import actions
 from gateway.workflow.rules import MessageView, Plan, evaluate
@@ -52,6 +53,7 @@ class Context(Protocol):
     authserv_id: str
     srs: bool  # recipients that are our SRS addresses get the message back
     keep_original: Mapping[str, KeepOriginalConfig]  # by tenant: where originals are kept
+    request_address: str  # privacy.request_address: data-subject requests by mail
     metrics: Metrics | None
     log: logging.Logger
 
@@ -204,6 +206,11 @@ class PlanStage(Stage):
         if auth is not None:
             outcome = dataclasses.replace(outcome, auth_results=auth.as_dict(),
                                           auth_header=auth.header(ctx.authserv_id))
+        if ctx.request_address and item.direction == "inbound":
+            asked = [r for r in item.recipients
+                     if subaddress(r, ctx.request_address) is not None]
+            if asked:
+                outcome = dataclasses.replace(outcome, request=asked[0])
         ctx.timed("rules", work.rules_started)
         work.outcome = outcome
         work.rules = [name for name, _ in plan.matched]

@@ -21,13 +21,13 @@ removed by mistake must not turn into a shorter retention.
 
 from __future__ import annotations
 
-import calendar
 import re
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
 
+from gateway.clock import add_months
 from gateway.policy.classify import CATEGORIES, Classifier
 from gateway.yamlfile import Checker, KeyPath, YamlDocument
 
@@ -70,25 +70,16 @@ class Duration:
 
     def after(self, start: datetime) -> datetime:
         """When something started at ``start`` expires."""
-        return _add_months(start, self.months) + timedelta(days=self.days)
+        return add_months(start, self.months) + timedelta(days=self.days)
 
     def before(self, end: datetime) -> datetime:
         """The cutoff: whatever started before it has expired by ``end``."""
-        return _add_months(end - timedelta(days=self.days), -self.months)
+        return add_months(end - timedelta(days=self.days), -self.months)
 
     def __str__(self) -> str:
         if self.months:
             return f"{self.months // 12}y" if self.months % 12 == 0 else f"{self.months}mo"
         return f"{self.days // 7}w" if self.days % 7 == 0 and self.days >= 7 else f"{self.days}d"
-
-
-def _add_months(moment: datetime, months: int) -> datetime:
-    if not months:
-        return moment
-    index = moment.year * 12 + moment.month - 1 + months
-    year, month = divmod(index, 12)
-    day = min(moment.day, calendar.monthrange(year, month + 1)[1])  # 29 Feb -> 28 Feb
-    return moment.replace(year=year, month=month + 1, day=day)
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,8 @@ address a message carries (envelope and, once parsed, headers) is a row of
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import (
     JSON,
     BigInteger,
@@ -24,6 +26,8 @@ from sqlalchemy import (
     Text,
     func,
 )
+
+from gateway.clock import add_months
 
 metadata = MetaData(
     naming_convention={
@@ -320,6 +324,17 @@ incident_tenants = Table(
 # Data-subject requests (store.requests) that reached the processor: forwarded to the
 # tenant's privacy contact, due a month after they arrived (GDPR art. 12(3)), fulfilled
 # by an export or an erasure of the person (or closed by hand with a note).
+# Data-subject request states: received (by mail, not read yet), unassigned (by mail,
+# naming no tenant), open (forwarded to the tenant), fulfilled, closed.
+REQUEST_RECEIVED, UNASSIGNED = "received", "unassigned"
+OPEN, FULFILLED, CLOSED = "open", "fulfilled", "closed"
+ANSWER_MONTHS = 1  # GDPR art. 12(3): a request is answered within a month of receipt
+
+
+def request_due(received_at: datetime) -> datetime:
+    return add_months(received_at, ANSWER_MONTHS)
+
+
 subject_requests = Table(
     "subject_requests",
     metadata,
@@ -330,9 +345,12 @@ subject_requests = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("due_at", DateTime(timezone=True), nullable=False),
     Column("message_id", String(26)),  # the forward to the privacy contact
-    Column("status", String(12), nullable=False),  # open | fulfilled | closed
+    Column("status", String(12), nullable=False),  # above; tenant_id "" until one is known
     Column("fulfilled_at", DateTime(timezone=True)),
     Column("fulfilled_by", Text),  # "export ID", "erasure", or the note of a hand close
+    # a request that came by mail to privacy.request_address: that message
+    Column("source_id", String(26)),
+    Index("ux_subject_requests_source_id", "source_id", unique=True),
 )
 
 # Legal holds a tenant placed through the admin API (beside those of retention.yaml):

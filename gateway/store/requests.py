@@ -1,7 +1,12 @@
 """Data-subject requests that reached the processor, as records: recorded together with
 their forward to the tenant's privacy contact (and its audit event) in one transaction,
 due a month after they arrived, fulfilled by the export or erasure of the person that
-answers them (or closed by hand with a note)."""
+answers them (or closed by hand with a note).
+
+A request by mail to ``privacy.request_address`` is written by the pipeline in the
+transaction that saves the message (``arrived``: status ``received``); it is read from
+there (``mail_requests``) and forwarded when it names its tenant, or waits
+``unassigned`` for an operator to say which tenant it concerns (``assign``)."""
 
 from __future__ import annotations
 
@@ -17,11 +22,19 @@ from gateway.records import NewMessage
 from gateway.store import audit
 from gateway.store.deliveries import notice_deliveries
 from gateway.store.intake import _insert_messages
-from gateway.store.models import subject_requests
+from gateway.store.models import (
+    CLOSED,
+    FULFILLED,
+    OPEN,
+    REQUEST_RECEIVED,
+    UNASSIGNED,
+    message_addresses,
+    subject_requests,
+)
 from gateway.store.repository import Store
 
 KINDS = ("access", "erasure", "portability", "other")
-OPEN, FULFILLED, CLOSED = "open", "fulfilled", "closed"
+PENDING = (REQUEST_RECEIVED, UNASSIGNED, OPEN)  # not answered yet
 
 
 @dataclass(frozen=True)
@@ -74,28 +87,76 @@ class RequestStore:
                                  detail={"request": request_id, "by": by})
         return ids
 
+    def mail_requests(self, status: str = REQUEST_RECEIVED, ids: Sequence[int] | None = None,
+                      limit: int = 100) -> list[dict[str, Any]]:
+        """Requests that came by mail in ``status`` (by default: not read yet), oldest
+        first, each with the envelope recipients of its message (``recipients``)."""
+        q = select(subject_requests).where(subject_requests.c.status == status,
+                                           subject_requests.c.source_id.is_not(None))
+        if ids is not None:
+            q = q.where(subject_requests.c.id.in_(list(ids)))
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            rows = [dict(r._mapping) for r in conn.execute(
+                q.order_by(subject_requests.c.id).limit(limit))]
+            sources = [r["source_id"] for r in rows]
+            to: dict[str, list[str]] = {}
+            for message_id, address in conn.execute(
+                    select(message_addresses.c.message_id, message_addresses.c.address)
+                    .where(message_addresses.c.message_id.in_(sources),
+                           message_addresses.c.role == "rcpt_to")):
+                to.setdefault(message_id, []).append(address)
+        for r in rows:
+            r["recipients"] = to.get(r["source_id"], [])
+        return rows
+
+    def assign(self, request_id: int, from_status: str, *, tenant: str, kind: str,
+               subject: str, forward: NewMessage | None, actor: str,
+               detail: dict[str, Any]) -> bool:
+        """A request by mail read: forwarded (``forward``) to ``tenant`` as ``kind`` and
+        open, or, without a tenant, unassigned; False when it is no longer in
+        ``from_status`` (another instance or command got there first)."""
+        with self.store.writing() as conn:
+            changed = conn.execute(update(subject_requests).where(
+                subject_requests.c.id == request_id,
+                subject_requests.c.status == from_status).values(
+                tenant_id=tenant, kind=kind, subject=subject,
+                message_id=forward.id if forward else None,
+                status=OPEN if tenant else UNASSIGNED)).rowcount
+            if not changed:
+                return False
+            if forward is not None:
+                _insert_messages(conn, [forward], self.store.keystore)
+            audit.append(conn, self.store.audit_key, actor=actor,
+                         action="request.record" if tenant else "request.unassigned",
+                         tenant_id=tenant or None,
+                         message_id=forward.id if forward else None,
+                         detail={"request": request_id, "kind": kind, **detail})
+        return True
+
     def close(self, request_id: int, note: str, actor: str) -> bool:
         now = utcnow()
         with self.store.writing() as conn:
             row = conn.execute(select(subject_requests.c.tenant_id).where(
                 subject_requests.c.id == request_id,
-                subject_requests.c.status == OPEN)).first()
+                subject_requests.c.status.in_((OPEN, UNASSIGNED)))).first()
             if row is None:
                 return False
             conn.execute(update(subject_requests).where(subject_requests.c.id == request_id)
                          .values(status=CLOSED, fulfilled_at=now, fulfilled_by=note))
             audit.append(conn, self.store.audit_key, actor=actor, action="request.close",
-                         tenant_id=row.tenant_id, at=now, detail={"request": request_id})
+                         tenant_id=row.tenant_id or None, at=now,
+                         detail={"request": request_id})
         return True
 
     def list(self, tenant: str | None = None, *, open_only: bool = False,
              ids: Sequence[int] | None = None) -> list[dict[str, Any]]:
-        """Requests, newest first, with the state of their forward's delivery."""
+        """Requests, newest first, with the state of their forward's delivery (``tenant``
+        "": those by mail that name none yet)."""
         q = select(subject_requests).order_by(subject_requests.c.id.desc())
         if tenant is not None:
             q = q.where(subject_requests.c.tenant_id == tenant)
         if open_only:
-            q = q.where(subject_requests.c.status == OPEN)
+            q = q.where(subject_requests.c.status.in_(PENDING))
         if ids is not None:
             q = q.where(subject_requests.c.id.in_(list(ids)))
         with self.engine.connect().execution_options(readonly=True) as conn:
@@ -113,7 +174,7 @@ class RequestStore:
         with self.engine.connect().execution_options(readonly=True) as conn:
             count, nearest = conn.execute(
                 select(func.count(), func.min(subject_requests.c.due_at))
-                .where(subject_requests.c.status == OPEN)).one()
+                .where(subject_requests.c.status.in_(PENDING))).one()
         return Due(int(count), (aware(nearest) - now).total_seconds() if nearest else None)
 
 
