@@ -205,15 +205,13 @@ class MessageStore(StoreBase):
         now = utcnow()
         with self.writing() as conn:
             # The rows still ours, locked until the commit (SQLite: the write lock is).
-            rows = {r.id: r for r in conn.execute(
-                select(messages.c.id, messages.c.tenant_id, messages.c.mail_from,
-                       messages.c.received_at)
+            held = {r.id: r.tenant_id for r in conn.execute(
+                select(messages.c.id, messages.c.tenant_id)
                 .where(messages.c.id.in_([message_id for message_id, _, _ in items]),
                        messages.c.status == RECEIVED, messages.c.lease_owner == owner)
                 .order_by(messages.c.id)  # one lock order for every writer: no deadlock
                 .with_for_update()
             )}
-            held = {message_id: r.tenant_id for message_id, r in rows.items()}
             mine = [item for item in items if item[0] in held]
             if not mine:
                 return [False] * len(items)
@@ -236,13 +234,15 @@ class MessageStore(StoreBase):
                 conn.execute(insert(deliveries), planned)
             # mail to privacy.request_address: a data-subject request, read and forwarded
             # from here (gateway.privacy.intake)
-            asked = [{"tenant_id": "", "kind": "other", "subject": rows[message_id].mail_from,
-                      "received_at": rows[message_id].received_at,
-                      "due_at": request_due(aware(rows[message_id].received_at)),
-                      "status": REQUEST_RECEIVED, "source_id": message_id}
-                     for message_id, _, outcome in mine if outcome.request]
+            asked = [message_id for message_id, _, outcome in mine if outcome.request]
             if asked:
-                conn.execute(insert(subject_requests), asked)
+                conn.execute(insert(subject_requests), [
+                    {"tenant_id": "", "kind": "other", "subject": r.mail_from,
+                     "received_at": r.received_at, "due_at": request_due(aware(r.received_at)),
+                     "status": REQUEST_RECEIVED, "source_id": r.id}
+                    for r in conn.execute(select(messages.c.id, messages.c.mail_from,
+                                                 messages.c.received_at)
+                                          .where(messages.c.id.in_(asked)))])
         return [message_id in held for message_id, _, _ in items]
 
     def quarantine(self, message_id: str, owner: str, error: str) -> None:
