@@ -26,6 +26,7 @@ from gateway.api.http import (
     when,
 )
 from gateway.api.openapi import DELIVERY_STATUSES, MAX_LIMIT
+from gateway.store.models import SENT
 from gateway.store.pages import DeliveryFilter
 
 
@@ -58,7 +59,15 @@ class DeliveryRoutes:
         return row
 
     async def get(self, request: web.Request) -> web.Response:
-        return reply(delivery_doc(await self._own(request)))
+        """A delivery with its attempts: each that did not deliver it (the newest 100),
+        then the one that did."""
+        row = await self._own(request)
+        history = [{"at": when(a["at"]), "status": a["status"], "reason": a["error"]}
+                   for a in row["tried"]]
+        if row["status"] == SENT:
+            history.append({"at": when(row["last_attempt_at"]), "status": SENT,
+                            "reason": None})
+        return reply({**delivery_doc(row), "history": history})
 
     async def retry(self, request: web.Request) -> web.Response:
         row = await self._own(request)

@@ -85,6 +85,11 @@ def openapi_document() -> dict[str, Any]:
         rule=string, status={"enum": list(DELIVERY_STATUSES)}, attempts=count,
         created_at=when, last_attempt_at=nullable(when), next_attempt_at=nullable(when),
         reason=text, uncertain={"type": "boolean"})
+    attempt = record(at=nullable(when), status={"enum": list(DELIVERY_STATUSES)},
+                     reason=text)
+    delivery_detail = {**delivery, "required": [*delivery["required"], "history"],
+                       "properties": {**delivery["properties"], "history": {
+                           "type": "array", "items": attempt}}}
     retention = record(rule=string, expires_at=nullable(when), held_by=strings)
     message = record(**summary, direction={"enum": ["inbound", "outbound"]},
                      sha256={"type": "string", "pattern": "^[0-9a-f]{64}$"}, defects=strings,
@@ -213,8 +218,9 @@ def openapi_document() -> dict[str, Any]:
             links=first("deliveries", "id", "get_deliveries_id",
                         "post_deliveries_id_retry", "post_deliveries_id_drop"))},
         "/api/v1/deliveries/{id}": {"get": op(
-            "One copy: where it goes, its attempts and their outcome",
-            json_body(delivery), path_number)},
+            "One copy: where it goes, and its attempts (history: each that did not "
+            "deliver it, the newest 100, with the reply or reason, then the one that did)",
+            json_body(delivery_detail), path_number)},
         "/api/v1/deliveries/{id}/retry": {"post": op(
             "Try a deferred, held or failed copy again now; 409 when it was sent",
             json_body(delivery), path_number, errors=("409",), scope="admin")},

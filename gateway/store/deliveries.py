@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     bindparam,
     func,
+    insert,
     or_,
     select,
     update,
@@ -32,6 +33,7 @@ from gateway.store.models import (
     RECEIVED,
     SENT,
     deliveries,
+    delivery_attempts,
     message_blobs,
     messages,
 )
@@ -55,17 +57,31 @@ def _attempt(r: AttemptResult, now: datetime) -> dict[str, Any]:
             "b_next": r.retry_at or now, "b_uncertain": r.uncertain}
 
 
-# delivery_results on PostgreSQL in one statement (see _results_in_one_round_trip)
-_RESULTS = """
-UPDATE deliveries AS d
-SET status = v.status, attempts = d.attempts + 1, last_attempt_at = %(now)s,
-    last_error = v.error, next_attempt_at = v.next, lease_owner = NULL, lease_until = NULL,
-    uncertain = v.uncertain
-FROM unnest(%(id)s::int[], %(status)s::text[], %(error)s::text[],
-            %(next)s::timestamptz[], %(uncertain)s::bool[])
-     AS v(id, status, error, next, uncertain)
-WHERE d.id = v.id AND d.lease_owner = %(owner)s
-RETURNING d.id
+def _unsent(results: Sequence[AttemptResult], now: datetime) -> list[dict[str, Any]]:
+    """The history rows of the attempts that did not deliver (delivery_attempts)."""
+    return [{"delivery_id": r.delivery_id, "at": now, "status": r.status,
+             "error": r.error[:1000] if r.error else None}
+            for r in results if r.status != SENT]
+
+
+# delivery_results on PostgreSQL in one statement (see _results_in_one_round_trip); the
+# attempts that did not deliver go to delivery_attempts in the same statement
+_RESULTS = f"""
+WITH done AS (
+    UPDATE deliveries AS d
+    SET status = v.status, attempts = d.attempts + 1, last_attempt_at = %(now)s,
+        last_error = v.error, next_attempt_at = v.next, lease_owner = NULL,
+        lease_until = NULL, uncertain = v.uncertain
+    FROM unnest(%(id)s::int[], %(status)s::text[], %(error)s::text[],
+                %(next)s::timestamptz[], %(uncertain)s::bool[])
+         AS v(id, status, error, next, uncertain)
+    WHERE d.id = v.id AND d.lease_owner = %(owner)s
+    RETURNING d.id, v.status, v.error
+), tried AS (
+    INSERT INTO delivery_attempts (delivery_id, at, status, error)
+    SELECT id, %(now)s, status, error FROM done WHERE status <> '{SENT}'
+)
+SELECT id FROM done
 """
 
 _CONTENT = (
@@ -158,6 +174,9 @@ class DeliveryStore(StoreBase):
             mine = [r for r in results if r.delivery_id in held]
             if mine:
                 conn.execute(_ATTEMPT, [{"b_now": now, **_attempt(r, now)} for r in mine])
+                tried = _unsent(mine, now)
+                if tried:
+                    conn.execute(insert(delivery_attempts), tried)
             bounces = [r.bounce for r in mine if r.bounce is not None]
             if bounces:
                 _insert_messages(conn, bounces, self.keystore)

@@ -170,6 +170,20 @@ deliveries = Table(
 )
 Index("ix_deliveries_lower_recipient", func.lower(deliveries.c.recipient))
 
+# Each attempt of a delivery that did not deliver it (deferred, held, failed), with the
+# reply or the reason; the delivery's own row tells of the attempt that did. Only the
+# slow path writes here: a copy sent at the first attempt adds no row.
+delivery_attempts = Table(
+    "delivery_attempts",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("delivery_id", Integer, ForeignKey("deliveries.id", ondelete="CASCADE"),
+           nullable=False, index=True),
+    Column("at", DateTime(timezone=True), nullable=False),
+    Column("status", String(8), nullable=False),  # the delivery's status after it
+    Column("error", Text),
+)
+
 audit_events = Table(
     "audit_events",
     metadata,

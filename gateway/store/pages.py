@@ -23,12 +23,14 @@ from gateway.store.models import (
     PENDING,
     audit_events,
     deliveries,
+    delivery_attempts,
     message_addresses,
     messages,
 )
 from gateway.store.privacy import lookup_forms
 from gateway.store.repository import Store
 
+HISTORY = 100  # a delivery's attempts shown at most (the newest)
 
 @dataclass(frozen=True)
 class DeliveryFilter:
@@ -76,10 +78,19 @@ class Pages:
                 q.order_by(deliveries.c.id).limit(limit))]
 
     def delivery(self, tenant: str, delivery_id: int) -> dict[str, Any] | None:
+        """One delivery of the tenant, with ``tried``: its newest attempts that did not
+        deliver it (at most HISTORY), oldest first."""
         with self._read() as conn:
             row = conn.execute(select(deliveries).where(
                 deliveries.c.id == delivery_id, deliveries.c.tenant_id == tenant)).first()
-        return dict(row._mapping) if row else None
+            if row is None:
+                return None
+            tried = [dict(r._mapping) for r in conn.execute(
+                select(delivery_attempts.c.at, delivery_attempts.c.status,
+                       delivery_attempts.c.error)
+                .where(delivery_attempts.c.delivery_id == delivery_id)
+                .order_by(delivery_attempts.c.id.desc()).limit(HISTORY))]
+        return {**row._mapping, "tried": tried[::-1]}
 
     def retry_delivery(self, tenant: str, delivery_id: int, actor: str) -> bool:
         """Make a deferred, held or failed delivery due now (as ``queue retry``)."""
