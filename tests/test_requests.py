@@ -4,6 +4,8 @@ and fulfilled by the export or erasure of the person (CLI and admin API alike)."
 
 from __future__ import annotations
 
+import email
+import email.policy
 import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -183,17 +185,26 @@ def test_a_request_by_mail_is_recorded_and_forwarded_or_waits_for_its_tenant(
         (JANE, "privacy+ACME@processor.test", "Jane Doe <jane.doe@sender.test>",
          "Please send me all you hold about me."),
         ("bob@client.test", "privacy+nobody@processor.test", "bob@client.test",
-         "Erase me from the helpdesk of the shop where I bought a kettle."),
+         "Erase me from the helpdesk of the shop where I bought a kettle.\r\nGr\u00fc\u00dfe"),
         ("carol@client.test", "support@acme.test", "carol@client.test", "not a request")]
     with gw.smtp() as s:
         for sender, to, header, body in letters:
             assert s.sendmail(sender, [to], f"From: {header}\r\nTo: {to}\r\nSubject: my data"
+                                            f"\r\nContent-Type: text/plain; charset=utf-8"
                                             f"\r\n\r\n{body}\r\n".encode()) == {}
     [forward] = relay.wait(1)
     assert forward.rcpt_tos == ["dpo@customer.test"]
     assert b"Person: jane.doe@sender.test" in forward.data
     assert b"> Please send me all you hold about me." in forward.data
     assert b"> Subject: my data" in forward.data
+    # with a copy: the mail itself, attached whole
+    parts = list(email.message_from_bytes(forward.data, policy=email.policy.default)
+                 .iter_attachments())
+    assert [p.get_content_type() for p in parts] == ["message/rfc822"]
+    original = parts[0].get_content()
+    assert (original["From"], original["To"]) == ("Jane Doe <jane.doe@sender.test>",
+                                                  "privacy+ACME@processor.test")
+    assert "Please send me all you hold" in original.get_content()
 
     def listed() -> dict[int, dict[str, Any]]:
         return _requests(gw)
@@ -217,6 +228,9 @@ def test_a_request_by_mail_is_recorded_and_forwarded_or_waits_for_its_tenant(
                       what="the second forward")
     assert b"Kind: erasure" in second[0].data and b"> Erase me from the helpdesk" \
         in second[0].data
+    [attached] = email.message_from_bytes(second[0].data, policy=email.policy.default
+                                          ).iter_attachments()
+    assert "Gr\u00fc\u00dfe" in attached.get_content().get_content()  # 8-bit text, intact
     row = listed()[2]
     assert (row["tenant"], row["kind"], row["status"]) == ("globex", "erasure", "open")
     again = gw.cli("request", "assign", "2", "--tenant", "acme", "--kind", "access")

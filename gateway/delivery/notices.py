@@ -104,10 +104,26 @@ def _email(policy: SubprocessorPolicy, tenant: str, contact: str, body: str, hos
 
 def local_message(*, tenant: str, sender: str, to: str, subject: str, body: str,
                   hostname: str, now: datetime, kind: str, submitted_by: str,
-                  extra_headers: str = "") -> NewMessage:
+                  extra_headers: str = "", attached: bytes | None = None) -> NewMessage:
     """A plain-text message the gateway itself writes to someone on a tenant's behalf,
-    stored as the tenant's outbound mail (so it is delivered like any other)."""
+    stored as the tenant's outbound mail (so it is delivered like any other); with
+    ``attached``, a message it carries whole (message/rfc822) after the text."""
     message_id = new_id()
+    text = body.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+    part = (b"Content-Type: text/plain; charset=utf-8\r\n"
+            b"Content-Transfer-Encoding: 8bit\r\n\r\n")
+    if attached is None:
+        content = part + text
+    else:
+        boundary = f"=_{message_id}".encode()
+        carried = attached.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        content = (b"Content-Type: multipart/mixed; boundary=\"" + boundary + b"\"\r\n\r\n"
+                   b"--" + boundary + b"\r\n" + part + text + b"\r\n"
+                   b"--" + boundary + b"\r\nContent-Type: message/rfc822\r\n"
+                   b"Content-Transfer-Encoding: " + (b"7bit" if carried.isascii() else b"8bit")
+                   + b"\r\nContent-Disposition: attachment\r\n\r\n" + carried
+                   + (b"" if carried.endswith(b"\r\n") else b"\r\n")
+                   + b"--" + boundary + b"--\r\n")
     text = (
         f"From: <{sender}>\r\n"
         f"To: <{to}>\r\n"
@@ -117,10 +133,7 @@ def local_message(*, tenant: str, sender: str, to: str, subject: str, body: str,
         f"Auto-Submitted: auto-generated\r\n"
         f"{extra_headers}"
         f"MIME-Version: 1.0\r\n"
-        f"Content-Type: text/plain; charset=utf-8\r\n"
-        f"Content-Transfer-Encoding: 8bit\r\n"
-        f"\r\n"
-    ).encode() + body.replace("\r\n", "\n").replace("\n", "\r\n").encode()
+    ).encode() + content
     trace = (f"Received: by {hostname} (MailFlowr Gateway) id {message_id}\r\n"
              f"\tfor <{to}>; {email.utils.format_datetime(now)}\r\n")
     return NewMessage(

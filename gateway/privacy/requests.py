@@ -33,9 +33,10 @@ ANSWERED_BY = {"export": ("access", "portability"), "erasure": ("erasure",)}
 
 def forward(config: GatewayConfig, routing: SubprocessorPolicy | None, *, tenant: str,
             kind: str, subject: str, text: str, received_at: datetime, now: datetime,
-            to: str | None) -> tuple[str, NewMessage]:
+            to: str | None, original: bytes | None = None) -> tuple[str, NewMessage]:
     """The forward of a request to ``to`` or the tenant's privacy contact, the request
-    quoted: where it goes, and the message (NoticeError: the tenant names no contact)."""
+    quoted (and, when it came by mail, that mail attached whole): where it goes, and the
+    message (NoticeError: the tenant names no contact)."""
     to = incident.recipient(routing, tenant, to)
     settings = config.tenants.get(tenant)
     tenant_name = (settings.name if settings else "") or tenant
@@ -44,12 +45,13 @@ def forward(config: GatewayConfig, routing: SubprocessorPolicy | None, *, tenant
             f"forwarded to you as our agreement says.\n\n"
             f"Kind: {kind}\nPerson: {subject}\nReceived: {received_at.isoformat()}\n"
             f"Due (one month, GDPR art. 12(3)): {due(received_at).isoformat()}\n\n"
-            f"The request as received:\n\n{quoted}\n\n"
+            f"The request as received"
+            f"{' (the mail itself is attached)' if original else ''}:\n\n{quoted}\n\n"
             f"-- \nTenant: {tenant_name} ({tenant})\n")
     return to, local_message(
         tenant=tenant, sender=incident.notice_sender(routing, config.smtp.hostname), to=to,
         subject=f"Data-subject request ({kind})", body=body, hostname=config.smtp.hostname,
-        now=now, kind="request", submitted_by="(data-subject request)")
+        now=now, kind="request", submitted_by="(data-subject request)", attached=original)
 
 
 @dataclass(frozen=True)
@@ -115,7 +117,8 @@ def read_mail_request(store: Store, config: GatewayConfig,
     """A request by mail (``row``), read: forwarded to ``tenant``'s privacy contact (or
     ``to``) as ``kind``, or left unassigned when ``tenant`` is "".  Where it went, or
     None when no longer in ``from_status``; NoticeError: the tenant has no contact."""
-    person, text = letter(store.raw(row["source_id"]), row["subject"])
+    raw = store.raw(row["source_id"])
+    person, text = letter(raw, row["subject"])
     person = subject or person
     received = aware(row["received_at"])
     detail = {"subject": key.subject_hash(person), "received_at": received.isoformat(),
@@ -124,7 +127,8 @@ def read_mail_request(store: Store, config: GatewayConfig,
     message = None
     if tenant:
         to, message = forward(config, routing, tenant=tenant, kind=kind, subject=person,
-                              text=text, received_at=received, now=now, to=to)
+                              text=text, received_at=received, now=now, to=to,
+                              original=raw)
         detail["to"] = to
     done = RequestStore(store).assign(row["id"], from_status, tenant=tenant, kind=kind,
                                       subject=person, forward=message, actor=actor,
