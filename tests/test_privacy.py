@@ -13,13 +13,14 @@ import stat
 import tarfile
 import threading
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 from urllib.parse import quote
 
 import pytest
-from sqlalchemy import delete, insert, select, text, update
+from sqlalchemy import delete, func, insert, select, text, update
 
 from gateway.clock import utcnow
 from gateway.headers import header_addresses
@@ -28,7 +29,7 @@ from gateway.privacy.keys import load_or_create
 from gateway.records import NewMessage
 from gateway.store import audit, database
 from gateway.store.intake import _insert_messages
-from gateway.store.models import audit_events, metadata
+from gateway.store.models import audit_events, legal_holds, metadata, subject_requests
 from gateway.store.privacy import PrivacyStore, _remove_exports
 from gateway.store.repository import Store
 from tests.conftest import free_port, gateway_with_rules, simple_message, wait_for
@@ -183,6 +184,15 @@ def test_deactivation_refuses_mail_and_deletes_everything_of_the_tenant(make_gat
     _send(gw, "bob@client.test", "x@globex.test", "globex one")
     gw.wait_processed(3)
     assert len(_json(gw.cli("queue", "list", "--json"))) == 2
+    # the tenant's records that name people: a data-subject request, a hold it placed
+    now = datetime.now(UTC)
+    with gw.store.engine.begin() as conn:
+        conn.execute(insert(subject_requests).values(
+            tenant_id="acme", kind="access", subject="jane@client.test", received_at=now,
+            due_at=now, status="open"))
+        conn.execute(insert(legal_holds).values(
+            tenant_id="acme", name="case-1", reason="court", address="nobody@client.test",
+            created_at=now, created_by="api:test"))
 
     result = gw.cli("tenant", "deactivate", "acme")
     assert result.returncode == 0, result.stderr.decode()
@@ -201,6 +211,9 @@ def test_deactivation_refuses_mail_and_deletes_everything_of_the_tenant(make_gat
     _send(gw, "bob@client.test", "x@globex.test", "globex two")  # others go on
     assert {r["tenant_id"] for r in gw.messages()} == {"globex"}
     assert _json(gw.cli("queue", "list", "--json")) == []
+    assert _json(gw.cli("request", "list", "--json")) == []
+    with gw.store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(legal_holds)).scalar() == 0
     actions = [e["action"] for e in _json(gw.cli("audit", "list", "--tenant", "acme",
                                                  "--json"))]
     assert actions[-3:] == ["tenant.deactivate", "tenant.purge", "tenant.shred"]

@@ -34,9 +34,11 @@ from gateway.store.models import (
     deliveries,
     imap_folders,
     imap_imports,
+    legal_holds,
     message_addresses,
     message_blobs,
     messages,
+    subject_requests,
     subprocessor_notices,
     subprocessor_objections,
     tenants,
@@ -317,7 +319,7 @@ class PrivacyStore:
             total.exports = list(conn.execute(select(api_exports.c.id).where(
                 api_exports.c.tenant_id == tenant)).scalars())
             for table in (imap_folders, subprocessor_notices, subprocessor_objections,
-                          api_tokens, api_exports):
+                          api_tokens, api_exports, subject_requests, legal_holds):
                 conn.execute(delete(table).where(table.c.tenant_id == tenant))
             if total.messages or total.deliveries or total.imports or total.exports:
                 audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",
