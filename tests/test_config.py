@@ -87,6 +87,23 @@ def test_environment_overrides(tmp_path):
     assert problems[0].startswith("environment MAILFLOWR_SMTP__MAX_ERRORS: smtp.max_errors:")
 
 
+
+def test_environment_values_are_read_by_the_type_of_their_setting(tmp_path):
+    """Not as YAML 1.1: ``no`` is a name where a name is wanted, ``010`` is ten."""
+    path = tmp_path / "gw.yaml"
+    path.write_text("smtp:\n  listen: 127.0.0.1:2525\n")
+    config = load(path, env={"MAILFLOWR_SMTP__HOSTNAME": "no",
+                             "MAILFLOWR_SMTP__MAX_RECIPIENTS": "010",
+                             "MAILFLOWR_DELIVERY__MX_LOOKUP": "yes",
+                             "MAILFLOWR_DELIVERY__DNS_SERVERS": "[127.0.0.1:53, 127.0.0.2:53]",
+                             "MAILFLOWR_DELIVERY__TIMEOUT": "1.5"})
+    assert config.smtp.hostname == "no"
+    assert config.smtp.max_recipients == 10
+    assert config.delivery.mx_lookup is True
+    assert config.delivery.dns_servers == ["127.0.0.1:53", "127.0.0.2:53"]
+    assert config.delivery.timeout == 1.5
+
+
 def _run(*args):
     return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
                           timeout=60, cwd=ROOT)

@@ -15,6 +15,7 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 
+from gateway import __version__
 from gateway.cli import (
     audit,
     check,
@@ -36,7 +37,14 @@ from gateway.cli import (
     token,
     users,
 )
-from gateway.cli.common import EXIT_CONFIG, EXIT_FAILURE, EXIT_OK, CommandError, Parser
+from gateway.cli.common import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_OK,
+    CommandError,
+    Parser,
+    config_arg,
+)
 from gateway.errors import ConfigError
 from gateway.policyset import PolicyError
 from gateway.store.keystore import KeyUnavailable
@@ -48,6 +56,9 @@ COMMANDS = (serve, check, status, dkim, db, messages, queue, users, retention, s
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="mailflowr-gateway", description="MailFlowr Gateway")
+    parser.add_argument("--version", action="version",
+                        version=f"mailflowr-gateway {__version__}")
+    config_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMANDS:
         module.add_parsers(sub)

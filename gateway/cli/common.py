@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 import pwd
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -44,12 +45,28 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_CONFIG, f"{self.prog}: error: {message} (see --help)\n")
 
 
-def config_arg(p: argparse.ArgumentParser) -> None:
+def config_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
+    """``--config``: given before the command (``top``, where its default is set) or
+    after it (a subcommand's, which keeps the value given before unless given again)."""
     p.add_argument(
         "--config", "-c", metavar="PATH",
-        default=os.environ.get("MAILFLOWR_CONFIG", DEFAULT_CONFIG),
+        default=os.environ.get("MAILFLOWR_CONFIG", DEFAULT_CONFIG) if top
+        else argparse.SUPPRESS,
         help=f"configuration file (default: $MAILFLOWR_CONFIG or {DEFAULT_CONFIG})",
     )
+
+
+def confirm(question: str, expected: str, yes: bool) -> None:
+    """On a terminal, unless ``yes``: ask ``question`` and go on only when the answer is
+    ``expected``; scripts (no terminal) are not asked."""
+    if yes or not sys.stdin.isatty():
+        return
+    try:
+        answer = input(f"{question} Type {expected} to go on: ")
+    except EOFError:
+        answer = ""
+    if answer.strip().lower() != expected.lower():
+        raise CommandError("not confirmed: nothing changed")
 
 
 def positive_int(text: str) -> int:

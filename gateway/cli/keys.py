@@ -67,11 +67,25 @@ def _keystore(config: GatewayConfig) -> KeyStore:
 
 def cmd_keys_status(args: argparse.Namespace) -> int:
     config = load_config(args)
+    try:
+        off = config.privacy.master_key() is None
+    except KeyFileError as exc:
+        raise CommandError(str(exc)) from None
+    if off:  # a state, not an error: said, and exit 0
+        if args.json:
+            json.dump({"encryption": "off", "master": None, "tenants": []}, sys.stdout,
+                      indent=1)
+            print()
+        else:
+            print("encryption at rest is off: originals are stored in clear (set "
+                  "privacy.master_key_file or privacy.master_key_env to turn it on)")
+        return EXIT_OK
     store = _keystore(config)
     entries = store.describe()
     if args.json:
-        json.dump({"master": store.master_id, "keystore": str(store.directory),
-                   "tenants": entries}, sys.stdout, indent=1)
+        json.dump({"encryption": "on", "master": store.master_id,
+                   "keystore": str(store.directory), "tenants": entries}, sys.stdout,
+                  indent=1)
         print()
         return EXIT_OK
     print(f"master key {store.master_id}, keystore {store.directory}")

@@ -52,7 +52,9 @@ def add_parsers(sub: Subcommands) -> None:
     p = msub.add_parser("export", help="write the stored original as .eml")
     config_arg(p)
     p.add_argument("id")
-    p.add_argument("--out", "-o", metavar="FILE", help="write here instead of stdout")
+    p.add_argument("--out", "-o", metavar="FILE",
+                   help="write here instead of stdout (not over an existing file)")
+    p.add_argument("--force", action="store_true", help="replace the --out file if it exists")
     p.add_argument("--with-trace", action="store_true",
                    help="prepend the Received header the gateway added")
     p.set_defaults(func=cmd_messages_export)
@@ -178,6 +180,8 @@ def cmd_messages_export(args: argparse.Namespace) -> int:
                 # a device or a pipe (/dev/stdout, a FIFO) is written to, never replaced
                 with out.open("ab") as f:
                     f.write(data)
+            elif out.exists() and not args.force:
+                raise CommandError(f"{args.out}: exists; --force replaces it")
             else:  # a file appears whole or not at all
                 tmp = out.with_name(f".{out.name}.tmp")
                 with os.fdopen(files.create(tmp), "wb") as f:  # personal data: 0600

@@ -16,6 +16,7 @@ from gateway.cli.common import (
     Subcommands,
     actor,
     config_arg,
+    confirm,
     known_tenant,
     load_policies,
     open_privacy,
@@ -36,14 +37,16 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--override-hold", action="store_true",
                    help="erase even what a legal hold covers (needs --reason)")
     p.add_argument("--reason", help="why the holds are overridden (kept in the audit log)")
+    p.add_argument("--yes", action="store_true", help="do not ask (when run from a terminal)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_erase)
 
-    p = sub.add_parser("export", help="write everything held about a tenant, or one person "
-                                      "of it, to a ZIP archive (.eml, mbox, JSON, manifest)")
+    what = ("write everything held about a tenant, or one person of it, to a tar archive "
+            "(.eml, mbox, JSON, manifest)")
+    p = sub.add_parser("export", help=what, description=what)
     config_arg(p)
     p.add_argument("--tenant", required=True)
-    p.add_argument("--out", "-o", required=True, metavar="FILE.zip",
+    p.add_argument("--out", "-o", required=True, metavar="FILE.tar",
                    help="the archive to write (never over an existing file)")
     p.add_argument("--subject", type=subject_address, metavar="ADDRESS",
                    help="only this person's data (an access or portability request)")
@@ -74,6 +77,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     if args.dry_run:
         pass
     else:
+        confirm(f"This erases {len(p.found)} messages of {args.subject} in tenant "
+                f"{args.tenant} for good.", args.subject, args.yes)
         try:
             removed = erasure.erase(store, key, p, actor=actor(),
                                     exports=config.admin_api.export_directory,

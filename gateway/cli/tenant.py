@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -12,6 +11,7 @@ from gateway.cli.common import (
     Subcommands,
     actor,
     config_arg,
+    confirm,
     jsonable,
     known_tenant,
     load_policies,
@@ -64,11 +64,8 @@ def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
         print(f"tenant {args.tenant} was deactivated at {jsonable(row['deactivated_at'])}; "
               "deleting whatever is left")
     else:
-        if sys.stdin.isatty() and not args.yes:
-            answer = input(f"This deletes all data of tenant {args.tenant} for good. "
-                           "Type the tenant id to go on: ")
-            if answer.strip() != args.tenant:
-                raise CommandError("not confirmed: nothing changed")
+        confirm(f"This deletes all data of tenant {args.tenant} for good.", args.tenant,
+                args.yes)
         if row is None:
             store.store.sync_tenants({args.tenant: config.tenants[args.tenant].name})
         store.deactivate(args.tenant, actor())

@@ -157,11 +157,18 @@ def _apply_env(data: dict[str, Any], env: Mapping[str, str]) -> dict[KeyPath, st
         path = tuple(part.lower() for part in name[len(ENV_PREFIX):].split("__"))
         if not all(path):
             raise ConfigError([f"environment {name}: empty key in the variable name"])
-        # Values read as YAML scalars (7 is a number, true a boolean); empty means null.
-        try:
-            value = parse_yaml(env[name], name).data if env[name].strip() else None
-        except YamlFileError:
-            value = env[name]
+        # A value is text, read by the type of its setting (pydantic: "010" is 10 for a
+        # number, "no" false for a switch and "no" for a name, never YAML 1.1's octal or
+        # booleans); a list or a mapping is written as YAML flow ([a, b], {k: v}); empty
+        # means unset.
+        value: Any = env[name]
+        if not value.strip():
+            value = None
+        elif value.strip()[0] in "[{":
+            try:
+                value = parse_yaml(value, name).data
+            except YamlFileError:
+                pass
         node = data
         for key in path[:-1]:
             child = node.get(key)

@@ -1,0 +1,110 @@
+"""The command line behaves alike across commands: --version, --config before or after
+the command, confirmation on a terminal, no file overwritten unasked, a state that is
+not an error exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import subprocess
+import sys
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+from tests.conftest import simple_message
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "config" / "gateway.yaml"
+
+
+def _run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True,
+                          timeout=60, cwd=cwd)
+
+
+def test_version_comes_from_one_place_and_is_shown():
+    shown = _run("--version")
+    assert shown.returncode == 0
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert pyproject["dynamic"] == ["version"] and "version" not in pyproject
+    assert shown.stdout.decode().strip() == \
+        f"mailflowr-gateway {metadata.version('mailflowr-gateway')}"
+
+
+def test_config_may_come_before_or_after_the_command(tmp_path):
+    elsewhere = tmp_path / "gw.yaml"
+    elsewhere.write_text(EXAMPLE.read_text().replace("max_message_size: 10240000",
+                                                     "max_message_size: huge"))
+    assert "max_message_size: huge" in elsewhere.read_text()
+    for args in (("--config", str(EXAMPLE), "check"), ("check", "--config", str(EXAMPLE)),
+                 ("-c", str(elsewhere), "check", "-c", str(EXAMPLE))):
+        ok = _run(*args, cwd=tmp_path)
+        assert ok.returncode == 0, (args, ok.stderr)
+    for args in (("--config", str(elsewhere), "check"), ("check", "--config", str(elsewhere)),
+                 ("-c", str(EXAMPLE), "check", "-c", str(elsewhere))):
+        bad = _run(*args, cwd=tmp_path)
+        assert bad.returncode == 2 and b"smtp.max_message_size" in bad.stderr, args
+
+
+def test_keys_status_with_encryption_off_is_a_state_not_an_error():
+    off = _run("keys", "status", "--config", str(EXAMPLE))
+    assert off.returncode == 0 and b"encryption at rest is off" in off.stdout
+    doc = json.loads(_run("keys", "status", "--json", "--config", str(EXAMPLE)).stdout)
+    assert doc == {"encryption": "off", "master": None, "tenants": []}
+
+
+def test_export_help_names_the_format_it_writes():
+    text = _run("export", "--help").stdout.decode()
+    assert "tar archive" in text and "ZIP" not in text and "FILE.tar" in text
+
+
+def test_messages_export_never_replaces_a_file_unasked(gateway, tmp_path):
+    with gateway.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message("kept"))
+    gateway.wait_processed(1)
+    [message] = gateway.messages()
+    out = tmp_path / "m.eml"
+    out.write_text("mine")
+    refused = gateway.cli("messages", "export", message["id"], "--out", str(out))
+    assert refused.returncode == 1 and b"exists; --force replaces it" in refused.stderr
+    assert out.read_text() == "mine"
+    gateway.cli("messages", "export", message["id"], "--out", str(out), "--force",
+                check=True)
+    assert b"Subject: kept" in out.read_bytes()
+
+
+def _on_a_terminal(gateway, args: list[str], answer: str) -> tuple[int, str]:
+    """Run a command with a terminal for its input, answering its question."""
+    leader, follower = pty.openpty()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args, "--config", str(gateway.config_path)],
+            stdin=follower, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            cwd=gateway.directory)
+        os.write(leader, answer.encode() + b"\n")
+        out, err = proc.communicate(timeout=60)
+    finally:
+        os.close(leader)
+        os.close(follower)
+    return proc.returncode, (out + err).decode()
+
+
+def test_erase_asks_on_a_terminal_and_not_in_a_script(gateway):
+    with gateway.smtp() as s:
+        for n in range(2):
+            s.sendmail("jane@client.test", ["support@acme.test"], simple_message(f"n{n}"))
+    gateway.wait_processed(2)
+    erase = ["erase", "--tenant", "acme", "--subject", "jane@client.test"]
+    code, said = _on_a_terminal(gateway, erase, "yes")
+    assert code == 1 and "not confirmed: nothing changed" in said
+    assert "Type jane@client.test to go on" in said
+    assert len(gateway.messages()) == 2
+    code, said = _on_a_terminal(gateway, erase, "JANE@client.test")
+    assert code == 0 and "erased 2 messages" in said, said
+    assert gateway.messages() == []
+    # --yes, and no terminal at all, do not ask
+    code, said = _on_a_terminal(gateway, [*erase, "--yes"], "")
+    assert code == 0 and "Type" not in said
+    assert gateway.cli(*erase).returncode == 0
