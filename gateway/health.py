@@ -40,7 +40,8 @@ PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
 
 class Health:
     def __init__(self, policies: PolicyHolder, metrics: Metrics, notifier: Notifier,
-                 stopping: asyncio.Event, *, reload_refused: Callable[[], list[str]],
+                 stopping: asyncio.Event, *,
+                 reload_refused: Callable[[], tuple[list[str], datetime | None]],
                  last_sweep: Callable[[], float | None]) -> None:
         self.policies = policies
         self.metrics = metrics
@@ -84,8 +85,21 @@ class Health:
             "database": {"ok": database_error is None, "error": database_error},
             "policy": {"ok": bool(policy.version), "version": policy.version},
         }
+        problems, since = self.reload_refused()
+        if problems:  # the last good policy serves on: ready, but say so
+            checks["policy"].update(reload_refused=problems, since=_iso(since))
         ready = all(c["ok"] for c in checks.values())
-        return (200 if ready else 503), {"ready": ready, "checks": checks}
+        return (200 if ready else 503), {"ready": ready, "checks": checks,
+                                         "degraded": self.degraded()}
+
+    def degraded(self) -> list[str]:
+        """What works, but not as configured: a policy edit refused (the last good
+        policy stays in force), since when and why."""
+        problems, since = self.reload_refused()
+        if not problems:
+            return []
+        return [f"policy reload refused since {_iso(since)}, policy "
+                f"{self.policies.current.version} stays in force: {problems[0]}"]
 
     def _check_database(self) -> str | None:
         store = self.store
@@ -120,9 +134,11 @@ class Health:
                           for name, address in self.listening.items()},
             "database": {"up": self.database_up,
                          "name": database_name(self.store) if self.store else None},
+            "degraded": self.degraded(),
             "policy": {"version": policy.version,
                        "loaded_at": policy.loaded_at.isoformat(timespec="seconds"),
-                       "reload_refused": self.reload_refused()},
+                       "reload_refused": self.reload_refused()[0],
+                       "reload_refused_since": _iso(self.reload_refused()[1])},
             "pipeline": {"waiting": queue.pipeline_waiting if queue else None,
                          "oldest_seconds": round(queue.pipeline_oldest, 1) if queue else None},
             "deliveries": {"pending": deliveries.get("pending", 0),
@@ -183,6 +199,10 @@ class Health:
                                    and not self.stopping.is_set() else 0)
             self.notifier.status(self.status_line())
             await asyncio.sleep(STATS_INTERVAL)
+
+
+def _iso(when: datetime | None) -> str | None:
+    return when.isoformat(timespec="seconds") if when else None
 
 
 def _stats(store: Store) -> QueueStats:

@@ -13,10 +13,12 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from gateway.auth import signing
+from gateway.clock import utcnow
 from gateway.config import GatewayConfig
 from gateway.config import load as load_config
 from gateway.delivery import notices
@@ -50,11 +52,13 @@ class Reloader:
         self.tls: ssl.SSLContext | None = None  # loaded at the start (startup.tls_context)
         self.store: Store | None = None  # once open: subprocessor changes are recorded
         self.problems: list[str] = []  # why the last policy reload was refused
+        self.refused_since: datetime | None = None  # the first refusal since the last load
         self._lock = asyncio.Lock()
 
-    def refused(self) -> list[str]:
-        """Why the last policy reload was refused, as far as the log line shows it."""
-        return self.problems[:SHOWN_PROBLEMS]
+    def refused(self) -> tuple[list[str], datetime | None]:
+        """Why the last policy reload was refused, as far as the log line shows it, and
+        since when reloads have been refused (None: the last one loaded)."""
+        return self.problems[:SHOWN_PROBLEMS], self.refused_since
 
     async def reload(self, why: str) -> None:
         """SIGHUP: the policy set, the TLS certificate, the DKIM keys, the SRS secrets."""
@@ -129,7 +133,7 @@ class Reloader:
             except Exception as exc:  # whatever fails, the reload is refused, never the watcher
                 self._refuse_reload(why, [f"{self.policies.directory}: {one_line(exc)}"], exc)
                 return
-            self.problems = []
+            self.problems, self.refused_since = [], None
             self.metrics.policy_reload_failing.set(0)
             if not changed:
                 log.info("policy reload (%s): no change (policy %s)", why, previous.version)
@@ -153,6 +157,7 @@ class Reloader:
                        unexpected: BaseException | None = None) -> None:
         """The policy in force stays; the log, the metrics and /status say why."""
         self.problems = problems
+        self.refused_since = self.refused_since or utcnow()
         self.metrics.policy_reloads.labels("failure").inc()
         self.metrics.policy_reload_failing.set(1)
         shown = "; ".join(problems[:SHOWN_PROBLEMS])

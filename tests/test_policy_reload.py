@@ -259,6 +259,19 @@ def test_hostile_policy_files_are_refused_and_the_next_good_edit_loads(make_gate
         status = json.loads(http_get(port, "/status")[1])["policy"]
         assert status["version"] == good
         _named(status["reload_refused"], [f"{path}{where}: {message}"])
+        if n == 1:  # where operators look: ready (the last good policy serves), degraded
+            since = status["reload_refused_since"]
+            code, body = http_get(port, "/readyz")
+            ready = json.loads(body)
+            assert code == 200 and ready["ready"] is True
+            assert ready["checks"]["policy"]["since"] == since
+            [degraded] = ready["degraded"]
+            assert degraded.startswith(f"policy reload refused since {since}, policy {good} "
+                                       f"stays in force: {path}{where}")
+            shown = gw.cli("status", "--url", f"http://127.0.0.1:{port}").stdout.decode()
+            assert f"DEGRADED    policy reload refused since {since}" in shown
+        assert json.loads(http_get(port, "/status")[1])["policy"]["reload_refused_since"] \
+            == since  # the first refusal of the streak
         _send(gw)  # still copied by the rule in force
         assert relay.wait(n)[-1].rcpt_tos == ["alpha@vault.test"], what
     _replace(path, lambda p: p.write_text(RULES % "beta"))  # the watcher lives on
@@ -267,6 +280,7 @@ def test_hostile_policy_files_are_refused_and_the_next_good_edit_loads(make_gate
     assert value(v, "mailflowr_gateway_policy_reload_failing") == 0
     assert value(v, "mailflowr_gateway_policy_reloads_total", result="failure") == len(refused)
     assert json.loads(http_get(port, "/status")[1])["policy"]["reload_refused"] == []
+    assert json.loads(http_get(port, "/readyz")[1])["degraded"] == []
     _send(gw)
     assert relay.wait(len(refused) + 1)[-1].rcpt_tos == ["beta@vault.test"]
     assert "Traceback" not in gw.log() and "never retrieved" not in gw.log()

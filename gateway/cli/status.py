@@ -51,6 +51,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"  policy      {doc['policy']['version']} (loaded {doc['policy']['loaded_at']})")
     for problem in doc["policy"].get("reload_refused", []):
         print(f"              last reload refused: {problem}")
+    for what in doc.get("degraded", []):
+        print(f"  DEGRADED    {what}")
     pipeline = doc["pipeline"]
     print(f"  pipeline    {pipeline['waiting']} to process, oldest "
           f"{pipeline['oldest_seconds']} s")
