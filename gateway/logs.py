@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import sys
 from datetime import UTC, datetime
@@ -78,12 +79,43 @@ def _masked_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {k: SUBJECT_MASK if k in PERSONAL_FIELDS else v for k, v in fields.items()}
 
 
-class TextFormatter(logging.Formatter):
-    """``time level logger: message`` with personal data masked unless asked for."""
+# syslog priorities (sd-daemon(3)), as journald reads them from a line's "<N>" prefix
+_PRIORITY = {logging.CRITICAL: 2, logging.ERROR: 3, logging.WARNING: 4, logging.INFO: 6,
+             logging.DEBUG: 7}
 
-    def __init__(self, personal_data: bool = False) -> None:
-        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+def priority(level: int) -> int:
+    return next((p for lvl, p in sorted(_PRIORITY.items(), reverse=True) if level >= lvl), 7)
+
+
+def journal_prefixed(line: str, level: int) -> str:
+    """Each line (a traceback's too) with the priority journald files it under."""
+    prefix = f"<{priority(level)}>"
+    return "\n".join(prefix + part for part in line.split("\n"))
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is a stream to journald: systemd says so in JOURNAL_STREAM
+    (``device:inode`` of that stream) for a service whose output goes to the journal."""
+    stream = os.environ.get("JOURNAL_STREAM", "")
+    try:
+        device, inode = (int(part) for part in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError, AttributeError):
+        return False
+    return (st.st_dev, st.st_ino) == (device, inode)
+
+
+class TextFormatter(logging.Formatter):
+    """``time level logger: message`` with personal data masked unless asked for; to
+    the journal (``journal``), ``<priority>level logger: message``: journald keeps the
+    time and files each line under its priority (``journalctl -p warning``)."""
+
+    def __init__(self, personal_data: bool = False, journal: bool = False) -> None:
+        super().__init__("%(levelname)s %(name)s: %(message)s" if journal
+                         else "%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.personal_data = personal_data
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "event_fields", None)
@@ -91,15 +123,17 @@ class TextFormatter(logging.Formatter):
             record = logging.makeLogRecord(record.__dict__)
             record.args = (record.__dict__["event"], _pairs(_masked_fields(fields)))
         line = super().format(record)
-        return line if self.personal_data else mask(line)
+        line = line if self.personal_data else mask(line)
+        return journal_prefixed(line, record.levelno) if self.journal else line
 
 
 class JSONFormatter(logging.Formatter):
     """One JSON object per line: time, level, logger, message, and an event's fields."""
 
-    def __init__(self, personal_data: bool = False) -> None:
+    def __init__(self, personal_data: bool = False, journal: bool = False) -> None:
         super().__init__()
         self.personal_data = personal_data
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
         out: dict[str, Any] = {
@@ -117,14 +151,17 @@ class JSONFormatter(logging.Formatter):
         if record.exc_info:
             out["exception"] = self.formatException(record.exc_info)
         line = json.dumps(out, ensure_ascii=False, default=str)
-        return line if self.personal_data else mask(line)
+        line = line if self.personal_data else mask(line)
+        return journal_prefixed(line, record.levelno) if self.journal else line
 
 
 def setup(level: str, fmt: str = "text", personal_data: bool = False) -> None:
-    """Log to stderr (journald under systemd) in the chosen format."""
+    """Log to stderr (journald under systemd) in the chosen format; to the journal with
+    each line's priority and without a time of our own."""
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JSONFormatter(personal_data) if fmt == "json"
-                         else TextFormatter(personal_data))
+    journal = stderr_is_journal()
+    handler.setFormatter(JSONFormatter(personal_data, journal) if fmt == "json"
+                         else TextFormatter(personal_data, journal))
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -332,6 +332,30 @@ def test_logs_hold_no_address_or_subject_by_default(make_gateway, tmp_path, sink
     assert "code=550" in bounced and "[address]" in bounced and f"msgid={hashed}" in bounced
 
 
+@pytest.mark.sqlite_only  # the log's form: any database
+def test_logs_to_the_journal_carry_priorities_and_no_time_of_their_own(make_gateway):
+    """Under systemd, stderr is the journal (JOURNAL_STREAM names it): each line starts
+    with its syslog priority, so journalctl -p warning works, and without a timestamp,
+    which journald adds."""
+    gw = make_gateway(start=False)
+    gw.log_path.touch()
+    st = os.stat(gw.log_path)
+    gw.start(env={"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message("journal"))
+    gw.wait_processed(1)
+    gw.terminate()
+    lines = gw.log().splitlines()
+    assert lines and all(re.match(r"<[2-7]>[A-Z]+ [\w.]+: ", ln) for ln in lines), lines[:5]
+    assert not any(re.search(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d", ln) for ln in lines)
+    assert any(ln.startswith("<4>WARNING gateway.startup: encryption at rest is off")
+               for ln in lines)
+    assert any(ln.startswith("<6>INFO gateway.ingress.smtp: accepted queue_id=") for ln in lines)
+    # another stream (a terminal, a file) gets the time as before
+    elsewhere = make_gateway()
+    assert re.match(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} [A-Z]+ ", elsewhere.log())
+
+
 def test_personal_data_in_json_logs_when_asked(make_gateway, tmp_path, sinks):
     gw = _gateway(make_gateway, tmp_path, sinks,
                   {"logging": {"format": "json", "personal_data": True}})
