@@ -266,6 +266,11 @@ class Metrics:
             "Admin API requests refused for their token (401), by reason: missing, "
             "malformed, unknown, wrong_secret, revoked, deactivated.", ["reason"],
             registry=r)
+        self.smtp_auth_failures = Counter(
+            f"{PREFIX}_smtp_authentication_failures_total",
+            "SMTP AUTH on the submission listener refused, by reason: credentials (a "
+            "wrong login or password), throttled (the IP had too many failures).",
+            ["reason"], registry=r)
         self.retention_sweeps = Counter(
             f"{PREFIX}_retention_sweeps_total",
             "Retention sweeps, by result (success, failure, skipped: another instance swept).",

@@ -6,8 +6,10 @@ legal holds, and audit events paged in both directions; each for its own tenant 
 from __future__ import annotations
 
 import json
+import re
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -77,6 +79,12 @@ def test_a_refused_token_is_logged_without_the_token_and_counted(api_gateway):
     failures = [line for line in log.splitlines() if "authentication failed from" in line]
     assert len(failures) == 6, failures
     assert all("from 127.0.0.1: " in line for line in failures)
+    # the fail2ban filter of docs/operations.md finds each
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    failregex = re.search(r"^failregex = (.*)$", docs, re.M).group(1)
+    pattern = re.compile(failregex.replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)"))
+    assert [m.group("host") for ln in failures if (m := pattern.search(ln))] == \
+        ["127.0.0.1"] * 6
     assert revoked.split("_", 2)[2] not in log and wrong.split("_", 2)[2] not in log
     assert "garbage" not in log
     _, values = samples(metrics_port(gw))

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import re
 import smtplib
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -100,6 +102,17 @@ def test_wrong_password_is_535_then_throttled(gw, tls_files):
     assert s.docmd("AUTH", _plain(PASSWORD))[0] == 421
     s.close()
     assert "agent@acme.test" not in gw.log() and PASSWORD not in gw.log()
+    # one line per refusal, with the client's address, as the admin API writes them
+    refusals = re.findall(r"WARNING gateway\.ingress\.submission: submission: authentication "
+                          r"failed from (\S+): (.*)", gw.log())
+    assert refusals == [("127.0.0.1", "wrong login or password")] * 3 + [
+        ("127.0.0.1", "over 3 failures, turned away")] * 2
+    # the fail2ban filter of docs/operations.md finds each of them, and nothing else
+    docs = (Path(__file__).resolve().parent.parent / "docs" / "operations.md").read_text()
+    failregex = re.search(r"^failregex = (.*)$", docs, re.M).group(1)
+    pattern = re.compile(failregex.replace("<HOST>", r"(?P<host>[0-9a-fA-F.:]+)"))
+    found = [m.group("host") for ln in gw.log().splitlines() if (m := pattern.search(ln))]
+    assert found == ["127.0.0.1"] * 5
 
 
 def test_parallel_guesses_from_one_ip_get_no_more_passwords_checked(gw, tls_files):
@@ -123,7 +136,7 @@ def test_parallel_guesses_from_one_ip_get_no_more_passwords_checked(gw, tls_file
     for s in clients:
         s.close()
     assert len(replies) == 20 and set(replies) <= {421, 535}, replies
-    assert gw.log().count("submission: failed login from") == 3, gw.log()
+    assert gw.log().count("authentication failed from 127.0.0.1: wrong login or") == 3
 
 
 def test_auth_login_mechanism_and_unknown_user(gw, tls_files):

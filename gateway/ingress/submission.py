@@ -105,7 +105,7 @@ class SubmissionHandler:
                           args: list[str]) -> str | None:
         ip = client_address(session)
         if self._recent_failures(ip) >= self.submission.max_auth_failures:
-            self._turn_away(server)
+            self._turn_away(server, ip)
             return None
         credentials = await self._credentials(server, args)
         if credentials is None:
@@ -117,7 +117,7 @@ class SubmissionHandler:
         # sent in parallel sessions see each other, and no more than
         # max_auth_failures passwords of one IP are ever checked per window.
         if self._recent_failures(ip) >= self.submission.max_auth_failures:
-            self._turn_away(server)
+            self._turn_away(server, ip)
             return None
         attempt = self.clock()
         self._failures[ip].append(attempt)
@@ -130,9 +130,12 @@ class SubmissionHandler:
             with contextlib.suppress(ValueError):  # gone if the window has passed
                 self._failures[ip].remove(attempt)
         else:
-            log.warning("submission: failed login from %s", ip)
+            # one line per refusal, in the admin API's form: one fail2ban filter for both
+            log.warning("submission: authentication failed from %s: %s", ip,
+                        "wrong login or password")
+            self.metrics.smtp_auth_failures.labels("credentials").inc()
             if self._recent_failures(ip) >= self.submission.max_auth_failures:
-                self._turn_away(server)
+                self._turn_away(server, ip)
                 return None
             return AUTH_FAILED
         session.authenticated = True
@@ -140,8 +143,11 @@ class SubmissionHandler:
         log.info("submission: %s logged in from %s", _login_ref(login), ip)
         return AUTH_OK
 
-    def _turn_away(self, server: SMTP) -> None:
+    def _turn_away(self, server: SMTP, ip: str) -> None:
         assert isinstance(server, GatewaySMTP)
+        log.warning("submission: authentication failed from %s: %s", ip,
+                    f"over {self.submission.max_auth_failures} failures, turned away")
+        self.metrics.smtp_auth_failures.labels("throttled").inc()
         server._say_and_close(AUTH_THROTTLED.format(host=self.settings.hostname))
 
     async def _credentials(self, server: SMTP,
