@@ -92,7 +92,8 @@ class App:
         self.sweeps: SweepLoop | None = None
         self.health = Health(self.policies, self.metrics, self.notifier, self.stopping,
                              reload_refused=self.reloader.refused,
-                             last_sweep=lambda: self.sweeps.last_sweep if self.sweeps else None)
+                             last_sweep=lambda: self.sweeps.last_sweep if self.sweeps else None,
+                             stats_interval=config.metrics.stats_interval)
         self.store: Store | None = None
         self.inactive: set[str] = set()  # deactivated tenants, as read at the start
         self.servers: list[asyncio.Server] = []

@@ -33,7 +33,7 @@ from gateway.store.requests import RequestStore
 
 log = logging.getLogger(__name__)
 
-STATS_INTERVAL = 5.0  # seconds between looks at the backlog (gauges, STATUS=, readiness)
+STATS_INTERVAL = 5.0  # seconds between looks at the backlog (metrics.stats_interval)
 LOOP_STALL = 10.0  # seconds without a heartbeat before /healthz reports the loop stalled
 PROBE_TIMEOUT = 3.0  # seconds a readiness probe waits for the database
 
@@ -42,8 +42,10 @@ class Health:
     def __init__(self, policies: PolicyHolder, metrics: Metrics, notifier: Notifier,
                  stopping: asyncio.Event, *,
                  reload_refused: Callable[[], tuple[list[str], datetime | None]],
-                 last_sweep: Callable[[], float | None]) -> None:
+                 last_sweep: Callable[[], float | None],
+                 stats_interval: float = STATS_INTERVAL) -> None:
         self.policies = policies
+        self.stats_interval = stats_interval
         self.metrics = metrics
         self.notifier = notifier
         self.stopping = stopping
@@ -198,7 +200,7 @@ class Health:
             self.metrics.ready.set(1 if self.database_up and self.listening
                                    and not self.stopping.is_set() else 0)
             self.notifier.status(self.status_line())
-            await asyncio.sleep(STATS_INTERVAL)
+            await asyncio.sleep(self.stats_interval)
 
 
 def _iso(when: datetime | None) -> str | None:

@@ -98,7 +98,7 @@ def gateway_with_rules(make_gateway: Any, tmp_path: Path, relay: Any, rules: str
     policies.mkdir(exist_ok=True)
     (policies / "workflows.yaml").write_text(rules)
     return make_gateway(_merge({
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
         "policies": {"directory": str(policies)},
         "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",
                      "poll_interval": "0.2s"},

@@ -79,7 +79,7 @@ def api_gateway(make_gateway: Any, tmp_path: Any, relay: Sink) -> tuple[Any, Api
                        "policies": {"directory": str(policies)},
                        "delivery": {"poll_interval": "0.2s",
                                     "consent_refresh": f"{CONSENT_REFRESH}s"},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
                        "tenants": {"acme": {"users": {"agent": {
                            "password_hash": AGENT_HASH, "send_as": ["agent@acme.test"]}}}}})
     with gw.smtp() as s:

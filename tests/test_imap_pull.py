@@ -26,7 +26,7 @@ def pull_gateway(make_gateway, dovecot, user, start=True, **source):
     gw = make_gateway({
         "imap_accounts": {"customer": dovecot.account(user)},
         "tenants": {"acme": {"imap_pull": {"helpdesk": settings}}},
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
     }, start=False)
     return gw.start(env=PW_ENV) if start else gw
 

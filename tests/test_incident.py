@@ -113,7 +113,7 @@ def test_an_incident_is_a_record_of_each_tenants_notice_and_its_deadline(make_ga
     api_port = free_port()
     gw = make_gateway({"policies": {"directory": str(policies)},
                        "delivery": {"poll_interval": "0.2s"},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
                        "admin_api": {"listen": f"127.0.0.1:{api_port}"}})
     discovered = (datetime.now(UTC) - timedelta(hours=40)).replace(microsecond=0)
     opened = gw.cli("incident", "open", "--tenant", "acme", "--tenant", "globex",

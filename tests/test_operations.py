@@ -50,7 +50,7 @@ def _gateway(make_gateway, tmp_path, sinks, extra=None, start=True):
     (policies / "workflows.yaml").write_text(WORKFLOWS)
     relay, finance = sinks
     overrides = {
-        "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+        "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
         "policies": {"directory": str(policies)},
         "destinations": {"finance": {"host": "127.0.0.1", "port": finance.port, "tls": "none"}},
         "delivery": {"relay": f"127.0.0.1:{relay.port}", "relay_tls": "none",

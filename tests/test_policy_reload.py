@@ -294,7 +294,7 @@ def test_sighup_with_hostile_files_reloads_the_rest_and_sigterm_is_prompt(make_g
     path = policies / "workflows.yaml"
     path.write_text(RULES % "alpha")
     gw = make_gateway({"policies": {"directory": str(policies), "watch_interval": 0},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
                        "smtp": {"tls": {"cert_file": str(chain), "key_file": str(key)}}})
     port = metrics_port(gw)
     _replace(path, os.mkfifo)

@@ -24,7 +24,7 @@ def _gateway(make_gateway: Any, tmp_path: Any, relay: Any) -> tuple[Any, Api]:
     port = free_port()
     gw = make_gateway({"policies": {"directory": str(policies)},
                        "delivery": {"poll_interval": "0.2s"},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
                        "admin_api": {"listen": f"127.0.0.1:{port}"}})
     return gw, Api(port)
 
@@ -178,7 +178,7 @@ def test_a_request_by_mail_is_recorded_and_forwarded_or_waits_for_its_tenant(
     gw = make_gateway({"policies": {"directory": str(policies)},
                        "pipeline": {"poll_interval": "0.2s"},
                        "delivery": {"poll_interval": "0.2s"},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
                        "privacy": {"request_address": "privacy@processor.test"},
                        "tenants": {"processor": PROCESSOR}})
     letters = [

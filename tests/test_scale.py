@@ -357,7 +357,7 @@ def test_a_burst_is_processed_when_it_pauses(make_gateway):
     most of that time (burst_delay is far away), then processes everything at once
     when the sending stops."""
     gw = make_gateway({"pipeline": {"burst_delay": "60s", "burst_load": 0},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"}})
     _processed_one(gw)
     with Load(gw.port, clients=4) as load:
         load.wait(10, timeout=30)
@@ -376,7 +376,7 @@ def test_under_load_that_goes_on_processing_starts_after_the_burst_delay(make_ga
     """The same sessions with burst_delay 1 s: messages are processed while the load
     still goes on, once the oldest has waited that long."""
     gw = make_gateway({"pipeline": {"burst_delay": "1s", "burst_load": 0},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"}})
     _processed_one(gw)
     with Load(gw.port, clients=4) as load:
         load.wait(10, timeout=30)
@@ -395,7 +395,7 @@ def test_mail_at_a_pace_the_loop_keeps_up_with_is_processed_as_it_comes(make_gat
     flow, not a burst.  It is processed as it comes, although burst_delay (60 s) would
     hold a burst back that long."""
     gw = make_gateway({"pipeline": {"burst_delay": "60s"},
-                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"}})
     _processed_one(gw)  # the pipeline's process has started: its start-up is not "behind"
     with Load(gw.port, clients=8, pace=0.05) as load:
         load.wait(20, timeout=30)
@@ -472,7 +472,7 @@ def test_under_overload_that_goes_on_new_mail_comes_at_the_pipelines_pace(make_g
             "pipeline": {"burst_delay": "0.5s"},
             "delivery": {"dns_servers": [f"127.0.0.1:{silent.getsockname()[1]}"],
                          "dns_timeout": "0.5s"},
-            "metrics": {"listen": f"127.0.0.1:{free_port()}"},
+            "metrics": {"listen": f"127.0.0.1:{free_port()}", "stats_interval": "0.5s"},
         })
 
         def waiting():

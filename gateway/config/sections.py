@@ -123,6 +123,9 @@ class PipelineConfig(Section):
 class MetricsConfig(Section):
     listen: OptionalHostPort = "127.0.0.1:9466"
     tenant_labels: bool = True  # False: the tenant label reads "all" (very many tenants)
+    # How often the backlog, notice, incident and request gauges (and systemd's STATUS=
+    # line) are read from the database.
+    stats_interval: Duration = Field(default=5.0, gt=0)
 
 
 
