@@ -62,6 +62,13 @@ class PolicySet:
     version: str = "none"  # hash of the files' bytes
     files: tuple[str, ...] = ()  # the files present
     loaded_at: datetime = field(default_factory=lambda: datetime.now(UTC))
+    digests: tuple[tuple[str, str], ...] = ()  # (file, hash of its bytes) of each present
+
+    def changed_since(self, previous: PolicySet) -> list[str]:
+        """The files added, removed or edited since ``previous``."""
+        before, after = dict(previous.digests), dict(self.digests)
+        return sorted(name for name in before.keys() | after.keys()
+                      if before.get(name) != after.get(name))
 
 
 def read_files(directory: Path) -> dict[str, bytes]:
@@ -147,7 +154,9 @@ def build(directory: Path, contents: dict[str, bytes], tenants: Collection[str],
     if problems:
         raise PolicyError(problems)
     return PolicySet(workflows=workflows, retention=policy, subprocessors=routing,
-                     version=version_of(contents), files=tuple(sorted(contents)))
+                     version=version_of(contents), files=tuple(sorted(contents)),
+                     digests=tuple((name, version_of({name: data}))
+                                   for name, data in sorted(contents.items())))
 
 
 def load(directory: Path, tenants: Collection[str],

@@ -143,11 +143,12 @@ class Reloader:
             self.metrics.policy_reloads.labels("success").inc()
             self.metrics.policy_loaded(current.version, current.loaded_at.timestamp(),
                                        previous.version)
-            log.info("policy reloaded (%s): %s -> %s (%s)", why, previous.version,
-                     current.version, ", ".join(current.files) or "no files")
+            edited = current.changed_since(previous)
+            log.info("policy reloaded (%s): %s -> %s (%s changed)", why, previous.version,
+                     current.version, ", ".join(edited) or "no file")
             await self.audit("policy.reload", {
                 "from": previous.version, "to": current.version, "why": why,
-                "files": sorted(current.files)})
+                "files": sorted(current.files), "changed": edited})
             try:
                 await self.sync_subprocessors(previous)
             except Exception:  # the database may be away; the next reload or restart retries

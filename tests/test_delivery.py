@@ -172,9 +172,24 @@ def test_temporary_failure_retries_with_backoff(make_gateway, tmp_path, sinks):
     assert timedelta(seconds=1.5) <= due - last <= timedelta(seconds=2.5)  # 1s, then 2s
     listed = json.loads(gw.cli("queue", "list", "--json", check=True).stdout)
     assert listed[0]["reason"].startswith("451 4.3.0") and listed[0]["next_attempt_at"]
+    deferred = [ln for ln in gw.log().splitlines() if " deferred queue_id=" in ln]
+    assert deferred and all(" code=451 " in ln for ln in deferred)
     finance.handler.mode = "accept"
     assert len(finance.wait(1, timeout=15)) == 1
     _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")
+
+
+def test_a_server_that_cannot_be_reached_is_logged_without_a_reply_code(make_gateway,
+                                                                         tmp_path, sinks):
+    """Connection refused: no server answered, so no code (not the 127 of 127.0.0.1)."""
+    gw = _gateway(make_gateway, tmp_path, sinks)
+    _, finance = sinks
+    finance.stop()
+    _send_to_billing(gw)
+    _deliveries(gw, until=lambda rows: rows[0]["attempts"] >= 1)
+    [line] = wait_for(lambda: [ln for ln in gw.log().splitlines()
+                               if " deferred queue_id=" in ln], what="the deferral")
+    assert " code=" not in line and f"relay=127.0.0.1:{finance.port}" in line, line
 
 
 def test_dropped_connection_is_temporary(make_gateway, tmp_path, sinks):

@@ -149,6 +149,13 @@ def test_sighup_reloads_and_the_next_message_follows_the_new_policy(make_gateway
         (["alpha"], first), (["alpha"], first), (["beta"], second)]
     gw.proc.send_signal(signal.SIGHUP)
     wait_for(lambda: f"policy reload (SIGHUP): no change (policy {second})" in gw.log())
+    assert f"{first} -> {second} (retention.yaml, workflows.yaml changed)" in gw.log()
+    # an edit of one file names that file only
+    (policies / "retention.yaml").write_text(RETENTION % "beta" + "# reviewed\n")
+    gw.proc.send_signal(signal.SIGHUP)
+    wait_for(lambda: "(retention.yaml changed)" in gw.log(), what="the one-file reload")
+    [event] = [e for e in gw.store.audit_events() if e["action"] == "policy.reload"][-1:]
+    assert event["detail"]["changed"] == ["retention.yaml"]
 
 
 @pytest.mark.sqlite_only

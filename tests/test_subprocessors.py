@@ -308,6 +308,7 @@ def test_an_added_subprocessor_waits_for_the_objection_window(make_gateway, tmp_
         (policies / "subprocessors.yaml").write_text(text)
         gw.proc.send_signal(__import__("signal").SIGHUP)
         wait_for(lambda: "subprocessor relay-new added" in gw.log(), what="the reload")
+        assert "subprocessor relay-new added: 1 notice queued; usable per tenant" in gw.log()
         # acme (authorised: all) is notified; globex did not authorise relay-new
         notices = json.loads(gw.cli("subprocessors", "notices", "--json", check=True).stdout)
         assert [(n["tenant"], n["subprocessor"], n["change"]) for n in notices] == [

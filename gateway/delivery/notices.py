@@ -48,18 +48,33 @@ async def sync(store: Store, current: PolicySet, previous: PolicySet | None,
     authorised = {(tenant, name): bool(terms.privacy_contact)
                   for tenant, terms in routing.tenants.items()
                   for name in routing.registry if terms.authorises(name)}
+    built: list[Notice] = []
+
+    def notices(a: list[str], r: list[str], p: list[tuple[str, str]]) -> list[Notice]:
+        built[:] = build(routing, before, tenant_names, hostname, now, a, r, p)
+        return built
+
     added, removed = await asyncio.to_thread(
-        store.sync_subprocessors, routing.registry.keys(), now,
-        lambda a, r, p: build(routing, before, tenant_names, hostname, now, a, r, p),
-        authorised)
+        store.sync_subprocessors, routing.registry.keys(), now, notices, authorised)
     for name in added:
-        log.info("subprocessor %s added: notices queued; usable per tenant after %d days "
-                 "without objection", name, routing.window_days)
+        queued = _queued(built, name)
+        log.info("subprocessor %s added: %s; usable per tenant %d days after its notice "
+                 "is delivered, without objection", name, queued, routing.window_days)
     for name in removed:
-        log.info("subprocessor %s removed: notices queued", name)
+        log.info("subprocessor %s removed: %s", name, _queued(built, name))
     released = await asyncio.to_thread(store.release_held, HELD_PREFIX)
     if released:
         log.info("%d held deliveries try again under the new subprocessor policy", released)
+
+
+def _queued(notices: list[Notice], name: str) -> str:
+    """What was queued about ``name``, as the log says it."""
+    count = sum(1 for n in notices if n.subprocessor == name and n.message is not None)
+    unsent = sum(1 for n in notices if n.subprocessor == name and n.message is None)
+    said = f"{count} notice{'' if count == 1 else 's'} queued" if count else "no notice queued"
+    if unsent:
+        said += f", {unsent} tenant{'' if unsent == 1 else 's'} without a privacy contact"
+    return said if count or unsent else "no tenant authorises it, no notice queued"
 
 
 def build(policy: SubprocessorPolicy, previous: Mapping[str, Subprocessor],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Callable, Mapping
@@ -52,8 +53,16 @@ log = logging.getLogger(__name__)
 
 HOLD_RECHECK = 600.0  # seconds between re-checks of subprocessor holds
 REPLAY_CHUNK = 5000  # copies of a dead process's journal recorded per transaction
+_REPLY_CODE = re.compile(r"([2-5][0-9][0-9])(?:[ -]|$)")
 FORWARDED = ("cc", "bcc", "route")  # kinds that send inbound mail on: SRS and ARC apply
 Content = tuple[str, bytes] | Exception  # our header fields and the original, or why not
+
+
+def reply_code(detail: str) -> int | None:
+    """The SMTP reply code a server's answer starts with ("451 4.3.0 ..."), or None: a
+    connection refused ("127.0.0.1:25: ...") or timed out has none."""
+    m = _REPLY_CODE.match(detail)
+    return int(m.group(1)) if m else None
 
 
 def backoff(attempts: int, base: float, maximum: float) -> float:
@@ -319,7 +328,7 @@ class DeliveryWorker(PoolRunner[DeliveryJob, AttemptResult]):
             )
         kind = {SENT_STATUS: "delivered", FAILED: "bounced"}.get(status, "deferred")
         self._event(job, kind, logging.INFO if status == SENT_STATUS else logging.WARNING,
-                    code=int(result.detail[:3]) if result.detail[:3].isdigit() else None,
+                    code=reply_code(result.detail) if result.connected else None,
                     via=name, relay=host, detail=result.detail,
                     dsn=bounce.id if bounce is not None else None)
         # An APPEND whose connection broke may have arrived: the retry looks first.
