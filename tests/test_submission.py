@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 import smtplib
 import threading
@@ -32,8 +33,17 @@ def password_hash():
     return hash_password(PASSWORD)
 
 
+@pytest.fixture(scope="module")
+def weak_hash():
+    """PASSWORD hashed at the cost used before (scrypt N=2**14)."""
+    salt = b"0123456789abcdef"
+    digest = hashlib.scrypt(PASSWORD.encode(), salt=salt, n=2**14, r=8, p=1, dklen=32)
+    return "$".join(["scrypt", "16384", "8", "1", base64.b64encode(salt).decode(),
+                     base64.b64encode(digest).decode()])
+
+
 @pytest.fixture
-def gw(make_gateway, tmp_path, tls_files, password_hash, relay):
+def gw(make_gateway, tmp_path, tls_files, password_hash, weak_hash, relay):
     _, chain, key = tls_files
     policies = tmp_path / "policies"
     policies.mkdir()
@@ -47,7 +57,7 @@ def gw(make_gateway, tmp_path, tls_files, password_hash, relay):
         "tenants": {"acme": {"users": {
             "agent@acme.test": {"password_hash": password_hash,
                                 "send_as": ["support@acme.test", "sales-*@acme.test"]},
-            "clerk@acme.test": {"password_hash": password_hash}}}},
+            "clerk@acme.test": {"password_hash": weak_hash}}}},
     })
     gateway.submission_port = int(gateway.config["submission"]["listen"].rsplit(":", 1)[1])
     gateway.wait_listening(port=gateway.submission_port)  # it opens just after the SMTP one
@@ -243,3 +253,17 @@ def test_failed_delivery_bounces_to_the_user_only(gw, tls_files, relay):
     # the user's recipient and the archive copy failed; only the recipient's bounced
     assert sorted(d["kind"] for d in failed) == ["bcc", "rcpt"]
     assert len([r for r in gw.messages() if r["mail_from"] == ""]) == 1
+
+
+def test_a_hash_of_a_lower_cost_still_logs_in_and_is_reported(gw, tls_files, password_hash):
+    """New hashes cost scrypt N=2**17 (OWASP's minimum); one made before still verifies,
+    and the log and check say it should be replaced (it lives in gateway.yaml)."""
+    assert password_hash.startswith("scrypt$131072$8$1$")
+    _client(gw, tls_files, user="clerk@acme.test").quit()
+    _client(gw, tls_files).quit()  # agent's hash is current: nothing said
+    weak = [ln for ln in gw.log().splitlines() if "password hash of a lower cost" in ln]
+    assert len(weak) == 1 and " WARNING " in weak[0]
+    checked = gw.cli("check", check=True).stdout.decode()
+    assert ("tenant acme: user clerk@acme.test: warning: the password hash costs less than "
+            "scrypt N=131072") in checked
+    assert "agent@acme.test" not in checked

@@ -21,6 +21,7 @@ from gateway.cli.common import (
 )
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.keyfiles import KeyFileError
+from gateway.passwords import N, is_weak
 from gateway.store.keystore import master_id
 
 
@@ -58,8 +59,18 @@ def cmd_check(args: argparse.Namespace) -> int:
         print(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
     print(f"policy version {policies.version}")
     _check_privacy(config)
+    _check_passwords(config)
     _check_imap(config)
     return _check_dkim(config, args.dns)
+
+
+def _check_passwords(config: GatewayConfig) -> None:
+    """Users whose password hash costs less than a new one (they still log in)."""
+    for tid, tenant in config.tenants.items():
+        for login, user in tenant.users.items():
+            if is_weak(user.password_hash):
+                print(f"tenant {tid}: user {login}: warning: the password hash costs less than "
+                      f"scrypt N={N}; make a new one with users hash-password")
 
 
 def _check_privacy(config: GatewayConfig) -> None:

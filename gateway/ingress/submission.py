@@ -43,7 +43,7 @@ from gateway.ingress.message import build_message
 from gateway.ingress.replies import QUEUE_WRITE_ERROR, TOO_MANY_HOPS
 from gateway.ingress.smtp import GatewaySMTP, accepted
 from gateway.metrics import Metrics
-from gateway.passwords import verify
+from gateway.passwords import N, is_weak, verify
 from gateway.pipeline.flow import InFlow
 from gateway.store.repository import Store
 from gateway.tenancy import BAD_SYNTAX, NEED_SMTPUTF8, SendAs, has_unsafe_chars, printable
@@ -83,6 +83,7 @@ class SubmissionHandler:
         self.send_as = {login.lower(): SendAs(login, user.send_as)
                         for t in tenants.values() for login, user in t.users.items()}
         self._failures: dict[str, deque[float]] = defaultdict(deque)
+        self._verifying = asyncio.Semaphore(VERIFY_AT_ONCE)
         self.inactive: frozenset[str] = frozenset()  # deactivated tenants: logins refused
 
     # ---------------------------------------------------------- authentication
@@ -124,8 +125,9 @@ class SubmissionHandler:
         entry = self.users.get(login.lower())
         # Without a user, verify against a dummy hash all the same: equal timing.
         encoded = entry[1].password_hash if entry else _DUMMY_HASH
-        ok = (await asyncio.to_thread(verify, password, encoded) and entry is not None
-              and entry[0] not in self.inactive)
+        async with self._verifying:  # 128 MiB each: a bounded number at once
+            checked = await asyncio.to_thread(verify, password, encoded)
+        ok = checked and entry is not None and entry[0] not in self.inactive
         if ok:
             with contextlib.suppress(ValueError):  # gone if the window has passed
                 self._failures[ip].remove(attempt)
@@ -141,6 +143,11 @@ class SubmissionHandler:
         session.authenticated = True
         session.login_data = login.lower()
         log.info("submission: %s logged in from %s", _login_ref(login), ip)
+        assert entry is not None
+        if is_weak(entry[1].password_hash):
+            log.warning("submission: %s has a password hash of a lower cost than scrypt "
+                        "N=%d: make a new one with users hash-password and replace it in "
+                        "the configuration", _login_ref(login), N)
         return AUTH_OK
 
     def _turn_away(self, server: SMTP, ip: str) -> None:
@@ -230,8 +237,10 @@ class SubmissionHandler:
                         user=_login_ref(login))
 
 
+VERIFY_AT_ONCE = 2  # password checks at the same time (each holds 128 MiB for 0.3 s)
+# verified for a login no user has: the same cost as a user's, so the same time
 _DUMMY_HASH = (
-    "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    "scrypt$131072$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 )
 
 
