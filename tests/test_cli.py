@@ -108,3 +108,16 @@ def test_erase_asks_on_a_terminal_and_not_in_a_script(gateway):
     code, said = _on_a_terminal(gateway, [*erase, "--yes"], "")
     assert code == 0 and "Type" not in said
     assert gateway.cli(*erase).returncode == 0
+
+
+def test_commands_that_print_data_print_json_when_asked(gateway):
+    made = json.loads(gateway.cli("token", "create", "--tenant", "acme", "--scope",
+                                  "read,export", "--json", check=True).stdout)
+    assert (made["tenant"], made["scopes"]) == ("acme", ["read", "export"])
+    assert made["token"].startswith(f"mfr_{made['id']}_")
+    listed = json.loads(gateway.cli("token", "list", "--json", check=True).stdout)
+    assert [t["id"] for t in listed] == [made["id"]]
+    retried = json.loads(gateway.cli("queue", "retry", "--all", "--json", check=True).stdout)
+    assert retried == {"due_now": 0, "delivery": None}
+    dropped = gateway.cli("queue", "drop", "7", "--json")
+    assert dropped.returncode == 1 and b"no delivery 7" in dropped.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -195,6 +196,12 @@ def test_rules_test_command(tmp_path):
     assert "pre-tags:   support (tenant defaults and classifier)" in out
     assert "tags:       support, invoice, key-client" in out
     assert "retention:  tag invoice (7y, longest of invoice, support)" in out
+    doc = json.loads(_cli("rules", "test", "--tenant", "demo", str(eml), "--json").stdout)
+    assert [m["rule"] for m in doc["matched"]] == ["billing-to-finance", "key-clients"]
+    assert (doc["outcome"], doc["cc"], doc["routes"]) == (
+        "delivered", ["accountmanager@example.test"], ["finance"])
+    assert doc["tags"] == ["support", "invoice", "key-client"]
+    assert doc["retention"] == "tag invoice (7y, longest of invoice, support)"
     out = _cli("rules", "test", "--tenant", "demo", str(eml), "--direction", "outbound",
                "--recipient", "customer@else.example").stdout.decode()
     assert "bcc copies: archive@example.test" in out

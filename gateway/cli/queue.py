@@ -36,11 +36,13 @@ def add_parsers(sub: Subcommands) -> None:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("id", nargs="?", type=positive_int)
     which.add_argument("--all", action="store_true")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_queue_retry)
     p = qsub.add_parser("drop", help="give up a delivery (it is kept as failed)")
     config_arg(p)
     p.add_argument("id", type=positive_int)
     p.add_argument("--reason", default="by an operator")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_queue_drop)
 
 
@@ -62,16 +64,15 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             if args.all or args.status == "sent" or r["status"] != "sent"]
     items = [_delivery_json(r) for r in rows]
     if args.json:
-        json.dump(items, sys.stdout, indent=1)
-        print()
+        _print_json(items)
         return EXIT_OK
-    print(f"{'ID':>6} {'MESSAGE':26} {'KIND':6} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':25} "
+    print(f"{'ID':>6} {'MESSAGE':26} {'KIND':6} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':19} "
           f"{'RECIPIENT':30} REASON")
     for d in items:
         # a kept original's "recipient" is a folder of an IMAP account
         to = f"{d['destination']}:{d['recipient']}" if d["kind"] == "append" else d["recipient"]
         print(f"{d['id']:>6} {d['message']:26} {d['kind']:6} {d['status']:7} {d['attempts']:>5} "
-              f"{d['next_attempt_at'] or '-':25} {printable(to, 30):30} "
+              f"{(d['next_attempt_at'] or '-')[:19]:19} {printable(to, 30):30} "
               f"{printable(d['reason'] or '-', 80)}")
     return EXIT_OK
 
@@ -81,7 +82,10 @@ def cmd_queue_retry(args: argparse.Namespace) -> int:
     count = store.retry_deliveries(None if args.all else args.id)
     if not args.all and count == 0:
         raise CommandError(f"no delivery {args.id} waiting to be retried")
-    print(f"{count} deliveries due now")
+    if args.json:
+        _print_json({"due_now": count, "delivery": None if args.all else args.id})
+    else:
+        print(f"{count} deliveries due now")
     return EXIT_OK
 
 
@@ -91,5 +95,13 @@ def cmd_queue_drop(args: argparse.Namespace) -> int:
         raise CommandError(f"no delivery {args.id} that could be dropped (unknown, or sent)")
     store.audit(actor(), "delivery.drop",
                 detail={"delivery": args.id, "reason": args.reason[:200]})
-    print(f"delivery {args.id} dropped")
+    if args.json:
+        _print_json({"delivery": args.id, "status": "failed", "reason": args.reason})
+    else:
+        print(f"delivery {args.id} dropped")
     return EXIT_OK
+
+
+def _print_json(doc: Any) -> None:
+    json.dump(doc, sys.stdout, indent=1)
+    print()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 from pathlib import Path
 
 from gateway.cli.common import (
@@ -30,6 +32,7 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--sender", help="envelope sender (default: the From address)")
     p.add_argument("--recipient", action="append",
                    help="envelope recipient, repeatable (default: To and Cc addresses)")
+    p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_rules_test)
 
 
@@ -55,6 +58,21 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         size=len(raw), tags=frozenset(retention.tags_for(args.tenant, parsed["findings"])),
     )
     plan = evaluate(policies.workflows.for_tenant(args.tenant), view)
+    tags = tuple(dict.fromkeys((*sorted(view.tags), *plan.tags)))
+    if args.json:
+        outcome = ("rejected" if plan.reject else "discarded" if plan.discard
+                   else "delivered")
+        json.dump({"message": args.file, "size": len(raw), "direction": args.direction,
+                   "sender": sender, "recipients": recipients,
+                   "parse_defects": parsed["defects"] if parsed["parse_failed"] else [],
+                   "found": parsed["findings"], "pre_tags": sorted(view.tags),
+                   "matched": [{"rule": name, "why": why} for name, why in plan.matched],
+                   "stopped_by": plan.stopped_by, "outcome": outcome, "reject": plan.reject,
+                   "cc": list(plan.cc), "bcc": list(plan.bcc), "routes": list(plan.routes),
+                   "tags": list(tags), "retention": retention.decide(args.tenant, tags).rule},
+                  sys.stdout, indent=1)
+        print()
+        return EXIT_OK
     print(f"message:    {args.file} ({len(raw)} bytes, {args.direction})")
     print(f"envelope:   from <{sender}> to {', '.join(f'<{r}>' for r in recipients) or '-'}")
     if parsed["parse_failed"]:
@@ -77,7 +95,6 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
         print(f"cc copies:  {', '.join(plan.cc) or '-'}")
         print(f"bcc copies: {', '.join(plan.bcc) or '-'}")
         print(f"routes:     {', '.join(plan.routes) or '-'}")
-    tags = tuple(dict.fromkeys((*sorted(view.tags), *plan.tags)))
     print(f"tags:       {', '.join(tags) or '-'}")
     print(f"retention:  {retention.decide(args.tenant, tags).rule}")
     return EXIT_OK

@@ -32,6 +32,7 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--scope", default="read", metavar="SCOPES",
                    help=f"what it may do, comma-separated: {', '.join(SCOPES)} (every "
                         "scope); default: read")
+    p.add_argument("--json", action="store_true", help="the token and its id as JSON")
     p.set_defaults(func=cmd_token_create)
     p = tsub2.add_parser("list", help="tokens, without their secrets")
     config_arg(p)
@@ -55,6 +56,11 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     listed = " ".join(s for s in SCOPES if s in scopes)
     store.store.audit(actor(), "token.create", tenant_id=args.tenant,
                       detail={"token": token_id, "name": args.name[:200], "scopes": listed})
+    if args.json:
+        json.dump({"id": token_id, "tenant": args.tenant, "scopes": listed.split(),
+                   "token": token}, sys.stdout, indent=1)
+        print()
+        return EXIT_OK
     print(f"token {token_id} for tenant {args.tenant}, scopes {listed}; it is shown only now:")
     print(token)
     return EXIT_OK
