@@ -63,7 +63,11 @@ def open_store(
     """Connect, make sure the schema is current, and return the Store.  Without
     ``need_keys`` a master key that cannot be had only matters once an encrypted
     original is read (commands that never read one still work)."""
-    engine = database.create(config.database.url, pool_size=config.database.pool_size)
+    try:
+        engine = database.create(config.database.url, pool_size=config.database.pool_size)
+    except ModuleNotFoundError as exc:  # the URL's driver is an extra (psycopg: [postgres])
+        raise StartupError(f"database.url needs the Python package {exc.name!r}: install "
+                           "mailflowr-gateway[postgres] for postgresql+psycopg://") from None
     try:
         current = database.current_revision(engine)
         if current != database.HEAD:

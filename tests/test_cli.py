@@ -121,3 +121,18 @@ def test_commands_that_print_data_print_json_when_asked(gateway):
     assert retried == {"due_now": 0, "delivery": None}
     dropped = gateway.cli("queue", "drop", "7", "--json")
     assert dropped.returncode == 1 and b"no delivery 7" in dropped.stderr
+
+
+def test_a_database_driver_that_is_not_installed_is_named(tmp_path):
+    """psycopg is the [postgres] extra: without it, a PostgreSQL URL gets one line that
+    says what to install (the command runs as if psycopg were not installed)."""
+    without = ("import sys; sys.modules['psycopg'] = None; from gateway.cli import main; "
+               "sys.exit(main())")
+    result = subprocess.run(
+        [sys.executable, "-c", without, "messages", "list", "--config", str(EXAMPLE)],
+        capture_output=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "MAILFLOWR_DATABASE__URL": "postgresql+psycopg://gw@127.0.0.1/x"})
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode().strip() == (
+        "mailflowr-gateway: database.url needs the Python package 'psycopg': install "
+        "mailflowr-gateway[postgres] for postgresql+psycopg://")
