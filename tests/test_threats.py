@@ -36,7 +36,7 @@ def test_dependencies_with_security_fixes_are_at_their_floors():
     floors = {}
     for requirement in declared["project"]["dependencies"]:
         name, _, version = re.split(r"(>=)", requirement.split(";")[0], maxsplit=1)
-        floors[name.strip().split("[")[0]] = tuple(int(p) for p in version.split("."))
+        floors[name.strip().split("[")[0]] = tuple(int(p) for p in version.split(",")[0].split("."))
     for package, floor in FLOORS.items():
         assert floors[package] >= floor, package
         installed = importlib.metadata.version(package)
