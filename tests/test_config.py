@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gateway.config import load
 from gateway.errors import ConfigError
@@ -192,3 +193,14 @@ tenants:
     config.write_text(inline.replace("password: s3cret", f"password_file: {secret}"))
     result = _run("check", "--config", str(config))
     assert result.returncode == 2 and "readable by everyone" in result.stderr.decode()
+
+
+def test_the_example_sends_nothing_anywhere_until_told():
+    """Every server the shipped example could deliver to is under .invalid (RFC 6761:
+    never resolves), so a first run on a shared machine reaches nobody's server."""
+    config = load(EXAMPLE, env={})
+    assert config.delivery.relay is None and config.delivery.mx_lookup is False
+    hosts = [d.host for d in config.destinations.values()]
+    policies = yaml.safe_load((ROOT / "policies" / "subprocessors.yaml").read_text())
+    hosts += [s["smtp"]["host"] for s in policies["subprocessors"].values() if "smtp" in s]
+    assert hosts and all(h.endswith(".invalid") for h in hosts), hosts

@@ -6,6 +6,7 @@ import contextlib
 import json
 import smtplib
 import threading
+from datetime import UTC, datetime
 
 import pytest
 
@@ -423,6 +424,10 @@ def test_cli_lists_shows_and_exports(gateway, tmp_path):
     assert shown["sha256"] and shown["status"] == "processed"
     text = gateway.cli("messages", "list", check=True).stdout.decode()
     assert "Export me" in text and "other" in text
+    header, first = text.splitlines()[:2]
+    assert header.split()[:3] == ["ID", "RECEIVED", "(UTC)"]
+    received = datetime.fromisoformat(entry["received_at"]).astimezone(UTC)
+    assert first.split()[1:3] == received.strftime("%Y-%m-%d %H:%M:%S").split()
     exported = gateway.cli("messages", "export", entry["id"], check=True).stdout
     assert exported == raw
     out = tmp_path / "m.eml"

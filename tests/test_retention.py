@@ -334,6 +334,13 @@ def test_tags_expiry_preview_and_sweep_from_the_command_line(make_gateway, tmp_p
     assert datetime.fromisoformat(shown["expires_at"]) == received + timedelta(days=90)
     assert _json(gw.cli("messages", "show", claims["id"], "--json"))["held_by"] == ["dispute"]
 
+    # before aging: nothing is due now; 100 days on, the sensitive one (90d) is
+    now = _json(gw.cli("retention", "preview", "--json"))
+    assert (now["expired"], now["held"]) == (0, 0)
+    later = (datetime.now(UTC) + timedelta(days=100)).date().isoformat()
+    ahead = _json(gw.cli("retention", "preview", "--as-of", later, "--json"))
+    assert (ahead["expired"], ahead["held"]) == (1, 0)
+    assert len(gw.messages()) == 3  # a preview deletes nothing
     _age(gw, 100)
     dry = _json(gw.cli("retention", "sweep", "--dry-run", "--json"))
     assert (dry["expired"], dry["held"]) == (1, 0)

@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import sys
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -83,10 +84,12 @@ def cmd_messages_list(args: argparse.Namespace) -> int:
         json.dump([_summary(r) for r in rows], sys.stdout, indent=1)
         print()
         return EXIT_OK
-    print(f"{'ID':26}  {'TENANT':12} {'STATUS':11} {'SIZE':>8}  {'SENDER':30} SUBJECT")
+    print(f"{'ID':26}  {'RECEIVED (UTC)':19} {'TENANT':12} {'STATUS':11} {'SIZE':>8}  "
+          f"{'SENDER':30} SUBJECT")
     for r in rows:
-        print(f"{r['id']:26}  {printable(r['tenant_id'], 12):12} {r['status']:11} "
-              f"{r['size']:>8}  {printable(r['mail_from'] or '<>', 30):30} "
+        received = aware(r["received_at"]).astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{r['id']:26}  {received:19} {printable(r['tenant_id'], 12):12} "
+              f"{r['status']:11} {r['size']:>8}  {printable(r['mail_from'] or '<>', 30):30} "
               f"{printable(r['subject'], 60)}")
     return EXIT_OK
 

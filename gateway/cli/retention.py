@@ -19,6 +19,7 @@ from gateway.cli.common import (
     load_policies,
     open_store,
     printable,
+    when,
 )
 from gateway.sweeper import Sweeper, SweepReport
 
@@ -32,10 +33,15 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retention_sweep)
     p = retsub.add_parser("preview",
-                          help="what the next sweep would delete under the policies of DIR")
+                          help="what a sweep would delete: under the policies of DIR, or at "
+                               "a time to come (nothing is deleted)")
     config_arg(p)
-    p.add_argument("--policies", metavar="DIR", required=True,
-                   help="a policy directory (e.g. an edited copy), validated first")
+    p.add_argument("--policies", metavar="DIR",
+                   help="a policy directory (e.g. an edited copy), validated first; "
+                        "default: policies.directory")
+    p.add_argument("--as-of", type=when, metavar="TIME",
+                   help="as a sweep at this time would (ISO 8601, e.g. 2027-06-01); "
+                        "default: now")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_retention_preview)
 
@@ -55,8 +61,10 @@ def cmd_retention_sweep(args: argparse.Namespace) -> int:
 
 def cmd_retention_preview(args: argparse.Namespace) -> int:
     config = load_config(args)
-    policies = load_policies(config, Path(args.policies))
-    report = Sweeper(open_store(args)).sweep(policies.retention, dry_run=True)
+    policies = load_policies(config, Path(args.policies) if args.policies else None)
+    as_of = args.as_of
+    report = Sweeper(open_store(args), clock=(lambda: as_of) if as_of else None).sweep(
+        policies.retention, dry_run=True)
     _print_sweep(report, args.json, policies.version)
     return EXIT_OK
 
