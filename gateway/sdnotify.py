@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,10 @@ class Notifier:
         return self.notify(f"STATUS={status}")
 
     def reloading(self) -> bool:
-        return self.notify("RELOADING=1", "STATUS=reloading policies")
+        # MONOTONIC_USEC: when the reload began (CLOCK_MONOTONIC), as Type=notify-reload
+        # (systemd 253) requires; earlier versions ignore it
+        return self.notify("RELOADING=1", "STATUS=reloading policies",
+                           f"MONOTONIC_USEC={time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000}")
 
     def stopping(self, status: str) -> bool:
         return self.notify("STOPPING=1", f"STATUS={status}")

@@ -31,7 +31,7 @@ def test_alert_rules_pass_promtool_check_and_unit_tests():
     check = subprocess.run([promtool, "check", "rules", "alerts.yaml"], cwd=MONITORING,
                            capture_output=True, text=True, timeout=60)
     assert check.returncode == 0, check.stdout + check.stderr
-    assert "SUCCESS: 19 rules found" in check.stdout
+    assert "SUCCESS: 22 rules found" in check.stdout
     tests = subprocess.run([promtool, "test", "rules", "alerts.test.yaml"], cwd=MONITORING,
                            capture_output=True, text=True, timeout=120)
     assert tests.returncode == 0 and "SUCCESS" in tests.stdout, tests.stdout + tests.stderr
@@ -60,5 +60,7 @@ def test_alerts_and_dashboard_use_only_exported_series():
     shown = "\n".join(t["expr"] for p in panels for t in p["targets"])
     for family in ("smtp_messages_total", "accept_latency_seconds_bucket",
                    "delivery_queue_oldest_age_seconds", "deliveries_total",
-                   "pipeline_backlog_messages", "policy_reload_failing"):
+                   "pipeline_backlog_messages", "policy_reload_failing",
+                   "auth_results_total", "imap_imports_total", "imap_backlog",
+                   "delivery_queue_messages", "smtp_authentication_failures_total"):
         assert f"mailflowr_gateway_{family}" in shown

@@ -266,7 +266,11 @@ def _notifications(gw, notify, tmp_path):
         notify.got.clear()
         notify.wait("WATCHDOG=1", timeout=3)
     gw.proc.send_signal(signal.SIGHUP)
+    before = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     notify.wait("RELOADING=1")
+    [reloading] = [m for m in notify.got if "RELOADING=1" in m.splitlines()]
+    began = int(re.search(r"^MONOTONIC_USEC=(\d+)$", reloading, re.M).group(1))
+    assert before - 5_000_000 < began <= time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
     notify.wait("READY=1")  # told again once the reload is done
     assert "READY=1" in "\n".join(notify.after("RELOADING=1"))
     notify.got.clear()
