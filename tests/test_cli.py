@@ -136,3 +136,29 @@ def test_a_database_driver_that_is_not_installed_is_named(tmp_path):
     assert result.stderr.decode().strip() == (
         "mailflowr-gateway: database.url needs the Python package 'psycopg': install "
         "mailflowr-gateway[postgres] for postgresql+psycopg://")
+
+
+def _completed(script: Path, *words: str) -> list[str]:
+    """What bash offers after ``mailflowr-gateway WORDS`` (the last word being typed)."""
+    line = " ".join(("mailflowr-gateway", *words))
+    program = (f"source {script}; COMP_WORDS=(mailflowr-gateway {' '.join(map(repr, words))}); "
+               f"COMP_CWORD={len(words)}; COMP_LINE={line!r}; COMP_POINT=${{#COMP_LINE}}; "
+               f"_shtab_mailflowr_gateway mailflowr-gateway {words[-1]!r} "
+               f"{(['mailflowr-gateway', *words])[-2]!r}; echo \"${{COMPREPLY[@]}}\"")
+    done = subprocess.run(["bash", "-c", program], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_shell_completion_comes_from_the_parser(tmp_path):
+    script = tmp_path / "mailflowr-gateway.bash"
+    made = _run("completion", "bash")
+    assert made.returncode == 0
+    script.write_bytes(made.stdout)
+    assert _completed(script, "mes") == ["messages"]
+    assert _completed(script, "request", "") == ["record", "assign", "list", "close"]
+    assert "--override-hold" in _completed(script, "erase", "--")
+    zsh = _run("completion", "zsh")
+    assert zsh.returncode == 0 and zsh.stdout.startswith(b"#compdef mailflowr-gateway")
+    wrong = _run("completion", "fish")
+    assert wrong.returncode == 2 and b"invalid choice: 'fish'" in wrong.stderr

@@ -62,7 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     for module in COMMANDS:
         module.add_parsers(sub)
+    p = sub.add_parser("completion", help="print the shell completion script: "
+                                          "completion bash > /etc/bash_completion.d/"
+                                          "mailflowr-gateway")
+    p.add_argument("shell", choices=["bash", "zsh"])
+    p.set_defaults(func=lambda args: _completion(parser, args.shell))
     return parser
+
+
+def _completion(parser: argparse.ArgumentParser, shell: str) -> int:
+    """The completion script of every command and option, made from the parser itself."""
+    import shtab
+
+    print(shtab.complete(parser, shell=shell))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
