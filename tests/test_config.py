@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -113,6 +114,12 @@ def _run(*args):
 def test_check_command(tmp_path):
     ok = _run("check", "--config", str(EXAMPLE))
     assert ok.returncode == 0 and b"ok" in ok.stdout
+    doc = json.loads(_run("check", "--config", str(EXAMPLE), "--json").stdout)
+    assert (doc["ok"], doc["tenants"], doc["domains"]) == (True, 1, 1)
+    assert doc["policy_files"] == ["retention.yaml", "subprocessors.yaml", "workflows.yaml"]
+    assert doc["findings"] == ok.stdout.decode().splitlines()  # the same, line by line
+    assert doc["warnings"] and all("warning" in w for w in doc["warnings"])
+    assert any(w.startswith("encryption at rest: off; warning") for w in doc["warnings"])
     bad = tmp_path / "bad.yaml"
     bad.write_text("smtp:\n  max_message_size: huge\n")
     result = _run("check", "--config", str(bad))

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
+import json
 import os
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from gateway import keyfiles
@@ -24,6 +27,8 @@ from gateway.keyfiles import KeyFileError
 from gateway.passwords import N, is_weak
 from gateway.store.keystore import master_id
 
+Say = Callable[[str], None]
+
 
 def add_parsers(sub: Subcommands) -> None:
     p = sub.add_parser("check", help="validate the configuration without starting")
@@ -33,63 +38,79 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--policies", metavar="DIR",
                    help="validate the policy files of DIR (e.g. an edited copy, before it is "
                         "renamed into place) instead of policies.directory")
+    p.add_argument("--json", action="store_true",
+                   help="the result as JSON: counts, the policy version, each finding and "
+                        "the warnings among them")
     p.set_defaults(func=cmd_check)
 
 
 def cmd_check(args: argparse.Namespace) -> int:
     config = load_config(args)
-    print(f"{args.config}: ok ({len(config.tenants)} tenants, "
+    found: list[str] = []  # what check says, a line each: printed, or kept for --json
+    say: Say = found.append if args.json else print
+    say(f"{args.config}: ok ({len(config.tenants)} tenants, "
           f"{sum(len(t.domains) for t in config.tenants.values())} domains)")
     directory = Path(args.policies) if args.policies else config.policies.directory
     policies = load_policies(config, directory)
     if "workflows.yaml" in policies.files:
         count = sum(len(r) for r in policies.workflows.rules.values())
-        print(f"{directory / 'workflows.yaml'}: ok ({count} rules)")
+        say(f"{directory / 'workflows.yaml'}: ok ({count} rules)")
     retention = policies.retention
     if "retention.yaml" in policies.files:
-        print(f"{directory / 'retention.yaml'}: ok ({len(retention.tags)} tags, "
+        say(f"{directory / 'retention.yaml'}: ok ({len(retention.tags)} tags, "
               f"default {retention.default}, {len(retention.holds)} holds)")
     else:
-        print(f"{directory / 'retention.yaml'}: absent: all mail is kept {retention.default}")
+        say(f"{directory / 'retention.yaml'}: absent: all mail is kept {retention.default}")
     routing = policies.subprocessors
     if routing is not None:
-        print(f"{directory / 'subprocessors.yaml'}: ok ({len(routing.registry)} subprocessors, "
+        say(f"{directory / 'subprocessors.yaml'}: ok ({len(routing.registry)} subprocessors, "
               f"{len(routing.tenants)} tenants, {len(routing.routing)} routing rules)")
     else:
-        print(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
-    print(f"policy version {policies.version}")
-    _check_privacy(config)
-    _check_passwords(config)
-    _check_imap(config)
-    return _check_dkim(config, args.dns)
+        say(f"{directory / 'subprocessors.yaml'}: absent: copies go through delivery.relay")
+    say(f"policy version {policies.version}")
+    _check_privacy(config, say)
+    _check_passwords(config, say)
+    _check_imap(config, say)
+    status = _check_dkim(config, args.dns, say)
+    if args.json:
+        json.dump({"config": args.config, "ok": status == EXIT_OK,
+                   "tenants": len(config.tenants),
+                   "domains": sum(len(t.domains) for t in config.tenants.values()),
+                   "policy_version": policies.version, "policy_files": list(policies.files),
+                   "findings": found,
+                   "warnings": [line for line in found
+                                if "warning" in line or "NOT IN DNS" in line]},
+                  sys.stdout, indent=1)
+        print()
+    return status
 
 
-def _check_passwords(config: GatewayConfig) -> None:
+def _check_passwords(config: GatewayConfig, say: Say) -> None:
     """Users whose password hash costs less than a new one (they still log in)."""
     for tid, tenant in config.tenants.items():
         for login, user in tenant.users.items():
             if is_weak(user.password_hash):
-                print(f"tenant {tid}: user {login}: warning: the password hash costs less than "
+                say(f"tenant {tid}: user {login}: warning: the password hash costs less than "
                       f"scrypt N={N}; make a new one with users hash-password")
 
 
-def _check_privacy(config: GatewayConfig) -> None:
+def _check_privacy(config: GatewayConfig, say: Say) -> None:
     """Whether originals are encrypted at rest, and with which master key."""
     privacy = config.privacy
     try:
         master = privacy.master_key()
     except KeyFileError as exc:  # only a missing variable gets this far
-        print(f"encryption at rest: warning: {exc} here; the daemon does not start without it")
+        say(f"encryption at rest: warning: {exc} here; the daemon does not start without it")
         return
     if master is None:
-        print("encryption at rest: off; warning: originals are stored in clear "
+        say("encryption at rest: off; warning: originals are stored in clear "
               "(privacy.master_key_file or master_key_env)")
     else:
-        print(f"encryption at rest: on (master key {master_id(master)}, data keys in "
+        say(f"encryption at rest: on (master key {master_id(master)}, data keys in "
               f"{privacy.keystore})")
 
 
-def _check_imap(config: GatewayConfig) -> None:
+def _check_imap(config: GatewayConfig, say: Say) -> None:
     """Each IMAP account, with warnings for what works but should not stay so."""
     used: dict[str, list[str]] = {}
     for tid, tenant in config.tenants.items():
@@ -113,10 +134,10 @@ def _check_imap(config: GatewayConfig) -> None:
             local = account.host == "localhost"
         if account.tls == "none" and not local:
             warnings.append("tls: none: the password crosses the network in clear text")
-        print(line + "".join(f"; warning: {w}" for w in warnings))
+        say(line + "".join(f"; warning: {w}" for w in warnings))
 
 
-def _check_dkim(config: GatewayConfig, dns: bool) -> int:
+def _check_dkim(config: GatewayConfig, dns: bool, say: Say) -> int:
     signer = signing.from_config(config)  # each key was read and checked while loading
     in_use = {k.record_name for ks in signer.by_domain.values() for k in ks}
     status = EXIT_OK
@@ -134,10 +155,10 @@ def _check_dkim(config: GatewayConfig, dns: bool) -> int:
             line += "; DNS publishes it" if problem is None else f"; NOT IN DNS: {problem}"
             if problem is not None:
                 status = EXIT_FAILURE
-        print(line)
+        say(line)
     unsigned = sorted(tid for tid, t in config.tenants.items()
                       if not any(d.lower() in signer.by_domain for d in t.domains))
     if unsigned:
-        print(f"dkim: no key for any domain of tenant {', '.join(unsigned)}: "
+        say(f"dkim: warning: no key for any domain of tenant {', '.join(unsigned)}: "
               "what the gateway sends for them goes out unsigned")
     return status
