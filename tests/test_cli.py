@@ -162,3 +162,25 @@ def test_shell_completion_comes_from_the_parser(tmp_path):
     assert zsh.returncode == 0 and zsh.stdout.startswith(b"#compdef mailflowr-gateway")
     wrong = _run("completion", "fish")
     assert wrong.returncode == 2 and b"invalid choice: 'fish'" in wrong.stderr
+
+
+def test_config_show_says_where_each_setting_came_from(tmp_path):
+    path = tmp_path / "gw.yaml"
+    path.write_text("smtp:\n  listen: 127.0.0.1:2600\n"
+                    "tenants:\n  acme:\n    domains: [acme.test]\n    catch_all: true\n"
+                    "    users:\n      agent@acme.test:\n"
+                    "        password_hash: \"scrypt$16384$8$1$c2FsdA==$aGFzaA==\"\n")
+    shown = subprocess.run(
+        [sys.executable, "-m", "gateway", "config", "show", "--config", str(path), "--json"],
+        capture_output=True, timeout=60, cwd=tmp_path,
+        env={**os.environ, "MAILFLOWR_SMTP__MAX_RECIPIENTS": "50"})
+    assert shown.returncode == 0, shown.stderr
+    settings = {s["key"]: (s["value"], s["from"]) for s in json.loads(shown.stdout)}
+    assert settings["smtp.listen"] == ("127.0.0.1:2600", f"{path}:2")
+    assert settings["smtp.max_recipients"] == (50, "environment MAILFLOWR_SMTP__MAX_RECIPIENTS")
+    assert settings["smtp.max_errors"] == (20, "default")
+    assert settings["tenants.acme.users.agent@acme.test.password_hash"] == ("(set)", f"{path}:9")
+    assert b"scrypt$" not in shown.stdout  # a secret is never shown
+    changed = _run("config", "show", "--changed", "--config", str(path)).stdout.decode()
+    assert changed.splitlines()[0] == f"smtp.listen = 127.0.0.1:2600  # {path}:2"
+    assert "# default" not in changed

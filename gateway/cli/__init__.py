@@ -31,6 +31,7 @@ from gateway.cli import (
     retention,
     rules,
     serve,
+    settings,
     status,
     subprocessors,
     tenant,
@@ -50,8 +51,8 @@ from gateway.policyset import PolicyError
 from gateway.store.keystore import KeyUnavailable
 
 # the order of the commands in --help
-COMMANDS = (serve, check, status, dkim, db, messages, queue, users, retention, subprocessors,
-            imap, rules, privacy, requests, tenant, keys, token, incident, audit)
+COMMANDS = (serve, check, settings, status, dkim, db, messages, queue, users, retention,
+            subprocessors, imap, rules, privacy, requests, tenant, keys, token, incident, audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,7 +11,7 @@ from gateway.config.accounts import (
     UserConfig,
 )
 from gateway.config.sections import SMTPConfig, SubmissionConfig
-from gateway.config.settings import GatewayConfig, load
+from gateway.config.settings import GatewayConfig, explain, load
 from gateway.config.values import parse_duration, parse_hostport, parse_size
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "SubmissionConfig",
     "TenantConfig",
     "UserConfig",
+    "explain",
     "load",
     "parse_duration",
     "parse_hostport",

@@ -192,6 +192,43 @@ def _format_problem(doc: YamlDocument, origins: dict[KeyPath, str], loc: KeyPath
 
 def load(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfig:
     """Load, override from the environment and validate; raises ConfigError."""
+    return _load(path, env)[0]
+
+
+SECRET_KEYS = frozenset({"password_hash"})  # shown as set or unset, never the value
+
+
+def explain(path: str | Path, env: Mapping[str, str] | None = None,
+            ) -> list[tuple[str, Any, str]]:
+    """Every effective setting as (dotted key, value, where it came from: ``file:line``,
+    ``environment NAME`` or ``default``), secrets as ``(set)``/``(unset)``; what
+    ``config show`` prints (as Postfix's postconf)."""
+    config, doc, origins = _load(path, env)
+    out: list[tuple[str, Any, str]] = []
+
+    def origin(key: KeyPath) -> str:
+        for n in range(len(key), 0, -1):
+            if key[:n] in origins:
+                return f"environment {origins[key[:n]]}"
+        if key in doc.lines:
+            return f"{doc.path}:{doc.lines[key][0]}"
+        return "default"
+
+    def walk(value: Any, key: KeyPath) -> None:
+        if isinstance(value, dict) and value:
+            for name, item in value.items():
+                walk(item, (*key, name))
+            return
+        if key and key[-1] in SECRET_KEYS:
+            value = "(set)" if value else "(unset)"
+        out.append((".".join(str(k) for k in key), value, origin(key)))
+
+    walk(config.model_dump(mode="json"), ())
+    return out
+
+
+def _load(path: str | Path, env: Mapping[str, str] | None,
+          ) -> tuple[GatewayConfig, YamlDocument, dict[KeyPath, str]]:
     try:
         doc = load_yaml(path)
     except YamlFileError as exc:
@@ -211,5 +248,5 @@ def load(path: str | Path, env: Mapping[str, str] | None = None) -> GatewayConfi
                 msg = "unknown key"
             problems.append(_format_problem(doc, origins, loc, msg))
         raise ConfigError(problems) from None
-    return config
+    return config, doc, origins
 
