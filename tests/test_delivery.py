@@ -174,6 +174,15 @@ def test_temporary_failure_retries_with_backoff(make_gateway, tmp_path, sinks):
     assert listed[0]["reason"].startswith("451 4.3.0") and listed[0]["next_attempt_at"]
     deferred = [ln for ln in gw.log().splitlines() if " deferred queue_id=" in ln]
     assert deferred and all(" code=451 " in ln for ln in deferred)
+    # messages show says what became of the message: the rule, each copy and its state
+    shown = json.loads(gw.cli("messages", "show", row["message_id"], "--json",
+                              check=True).stdout)
+    assert shown["rules"] == [row["rule"]]
+    [copy] = shown["deliveries"]
+    assert (copy["id"], copy["status"], copy["destination"]) == (row["id"], "pending", "finance")
+    assert copy["reason"].startswith("451 4.3.0")
+    text = gw.cli("messages", "show", row["message_id"], check=True).stdout.decode()
+    assert f"deliveries:     {row['id']} route " in text and "via finance: pending after" in text
     finance.handler.mode = "accept"
     assert len(finance.wait(1, timeout=15)) == 1
     _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")

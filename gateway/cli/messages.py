@@ -30,6 +30,7 @@ from gateway.cli.common import (
 from gateway.clock import aware, utcnow
 from gateway.config import GatewayConfig
 from gateway.policyset import PolicyError, retention_in_force
+from gateway.store.pages import DeliveryFilter, Pages
 from gateway.store.repository import Store
 
 
@@ -102,6 +103,9 @@ def _get(store: Store, message_id: str) -> dict[str, Any]:
     return result
 
 
+COPIES = 1000  # a message's deliveries shown with it, at most
+
+
 def cmd_messages_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     row = _get(store, args.id)
@@ -119,12 +123,28 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
         }
     )
     data.update(_retention_of(load_config(args), store, row))
+    copies = Pages(store).deliveries(row["tenant_id"], after=0, limit=COPIES,
+                                     where=DeliveryFilter(message_id=row["id"]))
+    data["rules"] = sorted({c["rule"] for c in copies})  # those that made copies or routes
+    data["deliveries"] = [
+        f"{c['id']} {c['kind']} {c['recipient']} via {c['destination'] or 'relay'}: "
+        f"{c['status']} after {c['attempts']} attempts"
+        + (f" ({c['last_error']})" if c["last_error"] and c["status"] != "sent" else "")
+        for c in copies] if not args.json else [
+        {"id": c["id"], "kind": c["kind"], "recipient": c["recipient"],
+         "destination": c["destination"] or "relay", "rule": c["rule"],
+         "status": c["status"], "attempts": c["attempts"], "reason": c["last_error"]}
+        for c in copies]
     store.audit(actor(), "message.show", tenant_id=row["tenant_id"], message_id=row["id"])
     if args.json:
         json.dump(data, sys.stdout, indent=1)
         print()
         return EXIT_OK
     for key, value in data.items():
+        if key == "deliveries":  # one line each
+            for n, line in enumerate(value or ["-"]):
+                print(f"{'deliveries:' if n == 0 else '':16}{printable(line)}")
+            continue
         if isinstance(value, list):
             value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
         print(f"{key + ':':16}{printable(value)}")
