@@ -212,11 +212,13 @@ def test_recipients_past_the_overshoot_count_as_errors(make_gateway):
     assert [r[:3] for r in replies[1:]] == ["250"] * 1000 + ["452"] * 1009 + ["354"]
     assert c.command(simple_message(to="u0@globex.test") + b".").startswith("250 2.0.0")
     c.close()
-    # A client that never stops is cut off at the tenth counted one.
+    # A client that does not stop is cut off at the tenth counted one. (Exactly up to it:
+    # commands still unread in the server's socket when it closes make the kernel reset
+    # the connection, and the client may then lose replies that were on their way.)
     c = RawClient(gateway.port)
     c.reply()
     c.command("EHLO client.test")
-    replies = send_recipients(c, 10_000)
+    replies = send_recipients(c, 2011)
     assert [r[:3] for r in replies[1:]] == ["250"] * 1000 + ["452"] * 1010 + ["421"]
     assert replies[-1].startswith("421 4.7.0") and "too many errors" in replies[-1]
     assert c.closed()
