@@ -86,6 +86,8 @@ class Sweeper:
         self.clock = clock or utcnow
         self.sleep = sleep
         self.stopping = False  # set from another thread to end a sweep between batches
+        self.progress: Callable[[int], None] | None = None  # told the deletions so far
+        self._deleted = 0
 
     def sweep(self, policy: RetentionPolicy, *, dry_run: bool = False,
               actor: str = "retention-sweeper") -> SweepReport:
@@ -93,6 +95,7 @@ class Sweeper:
         policy = retention_in_force(policy, self.store)  # with the tenants' own holds
         report = SweepReport(dry_run=dry_run, started=now)
         began = time.monotonic()
+        self._deleted = 0
         with self.store.exclusive(LOCK_NAME) as ours:
             if not ours:
                 report.skipped = "another instance is sweeping"
@@ -144,6 +147,9 @@ class Sweeper:
                            rule=decision.rule)
             n = len(gone)
             deleted += n
+            self._deleted += n
+            if self.progress is not None:
+                self.progress(self._deleted)
             if n < self.batch_size:
                 break
             # Rest as long as the batch took (at least `pause`): the sweep then holds

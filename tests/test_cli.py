@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import subprocess
 import sys
 import tomllib
@@ -184,3 +185,45 @@ def test_config_show_says_where_each_setting_came_from(tmp_path):
     changed = _run("config", "show", "--changed", "--config", str(path)).stdout.decode()
     assert changed.splitlines()[0] == f"smtp.listen = 127.0.0.1:2600  # {path}:2"
     assert "# default" not in changed
+
+
+def _stderr_on_a_terminal(gateway, args: list[str]) -> tuple[int, str, bytes]:
+    """Run a command whose stderr is a terminal: (exit code, what the terminal showed,
+    stdout)."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "gateway", *args, "--config", str(gateway.config_path)],
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=follower,
+        cwd=gateway.directory)
+    os.close(follower)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO: the command has gone and closed its end
+            break
+        if not chunk:
+            break
+        shown += chunk
+    assert proc.stdout is not None
+    with proc.stdout:
+        out = proc.stdout.read()
+    os.close(leader)
+    return proc.wait(60), shown.decode(errors="replace"), out
+
+
+def test_long_work_shows_its_progress_on_a_terminal_only(gateway, tmp_path):
+    with gateway.smtp() as s:
+        for n in range(3):
+            s.sendmail("jane@client.test", ["support@acme.test"], simple_message(f"p{n}"))
+    gateway.wait_processed(3)
+    archive = tmp_path / "acme.tar"
+    code, shown, out = _stderr_on_a_terminal(
+        gateway, ["export", "--tenant", "acme", "--out", str(archive)])
+    assert code == 0 and archive.exists()
+    assert re.search(r"\rexport: 3 messages, 0\.0 MB", shown), shown
+    assert shown.endswith("\r\n")  # the line is ended once the work is done
+    assert b"3 messages" in out  # the result itself still goes to stdout
+    # not a terminal: nothing but the result
+    quiet = gateway.cli("export", "--tenant", "acme", "--out", str(tmp_path / "b.tar"))
+    assert quiet.returncode == 0 and quiet.stderr == b""

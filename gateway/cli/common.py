@@ -8,6 +8,7 @@ import argparse
 import os
 import pwd
 import sys
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, NoReturn, TypeAlias
@@ -54,6 +55,38 @@ def config_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
         else argparse.SUPPRESS,
         help=f"configuration file (default: $MAILFLOWR_CONFIG or {DEFAULT_CONFIG})",
     )
+
+
+class Progress:
+    """How far long work has got (a count, and its rate) on one line of stderr that
+    redraws itself, four times a second at most; only when stderr is a terminal, so
+    scripts and logs get nothing of it."""
+
+    def __init__(self, what: str, unit: str = "messages") -> None:
+        self.what, self.unit = what, unit
+        self.on = sys.stderr.isatty()
+        self.started = time.monotonic()
+        self.shown = 0.0  # when the line was last drawn (0: never)
+        self.count, self.extra = 0, ""
+
+    def __call__(self, count: int, extra: str = "") -> None:
+        self.count, self.extra = count, extra
+        if self.on and time.monotonic() - self.shown >= 0.25:
+            self._draw()
+
+    def done(self) -> None:
+        """The last count, and the end of the line (when anything was drawn)."""
+        if self.on and self.shown:
+            self._draw()
+            sys.stderr.write("\n")
+            sys.stderr.flush()
+
+    def _draw(self) -> None:
+        self.shown = time.monotonic()
+        elapsed = self.shown - self.started
+        rate = f", {self.count / elapsed:.0f}/s" if elapsed > 0.5 else ""
+        sys.stderr.write(f"\r{self.what}: {self.count} {self.unit}{self.extra}{rate}\033[K")
+        sys.stderr.flush()
 
 
 def confirm(question: str, expected: str, yes: bool) -> None:

@@ -13,6 +13,7 @@ from typing import Any
 from gateway.cli.common import (
     EXIT_OK,
     CommandError,
+    Progress,
     Subcommands,
     actor,
     config_arg,
@@ -123,10 +124,14 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise CommandError(f"{out.parent}: no such directory")
     config, _key, store = open_privacy(args)
     known_tenant(config, store, args.tenant)
+    shown = Progress("export")
     try:
-        result = export(store, config, args.tenant, out, actor=actor(), subject=args.subject)
+        result = export(store, config, args.tenant, out, actor=actor(), subject=args.subject,
+                        progress=lambda n, size: shown(n, f", {size / 1e6:.1f} MB"))
     except OSError as exc:
         raise CommandError(f"{out}: {exc.strerror or exc}") from None
+    finally:
+        shown.done()
     rate = result.size / 1e6 / result.seconds if result.seconds else 0.0
     if args.json:
         json.dump({"path": str(out), "messages": result.messages, "files": result.files,

@@ -12,6 +12,7 @@ from gateway.cli.common import (
     EXIT_OK,
     CommandError,
     Parser,
+    Progress,
     Subcommands,
     actor,
     config_arg,
@@ -51,8 +52,12 @@ def cmd_retention_sweep(args: argparse.Namespace) -> int:
     policies = load_policies(config)
     sweeper = Sweeper(open_store(args), batch_size=config.retention.batch_size,
                       pause=config.retention.batch_pause)
-    report = sweeper.sweep(policies.retention, dry_run=args.dry_run,
-                           actor=actor())
+    shown = Progress("retention sweep", "deleted")
+    sweeper.progress = shown
+    try:
+        report = sweeper.sweep(policies.retention, dry_run=args.dry_run, actor=actor())
+    finally:
+        shown.done()
     if report.skipped:
         raise CommandError(f"not swept: {report.skipped}")
     _print_sweep(report, args.json, policies.version)

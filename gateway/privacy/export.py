@@ -45,7 +45,7 @@ import tarfile
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -288,9 +288,11 @@ def _users(config: GatewayConfig, tenant: str, subject: str | None) -> list[dict
 
 def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *,
            actor: str, subject: str | None = None,
-           audit_detail: dict[str, Any] | None = None) -> ExportResult:
+           audit_detail: dict[str, Any] | None = None,
+           progress: Callable[[int, int], None] | None = None) -> ExportResult:
     """Write the archive for ``tenant`` (or one ``subject`` of it) to ``out``, and
-    record it in the audit log (``audit_detail`` added to the event's detail)."""
+    record it in the audit log (``audit_detail`` added to the event's detail);
+    ``progress`` is told the messages and bytes written so far after each message."""
     started = time.monotonic()
     subject_hash = (load_or_create(config.privacy.key_file).subject_hash(subject)
                     if subject else None)
@@ -311,6 +313,8 @@ def export(store: PrivacyStore, config: GatewayConfig, tenant: str, out: Path, *
             meta.add(_metadata(row, _visible(row, who) if who else None))
             result.messages += 1
             result.bytes += len(raw)
+            if progress is not None:
+                progress(result.messages, result.bytes)
         meta.close()
         archive.add_temp(mbox)
         archive.add_temp(meta)
