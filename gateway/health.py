@@ -92,12 +92,11 @@ class Health:
             checks["policy"].update(reload_refused=problems, since=_iso(since))
         ready = all(c["ok"] for c in checks.values())
         return (200 if ready else 503), {"ready": ready, "checks": checks,
-                                         "degraded": self.degraded()}
+                                         "degraded": self._degraded(problems, since)}
 
-    def degraded(self) -> list[str]:
+    def _degraded(self, problems: list[str], since: datetime | None) -> list[str]:
         """What works, but not as configured: a policy edit refused (the last good
         policy stays in force), since when and why."""
-        problems, since = self.reload_refused()
         if not problems:
             return []
         return [f"policy reload refused since {_iso(since)}, policy "
@@ -118,6 +117,7 @@ class Health:
     def status(self) -> tuple[int, dict[str, Any]]:
         """What `mailflowr-gateway status` prints and SIGUSR1 logs."""
         policy = self.policies.current
+        problems, since = self.reload_refused()
         queue = self.queue
         last_sweep = self.last_sweep()
         deliveries: dict[str, int] = {}
@@ -136,11 +136,10 @@ class Health:
                           for name, address in self.listening.items()},
             "database": {"up": self.database_up,
                          "name": database_name(self.store) if self.store else None},
-            "degraded": self.degraded(),
+            "degraded": self._degraded(problems, since),
             "policy": {"version": policy.version,
                        "loaded_at": policy.loaded_at.isoformat(timespec="seconds"),
-                       "reload_refused": self.reload_refused()[0],
-                       "reload_refused_since": _iso(self.reload_refused()[1])},
+                       "reload_refused": problems, "reload_refused_since": _iso(since)},
             "pipeline": {"waiting": queue.pipeline_waiting if queue else None,
                          "oldest_seconds": round(queue.pipeline_oldest, 1) if queue else None},
             "deliveries": {"pending": deliveries.get("pending", 0),

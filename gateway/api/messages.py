@@ -30,10 +30,7 @@ from gateway.api.openapi import MAX_LIMIT
 from gateway.clock import aware
 from gateway.policyset import retention_in_force
 from gateway.privacy import erasure
-from gateway.store.pages import DeliveryFilter
 from gateway.store.privacy import Found
-
-COPIES = 1000  # a message's deliveries shown with it, at most
 
 
 class MessageRoutes:
@@ -66,9 +63,7 @@ class MessageRoutes:
 
     async def get(self, request: web.Request) -> web.Response:
         row = await self._own(request)
-        copies = await asyncio.to_thread(
-            self.ctx.pages.deliveries, tenant(request), after=0, limit=COPIES,
-            where=DeliveryFilter(message_id=row["id"]))
+        copies = await asyncio.to_thread(self.ctx.pages.copies, tenant(request), row["id"])
         doc = summary(row)
         doc.update({"header_addresses": [{"role": role, "address": a}
                                          for role, a in row["addresses"]],

@@ -18,6 +18,7 @@ from gateway.cli.common import (
     open_privacy,
     open_store,
     positive_int,
+    print_json,
     printable,
     subject_address,
 )
@@ -60,10 +61,9 @@ def _day(text: str) -> datetime:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     verdict = open_store(args).verify_audit(args.anchor)
     if args.json:
-        json.dump({"ok": verdict.ok, "events": verdict.events, "unchained": verdict.unchained,
+        print_json({"ok": verdict.ok, "events": verdict.events, "unchained": verdict.unchained,
                    "head": verdict.head, "problem": verdict.problem,
-                   "anchor_found": verdict.anchor_found}, sys.stdout, indent=1)
-        print()
+                   "anchor_found": verdict.anchor_found})
         return EXIT_OK if verdict.ok else EXIT_FAILURE
     if verdict.problem:
         print(f"audit log TAMPERED: {verdict.problem}", file=sys.stderr)
@@ -89,8 +89,7 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
               "actor": r["actor"], "action": r["action"], "message": r["message_id"],
               "detail": r["detail"], "hash": r["hash"]} for r in rows]
     if args.json:
-        json.dump(items, sys.stdout, indent=1)
-        print()
+        print_json(items)
         return EXIT_OK
     print(f"{'ID':>6} {'AT':32} {'TENANT':14} {'ACTOR':18} {'ACTION':24} DETAIL")
     for e in items:

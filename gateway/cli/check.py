@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import argparse
 import ipaddress
-import json
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from gateway.cli.common import (
     config_arg,
     load_config,
     load_policies,
+    print_json,
 )
 from gateway.config import GatewayConfig, parse_hostport
 from gateway.keyfiles import KeyFileError
@@ -73,15 +72,13 @@ def cmd_check(args: argparse.Namespace) -> int:
     _check_imap(config, say)
     status = _check_dkim(config, args.dns, say)
     if args.json:
-        json.dump({"config": args.config, "ok": status == EXIT_OK,
+        print_json({"config": args.config, "ok": status == EXIT_OK,
                    "tenants": len(config.tenants),
                    "domains": sum(len(t.domains) for t in config.tenants.values()),
                    "policy_version": policies.version, "policy_files": list(policies.files),
                    "findings": found,
                    "warnings": [line for line in found
-                                if "warning" in line or "NOT IN DNS" in line]},
-                  sys.stdout, indent=1)
-        print()
+                                if "warning" in line or "NOT IN DNS" in line]})
     return status
 
 

@@ -5,6 +5,7 @@ turn stored values into JSON or into text safe for a terminal."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import pwd
 import sys
@@ -55,6 +56,12 @@ def config_arg(p: argparse.ArgumentParser, *, top: bool = False) -> None:
         else argparse.SUPPRESS,
         help=f"configuration file (default: $MAILFLOWR_CONFIG or {DEFAULT_CONFIG})",
     )
+
+
+def print_json(doc: Any, **options: Any) -> None:
+    """What ``--json`` prints: the document, indented, on stdout."""
+    json.dump(doc, sys.stdout, indent=1, **options)
+    print()
 
 
 class Progress:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from gateway.cli.common import (
@@ -15,6 +13,7 @@ from gateway.cli.common import (
     jsonable,
     load_config,
     open_store,
+    print_json,
     printable,
 )
 from gateway.store.mailboxes import MailboxState
@@ -50,8 +49,7 @@ def cmd_imap_status(args: argparse.Namespace) -> int:
                 })
     keep = [{k: jsonable(v) for k, v in t.items()} for t in state.keep_targets()]
     if args.json:
-        json.dump({"sources": sources, "keep_original": keep}, sys.stdout, indent=1)
-        print()
+        print_json({"sources": sources, "keep_original": keep})
         return EXIT_OK
     def outcome(entry: dict[str, Any]) -> str:
         error = (f"; last error {entry['last_error_at']}: {printable(entry['last_error'], 120)}"

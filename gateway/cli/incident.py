@@ -4,7 +4,6 @@ breach notice to each affected tenant's privacy contact, due 48 hours after disc
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from datetime import timedelta
 from typing import Any
@@ -22,6 +21,7 @@ from gateway.cli.common import (
     open_privacy,
     open_store,
     positive_int,
+    print_json,
     printable,
     subject_address,
     when,
@@ -166,8 +166,7 @@ def cmd_incident_list(args: argparse.Namespace) -> int:
     items = [_incident_json(r) for r in
              IncidentStore(open_store(args)).list(open_only=args.open)]
     if args.json:
-        json.dump(items, sys.stdout, indent=1)
-        print()
+        print_json(items)
     else:
         _print(items)
     return EXIT_OK
@@ -178,8 +177,7 @@ def cmd_incident_show(args: argparse.Namespace) -> int:
     if not found:
         raise CommandError(f"no incident {args.id}")
     if args.json:
-        json.dump(_incident_json(found[0]), sys.stdout, indent=1)
-        print()
+        print_json(_incident_json(found[0]))
     else:
         _print([_incident_json(found[0])])
     return EXIT_OK

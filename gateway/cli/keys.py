@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from gateway.cli.common import (
@@ -16,6 +14,7 @@ from gateway.cli.common import (
     config_arg,
     load_config,
     open_store,
+    print_json,
 )
 from gateway.config import GatewayConfig
 from gateway.keyfiles import KeyFileError, read_master, write_private
@@ -73,9 +72,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     if off:  # a state, not an error: said, and exit 0
         if args.json:
-            json.dump({"encryption": "off", "master": None, "tenants": []}, sys.stdout,
-                      indent=1)
-            print()
+            print_json({"encryption": "off", "master": None, "tenants": []})
         else:
             print("encryption at rest is off: originals are stored in clear (set "
                   "privacy.master_key_file or privacy.master_key_env to turn it on)")
@@ -83,10 +80,8 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
     store = _keystore(config)
     entries = store.describe()
     if args.json:
-        json.dump({"encryption": "on", "master": store.master_id,
-                   "keystore": str(store.directory), "tenants": entries}, sys.stdout,
-                  indent=1)
-        print()
+        print_json({"encryption": "on", "master": store.master_id,
+                   "keystore": str(store.directory), "tenants": entries})
         return EXIT_OK
     print(f"master key {store.master_id}, keystore {store.directory}")
     for e in entries:

@@ -25,12 +25,13 @@ from gateway.cli.common import (
     load_policies,
     open_store,
     positive_int,
+    print_json,
     printable,
 )
 from gateway.clock import aware, utcnow
 from gateway.config import GatewayConfig
 from gateway.policyset import PolicyError, retention_in_force
-from gateway.store.pages import DeliveryFilter, Pages
+from gateway.store.pages import Pages
 from gateway.store.repository import Store
 
 
@@ -82,8 +83,7 @@ def cmd_messages_list(args: argparse.Namespace) -> int:
     store = open_store(args)
     rows = store.list_messages(tenant=args.tenant, limit=args.limit, status=args.status)
     if args.json:
-        json.dump([_summary(r) for r in rows], sys.stdout, indent=1)
-        print()
+        print_json([_summary(r) for r in rows])
         return EXIT_OK
     print(f"{'ID':26}  {'RECEIVED (UTC)':19} {'TENANT':12} {'STATUS':11} {'SIZE':>8}  "
           f"{'SENDER':30} SUBJECT")
@@ -103,9 +103,6 @@ def _get(store: Store, message_id: str) -> dict[str, Any]:
     return result
 
 
-COPIES = 1000  # a message's deliveries shown with it, at most
-
-
 def cmd_messages_show(args: argparse.Namespace) -> int:
     store = open_store(args)
     row = _get(store, args.id)
@@ -123,26 +120,24 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
         }
     )
     data.update(_retention_of(load_config(args), store, row))
-    copies = Pages(store).deliveries(row["tenant_id"], after=0, limit=COPIES,
-                                     where=DeliveryFilter(message_id=row["id"]))
+    copies = Pages(store).copies(row["tenant_id"], row["id"])
     data["rules"] = sorted({c["rule"] for c in copies})  # those that made copies or routes
     data["deliveries"] = [
-        f"{c['id']} {c['kind']} {c['recipient']} via {c['destination'] or 'relay'}: "
-        f"{c['status']} after {c['attempts']} attempts"
-        + (f" ({c['last_error']})" if c["last_error"] and c["status"] != "sent" else "")
-        for c in copies] if not args.json else [
         {"id": c["id"], "kind": c["kind"], "recipient": c["recipient"],
          "destination": c["destination"] or "relay", "rule": c["rule"],
          "status": c["status"], "attempts": c["attempts"], "reason": c["last_error"]}
         for c in copies]
     store.audit(actor(), "message.show", tenant_id=row["tenant_id"], message_id=row["id"])
     if args.json:
-        json.dump(data, sys.stdout, indent=1)
-        print()
+        print_json(data)
         return EXIT_OK
     for key, value in data.items():
         if key == "deliveries":  # one line each
-            for n, line in enumerate(value or ["-"]):
+            lines = [f"{d['id']} {d['kind']} {d['recipient']} via {d['destination']}: "
+                     f"{d['status']} after {d['attempts']} attempts"
+                     + (f" ({d['reason']})" if d["reason"] and d["status"] != "sent" else "")
+                     for d in value] or ["-"]
+            for n, line in enumerate(lines):
                 print(f"{'deliveries:' if n == 0 else '':16}{printable(line)}")
             continue
         if isinstance(value, list):

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from gateway.cli.common import (
     known_tenant,
     load_policies,
     open_privacy,
+    print_json,
     subject_address,
 )
 from gateway.clock import utcnow
@@ -92,8 +92,7 @@ def cmd_erase(args: argparse.Namespace) -> int:
         result["note"] = ("logging.personal_data is on: the journal may still hold this "
                           "address; it is outside what erase can reach")
     if args.json:
-        json.dump(result, sys.stdout, indent=1)
-        print()
+        print_json(result)
         return EXIT_OK
     if args.dry_run:
         print(f"would erase {len(p.found)} messages of tenant {args.tenant} "
@@ -134,11 +133,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         shown.done()
     rate = result.size / 1e6 / result.seconds if result.seconds else 0.0
     if args.json:
-        json.dump({"path": str(out), "messages": result.messages, "files": result.files,
+        print_json({"path": str(out), "messages": result.messages, "files": result.files,
                    "bytes": result.size, "seconds": round(result.seconds, 3),
-                   "manifest_sha256": result.manifest_sha256, "counts": result.counts},
-                  sys.stdout, indent=1)
-        print()
+                   "manifest_sha256": result.manifest_sha256, "counts": result.counts})
         return EXIT_OK
     print(f"{out}: {result.messages} messages, {result.files} files, {result.size} bytes "
           f"in {result.seconds:.1f} s ({rate:.1f} MB/s)")
@@ -150,8 +147,7 @@ def cmd_processing_record(args: argparse.Namespace) -> int:
     known_tenant(config, store, args.tenant, active=True)
     record = register.build(config, load_policies(config), store.store, args.tenant, utcnow())
     if args.json:
-        json.dump(record.as_dict(), sys.stdout, indent=1, ensure_ascii=False)
-        print()
+        print_json(record.as_dict(), ensure_ascii=False)
     else:
         sys.stdout.write(register.as_markdown(record))
     return EXIT_OK

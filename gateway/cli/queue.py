@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from typing import Any
 
 from gateway.cli.common import (
@@ -17,6 +15,7 @@ from gateway.cli.common import (
     jsonable,
     open_store,
     positive_int,
+    print_json,
     printable,
 )
 
@@ -64,7 +63,7 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
             if args.all or args.status == "sent" or r["status"] != "sent"]
     items = [_delivery_json(r) for r in rows]
     if args.json:
-        _print_json(items)
+        print_json(items)
         return EXIT_OK
     print(f"{'ID':>6} {'MESSAGE':26} {'KIND':6} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':19} "
           f"{'RECIPIENT':30} REASON")
@@ -83,7 +82,7 @@ def cmd_queue_retry(args: argparse.Namespace) -> int:
     if not args.all and count == 0:
         raise CommandError(f"no delivery {args.id} waiting to be retried")
     if args.json:
-        _print_json({"due_now": count, "delivery": None if args.all else args.id})
+        print_json({"due_now": count, "delivery": None if args.all else args.id})
     else:
         print(f"{count} deliveries due now")
     return EXIT_OK
@@ -96,12 +95,8 @@ def cmd_queue_drop(args: argparse.Namespace) -> int:
     store.audit(actor(), "delivery.drop",
                 detail={"delivery": args.id, "reason": args.reason[:200]})
     if args.json:
-        _print_json({"delivery": args.id, "status": "failed", "reason": args.reason})
+        print_json({"delivery": args.id, "status": "failed", "reason": args.reason})
     else:
         print(f"delivery {args.id} dropped")
     return EXIT_OK
 
-
-def _print_json(doc: Any) -> None:
-    json.dump(doc, sys.stdout, indent=1)
-    print()

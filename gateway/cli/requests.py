@@ -4,8 +4,6 @@ forwarded to the tenant's privacy contact and tracked until answered."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -19,6 +17,7 @@ from gateway.cli.common import (
     open_privacy,
     open_store,
     positive_int,
+    print_json,
     printable,
     subject_address,
     when,
@@ -111,8 +110,7 @@ def cmd_request_list(args: argparse.Namespace) -> int:
     items = [request_record(r) for r in RequestStore(open_store(args)).list(args.tenant,
                                                                     open_only=args.open)]
     if args.json:
-        json.dump(items, sys.stdout, indent=1)
-        print()
+        print_json(items)
         return EXIT_OK
     print(f"{'ID':>5} {'TENANT':16} {'KIND':11} {'STATUS':10} {'RECEIVED':19} {'DUE':19} "
           f"{'FORWARD':8} SUBJECT / ANSWERED BY")

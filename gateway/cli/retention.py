@@ -4,8 +4,6 @@ or count what a policy directory would delete."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from gateway.cli.common import (
@@ -19,6 +17,7 @@ from gateway.cli.common import (
     load_config,
     load_policies,
     open_store,
+    print_json,
     printable,
     when,
 )
@@ -77,15 +76,14 @@ def cmd_retention_preview(args: argparse.Namespace) -> int:
 def _print_sweep(report: SweepReport, as_json: bool, version: str) -> None:
     verb = "would delete" if report.dry_run else "deleted"
     if as_json:
-        json.dump({
+        print_json({
             "policy_version": version, "dry_run": report.dry_run,
             "expired": report.expired, "held": report.held, "seconds": round(report.seconds, 3),
             "groups": [{"tenant": g.tenant, "tags": list(g.tags), "rule": g.rule,
                         "cutoff": g.cutoff.isoformat() if g.cutoff else None,
                         "expired": g.expired, "held": g.held, "note": g.note}
                        for g in report.groups],
-        }, sys.stdout, indent=1)
-        print()
+        })
         return
     print(f"{'TENANT':16} {'TAGS':28} {'EXPIRED':>8} {'HELD':>6}  RULE")
     for g in report.groups:

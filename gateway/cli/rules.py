@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 from gateway.cli.common import (
@@ -15,6 +13,7 @@ from gateway.cli.common import (
     config_arg,
     load_config,
     load_policies,
+    print_json,
     printable,
 )
 from gateway.pipeline.parse import parse_message
@@ -62,16 +61,14 @@ def cmd_rules_test(args: argparse.Namespace) -> int:
     if args.json:
         outcome = ("rejected" if plan.reject else "discarded" if plan.discard
                    else "delivered")
-        json.dump({"message": args.file, "size": len(raw), "direction": args.direction,
+        print_json({"message": args.file, "size": len(raw), "direction": args.direction,
                    "sender": sender, "recipients": recipients,
                    "parse_defects": parsed["defects"] if parsed["parse_failed"] else [],
                    "found": parsed["findings"], "pre_tags": sorted(view.tags),
                    "matched": [{"rule": name, "why": why} for name, why in plan.matched],
                    "stopped_by": plan.stopped_by, "outcome": outcome, "reject": plan.reject,
                    "cc": list(plan.cc), "bcc": list(plan.bcc), "routes": list(plan.routes),
-                   "tags": list(tags), "retention": retention.decide(args.tenant, tags).rule},
-                  sys.stdout, indent=1)
-        print()
+                   "tags": list(tags), "retention": retention.decide(args.tenant, tags).rule})
         return EXIT_OK
     print(f"message:    {args.file} ({len(raw)} bytes, {args.direction})")
     print(f"envelope:   from <{sender}> to {', '.join(f'<{r}>' for r in recipients) or '-'}")

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from gateway.cli.common import EXIT_OK, Parser, Subcommands, config_arg
+from gateway.cli.common import EXIT_OK, Parser, Subcommands, config_arg, print_json
 from gateway.config import explain
 
 
@@ -28,9 +27,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     settings = [(key, value, origin) for key, value, origin in explain(args.config)
                 if not (args.changed and origin == "default")]
     if args.json:
-        json.dump([{"key": k, "value": v, "from": o} for k, v, o in settings], sys.stdout,
-                  indent=1)
-        print()
+        print_json([{"key": k, "value": v, "from": o} for k, v, o in settings])
         return EXIT_OK
     for key, value, origin in settings:
         shown = value if isinstance(value, str) else json.dumps(value)

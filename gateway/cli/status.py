@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import urllib.error
 import urllib.request
 
-from gateway.cli.common import EXIT_OK, CommandError, Subcommands, config_arg, load_config
+from gateway.cli.common import (
+    EXIT_OK,
+    CommandError,
+    Subcommands,
+    config_arg,
+    load_config,
+    print_json,
+)
 from gateway.config import parse_hostport
 
 
@@ -39,8 +45,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         reason = getattr(exc, "reason", exc)
         raise CommandError(f"no daemon answers at {url}: {reason}") from None
     if args.json:
-        json.dump(doc, sys.stdout, indent=1, sort_keys=True)
-        print()
+        print_json(doc, sort_keys=True)
         return EXIT_OK
     print(f"MailFlowr Gateway {doc['version']}, pid {doc['pid']}, {doc['state']} since "
           f"{doc['started']} ({doc['uptime_seconds']:.0f} s)")

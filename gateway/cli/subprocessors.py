@@ -4,8 +4,6 @@ and tenants' objections."""
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -17,6 +15,7 @@ from gateway.cli.common import (
     load_config,
     load_policies,
     open_store,
+    print_json,
     printable,
 )
 from gateway.clock import utcnow
@@ -67,8 +66,7 @@ def cmd_subprocessors_list(args: argparse.Namespace) -> int:
                      for name in routing.registry}
                for tid in sorted(config.tenants)}
     if args.json:
-        json.dump({"registry": registry, "tenants": tenants}, sys.stdout, indent=1)
-        print()
+        print_json({"registry": registry, "tenants": tenants})
         return EXIT_OK
     print(f"{'NAME':16} {'PURPOSE':15} {'REGION':7} {'COUNTRY':7} {'ADDED':10}  ENTITY")
     for r in registry:
@@ -85,8 +83,7 @@ def cmd_subprocessors_notices(args: argparse.Namespace) -> int:
     rows = open_store(args).list_notices(args.tenant)
     items = [notice_record(r) | {"tenant": r["tenant_id"]} for r in rows]
     if args.json:
-        json.dump(items, sys.stdout, indent=1)
-        print()
+        print_json(items)
         return EXIT_OK
     print(f"{'TENANT':16} {'SUBPROCESSOR':16} {'CHANGE':8} {'QUEUED':19} {'DELIVERED':19} "
           f"{'WINDOW ENDS':19} {'STATE':8} MESSAGE")

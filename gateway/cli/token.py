@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -17,6 +15,7 @@ from gateway.cli.common import (
     known_tenant,
     open_privacy,
     open_store,
+    print_json,
     printable,
 )
 from gateway.store.tokens import SCOPES, TokenStore, parse_scopes
@@ -57,9 +56,8 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     store.store.audit(actor(), "token.create", tenant_id=args.tenant,
                       detail={"token": token_id, "name": args.name[:200], "scopes": listed})
     if args.json:
-        json.dump({"id": token_id, "tenant": args.tenant, "scopes": listed.split(),
-                   "token": token}, sys.stdout, indent=1)
-        print()
+        print_json({"id": token_id, "tenant": args.tenant, "scopes": listed.split(),
+                   "token": token})
         return EXIT_OK
     print(f"token {token_id} for tenant {args.tenant}, scopes {listed}; it is shown only now:")
     print(token)
@@ -74,8 +72,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
               "last_used_at": jsonable(r["last_used_at"]),
               "revoked_at": jsonable(r["revoked_at"])} for r in rows]
     if args.json:
-        json.dump(items, sys.stdout, indent=1)
-        print()
+        print_json(items)
         return EXIT_OK
     print(f"{'ID':12} {'TENANT':16} {'SCOPES':22} {'CREATED':25} {'LAST USED':25} "
           f"{'REVOKED':25} NAME")

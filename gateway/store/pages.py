@@ -31,6 +31,7 @@ from gateway.store.privacy import lookup_forms
 from gateway.store.repository import Store
 
 HISTORY = 100  # a delivery's attempts shown at most (the newest)
+COPIES = 1000  # a message's deliveries shown with it, at most
 
 @dataclass(frozen=True)
 class DeliveryFilter:
@@ -76,6 +77,11 @@ class Pages:
         with self._read() as conn:
             return [dict(r._mapping) for r in conn.execute(
                 q.order_by(deliveries.c.id).limit(limit))]
+
+    def copies(self, tenant: str, message_id: str) -> list[dict[str, Any]]:
+        """The deliveries of one message of the tenant (at most COPIES), oldest first."""
+        return self.deliveries(tenant, after=0, limit=COPIES,
+                               where=DeliveryFilter(message_id=message_id))
 
     def delivery(self, tenant: str, delivery_id: int) -> dict[str, Any] | None:
         """One delivery of the tenant, with ``tried``: its newest attempts that did not
