@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Metric
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
 
 from gateway import __version__
 from gateway.records import QueueStats
@@ -38,6 +39,26 @@ def reply_class(reply: str) -> str:
 
 
 NOTICE_STATES = ("pending", "held", "failed", "unsent")
+
+
+class OldName(Collector):
+    """A family renamed in this release, exported under its old name as well until the
+    next one, so dashboards and alerts written for the old name keep working meanwhile
+    (``until``: the release that drops it, said in its help)."""
+
+    def __init__(self, metric: Gauge | Counter, old: str, until: str,
+                 registry: CollectorRegistry) -> None:
+        self.metric, self.old, self.until = metric, old, until
+        registry.register(self)
+
+    def collect(self) -> Iterable[Metric]:
+        for family in self.metric.collect():
+            old = Metric(self.old, f"Renamed {family.name}; this name goes in {self.until}.",
+                         family.type)
+            for sample in family.samples:
+                old.add_sample(self.old + sample.name[len(family.name):], sample.labels,
+                               sample.value)
+            yield old
 
 
 class Metrics:
@@ -174,9 +195,10 @@ class Metrics:
             "Import rounds of a mailbox source that failed (server away, connection lost, "
             "NO or BAD); each is retried.", ["tenant", "source"], registry=r)
         self.imap_backlog = Gauge(
-            f"{PREFIX}_imap_backlog",
+            f"{PREFIX}_imap_backlog_messages",
             "Messages of a mailbox source waiting to be imported, at the last look.",
             ["tenant", "source"], registry=r)
+        OldName(self.imap_backlog, f"{PREFIX}_imap_backlog", "0.3.0", r)
         self.dsns = Counter(
             f"{PREFIX}_dsns_total",
             "Delivery status notifications (bounces) generated for failed deliveries.",

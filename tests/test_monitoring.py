@@ -8,6 +8,7 @@ import re
 import subprocess
 
 import yaml
+from prometheus_client import generate_latest
 
 from gateway.metrics import Metrics
 from tests.conftest import ROOT, need_tool
@@ -61,6 +62,23 @@ def test_alerts_and_dashboard_use_only_exported_series():
     for family in ("smtp_messages_total", "accept_latency_seconds_bucket",
                    "delivery_queue_oldest_age_seconds", "deliveries_total",
                    "pipeline_backlog_messages", "policy_reload_failing",
-                   "auth_results_total", "imap_imports_total", "imap_backlog",
+                   "auth_results_total", "imap_imports_total", "imap_backlog_messages",
                    "delivery_queue_messages", "smtp_authentication_failures_total"):
         assert f"mailflowr_gateway_{family}" in shown
+
+
+def test_a_renamed_family_keeps_its_old_name_for_one_release():
+    metrics = Metrics()
+    metrics.imap_backlog.labels("acme", "inbox").set(7)
+    text = generate_latest(metrics.registry).decode()
+    assert 'mailflowr_gateway_imap_backlog_messages{source="inbox",tenant="acme"} 7.0' in text
+    renamed = re.findall(r"^\| `(mailflowr_gateway_\w+)` \| `(mailflowr_gateway_\w+)` \| "
+                         r"([\d.]+) \|$", (ROOT / "docs" / "operations.md").read_text(), re.M)
+    assert ("mailflowr_gateway_imap_backlog", "mailflowr_gateway_imap_backlog_messages",
+            "0.3.0") in renamed
+    shipped = (MONITORING / "alerts.yaml").read_text() + \
+        (MONITORING / "dashboard.json").read_text()
+    for old, new, until in renamed:
+        assert f"# HELP {old} Renamed {new}; this name goes in {until}." in text
+        assert re.search(rf"^{old}{{.*}} 7\.0$", text, re.M)  # the same samples
+        assert not re.search(rf"\b{old}\b", shipped)  # the shipped rules have moved over
