@@ -9,6 +9,7 @@ from gateway.cli.common import (
     EXIT_OK,
     CommandError,
     Parser,
+    Progress,
     Subcommands,
     actor,
     config_arg,
@@ -97,11 +98,14 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     config = load_config(args)
     store = _keystore(config)
+    shown = Progress("keys rotate", "tenants' keys rewrapped")
     try:
         new = read_master(Path(args.new_master_file))
-        count = store.rewrap(new)
+        count = store.rewrap(new, shown)
     except KeyFileError as exc:
         raise CommandError(str(exc)) from None
+    finally:
+        shown.done()
     open_store(args).audit(actor(), "keys.rotate", detail={
         "from": store.master_id, "to": master_id(new), "tenants": count})
     print(f"{count} tenants' data keys now wrapped by master key {master_id(new)}: point "

@@ -80,12 +80,16 @@ def cmd_erase(args: argparse.Namespace) -> int:
     else:
         confirm(f"This erases {len(p.found)} messages of {args.subject} in tenant "
                 f"{args.tenant} for good.", args.subject, args.yes)
+        shown = Progress("erase", f"of {len(p.found)} messages deleted")
         try:
             removed = erasure.erase(store, key, p, actor=actor(),
                                     exports=config.admin_api.export_directory,
-                                    override_reason=args.reason if args.override_hold else None)
+                                    override_reason=args.reason if args.override_hold else None,
+                                    progress=shown)
         except erasure.ErasureRefused as exc:
             raise CommandError(str(exc)) from None
+        finally:
+            shown.done()
         result.update(removed.as_dict())
     result["seconds"] = round(time.monotonic() - started, 3)
     if config.logging.personal_data:

@@ -8,6 +8,7 @@ from gateway.cli.common import (
     EXIT_OK,
     CommandError,
     Parser,
+    Progress,
     Subcommands,
     actor,
     config_arg,
@@ -71,7 +72,11 @@ def cmd_tenant_deactivate(args: argparse.Namespace) -> int:
         store.deactivate(args.tenant, actor())
         print(f"tenant {args.tenant} deactivated: its mail is refused (550 5.1.1) "
               "once the daemon notices, within seconds")
-    purged = shred_tenant(store, config, args.tenant, actor())
+    shown = Progress(f"deleting tenant {args.tenant}", "messages deleted")
+    try:
+        purged = shred_tenant(store, config, args.tenant, actor(), shown)
+    finally:
+        shown.done()
     removed = purged.removed
     print(f"deleted {removed.messages} messages, {removed.deliveries} deliveries "
           f"({removed.pending} still to go, now cancelled), {removed.imports} import records")

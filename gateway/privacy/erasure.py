@@ -32,7 +32,7 @@ from gateway.privacy.export import tidy
 from gateway.privacy.keys import PrivacyKey
 from gateway.records import Removed
 from gateway.store import keystore
-from gateway.store.privacy import Found, PrivacyStore
+from gateway.store.privacy import Found, PrivacyStore, Progress
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def plan(store: PrivacyStore, policy: RetentionPolicy | None, config: GatewayCon
 
 
 def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str, exports: Path,
-          override_reason: str | None = None) -> Removed:
+          override_reason: str | None = None, progress: Progress | None = None) -> Removed:
     """Carry out the plan; ``exports``: the directory of the admin API's exports, whose
     archives of the tenant go at once when this machine holds them (every daemon
     deletes those on its own disk within seconds, see ``export.tidy``)."""
@@ -84,7 +84,8 @@ def erase(store: PrivacyStore, key: PrivacyKey, p: Plan, *, actor: str, exports:
         detail["holds_overridden"] = sorted(p.held)
         detail["reason"] = mask(override_reason or "")[:500]
     removed = store.erase(p.tenant, p.ids, {
-        "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail})
+        "actor": actor, "action": "subject.erase", "tenant_id": p.tenant, "detail": detail},
+        progress)
     requests.fulfilled(store.store, p.tenant, p.subject, "erasure", "erasure", actor)
     store.scrub()
     _tidy(store, exports, p.tenant)
@@ -141,25 +142,25 @@ class Purged:
     scrubbed: bool  # SQLite's WAL truncated (False: a reader kept it; the next checkpoint)
 
 
-def purge_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor: str
-                 ) -> Purged:
+def purge_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor: str,
+                 progress: Progress | None = None) -> Purged:
     """Everything of a deactivated tenant, wherever the gateway put it: its data in the
     database, its data key (crypto-shredding), the exports made over the API.  Run by
     `tenant deactivate`, and by every daemon when it sees the tenant inactive (for
     anything stored meanwhile); doing it twice does no harm."""
     if store.store.keystore is not None:
         store.store.keystore.forget(tenant)
-    removed = store.purge_tenant(tenant, actor)
+    removed = store.purge_tenant(tenant, actor, progress)
     shredded = keystore.shred(config.privacy.keystore, tenant)
     shutil.rmtree(config.admin_api.export_directory / tenant, ignore_errors=True)
     return Purged(removed, shredded, store.scrub() if removed.messages else True)
 
 
-def shred_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor: str
-                 ) -> Purged:
+def shred_tenant(store: PrivacyStore, config: GatewayConfig, tenant: str, actor: str,
+                 progress: Progress | None = None) -> Purged:
     """``purge_tenant``, then the audit event that records it and whether the data key
     went with it: what `tenant deactivate` does once the tenant is inactive."""
-    purged = purge_tenant(store, config, tenant, actor)
+    purged = purge_tenant(store, config, tenant, actor, progress)
     store.store.audit(actor, "tenant.shred", tenant_id=tenant,
                       detail={"data_key_destroyed": purged.shredded})
     return purged

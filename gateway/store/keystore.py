@@ -25,6 +25,7 @@ import os
 import re
 import secrets
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -170,9 +171,10 @@ class KeyStore:
                                  for k in doc.get("keys", [])]})
         return out
 
-    def rewrap(self, new_master: bytes) -> int:
+    def rewrap(self, new_master: bytes, progress: Callable[[int], None] | None = None) -> int:
         """Wrap every tenant's keys under ``new_master`` (each file replaced atomically);
-        how many files.  This store keeps working until it is opened with the new key."""
+        how many files (``progress`` is told the count after each).  This store keeps
+        working until it is opened with the new key."""
         other = KeyStore(self.directory, new_master)
         count = 0
         for tenant in self.tenants():
@@ -186,6 +188,8 @@ class KeyStore:
             _write_file(tmp, json.dumps(doc, indent=1).encode())
             tmp.replace(path)
             count += 1
+            if progress is not None:
+                progress(count)
         _sync_dir(self.directory)
         return count
 

@@ -14,7 +14,7 @@ still holding the data stays on disk in either file.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -47,6 +47,7 @@ from gateway.store.repository import Store
 from gateway.store.retention import _delete_messages
 
 BATCH = 500
+Progress = Callable[[int], None]  # told the count of messages deleted so far
 # api_exports.status: running, then done or failed; removed: an erasure came after
 # (or while) it was written, and its archive went with the erased mail.
 EXPORT_RUNNING, EXPORT_DONE, EXPORT_REMOVED = "running", "done", "removed"
@@ -147,25 +148,32 @@ class PrivacyStore:
         return [found[i] for i in ids if i in found]
 
     # ------------------------------------------------------------ deleting
-    def delete(self, ids: Sequence[str]) -> Removed:
-        """Delete these messages completely, in batches."""
-        total = Removed()
+    def delete(self, ids: Sequence[str], progress: Progress | None = None,
+               total: Removed | None = None) -> Removed:
+        """Delete these messages completely, in batches (added to ``total``); after
+        each, ``progress`` gets the count of messages deleted so far."""
+        total = Removed() if total is None else total
         for chunk in _chunks(ids):
             with self.store.writing() as conn:
                 total.add(_delete_messages(conn, chunk))
+            if progress is not None:
+                progress(total.messages)
         return total
 
-    def erase(self, tenant: str, ids: Sequence[str], audit_event: dict[str, Any]) -> Removed:
+    def erase(self, tenant: str, ids: Sequence[str], audit_event: dict[str, Any],
+              progress: Progress | None = None) -> Removed:
         """Delete these messages of ``tenant`` completely, in batches, and with the last
         batch remove every export of the tenant made before (see ``_remove_exports``)
         and write the audit event (the keyword arguments of ``audit.append``)."""
         last = max(0, (len(ids) - 1) // BATCH * BATCH)
-        total = self.delete(ids[:last])
+        total = self.delete(ids[:last], progress)
         with self.store.writing() as conn:
             total.add(_delete_messages(conn, ids[last:]))
             total.exports = _remove_exports(conn, tenant)
             detail = {**audit_event.get("detail", {}), **total.as_dict()}
             audit.append(conn, self.store.audit_key, **{**audit_event, "detail": detail})
+        if progress is not None:
+            progress(total.messages)
         return total
 
     def scrub(self, attempts: int = 5) -> bool:
@@ -299,7 +307,8 @@ class PrivacyStore:
                          tenant_id=tenant, at=now, detail={"step": "mail refused"})
         return now
 
-    def purge_tenant(self, tenant: str, actor: str) -> Removed:
+    def purge_tenant(self, tenant: str, actor: str,
+                     progress: Progress | None = None) -> Removed:
         """Delete every message and every record of an (inactive) tenant."""
         total = Removed()
         while True:
@@ -309,7 +318,7 @@ class PrivacyStore:
                                         .limit(BATCH)).scalars())
             if not ids:
                 break
-            total.add(self.delete(ids))
+            self.delete(ids, progress, total)
         with self.store.writing() as conn:
             # copies whose message is gone already, import state, consent records
             total.deliveries += conn.execute(
