@@ -23,6 +23,7 @@ from gateway.cli import (
     dkim,
     imap,
     incident,
+    init,
     keys,
     messages,
     privacy,
@@ -51,7 +52,7 @@ from gateway.policyset import PolicyError
 from gateway.store.keystore import KeyUnavailable
 
 # the order of the commands in --help
-COMMANDS = (serve, check, settings, status, dkim, db, messages, queue, users, retention,
+COMMANDS = (init, serve, check, settings, status, dkim, db, messages, queue, users, retention,
             subprocessors, imap, rules, privacy, requests, tenant, keys, token, incident, audit)
 
 
