@@ -413,6 +413,7 @@ def test_malformed_http_gets_the_json_error_and_no_header_is_logged(bare_api):
         "TE and CL": post + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n"
                             b"2\r\n{}\r\n0\r\n\r\n",
         "gzip": post + b"Content-Encoding: gzip\r\nContent-Length: 4\r\n\r\n{\"a\"",
+        "NUL": f"GET {messages} HTTP/1.1\r\nHost: x\r\nX-Note: a\x00b\r\n\r\n".encode(),
     }
     for what, request in cases.items():
         status, headers, body = raw_http(port, request)
@@ -427,7 +428,7 @@ def test_malformed_http_gets_the_json_error_and_no_header_is_logged(bare_api):
     assert "answered 400 to a request from 127.0.0.1 (LineTooLong)" in log
     assert all(secret[i:i + 16] not in log for i in range(0, len(secret), 16))
     assert token.split("_", 2)[2] not in log
-    assert "Traceback" not in log
+    assert "Traceback" not in log and " ERROR " not in log
 
 
 @pytest.mark.sqlite_only  # connection handling: any database
