@@ -17,7 +17,8 @@ sessions=${3:-20}
 source=$(command -v smtp-source || echo /usr/sbin/smtp-source)
 [ -x "$source" ] || { echo "smtp-source is missing: apt-get install postfix" >&2; exit 1; }
 work=$(mktemp -d)
-sed -e "s#127.0.0.1:2525#127.0.0.1:2535#" -e "s#sqlite:///bench/var/gateway.db#sqlite:///$work/gateway.db#" \
+sed -e "s#127.0.0.1:2525#127.0.0.1:2535#" -e "s#sqlite:///var/gateway.db#sqlite:///$work/gateway.db#" \
+    -e "s#directory: plain#directory: $PWD/bench/plain#" \
     bench/gateway-bench.yaml >"$work/gateway.yaml"
 [ -n "${EXTRA:-}" ] && printf '%s\n' "$EXTRA" >>"$work/gateway.yaml"
 .venv/bin/mailflowr-gateway serve --config "$work/gateway.yaml" >"$work/log" 2>&1 &

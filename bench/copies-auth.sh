@@ -25,6 +25,9 @@ chmod 600 "$work/srs.secret"
 import os, sys, yaml
 work, mode = sys.argv[1], sys.argv[2]
 config = yaml.safe_load(open("bench/gateway-copies.yaml"))
+# written elsewhere: the paths it reads from bench/ become absolute
+config["database"]["url"] = "sqlite:///" + os.path.abspath("bench/var/copies.db")
+config["policies"]["directory"] = os.path.abspath("bench/policies")
 config["delivery"]["dns_servers"] = ["127.0.0.1:5399"]
 config["auth"] = {"workers": int(os.environ.get("AUTH_WORKERS", "1"))}
 if mode in ("on", "sign"):

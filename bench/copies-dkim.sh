@@ -12,9 +12,12 @@ trap 'rm -rf "$keys"' EXIT
 .venv/bin/mailflowr-gateway dkim keygen --domain bench.test --selector ed \
     --algorithm ed25519 --out "$keys/ed.key" >/dev/null
 .venv/bin/python - "$keys" <<'PY'
-import sys, yaml
+import os, sys, yaml
 keys = sys.argv[1]
 config = yaml.safe_load(open("bench/gateway-copies.yaml"))
+# written elsewhere: the paths it reads from bench/ become absolute
+config["database"]["url"] = "sqlite:///" + os.path.abspath("bench/var/copies.db")
+config["policies"]["directory"] = os.path.abspath("bench/policies")
 config["dkim"] = {"keys": [
     {"domain": "bench.test", "selector": "rsa", "key_file": f"{keys}/rsa.key"},
     {"domain": "bench.test", "selector": "ed", "algorithm": "ed25519-sha256",

@@ -45,7 +45,7 @@ work, mode, auth_dir = sys.argv[1:4]
 config = yaml.safe_load(open("bench/gateway-copies.yaml"))
 config["delivery"]["relay"] = "127.0.0.1:2529"
 config["database"]["url"] = f"sqlite:///{work}/gateway.db"
-config["policies"]["directory"] = "bench/policies"
+config["policies"]["directory"] = os.path.abspath("bench/policies")
 if mode == "plain":  # as plain Postfix: no DKIM, SPF, ARC or DMARC checks of inbound mail
     config["auth"] = {"verify_dkim": False, "check_spf": False, "check_arc": False,
                       "check_dmarc": False}

@@ -248,7 +248,7 @@ def run(args: argparse.Namespace, number: int, work: Path) -> str:
     # of those, the copies the dead one had sent: written down in its journal
     from gateway.delivery.journal import left_behind
     alive = set(survivor.pids())
-    journaled = {i for ids, _ in left_behind(ROOT / "var" / "journal",
+    journaled = {i for ids, _ in left_behind(work / "var" / "journal",
                                              socket.gethostname()[:40],
                                              alive.__contains__).values() for i in ids}
     if args.restart >= 0:

@@ -73,7 +73,12 @@ class PolicySet:
 
 def read_files(directory: Path) -> dict[str, bytes]:
     """The bytes of each policy file present (missing files are absent from the result);
-    PolicyError when one cannot be read, is not a regular file or is too large."""
+    PolicyError when one cannot be read, is not a regular file or is too large, and
+    when the directory is not there or holds none of them: a wrong
+    ``policies.directory`` must not run the gateway with no policy at all."""
+    if not directory.is_dir():
+        raise PolicyError([f"{directory}: no such directory (policies.directory; a relative "
+                           "path is read from the folder of the configuration file)"])
     contents: dict[str, bytes] = {}
     problems: list[str] = []
     for name in FILES:
@@ -85,6 +90,10 @@ def read_files(directory: Path) -> dict[str, bytes]:
             problems.append(str(exc))
     if problems:
         raise PolicyError(problems)
+    if not contents:
+        raise PolicyError([f"{directory}: none of {', '.join(FILES)} is there (is "
+                           "policies.directory right? For no rules at all, write "
+                           "workflows.yaml saying `tenants: {}`)"])
     return contents
 
 

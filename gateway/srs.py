@@ -144,7 +144,7 @@ def decode(address: str) -> str:
     return _parse(address).original
 
 
-def load_secrets(path: str) -> list[bytes]:
+def load_secrets(path: str | Path) -> list[bytes]:
     """Secrets from a file, one per line (the first signs); KeyFileError when others may
     read or write it, or it holds no usable secret."""
     data = read_secret(Path(path))

@@ -179,7 +179,7 @@ def postgres_server_url() -> str:
     if why:
         if PG_REQUIRED:
             pytest.fail(why)
-        pytest.skip(why)
+        pytest.skip(MISSING + why)
     assert url is not None
     return url
 
@@ -195,12 +195,31 @@ def wait_for(predicate: Any, timeout: float = 30.0, what: str = "condition") -> 
     raise AssertionError(f"timed out waiting for {what}")
 
 
+MISSING = "missing peer: "  # how a skip for a peer begins, for the list at the end
+
+
 def peer_missing(why: str) -> NoReturn:
     """Skip a test whose system peer is not here; in CI, where .ci/run installs every
     peer, fail instead."""
     if PEERS_REQUIRED:
         pytest.fail(why)
-    pytest.skip(why)
+    pytest.skip(MISSING + why)
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """At the end of the run, each missing peer (PostgreSQL, a tool, a Perl module) and
+    how many tests it kept from running, so a short run is never mistaken for a pass."""
+    missing: dict[str, int] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        longrepr = report.longrepr
+        if isinstance(longrepr, tuple) and len(longrepr) == 3:
+            reason = str(longrepr[2]).removeprefix("Skipped: ")
+            if reason.startswith(MISSING):
+                missing[reason[len(MISSING):]] = missing.get(reason[len(MISSING):], 0) + 1
+    if missing:
+        terminalreporter.section("missing peers: these tests did not run")
+        for why, count in sorted(missing.items()):
+            terminalreporter.line(f"{count:5d}  {why}")
 
 
 def need_tool(tool: str, package: str) -> str:
@@ -335,6 +354,12 @@ class Gateway:
             config = _merge(config, {"delivery": {"dns_servers": [empty_zone().address]}})
         config = _merge(config, {"smtp": {"listen": f"127.0.0.1:{self.port}"},
                                  "database": {"url": db_url}})
+        if "directory" not in config.get("policies", {}):
+            # the gateway refuses to run without a policy: say "no rules" as an operator would
+            policies = directory / "policies"
+            policies.mkdir(exist_ok=True)
+            if not any(policies.iterdir()):
+                (policies / "workflows.yaml").write_text("tenants: {}\n")
         self.config = config
         self.config_path = directory / "gateway.yaml"
         self.config_path.write_text(yaml.safe_dump(config))

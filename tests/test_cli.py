@@ -8,13 +8,20 @@ import json
 import os
 import pty
 import re
+import shutil
+import smtplib
+import socket
 import subprocess
 import sys
+import time
 import tomllib
+import zipfile
 from importlib import metadata
 from pathlib import Path
 
-from tests.conftest import simple_message
+import yaml
+
+from tests.conftest import empty_zone, free_port, simple_message
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "config" / "gateway.yaml"
@@ -47,6 +54,71 @@ def test_config_may_come_before_or_after_the_command(tmp_path):
                  ("-c", str(EXAMPLE), "check", "-c", str(elsewhere))):
         bad = _run(*args, cwd=tmp_path)
         assert bad.returncode == 2 and b"smtp.max_message_size" in bad.stderr, args
+
+
+def _listening(port: int, daemon: subprocess.Popen[bytes], log: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        assert daemon.poll() is None, log.read_text()
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                s.recv(100)
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"not listening within 30s:\n{log.read_text()}")
+
+
+def test_relative_paths_are_read_from_the_folder_of_the_configuration(tmp_path):
+    """Database, privacy key and policies are found from any directory, and a missing
+    database or policy folder is an error rather than a new empty one."""
+    etc, elsewhere = tmp_path / "etc", tmp_path / "elsewhere"
+    (etc / "policies").mkdir(parents=True)
+    elsewhere.mkdir()
+    (etc / "policies" / "workflows.yaml").write_text("tenants: {}\n")
+    port = free_port()
+    config = etc / "gateway.yaml"
+    config.write_text(yaml.safe_dump({  # database, policies, keys, journal: the defaults
+        "smtp": {"listen": f"127.0.0.1:{port}", "hostname": "mx.gateway.test"},
+        "metrics": {"listen": None},
+        "delivery": {"dns_servers": [empty_zone().address]},
+        "tenants": {"acme": {"name": "Acme", "domains": ["acme.test"], "catch_all": True}},
+    }))
+    before = _run("messages", "list", "--config", str(config), cwd=elsewhere)
+    assert before.returncode == 1
+    assert f"{etc}/var/gateway.db: no such database".encode() in before.stderr
+    assert not (etc / "var").exists() and not (elsewhere / "var").exists()
+    assert _run("check", "--config", str(config), cwd=elsewhere).returncode == 0
+
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as out:
+        daemon = subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config",
+                                   str(config)], cwd=elsewhere, stdout=out,
+                                  stderr=subprocess.STDOUT)
+    try:
+        _listening(port, daemon, log)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("alice@sender.test", ["help@acme.test"],
+                            simple_message(subject="from elsewhere", to="help@acme.test"))
+    finally:
+        daemon.terminate()
+        assert daemon.wait(30) == 0, log.read_text()
+    assert (etc / "var" / "gateway.db").is_file() and (etc / "var" / "privacy.key").is_file()
+    assert not (elsewhere / "var").exists()
+    listed = _run("messages", "list", "--config", "../etc/gateway.yaml", cwd=elsewhere)
+    assert listed.returncode == 0, listed.stderr
+    assert b"alice@sender.test" in listed.stdout
+
+    shutil.rmtree(etc / "policies")  # a wrong policies.directory: never run without policy
+    for command in ("check", "serve"):
+        refused = _run(command, "--config", str(config), cwd=elsewhere)
+        assert refused.returncode == 1, refused.stderr
+        assert f"{etc}/policies: no such directory".encode() in refused.stderr
+    (etc / "policies").mkdir()
+    empty = _run("check", "--config", str(config), cwd=elsewhere)
+    assert empty.returncode == 1
+    assert b"none of retention.yaml, subprocessors.yaml, workflows.yaml is there" \
+        in empty.stderr
 
 
 def test_keys_status_with_encryption_off_is_a_state_not_an_error():
@@ -227,3 +299,61 @@ def test_long_work_shows_its_progress_on_a_terminal_only(gateway, tmp_path):
     # not a terminal: nothing but the result
     quiet = gateway.cli("export", "--tenant", "acme", "--out", str(tmp_path / "b.tar"))
     assert quiet.returncode == 0 and quiet.stderr == b""
+    code, shown, _ = _stderr_on_a_terminal(
+        gateway, ["erase", "--tenant", "acme", "--subject", "jane@client.test", "--yes"])
+    assert code == 0 and re.search(r"\rerase: 3 of 3 messages deleted", shown), shown
+    with gateway.smtp() as s:
+        for n in range(2):
+            s.sendmail("joe@client.test", ["support@acme.test"], simple_message(f"q{n}"))
+    gateway.wait_processed(2)
+    code, shown, _ = _stderr_on_a_terminal(gateway, ["tenant", "deactivate", "acme", "--yes"])
+    assert code == 0 and re.search(r"\rdeleting tenant acme: 2 messages deleted", shown), shown
+    assert gateway.cli("messages", "list", "--tenant", "acme", "--json").stdout.strip() == b"[]"
+
+
+def test_init_writes_the_examples_and_never_replaces_a_file(tmp_path):
+    target = tmp_path / "site"
+    made = _run("init", str(target), cwd=tmp_path)
+    assert made.returncode == 0, made.stderr
+    for name in ("config/gateway.yaml", "policies/workflows.yaml", "policies/retention.yaml",
+                 "systemd/mailflowr-gateway.service", "monitoring/alerts.yaml"):
+        assert (target / name).read_bytes() == (ROOT / name).read_bytes(), name
+    config = target / "config" / "gateway.yaml"
+    checked = _run("check", "--config", str(config), cwd=tmp_path)
+    assert checked.returncode == 0, checked.stderr  # its ../policies are the ones written
+    (target / "policies" / "workflows.yaml").write_text("tenants: {}\n")
+    again = _run("init", str(target), cwd=tmp_path)
+    assert again.returncode == 1
+    assert f"{target}/config/gateway.yaml exists".encode() in again.stderr
+    assert b"nothing written" in again.stderr
+    assert (target / "policies" / "workflows.yaml").read_text() == "tenants: {}\n"
+
+
+def test_a_wheel_carries_the_examples_and_the_documentation(tmp_path):
+    """What init writes after an install from a wheel: share/mailflowr-gateway/ under the
+    prefix holds every example file, and the docs the unit's Documentation= names."""
+    source = tmp_path / "source"
+    for name in ("gateway", "config", "policies", "systemd", "monitoring", "docs"):
+        shutil.copytree(ROOT / name, source / name,
+                        ignore=shutil.ignore_patterns("__pycache__", "var"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps",
+                            "-w", str(tmp_path / "dist"), str(source)],
+                           capture_output=True, timeout=170)
+    assert built.returncode == 0, built.stderr.decode()
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    version = metadata.version("mailflowr-gateway")
+    share = f"mailflowr_gateway-{version}.data/data/share/mailflowr-gateway/"
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for folder in ("config", "policies", "systemd", "monitoring"):
+        for path in (ROOT / folder).iterdir():
+            if path.is_file():
+                assert share + f"{folder}/{path.name}" in names, path
+    unit = (ROOT / "systemd" / "mailflowr-gateway.service").read_text()
+    documented = re.search(r"^Documentation=(.*)$", unit, re.M)
+    assert documented is not None
+    for url in documented.group(1).split():
+        installed = url.removeprefix("file:///opt/mailflowr-gateway/")
+        assert installed in {n.replace(f"mailflowr_gateway-{version}.data/data/", "")
+                             for n in names}, url

@@ -20,7 +20,10 @@ EXAMPLE = ROOT / "config" / "gateway.yaml"
 def test_example_config_is_valid_and_documented():
     config = load(EXAMPLE, env={})
     assert config.smtp.listen == "127.0.0.1:2525"
-    assert config.database.url == "sqlite:///var/gateway.db"
+    # the example keeps its state beside config/, wherever a command runs
+    assert config.sqlite_path is not None
+    assert config.sqlite_path.resolve() == ROOT / "var" / "gateway.db"
+    assert config.policies.directory.resolve() == ROOT / "policies"
     assert "example.test" in config.tenants["demo"].domains
     lines = EXAMPLE.read_text().splitlines()
     for n, line in enumerate(lines):
@@ -159,6 +162,7 @@ def test_imap_accounts_are_checked_and_passwords_never_inline(tmp_path):
     secret.chmod(0o600)
     config = tmp_path / "gw.yaml"
     (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "workflows.yaml").write_text("tenants: {}\n")
     config.write_text(f"""
 policies:
   directory: {tmp_path / "policies"}

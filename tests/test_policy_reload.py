@@ -344,7 +344,7 @@ def test_check_and_serve_name_hostile_files_without_a_traceback(tmp_path):
     policies.mkdir()
     config = tmp_path / "gateway.yaml"
     config.write_text((ROOT / "config" / "gateway.yaml").read_text().replace(
-        "directory: policies", f"directory: {policies}"))
+        "../", "").replace("directory: policies", f"directory: {policies}"))
     staged = tmp_path / "staged"  # an edited copy, checked before it is renamed into place
     shutil.copytree(ROOT / "policies", staged)
     result = _cli("check", config, "--policies", str(staged))

@@ -219,7 +219,7 @@ def test_check_reports_workflow_errors(tmp_path):
     )
     config = tmp_path / "gw.yaml"
     config.write_text((ROOT / "config" / "gateway.yaml").read_text().replace(
-        "directory: policies", f"directory: {policies}"))
+        "../", "").replace("directory: policies", f"directory: {policies}"))
     for command in ("check", "serve"):  # serve never starts half-configured
         result = _cli(command, "--config", str(config))
         assert result.returncode == 1

@@ -151,9 +151,16 @@ def load_policies(config: GatewayConfig, directory: Path | None = None) -> Polic
 
 
 def open_store(args: argparse.Namespace, config: GatewayConfig | None = None) -> Store:
+    """The store of a command, which never makes a database: an SQLite file that is not
+    there is an error (a wrong path would otherwise show an empty one)."""
+    config = config or load_config(args)
+    missing = config.sqlite_path
+    if missing is not None and not missing.exists():
+        raise CommandError(f"{missing}: no such database (database.url in {args.config}; "
+                           "a relative path is read from its folder): the daemon makes it "
+                           "when it first starts, as does 'db upgrade'")
     try:
-        return open_database(config or load_config(args), upgrade_sqlite=False,
-                             need_keys=False)
+        return open_database(config, upgrade_sqlite=False, need_keys=False)
     except StartupError as exc:
         raise CommandError(str(exc)) from None
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -16,7 +15,15 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.config.values import HOSTNAME, LOCAL_PART, TENANT_ID, Duration, HostName, Section
+from gateway.config.values import (
+    HOSTNAME,
+    LOCAL_PART,
+    TENANT_ID,
+    Duration,
+    HostName,
+    OptionalConfigPath,
+    Section,
+)
 from gateway.keyfiles import KeyFileError, read_secret
 from gateway.passwords import is_hash
 
@@ -45,13 +52,13 @@ class ImapAccountConfig(Section):
     # plain text (loopback or a private network only).
     tls: Literal["implicit", "starttls", "none"] = "implicit"
     # CA certificates to trust (PEM); empty: the system's.
-    ca_file: Path | None = None
+    ca_file: OptionalConfigPath = None
     # Check the server's certificate and name (turn off only for a test server).
     verify: bool = True
     username: str
     # The password: a file (mode 0600 or 0640), or an environment variable (set for
     # example by systemd's EnvironmentFile=).  Never inline.
-    password_file: Path | None = None
+    password_file: OptionalConfigPath = None
     password_env: str | None = None
     # Seconds to wait for the server's answer to one command.
     timeout: Duration = 60.0

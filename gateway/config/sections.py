@@ -11,18 +11,22 @@ from typing import Literal
 
 from pydantic import (
     Field,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
 
 from gateway.config.values import (
     HOSTNAME,
+    ConfigPath,
     Duration,
     HostName,
     LeaseTime,
+    OptionalConfigPath,
     OptionalHostPort,
     Section,
     Size,
+    config_folder,
     parse_hostport,
 )
 from gateway.keyfiles import KeyFileError, load, parse_master, read_master
@@ -30,8 +34,8 @@ from gateway.srs import load_secrets
 
 
 class TLSConfig(Section):
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    cert_file: OptionalConfigPath = None
+    key_file: OptionalConfigPath = None
 
     @model_validator(mode="after")
     def _both_or_neither(self) -> TLSConfig:
@@ -85,13 +89,14 @@ class SMTPConfig(Section):
 
 
 class DatabaseConfig(Section):
-    url: str = "sqlite:///var/gateway.db"
+    # A relative SQLite file is read from the folder of gateway.yaml, as every path.
+    url: str = Field(default="sqlite:///var/gateway.db", validate_default=True)
     commit_batch_max: int = Field(default=512, ge=1)
     pool_size: int = Field(default=5, ge=1)
 
     @field_validator("url")
     @classmethod
-    def _url(cls, v: str) -> str:
+    def _url(cls, v: str, info: ValidationInfo) -> str:
         from sqlalchemy.engine import make_url
         from sqlalchemy.exc import ArgumentError
 
@@ -103,6 +108,13 @@ class DatabaseConfig(Section):
             raise ValueError("only sqlite:/// and postgresql+psycopg:// URLs are supported")
         if url.get_backend_name() == "postgresql" and url.get_driver_name() != "psycopg":
             raise ValueError("PostgreSQL URLs use the psycopg driver: postgresql+psycopg://...")
+        base = config_folder(info)
+        if (url.get_backend_name() == "sqlite" and base is not None
+                and url.database not in (None, "", ":memory:")
+                and not url.database.startswith("file:")
+                and not Path(url.database).is_absolute()):
+            return url.set(database=str(base / url.database)).render_as_string(
+                hide_password=False)
         return v
 
 
@@ -183,7 +195,7 @@ class DeliveryConfig(Section):
     mx_port: int = Field(default=25, ge=1, le=65535)
     # Where each copy a relay took is written down before its result is committed
     # (gateway.delivery.journal); a restart on the same host reads it.
-    journal: Path = Path("var/journal")
+    journal: ConfigPath = Field(default=Path("var/journal"), validate_default=True)
 
     @field_validator("dns_servers")
     @classmethod
@@ -200,7 +212,7 @@ class DeliveryConfig(Section):
 
 class PoliciesConfig(Section):
     # Where workflows.yaml, retention.yaml and subprocessors.yaml are read from.
-    directory: Path = Path("policies")
+    directory: ConfigPath = Field(default=Path("policies"), validate_default=True)
     # How often the files are checked for changes (then reloaded); 0: only on SIGHUP.
     watch_interval: Duration = 2.0
 
@@ -227,7 +239,7 @@ class DKIMKeyConfig(Section):
     domain: str
     selector: str
     algorithm: Literal["rsa-sha256", "ed25519-sha256"] = "rsa-sha256"
-    key_file: Path
+    key_file: ConfigPath
 
     @field_validator("domain")
     @classmethod
@@ -284,7 +296,7 @@ class SRSConfig(Section):
     """Sender rewriting of forwarded copies, so that they pass SPF at the receiver."""
 
     # The HMAC secret(s), one per line, first one signs; mode 0600. Empty: no rewriting.
-    secret_file: str | None = None
+    secret_file: OptionalConfigPath = None
     # Days a bounce to a rewritten sender is accepted.
     max_age_days: int = Field(default=21, ge=1, le=1000)
 
@@ -305,14 +317,14 @@ class PrivacyConfig(Section):
     # The gateway's own secret (64 hex digits, mode 0600), made at first start when
     # missing. It keys the audit chain and the hashes erasure names people by; keep it
     # out of database backups, and give every instance on one database the same file.
-    key_file: Path = Path("var/privacy.key")
+    key_file: ConfigPath = Field(default=Path("var/privacy.key"), validate_default=True)
     # Encryption at rest of the raw originals: the master key (64 hex digits) in a file
     # (mode 0600) or in an environment variable named here. Neither: stored in clear.
-    master_key_file: Path | None = None
+    master_key_file: OptionalConfigPath = None
     master_key_env: str | None = None
     # Where the tenants' data keys are kept, wrapped by the master key. Not in the
     # database, so deactivating a tenant makes its mail in database backups unreadable.
-    keystore: Path = Path("var/keys")
+    keystore: ConfigPath = Field(default=Path("var/keys"), validate_default=True)
     # Where people send data-subject requests to the processor (e.g. privacy@ of the
     # operator's domain; an address of one of the tenants here, the operator's own).
     # Mail to it, or to it+TENANT@, is recorded as a request; one naming a tenant is
@@ -354,10 +366,10 @@ class AdminAPIConfig(Section):
     # host:port, e.g. 127.0.0.1:9467. Empty: no admin API.
     listen: OptionalHostPort = None
     # A certificate and key for HTTPS; empty: plain HTTP (keep it on loopback then).
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
+    tls_cert_file: OptionalConfigPath = None
+    tls_key_file: OptionalConfigPath = None
     # Where exports started over the API are written (one directory per tenant).
-    export_directory: Path = Path("var/exports")
+    export_directory: ConfigPath = Field(default=Path("var/exports"), validate_default=True)
     # The largest request body accepted (413 above).
     max_body: Size = 1_000_000
     # A connection whose request line and headers have not all arrived this long after

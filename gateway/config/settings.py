@@ -237,8 +237,14 @@ def _load(path: str | Path, env: Mapping[str, str] | None,
     if not isinstance(data, dict):
         raise ConfigError([f"{doc.path}:1: the file must be a mapping of sections"])
     origins = _apply_env(data, os.environ if env is None else env)
+    for name, field in GatewayConfig.model_fields.items():
+        # A section left out is read as written empty, so that its paths, too, are
+        # read from the configuration's folder.
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            data.setdefault(name, {})
     try:
-        config = GatewayConfig.model_validate(data)
+        config = GatewayConfig.model_validate(
+            data, context={"base": Path(doc.path).absolute().parent})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

@@ -4,6 +4,7 @@ the base of every section."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import (
@@ -12,6 +13,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ValidationInfo,
 )
 
 ENV_PREFIX = "MAILFLOWR_"
@@ -82,6 +84,26 @@ def host_name(value: str) -> str:
 
 
 HostName = Annotated[str, AfterValidator(host_name)]
+
+
+def config_folder(info: ValidationInfo) -> Path | None:
+    """The folder of the file being read (``load`` passes it as the context), which
+    relative paths are read from; None for settings not read from a file."""
+    base = (info.context or {}).get("base")
+    return base if isinstance(base, Path) else None
+
+
+def _in_config_folder(value: Path, info: ValidationInfo) -> Path:
+    base = config_folder(info)
+    return value if base is None or value.is_absolute() else base / value
+
+
+# A file or folder named in gateway.yaml: a relative one is read from the folder of
+# gateway.yaml, wherever the command runs (as Postfix reads main.cf's from its own).
+ConfigPath = Annotated[Path, AfterValidator(_in_config_folder)]
+# One that may be unset: empty is unset too, not the configuration's folder.
+OptionalConfigPath = Annotated[ConfigPath | None,
+                               BeforeValidator(lambda v: None if v == "" else v)]
 
 
 class Section(BaseModel):
