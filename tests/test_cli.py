@@ -108,6 +108,10 @@ def test_relative_paths_are_read_from_the_folder_of_the_configuration(tmp_path):
     listed = _run("messages", "list", "--config", "../etc/gateway.yaml", cwd=elsewhere)
     assert listed.returncode == 0, listed.stderr
     assert b"alice@sender.test" in listed.stdout
+    unnamed = _run("messages", "list", cwd=elsewhere)  # the default config/gateway.yaml
+    assert unnamed.returncode == 2
+    assert f"config/gateway.yaml: no such file in {elsewhere} (the default: give --config " \
+        "PATH, or set MAILFLOWR_CONFIG)" in unnamed.stderr.decode()
 
     shutil.rmtree(etc / "policies")  # a wrong policies.directory: never run without policy
     for command in ("check", "serve"):

@@ -18,6 +18,7 @@ from gateway import policyset as loader
 from gateway import privacy
 from gateway.clock import aware
 from gateway.config import GatewayConfig, load
+from gateway.errors import ConfigError
 from gateway.policyset import PolicySet
 from gateway.privacy import keys as privacy_keys
 from gateway.privacy.keys import PrivacyKey
@@ -142,6 +143,9 @@ def actor() -> str:
 
 
 def load_config(args: argparse.Namespace) -> GatewayConfig:
+    if args.config == DEFAULT_CONFIG and not Path(DEFAULT_CONFIG).exists():
+        raise ConfigError([f"{DEFAULT_CONFIG}: no such file in {os.getcwd()} (the default: "
+                           "give --config PATH, or set MAILFLOWR_CONFIG)"])
     return load(args.config)
 
 

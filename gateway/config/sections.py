@@ -27,6 +27,7 @@ from gateway.config.values import (
     Section,
     Size,
     config_folder,
+    in_folder,
     parse_hostport,
 )
 from gateway.keyfiles import KeyFileError, load, parse_master, read_master
@@ -113,8 +114,8 @@ class DatabaseConfig(Section):
                 and url.database not in (None, "", ":memory:")
                 and not url.database.startswith("file:")
                 and not Path(url.database).is_absolute()):
-            return url.set(database=str(base / url.database)).render_as_string(
-                hide_password=False)
+            return url.set(database=str(in_folder(base, Path(url.database)))
+                           ).render_as_string(hide_password=False)
         return v
 
 

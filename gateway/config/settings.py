@@ -244,7 +244,7 @@ def _load(path: str | Path, env: Mapping[str, str] | None,
             data.setdefault(name, {})
     try:
         config = GatewayConfig.model_validate(
-            data, context={"base": Path(doc.path).absolute().parent})
+            data, context={"base": Path(doc.path).resolve().parent})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

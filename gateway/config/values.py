@@ -93,9 +93,24 @@ def config_folder(info: ValidationInfo) -> Path | None:
     return base if isinstance(base, Path) else None
 
 
+def in_folder(base: Path, value: Path) -> Path:
+    """``value`` read from the folder ``base`` (a physical path: ``load`` resolves it):
+    its leading ``..`` are taken off ``base`` (/etc/gw and ../var: /etc/var), as the
+    kernel would; any later ``..`` is kept, a link before it may lead elsewhere."""
+    if value.is_absolute():
+        return value
+    parts = value.parts
+    up = next((n for n, part in enumerate(parts) if part != ".."), len(parts))
+    if up == 0 or ".." in parts[up:]:
+        return base / value
+    for _ in range(up):
+        base = base.parent
+    return base.joinpath(*parts[up:])
+
+
 def _in_config_folder(value: Path, info: ValidationInfo) -> Path:
     base = config_folder(info)
-    return value if base is None or value.is_absolute() else base / value
+    return value if base is None else in_folder(base, value)
 
 
 # A file or folder named in gateway.yaml: a relative one is read from the folder of
