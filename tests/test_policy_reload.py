@@ -365,3 +365,39 @@ def test_check_and_serve_name_hostile_files_without_a_traceback(tmp_path):
             result = _cli(command, config)
             assert result.returncode == 2
             _named(result.stderr.decode().splitlines(), [f"{config}{where}: {message}"])
+
+
+def test_messages_show_says_whether_the_retention_rule_it_shows_is_in_force(make_gateway,
+                                                                          tmp_path):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    good = _write(policies, "alpha")
+    gw = make_gateway({"policies": {"directory": str(policies), "watch_interval": 0},
+                       "metrics": {"listen": f"127.0.0.1:{free_port()}"}})
+    _send(gw)
+    [message] = gw.wait_processed(1)
+
+    def shown() -> dict:
+        return json.loads(gw.cli("messages", "show", message["id"], "--json",
+                                 check=True).stdout)
+
+    now = shown()  # the files on disk are the policy in force
+    assert (now["retention"], now["retention_policy"]) == ("tag alpha (1y)", good)
+    assert "retention_note" not in now
+    (policies / "retention.yaml").write_text(RETENTION.replace("alpha: 1y", "alpha: 3y")
+                                             % "alpha")
+    edited = version_of(read_files(policies))  # not reloaded: no SIGHUP, no watching
+    now = shown()
+    assert (now["retention"], now["retention_policy"]) == ("tag alpha (3y)", edited)
+    assert now["retention_note"] == (f"the daemon has policy {good} in force, not {edited} "
+                                     "of the files on disk (not reloaded yet, or refused: "
+                                     "see status)")
+    (policies / "retention.yaml").write_text("default: 1y\ntags: [\n")
+    now = shown()
+    assert now["retention"].startswith("unknown: the policy files do not validate (")
+    assert now["retention"].endswith(f"; the daemon keeps policy {good} in force")
+    _write(policies, "alpha")
+    gw.terminate()
+    now = shown()
+    assert now["retention_note"] == (f"no daemon answered: this is policy {good} of the "
+                                     "files on disk")

@@ -28,6 +28,7 @@ from gateway.cli.common import (
     print_json,
     printable,
 )
+from gateway.cli.status import ask_daemon
 from gateway.clock import aware, utcnow
 from gateway.config import GatewayConfig
 from gateway.policyset import PolicyError, retention_in_force
@@ -169,17 +170,35 @@ def _auth_summary(results: dict[str, Any]) -> dict[str, Any]:
 
 def _retention_of(config: GatewayConfig, store: Store, row: dict[str, Any]
                   ) -> dict[str, Any]:
-    """Which retention rule applies to a stored message under the policy on disk,
-    when it expires, and what holds it."""
+    """Which retention rule applies to a stored message, when it expires and what holds
+    it: under the policy files on disk, which are the policy in force when the running
+    daemon has the same version (asked over its metrics port); otherwise it says so."""
     try:
-        policy = retention_in_force(load_policies(config).retention, store)
+        in_force: str | None = ask_daemon(config, timeout=3)["policy"]["version"]
+    except (CommandError, KeyError, TypeError):
+        in_force = None
+    try:
+        files = load_policies(config)
     except PolicyError as exc:
-        return {"retention": f"unknown: the policy does not validate ({exc.problems[0]})"}
+        kept = f"; the daemon keeps policy {in_force} in force" if in_force else ""
+        return {"retention": f"unknown: the policy files do not validate "
+                             f"({exc.problems[0]}){kept}"}
+    policy = retention_in_force(files.retention, store)
     s = policy.standing(row["tenant_id"], row["tags"] or [],
                         {a.lower() for _, a in row.get("addresses", [])},
                         aware(row["received_at"]), row["status"] != "received", utcnow())
-    return {"retention": s.rule, "held_by": s.held_by,
-            **({"expires_at": s.expires_at.isoformat()} if s.expires_at else {})}
+    result: dict[str, Any] = {
+        "retention": s.rule, "held_by": s.held_by,
+        **({"expires_at": s.expires_at.isoformat()} if s.expires_at else {}),
+        "retention_policy": files.version}
+    if in_force is None:
+        result["retention_note"] = (f"no daemon answered: this is policy {files.version} of "
+                                    "the files on disk")
+    elif in_force != files.version:
+        result["retention_note"] = (f"the daemon has policy {in_force} in force, not "
+                                    f"{files.version} of the files on disk (not reloaded "
+                                    "yet, or refused: see status)")
+    return result
 
 
 def cmd_messages_export(args: argparse.Namespace) -> int:

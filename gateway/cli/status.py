@@ -6,6 +6,7 @@ import argparse
 import json
 import urllib.error
 import urllib.request
+from typing import Any
 
 from gateway.cli.common import (
     EXIT_OK,
@@ -15,7 +16,7 @@ from gateway.cli.common import (
     load_config,
     print_json,
 )
-from gateway.config import parse_hostport
+from gateway.config import GatewayConfig, parse_hostport
 
 
 def add_parsers(sub: Subcommands) -> None:
@@ -27,23 +28,34 @@ def add_parsers(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_status)
 
 
-def cmd_status(args: argparse.Namespace) -> int:
-    url = args.url
+def ask_daemon(config: GatewayConfig, url: str | None = None,
+               timeout: float = 10) -> dict[str, Any]:
+    """The running daemon's status document, from its metrics port (``url``, or
+    metrics.listen); CommandError saying why when none answers."""
     if not url:
-        listen = load_config(args).metrics.listen
+        listen = config.metrics.listen
         if not listen:
-            raise CommandError(f"{args.config}: metrics.listen is empty, so the daemon serves "
-                               "no status; give --url")
+            raise CommandError("metrics.listen is empty, so the daemon serves no status; "
+                               "give --url")
         host, port = parse_hostport(listen)
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1" if host != "::" else "::1"
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=10) as reply:
-            doc = json.load(reply)
+        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as reply:
+            doc: dict[str, Any] = json.load(reply)
     except (urllib.error.URLError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
         raise CommandError(f"no daemon answers at {url}: {reason}") from None
+    return doc
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    try:
+        doc = ask_daemon(load_config(args), args.url)
+    except CommandError as exc:
+        raise CommandError(f"{args.config}: {exc}" if "metrics.listen" in str(exc)
+                           else str(exc)) from None
     if args.json:
         print_json(doc, sort_keys=True)
         return EXIT_OK
