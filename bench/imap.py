@@ -79,6 +79,8 @@ class Gateway:
             "tenants": {"bench": {"domains": ["bench.test"], "catch_all": True, **tenant}},
         }
         (directory / "gateway.yaml").write_text(yaml.safe_dump(config))
+        (directory / "policies").mkdir(exist_ok=True)  # no rules: said, as the gateway wants
+        (directory / "policies" / "workflows.yaml").write_text("tenants: {}\n")
         log = open(directory / "gateway.log", "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "gateway", "serve", "--config",

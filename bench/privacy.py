@@ -118,6 +118,8 @@ def prepare(args: argparse.Namespace, kind: str) -> tuple[Path, str, Path]:
         admin.dispose()
         url = make_url(args.pg_url).set(database=PG_NAME).render_as_string(hide_password=False)
     config = work / "gateway.yaml"
+    (work / "policies").mkdir(exist_ok=True)  # no rules: said, as the gateway wants
+    (work / "policies" / "workflows.yaml").write_text("tenants: {}\n")
     config.write_text(yaml.safe_dump({
         "database": {"url": url},
         "policies": {"directory": str(work / "policies")},

@@ -14,6 +14,7 @@ import resource
 import ssl
 from collections.abc import Callable, Collection
 
+from sqlalchemy import Engine, select
 from sqlalchemy.exc import SQLAlchemyError
 
 from gateway.auth.dns import Resolver
@@ -23,6 +24,7 @@ from gateway.keyfiles import KeyFileError
 from gateway.privacy import keys as privacy_keys
 from gateway.store import database
 from gateway.store.keystore import KeyStore
+from gateway.store.models import audit_events
 from gateway.store.repository import Store
 from gateway.zygote import spawn
 
@@ -84,6 +86,12 @@ def open_store(
         raise StartupError(f"database unreachable: {first[0] if first else exc}") from None
     problem = None
     try:
+        if not config.privacy.key_file.exists() and _chain_begun(engine):
+            raise KeyFileError(
+                f"{config.privacy.key_file}: no such file (privacy.key_file), but the audit "
+                "chain in the database was made with a key: restore it or correct the path "
+                "(a relative one is read from the configuration's folder); a new key would "
+                "break the chain")
         key = privacy_keys.load_or_create(config.privacy.key_file)
         try:
             master = config.privacy.master_key()
@@ -91,7 +99,7 @@ def open_store(
             if need_keys:
                 raise
             master, problem = None, str(exc)
-    except KeyFileError as exc:
+    except (KeyFileError, OSError) as exc:
         engine.dispose()
         raise StartupError(f"privacy: {exc}") from None
     keystore = None if master is None else KeyStore(config.privacy.keystore, master)
@@ -105,6 +113,13 @@ def open_store(
         keystore=keystore,
         keystore_problem=problem,
     )
+
+
+def _chain_begun(engine: Engine) -> bool:
+    """Whether the audit chain has begun (a privacy key made its events' hashes)."""
+    with engine.connect() as conn:
+        return conn.execute(select(audit_events.c.id).where(audit_events.c.hash.is_not(None))
+                            .limit(1)).first() is not None
 
 
 def tls_context(config: GatewayConfig) -> ssl.SSLContext | None:

@@ -13,6 +13,7 @@ import smtplib
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import zipfile
@@ -108,6 +109,24 @@ def test_relative_paths_are_read_from_the_folder_of_the_configuration(tmp_path):
     listed = _run("messages", "list", "--config", "../etc/gateway.yaml", cwd=elsewhere)
     assert listed.returncode == 0, listed.stderr
     assert b"alice@sender.test" in listed.stdout
+    [stored] = json.loads(_run("messages", "list", "--json", "--config", str(config),
+                               cwd=elsewhere).stdout)
+    shown = _run("messages", "show", stored["id"], "--config", str(config), cwd=elsewhere)
+    assert shown.returncode == 0  # and audited: the audit chain has begun
+    key = etc / "var" / "privacy.key"
+    key.rename(tmp_path / "privacy.key")  # a wrong path or a lost file: never a new key
+    lost = _run("messages", "list", "--config", str(config), cwd=elsewhere)
+    assert lost.returncode == 1 and not key.exists()
+    assert f"{key}: no such file (privacy.key_file), but the audit chain in the database " \
+        "was made with a key" in lost.stderr.decode()
+    (tmp_path / "privacy.key").rename(key)
+    linked = tmp_path / "linked"  # a link to the file: read from the link's folder
+    linked.mkdir()
+    (linked / "gateway.yaml").symlink_to(config)
+    through = _run("messages", "list", "--config", str(linked / "gateway.yaml"), cwd=elsewhere)
+    assert f"{linked}/var/gateway.db: no such database".encode() in through.stderr
+    asked = _run("status", "--url", f"http://127.0.0.1:{port}", cwd=elsewhere)  # no config
+    assert asked.returncode == 1 and b"no daemon answers at http://127.0.0.1:" in asked.stderr
     unnamed = _run("messages", "list", cwd=elsewhere)  # the default config/gateway.yaml
     assert unnamed.returncode == 2
     assert f"config/gateway.yaml: no such file in {elsewhere} (the default: give --config " \
@@ -325,12 +344,20 @@ def test_init_writes_the_examples_and_never_replaces_a_file(tmp_path):
     config = target / "config" / "gateway.yaml"
     checked = _run("check", "--config", str(config), cwd=tmp_path)
     assert checked.returncode == 0, checked.stderr  # its ../policies are the ones written
+    assert (target / "config" / "gateway.yaml").stat().st_mode & 0o777 == 0o600
     (target / "policies" / "workflows.yaml").write_text("tenants: {}\n")
     again = _run("init", str(target), cwd=tmp_path)
     assert again.returncode == 1
     assert f"{target}/config/gateway.yaml exists".encode() in again.stderr
     assert b"nothing written" in again.stderr
     assert (target / "policies" / "workflows.yaml").read_text() == "tenants: {}\n"
+    other, aside = tmp_path / "other", tmp_path / "aside"
+    other.mkdir()
+    aside.mkdir()
+    (other / "policies").symlink_to(aside)  # never written through
+    refused = _run("init", str(other), cwd=tmp_path)
+    assert refused.returncode == 1 and f"{other}/policies is a link".encode() in refused.stderr
+    assert list(aside.iterdir()) == [] and not (other / "config").exists()
 
 
 def test_a_wheel_carries_the_examples_and_the_documentation(tmp_path):
@@ -361,3 +388,22 @@ def test_a_wheel_carries_the_examples_and_the_documentation(tmp_path):
         installed = url.removeprefix("file:///opt/mailflowr-gateway/")
         assert installed in {n.replace(f"mailflowr_gateway-{version}.data/data/", "")
                              for n in names}, url
+
+
+def test_status_from_a_port_that_is_not_the_daemon_is_one_line(tmp_path):
+    """Something else on the port (an SMTP server): the command says no daemon answers."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.sendall(b"220 mx.other.test ESMTP\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    with server:
+        result = _run("status", "--url", f"http://127.0.0.1:{port}", cwd=tmp_path)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.decode() == f"mailflowr-gateway: no daemon answers at " \
+        f"http://127.0.0.1:{port}: 220 mx.other.test ESMTP  \n"

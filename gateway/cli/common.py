@@ -159,7 +159,11 @@ def open_store(args: argparse.Namespace, config: GatewayConfig | None = None) ->
     there is an error (a wrong path would otherwise show an empty one)."""
     config = config or load_config(args)
     missing = config.sqlite_path
-    if missing is not None and not missing.exists():
+    try:
+        there = missing is None or str(missing).startswith("file:") or missing.exists()
+    except OSError as exc:  # a folder this user may not look into
+        raise CommandError(f"{missing}: {exc.strerror}") from None
+    if not there:
         raise CommandError(f"{missing}: no such database (database.url in {args.config}; "
                            "a relative path is read from its folder): the daemon makes it "
                            "when it first starts, as does 'db upgrade'")

@@ -5,10 +5,12 @@ rules into a new folder, from the installed package (a wheel puts them in
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import sysconfig
 from pathlib import Path
 
+from gateway import files
 from gateway.cli.common import EXIT_OK, CommandError, Subcommands
 
 # What init writes, as folders of the source tree: the same layout in DIR, so that the
@@ -38,18 +40,26 @@ def examples() -> Path:
 
 def cmd_init(args: argparse.Namespace) -> int:
     source, target = examples(), Path(args.directory)
-    files = [path.relative_to(source) for folder in FOLDERS
+    names = [path.relative_to(source) for folder in FOLDERS
              for path in sorted((source / folder).glob("*")) if path.is_file()]
-    there = [str(target / f) for f in files if (target / f).exists()]
-    if there:
-        more = f" (and {len(there) - 1} more)" if there[1:] else ""
-        raise CommandError(f"{there[0]} exists{more}: nothing written (init never replaces "
-                           "a file)")
-    for f in files:
-        (target / f).parent.mkdir(parents=True, exist_ok=True)
-        (target / f).write_bytes((source / f).read_bytes())
+    linked = [str(target / f) for f in FOLDERS if (target / f).is_symlink()]
+    there = [str(target / f) for f in names if os.path.lexists(target / f)]
+    if linked or there:
+        found = linked or there
+        more = f" (and {len(found) - 1} more)" if found[1:] else ""
+        raise CommandError(f"{found[0]} {'is a link' if linked else 'exists'}{more}: nothing "
+                           "written (init never writes through a link nor over a file)")
+    try:
+        for name in names:  # 0600 files in 0700 folders, as everything the commands make
+            files.make_folders((target / name).parent)
+            fd = files.create(target / name, os.O_WRONLY | os.O_EXCL | os.O_NOFOLLOW)
+            with os.fdopen(fd, "wb") as out:
+                out.write((source / name).read_bytes())
+    except OSError as exc:  # made meanwhile, a link, no room, no permission
+        raise CommandError(f"{exc.filename or target}: {exc.strerror or exc} (init stopped "
+                           "there)") from None
     config = target / "config" / "gateway.yaml"
-    print(f"wrote {len(files)} files to {target}; the state goes to {target / 'var'}\n"
+    print(f"wrote {len(names)} files to {target}; the state goes to {target / 'var'}\n"
           f"  edit {config} (tenants, listeners) and {target / 'policies'}, then:\n"
           f"  mailflowr-gateway check --config {config}\n"
           f"  mailflowr-gateway serve --config {config}")

@@ -98,6 +98,7 @@ def cmd_keys_status(args: argparse.Namespace) -> int:
 def cmd_keys_rotate(args: argparse.Namespace) -> int:
     config = load_config(args)
     store = _keystore(config)
+    database = open_store(args, config)  # before the keys change: the audit event needs it
     shown = Progress("keys rotate", "tenants' keys rewrapped")
     try:
         new = read_master(Path(args.new_master_file))
@@ -106,7 +107,7 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
         raise CommandError(str(exc)) from None
     finally:
         shown.done()
-    open_store(args).audit(actor(), "keys.rotate", detail={
+    database.audit(actor(), "keys.rotate", detail={
         "from": store.master_id, "to": master_id(new), "tenants": count})
     print(f"{count} tenants' data keys now wrapped by master key {master_id(new)}: point "
           f"privacy.master_key_file at {args.new_master_file} and restart every instance")

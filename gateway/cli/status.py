@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 import urllib.error
 import urllib.request
+from http.client import HTTPException
 from typing import Any
 
 from gateway.cli.common import (
@@ -15,6 +17,7 @@ from gateway.cli.common import (
     config_arg,
     load_config,
     print_json,
+    printable,
 )
 from gateway.config import GatewayConfig, parse_hostport
 
@@ -28,11 +31,15 @@ def add_parsers(sub: Subcommands) -> None:
     p.set_defaults(func=cmd_status)
 
 
-def ask_daemon(config: GatewayConfig, url: str | None = None,
+LARGEST = 1_000_000  # a status document is a few KiB
+
+
+def ask_daemon(config: GatewayConfig | None, url: str | None = None,
                timeout: float = 10) -> dict[str, Any]:
     """The running daemon's status document, from its metrics port (``url``, or
     metrics.listen); CommandError saying why when none answers."""
     if not url:
+        assert config is not None
         listen = config.metrics.listen
         if not listen:
             raise CommandError("metrics.listen is empty, so the daemon serves no status; "
@@ -41,18 +48,33 @@ def ask_daemon(config: GatewayConfig, url: str | None = None,
         if host in ("", "0.0.0.0", "::"):
             host = "127.0.0.1" if host != "::" else "::1"
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    # never through a proxy (the daemon is ours, mostly on loopback), and the whole
+    # answer within ``timeout``, not each read: a port where something else trickles
+    # bytes must not hold a command
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(url.rstrip("/") + "/status", timeout=timeout) as reply:
-            doc: dict[str, Any] = json.load(reply)
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
+        with opener.open(url.rstrip("/") + "/status", timeout=timeout) as reply:
+            body = b""
+            while len(body) < LARGEST and time.monotonic() < deadline:
+                chunk = reply.read1(65536)
+                if not chunk:
+                    break
+                body += chunk
+            else:
+                raise ValueError("the answer is too large or too slow")
+        doc = json.loads(body)
+        if not isinstance(doc, dict):
+            raise ValueError("not a status document")
+    except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:
+        reason = printable(getattr(exc, "reason", exc), 200)  # maybe what another server said
         raise CommandError(f"no daemon answers at {url}: {reason}") from None
     return doc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        doc = ask_daemon(load_config(args), args.url)
+        doc = ask_daemon(None if args.url else load_config(args), args.url)
     except CommandError as exc:
         raise CommandError(f"{args.config}: {exc}" if "metrics.listen" in str(exc)
                            else str(exc)) from None

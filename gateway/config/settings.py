@@ -244,7 +244,9 @@ def _load(path: str | Path, env: Mapping[str, str] | None,
             data.setdefault(name, {})
     try:
         config = GatewayConfig.model_validate(
-            data, context={"base": Path(doc.path).resolve().parent})
+            # the folder the file is in, as the kernel finds it (a linked file, as a
+            # ConfigMap mounts it, is read from where its name is, not its target's)
+            data, context={"base": Path(doc.path).absolute().parent.resolve()})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
