@@ -262,7 +262,7 @@ def test_shell_completion_comes_from_the_parser(tmp_path):
 
 def test_config_show_says_where_each_setting_came_from(tmp_path):
     path = tmp_path / "gw.yaml"
-    path.write_text("smtp:\n  listen: 127.0.0.1:2600\n"
+    path.write_text("smtp:\n  listen: 127.0.0.1:2600\n  max_errors: 20\n"
                     "tenants:\n  acme:\n    domains: [acme.test]\n    catch_all: true\n"
                     "    users:\n      agent@acme.test:\n"
                     "        password_hash: \"scrypt$16384$8$1$c2FsdA==$aGFzaA==\"\n")
@@ -274,12 +274,15 @@ def test_config_show_says_where_each_setting_came_from(tmp_path):
     settings = {s["key"]: (s["value"], s["from"]) for s in json.loads(shown.stdout)}
     assert settings["smtp.listen"] == ("127.0.0.1:2600", f"{path}:2")
     assert settings["smtp.max_recipients"] == (50, "environment MAILFLOWR_SMTP__MAX_RECIPIENTS")
-    assert settings["smtp.max_errors"] == (20, "default")
-    assert settings["tenants.acme.users.agent@acme.test.password_hash"] == ("(set)", f"{path}:9")
+    assert settings["smtp.max_errors"] == (20, f"{path}:3")
+    assert settings["smtp.max_message_size"] == (10240000, "default")
+    assert settings["tenants.acme.users.agent@acme.test.password_hash"] == ("(set)", f"{path}:10")
     assert b"scrypt$" not in shown.stdout  # a secret is never shown
     changed = _run("config", "show", "--changed", "--config", str(path)).stdout.decode()
     assert changed.splitlines()[0] == f"smtp.listen = 127.0.0.1:2600  # {path}:2"
-    assert "# default" not in changed
+    # only values that are not the default: written as the default is not a change
+    assert "# default" not in changed and "smtp.max_errors" not in changed
+    assert "database.url" not in changed  # var/gateway.db from the file's folder
 
 
 def _stderr_on_a_terminal(gateway, args: list[str]) -> tuple[int, str, bytes]:

@@ -182,7 +182,13 @@ def test_temporary_failure_retries_with_backoff(make_gateway, tmp_path, sinks):
     assert (copy["id"], copy["status"], copy["destination"]) == (row["id"], "pending", "finance")
     assert copy["reason"].startswith("451 4.3.0")
     text = gw.cli("messages", "show", row["message_id"], check=True).stdout.decode()
-    assert f"deliveries:     {row['id']} route " in text and "via finance: pending after" in text
+    fields = {line.split(":", 1)[0]: line for line in text.splitlines()}
+    assert fields["deliveries"].split()[1:3] == [str(row["id"]), "route"]
+    assert "via finance: pending after" in fields["deliveries"]
+    # every value starts in one column, however long the longest name
+    column = fields["deliveries"].index(str(row["id"]))
+    assert {len(line) - len(line[column:].lstrip()) for line in fields.values()} == {column}
+    assert fields["retention_policy"].startswith("retention_policy: ")  # not run together
     finance.handler.mode = "accept"
     assert len(finance.wait(1, timeout=15)) == 1
     _deliveries(gw, until=lambda rows: rows[0]["status"] == "sent")
@@ -236,6 +242,7 @@ def test_expired_delivery_fails(make_gateway, tmp_path, sinks):
 
 def test_copies_without_a_relay_are_held_visibly(make_gateway, tmp_path, sinks):
     gw = _gateway(make_gateway, tmp_path, sinks, relay=None)
+    assert gw.cli("queue", "list", check=True).stdout.startswith(b"the queue is empty")
     with gw.smtp() as s:
         s.sendmail("a@sender.test", ["support@acme.test"], simple_message())
     rows = _deliveries(gw, until=lambda rows: len(rows) == 3 and all(

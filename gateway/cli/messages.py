@@ -132,6 +132,7 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
     if args.json:
         print_json(data)
         return EXIT_OK
+    width = max(map(len, data)) + 2  # the values in one column
     for key, value in data.items():
         if key == "deliveries":  # one line each
             lines = [f"{d['id']} {d['kind']} {d['recipient']} via {d['destination']}: "
@@ -139,11 +140,12 @@ def cmd_messages_show(args: argparse.Namespace) -> int:
                      + (f" ({d['reason']})" if d["reason"] and d["status"] != "sent" else "")
                      for d in value] or ["-"]
             for n, line in enumerate(lines):
-                print(f"{'deliveries:' if n == 0 else '':16}{printable(line)}")
+                print(f"{'deliveries:' if n == 0 else '':{width}}{printable(line)}")
             continue
         if isinstance(value, list):
-            value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v) for v in value)
-        print(f"{key + ':':16}{printable(value)}")
+            value = ", ".join(json.dumps(v) if isinstance(v, dict) else str(v)
+                              for v in value) or "-"
+        print(f"{key + ':':{width}}{printable(value)}")
     return EXIT_OK
 
 

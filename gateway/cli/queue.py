@@ -65,6 +65,10 @@ def cmd_queue_list(args: argparse.Namespace) -> int:
     if args.json:
         print_json(items)
         return EXIT_OK
+    if not items:  # as postqueue -p says, rather than a heading over nothing
+        print("the queue is empty" + ("" if args.all or args.status else
+                                      " (sent deliveries are listed with --all)"))
+        return EXIT_OK
     print(f"{'ID':>6} {'MESSAGE':26} {'KIND':6} {'STATUS':7} {'TRIES':>5} {'NEXT ATTEMPT':19} "
           f"{'RECIPIENT':30} REASON")
     for d in items:

@@ -18,14 +18,14 @@ def add_parsers(sub: Subcommands) -> None:
                                      "(file:line, environment, default)")
     config_arg(p)
     p.add_argument("--changed", action="store_true",
-                   help="only those set in the file or the environment (as postconf -n)")
+                   help="only those whose value is not the default (wherever set)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_config_show)
 
 
 def cmd_config_show(args: argparse.Namespace) -> int:
-    settings = [(key, value, origin) for key, value, origin in explain(args.config)
-                if not (args.changed and origin == "default")]
+    settings = [(key, value, origin) for key, value, origin, default in explain(args.config)
+                if not (args.changed and (default or origin == "default"))]
     if args.json:
         print_json([{"key": k, "value": v, "from": o} for k, v, o in settings])
         return EXIT_OK

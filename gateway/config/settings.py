@@ -199,12 +199,14 @@ SECRET_KEYS = frozenset({"password_hash"})  # shown as set or unset, never the v
 
 
 def explain(path: str | Path, env: Mapping[str, str] | None = None,
-            ) -> list[tuple[str, Any, str]]:
+            ) -> list[tuple[str, Any, str, bool]]:
     """Every effective setting as (dotted key, value, where it came from: ``file:line``,
-    ``environment NAME`` or ``default``), secrets as ``(set)``/``(unset)``; what
-    ``config show`` prints (as Postfix's postconf)."""
+    ``environment NAME`` or ``default``, whether the value is the default), secrets as
+    ``(set)``/``(unset)``; what ``config show`` prints (as Postfix's postconf)."""
     config, doc, origins = _load(path, env)
-    out: list[tuple[str, Any, str]] = []
+    # the defaults: what an empty file in the same folder gives
+    defaults = dict(_settings(GatewayConfig.model_validate(
+        {name: {} for name in _sections()}, context={"base": _base(doc)})))
 
     def origin(key: KeyPath) -> str:
         for n in range(len(key), 0, -1):
@@ -214,6 +216,15 @@ def explain(path: str | Path, env: Mapping[str, str] | None = None,
             return f"{doc.path}:{doc.lines[key][0]}"
         return "default"
 
+    return [(".".join(str(k) for k in key), value, origin(key),
+             key in defaults and defaults[key] == value)
+            for key, value in _settings(config)]
+
+
+def _settings(config: GatewayConfig) -> list[tuple[KeyPath, Any]]:
+    """Each setting's key path and value, secrets as ``(set)``/``(unset)``."""
+    out: list[tuple[KeyPath, Any]] = []
+
     def walk(value: Any, key: KeyPath) -> None:
         if isinstance(value, dict) and value:
             for name, item in value.items():
@@ -221,10 +232,23 @@ def explain(path: str | Path, env: Mapping[str, str] | None = None,
             return
         if key and key[-1] in SECRET_KEYS:
             value = "(set)" if value else "(unset)"
-        out.append((".".join(str(k) for k in key), value, origin(key)))
+        out.append((key, value))
 
     walk(config.model_dump(mode="json"), ())
     return out
+
+
+def _sections() -> list[str]:
+    """The top-level keys that are sections of settings (an absent one reads as empty)."""
+    return [name for name, field in GatewayConfig.model_fields.items()
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Section)]
+
+
+def _base(doc: YamlDocument) -> Path:
+    """The folder relative paths are read from: the one the file is in, as the kernel
+    finds it (a linked file, as a ConfigMap mounts it, is read from where its name is,
+    not its target's)."""
+    return Path(doc.path).absolute().parent.resolve()
 
 
 def _load(path: str | Path, env: Mapping[str, str] | None,
@@ -237,16 +261,12 @@ def _load(path: str | Path, env: Mapping[str, str] | None,
     if not isinstance(data, dict):
         raise ConfigError([f"{doc.path}:1: the file must be a mapping of sections"])
     origins = _apply_env(data, os.environ if env is None else env)
-    for name, field in GatewayConfig.model_fields.items():
+    for name in _sections():
         # A section left out is read as written empty, so that its paths, too, are
         # read from the configuration's folder.
-        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
-            data.setdefault(name, {})
+        data.setdefault(name, {})
     try:
-        config = GatewayConfig.model_validate(
-            # the folder the file is in, as the kernel finds it (a linked file, as a
-            # ConfigMap mounts it, is read from where its name is, not its target's)
-            data, context={"base": Path(doc.path).absolute().parent.resolve()})
+        config = GatewayConfig.model_validate(data, context={"base": _base(doc)})
     except ValidationError as exc:
         problems = []
         for err in exc.errors():
