@@ -178,5 +178,6 @@ async def _process(child: _Child) -> None:
             keep_original={tid: t.keep_original for tid, t in config.tenants.items()
                            if t.keep_original is not None},
             request_address=config.privacy.request_address or "",
+            unindexed=frozenset(tid for tid, t in config.tenants.items() if not t.search),
         )
         await child.work(worker, pool, store)

@@ -71,6 +71,7 @@ class Outcome:
     # inbound mail to the gateway's privacy.request_address: the recipient it came to
     # (a data-subject request, recorded with the message)
     request: str | None = None
+    indexed: bool = True  # into the search index (the tenant's search setting)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +154,7 @@ class ParsedFields:
     defects: list[str]
     parse_failed: bool
     addresses: list[tuple[str, str]]  # (role, address) from headers
+    text: str = ""  # the text parts, for the search index (parse.MAX_TEXT at most)
 
 
 @dataclass(frozen=True)

@@ -259,6 +259,7 @@ def test_the_openapi_description_covers_every_route():
     routes = {("GET", "/api/v1/openapi.json"),
               ("GET", "/api/v1/messages"), ("GET", "/api/v1/messages/{id}"),
               ("DELETE", "/api/v1/messages/{id}"), ("GET", "/api/v1/messages/{id}/eml"),
+              ("GET", "/api/v1/search"),
               ("GET", "/api/v1/deliveries"), ("GET", "/api/v1/deliveries/{id}"),
               ("POST", "/api/v1/deliveries/{id}/retry"),
               ("POST", "/api/v1/deliveries/{id}/drop"),

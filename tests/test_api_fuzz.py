@@ -39,8 +39,19 @@ EXAMPLES = 30  # per operation in the random phase; the coverage phase adds its 
 TOKEN_NEEDED = {"error": "a valid API token is needed: Authorization: Bearer TOKEN"}
 
 
+# A query that fits the document's schema (a string) may still be one the search
+# language refuses, an unclosed quote or an unknown field: its 400 is the right answer,
+# and no JSON Schema can say which strings parse.
+CONFIG = """
+[[operations]]
+include-path = "/api/v1/search"
+checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403"]
+"""
+
+
 def fuzz(base: str, har: Path, *options: str) -> list[dict[str, Any]]:
     """Run schemathesis against the API at ``base``; the requests and answers (HAR)."""
+    (har.parent / "schemathesis.toml").write_text(CONFIG)
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/api/v1/openapi.json",
                "--checks", "all", "--seed", str(SEED), "--generation-deterministic",
                "--max-examples", str(EXAMPLES),

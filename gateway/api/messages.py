@@ -1,14 +1,16 @@
-"""The admin API's messages: listed, one in full (what the gateway did with it and why),
-the original (.eml), and deleted."""
+"""The admin API's messages: listed, found by a full-text query, one in full (what the
+gateway did with it and why), the original (.eml), and deleted."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
+from gateway import query
 from gateway.api.deliveries import delivery_doc
 from gateway.api.http import (
     ApiError,
@@ -26,7 +28,7 @@ from gateway.api.http import (
     tenant,
     when,
 )
-from gateway.api.openapi import MAX_LIMIT
+from gateway.api.openapi import MAX_LIMIT, MAX_SEARCH_PAGE, MAX_SEARCH_PAGES
 from gateway.clock import aware
 from gateway.policyset import retention_in_force
 from gateway.privacy import erasure
@@ -39,6 +41,7 @@ class MessageRoutes:
 
     def routes(self) -> list[Route]:
         return [Route("GET", "/messages", self.list, "read"),
+                Route("GET", "/search", self.search, "read"),
                 Route("GET", "/messages/{id}", self.get, "read"),
                 Route("GET", "/messages/{id}/eml", self.eml, "read"),
                 Route("DELETE", "/messages/{id}", self.delete, "erase")]
@@ -53,6 +56,28 @@ class MessageRoutes:
             address=address, since=since, until=until)
         return reply({"messages": [summary(r) for r in rows],
                       "next": rows[-1]["id"] if len(rows) == limit else None})
+
+    async def search(self, request: web.Request) -> web.Response:
+        """A page of the tenant's messages that match ``q`` (gateway.query), best first."""
+        text = request.query.get("q")
+        if text is None:
+            raise ApiError(400, "q: the query is missing")
+        try:
+            asked = query.parse(text)
+        except query.QueryError as exc:
+            raise ApiError(400, f"q: {exc}") from None
+        limit = query_int(request, "limit", 20, 1, MAX_SEARCH_PAGE)
+        page = query_int(request, "page", 1, 1, MAX_SEARCH_PAGES)
+        mine = tenant(request)
+        rows = await asyncio.to_thread(self.ctx.store.search, mine, asked, limit,
+                                       (page - 1) * limit)
+        await asyncio.to_thread(
+            self.ctx.store.audit, actor(request), "message.search", tenant_id=mine,
+            detail={"query_sha256": hashlib.sha256(text.encode()).hexdigest(),
+                    "results": len(rows)})
+        return reply({"results": rows,
+                      "next": page + 1 if len(rows) == limit and page < MAX_SEARCH_PAGES
+                      else None})
 
     async def _own(self, request: web.Request) -> dict[str, Any]:
         row = await asyncio.to_thread(self.ctx.store.get_message, path_id(request),

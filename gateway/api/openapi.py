@@ -5,12 +5,15 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
+from gateway.query import MAX_QUERY
 from gateway.store.models import FAILED, HELD, PENDING, SENT
 from gateway.store.requests import KINDS
 from gateway.store.tokens import SCOPES
 
 MAX_LIMIT = 1000  # rows of one page at most
 MAX_REQUEST_TEXT = 100_000  # characters of a data-subject request's text
+MAX_SEARCH_PAGE = 100  # search results of one page at most
+MAX_SEARCH_PAGES = 1000  # pages of one query: ranked results are read from the first
 DELIVERY_STATUSES = (PENDING, HELD, SENT, FAILED)
 
 
@@ -103,6 +106,11 @@ def openapi_document() -> dict[str, Any]:
                                      "description": "the checks' results (dkim, spf, arc, "
                                                     "dmarc) as stored"},
                      retention=retention)
+    hit: dict[str, Any] = {"id": ref("id"), "received_at": when, "status": string,
+                           "sender": string, "from": text, "subject": text, "tags": strings,
+                           "snippet": {"type": "array", "items": record(
+                               text=string, match={"type": "boolean"})}}
+    found = record(**hit)
     export = record(id=ref("id"), status={"enum": ["running", "done", "failed", "removed"]},
                     created_at=when, finished_at=nullable(when), bytes=nullable(count),
                     error=text, archive=text)
@@ -192,6 +200,22 @@ def openapi_document() -> dict[str, Any]:
                 q("until", when, "received before")],
             links=first("messages", "id", "get_messages_id", "get_messages_id_eml",
                         "delete_messages_id"))},
+        "/api/v1/search": {"get": op(
+            "The tenant's messages that match a full-text query, best first (newest "
+            "first when it has no words), each with a snippet of where it matched",
+            json_body(record(results={"type": "array", "items": found},
+                             next=nullable({"type": "integer", "minimum": 2,
+                                            "maximum": MAX_SEARCH_PAGES}))), [
+                {"name": "q", "in": "query", "required": True,
+                 "schema": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY},
+                 "description": "words, \"a phrase\", prefix*, from:, to:, subject:, "
+                                "tag:, before:YYYY-MM-DD, after:YYYY-MM-DD, has:attachment "
+                                "(docs/search.md)"},
+                q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_PAGE},
+                  "results a page (20)"),
+                q("page", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_PAGES},
+                  "the 'next' of the previous page")],
+            links=first("results", "id", "get_messages_id", "get_messages_id_eml"))},
         "/api/v1/messages/{id}": {
             "get": op("One message: its metadata, the rules it matched, its copies "
                       "and their attempts, its authentication results, the retention "

@@ -1,5 +1,5 @@
-"""``messages list|show|export``: stored messages, what is known about each, and
-the stored original."""
+"""``messages list|show|search|export``: stored messages, what is known about each,
+the full-text search of a tenant's mail, and the stored original."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from datetime import UTC
 from pathlib import Path
 from typing import Any
 
-from gateway import files
+from gateway import files, query
 from gateway.cli.common import (
     EXIT_OK,
     CommandError,
@@ -33,6 +33,7 @@ from gateway.clock import aware, utcnow
 from gateway.config import GatewayConfig
 from gateway.policyset import PolicyError, retention_in_force
 from gateway.store.pages import Pages
+from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import Store
 
 
@@ -52,6 +53,20 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("id")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_messages_show)
+
+    p = msub.add_parser("search", help="a tenant's messages that match a query, best first",
+                        description=query.__doc__.split("\n\n", 1)[1].strip()
+                        if query.__doc__ else None)
+    config_arg(p)
+    p.add_argument("--tenant", required=True)
+    p.add_argument("query", type=_query,
+                   help='words, "a phrase", prefix*, from: to: subject: tag: '
+                        "before:YYYY-MM-DD after:YYYY-MM-DD has:attachment")
+    p.add_argument("--limit", type=_page_size, default=20,
+                   help=f"results a page (20, at most {MAX_PAGE})")
+    p.add_argument("--page", type=positive_int, default=1, help="which page (1)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_messages_search)
 
     p = msub.add_parser("export", help="write the stored original as .eml")
     config_arg(p)
@@ -93,6 +108,51 @@ def cmd_messages_list(args: argparse.Namespace) -> int:
         print(f"{r['id']:26}  {received:19} {printable(r['tenant_id'], 12):12} "
               f"{r['status']:11} {r['size']:>8}  {printable(r['mail_from'] or '<>', 30):30} "
               f"{printable(r['subject'], 60)}")
+    return EXIT_OK
+
+
+MAX_PAGE = 100  # results a page
+
+
+def _query(text: str) -> query.Query:
+    try:
+        return query.parse(text)
+    except query.QueryError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _page_size(text: str) -> int:
+    size = positive_int(text)
+    if size > MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_PAGE}")
+    return size
+
+
+def cmd_messages_search(args: argparse.Namespace) -> int:
+    store = open_store(args)
+    if PrivacyStore(store).tenant_row(args.tenant) is None:
+        raise CommandError(f"no tenant {args.tenant} in the database")
+    rows = store.search(args.tenant, args.query, args.limit, (args.page - 1) * args.limit)
+    # who looked for what in whose mail; the query itself may name a person: its digest
+    store.audit(actor(), "message.search", tenant_id=args.tenant, detail={
+        "query_sha256": hashlib.sha256(args.query.text.encode()).hexdigest(),
+        "results": len(rows)})
+    found = [{**r, "received_at": jsonable(r["received_at"])} for r in rows]
+    if args.json:
+        print_json(found)
+        return EXIT_OK
+    if not found:
+        print("no message matches" + (f" on page {args.page}" if args.page > 1 else ""))
+        return EXIT_OK
+    print(f"{'ID':26}  {'RECEIVED (UTC)':19} {'SENDER':30} SUBJECT")
+    for r in found:
+        received = r["received_at"][:19].replace("T", " ")
+        print(f"{r['id']:26}  {received:19} {printable(r['sender'] or '<>', 30):30} "
+              f"{printable(r['subject'], 60)}")
+        shown = "".join(f"[{s['text']}]" if s["match"] else str(s["text"])
+                        for s in r["snippet"])
+        if shown.strip():
+            print(f"{'':28}{printable(' '.join(shown.split()), 100)}")
     return EXIT_OK
 
 

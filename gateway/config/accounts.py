@@ -212,6 +212,9 @@ class TenantConfig(Section):
     keep_original: KeepOriginalConfig | None = None
     # Mailboxes to import mail from, by name (see ImapPullConfig).
     imap_pull: dict[str, ImapPullConfig] = {}
+    # Index the text of this tenant's mail for full-text search (store/search.py). The
+    # index holds that text in clear, also when originals are encrypted at rest.
+    search: bool = True
 
     @field_validator("domains")
     @classmethod

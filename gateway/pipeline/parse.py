@@ -12,6 +12,7 @@ each of its messages is parsed again in a call of its own.
 
 from __future__ import annotations
 
+import base64
 import email.utils
 import itertools
 import logging
@@ -22,6 +23,7 @@ from typing import Any
 
 from gateway.headers import addresses_in, header_addresses, header_end, header_text
 from gateway.policy.classify import Classifier
+from gateway.query import clean
 from gateway.records import ParsedFields
 from gateway.workers import Overran, ProcessEnded, WorkerError, WorkerPool
 
@@ -107,6 +109,36 @@ def _texts(mail: Any) -> list[str]:
     return texts
 
 
+# characters of a message's text kept for the search index: some 2,500 words, where
+# a long body is mostly the thread it quotes; indexing costs by the character
+MAX_TEXT = 16384
+
+
+def _index_text(mail: Any) -> str:
+    """The text the search index holds of a message: its text parts (HTML without
+    tags when there is no plain text) and the text of its text attachments, at most
+    MAX_TEXT characters."""
+    parts = [str(t) for t in mail.text_plain] or [_TAG.sub(" ", str(t))
+                                                  for t in mail.text_html]
+    for a in mail.attachments[:MAX_ATTACHMENTS]:
+        if sum(map(len, parts)) >= MAX_TEXT:
+            break
+        if str(a.get("mail_content_type") or "").lower().startswith("text/"):
+            parts.append(_attachment_text(a))
+    return clean("\n".join(parts)[:MAX_TEXT])
+
+
+def _attachment_text(attachment: dict[str, Any]) -> str:
+    payload = attachment.get("payload") or ""
+    if not attachment.get("binary"):
+        return str(payload)[:MAX_TEXT]
+    try:  # mail-parser keeps a base64 part as it came
+        data = base64.b64decode(str(payload)[:MAX_TEXT * 2], validate=False)
+        return data.decode(str(attachment.get("charset") or "utf-8"), "replace")
+    except (ValueError, LookupError):
+        return ""
+
+
 def _message(raw: bytes) -> Any:
     """The message as ``email.message_from_bytes`` gives it.  A body that is neither
     multipart nor an enclosed message is taken whole rather than line by line: the
@@ -159,6 +191,7 @@ def parse_message(raw: bytes, classifier: Classifier | None = None) -> dict[str,
             "addresses": addresses,
             "headers": _fields(headers),
             "findings": classifier.findings(_texts(mail)) if classifier else [],
+            "text": _index_text(mail),
         }
     except Exception as exc:  # any failure of the third-party parser = unparseable
         return failed(f"{exc.__class__.__name__}: {str(exc)[:200]}", raw_addresses(raw))
@@ -180,6 +213,7 @@ def failed(reason: str, addresses: list[tuple[str, str]] | None = None) -> dict[
         "message_id": None, "header_from": None, "header_to": None, "header_cc": None,
         "subject": None, "date": None, "attachments": [], "defects": [f"unparseable: {reason}"],
         "parse_failed": True, "addresses": addresses or [], "headers": [], "findings": [],
+        "text": "",
     }
 
 

@@ -54,6 +54,7 @@ class Context(Protocol):
     srs: bool  # recipients that are our SRS addresses get the message back
     keep_original: Mapping[str, KeepOriginalConfig]  # by tenant: where originals are kept
     request_address: str  # privacy.request_address: data-subject requests by mail
+    unindexed: frozenset[str]  # tenants whose mail stays out of the search index
     metrics: Metrics | None
     log: logging.Logger
 
@@ -202,7 +203,8 @@ class PlanStage(Stage):
         keep = None if item.protocol == "IMAP" else ctx.keep_original.get(item.tenant_id)
         outcome = actions.outcome(plan, item.recipients, work.tags, item.direction, returns,
                                   keep)
-        outcome = dataclasses.replace(outcome, policy_version=work.policy.version)
+        outcome = dataclasses.replace(outcome, policy_version=work.policy.version,
+                                      indexed=item.tenant_id not in ctx.unindexed)
         if auth is not None:
             outcome = dataclasses.replace(outcome, auth_results=auth.as_dict(),
                                           auth_header=auth.header(ctx.authserv_id))

@@ -80,6 +80,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         srs: bool = False,
         keep_original: Mapping[str, KeepOriginalConfig] | None = None,
         request_address: str = "",
+        unindexed: frozenset[str] = frozenset(),
     ) -> None:
         self.store = store
         self.host = socket.gethostname()[:40]
@@ -99,6 +100,7 @@ class PipelineWorker(BatchRunner[str, list[Work]]):
         self.srs = srs  # recipients that are our SRS addresses get the message back
         self.keep_original = keep_original or {}  # by tenant: where originals are kept
         self.request_address = request_address  # mail to it is a data-subject request
+        self.unindexed = unindexed  # tenants whose mail is not put in the search index
         self.backlog_since: float | None = None  # the oldest work in hand arrived since
         self._claimed = 0.0  # when the batch in hand was claimed
 

@@ -23,6 +23,7 @@ from gateway.records import (
     ParsedFields,
     PipelineInput,
 )
+from gateway.store import search
 from gateway.store.base import StoreBase
 from gateway.store.models import (
     PENDING,
@@ -232,6 +233,7 @@ class MessageStore(StoreBase):
             ]
             if planned:
                 conn.execute(insert(deliveries), planned)
+            self._index(conn, held, [item for item in mine if item[2].indexed])
             # mail to privacy.request_address: a data-subject request, read and forwarded
             # from here (gateway.privacy.intake)
             asked = [message_id for message_id, _, outcome in mine if outcome.request]
@@ -244,6 +246,25 @@ class MessageStore(StoreBase):
                                                  messages.c.received_at)
                                           .where(messages.c.id.in_(asked)))])
         return [message_id in held for message_id, _, _ in items]
+
+    @staticmethod
+    def _index(conn: Any, tenant_of: dict[str, str],
+               items: Sequence[tuple[str, ParsedFields, Outcome]]) -> None:
+        """Put messages into the search index, with their envelope addresses."""
+        if not items:
+            return
+        envelope: dict[str, list[tuple[str, str]]] = {}
+        for r in conn.execute(select(message_addresses.c.message_id, message_addresses.c.role,
+                                     message_addresses.c.address)
+                              .where(message_addresses.c.message_id.in_(
+                                  [message_id for message_id, _, _ in items]),
+                                  message_addresses.c.role.in_(("mail_from", "rcpt_to")))):
+            envelope.setdefault(r.message_id, []).append((r.role, r.address))
+        search.index(conn, [search.fields(
+            tenant_of[message_id], message_id, parsed.header_from, parsed.header_to,
+            parsed.header_cc, parsed.subject, parsed.text, parsed.attachments,
+            [*envelope.get(message_id, ()), *parsed.addresses])
+            for message_id, parsed, _ in items])
 
     def quarantine(self, message_id: str, owner: str, error: str) -> None:
         with self.writing() as conn:

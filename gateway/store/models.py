@@ -26,6 +26,7 @@ from sqlalchemy import (
     Text,
     func,
 )
+from sqlalchemy.dialects.postgresql import TSVECTOR
 
 from gateway.clock import add_months
 
@@ -129,6 +130,26 @@ message_addresses = Table(
     Column("address", Text, nullable=False),  # as written; looked up in lower case
 )
 Index("ix_message_addresses_lower_address", func.lower(message_addresses.c.address))
+
+# The search index (store/search.py), written with the parse results. On PostgreSQL
+# this table: the text of each field, and ``document``, their words weighted by field
+# (A subject, B sender, C recipients, D the rest) under a GIN index. On SQLite an FTS5
+# table of the same name and text columns, its rowids those of message_search_rows
+# (migration 0015), which this table does not describe.
+message_search = Table(
+    "message_search",
+    metadata,
+    Column("message_id", String(26), ForeignKey("messages.id", ondelete="CASCADE"),
+           primary_key=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("subject", Text, nullable=False),
+    Column("sender", Text, nullable=False),
+    Column("recipients", Text, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("attachments", Text, nullable=False),
+    Column("facets", Text, nullable=False),  # "attachment" when it has one
+    Column("document", TSVECTOR, nullable=False),
+)
 
 # Delivery states: pending (due at next_attempt_at; deferred ones carry last_error),
 # held (waiting for something an operator must provide, reason in last_error),

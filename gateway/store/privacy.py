@@ -177,10 +177,12 @@ class PrivacyStore:
         return total
 
     def scrub(self, attempts: int = 5) -> bool:
-        """SQLite: copy the WAL into the database and truncate it, so pages from before
-        a delete are gone from disk.  False when a reader kept it from finishing."""
+        """SQLite: merge the search index (dropping the words of deleted messages), then
+        copy the WAL into the database and truncate it, so pages from before a delete
+        are gone from disk.  False when a reader kept it from finishing."""
         if self.engine.dialect.name != "sqlite":
             return True
+        self.store.scrub_index()
         for _ in range(attempts):
             raw = self.engine.raw_connection()
             try:

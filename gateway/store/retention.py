@@ -20,6 +20,7 @@ from gateway.records import (
     Removed,
     RetentionGroup,
 )
+from gateway.store import search
 from gateway.store.base import StoreBase
 from gateway.store.models import (
     PENDING,
@@ -36,9 +37,9 @@ from gateway.store.models import (
 def _delete_messages(conn: Any, ids: Sequence[str]) -> Removed:
     """Delete messages with everything the gateway keeps of them, in the caller's
     transaction: deliveries (pending copies and keep-original jobs are cancelled with
-    them), address rows, originals, the record of the mailbox they were imported from;
-    a subprocessor notice that was one of them forgets which.  Retention and erasure
-    both delete through here."""
+    them), address rows, originals, search index entries, the record of the mailbox
+    they were imported from; a subprocessor notice that was one of them forgets which.
+    Retention and erasure both delete through here."""
     if not ids:
         return Removed()
     ids = list(ids)
@@ -51,6 +52,7 @@ def _delete_messages(conn: Any, ids: Sequence[str]) -> Removed:
         delete(imap_imports).where(imap_imports.c.message_id.in_(ids))).rowcount
     conn.execute(update(subprocessor_notices).where(subprocessor_notices.c.message_id.in_(ids))
                  .values(message_id=None))
+    search.unindex(conn, ids)
     for table in (message_addresses, message_blobs):
         conn.execute(delete(table).where(table.c.message_id.in_(ids)))
     removed.messages = conn.execute(delete(messages).where(messages.c.id.in_(ids))).rowcount

@@ -1,0 +1,284 @@
+"""The full-text index of stored mail and the queries on it: SQLite's FTS5 on the
+embedded default, PostgreSQL's full-text search (a tsvector under a GIN index) there.
+
+A message is indexed in the transaction that records its parse results
+(``MessageStore.finish_many``) and leaves the index in the one that deletes it
+(``retention._delete_messages``: retention, erasure, deactivation). On SQLite an
+FTS5 delete leaves the words in the index's older segments until they are merged;
+``scrub_index`` merges them all (erasure and purge call it), so that no trace of an
+erased message stays in the database file. Words are compared as ``query.words``
+gives them on both: case and accents folded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    bindparam,
+    column,
+    delete,
+    func,
+    literal,
+    literal_column,
+    select,
+    text,
+)
+
+from gateway.clock import aware
+from gateway.query import START, STOP, Query, Term, clean, segments, words
+from gateway.store.base import StoreBase
+from gateway.store.models import message_search, messages
+
+# FTS5 columns, and PostgreSQL's weights, of the fields a query can name
+_COLUMN = {"from": "sender", "to": "recipients", "subject": "subject"}
+_WEIGHT = {"from": "B", "to": "C", "subject": "A"}
+_ANY = "{subject sender recipients body attachments}"  # not tenant, nor facets
+SNIPPET_WORDS = 16
+# SQLite: matches ranked at most, the newest, when a query has no filter on the messages
+RANKED = 10_000
+
+_PG_INSERT = text(
+    "INSERT INTO message_search (message_id, tenant_id, subject, sender, recipients, "
+    "body, attachments, facets, document) VALUES (:message_id, :tenant_id, :subject, "
+    ":sender, :recipients, :body, :attachments, :facets, "
+    "setweight(to_tsvector('simple', :w_subject), 'A') || "
+    "setweight(to_tsvector('simple', :w_sender), 'B') || "
+    "setweight(to_tsvector('simple', :w_recipients), 'C') || "
+    "to_tsvector('simple', :w_rest))")
+
+
+def _tenant_token(tenant: str) -> str:
+    """The one word of the FTS5 tenant column that only this tenant's rows hold."""
+    return "t" + tenant.encode().hex()
+
+
+def index(conn: Connection, rows: Sequence[dict[str, str]]) -> None:
+    """Index messages (each row: message_id, tenant_id and the text of each field),
+    replacing what was indexed of them, in the caller's transaction."""
+    if not rows:
+        return
+    unindex(conn, [r["message_id"] for r in rows])
+    if conn.dialect.name == "sqlite":
+        ids = [r["message_id"] for r in rows]
+        conn.execute(text("INSERT INTO message_search_rows (message_id) VALUES (:m)"),
+                     [{"m": i} for i in ids])
+        rowid = {m: i for m, i in conn.execute(
+            text("SELECT message_id, id FROM message_search_rows WHERE message_id IN :ids")
+            .bindparams(bindparam("ids", expanding=True)), {"ids": ids})}
+        conn.execute(text(
+            "INSERT INTO message_search (rowid, tenant, subject, sender, recipients, "
+            "body, attachments, facets) VALUES (:rowid, :tenant, :subject, :sender, "
+            ":recipients, :body, :attachments, :facets)"),
+            [{**r, "rowid": rowid[r["message_id"]], "tenant": _tenant_token(r["tenant_id"])}
+             for r in rows])
+        return
+    conn.execute(_PG_INSERT, [
+        {**r, "w_subject": _plain(r["subject"]), "w_sender": _plain(r["sender"]),
+         "w_recipients": _plain(r["recipients"]),
+         "w_rest": _plain(f"{r['body']} {r['attachments']}")} for r in rows])
+
+
+def _plain(value: str) -> str:
+    """A field's words, folded as queries are, for PostgreSQL's 'simple' parser."""
+    return " ".join(words(value))
+
+
+def unindex(conn: Connection, ids: Sequence[str]) -> None:
+    """Take messages out of the index, in the caller's transaction."""
+    if not ids:
+        return
+    if conn.dialect.name != "sqlite":
+        conn.execute(delete(message_search).where(message_search.c.message_id.in_(ids)))
+        return
+    rowids = list(conn.execute(
+        text("SELECT id FROM message_search_rows WHERE message_id IN :ids")
+        .bindparams(bindparam("ids", expanding=True)), {"ids": list(ids)}).scalars())
+    if rowids:
+        conn.execute(text("DELETE FROM message_search WHERE rowid IN :r")
+                     .bindparams(bindparam("r", expanding=True)), {"r": rowids})
+        conn.execute(text("DELETE FROM message_search_rows WHERE id IN :r")
+                     .bindparams(bindparam("r", expanding=True)), {"r": rowids})
+
+
+def fields(tenant_id: str, message_id: str, header_from: str | None, header_to: str | None,
+           header_cc: str | None, subject: str | None, body: str,
+           attachments: Iterable[dict[str, Any]],
+           addresses: Iterable[tuple[str, str]]) -> dict[str, str]:
+    """The row ``index`` takes for one message: its text by field (``body`` as the
+    parse stage gives it, cleaned already: query.clean)."""
+    by_role: dict[str, list[str]] = {}
+    for role, address in addresses:
+        by_role.setdefault(role, []).append(address)
+
+    def joined(*parts: Iterable[str | None]) -> str:
+        return " ".join(dict.fromkeys(p for part in parts for p in part if p))
+
+    names = [a.get("filename") or "" for a in attachments]
+    return {
+        "message_id": message_id, "tenant_id": tenant_id, "subject": clean(subject or ""),
+        "sender": clean(joined([header_from], *(by_role.get(r, ()) for r in
+                                                ("mail_from", "from", "sender", "reply_to")))),
+        "recipients": clean(joined([header_to, header_cc], *(by_role.get(r, ()) for r in
+                                                             ("rcpt_to", "to", "cc", "bcc")))),
+        "body": body, "attachments": clean(" ".join(n for n in names if n)),
+        "facets": "attachment" if names else "",
+    }
+
+
+def _fts_term(term: Term) -> str:
+    # words are letters and digits only: nothing in them needs quoting but the quotes
+    phrase = '"' + " ".join(term.words) + '"' + ("*" if term.prefix else "")
+    return f"{_COLUMN[term.field]} : {phrase}" if term.field else f"{_ANY} : {phrase}"
+
+
+def _pg_term(term: Term) -> str:
+    weight = _WEIGHT.get(term.field or "", "")
+    last = len(term.words) - 1
+    labels = ["*" + weight if term.prefix and n == last else weight
+              for n in range(len(term.words))]
+    return "(" + " <-> ".join(f"'{w}'" + (f":{label}" if label else "")
+                              for w, label in zip(term.words, labels, strict=True)) + ")"
+
+
+class SearchStore(StoreBase):
+    """Queries on the index, and its upkeep after an erasure."""
+
+    def search(self, tenant: str, query: Query, limit: int, offset: int = 0
+               ) -> list[dict[str, Any]]:
+        """One page of a tenant's messages that match, best first (newest first when
+        the query has no words): the message's summary and a snippet of where it
+        matched, as {text, match} pieces (query.segments).  The page is ranked first,
+        then only its messages get snippets."""
+        where: list[Any] = [messages.c.tenant_id == tenant]
+        for tag in query.tags:
+            where.append((literal(",") + messages.c.tag_key + literal(","))
+                         .contains(f",{tag},", autoescape=True))
+        if query.before is not None:
+            where.append(messages.c.received_at < query.before)
+        if query.after is not None:
+            where.append(messages.c.received_at >= query.after)
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            if self._sqlite:
+                match = self._match(tenant, query)
+                page = self._sqlite_page(query, match, where, limit, offset)
+            else:
+                tsquery = self._tsquery(query)
+                page = self._pg_page(query, tsquery, where, limit, offset)
+            ids = [r.id for r in conn.execute(page)]
+            if not ids:
+                return []
+            rows = {r.id: r for r in conn.execute(
+                select(messages.c.id, messages.c.received_at, messages.c.status,
+                       messages.c.mail_from, messages.c.header_from, messages.c.subject,
+                       messages.c.tags).where(messages.c.id.in_(ids),
+                                              messages.c.tenant_id == tenant))}
+            if not query.terms and not query.has_attachment:
+                snippets: dict[str, str] = {}
+            elif self._sqlite:
+                snippets = self._sqlite_snippets(conn, match, ids)
+            else:
+                snippets = self._pg_snippets(conn, tsquery, ids) if query.terms else {}
+        return [{"id": r.id, "received_at": aware(r.received_at), "status": r.status,
+                 "sender": r.mail_from, "from": r.header_from, "subject": r.subject,
+                 "tags": r.tags or [], "snippet": segments(snippets.get(r.id, ""))}
+                for r in (rows[i] for i in ids if i in rows)]
+
+    @staticmethod
+    def _match(tenant: str, query: Query) -> str:
+        return " AND ".join([f'tenant : "{_tenant_token(tenant)}"',
+                             *(_fts_term(t) for t in query.terms),
+                             *(['facets : "attachment"'] if query.has_attachment else [])])
+
+    @staticmethod
+    def _sqlite_page(query: Query, match: str, where: list[Any], limit: int, offset: int
+                     ) -> Any:
+        newest = (messages.c.received_at.desc(), messages.c.id.desc())
+        if not query.terms and not query.has_attachment:  # filters of messages only
+            return select(messages.c.id).where(*where).order_by(*newest) \
+                .limit(limit).offset(offset)
+        # bm25 with the subject weighing most, addresses next; the tenant column and
+        # the facets are filters, not relevance.  Without filters on the messages
+        # (tag, before, after), only the newest RANKED matches are ranked: FTS5 gives
+        # them newest first and stops there, where ranking all of a common word's
+        # matches would take a second a million messages.
+        ranked = not (query.tags or query.before or query.after)
+        hits = text(
+            "SELECT r.message_id AS message_id, "
+            "bm25(message_search, 0, 4.0, 2.0, 2.0, 1.0, 1.0, 0) AS rank "
+            "FROM message_search JOIN message_search_rows AS r "
+            "ON r.id = message_search.rowid WHERE message_search MATCH :match"
+            + (f" ORDER BY message_search.rowid DESC LIMIT {RANKED}" if ranked else "")
+        ).bindparams(match=match).columns(column("message_id"), column("rank")) \
+            .subquery("hits")
+        return (select(messages.c.id)
+                .join_from(messages, hits, hits.c.message_id == messages.c.id)
+                .where(*where).order_by(hits.c.rank, *newest).limit(limit).offset(offset))
+
+    @staticmethod
+    def _sqlite_snippets(conn: Connection, match: str, ids: list[str]) -> dict[str, str]:
+        """A snippet of each message, from the first of body, subject, attachment names
+        and addresses where a word matched (else the body's start)."""
+        columns = (4, 1, 5, 2, 3)  # body, subject, attachments, sender, recipients
+        found = conn.execute(text(
+            "SELECT r.message_id, " + ", ".join(
+                f"snippet(message_search, {c}, '{START}', '{STOP}', '…', {SNIPPET_WORDS})"
+                for c in columns) +
+            " FROM message_search JOIN message_search_rows AS r "
+            "ON r.id = message_search.rowid "
+            "WHERE message_search MATCH :match AND r.message_id IN :ids"
+        ).bindparams(bindparam("ids", expanding=True)), {"match": match, "ids": ids})
+        out = {}
+        for row in found:
+            marked = [s for s in row[1:] if s and START in s]
+            out[row[0]] = marked[0] if marked else (row[1] or "")
+        return out
+
+    @staticmethod
+    def _tsquery(query: Query) -> Any:
+        return func.to_tsquery(literal_column("'simple'::regconfig"),
+                               " & ".join(_pg_term(t) for t in query.terms))
+
+    @staticmethod
+    def _pg_page(query: Query, tsquery: Any, where: list[Any], limit: int,
+                 offset: int) -> Any:
+        newest = (messages.c.received_at.desc(), messages.c.id.desc())
+        stmt = select(messages.c.id)
+        if query.terms or query.has_attachment:
+            stmt = stmt.join_from(messages, message_search,
+                                  message_search.c.message_id == messages.c.id)
+            where = [*where, message_search.c.tenant_id == messages.c.tenant_id]
+        if query.has_attachment:
+            where.append(message_search.c.facets == "attachment")
+        if not query.terms:
+            return stmt.where(*where).order_by(*newest).limit(limit).offset(offset)
+        # the subject weighs most, then the addresses (ts_rank_cd's weights are D, C,
+        # B, A)
+        rank = func.ts_rank_cd(literal_column("'{0.25, 0.5, 0.5, 1.0}'::float4[]"),
+                               message_search.c.document, tsquery)
+        # every match is ranked: the GIN index finds them, but has no order to stop
+        # early in (docs/scaling.md says what a large PostgreSQL tenant costs)
+        where.append(message_search.c.document.op("@@")(tsquery))
+        return stmt.where(*where).order_by(rank.desc(), *newest).limit(limit).offset(offset)
+
+    @staticmethod
+    def _pg_snippets(conn: Connection, tsquery: Any, ids: list[str]) -> dict[str, str]:
+        simple: Any = literal_column("'simple'::regconfig")
+        snippet = func.ts_headline(
+            simple, message_search.c.subject + literal("\n") + message_search.c.body,
+            tsquery, f'StartSel="{START}", StopSel="{STOP}", MaxWords=24, MinWords=8, '
+                     'MaxFragments=1, FragmentDelimiter=" … "')
+        return {r[0]: r[1] or "" for r in conn.execute(
+            select(message_search.c.message_id, snippet)
+            .where(message_search.c.message_id.in_(ids)))}
+
+    def scrub_index(self) -> None:
+        """SQLite: merge the index's segments into one, which drops every word of the
+        messages deleted from it (FTS5 keeps them, marked deleted, until a merge).
+        The pages freed are overwritten (secure_delete); PostgreSQL needs nothing."""
+        if not self._sqlite:
+            return
+        with self.writing() as conn:
+            conn.execute(text("INSERT INTO message_search(message_search) VALUES ('optimize')"))

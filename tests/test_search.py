@@ -1,0 +1,308 @@
+"""Full-text search of stored mail: the query language, the index the pipeline writes
+(SQLite FTS5, PostgreSQL tsvector), the command and the API route, one tenant never
+finding another's mail, and erasure taking a message's words out of the database."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from typing import Any
+
+import pytest
+
+from gateway import query
+from tests.conftest import free_port
+from tests.test_api import Api, _token
+from tests.test_privacy import _database_bytes
+
+JANE = "jane.doe@sender.test"
+
+POLICIES = {
+    "retention.yaml": "default: 1y\ntags:\n  invoice: {keep: 7y}\n",
+    "workflows.yaml": """
+tenants:
+  acme:
+    rules:
+      - name: invoices
+        match: {header: {Subject: "*invoice*"}}
+        actions: {tag: [invoice]}
+""",
+}
+
+
+def _mail(sender: str, to: str, subject: str, body: str, cc: str | None = None,
+          attachment: tuple[str, str, bytes] | None = None) -> bytes:
+    m = EmailMessage()
+    m["From"], m["To"], m["Subject"] = sender, to, subject
+    if cc:
+        m["Cc"] = cc
+    m.set_content(body)
+    if attachment:
+        name, kind, data = attachment
+        maintype, subtype = kind.split("/")
+        m.add_attachment(data, maintype=maintype, subtype=subtype, filename=name)
+    return m.as_bytes()
+
+
+@pytest.fixture
+def searched(make_gateway: Any, tmp_path: Any) -> tuple[Any, Api, dict[str, str]]:
+    """A daemon holding three messages of acme and one of globex, processed; the ids
+    by a short name."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    for name, text in POLICIES.items():
+        (policies / name).write_text(text)
+    port = free_port()
+    gw = make_gateway({"admin_api": {"listen": f"127.0.0.1:{port}"},
+                       "policies": {"directory": str(policies)}})
+    sent = {
+        "invoice": (JANE, ["support@acme.test"], _mail(
+            f"Jane Doe <{JANE}>", "support@acme.test", "Invoice 2026-117 overdue",
+            "Please pay the café bill before Friday. Reference zanzibarfrog.")),
+        "notes": ("bob@client.test", ["billing@acme.test"], _mail(
+            "bob@client.test", "billing@acme.test", "Meeting notes",
+            "The invoice discussion moved to Monday.", cc=JANE,
+            attachment=("minutes.txt", "text/plain", b"quarterly forecast agreed\n"))),
+        "sheet": ("carol@client.test", ["billing@acme.test"], _mail(
+            "carol@client.test", "billing@acme.test", "Figures",
+            "See the sheet.", attachment=("figures-q3.ods", "application/octet-stream",
+                                           b"\x00\x01binary forecast"))),
+        "globex": (JANE, ["anyone@globex.test"], _mail(
+            JANE, "anyone@globex.test", "Invoice for globex", "invoice of globex, Friday")),
+    }
+    with gw.smtp() as s:
+        for sender, rcpts, raw in sent.values():
+            s.sendmail(sender, rcpts, raw)
+    rows = gw.wait_processed(4)
+    by_subject = {r["subject"]: r["id"] for r in rows}
+    ids = {"invoice": by_subject["Invoice 2026-117 overdue"],
+           "notes": by_subject["Meeting notes"], "sheet": by_subject["Figures"],
+           "globex": by_subject["Invoice for globex"]}
+    return gw, Api(port), ids
+
+
+def _search(gw: Any, text: str, tenant: str = "acme") -> list[dict[str, Any]]:
+    done = gw.cli("messages", "search", "--tenant", tenant, text, "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    return json.loads(done.stdout)  # type: ignore[no-any-return]
+
+
+def test_words_phrases_prefixes_fields_and_filters_find_the_right_mail(searched):
+    gw, _, ids = searched
+    name = {v: k for k, v in ids.items()}
+
+    def found(text: str, tenant: str = "acme") -> set[str]:
+        return {name[r["id"]] for r in _search(gw, text, tenant)}
+
+    assert found("invoice") == {"invoice", "notes"}  # subject, and body text
+    assert found("INVOICE overdue") == {"invoice"}  # every word must match
+    assert found('"pay the cafe bill"') == {"invoice"}  # a phrase; accents folded
+    assert found('"the pay"') == set()  # the words in that order, not just present
+    assert found("zanzib*") == {"invoice"}
+    assert found("quarterly") == {"notes"}  # a text attachment's text
+    assert found("forecast") == {"notes"}  # not the text of a binary one
+    assert found("figures") == {"sheet"} and found("ods") == {"sheet"}  # attachment name
+    assert found(f"from:{JANE}") == {"invoice"}  # the Cc'd message is not from her
+    assert found(f"to:{JANE}") == {"notes"}
+    assert found('from:"jane doe"') == {"invoice"}  # the display name
+    assert found("to:billing@acme.test") == {"notes", "sheet"}  # envelope and header
+    assert found("subject:invoice") == {"invoice"}
+    assert found("subject:monday") == set()
+    assert found("tag:invoice") == {"invoice"}
+    assert found("has:attachment") == {"notes", "sheet"}
+    assert found("has:attachment forecast") == {"notes"}
+    today = datetime.now(UTC).date()
+    assert found(f"invoice after:{today}") == {"invoice", "notes"}
+    assert found(f"invoice before:{today}") == set()
+    # one tenant never finds another's mail, whatever it looks for
+    assert found("globex") == set()
+    assert found("invoice", "globex") == {"globex"}
+    assert found("figures", "globex") == set()
+
+
+def test_results_come_best_first_with_a_marked_snippet(searched):
+    gw, _, ids = searched
+    [hit] = _search(gw, "friday")
+    assert hit["id"] == ids["invoice"] and hit["subject"] == "Invoice 2026-117 overdue"
+    assert hit["tags"] == ["invoice"] and hit["sender"] == JANE
+    marked = [s["text"] for s in hit["snippet"] if s["match"]]
+    assert [m.lower() for m in marked] == ["friday"]
+    assert "".join(s["text"] for s in hit["snippet"]).count("Please pay") == 1
+    # paging: one a page, the second page is the other message, the third empty
+    pages = [json.loads(gw.cli("messages", "search", "--tenant", "acme", "invoice",
+                               "--limit", "1", "--page", str(n), "--json",
+                               check=True).stdout) for n in (1, 2, 3)]
+    assert [len(p) for p in pages] == [1, 1, 0]
+    assert {pages[0][0]["id"], pages[1][0]["id"]} == {ids["invoice"], ids["notes"]}
+    table = gw.cli("messages", "search", "--tenant", "acme", "friday",
+                   check=True).stdout.decode()
+    assert ids["invoice"] in table and "[Friday]" in table
+    assert gw.cli("messages", "search", "--tenant", "acme", "nowhere",
+                  check=True).stdout == b"no message matches\n"
+    # who searched whose mail is in the audit log; what they looked for only as a digest
+    events = json.loads(gw.cli("audit", "list", "--action", "message.search", "--json",
+                               check=True).stdout)
+    assert events and all(e["tenant"] == "acme" for e in events)
+    assert "friday" not in json.dumps(events).lower()
+
+
+@pytest.mark.sqlite_only
+@pytest.mark.parametrize("bad, said", [
+    ('subject:"unclosed', "unclosed quote at character 9"),
+    ("nosuch:word", "nosuch: unknown"),
+    ("before:yesterday invoice", "before:yesterday: a day as YYYY-MM-DD"),
+    ("a*", "a prefix needs at least 2 letters"),
+    ("invoice -overdue", "-overdue: excluding is not supported"),
+    ("", "nothing to look for"),
+    ("x" * 501, "longer than 500 characters"),
+])
+def test_a_query_the_language_does_not_allow_is_a_usage_error(searched, bad, said):
+    gw, api, _ = searched
+    done = gw.cli("messages", "search", "--tenant", "acme", bad)
+    err = done.stderr.decode()
+    assert done.returncode == 2 and said in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q=bad),
+                               _token(gw, "acme", "read"))
+    assert status == 400 and said in body["error"]
+
+
+def _qs(**params: str) -> str:
+    from urllib.parse import urlencode
+    return urlencode(params)
+
+
+def test_the_api_searches_the_token_tenant_only(searched):
+    gw, api, ids = searched
+    acme, globex = _token(gw, "acme", "read"), _token(gw, "globex", "read")
+    status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q="invoice"), acme)
+    assert status == 200
+    assert {r["id"] for r in body["results"]} == {ids["invoice"], ids["notes"]}
+    assert body["next"] is None
+    status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q="invoice", limit="1"), acme)
+    assert status == 200 and len(body["results"]) == 1 and body["next"] == 2
+    status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q="invoice", limit="1",
+                                                                page="2"), acme)
+    assert len(body["results"]) == 1 and body["next"] == 3
+    status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q="invoice"), globex)
+    assert [r["id"] for r in body["results"]] == [ids["globex"]]
+    assert api.call("GET", "/api/v1/search?" + _qs(q="invoice"))[0] == 401
+    status, body, _ = api.call("GET", "/api/v1/search", acme)
+    assert status == 400 and "q" in body["error"]
+    status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q="x", limit="0"), acme)
+    assert status == 400
+
+
+def test_erased_mail_leaves_the_index_and_the_database_files(searched):
+    gw, _, ids = searched
+    assert {r["id"] for r in _search(gw, "zanzibarfrog")} == {ids["invoice"]}
+    before = _database_bytes(gw).lower()
+    assert b"zanzibarfrog" in before and b"quarterly" in before  # the scan sees them
+    done = gw.cli("erase", "--tenant", "acme", "--subject", JANE, "--yes", "--json")
+    assert done.returncode == 0, done.stderr.decode()
+    assert json.loads(done.stdout)["messages"] == 2  # from her, and the one Cc'd to her
+    assert _search(gw, "zanzibarfrog") == [] and _search(gw, "quarterly") == []
+    assert [r["id"] for r in _search(gw, "figures")] == [ids["sheet"]]  # the rest stays
+    after = _database_bytes(gw).lower()
+    for gone in (b"zanzibarfrog", b"quarterly", b"overdue"):
+        assert gone not in after, gone
+    assert b"figures" in after  # and would have found what is kept
+    # globex's mail from her is another controller's, still found there
+    assert [r["id"] for r in _search(gw, "invoice", "globex")] == [ids["globex"]]
+    # a deactivated tenant's mail leaves the index with the rest of its data
+    done = gw.cli("tenant", "deactivate", "acme")
+    assert done.returncode == 0, done.stderr.decode()
+    assert _search(gw, "figures") == [] and b"figures" not in _database_bytes(gw).lower()
+    assert [r["id"] for r in _search(gw, "invoice", "globex")] == [ids["globex"]]
+
+
+@pytest.mark.sqlite_only
+def test_a_tenant_can_keep_its_mail_out_of_the_index(make_gateway):
+    gw = make_gateway({"tenants": {"globex": {"search": False}}})
+    with gw.smtp() as s:
+        s.sendmail(JANE, ["anyone@globex.test"], _mail(JANE, "anyone@globex.test",
+                                                       "Invoice", "kumquat"))
+        s.sendmail(JANE, ["support@acme.test"], _mail(JANE, "support@acme.test",
+                                                      "Invoice", "kumquat"))
+    gw.wait_processed(2)
+    assert _search(gw, "kumquat", "globex") == []
+    assert len(_search(gw, "kumquat", "acme")) == 1
+    unknown = gw.cli("messages", "search", "--tenant", "initech", "kumquat")
+    assert unknown.returncode == 1
+    assert unknown.stderr.decode().strip().endswith(": no tenant initech in the database")
+
+
+@pytest.mark.parametrize("text, terms, filters", [
+    ("Invoice", [(("invoice",), None, False)], {}),
+    ('"Pay  the Café"', [(("pay", "the", "cafe"), None, False)], {}),
+    ("inv*", [(("inv",), None, True)], {}),
+    ("From:Jane.Doe@Sender.test", [(("jane", "doe", "sender", "test"), "from", False)], {}),
+    ('subject:"q3 figures" to:bob*', [(("q3", "figures"), "subject", False),
+                                     (("bob",), "to", True)], {}),
+    ("tag:invoice has:attachment", [], {"tags": ("invoice",), "has_attachment": True}),
+    ("x after:2026-01-01 before:2026-02-01", [(("x",), None, False)],
+     {"after": datetime(2026, 1, 1, tzinfo=UTC), "before": datetime(2026, 2, 1, tzinfo=UTC)}),
+    ("foo_bar, baz!", [(("foo", "bar"), None, False), (("baz",), None, False)], {}),
+])
+def test_the_query_language(text, terms, filters):
+    q = query.parse(text)
+    assert [(t.words, t.field, t.prefix) for t in q.terms] == terms
+    for key, value in filters.items():
+        assert getattr(q, key) == value
+
+
+@pytest.mark.parametrize("bad", ["after:2026-02-01 before:2026-01-01 x", "has:pdf x",
+                                 "tag:a,b", "subject:!!!", " ".join(["w"] * 17)])
+def test_queries_the_language_refuses(bad):
+    with pytest.raises(query.QueryError):
+        query.parse(bad)
+
+
+def test_snippet_marks_become_segments():
+    marked = f"a {query.START}b{query.STOP} c {query.START}d{query.STOP}"
+    assert query.segments(marked) == [
+        {"text": "a ", "match": False}, {"text": "b", "match": True},
+        {"text": " c ", "match": False}, {"text": "d", "match": True}]
+    assert query.clean(f"x{query.START}y\x00z") == "x y z"
+    assert re.fullmatch(r"[^\ue000\ue001]*", query.clean("\ue000\ue001"))
+
+
+def _stored(store: Any, tenant: str, subject: str, body: str, at: datetime) -> str:
+    """A processed message put into the database and the index as finish_many would."""
+    from sqlalchemy import insert
+
+    from gateway.store import search
+    from gateway.store.ids import new_id
+    from gateway.store.models import messages
+
+    message_id = new_id()
+    with store.writing() as conn:
+        conn.execute(insert(messages).values(
+            id=message_id, tenant_id=tenant, status="processed", received_at=at,
+            mail_from="a@sender.test", size=100, sha256="0" * 64, client_address="127.0.0.1",
+            helo="test", protocol="ESMTP", trace_header="", subject=subject, tags=[],
+            tag_key=""))
+        search.index(conn, [search.fields(tenant, message_id, "a@sender.test", None, None,
+                                          subject, body, [], [("mail_from", "a@sender.test")])])
+    return message_id
+
+
+@pytest.mark.parametrize("backend", ["sqlite"], indirect=True)  # PostgreSQL ranks them all
+def test_a_common_word_is_ranked_among_its_newest_matches_and_a_filter_reaches_all(
+        store, monkeypatch, backend):
+    from datetime import timedelta
+
+    from gateway.store import search
+
+    monkeypatch.setattr(search, "RANKED", 3)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    ids = [_stored(store, "acme", f"note {n}", "alpha " * (n + 1), start + timedelta(days=n))
+           for n in range(5)]
+    _stored(store, "globex", "note", "alpha", start)
+    found = [r["id"] for r in store.search("acme", query.parse("alpha"), 20)]
+    assert sorted(found) == sorted(ids[2:])  # the newest three, ranked among themselves
+    found = [r["id"] for r in store.search("acme", query.parse("alpha after:2025-01-01"), 20)]
+    assert sorted(found) == sorted(ids)  # with a filter on the messages: every match
+    assert found[0] == ids[4]  # the one that says it most often first
