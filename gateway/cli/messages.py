@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from gateway import files, query
+from gateway.api.openapi import MAX_SEARCH_PAGE
 from gateway.cli.common import (
     EXIT_OK,
     CommandError,
@@ -63,7 +64,7 @@ def add_parsers(sub: Subcommands) -> None:
                    help='words, "a phrase", prefix*, from: to: subject: tag: '
                         "before:YYYY-MM-DD after:YYYY-MM-DD has:attachment")
     p.add_argument("--limit", type=_page_size, default=20,
-                   help=f"results a page (20, at most {MAX_PAGE})")
+                   help=f"results a page (20, at most {MAX_SEARCH_PAGE})")
     p.add_argument("--page", type=positive_int, default=1, help="which page (1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_messages_search)
@@ -111,9 +112,6 @@ def cmd_messages_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-MAX_PAGE = 100  # results a page
-
-
 def _query(text: str) -> query.Query:
     try:
         return query.parse(text)
@@ -123,8 +121,8 @@ def _query(text: str) -> query.Query:
 
 def _page_size(text: str) -> int:
     size = positive_int(text)
-    if size > MAX_PAGE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_PAGE}")
+    if size > MAX_SEARCH_PAGE:
+        raise argparse.ArgumentTypeError(f"at most {MAX_SEARCH_PAGE}")
     return size
 
 
