@@ -4,7 +4,6 @@ gateway did with it and why), the original (.eml), and deleted."""
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from datetime import UTC, datetime
 from typing import Any
 
@@ -69,12 +68,8 @@ class MessageRoutes:
         limit = query_int(request, "limit", 20, 1, MAX_SEARCH_PAGE)
         page = query_int(request, "page", 1, 1, MAX_SEARCH_PAGES)
         mine = tenant(request)
-        rows = await asyncio.to_thread(self.ctx.store.search, mine, asked, limit,
-                                       (page - 1) * limit)
-        await asyncio.to_thread(
-            self.ctx.store.audit, actor(request), "message.search", tenant_id=mine,
-            detail={"query_sha256": hashlib.sha256(text.encode()).hexdigest(),
-                    "results": len(rows)})
+        rows = await asyncio.to_thread(self.ctx.store.search_for, actor(request), mine,
+                                       asked, limit, (page - 1) * limit)
         return reply({"results": rows,
                       "next": page + 1 if len(rows) == limit and page < MAX_SEARCH_PAGES
                       else None})

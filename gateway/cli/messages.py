@@ -130,11 +130,8 @@ def cmd_messages_search(args: argparse.Namespace) -> int:
     store = open_store(args)
     if PrivacyStore(store).tenant_row(args.tenant) is None:
         raise CommandError(f"no tenant {args.tenant} in the database")
-    rows = store.search(args.tenant, args.query, args.limit, (args.page - 1) * args.limit)
-    # who looked for what in whose mail; the query itself may name a person: its digest
-    store.audit(actor(), "message.search", tenant_id=args.tenant, detail={
-        "query_sha256": hashlib.sha256(args.query.text.encode()).hexdigest(),
-        "results": len(rows)})
+    rows = store.search_for(actor(), args.tenant, args.query, args.limit,
+                            (args.page - 1) * args.limit)
     found = [{**r, "received_at": jsonable(r["received_at"])} for r in rows]
     if args.json:
         print_json(found)

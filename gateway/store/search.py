@@ -12,6 +12,7 @@ gives them on both: case and accents folded.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -29,6 +30,7 @@ from sqlalchemy import (
 
 from gateway.clock import aware
 from gateway.query import START, STOP, Query, Term, clean, segments, words
+from gateway.store import audit
 from gateway.store.base import StoreBase
 from gateway.store.models import message_search, messages
 
@@ -145,6 +147,19 @@ def _pg_term(term: Term) -> str:
 
 class SearchStore(StoreBase):
     """Queries on the index, and its upkeep after an erasure."""
+
+    def search_for(self, actor: str, tenant: str, query: Query, limit: int,
+                   offset: int = 0) -> list[dict[str, Any]]:
+        """``search`` as a person asks it (the command, the API): who looked into whose
+        mail goes into the audit log, what they looked for only as a digest, since it
+        may name a person."""
+        found = self.search(tenant, query, limit, offset)
+        with self.writing() as conn:
+            audit.append(conn, self.audit_key, actor=actor, action="message.search",
+                         tenant_id=tenant, detail={
+                             "query_sha256": hashlib.sha256(query.text.encode()).hexdigest(),
+                             "results": len(found)})
+        return found
 
     def search(self, tenant: str, query: Query, limit: int, offset: int = 0
                ) -> list[dict[str, Any]]:
