@@ -285,8 +285,10 @@ class Metrics:
             "data-subject requests; negative once passed, 0 when there are none.", registry=r)
         self.api_auth_failures = Counter(
             f"{PREFIX}_api_authentication_failures_total",
-            "Admin API requests refused for their token (401), by reason: missing, "
-            "malformed, unknown, wrong_secret, revoked, deactivated.", ["reason"],
+            "Admin API requests refused for their token or console session (401), and "
+            "console logins refused, by reason: missing, malformed, unknown, "
+            "wrong_secret, revoked, deactivated, console_session, wrong_password, "
+            "console_throttled.", ["reason"],
             registry=r)
         self.smtp_auth_failures = Counter(
             f"{PREFIX}_smtp_authentication_failures_total",

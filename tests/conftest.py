@@ -368,10 +368,11 @@ class Gateway:
         self._store: Store | None = None
 
     def cli(self, *args: str, check: bool = False, env: dict[str, str] | None = None,
-            timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+            timeout: float = 60, input: bytes | None = None,
+            ) -> subprocess.CompletedProcess[bytes]:
         result = subprocess.run(
             [sys.executable, "-m", "gateway", *args, "--config", str(self.config_path)],
-            capture_output=True, timeout=timeout, cwd=self.directory,
+            capture_output=True, timeout=timeout, cwd=self.directory, input=input,
             env={**os.environ, **(env or {})},
         )
         if check and result.returncode != 0:

@@ -66,6 +66,10 @@ AGENT_HASH = hash_password("agent password")
 
 @pytest.fixture
 def api_gateway(make_gateway: Any, tmp_path: Any, relay: Sink) -> tuple[Any, Api]:
+    return make_api_gateway(make_gateway, tmp_path, relay)
+
+
+def make_api_gateway(make_gateway: Any, tmp_path: Any, relay: Sink) -> tuple[Any, Api]:
     """A daemon with mail of acme and globex, each message copied (Bcc) through the
     sub-processor relay-eu to the ``relay`` sink."""
     port = free_port()
@@ -250,6 +254,7 @@ def test_without_a_valid_token_nothing_is_served(api_gateway):
 
 def test_the_openapi_description_covers_every_route():
     from gateway.api import AdminAPI, openapi_document
+    from gateway.api.console import ConsoleRoutes
     from gateway.api.exports import ExportRoutes
     from gateway.api.http import Context
     from gateway.config import GatewayConfig
@@ -259,6 +264,7 @@ def test_the_openapi_description_covers_every_route():
     routes = {("GET", "/api/v1/openapi.json"),
               ("GET", "/api/v1/messages"), ("GET", "/api/v1/messages/{id}"),
               ("DELETE", "/api/v1/messages/{id}"), ("GET", "/api/v1/messages/{id}/eml"),
+              ("GET", "/api/v1/messages/{id}/text"),
               ("GET", "/api/v1/search"),
               ("GET", "/api/v1/deliveries"), ("GET", "/api/v1/deliveries/{id}"),
               ("POST", "/api/v1/deliveries/{id}/retry"),
@@ -285,9 +291,15 @@ def test_the_openapi_description_covers_every_route():
     api.config, api._scopes = GatewayConfig(), {}
     api.ctx = Context(GatewayConfig(), None, None, None, None, PolicySet)  # type: ignore[arg-type]
     api.exports = ExportRoutes(api.ctx)
+    api.console = ConsoleRoutes(None, None, None)  # type: ignore[arg-type]
     served = {(r.method, r.resource.canonical) for r in api.app().router.routes()
               if r.method != "HEAD"}
-    assert served == routes
+    # and the web console's page, files and session, which need no token
+    console = {("GET", "/"), ("GET", "/console"), ("GET", "/console/"),
+               ("GET", "/console/console.js"), ("GET", "/console/console.css"),
+               ("POST", "/console/login"), ("POST", "/console/logout"),
+               ("GET", "/console/session")}
+    assert served == routes | console
 
 
 def test_an_id_of_another_tenant_answers_as_one_that_does_not_exist(api_gateway):

@@ -28,10 +28,19 @@ from gateway.privacy.export import tidy
 from gateway.privacy.keys import load_or_create
 from gateway.records import NewMessage
 from gateway.store import audit, database
+from gateway.store.console import ConsoleStore
 from gateway.store.intake import _insert_messages
-from gateway.store.models import audit_events, legal_holds, metadata, subject_requests
+from gateway.store.models import (
+    audit_events,
+    console_sessions,
+    console_users,
+    legal_holds,
+    metadata,
+    subject_requests,
+)
 from gateway.store.privacy import PrivacyStore, _remove_exports
 from gateway.store.repository import Store
+from gateway.store.tokens import TokenOwner
 from tests.conftest import free_port, gateway_with_rules, simple_message, wait_for
 from tests.test_api import Api, _token
 from tests.test_parsing import DEEP, MANY
@@ -193,6 +202,10 @@ def test_deactivation_refuses_mail_and_deletes_everything_of_the_tenant(make_gat
         conn.execute(insert(legal_holds).values(
             tenant_id="acme", name="case-1", reason="court", address="nobody@client.test",
             created_at=now, created_by="api:test"))
+    console = ConsoleStore(gw.store)  # a console user of the tenant, logged in
+    console.add_user("acme", "dpo@acme.test", "scrypt$16384$8$1$c2FsdA==$aGFzaA==",
+                     frozenset({"read"}))
+    console.open(TokenOwner("dpo@acme.test", "acme", frozenset({"read"}), "console"))
 
     result = gw.cli("tenant", "deactivate", "acme")
     assert result.returncode == 0, result.stderr.decode()
@@ -214,6 +227,8 @@ def test_deactivation_refuses_mail_and_deletes_everything_of_the_tenant(make_gat
     assert _json(gw.cli("request", "list", "--json")) == []
     with gw.store.engine.connect() as conn:
         assert conn.execute(select(func.count()).select_from(legal_holds)).scalar() == 0
+        for table in (console_users, console_sessions):
+            assert conn.execute(select(func.count()).select_from(table)).scalar() == 0
     actions = [e["action"] for e in _json(gw.cli("audit", "list", "--tenant", "acme",
                                                  "--json"))]
     assert actions[-3:] == ["tenant.deactivate", "tenant.purge", "tenant.shred"]

@@ -96,7 +96,7 @@ def tenant(request: web.Request) -> str:
 
 
 def actor(request: web.Request) -> str:
-    return f"api:{request[OWNER].id}"
+    return request[OWNER].actor
 
 
 # ---------------------------------------------------------------- input

@@ -4,6 +4,9 @@ gateway did with it and why), the original (.eml), and deleted."""
 from __future__ import annotations
 
 import asyncio
+import email
+import email.policy
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -29,6 +32,7 @@ from gateway.api.http import (
 )
 from gateway.api.openapi import MAX_LIMIT, MAX_SEARCH_PAGE, MAX_SEARCH_PAGES
 from gateway.clock import aware
+from gateway.htmltext import html_text
 from gateway.policyset import retention_in_force
 from gateway.privacy import erasure
 from gateway.store.privacy import Found
@@ -43,6 +47,7 @@ class MessageRoutes:
                 Route("GET", "/search", self.search, "read"),
                 Route("GET", "/messages/{id}", self.get, "read"),
                 Route("GET", "/messages/{id}/eml", self.eml, "read"),
+                Route("GET", "/messages/{id}/text", self.text, "read"),
                 Route("DELETE", "/messages/{id}", self.delete, "erase")]
 
     async def list(self, request: web.Request) -> web.Response:
@@ -116,6 +121,16 @@ class MessageRoutes:
         return web.Response(body=raw, content_type="message/rfc822", headers={
             "Content-Disposition": f'attachment; filename="{row["id"]}.eml"'})
 
+    async def text(self, request: web.Request) -> web.Response:
+        """What a person reads of the message: never its HTML as HTML."""
+        row = await self._own(request)
+        raw = await asyncio.to_thread(self.ctx.store.raw, row["id"])
+        if raw is None:
+            raise not_found()
+        text, source = await asyncio.to_thread(readable, raw)
+        return reply({"id": row["id"], "text": text[:MAX_READABLE], "source": source,
+                      "truncated": len(text) > MAX_READABLE})
+
     async def delete(self, request: web.Request) -> web.Response:
         """Delete one message (with the tenant's exports made before it); 409 under a
         legal hold, unless a token with the admin scope gives ``override_hold``."""
@@ -146,3 +161,31 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
             "message_id": row["message_id"], "from": row["header_from"],
             "to": row["header_to"], "cc": row["header_cc"], "subject": row["subject"],
             "date": row["date"], "size": row["size"], "tags": row["tags"] or []}
+
+
+MAX_READABLE = 1 << 20  # characters of a message's text the API gives to read
+_BLANK_LINES = re.compile(r"\n[ \t]*(?:\n[ \t]*)+\n")
+
+
+def readable(raw: bytes) -> tuple[str, str]:
+    """The text of a message and where it came from: its first plain-text part
+    ("plain"), else its first HTML part as text ("html"), else ("", "none").  A
+    charset Python does not know, or bytes that are not in it, read as replacement
+    characters: a message is always readable."""
+    mail = email.message_from_bytes(raw, policy=email.policy.default)
+    try:
+        part = mail.get_body(preferencelist=("plain", "html"))
+    except (LookupError, ValueError, IndexError):  # a broken structure
+        part = None
+    data = part.get_payload(decode=True) if part is not None else None
+    if part is None or not isinstance(data, bytes):
+        return "", "none"
+    charset = part.get_content_charset() or "utf-8"
+    try:
+        text = data.decode(charset, "replace")
+    except LookupError:
+        text = data.decode("utf-8", "replace")
+    if part.get_content_subtype() != "html":
+        return text, "plain"
+    lines = "\n".join(line.strip() for line in html_text(text).splitlines())
+    return _BLANK_LINES.sub("\n\n", lines).strip(), "html"

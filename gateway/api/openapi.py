@@ -230,6 +230,13 @@ def openapi_document() -> dict[str, Any]:
                 errors=("409",), scope="erase")},
         "/api/v1/messages/{id}/eml": {"get": op(
             "One message as received (.eml)", {"message/rfc822": {}}, path_id)},
+        "/api/v1/messages/{id}/text": {"get": op(
+            "One message's text, to read: its plain-text part, or its HTML part as "
+            "text (without tags, scripts, styles or remote content) when it has none",
+            json_body(record(
+                id=ref("id"), text={"type": "string"},
+                source={"enum": ["plain", "html", "none"]},
+                truncated={"type": "boolean"})), path_id)},
         "/api/v1/deliveries": {"get": op(
             "List the copies of the tenant's mail, oldest first",
             page("deliveries", delivery, number), [

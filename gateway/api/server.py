@@ -27,6 +27,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from gateway.api.console import COOKIE, HEADERS, ConsoleRoutes
 from gateway.api.deliveries import DeliveryRoutes
 from gateway.api.exports import ExportRoutes
 from gateway.api.http import OWNER, ApiError, Connection, Context, Handler, Route, reply
@@ -59,6 +60,7 @@ class AdminAPI:
         self.ctx = Context(config, store, PrivacyStore(store), Pages(store),
                            privacy_keys.load_or_create(config.privacy.key_file), policies)
         self.exports = ExportRoutes(self.ctx)
+        self.console = ConsoleRoutes(store, self.tokens, metrics)
         self.runner: web.AppRunner | None = None
         self.listener: asyncio.Server | None = None
         self._scopes: dict[AbstractRoute, str] = {}
@@ -72,12 +74,14 @@ class AdminAPI:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[self._errors, self._auth],
                               client_max_size=self.config.admin_api.max_body)
-        for route in self.routes():
-            added = app.router.add_route(route.method, PREFIX + route.path, route.handler)
+        app.on_response_prepare.append(_secure_headers)
+        routes = [(PREFIX + r.path, r) for r in self.routes()]
+        for path, route in [*routes, *((r.path, r) for r in self.console.routes())]:
+            added = app.router.add_route(route.method, path, route.handler)
             if route.scope is not None:
                 self._scopes[added] = route.scope
             if route.method == "GET":  # as add_get does: HEAD answers as GET does
-                head = app.router.add_route("HEAD", PREFIX + route.path, route.handler)
+                head = app.router.add_route("HEAD", path, route.handler)
                 if route.scope is not None:
                     self._scopes[head] = route.scope
         return app
@@ -128,15 +132,19 @@ class AdminAPI:
     @web.middleware
     async def _auth(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         route = request.match_info.route
-        if route.resource is not None and \
-                route.resource.canonical == PREFIX + "/openapi.json":
-            return await handler(request)
-        header = request.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
+        if not request.path.startswith(PREFIX + "/") or (
+                route.resource is not None
+                and route.resource.canonical == PREFIX + "/openapi.json"):
+            return await handler(request)  # the console's pages and its login
+        header = request.headers.get("Authorization")
+        scheme, _, token = (header or "").partition(" ")
         try:
-            if scheme.lower() != "bearer" or not token.strip():
+            if header is None and COOKIE in request.cookies:
+                owner = await self.console.caller(request)
+            elif scheme.lower() != "bearer" or not token.strip():
                 raise TokenRefused("missing", "no bearer token")
-            owner = await asyncio.to_thread(self.tokens.verify, token.strip())
+            else:
+                owner = await asyncio.to_thread(self.tokens.verify, token.strip())
         except TokenRefused as refused:
             self.metrics.api_auth_failures.labels(refused.reason).inc()
             log.warning("admin API: authentication failed from %s: %s", request.remote,
@@ -161,10 +169,16 @@ class AdminAPI:
         finally:
             resource = route.resource
             await asyncio.to_thread(
-                self.store.audit, f"api:{owner.id}", f"api.{request.method.lower()}",
+                self.store.audit, owner.actor, f"api.{request.method.lower()}",
                 tenant_id=owner.tenant_id,
                 detail={"path": resource.canonical if resource else request.path[:200],
                         "status": status})
 
     async def openapi(self, request: web.Request) -> web.Response:
         return reply(openapi_document())
+
+
+async def _secure_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """On every answer, the console's pages and the API's JSON alike: nothing framed,
+    sniffed, cached or run but the console's own files."""
+    response.headers.update(HEADERS)

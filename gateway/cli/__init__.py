@@ -19,6 +19,7 @@ from gateway import __version__
 from gateway.cli import (
     audit,
     check,
+    console,
     db,
     dkim,
     imap,
@@ -53,7 +54,8 @@ from gateway.store.keystore import KeyUnavailable
 
 # the order of the commands in --help
 COMMANDS = (init, serve, check, settings, status, dkim, db, messages, queue, users, retention,
-            subprocessors, imap, rules, privacy, requests, tenant, keys, token, incident, audit)
+            subprocessors, imap, rules, privacy, requests, tenant, keys, token, console, incident,
+            audit)
 
 
 def build_parser() -> argparse.ArgumentParser:

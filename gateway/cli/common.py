@@ -5,6 +5,7 @@ turn stored values into JSON or into text safe for a terminal."""
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import os
 import pwd
@@ -108,6 +109,19 @@ def confirm(question: str, expected: str, yes: bool) -> None:
         answer = ""
     if answer.strip().lower() != expected.lower():
         raise CommandError("not confirmed: nothing changed")
+
+
+def read_password() -> str:
+    """A new password: asked twice on a terminal, else the first line of stdin."""
+    if sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+        if getpass.getpass("Again: ") != password:
+            raise CommandError("the passwords differ")
+    else:
+        password = sys.stdin.readline().rstrip("\r\n")
+    if len(password) < 8:
+        raise CommandError("use a password of at least 8 characters")
+    return password
 
 
 def positive_int(text: str) -> int:

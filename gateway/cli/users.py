@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import sys
 
-from gateway.cli.common import EXIT_OK, CommandError, Parser, Subcommands
+from gateway.cli.common import EXIT_OK, Parser, Subcommands, read_password
 from gateway.passwords import hash_password
 
 
@@ -19,13 +17,5 @@ def add_parsers(sub: Subcommands) -> None:
 
 
 def cmd_users_hash_password(args: argparse.Namespace) -> int:
-    if sys.stdin.isatty():
-        password = getpass.getpass("Password: ")
-        if getpass.getpass("Again: ") != password:
-            raise CommandError("the passwords differ")
-    else:
-        password = sys.stdin.readline().rstrip("\r\n")
-    if len(password) < 8:
-        raise CommandError("use a password of at least 8 characters")
-    print(hash_password(password))
+    print(hash_password(read_password()))
     return EXIT_OK

@@ -22,6 +22,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from gateway.headers import addresses_in, header_addresses, header_end, header_text
+from gateway.htmltext import html_text
 from gateway.policy.classify import Classifier
 from gateway.query import clean
 from gateway.records import ParsedFields
@@ -115,10 +116,10 @@ MAX_TEXT = 16384
 
 
 def _index_text(mail: Any) -> str:
-    """The text the search index holds of a message: its text parts (HTML without
-    tags when there is no plain text) and the text of its text attachments, at most
+    """The text the search index holds of a message: its text parts (the text of the
+    HTML parts when there is no plain text) and the text of its text attachments, at most
     MAX_TEXT characters."""
-    parts = [str(t) for t in mail.text_plain] or [_TAG.sub(" ", str(t))
+    parts = [str(t) for t in mail.text_plain] or [html_text(str(t)[:4 * MAX_TEXT])
                                                   for t in mail.text_html]
     for a in mail.attachments[:MAX_ATTACHMENTS]:
         if sum(map(len, parts)) >= MAX_TEXT:

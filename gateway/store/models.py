@@ -235,6 +235,32 @@ api_tokens = Table(
     Column("scopes", Text, nullable=False, server_default="read export erase"),
 )
 
+# The web console's users: people of a tenant (its privacy officer) who log in with a
+# password; the login is unique across the gateway, the password kept as a scrypt hash
+console_users = Table(
+    "console_users",
+    metadata,
+    Column("login", String(254), primary_key=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("password_hash", Text, nullable=False),
+    Column("scopes", Text, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+)
+
+# The console's sessions: the cookie's secret kept as its SHA-256 only; a session of a
+# user or of an API token, which must still be valid on every request
+console_sessions = Table(
+    "console_sessions",
+    metadata,
+    Column("secret_sha256", String(64), primary_key=True),
+    Column("tenant_id", String(64), nullable=False, index=True),
+    Column("login", String(254)),
+    Column("token_id", String(12)),
+    Column("csrf", String(64), nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("seen_at", DateTime(timezone=True), nullable=False),
+)
+
 # Exports started over the admin API: status running | done | failed | removed (by an
 # erasure in the tenant, with its archive); path on the instance that wrote it.
 api_exports = Table(

@@ -31,6 +31,8 @@ from gateway.store.models import (
     PROCESSED,
     api_exports,
     api_tokens,
+    console_sessions,
+    console_users,
     deliveries,
     imap_folders,
     imap_imports,
@@ -330,7 +332,8 @@ class PrivacyStore:
             total.exports = list(conn.execute(select(api_exports.c.id).where(
                 api_exports.c.tenant_id == tenant)).scalars())
             for table in (imap_folders, subprocessor_notices, subprocessor_objections,
-                          api_tokens, api_exports, subject_requests, legal_holds):
+                          api_tokens, api_exports, subject_requests, legal_holds,
+                          console_sessions, console_users):
                 conn.execute(delete(table).where(table.c.tenant_id == tenant))
             if total.messages or total.deliveries or total.imports or total.exports:
                 audit.append(conn, self.store.audit_key, actor=actor, action="tenant.purge",

@@ -34,12 +34,21 @@ ADMIN = "admin"  # every scope
 
 @dataclass(frozen=True)
 class TokenOwner:
+    """Who makes a call: an API token, or a console user (``kind`` "console", the
+    login as ``id``), of one tenant, with its scopes."""
+
     id: str
     tenant_id: str
     scopes: frozenset[str]
+    kind: str = "api"
 
     def may(self, scope: str) -> bool:
         return scope in self.scopes or ADMIN in self.scopes
+
+    @property
+    def actor(self) -> str:
+        """How the audit log names it: ``api:TOKEN-ID`` or ``console:LOGIN``."""
+        return f"{self.kind}:{self.id}"
 
 
 class TokenRefused(Exception):
