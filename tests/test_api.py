@@ -39,9 +39,10 @@ class Api:
 
     def call(self, method: str, path: str, token: str | None = None, body: Any = None,
              raw: bytes | None = None, content_type: str = "application/json",
-             ) -> tuple[int, Any, dict[str, str]]:
+             headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-        request = urllib.request.Request(self.base + path, data=data, method=method)
+        request = urllib.request.Request(self.base + path, data=data, method=method,
+                                         headers=headers or {})
         if token:
             request.add_header("Authorization", f"Bearer {token}")
         if data is not None:
@@ -54,6 +55,29 @@ class Api:
         if headers.get("Content-Type", "").startswith("application/json"):
             return status, json.loads(payload), headers
         return status, payload, headers
+
+
+class SessionApi(Api):
+    """The same calls made as the web console makes them: each token logs in once
+    (``POST /console/login``) and its calls carry the session's cookie and CSRF header
+    in place of the token."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(port)
+        self.sessions: dict[str, dict[str, str]] = {}
+
+    def call(self, method: str, path: str, token: str | None = None, body: Any = None,
+             raw: bytes | None = None, content_type: str = "application/json",
+             headers: dict[str, str] | None = None) -> tuple[int, Any, dict[str, str]]:
+        if token and token not in self.sessions:
+            status, doc, answer = super().call("POST", "/console/login", None,
+                                               {"token": token})
+            assert status == 200, doc
+            cookie = answer["Set-Cookie"].split(";")[0]
+            self.sessions[token] = {"Cookie": cookie, "X-CSRF-Token": doc["csrf"]}
+        session = self.sessions[token] if token else {}
+        return super().call(method, path, None, body, raw, content_type,
+                            {**session, **(headers or {})})
 
 
 def _token(gw: Any, tenant: str, scope: str = "admin") -> str:
@@ -121,8 +145,11 @@ def test_tokens_are_shown_once_and_stored_hashed(api_gateway):
     assert unknown.returncode == 1 and b"no tenant 'nobody'" in unknown.stderr
 
 
-def test_every_endpoint_serves_the_tenant_and_hides_every_other(api_gateway):
+@pytest.mark.parametrize("via", ["token", "console session"])
+def test_every_endpoint_serves_the_tenant_and_hides_every_other(api_gateway, via):
     gw, api = api_gateway
+    if via == "console session":  # the console's way in: the same isolation
+        api = SessionApi(int(api.base.rsplit(":", 1)[1]))
     acme, globex = _token(gw, "acme"), _token(gw, "globex")
     status, doc, _ = api.call("GET", "/api/v1/messages?limit=2", acme)
     assert status == 200 and len(doc["messages"]) == 2 and doc["next"]

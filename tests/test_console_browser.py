@@ -1,12 +1,15 @@
 """The web console in a real browser (Debian's chromium and chromium-driver, driven by
 Selenium) against the real daemon: log in with the keyboard, search, open a message,
-read an HTML message as text, download the .eml, object to a sub-processor, log out.
+read an HTML message as text, download the .eml, object to a sub-processor, export a
+person's mail and erase it after a preview, place and release a legal hold, read the
+audit log, log out.
 Screenshots of each step go to artifacts/console/ (MAILFLOWR_TEST_ARTIFACTS to move
 it), for a person to look at."""
 
 from __future__ import annotations
 
 import os
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ def console_gateway(make_gateway: Any, tmp_path: Any, relay: Any) -> tuple[Any, 
     return make_api_gateway(make_gateway, tmp_path, relay)
 
 PASSWORD = "a long console password"
+SUBJECT = "jane.doe@sender.test"
 HTML = ("<html><head><title>hidden title</title><style>p {color: red}</style></head>"
         "<body><p>Dear Jane,</p><script>document.title = 'ran'</script>"
         "<img src=\"http://127.0.0.1:9/pixel.png\"><p>your file is attached</p></body></html>")
@@ -77,7 +81,7 @@ def _texts(driver: Any, css: str) -> list[str]:
     return [e.text for e in driver.find_elements(By.CSS_SELECTOR, css)]
 
 
-def test_a_privacy_officer_searches_reads_downloads_and_objects_in_a_browser(
+def test_a_privacy_officer_does_the_work_of_a_request_in_a_browser(
         console_gateway, browser, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -156,6 +160,82 @@ def test_a_privacy_officer_searches_reads_downloads_and_objects_in_a_browser(
     assert rows == [("acme", "relay-eu", "console:dpo@acme.test")]
     assert "no:" in _texts(browser, "#sp-table td")[3]
     browser.save_screenshot(str(shots / "06-objected.png"))
+
+    # a person's data: export it (with its progress), then erase it after a preview
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-view='person']").click()
+    person = _shown(browser, "#person")
+    assert browser.switch_to.active_element == person
+    person.send_keys(SUBJECT, Keys.ENTER)
+    wait_for(lambda: "is ready" in browser.find_element(By.ID, "export-status").text, 30,
+             "the export")
+    browser.find_element(By.ID, "export-download").click()
+    archive = wait_for(lambda: list((tmp_path / "downloads").glob("export-*.tar")), 15,
+                       "the export's archive")[0]
+    with tarfile.open(archive) as tar:
+        texts = b"".join(tar.extractfile(m).read() for m in tar.getmembers() if m.isfile())
+    assert b"acme from jane" in texts and b"an HTML letter" in texts
+    assert b"acme from bob" not in texts and b"globex from jane" not in texts
+    browser.save_screenshot(str(shots / "07-export.png"))
+
+    browser.find_element(By.ID, "erase-preview").click()
+    plan = _shown(browser, "#erase-plan")
+    assert plan.text.startswith(f"2 messages with {SUBJECT} would be erased")
+    assert browser.switch_to.active_element.get_attribute("id") == "erase-cancel"
+    browser.save_screenshot(str(shots / "08-erase-preview.png"))
+    assert len(gw.messages(tenant="acme")) == 4  # the preview erased nothing
+    confirm = browser.find_element(By.ID, "erase-confirm")
+    assert confirm.text == "Erase 2 messages"
+    confirm.click()
+    wait_for(lambda: "Erased: 2 messages" in browser.find_element(By.ID, "erase-status").text,
+             30, "the erasure")
+    assert sorted(m["subject"] for m in gw.messages(tenant="acme")) == ["acme from bob",
+                                                                        "acme held"]
+    assert [m["subject"] for m in gw.messages(tenant="globex")] == ["globex from jane"]
+
+    # a legal hold placed and released
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-view='holds']").click()
+    _shown(browser, "#hold-name").send_keys("case-7")
+    browser.find_element(By.ID, "hold-reason").send_keys("a court's order")
+    browser.find_element(By.ID, "hold-address").send_keys("bob@client.test", Keys.ENTER)
+    wait_for(lambda: "is in force" in browser.find_element(By.ID, "holds-status").text, 15,
+             "the hold")
+    rows = [r.text for r in browser.find_elements(By.CSS_SELECTOR, "#holds-table tbody tr")]
+    assert any(r.startswith("case-7 a court's order bob@client.test") for r in rows), rows
+    assert any(r.startswith("case-9 court held@client.test") for r in rows), rows
+    browser.save_screenshot(str(shots / "09-holds.png"))
+    browser.find_element(By.XPATH, "//button[.='Release case-7']").click()
+    browser.switch_to.alert.accept()
+    wait_for(lambda: "released" in browser.find_element(By.ID, "holds-status").text, 15,
+             "the release")
+    assert not browser.find_elements(By.XPATH, "//button[.='Release case-7']")
+
+    # the audit log shows what the console did, as whom
+    browser.find_element(By.CSS_SELECTOR, "nav button[data-view='audit']").click()
+    wait_for(lambda: len(browser.find_elements(By.CSS_SELECTOR, "#audit-table tbody tr"))
+             > 5, 15, "the audit log")
+    cells = _texts(browser, "#audit-table tbody td")
+    assert "console:dpo@acme.test" in cells and "console.login" in cells
+    assert "hold.release" in cells and "hold.place" in cells, cells
+    browser.save_screenshot(str(shots / "10-audit.png"))
+    for view, empty in (("requests", "No request has reached us."),
+                        ("incidents", "No incident concerns your data.")):
+        browser.find_element(By.CSS_SELECTOR, f"nav button[data-view='{view}']").click()
+        wait_for(lambda v=view, e=empty: _texts(browser, f"#{v}-table tbody td") == [e], 15,
+                 f"the {view}")
+
+    # every field has a label, every button a name, and no view is wider than a laptop
+    unlabelled = browser.execute_script(
+        "return [...document.querySelectorAll('input')].filter(i => !i.labels.length)"
+        ".map(i => i.id).concat([...document.querySelectorAll('button')]"
+        ".filter(b => !b.textContent.trim()).map(b => b.id))")
+    assert unlabelled == []
+    for view in ("search", "person", "holds", "requests", "subprocessors", "incidents",
+                 "audit"):
+        browser.find_element(By.CSS_SELECTOR, f"nav button[data-view='{view}']").click()
+        wait_for(lambda v=view: browser.find_element(
+            By.ID, f"{v}-view").is_displayed(), 15, f"the view {view}")
+        width = browser.execute_script("return document.documentElement.scrollWidth")
+        assert width <= browser.execute_script("return window.innerWidth"), view
 
     # nothing the page did was refused by its own Content-Security-Policy
     logs = [e["message"] for e in browser.get_log("browser")]

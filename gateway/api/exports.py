@@ -50,6 +50,8 @@ class ExportRoutes:
         self.directory = ctx.config.admin_api.export_directory
         self._exports: set[asyncio.Task[None]] = set()
         self._running: Counter[str] = Counter()  # exports per tenant, running or starting
+        # what each export running here has written so far: messages, bytes
+        self._written: dict[str, tuple[int, int]] = {}
         self._tidying: asyncio.Task[None] | None = None
 
     def routes(self) -> list[Route]:
@@ -98,12 +100,18 @@ class ExportRoutes:
         path = self.directory / mine / f"{export_id}.tar"
         error: str | None = None
         size = 0
+        def written(messages: int, size: int) -> None:  # in the export's thread
+            self._written[export_id] = (messages, size)
+
+        self._written[export_id] = (0, 0)
         try:
             size = (await asyncio.to_thread(
                 export, self.ctx.privacy, self.ctx.config, mine, path, actor=by,
-                subject=subject, audit_detail={"export": export_id})).size
+                subject=subject, audit_detail={"export": export_id}, progress=written)).size
         except Exception as exc:
             error = one_line(exc)
+        finally:
+            self._written.pop(export_id, None)
         if not await asyncio.to_thread(self.ctx.privacy.finish_export, export_id,
                                        None if error else str(path), size, error):
             # an erasure came while it was written (and may have deleted it half-way):
@@ -149,8 +157,10 @@ class ExportRoutes:
 
     async def get_export(self, request: web.Request) -> web.Response:
         row = await self._own_export(request)
+        messages, size = self._written.get(row["id"], (None, row["size"]))
         return reply({"id": row["id"], "status": row["status"], "created_at": row["created_at"],
-                      "finished_at": row["finished_at"], "bytes": row["size"],
+                      "finished_at": row["finished_at"], "bytes": size,
+                      "messages": messages if row["status"] == "running" else None,
                       "error": row["error"],
                       "archive": f"/api/v1/exports/{row['id']}/archive"
                       if row["status"] == "done" else None})

@@ -113,6 +113,8 @@ def openapi_document() -> dict[str, Any]:
     found = record(**hit)
     export = record(id=ref("id"), status={"enum": ["running", "done", "failed", "removed"]},
                     created_at=when, finished_at=nullable(when), bytes=nullable(count),
+                    messages={**nullable(count), "description": "written so far, while it "
+                              "runs on the instance asked (else null); bytes likewise"},
                     error=text, archive=text)
     removed: dict[str, Any] = {"deliveries": count, "pending_deliveries": count, "imported": count,
                "exports": {"type": "array", "items": ref("id"),
