@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from gateway import query
+from gateway.store import search
 from tests.conftest import free_port
 from tests.test_api import Api, _token
 from tests.test_privacy import _database_bytes
@@ -232,6 +233,37 @@ def test_a_tenant_can_keep_its_mail_out_of_the_index(make_gateway):
     unknown = gw.cli("messages", "search", "--tenant", "initech", "kumquat")
     assert unknown.returncode == 1
     assert unknown.stderr.decode().strip().endswith(": no tenant initech in the database")
+
+
+def test_mail_stored_before_the_index_is_put_into_it_by_reindex(make_gateway):
+    gw = make_gateway({"tenants": {"globex": {"search": False}}})
+    with gw.smtp() as s:
+        for n in range(3):
+            s.sendmail(JANE, ["support@acme.test"], _mail(
+                JANE, "support@acme.test", f"Invoice {n}", f"kumquat number{n}"))
+        s.sendmail(JANE, ["anyone@globex.test"], _mail(JANE, "anyone@globex.test",
+                                                       "Invoice", "kumquat"))
+    gw.wait_processed(4)
+    # as if stored before revision 0015: nothing of it in the index
+    ids = [m["id"] for m in gw.messages()]
+    with gw.store.writing() as conn:
+        search.unindex(conn, ids)
+    assert _search(gw, "kumquat", "acme") == []
+
+    done = gw.cli("messages", "reindex", check=True)
+    assert done.stdout.decode().strip() == "3 messages indexed"
+    assert sorted(r["subject"] for r in _search(gw, "kumquat", "acme")) == [
+        "Invoice 0", "Invoice 1", "Invoice 2"]
+    assert [r["subject"] for r in _search(gw, "number1 from:jane.doe", "acme")] == [
+        "Invoice 1"]
+    assert _search(gw, "kumquat", "globex") == []  # its search is off: left out
+    again = gw.cli("messages", "reindex", "--json", check=True)
+    assert json.loads(again.stdout) == {"indexed": 0, "unreadable": 0}
+    refused = gw.cli("messages", "reindex", "--tenant", "globex")
+    assert refused.returncode == 1 and b"search: false" in refused.stderr
+    events = json.loads(gw.cli("audit", "list", "--action", "search.reindex", "--json",
+                               check=True).stdout)
+    assert [e["detail"]["messages"] for e in events] == [3, 0]
 
 
 @pytest.mark.parametrize("text, terms, filters", [

@@ -14,6 +14,7 @@ from typing import Any
 
 from gateway import files, query
 from gateway.api.openapi import MAX_SEARCH_PAGE
+from gateway.cli import reindex
 from gateway.cli.common import (
     EXIT_OK,
     CommandError,
@@ -68,6 +69,12 @@ def add_parsers(sub: Subcommands) -> None:
     p.add_argument("--page", type=positive_int, default=1, help="which page (1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_messages_search)
+
+    p = msub.add_parser("reindex", help="put mail stored before the search index existed "
+                                        "into it (beside a running daemon)")
+    config_arg(p)
+    reindex.add_arguments(p)
+    p.set_defaults(func=reindex.cmd_messages_reindex)
 
     p = msub.add_parser("export", help="write the stored original as .eml")
     config_arg(p)

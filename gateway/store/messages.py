@@ -249,7 +249,7 @@ class MessageStore(StoreBase):
 
     @staticmethod
     def _index(conn: Any, tenant_of: dict[str, str],
-               items: Sequence[tuple[str, ParsedFields, Outcome]]) -> None:
+               items: Sequence[tuple[str, ParsedFields, Outcome | None]]) -> None:
         """Put messages into the search index, with their envelope addresses."""
         if not items:
             return
@@ -265,6 +265,33 @@ class MessageStore(StoreBase):
             parsed.header_cc, parsed.subject, parsed.text, parsed.attachments,
             [*envelope.get(message_id, ()), *parsed.addresses])
             for message_id, parsed, _ in items])
+
+    def unindexed(self, after: str, limit: int, tenants: Sequence[str] | None = None
+                  ) -> list[dict[str, Any]]:
+        """Processed messages that are not in the search index (stored before it
+        existed), by id after ``after``: their id and tenant."""
+        q = select(messages.c.id, messages.c.tenant_id) \
+            .where(messages.c.status == PROCESSED, messages.c.id > after,
+                   ~search.indexed(messages.c.id, self._sqlite)) \
+            .order_by(messages.c.id).limit(limit)
+        if tenants is not None:
+            q = q.where(messages.c.tenant_id.in_(list(tenants)))
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return [dict(r._mapping) for r in conn.execute(q)]
+
+    def reindex(self, items: Sequence[tuple[str, str, ParsedFields]]) -> int:
+        """Put messages stored before the index into it (id, tenant, parse results), in
+        one transaction; those deleted meanwhile (an erasure, retention) are left out,
+        so no entry outlives its message.  How many went in."""
+        ids = [message_id for message_id, _, _ in items]
+        with self.writing() as conn:
+            alive = select(messages.c.id).where(messages.c.id.in_(ids))
+            if not self._sqlite:  # a deletion waits for this transaction, then cascades
+                alive = alive.with_for_update(key_share=True)
+            kept = set(conn.execute(alive).scalars())
+            todo = [(i, parsed, None) for i, _, parsed in items if i in kept]
+            self._index(conn, {i: t for i, t, _ in items}, todo)
+        return len(todo)
 
     def quarantine(self, message_id: str, owner: str, error: str) -> None:
         with self.writing() as conn:

@@ -21,10 +21,12 @@ from sqlalchemy import (
     bindparam,
     column,
     delete,
+    exists,
     func,
     literal,
     literal_column,
     select,
+    table,
     text,
 )
 
@@ -81,6 +83,16 @@ def index(conn: Connection, rows: Sequence[dict[str, str]]) -> None:
         {**r, "w_subject": _plain(r["subject"]), "w_sender": _plain(r["sender"]),
          "w_recipients": _plain(r["recipients"]),
          "w_rest": _plain(f"{r['body']} {r['attachments']}")} for r in rows])
+
+
+# SQLite's rowids of the index (a table of migration 0015, not of models)
+_ROWS = table("message_search_rows", column("id"), column("message_id"))
+
+
+def indexed(message_id: Any, sqlite: bool) -> Any:
+    """Whether the message with this id (a column of messages) is in the index."""
+    rows = _ROWS if sqlite else message_search
+    return exists().where(rows.c.message_id == message_id)
 
 
 def _plain(value: str) -> str:
