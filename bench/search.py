@@ -46,16 +46,25 @@ def _vocabulary(rng: random.Random, size: int) -> list[str]:
     return sorted(words)
 
 
-def _engine(args: argparse.Namespace, work: Path) -> Any:
+def _engine(args: argparse.Namespace, work: Path) -> tuple[Any, bool]:
+    """The database, and whether it holds the messages already (--keep)."""
     if not args.postgres:
-        return database.create(f"sqlite:///{work / 'search.db'}")
+        path = (Path(args.keep) / f"search-{args.messages}.db") if args.keep \
+            else work / "search.db"
+        loaded = path.exists()
+        return database.create(f"sqlite:///{path}"), loaded
     admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+    name = f"{PG_NAME}_{args.messages}" if args.keep else PG_NAME
     with admin.connect() as conn:
-        conn.execute(text(f"DROP DATABASE IF EXISTS {PG_NAME}"))
-        conn.execute(text(f"CREATE DATABASE {PG_NAME}"))
+        loaded = bool(args.keep) and conn.execute(
+            text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first() \
+            is not None
+        if not loaded:
+            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+            conn.execute(text(f"CREATE DATABASE {name}"))
     admin.dispose()
-    url = make_url(args.postgres).set(database=PG_NAME).render_as_string(hide_password=False)
-    return database.create(url)
+    url = make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
+    return database.create(url), loaded
 
 
 def load(store: Store, tenant: str, count: int, vocab: list[str], weights: list[float],
@@ -116,29 +125,37 @@ def main() -> None:
     parser.add_argument("--words", type=int, default=300, help="words of a body (300)")
     parser.add_argument("--postgres", help="a PostgreSQL URL (a database is made there)")
     parser.add_argument("--runs", type=int, default=30)
+    parser.add_argument("--keep", metavar="DIR", help="keep the loaded database (SQLite: in "
+                        "DIR; PostgreSQL: a database named by the count) and query it again "
+                        "on the next run with the same --messages, without loading")
+    parser.add_argument("--only", action="append", metavar="KIND",
+                        help="run only this kind of query (again for more)")
     args = parser.parse_args()
     rng = random.Random(20261207)
     vocab = _vocabulary(rng, 30_000)
     # Zipf: a few words common, most rare (cumulative, as random.choices takes them)
     weights = list(itertools.accumulate(1 / (rank + 1) for rank in range(len(vocab))))
     with tempfile.TemporaryDirectory() as folder:
-        engine = _engine(args, Path(folder))
+        engine, loaded = _engine(args, Path(folder))
         database.upgrade(engine)
         store = Store(engine)
-        store.sync_tenants({"bench": "Bench", "other": "Other"})
-        indexing, total = load(store, "bench", args.messages, vocab, weights, rng, args.words)
-        load(store, "other", args.messages // 10, vocab, weights, rng, args.words)
-        if engine.dialect.name == "postgresql":
-            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
-                conn.execute(text("VACUUM ANALYZE message_search"))
-                conn.execute(text("VACUUM ANALYZE messages"))
-        size = index_bytes(store)
         print(f"{engine.dialect.name}: {args.messages:,} messages of tenant bench "
               f"(+{args.messages // 10:,} of another), {args.words} words of body each")
-        print(f"  indexing: {indexing / args.messages * 1000:.2f} ms a message "
-              f"({indexing / total:.0%} of the store-and-index transaction)")
+        if not loaded:
+            store.sync_tenants({"bench": "Bench", "other": "Other"})
+            indexing, total = load(store, "bench", args.messages, vocab, weights, rng,
+                                   args.words)
+            load(store, "other", args.messages // 10, vocab, weights, rng, args.words)
+            if engine.dialect.name == "postgresql":
+                with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                    c.execute(text("VACUUM ANALYZE message_search"))
+                    c.execute(text("VACUUM ANALYZE messages"))
+            print(f"  indexing: {indexing / args.messages * 1000:.2f} ms a message "
+                  f"({indexing / total:.0%} of the store-and-index transaction)")
+        size = index_bytes(store)
         print(f"  index: {size / (args.messages * 1.1) / 1024:.2f} KiB a message")
         common, middling, rare = vocab[:50], vocab[200:2000], vocab[10_000:]
+        rng = random.Random(7)  # the same queries whether loaded now or kept
         kinds = {
             "rare word": lambda: rng.choice(rare),
             "common word": lambda: rng.choice(common),
@@ -150,6 +167,8 @@ def main() -> None:
             "has:attachment + word": lambda: f"has:attachment {rng.choice(middling)}",
         }
         for name, make in kinds.items():
+            if args.only and name not in args.only:
+                continue
             times, hits = [], []
             for _ in range(args.runs):
                 asked = query.parse(make())
