@@ -47,24 +47,48 @@ def _vocabulary(rng: random.Random, size: int) -> list[str]:
 
 
 def _engine(args: argparse.Namespace, work: Path) -> tuple[Any, bool]:
-    """The database, and whether it holds the messages already (--keep)."""
+    """The database, and whether it holds the messages already (--keep: a whole load,
+    marked at its end, not one a failure cut short)."""
     if not args.postgres:
         path = (Path(args.keep) / f"search-{args.messages}.db") if args.keep \
             else work / "search.db"
-        loaded = path.exists()
-        return database.create(f"sqlite:///{path}"), loaded
-    admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+        engine = database.create(f"sqlite:///{path}")
+        if _loaded(engine):
+            return engine, True
+        engine.dispose()
+        path.unlink(missing_ok=True)
+        return database.create(f"sqlite:///{path}"), False
     name = f"{PG_NAME}_{args.messages}" if args.keep else PG_NAME
-    with admin.connect() as conn:
-        loaded = bool(args.keep) and conn.execute(
-            text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first() \
-            is not None
-        if not loaded:
-            conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
-            conn.execute(text(f"CREATE DATABASE {name}"))
-    admin.dispose()
     url = make_url(args.postgres).set(database=name).render_as_string(hide_password=False)
-    return database.create(url), loaded
+    admin = create_engine(args.postgres, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        exists = conn.execute(text("SELECT 1 FROM pg_database WHERE datname = :n"),
+                              {"n": name}).first() is not None
+    if exists and args.keep:
+        engine = database.create(url)
+        if _loaded(engine):
+            admin.dispose()
+            return engine, True
+        engine.dispose()
+    with admin.connect() as conn:
+        conn.execute(text(f"DROP DATABASE IF EXISTS {name}"))
+        conn.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return database.create(url), False
+
+
+def _loaded(engine: Any) -> bool:
+    try:
+        with engine.connect() as conn:
+            return conn.execute(text("SELECT count(*) FROM bench_loaded")).scalar_one() > 0
+    except Exception:  # no such table: never loaded whole
+        return False
+
+
+def _mark_loaded(engine: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE bench_loaded (at TEXT)"))
+        conn.execute(text("INSERT INTO bench_loaded VALUES ('loaded')"))
 
 
 def load(store: Store, tenant: str, count: int, vocab: list[str], weights: list[float],
@@ -152,6 +176,7 @@ def main() -> None:
                     c.execute(text("VACUUM ANALYZE messages"))
             print(f"  indexing: {indexing / args.messages * 1000:.2f} ms a message "
                   f"({indexing / total:.0%} of the store-and-index transaction)")
+            _mark_loaded(engine)
         size = index_bytes(store)
         print(f"  index: {size / (args.messages * 1.1) / 1024:.2f} KiB a message")
         common, middling, rare = vocab[:50], vocab[200:2000], vocab[10_000:]

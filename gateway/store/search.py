@@ -41,8 +41,11 @@ _COLUMN = {"from": "sender", "to": "recipients", "subject": "subject"}
 _WEIGHT = {"from": "B", "to": "C", "subject": "A"}
 _ANY = "{subject sender recipients body attachments}"  # not tenant, nor facets
 SNIPPET_WORDS = 16
-# SQLite: matches ranked at most, the newest, when a query has no filter on the messages
+# matches ranked at most, the newest, when a query has no filter on the messages
+# (PostgreSQL: and no field or prefix)
 RANKED = 10_000
+# PostgreSQL's ts_rank_cd weights, D C B A: the subject weighs most, then the addresses
+_PG_WEIGHTS: Any = literal_column("'{0.25, 0.5, 0.5, 1.0}'::float4[]")
 
 _PG_INSERT = text(
     "INSERT INTO message_search (message_id, tenant_id, subject, sender, recipients, "
@@ -193,7 +196,7 @@ class SearchStore(StoreBase):
                 page = self._sqlite_page(query, match, where, limit, offset)
             else:
                 tsquery = self._tsquery(query)
-                page = self._pg_page(query, tsquery, where, limit, offset)
+                page = self._pg_page(query, tsquery, where, limit, offset, tenant)
             ids = [r.id for r in conn.execute(page)]
             if not ids:
                 return []
@@ -270,7 +273,7 @@ class SearchStore(StoreBase):
 
     @staticmethod
     def _pg_page(query: Query, tsquery: Any, where: list[Any], limit: int,
-                 offset: int) -> Any:
+                 offset: int, tenant: str) -> Any:
         newest = (messages.c.received_at.desc(), messages.c.id.desc())
         stmt = select(messages.c.id)
         if query.terms or query.has_attachment:
@@ -281,13 +284,28 @@ class SearchStore(StoreBase):
             where.append(message_search.c.facets == "attachment")
         if not query.terms:
             return stmt.where(*where).order_by(*newest).limit(limit).offset(offset)
-        # the subject weighs most, then the addresses (ts_rank_cd's weights are D, C,
-        # B, A)
-        rank = func.ts_rank_cd(literal_column("'{0.25, 0.5, 0.5, 1.0}'::float4[]"),
-                               message_search.c.document, tsquery)
-        # every match is ranked: the GIN index finds them, but has no order to stop
-        # early in (docs/scaling.md says what a large PostgreSQL tenant costs)
-        where.append(message_search.c.document.op("@@")(tsquery))
+        rank = func.ts_rank_cd(_PG_WEIGHTS, message_search.c.document, tsquery)
+        matches = message_search.c.document.op("@@")(tsquery)
+        if not (query.tags or query.before or query.after) and all(
+                len(t.words) == 1 and t.field is None and not t.prefix for t in query.terms):
+            # plain words without a filter on the messages: the newest RANKED matches
+            # are ranked, as on SQLite.  The planner finds a rare word's with the GIN
+            # index, and walks a common word's tenant newest first until it has them,
+            # so a common word costs what RANKED matches do, not what all of them
+            # would.  The message id (time-ordered) breaks ties.
+            inner = [message_search.c.tenant_id == tenant, matches]
+            if query.has_attachment:
+                inner.append(message_search.c.facets == "attachment")
+            hits = select(message_search.c.message_id, message_search.c.document) \
+                .where(*inner).order_by(message_search.c.message_id.desc()) \
+                .limit(RANKED).subquery("hits")
+            return select(hits.c.message_id.label("id")).order_by(
+                func.ts_rank_cd(_PG_WEIGHTS, hits.c.document, tsquery).desc(),
+                hits.c.message_id.desc()).limit(limit).offset(offset)
+        # phrases, fields, prefixes and filters: every match is ranked (a phrase of
+        # common words, a field's word or a prefix may look common to the planner and
+        # be rare where it is asked for: the walk would then read the whole tenant)
+        where.append(matches)
         return stmt.where(*where).order_by(rank.desc(), *newest).limit(limit).offset(offset)
 
     @staticmethod
