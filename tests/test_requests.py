@@ -258,3 +258,19 @@ def test_the_request_address_must_be_one_the_gateway_receives(gateway):
     # globex takes all of its domain's mail
     assert gateway.cli("check", env={"MAILFLOWR_PRIVACY__REQUEST_ADDRESS":
                                      "privacy@globex.test"}).returncode == 0
+
+
+def test_a_request_by_mail_in_html_only_is_forwarded_as_its_text():
+    from gateway.privacy.requests import letter
+
+    raw = (b"From: Jane <jane@client.test>\r\nSubject: my data\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/html; charset=utf-8\r\n\r\n<html><head><style>p {}</style>"
+           b"</head><body><p>Please erase &amp; confirm.</p><script>x()</script></body>"
+           b"</html>\r\n")
+    person, text = letter(raw, "bounce@client.test")
+    assert person == "jane@client.test"
+    assert text == "From: Jane <jane@client.test>\nSubject: my data\n\nPlease erase & confirm."
+    plain = b"From: jane@client.test\r\nSubject: x\r\n\r\nerase me\r\n"
+    assert letter(plain, "b@client.test")[1] == "From: jane@client.test\nSubject: x\n\nerase me\n"
+    broken = b"Content-Type: multipart/mixed\r\n\r\nno boundary at all"
+    assert letter(broken, "b@client.test")[1].endswith("no boundary at all")

@@ -4,9 +4,6 @@ gateway did with it and why), the original (.eml), and deleted."""
 from __future__ import annotations
 
 import asyncio
-import email
-import email.policy
-import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -32,7 +29,7 @@ from gateway.api.http import (
 )
 from gateway.api.openapi import MAX_LIMIT, MAX_SEARCH_PAGE, MAX_SEARCH_PAGES
 from gateway.clock import aware
-from gateway.htmltext import html_text
+from gateway.htmltext import readable
 from gateway.policyset import retention_in_force
 from gateway.privacy import erasure
 from gateway.store.privacy import Found
@@ -164,28 +161,3 @@ def summary(row: dict[str, Any]) -> dict[str, Any]:
 
 
 MAX_READABLE = 1 << 20  # characters of a message's text the API gives to read
-_BLANK_LINES = re.compile(r"\n[ \t]*(?:\n[ \t]*)+\n")
-
-
-def readable(raw: bytes) -> tuple[str, str]:
-    """The text of a message and where it came from: its first plain-text part
-    ("plain"), else its first HTML part as text ("html"), else ("", "none").  A
-    charset Python does not know, or bytes that are not in it, read as replacement
-    characters: a message is always readable."""
-    mail = email.message_from_bytes(raw, policy=email.policy.default)
-    try:
-        part = mail.get_body(preferencelist=("plain", "html"))
-    except (LookupError, ValueError, IndexError):  # a broken structure
-        part = None
-    data = part.get_payload(decode=True) if part is not None else None
-    if part is None or not isinstance(data, bytes):
-        return "", "none"
-    charset = part.get_content_charset() or "utf-8"
-    try:
-        text = data.decode(charset, "replace")
-    except LookupError:
-        text = data.decode("utf-8", "replace")
-    if part.get_content_subtype() != "html":
-        return text, "plain"
-    lines = "\n".join(line.strip() for line in html_text(text).splitlines())
-    return _BLANK_LINES.sub("\n\n", lines).strip(), "html"

@@ -10,7 +10,6 @@ that person's open requests of those kinds fulfilled."""
 from __future__ import annotations
 
 import email
-import email.message
 import email.policy
 import email.utils
 from dataclasses import dataclass
@@ -20,6 +19,7 @@ from typing import Any
 from gateway.clock import aware
 from gateway.config import GatewayConfig
 from gateway.delivery.notices import local_message
+from gateway.htmltext import text_of
 from gateway.policy.subprocessors import SubprocessorPolicy
 from gateway.privacy import incident
 from gateway.privacy.keys import PrivacyKey
@@ -91,7 +91,8 @@ MAX_LETTER_CHARS = 100_000  # of a request by mail's text, quoted in its forward
 
 def letter(raw: bytes | None, sender: str) -> tuple[str, str]:
     """Of a request that came by mail: the person (the From: address, else the envelope
-    sender) and its text (the plain part, else the whole message as text)."""
+    sender) and its text (the plain part, else the HTML part as text, else the whole
+    message as text)."""
     if raw is None:
         return sender, "(the message is no longer stored)"
     try:
@@ -99,11 +100,10 @@ def letter(raw: bytes | None, sender: str) -> tuple[str, str]:
         person = email.utils.parseaddr(str(mail.get("From", "")))[1] or sender
         head = "".join(f"{name}: {mail.get(name)}\n" for name in ("From", "Date", "Subject")
                        if mail.get(name) is not None)
-        part = mail.get_body(preferencelist=("plain",))
-        body = part.get_content() if isinstance(part, email.message.EmailMessage) else None
+        body, source = text_of(mail)
     except Exception:
-        person, head, body = sender, "", None
-    if not isinstance(body, str):
+        person, head, source = sender, "", "none"
+    if source == "none":
         body = raw.decode("utf-8", "replace")
     text = (head + "\n" + body).replace("\0", "")
     return person if "@" in person else sender, text[:MAX_LETTER_CHARS]

@@ -98,6 +98,16 @@ def indexed(message_id: Any, sqlite: bool) -> Any:
     return exists().where(rows.c.message_id == message_id)
 
 
+def _unfiltered(query: Query) -> bool:
+    """Whether a query has no filter on the messages themselves (tag, before, after):
+    then only its newest RANKED matches are ranked."""
+    return not (query.tags or query.before or query.after)
+
+
+def _pg_rank(document: Any, tsquery: Any) -> Any:
+    return func.ts_rank_cd(_PG_WEIGHTS, document, tsquery)
+
+
 def _plain(value: str) -> str:
     """A field's words, folded as queries are, for PostgreSQL's 'simple' parser."""
     return " ".join(words(value))
@@ -234,7 +244,7 @@ class SearchStore(StoreBase):
         # (tag, before, after), only the newest RANKED matches are ranked: FTS5 gives
         # them newest first and stops there, where ranking all of a common word's
         # matches would take a second a million messages.
-        ranked = not (query.tags or query.before or query.after)
+        ranked = _unfiltered(query)
         hits = text(
             "SELECT r.message_id AS message_id, "
             "bm25(message_search, 0, 4.0, 2.0, 2.0, 1.0, 1.0, 0) AS rank "
@@ -275,38 +285,35 @@ class SearchStore(StoreBase):
     def _pg_page(query: Query, tsquery: Any, where: list[Any], limit: int,
                  offset: int, tenant: str) -> Any:
         newest = (messages.c.received_at.desc(), messages.c.id.desc())
-        stmt = select(messages.c.id)
-        if query.terms or query.has_attachment:
-            stmt = stmt.join_from(messages, message_search,
-                                  message_search.c.message_id == messages.c.id)
-            where = [*where, message_search.c.tenant_id == messages.c.tenant_id]
+        found: list[Any] = []  # what the index entry must hold
+        if query.terms:
+            found.append(message_search.c.document.op("@@")(tsquery))
         if query.has_attachment:
-            where.append(message_search.c.facets == "attachment")
-        if not query.terms:
-            return stmt.where(*where).order_by(*newest).limit(limit).offset(offset)
-        rank = func.ts_rank_cd(_PG_WEIGHTS, message_search.c.document, tsquery)
-        matches = message_search.c.document.op("@@")(tsquery)
-        if not (query.tags or query.before or query.after) and all(
+            found.append(message_search.c.facets == "attachment")
+        if not found:
+            return select(messages.c.id).where(*where).order_by(*newest) \
+                .limit(limit).offset(offset)
+        if query.terms and _unfiltered(query) and all(
                 len(t.words) == 1 and t.field is None and not t.prefix for t in query.terms):
             # plain words without a filter on the messages: the newest RANKED matches
             # are ranked, as on SQLite.  The planner finds a rare word's with the GIN
             # index, and walks a common word's tenant newest first until it has them,
             # so a common word costs what RANKED matches do, not what all of them
             # would.  The message id (time-ordered) breaks ties.
-            inner = [message_search.c.tenant_id == tenant, matches]
-            if query.has_attachment:
-                inner.append(message_search.c.facets == "attachment")
             hits = select(message_search.c.message_id, message_search.c.document) \
-                .where(*inner).order_by(message_search.c.message_id.desc()) \
-                .limit(RANKED).subquery("hits")
+                .where(message_search.c.tenant_id == tenant, *found) \
+                .order_by(message_search.c.message_id.desc()).limit(RANKED).subquery("hits")
             return select(hits.c.message_id.label("id")).order_by(
-                func.ts_rank_cd(_PG_WEIGHTS, hits.c.document, tsquery).desc(),
-                hits.c.message_id.desc()).limit(limit).offset(offset)
+                _pg_rank(hits.c.document, tsquery).desc(), hits.c.message_id.desc()) \
+                .limit(limit).offset(offset)
         # phrases, fields, prefixes and filters: every match is ranked (a phrase of
         # common words, a field's word or a prefix may look common to the planner and
         # be rare where it is asked for: the walk would then read the whole tenant)
-        where.append(matches)
-        return stmt.where(*where).order_by(rank.desc(), *newest).limit(limit).offset(offset)
+        order = (_pg_rank(message_search.c.document, tsquery).desc(),) if query.terms else ()
+        return select(messages.c.id) \
+            .join_from(messages, message_search, message_search.c.message_id == messages.c.id) \
+            .where(*where, message_search.c.tenant_id == messages.c.tenant_id, *found) \
+            .order_by(*order, *newest).limit(limit).offset(offset)
 
     @staticmethod
     def _pg_snippets(conn: Connection, tsquery: Any, ids: list[str]) -> dict[str, str]:
