@@ -49,12 +49,13 @@ checks.positive_data_acceptance.expected-statuses = ["2xx", "400", "401", "403"]
 """
 
 
-def fuzz(base: str, har: Path, *options: str) -> list[dict[str, Any]]:
+def fuzz(base: str, har: Path, *options: str, examples: int = EXAMPLES
+         ) -> list[dict[str, Any]]:
     """Run schemathesis against the API at ``base``; the requests and answers (HAR)."""
     (har.parent / "schemathesis.toml").write_text(CONFIG)
     command = [sys.executable, "-m", "schemathesis.cli", "run", f"{base}/api/v1/openapi.json",
                "--checks", "all", "--seed", str(SEED), "--generation-deterministic",
-               "--max-examples", str(EXAMPLES),
+               "--max-examples", str(examples),
                "--report", "har", "--report-har-path", str(har), "--no-color", *options]
     # in the test's own folder: no schemathesis.toml of anyone else's, no files left behind
     result = subprocess.run(command, capture_output=True, timeout=120, cwd=har.parent)
@@ -114,8 +115,9 @@ def test_the_admin_api_does_what_its_openapi_document_says(api_gateway, tmp_path
     assert globex and not any(message in answers for message in globex)  # ...but not these
 
     # without a token, or with one schemathesis makes up: the 401, every time (its warning
-    # that every answer was a 401 is the point here)
-    entries = fuzz(api.base, tmp_path / "anonymous.har", "--warnings", "off")
+    # that every answer was a 401 is the point here); fewer random requests: whatever
+    # they hold, the answer is the same
+    entries = fuzz(api.base, tmp_path / "anonymous.har", "--warnings", "off", examples=5)
     assert {operation(e) for e in entries} >= reached
     for entry in entries:
         response = entry["response"]
