@@ -91,11 +91,14 @@ def _search(gw: Any, text: str, tenant: str = "acme") -> list[dict[str, Any]]:
 
 
 def test_words_phrases_prefixes_fields_and_filters_find_the_right_mail(searched):
-    gw, _, ids = searched
+    gw, api, ids = searched
     name = {v: k for k, v in ids.items()}
+    tokens = {t: _token(gw, t, "read") for t in ("acme", "globex")}
 
     def found(text: str, tenant: str = "acme") -> set[str]:
-        return {name[r["id"]] for r in _search(gw, text, tenant)}
+        status, body, _ = api.call("GET", "/api/v1/search?" + _qs(q=text), tokens[tenant])
+        assert status == 200, body
+        return {name[r["id"]] for r in body["results"]}
 
     assert found("invoice") == {"invoice", "notes"}  # subject, and body text
     assert found("INVOICE overdue") == {"invoice"}  # every word must match
@@ -114,6 +117,13 @@ def test_words_phrases_prefixes_fields_and_filters_find_the_right_mail(searched)
     assert found("tag:invoice") == {"invoice"}
     assert found("has:attachment") == {"notes", "sheet"}
     assert found("has:attachment forecast") == {"notes"}
+    # a tag or has:attachment beside words: both must hold
+    assert found("tag:invoice invoice") == {"invoice"}
+    assert found("tag:invoice quarterly") == set() and found("tag:other invoice") == set()
+    assert found("has:attachment tag:invoice") == set()
+    assert found("subject:invo*") == {"invoice"} and found("subject:meet*") == {"notes"}
+    assert found('subject:"invoice 2026"') == {"invoice"}
+    assert found('subject:"2026 invoice"') == set()
     today = datetime.now(UTC).date()
     assert found(f"invoice after:{today}") == {"invoice", "notes"}
     assert found(f"invoice before:{today}") == set()
@@ -258,7 +268,7 @@ def test_mail_stored_before_the_index_is_put_into_it_by_reindex(make_gateway):
         "Invoice 1"]
     assert _search(gw, "kumquat", "globex") == []  # its search is off: left out
     again = gw.cli("messages", "reindex", "--json", check=True)
-    assert json.loads(again.stdout) == {"indexed": 0, "unreadable": 0}
+    assert json.loads(again.stdout) == {"indexed": 0, "unreadable": 0, "completed": 0}
     refused = gw.cli("messages", "reindex", "--tenant", "globex")
     assert refused.returncode == 1 and b"search: false" in refused.stderr
     events = json.loads(gw.cli("audit", "list", "--action", "search.reindex", "--json",
@@ -337,6 +347,87 @@ def test_a_common_word_is_ranked_among_its_newest_matches_and_a_filter_reaches_a
     found = [r["id"] for r in store.search("acme", query.parse("alpha after:2025-01-01"), 20)]
     assert sorted(found) == sorted(ids)  # with a filter on the messages: every match
     assert found[0] == ids[4]  # the one that says it most often first
-    if backend != "sqlite":  # a field's word is ranked among all its matches there
-        found = [r["id"] for r in store.search("acme", query.parse("subject:note"), 20)]
-        assert sorted(found) == sorted(ids)
+    found = [r["id"] for r in store.search("acme", query.parse("subject:note"), 20)]
+    assert sorted(found) == sorted(ids[2:])  # a field's word as a word
+    found = [r["id"] for r in store.search("acme", query.parse("alph*"), 20)]
+    assert sorted(found) == sorted(ids[2:])  # a prefix as a word
+    found = [r["id"] for r in store.search("acme", query.parse('"alpha alpha"'), 20)]
+    # a phrase: on PostgreSQL every match is ranked (see search._pg_page)
+    assert sorted(found) == sorted(ids[2:] if backend == "sqlite" else ids[1:])
+
+
+def test_entries_indexed_before_the_facets_are_found_and_completed_by_reindex(
+        backend, tmp_path):
+    """Entries of revision 0017 lack their tag tokens (and on PostgreSQL their fields'
+    lexemes): a tag beside a word, a field's word, find them all the same, before the
+    backfill of ``messages reindex`` gives them theirs and after."""
+    from alembic import command
+    from sqlalchemy import insert, text
+
+    from gateway.store import database
+    from gateway.store.models import messages
+    from gateway.store.repository import Store
+    from tests.conftest import database_url
+
+    cleanups: list[Any] = []
+    engine = database.create(database_url(backend, tmp_path, cleanups, fresh=True))
+    try:
+        command.upgrade(database._alembic_config(engine), "0017")
+        Store(engine).sync_tenants({"acme": "Acme"})
+        rows = [("01J0000000000000000000000A", "invoice", "Invoice paid", "attachment"),
+                ("01J0000000000000000000000B", "", "Invoice draft", "")]
+        with engine.begin() as conn:
+            for n, (message_id, tag, subject, facets) in enumerate(rows, 1):
+                conn.execute(insert(messages).values(
+                    id=message_id, tenant_id="acme", status="processed",
+                    received_at=datetime(2026, 1, n, tzinfo=UTC), mail_from="a@sender.test",
+                    size=1, sha256="0" * 64, client_address="127.0.0.1", helo="h",
+                    protocol="ESMTP", trace_header="", subject=subject,
+                    tags=[tag] if tag else [], tag_key=tag))
+                if backend == "sqlite":
+                    conn.execute(text("INSERT INTO message_search_rows (id, message_id) "
+                                      "VALUES (:n, :id)"), {"n": n, "id": message_id})
+                    conn.execute(text(
+                        "INSERT INTO message_search (rowid, tenant, subject, sender, "
+                        "recipients, body, attachments, facets) VALUES (:n, :t, :s, "
+                        "'a@sender.test', '', 'paid in full', '', :f)"),
+                        {"n": n, "t": "t" + b"acme".hex(), "s": subject, "f": facets})
+                else:  # as revision 0017's code wrote them: no lexeme with a colon
+                    conn.execute(text(
+                        "INSERT INTO message_search (message_id, tenant_id, subject, sender, "
+                        "recipients, body, attachments, facets, document) VALUES (:id, "
+                        "'acme', :s, 'a@sender.test', '', 'paid in full', '', :f, "
+                        "setweight(to_tsvector('simple', lower(:s)), 'A') || "
+                        "to_tsvector('simple', 'paid in full'))"),
+                        {"id": message_id, "s": subject, "f": facets})
+        database.upgrade(engine)
+        store = Store(engine)
+
+        def found(text: str) -> list[str]:
+            return [r["subject"] for r in store.search("acme", query.parse(text), 20)]
+
+        def waiting() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(text("SELECT count(*) FROM search_backfill"))
+                           .scalar_one())
+
+        # the tagged entry waits on SQLite; every entry on PostgreSQL (fields' lexemes)
+        assert waiting() == (1 if backend == "sqlite" else 2)
+        for step in ("before", "after"):
+            assert found("tag:invoice paid") == ["Invoice paid"], step
+            assert found("tag:invoice draft") == [], step
+            assert found("has:attachment paid") == ["Invoice paid"], step
+            assert sorted(found("subject:invoice")) == ["Invoice draft", "Invoice paid"]
+            assert found("subject:draft full") == ["Invoice draft"], step
+            if step == "before":  # one a call, then the rest, then nothing is left
+                assert store.backfill(1) == 1
+                assert store.backfill(10) == (0 if backend == "sqlite" else 1)
+                assert waiting() == 0 and store.backfill(10) == 0
+        if backend == "sqlite":  # the token is in the entry now, not only in messages
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT facets FROM message_search WHERE rowid = 1")
+                                    ).scalar_one() == "attachment " + "g" + b"invoice".hex()
+    finally:
+        engine.dispose()
+        for cleanup in cleanups:
+            cleanup()

@@ -1,4 +1,5 @@
-"""``messages reindex``: mail stored before the search index existed, put into it.
+"""``messages reindex``: mail stored before the search index existed, put into it, and
+entries made before revision 0018 given their tags (gateway.store.search.backfill).
 
 The messages are parsed as the pipeline parses them, in a worker process of their
 own (a hostile message overruns ``pipeline.parse_timeout`` there, not here), a few
@@ -27,6 +28,7 @@ from gateway.store.repository import Store
 from gateway.workers import WorkerPool
 
 BATCH = 50  # messages a transaction
+BACKFILL = 500  # entries completed a transaction
 PARSE_CALL = 10  # messages a call to the parser process
 
 
@@ -45,14 +47,23 @@ def cmd_messages_reindex(args: argparse.Namespace) -> int:
     shown = Progress("messages reindex", "messages indexed")
     indexed, unreadable = asyncio.run(_reindex(config, store, args.tenant, off, shown))
     shown.done()
+    # entries of revision 0017 and before: their tags (and fields' lexemes) added
+    completed = 0
+    shown = Progress("messages reindex", "entries completed")
+    while done := store.backfill(BACKFILL, [args.tenant] if args.tenant else None):
+        completed += done
+        shown(completed)
+    shown.done()
     store.audit(actor(), "search.reindex", tenant_id=args.tenant,
-                detail={"messages": indexed, "unreadable": unreadable})
+                detail={"messages": indexed, "unreadable": unreadable,
+                        "completed": completed})
     if args.json:
-        print_json({"indexed": indexed, "unreadable": unreadable})
+        print_json({"indexed": indexed, "unreadable": unreadable, "completed": completed})
     else:
         print(f"{indexed} messages indexed" + (
             f" ({unreadable} of them only by their headers: the parser could not read "
-            "them)" if unreadable else ""))
+            "them)" if unreadable else "")
+            + (f"; {completed} entries given their tags" if completed else ""))
     return EXIT_OK
 
 

@@ -250,20 +250,23 @@ class MessageStore(StoreBase):
     @staticmethod
     def _index(conn: Any, tenant_of: dict[str, str],
                items: Sequence[tuple[str, ParsedFields, Outcome | None]]) -> None:
-        """Put messages into the search index, with their envelope addresses."""
+        """Put messages into the search index, with their envelope addresses and tags
+        (as this transaction has recorded them)."""
         if not items:
             return
+        ids = [message_id for message_id, _, _ in items]
         envelope: dict[str, list[tuple[str, str]]] = {}
         for r in conn.execute(select(message_addresses.c.message_id, message_addresses.c.role,
                                      message_addresses.c.address)
-                              .where(message_addresses.c.message_id.in_(
-                                  [message_id for message_id, _, _ in items]),
-                                  message_addresses.c.role.in_(("mail_from", "rcpt_to")))):
+                              .where(message_addresses.c.message_id.in_(ids),
+                                     message_addresses.c.role.in_(("mail_from", "rcpt_to")))):
             envelope.setdefault(r.message_id, []).append((r.role, r.address))
+        tags = {r.id: r.tag_key.split(",") if r.tag_key else [] for r in conn.execute(
+            select(messages.c.id, messages.c.tag_key).where(messages.c.id.in_(ids)))}
         search.index(conn, [search.fields(
             tenant_of[message_id], message_id, parsed.header_from, parsed.header_to,
             parsed.header_cc, parsed.subject, parsed.text, parsed.attachments,
-            [*envelope.get(message_id, ()), *parsed.addresses])
+            [*envelope.get(message_id, ()), *parsed.addresses], tags.get(message_id, ()))
             for message_id, parsed, _ in items])
 
     def unindexed(self, after: str, limit: int, tenants: Sequence[str] | None = None

@@ -148,7 +148,7 @@ message_search = Table(
     Column("recipients", Text, nullable=False),
     Column("body", Text, nullable=False),
     Column("attachments", Text, nullable=False),
-    Column("facets", Text, nullable=False),  # "attachment" when it has one
+    Column("facets", Text, nullable=False),  # search.facets: "attachment", tag tokens
     Column("document", TSVECTOR, nullable=False),
     # A tenant's entries newest first (ids are time-ordered): the only ordered index, so
     # that the newest matches of a common word are walked to through the tenant's own
@@ -156,6 +156,16 @@ message_search = Table(
     # the cascade from messages) take a hash index, which has no order to walk.
     PrimaryKeyConstraint("tenant_id", "message_id", name="pk_message_search"),
     Index("ix_message_search_message_id", "message_id", postgresql_using="hash"),
+)
+
+
+# Entries indexed before revision 0018 that lack their facets (and on PostgreSQL their
+# fields' lexemes): ``messages reindex`` gives them theirs (gateway.store.search).
+search_backfill = Table(
+    "search_backfill",
+    metadata,
+    Column("message_id", String(26), ForeignKey("messages.id", ondelete="CASCADE"),
+           primary_key=True),
 )
 
 # Delivery states: pending (due at next_attempt_at; deferred ones carry last_error),
