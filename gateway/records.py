@@ -104,7 +104,12 @@ class RetentionGroup:
 
     @property
     def tags(self) -> tuple[str, ...]:
-        return tuple(self.tag_key.split(",")) if self.tag_key else ()
+        return tags_of(self.tag_key)
+
+
+def tags_of(tag_key: str) -> tuple[str, ...]:
+    """The tags of a ``messages.tag_key`` (sorted, comma-joined, '' for none)."""
+    return tuple(tag_key.split(",")) if tag_key else ()
 
 
 @dataclass(frozen=True, slots=True)

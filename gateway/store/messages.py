@@ -22,6 +22,7 @@ from gateway.records import (
     Outcome,
     ParsedFields,
     PipelineInput,
+    tags_of,
 )
 from gateway.store import search
 from gateway.store.base import StoreBase
@@ -233,7 +234,9 @@ class MessageStore(StoreBase):
             ]
             if planned:
                 conn.execute(insert(deliveries), planned)
-            self._index(conn, held, [item for item in mine if item[2].indexed])
+            self._index(conn, held, [(message_id, parsed, outcome.tags)
+                                     for message_id, parsed, outcome in mine
+                                     if outcome.indexed])
             # mail to privacy.request_address: a data-subject request, read and forwarded
             # from here (gateway.privacy.intake)
             asked = [message_id for message_id, _, outcome in mine if outcome.request]
@@ -249,25 +252,23 @@ class MessageStore(StoreBase):
 
     @staticmethod
     def _index(conn: Any, tenant_of: dict[str, str],
-               items: Sequence[tuple[str, ParsedFields, Outcome | None]]) -> None:
-        """Put messages into the search index, with their envelope addresses and tags
-        (as this transaction has recorded them)."""
+               items: Sequence[tuple[str, ParsedFields, Sequence[str]]]) -> None:
+        """Put messages (id, parse results, tags) into the search index, with their
+        envelope addresses."""
         if not items:
             return
-        ids = [message_id for message_id, _, _ in items]
         envelope: dict[str, list[tuple[str, str]]] = {}
         for r in conn.execute(select(message_addresses.c.message_id, message_addresses.c.role,
                                      message_addresses.c.address)
-                              .where(message_addresses.c.message_id.in_(ids),
-                                     message_addresses.c.role.in_(("mail_from", "rcpt_to")))):
+                              .where(message_addresses.c.message_id.in_(
+                                  [message_id for message_id, _, _ in items]),
+                                  message_addresses.c.role.in_(("mail_from", "rcpt_to")))):
             envelope.setdefault(r.message_id, []).append((r.role, r.address))
-        tags = {r.id: r.tag_key.split(",") if r.tag_key else [] for r in conn.execute(
-            select(messages.c.id, messages.c.tag_key).where(messages.c.id.in_(ids)))}
         search.index(conn, [search.fields(
             tenant_of[message_id], message_id, parsed.header_from, parsed.header_to,
             parsed.header_cc, parsed.subject, parsed.text, parsed.attachments,
-            [*envelope.get(message_id, ()), *parsed.addresses], tags.get(message_id, ()))
-            for message_id, parsed, _ in items])
+            [*envelope.get(message_id, ()), *parsed.addresses], tags)
+            for message_id, parsed, tags in items])
 
     def unindexed(self, after: str, limit: int, tenants: Sequence[str] | None = None
                   ) -> list[dict[str, Any]]:
@@ -288,11 +289,11 @@ class MessageStore(StoreBase):
         so no entry outlives its message.  How many went in."""
         ids = [message_id for message_id, _, _ in items]
         with self.writing() as conn:
-            alive = select(messages.c.id).where(messages.c.id.in_(ids))
+            alive = select(messages.c.id, messages.c.tag_key).where(messages.c.id.in_(ids))
             if not self._sqlite:  # a deletion waits for this transaction, then cascades
                 alive = alive.with_for_update(key_share=True)
-            kept = set(conn.execute(alive).scalars())
-            todo = [(i, parsed, None) for i, _, parsed in items if i in kept]
+            kept = {r.id: tags_of(r.tag_key) for r in conn.execute(alive)}
+            todo = [(i, parsed, kept[i]) for i, _, parsed in items if i in kept]
             self._index(conn, {i: t for i, t, _ in items}, todo)
         return len(todo)
 

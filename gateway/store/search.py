@@ -42,6 +42,7 @@ from sqlalchemy.dialects.postgresql import TSQUERY
 
 from gateway.clock import aware
 from gateway.query import START, STOP, Query, Term, clean, segments, words
+from gateway.records import tags_of
 from gateway.store import audit
 from gateway.store.base import StoreBase
 from gateway.store.models import message_search, messages, search_backfill
@@ -134,11 +135,6 @@ def _in_index(query: Query) -> bool:
     too), or the messages alone do (tags and days only)."""
     return bool(query.terms or query.has_attachment)
 
-
-# Entries indexed before revision 0018, which lack their tags (and on PostgreSQL their
-# fields' lexemes and facets) until ``backfill`` has given them theirs; until then the
-# index is asked without them, and the messages filtered by tag.
-_BACKFILL = search_backfill
 
 
 def _pg_rank(document: Any, tsquery: Any) -> Any:
@@ -242,7 +238,10 @@ class SearchStore(StoreBase):
         matched, as {text, match} pieces (query.segments).  The page is ranked first,
         then only its messages get snippets."""
         with self.engine.connect().execution_options(readonly=True) as conn:
-            exact = conn.execute(select(_BACKFILL.c.message_id).limit(1)).first() is None
+            # entries indexed before revision 0018 lack their tags (and on PostgreSQL
+            # their fields' lexemes and facets) until ``backfill`` has given them
+            # theirs: until then the index is asked without them, messages by tag
+            exact = conn.execute(select(search_backfill.c.message_id).limit(1)).first() is None
             tags_in_index = exact and _in_index(query)
             where: list[Any] = [messages.c.tenant_id == tenant]
             if not tags_in_index:
@@ -422,11 +421,11 @@ class SearchStore(StoreBase):
         (and on PostgreSQL their fields' lexemes and facets), in one transaction; how
         many it did."""
         with self.writing() as conn:
-            todo = select(_BACKFILL.c.message_id).order_by(_BACKFILL.c.message_id) \
+            todo = select(search_backfill.c.message_id).order_by(search_backfill.c.message_id) \
                 .limit(limit)
             if tenants is not None:
-                todo = todo.join_from(_BACKFILL, messages,
-                                      messages.c.id == _BACKFILL.c.message_id) \
+                todo = todo.join_from(search_backfill, messages,
+                                      messages.c.id == search_backfill.c.message_id) \
                     .where(messages.c.tenant_id.in_(list(tenants)))
             ids = list(conn.execute(todo).scalars())
             if not ids:
@@ -434,7 +433,11 @@ class SearchStore(StoreBase):
             of = select(messages.c.id, messages.c.tag_key).where(messages.c.id.in_(ids))
             if not self._sqlite:  # a deletion waits for this transaction, then cascades
                 of = of.with_for_update(key_share=True)
-            tags = {r.id: r.tag_key.split(",") if r.tag_key else [] for r in conn.execute(of)}
+            tags = {r.id: tags_of(r.tag_key) for r in conn.execute(of)}
+
+            def completed(r: Any) -> str:  # the facets of an entry with its old ones
+                return facets(tags.get(r.message_id, ()), "attachment" in r.facets.split())
+
             expanding: Any = bindparam("ids", expanding=True)
             if self._sqlite:
                 rows = conn.execute(text(
@@ -443,9 +446,7 @@ class SearchStore(StoreBase):
                     .bindparams(expanding), {"ids": ids}).all()
                 if rows:
                     conn.execute(text("UPDATE message_search SET facets = :f WHERE rowid = :r"),
-                                 [{"r": r.id, "f": facets(tags.get(r.message_id, ()),
-                                                          "attachment" in r.facets.split())}
-                                  for r in rows])
+                                 [{"r": r.id, "f": completed(r)} for r in rows])
             else:
                 rows = conn.execute(select(
                     message_search.c.tenant_id, message_search.c.message_id,
@@ -454,8 +455,7 @@ class SearchStore(StoreBase):
                     .where(message_search.c.message_id.in_(ids))).all()
                 params = []
                 for r in rows:
-                    row = {**r._mapping, "facets": facets(tags.get(r.message_id, ()),
-                                                          "attachment" in r.facets.split())}
+                    row = {**r._mapping, "facets": completed(r)}
                     params.append({"t": r.tenant_id, "m": r.message_id, "f": row["facets"],
                                    "lex": _pg_lexemes(row)})
                 if params:
@@ -463,7 +463,7 @@ class SearchStore(StoreBase):
                         "UPDATE message_search SET facets = :f, document = document || "
                         "array_to_tsvector(CAST(:lex AS text[])) "
                         "WHERE tenant_id = :t AND message_id = :m"), params)
-            conn.execute(_BACKFILL.delete().where(_BACKFILL.c.message_id.in_(ids)))
+            conn.execute(search_backfill.delete().where(search_backfill.c.message_id.in_(ids)))
         return len(ids)
 
     def scrub_index(self) -> None:
