@@ -81,11 +81,15 @@ def test_metrics_move_with_the_mail_and_pass_promtool(make_gateway, tmp_path, si
     wait_for(lambda: finance.handler.attempts >= 1, what="the deferred attempt")
 
     def settled():
+        """The pipeline's and the delivery's processes report their counters every few
+        seconds: wait for the last ones of both."""
         body, values = samples(port)
         if value(values, "mailflowr_gateway_delivery_queue_messages",
                  tenant="acme", state="pending") == 1 and value(
                 values, "mailflowr_gateway_deliveries_total", tenant="acme", kind="route",
-                result="deferred", destination="finance") == 1:
+                result="deferred", destination="finance") == 1 and value(
+                values, "mailflowr_gateway_pipeline_messages_total", tenant="acme",
+                outcome="processed") == 2:
             return body, values
         return None
 
