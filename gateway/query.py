@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 
 MAX_QUERY = 500  # characters of a query
+MAX_PAGE = 100  # results of one page at most
+MAX_PAGES = 1000  # pages of one query: ranked results are read from the first
 MAX_TERMS = 16  # words, phrases and prefixes, together
 MIN_PREFIX = 2  # letters before a *: "a*" would match most of the index
 FIELDS = ("from", "to", "subject")

@@ -57,6 +57,37 @@ def test_config_may_come_before_or_after_the_command(tmp_path):
         assert bad.returncode == 2 and b"smtp.max_message_size" in bad.stderr, args
 
 
+def test_a_command_imports_only_its_own_module_and_help_lists_them_all():
+    """``COMMANDS`` names each command's module: the parser of one command alone is
+    the full parser's for that command, and running one does not load the daemon,
+    the admin API or another command's module."""
+    from gateway.cli import COMMANDS, build_parser
+
+    def commands(parser: object) -> dict[str, str]:
+        action = next(a for a in parser._actions if a.dest == "command")  # type: ignore
+        return {name: sub.format_help() for name, sub in action.choices.items()}
+
+    every = commands(build_parser())
+    assert set(every) == {*COMMANDS, "completion"}
+    for name in COMMANDS:
+        alone = commands(build_parser(name))
+        assert alone[name] == every[name], name
+        assert set(alone) == {n for n, m in COMMANDS.items() if m == COMMANDS[name]}, name
+    probe = ("import sys; from gateway.cli import main; code = main(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] == 'aiohttp' or m in "
+             "('gateway.daemon', 'gateway.cli.serve', 'gateway.cli.messages')), "
+             "file=sys.stderr); sys.exit(code)")
+    ran = subprocess.run([sys.executable, "-c", probe, "check", "--config", str(EXAMPLE)],
+                         capture_output=True, timeout=60, cwd=ROOT)
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stderr.decode().splitlines()[-1] == "[]"
+    usage = _run("-c", str(EXAMPLE), "serve", "--no-such-option")
+    assert usage.returncode == 2 and b"unrecognized arguments: --no-such-option" in usage.stderr
+    unknown = _run("-c", str(EXAMPLE), "serv")
+    assert unknown.returncode == 2 and b"invalid choice: 'serv'" in unknown.stderr
+    assert b"'processing-record'" in unknown.stderr
+
+
 def _listening(port: int, daemon: subprocess.Popen[bytes], log: Path) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

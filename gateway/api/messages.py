@@ -27,11 +27,12 @@ from gateway.api.http import (
     tenant,
     when,
 )
-from gateway.api.openapi import MAX_LIMIT, MAX_SEARCH_PAGE, MAX_SEARCH_PAGES
+from gateway.api.openapi import MAX_LIMIT
 from gateway.clock import aware
 from gateway.htmltext import readable
 from gateway.policyset import retention_in_force
 from gateway.privacy import erasure
+from gateway.query import MAX_PAGE, MAX_PAGES
 from gateway.store.privacy import Found
 
 
@@ -67,13 +68,13 @@ class MessageRoutes:
             asked = query.parse(text)
         except query.QueryError as exc:
             raise ApiError(400, f"q: {exc}") from None
-        limit = query_int(request, "limit", 20, 1, MAX_SEARCH_PAGE)
-        page = query_int(request, "page", 1, 1, MAX_SEARCH_PAGES)
+        limit = query_int(request, "limit", 20, 1, MAX_PAGE)
+        page = query_int(request, "page", 1, 1, MAX_PAGES)
         mine = tenant(request)
         rows = await asyncio.to_thread(self.ctx.store.search_for, actor(request), mine,
                                        asked, limit, (page - 1) * limit)
         return reply({"results": rows,
-                      "next": page + 1 if len(rows) == limit and page < MAX_SEARCH_PAGES
+                      "next": page + 1 if len(rows) == limit and page < MAX_PAGES
                       else None})
 
     async def _own(self, request: web.Request) -> dict[str, Any]:

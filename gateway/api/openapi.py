@@ -5,15 +5,13 @@ from __future__ import annotations
 from typing import Any
 
 from gateway import __version__
-from gateway.query import MAX_QUERY
+from gateway.query import MAX_PAGE, MAX_PAGES, MAX_QUERY
 from gateway.store.models import FAILED, HELD, PENDING, SENT
 from gateway.store.requests import KINDS
 from gateway.store.tokens import SCOPES
 
 MAX_LIMIT = 1000  # rows of one page at most
 MAX_REQUEST_TEXT = 100_000  # characters of a data-subject request's text
-MAX_SEARCH_PAGE = 100  # search results of one page at most
-MAX_SEARCH_PAGES = 1000  # pages of one query: ranked results are read from the first
 DELIVERY_STATUSES = (PENDING, HELD, SENT, FAILED)
 
 
@@ -207,15 +205,15 @@ def openapi_document() -> dict[str, Any]:
             "first when it has no words), each with a snippet of where it matched",
             json_body(record(results={"type": "array", "items": found},
                              next=nullable({"type": "integer", "minimum": 2,
-                                            "maximum": MAX_SEARCH_PAGES}))), [
+                                            "maximum": MAX_PAGES}))), [
                 {"name": "q", "in": "query", "required": True,
                  "schema": {"type": "string", "minLength": 1, "maxLength": MAX_QUERY},
                  "description": "words, \"a phrase\", prefix*, from:, to:, subject:, "
                                 "tag:, before:YYYY-MM-DD, after:YYYY-MM-DD, has:attachment "
                                 "(docs/search.md)"},
-                q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_PAGE},
+                q("limit", {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
                   "results a page (20)"),
-                q("page", {"type": "integer", "minimum": 1, "maximum": MAX_SEARCH_PAGES},
+                q("page", {"type": "integer", "minimum": 1, "maximum": MAX_PAGES},
                   "the 'next' of the previous page")],
             links=first("results", "id", "get_messages_id", "get_messages_id_eml"))},
         "/api/v1/messages/{id}": {

@@ -6,40 +6,22 @@ a non-zero exit: 2 for an invalid configuration or usage, 1 for anything else.
 
 Each command group is a module of this package with an ``add_parsers`` function;
 this module builds the parser from them, in the order of ``COMMANDS``, and turns
-the errors a command may end with into a message and an exit code.
+the errors a command may end with into a message and an exit code.  A command
+imports only its own module: each module imports what its commands need (``serve``
+the daemon, ``messages`` the store's queries, ...), and a sysadmin's ``status``
+should not wait for the daemon's and the API's imports, nor a daemon's start for
+the commands'.  Without a command (``--help``) or with one not listed, the parser
+of every command is built, so help and usage errors read the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from collections.abc import Callable, Sequence
 
 from gateway import __version__
-from gateway.cli import (
-    audit,
-    check,
-    console,
-    db,
-    dkim,
-    imap,
-    incident,
-    init,
-    keys,
-    messages,
-    privacy,
-    queue,
-    requests,
-    retention,
-    rules,
-    serve,
-    settings,
-    status,
-    subprocessors,
-    tenant,
-    token,
-    users,
-)
 from gateway.cli.common import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -52,20 +34,29 @@ from gateway.errors import ConfigError
 from gateway.policyset import PolicyError
 from gateway.store.keystore import KeyUnavailable
 
-# the order of the commands in --help
-COMMANDS = (init, serve, check, settings, status, dkim, db, messages, queue, users, retention,
-            subprocessors, imap, rules, privacy, requests, tenant, keys, token, console, incident,
-            audit)
+# each command and the module of this package that defines it, in the order of --help
+COMMANDS = {
+    "init": "init", "serve": "serve", "check": "check", "config": "settings",
+    "status": "status", "dkim": "dkim", "db": "db", "messages": "messages", "queue": "queue",
+    "users": "users", "retention": "retention", "subprocessors": "subprocessors",
+    "imap": "imap", "rules": "rules", "erase": "privacy", "export": "privacy",
+    "processing-record": "privacy", "request": "requests", "tenant": "tenant", "keys": "keys",
+    "token": "token", "console": "console", "incident": "incident", "audit": "audit",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The parser of ``command`` alone (importing its module only), or of every one."""
     parser = Parser(prog="mailflowr-gateway", description="MailFlowr Gateway")
     parser.add_argument("--version", action="version",
                         version=f"mailflowr-gateway {__version__}")
     config_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    for module in COMMANDS:
-        module.add_parsers(sub)
+    names = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
+    for name in names:
+        importlib.import_module(f"{__name__}.{name}").add_parsers(sub)
+    if command in COMMANDS:
+        return parser
     p = sub.add_parser("completion", help="print the shell completion script: "
                                           "completion bash > /etc/bash_completion.d/"
                                           "mailflowr-gateway")
@@ -82,8 +73,21 @@ def _completion(parser: argparse.ArgumentParser, shell: str) -> int:
     return EXIT_OK
 
 
+def _command(argv: Sequence[str] | None) -> str | None:
+    """The command ``argv`` names, past the options that may come before it."""
+    first = argparse.ArgumentParser(add_help=False, exit_on_error=False)
+    config_arg(first, top=True)
+    first.add_argument("command", nargs="?")
+    first.add_argument("rest", nargs=argparse.REMAINDER)
+    try:
+        known, unknown = first.parse_known_args(argv)
+    except argparse.ArgumentError:  # the parser of every command says what is wrong
+        return None
+    return None if unknown else known.command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser(_command(argv)).parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
     try:
         return func(args)

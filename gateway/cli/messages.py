@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from gateway import files, query
-from gateway.api.openapi import MAX_SEARCH_PAGE
 from gateway.cli import reindex
 from gateway.cli.common import (
     EXIT_OK,
@@ -65,7 +64,7 @@ def add_parsers(sub: Subcommands) -> None:
                    help='words, "a phrase", prefix*, from: to: subject: tag: '
                         "before:YYYY-MM-DD after:YYYY-MM-DD has:attachment")
     p.add_argument("--limit", type=_page_size, default=20,
-                   help=f"results a page (20, at most {MAX_SEARCH_PAGE})")
+                   help=f"results a page (20, at most {query.MAX_PAGE})")
     p.add_argument("--page", type=positive_int, default=1, help="which page (1)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_messages_search)
@@ -128,8 +127,8 @@ def _query(text: str) -> query.Query:
 
 def _page_size(text: str) -> int:
     size = positive_int(text)
-    if size > MAX_SEARCH_PAGE:
-        raise argparse.ArgumentTypeError(f"at most {MAX_SEARCH_PAGE}")
+    if size > query.MAX_PAGE:
+        raise argparse.ArgumentTypeError(f"at most {query.MAX_PAGE}")
     return size
 
 
