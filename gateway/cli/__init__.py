@@ -52,10 +52,10 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
                         version=f"mailflowr-gateway {__version__}")
     config_arg(parser, top=True)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    names = [COMMANDS[command]] if command in COMMANDS else dict.fromkeys(COMMANDS.values())
-    for name in names:
+    module = COMMANDS.get(command or "")  # the module of the command named, if listed
+    for name in [module] if module else dict.fromkeys(COMMANDS.values()):
         importlib.import_module(f"{__name__}.{name}").add_parsers(sub)
-    if command in COMMANDS:
+    if module:
         return parser
     p = sub.add_parser("completion", help="print the shell completion script: "
                                           "completion bash > /etc/bash_completion.d/"

@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy import Select, func, select, update
 
 from gateway.clock import utcnow
+from gateway.records import tags_of
 from gateway.store import audit
 from gateway.store.models import (
     FAILED,
@@ -175,7 +176,7 @@ class Pages:
         directions: dict[str, list[int]] = {}
         for key, direction, count, size in by_tags:
             for total in (directions.setdefault(direction, [0, 0]),
-                          *(tags.setdefault(t, [0, 0]) for t in (key or "").split(",") if t)):
+                          *(tags.setdefault(t, [0, 0]) for t in tags_of(key or ""))):
                 total[0] += int(count)
                 total[1] += int(size)
         return {"directions": directions, "tags": tags, "contacts": int(contacts),

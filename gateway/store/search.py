@@ -136,7 +136,6 @@ def _in_index(query: Query) -> bool:
     return bool(query.terms or query.has_attachment)
 
 
-
 def _pg_rank(document: Any, tsquery: Any) -> Any:
     return func.ts_rank_cd(_PG_WEIGHTS, document, tsquery)
 
