@@ -65,6 +65,7 @@ from gateway.startup import (
     open_store,
     tls_context,
 )
+from gateway.store import database
 from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import Store
 from gateway.sweeper import Sweeper, SweepLoop
@@ -399,6 +400,7 @@ def _log_stopped(exc_type: type[BaseException] | None, exc: BaseException | None
 def serve(config: GatewayConfig, policies: PolicySet, config_path: Path | None = None) -> int:
     logs.setup(config.logging.level, config.logging.format, config.logging.personal_data)
     ensure_open_files(open_files_needed(config))
+    database.preload(config.database.url)
     zygote.start()  # before the first thread: every child is forked from it
     app = App(config, policies, config_path=config_path)
     try:

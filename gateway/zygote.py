@@ -62,6 +62,8 @@ def start() -> None:
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     sys.stdout.flush()
     sys.stderr.flush()
+    gc.collect()
+    gc.freeze()  # both copies: neither's collector writes to the pages they share
     pid = os.fork()
     if pid == 0:
         ours.close()
