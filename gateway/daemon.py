@@ -70,7 +70,7 @@ from gateway.store.privacy import PrivacyStore
 from gateway.store.repository import Store
 from gateway.sweeper import Sweeper, SweepLoop
 from gateway.tenancy import TenantDirectory
-from gateway.workers import WorkerPool
+from gateway.workers import MAX_IDLE, WorkerPool
 
 if TYPE_CHECKING:
     from gateway.api import AdminAPI
@@ -211,7 +211,7 @@ class App:
             return
         self._step("starting the worker processes")
         pool = WorkerPool("work", config.auth.workers, WORKER_THREADS, AuthWork(checks),
-                          AUTH_CALL_TIMEOUT)
+                          AUTH_CALL_TIMEOUT, max_idle=MAX_IDLE)
         await pool.start()
         stack.push_async_callback(pool.close)
         self.auth = AuthCalls(pool, config.auth.workers)

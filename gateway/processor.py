@@ -42,7 +42,7 @@ from gateway.pipeline.worker import PipelineWorker
 from gateway.policyset import PolicySet
 from gateway.startup import authenticator, open_store
 from gateway.store.repository import Store
-from gateway.workers import WorkerPool
+from gateway.workers import MAX_IDLE, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +157,8 @@ async def _process(child: _Child) -> None:
         store = await asyncio.to_thread(open_store, config, upgrade_sqlite=False)
         # One set of processes parses and authenticates: each is a whole interpreter.
         pool = WorkerPool("work", max(config.pipeline.parse_workers, config.auth.workers),
-                          WORKER_THREADS, AuthWork(authenticator(config)), AUTH_CALL_TIMEOUT)
+                          WORKER_THREADS, AuthWork(authenticator(config)), AUTH_CALL_TIMEOUT,
+                          max_idle=MAX_IDLE)
         await pool.start()
         auth = AuthCalls(pool, config.auth.workers)
         settings = config.pipeline

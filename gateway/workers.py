@@ -24,6 +24,11 @@ hostile mail): one such call at a time in a process, with a time bound of its
 own.  When it overruns, its process is killed, so that only the call at fault
 fails; calls of the other kind that were in hand there finish in the daemon.
 
+With ``max_idle``, a process that has had no call for that long exits, as
+Postfix's services do after ``max_idle`` (100 s): a quiet gateway does not keep
+an interpreter's worth of memory for work that is not there, and the next call
+has one forked again (milliseconds, from the zygote) and waits for it.
+
 Worker processes are started with ``gateway.zygote.spawn()``: forked by the
 daemon's zygote, or fresh interpreters where there is none.  The event loop itself
 writes the calls to each process's pipe and reads the results, both without
@@ -63,6 +68,8 @@ CHILD_MEMORY = 2 << 30  # address-space cap of a worker process
 NICE = 10  # this work can wait; accepting mail cannot: under load, the SMTP side comes first
 SHORT_LIFE = 10.0  # seconds: a process that ends sooner is restarted only after a pause
 MAX_PAUSE = 60.0  # seconds: the longest pause before a restart
+MAX_IDLE = 100.0  # seconds without a call before a process exits (Postfix's max_idle)
+WAKE_WAIT = 5.0  # seconds a call waits for a process started again before run() does it here
 FRAME_JOIN = 65536  # bytes: a smaller call goes to the pipe with its header in one write
 READ_CHUNK = 1 << 20  # bytes read from a pipe at a time
 
@@ -159,6 +166,7 @@ class _Child:
     alone: bool = False  # a run_alone() call is in hand
     killed: bool = False  # on its way out: no new calls
     started: float = field(default_factory=time.monotonic)
+    used: float = field(default_factory=time.monotonic)  # when a call last began or ended
     # Framed calls not yet written to the pipe (the loop writes what the pipe takes
     # and waits for it to drain), and bytes of results not yet whole.
     outbox: collections.deque[memoryview] = field(default_factory=collections.deque)
@@ -171,15 +179,20 @@ class WorkerPool(Generic[C]):
 
     A call may be limited to the processes of the first ``among`` slots: kinds of
     work configured with fewer processes than the pool has share it that way.
+    With ``max_idle`` seconds, a slot's process exits after that long without a call
+    and the slot is started again by the next call that needs it.
     """
 
     def __init__(self, name: str, size: int, threads: int, context: C,
-                 timeout: float) -> None:
+                 timeout: float, max_idle: float | None = None) -> None:
         self.name = name
         self.size = size
         self.threads = threads
         self.context = context
         self.timeout = timeout
+        self.max_idle = max_idle
+        self._parked: set[int] = set()  # slots whose process exited for being idle
+        self._waking: set[int] = set()  # slots started again for a call, not yet serving
         self._children: list[_Child] = []
         self._numbers = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -193,6 +206,8 @@ class WorkerPool(Generic[C]):
         self._changed = asyncio.Condition()
         for slot in range(self.size):
             await self._start_slot(slot)
+        if self.max_idle and self.size:
+            self._track(self._retire_idle(self.max_idle))
 
     async def _start_slot(self, slot: int) -> None:
         name = f"mailflowr-{self.name}"
@@ -211,6 +226,7 @@ class WorkerPool(Generic[C]):
         os.set_blocking(conn.fileno(), False)
         self._loop.add_reader(conn.fileno(), self._readable, child)
         self._children.append(child)
+        self._waking.discard(slot)
         await self._notify()
 
     async def _notify(self) -> None:
@@ -354,9 +370,61 @@ class WorkerPool(Generic[C]):
         task.add_done_callback(self._tasks.discard)
 
     async def _respawn(self, slot: int, pause: float) -> None:
-        await asyncio.sleep(pause)
-        if not self._closing:
-            await self._start_slot(slot)
+        """Start the slot's process after ``pause``; while it cannot start (no memory
+        or processes left for a fork), try again after pauses that double."""
+        while True:
+            await asyncio.sleep(pause)
+            if self._closing:
+                return
+            try:
+                await self._start_slot(slot)
+                return
+            except Exception as exc:
+                log.error("%s process could not start: %s", self.name, exc)
+                pause = min(max(pause * 2, 1.0), MAX_PAUSE)
+
+    async def _retire_idle(self, max_idle: float) -> None:
+        """Every so often, the processes without a call for ``max_idle`` exit."""
+        while True:
+            await asyncio.sleep(max_idle / 4)
+            now = time.monotonic()
+            for child in list(self._children):
+                if (not child.pending and not child.alone and not child.killed
+                        and not child.ended and now - child.used >= max_idle):
+                    self._retire(child)
+
+    def _retire(self, child: _Child) -> None:
+        """An idle process exits: its pipe closes (it reads the end and returns) and its
+        slot waits for a call (``_unpark``)."""
+        log.debug("%s process %d idle for %g s: it exits", self.name, child.process.pid,
+                  self.max_idle)
+        self._detach(child)
+        child.conn.close()
+        self._children.remove(child)
+        self._parked.add(child.slot)
+        self._track(self._reap(child))
+
+    def _unpark(self, among: int | None) -> bool:
+        """Start the idle-retired slots of the first ``among`` again; whether any slot
+        there is starting for a call."""
+        limit = self.size if among is None else among
+        for slot in sorted(s for s in self._parked if s < limit):
+            self._parked.discard(slot)
+            self._waking.add(slot)
+            self._track(self._respawn(slot, 0.0))
+        return any(s < limit for s in self._waking)
+
+    async def _woken(self, among: int | None) -> list[_Child]:
+        """For a call that found no process: those of retired slots, started again
+        (waits for the first, ``WAKE_WAIT`` at most)."""
+        if not self._unpark(among):
+            return []
+        assert self._changed is not None
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(WAKE_WAIT), self._changed:
+                while not self._serving(among) and self._unpark(among):
+                    await self._changed.wait()
+        return self._serving(among)
 
     def _serving(self, among: int | None) -> list[_Child]:
         limit = self.size if among is None else among
@@ -365,7 +433,7 @@ class WorkerPool(Generic[C]):
     async def run(self, fn: Callable[..., T], *args: Any, among: int | None = None) -> T:
         """``fn(context, *args)`` in a worker process (``fn`` must be module-level),
         or in a thread here when none can.  ``among``: only the first so many slots."""
-        children = self._serving(among)
+        children = self._serving(among) or await self._woken(among)
         if children:
             child = min(children, key=lambda c: len(c.pending))
             try:
@@ -390,6 +458,7 @@ class WorkerPool(Generic[C]):
                 if free:
                     child = min(free, key=lambda c: len(c.pending))
                 else:
+                    self._unpark(among)
                     await self._changed.wait()
             child.alone = True
         try:
@@ -411,12 +480,14 @@ class WorkerPool(Generic[C]):
             raise WorkerError(f"{self.name} call not sent: {exc.__class__.__name__}: "
                               f"{exc}") from None
         child.pending[number] = future
+        child.used = time.monotonic()
         timer = loop.call_later(bound, self._overran, child, number, bound)
         try:
             return await future
         finally:
             timer.cancel()
             child.pending.pop(number, None)
+            child.used = time.monotonic()
 
     def _overran(self, child: _Child, number: int, bound: float) -> None:
         future = child.pending.pop(number, None)

@@ -164,6 +164,40 @@ def test_calls_alone_take_turns_in_a_process_beside_other_calls():
     assert together[-1][0] < together[0][1]  # the ordinary ones did overlap
 
 
+def test_an_idle_process_exits_and_the_next_call_has_one_started_again():
+    """After max_idle without a call a process exits (not while a call runs longer than
+    that); the next call, alone or not, is answered by a new process, not the daemon."""
+    async def calls(pool):
+        first, _, _ = await pool.run(span, 0.6)  # longer than max_idle: not retired
+        [busy] = [c.process for c in pool._children]
+        await wait_until(lambda: not busy.is_alive(), 5)
+        assert pool._children == []
+        alone, _, _ = await pool.run_alone(span, 0.0, bound=10)
+        [second] = [c.process for c in pool._children]
+        await wait_until(lambda: not second.is_alive(), 5)
+        third, _, _ = await pool.run(span, 0.0)
+        return busy.pid, first, second.pid, alone, third
+
+    async def main():
+        pool = WorkerPool("test", 1, 2, "the context", 30.0, max_idle=0.3)
+        await pool.start()
+        try:
+            return await calls(pool)
+        finally:
+            await pool.close()
+
+    busy, first, second, alone, third = asyncio.run(main())
+    assert first == busy and alone == second
+    assert len({busy, second, third, os.getpid()}) == 4
+
+
+async def wait_until(condition, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        await asyncio.sleep(0.02)
+
+
 def test_a_call_alone_that_overruns_fails_alone(caplog):
     """Its process is killed: the call raises Overran, never runs in the daemon; an
     ordinary call that was in hand there finishes in the daemon."""
