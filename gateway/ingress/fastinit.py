@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -46,6 +46,39 @@ class Tables:
 
 
 TABLES: dict[tuple[type, Any], Tables] = {}
+
+
+class Bound(Mapping[str, Any]):
+    """A session's table of its command or AUTH methods, each bound to the session when
+    it is looked up: a dict of bound methods per session was 1 KiB of every open
+    connection, and a reference cycle through each."""
+
+    __slots__ = ("bind", "owner", "table")
+
+    def __init__(self, table: dict[str, Any], owner: object,
+                 bind: Callable[[Any, object], Any]) -> None:
+        self.table = table
+        self.owner = owner
+        self.bind = bind
+
+    def __getitem__(self, name: str) -> Any:
+        return self.bind(self.table[name], self.owner)
+
+    def get(self, name: str, default: Any = None) -> Any:
+        entry = self.table.get(name)
+        return default if entry is None else self.bind(entry, self.owner)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.table)
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+
+def _bind_auth(attr: Any, owner: object) -> Any:
+    """aiosmtpd's ``_AuthMechAttr``: its own AUTH methods bound to the session."""
+    method = types.MethodType(attr.method.__func__, owner) if attr.is_builtin else attr.method
+    return type(attr)(method, attr.is_builtin)
 
 
 def initialise(protocol: SMTP, handler: Any, options: dict[str, Any], *,
@@ -93,12 +126,8 @@ def init_from(protocol: SMTP, tables: Tables, handler: Any, options: dict[str, A
     self._authenticator = None
     self._auth_callback = tables.auth_callback
     self._auth_required = False
-    self._auth_methods = {name: type(attr)(types.MethodType(attr.method.__func__, self)
-                                           if attr.is_builtin else attr.method,
-                                           attr.is_builtin)
-                          for name, attr in tables.auth_methods.items()}
+    self._auth_methods = Bound(tables.auth_methods, self, _bind_auth)
     self._handle_hooks = tables.handle_hooks  # bound to the one shared handler
     self._ehlo_hook_ver = tables.ehlo_hook_ver
-    self._smtp_methods = {name: types.MethodType(function, self)
-                          for name, function in tables.smtp_functions.items()}
+    self._smtp_methods = Bound(tables.smtp_functions, self, types.MethodType)
     self._enforce_call_limit = False
