@@ -24,10 +24,11 @@ hostile mail): one such call at a time in a process, with a time bound of its
 own.  When it overruns, its process is killed, so that only the call at fault
 fails; calls of the other kind that were in hand there finish in the daemon.
 
-With ``max_idle``, a process that has had no call for that long exits, as
-Postfix's services do after ``max_idle`` (100 s): a quiet gateway does not keep
-an interpreter's worth of memory for work that is not there, and the next call
-has one forked again (milliseconds, from the zygote) and waits for it.
+With ``max_idle``, when none of a pool's processes has had a call for that long
+they exit, as Postfix's services do after ``max_idle`` (100 s): a quiet gateway
+does not keep an interpreter's worth of memory for work that is not there.  The
+next call has them forked again (milliseconds, from the zygote) and waits for
+the first.
 
 Worker processes are started with ``gateway.zygote.spawn()``: forked by the
 daemon's zygote, or fresh interpreters where there is none.  The event loop itself
@@ -193,6 +194,7 @@ class WorkerPool(Generic[C]):
         self.max_idle = max_idle
         self._parked: set[int] = set()  # slots whose process exited for being idle
         self._waking: set[int] = set()  # slots started again for a call, not yet serving
+        self._retiring: set[_Child] = set()  # idle processes told to exit, not yet reaped
         self._children: list[_Child] = []
         self._numbers = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -322,6 +324,10 @@ class WorkerPool(Generic[C]):
     async def _reap(self, child: _Child) -> None:
         # in a thread, not on the loop: a process may take a moment to end
         await asyncio.to_thread(child.process.join, 5)
+        if child.process.is_alive():  # still in a call whose caller gave up on it
+            self._kill(child)
+            await asyncio.to_thread(child.process.join, 5)
+        self._retiring.discard(child)
         self._lost(child)
 
     @classmethod
@@ -381,17 +387,27 @@ class WorkerPool(Generic[C]):
                 return
             except Exception as exc:
                 log.error("%s process could not start: %s", self.name, exc)
+                self._waking.discard(slot)  # calls stop waiting for it: run() does them here
                 pause = min(max(pause * 2, 1.0), MAX_PAUSE)
 
     async def _retire_idle(self, max_idle: float) -> None:
-        """Every so often, the processes without a call for ``max_idle`` exit."""
+        """Every quarter of ``max_idle``: when no process of the pool has had a call for
+        ``max_idle`` (and none is starting), they all exit.  One at a time would retire
+        the processes a light load leaves idle beside the one it keeps busy."""
         while True:
             await asyncio.sleep(max_idle / 4)
             now = time.monotonic()
-            for child in list(self._children):
-                if (not child.pending and not child.alone and not child.killed
-                        and not child.ended and now - child.used >= max_idle):
+            children = self._children
+            if not children or self._waking or not all(
+                    not c.pending and not c.alone and not c.killed and not c.ended
+                    and now - c.used >= max_idle for c in children):
+                continue
+            for child in list(children):
+                try:
                     self._retire(child)
+                except Exception:
+                    log.exception("%s process %d could not be retired", self.name,
+                                  child.process.pid)
 
     def _retire(self, child: _Child) -> None:
         """An idle process exits: its pipe closes (it reads the end and returns) and its
@@ -402,6 +418,7 @@ class WorkerPool(Generic[C]):
         child.conn.close()
         self._children.remove(child)
         self._parked.add(child.slot)
+        self._retiring.add(child)
         self._track(self._reap(child))
 
     def _unpark(self, among: int | None) -> bool:
@@ -422,7 +439,7 @@ class WorkerPool(Generic[C]):
         assert self._changed is not None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(WAKE_WAIT), self._changed:
-                while not self._serving(among) and self._unpark(among):
+                while not (self._serving(among) or self._closing) and self._unpark(among):
                     await self._changed.wait()
         return self._serving(among)
 
@@ -433,7 +450,11 @@ class WorkerPool(Generic[C]):
     async def run(self, fn: Callable[..., T], *args: Any, among: int | None = None) -> T:
         """``fn(context, *args)`` in a worker process (``fn`` must be module-level),
         or in a thread here when none can.  ``among``: only the first so many slots."""
-        children = self._serving(among) or await self._woken(among)
+        children = self._serving(among)
+        if self._parked or self._waking:  # the pool was idle: its processes start again
+            self._unpark(among)
+            if not children:
+                children = await self._woken(among)
         if children:
             child = min(children, key=lambda c: len(c.pending))
             try:
@@ -512,6 +533,10 @@ class WorkerPool(Generic[C]):
             self._kill(child)
             await asyncio.to_thread(child.process.join, 5)
             self._lost(child)  # its calls fail; no other takes its place
+        for child in list(self._retiring):  # their reaping was cancelled above
+            self._kill(child)
+            await asyncio.to_thread(child.process.join, 5)
+        self._retiring.clear()
         self._children.clear()
         if self._changed is not None:
             await self._notify()  # calls waiting for a process: there will be none

@@ -164,31 +164,57 @@ def test_calls_alone_take_turns_in_a_process_beside_other_calls():
     assert together[-1][0] < together[0][1]  # the ordinary ones did overlap
 
 
-def test_an_idle_process_exits_and_the_next_call_has_one_started_again():
-    """After max_idle without a call a process exits (not while a call runs longer than
-    that); the next call, alone or not, is answered by a new process, not the daemon."""
+def test_an_idle_pool_exits_and_the_next_call_has_it_started_again():
+    """Processes exit only once none of the pool has had a call for max_idle (a light
+    load that keeps one busy keeps both); the next call, alone or not, is answered by
+    a new process, not the daemon, and every slot is started again."""
     async def calls(pool):
-        first, _, _ = await pool.run(span, 0.6)  # longer than max_idle: not retired
-        [busy] = [c.process for c in pool._children]
-        await wait_until(lambda: not busy.is_alive(), 5)
+        first = [c.process for c in pool._children]
+        await pool.run(span, 0.6)  # longer than max_idle: not retired while it runs
+        for _ in range(8):  # a call every 0.1 s: the pool is never idle as a whole
+            await pool.run(whoami, 0)
+            await asyncio.sleep(0.1)
+        assert [c.process for c in pool._children] == first
+        await wait_until(lambda: not any(p.is_alive() for p in first), 5)
         assert pool._children == []
         alone, _, _ = await pool.run_alone(span, 0.0, bound=10)
-        [second] = [c.process for c in pool._children]
-        await wait_until(lambda: not second.is_alive(), 5)
+        await wait_until(lambda: len(pool._children) == 2, 5)
+        second = [c.process for c in pool._children]
+        await wait_until(lambda: not any(p.is_alive() for p in second), 5)
         third, _, _ = await pool.run(span, 0.0)
-        return busy.pid, first, second.pid, alone, third
+        await wait_until(lambda: len(pool._children) == 2, 5)
+        return first, alone, second, third
 
-    async def main():
-        pool = WorkerPool("test", 1, 2, "the context", 30.0, max_idle=0.3)
-        await pool.start()
-        try:
-            return await calls(pool)
-        finally:
-            await pool.close()
+    first, alone, second, third = asyncio.run(with_pool(2, 0.3, calls))
+    assert alone in {p.pid for p in second}
+    pids = {p.pid for p in first} | {p.pid for p in second} | {third, os.getpid()}
+    assert len(pids) == 6
 
-    busy, first, second, alone, third = asyncio.run(main())
-    assert first == busy and alone == second
-    assert len({busy, second, third, os.getpid()}) == 4
+
+def test_a_process_retired_with_an_abandoned_call_in_hand_is_killed_at_close():
+    """A caller that gave up leaves its call running in the process; the pool goes idle
+    and its process is told to exit, which it cannot while the call runs: close()
+    kills it rather than leave it behind."""
+    async def calls(pool):
+        [process] = [c.process for c in pool._children]
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(pool.run(span, 30), 0.2)
+        await wait_until(lambda: pool._children == [], 5)
+        assert process.is_alive()
+        await pool.close()
+        return process
+
+    process = asyncio.run(with_pool(1, 0.3, calls))
+    assert not process.is_alive()
+
+
+async def with_pool(size: int, max_idle: float, calls):
+    pool = WorkerPool("test", size, 2, "the context", 30.0, max_idle=max_idle)
+    await pool.start()
+    try:
+        return await calls(pool)
+    finally:
+        await pool.close()
 
 
 async def wait_until(condition, seconds: float) -> None:

@@ -69,7 +69,7 @@ def is_sqlite(engine_or_url: Engine | str) -> bool:
 def preload(url: str) -> None:
     """Import what an engine for ``url`` loads on its creation (its dialect's modules
     and driver) in a process that forks the others, so that they share it: imported
-    in each after the fork, it was 4-5 MiB of memory of its own in every process."""
+    in each after the fork, it was 2-3 MiB of memory of its own in every process."""
     with contextlib.suppress(Exception):  # create() says what is wrong with the URL
         make_url(url).get_dialect().import_dbapi()
 
