@@ -170,22 +170,22 @@ def test_an_idle_pool_exits_and_the_next_call_has_it_started_again():
     a new process, not the daemon, and every slot is started again."""
     async def calls(pool):
         first = [c.process for c in pool._children]
-        await pool.run(span, 0.6)  # longer than max_idle: not retired while it runs
-        for _ in range(8):  # a call every 0.1 s: the pool is never idle as a whole
+        await pool.run(span, 1.5)  # longer than max_idle: not retired while it runs
+        for _ in range(15):  # a call every 0.1 s: the pool is never idle as a whole
             await pool.run(whoami, 0)
             await asyncio.sleep(0.1)
         assert [c.process for c in pool._children] == first
-        await wait_until(lambda: not any(p.is_alive() for p in first), 5)
+        await wait_until(lambda: not any(p.is_alive() for p in first), 10)
         assert pool._children == []
         alone, _, _ = await pool.run_alone(span, 0.0, bound=10)
-        await wait_until(lambda: len(pool._children) == 2, 5)
+        await wait_until(lambda: len(pool._children) == 2, 10)
         second = [c.process for c in pool._children]
-        await wait_until(lambda: not any(p.is_alive() for p in second), 5)
+        await wait_until(lambda: not any(p.is_alive() for p in second), 10)
         third, _, _ = await pool.run(span, 0.0)
-        await wait_until(lambda: len(pool._children) == 2, 5)
+        await wait_until(lambda: len(pool._children) == 2, 10)
         return first, alone, second, third
 
-    first, alone, second, third = asyncio.run(with_pool(2, 0.3, calls))
+    first, alone, second, third = asyncio.run(with_pool(2, 1.0, calls))
     assert alone in {p.pid for p in second}
     pids = {p.pid for p in first} | {p.pid for p in second} | {third, os.getpid()}
     assert len(pids) == 6
