@@ -167,7 +167,7 @@ class _Child:
     alone: bool = False  # a run_alone() call is in hand
     killed: bool = False  # on its way out: no new calls
     started: float = field(default_factory=time.monotonic)
-    used: float = field(default_factory=time.monotonic)  # when a call last began or ended
+    used: float = field(default_factory=time.monotonic)  # when its last call ended
     # Framed calls not yet written to the pipe (the loop writes what the pipe takes
     # and waits for it to drain), and bytes of results not yet whole.
     outbox: collections.deque[memoryview] = field(default_factory=collections.deque)
@@ -180,8 +180,8 @@ class WorkerPool(Generic[C]):
 
     A call may be limited to the processes of the first ``among`` slots: kinds of
     work configured with fewer processes than the pool has share it that way.
-    With ``max_idle`` seconds, a slot's process exits after that long without a call
-    and the slot is started again by the next call that needs it.
+    With ``max_idle`` seconds, the processes exit once none has had a call for that
+    long, and the next call has them started again.
     """
 
     def __init__(self, name: str, size: int, threads: int, context: C,
@@ -432,10 +432,8 @@ class WorkerPool(Generic[C]):
         return any(s < limit for s in self._waking)
 
     async def _woken(self, among: int | None) -> list[_Child]:
-        """For a call that found no process: those of retired slots, started again
-        (waits for the first, ``WAKE_WAIT`` at most)."""
-        if not self._unpark(among):
-            return []
+        """For a call that found no process while retired slots start again: waits for
+        the first (``WAKE_WAIT`` at most)."""
         assert self._changed is not None
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(WAKE_WAIT), self._changed:
@@ -451,10 +449,9 @@ class WorkerPool(Generic[C]):
         """``fn(context, *args)`` in a worker process (``fn`` must be module-level),
         or in a thread here when none can.  ``among``: only the first so many slots."""
         children = self._serving(among)
-        if self._parked or self._waking:  # the pool was idle: its processes start again
-            self._unpark(among)
-            if not children:
-                children = await self._woken(among)
+        # the pool was idle: its processes start again, and a call waits for the first
+        if (self._parked or self._waking) and self._unpark(among) and not children:
+            children = await self._woken(among)
         if children:
             child = min(children, key=lambda c: len(c.pending))
             try:
@@ -501,7 +498,6 @@ class WorkerPool(Generic[C]):
             raise WorkerError(f"{self.name} call not sent: {exc.__class__.__name__}: "
                               f"{exc}") from None
         child.pending[number] = future
-        child.used = time.monotonic()
         timer = loop.call_later(bound, self._overran, child, number, bound)
         try:
             return await future
@@ -529,13 +525,11 @@ class WorkerPool(Generic[C]):
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for child in list(self._children):
+        # the retiring too: their reaping was cancelled above
+        for child in [*self._children, *self._retiring]:
             self._kill(child)
             await asyncio.to_thread(child.process.join, 5)
             self._lost(child)  # its calls fail; no other takes its place
-        for child in list(self._retiring):  # their reaping was cancelled above
-            self._kill(child)
-            await asyncio.to_thread(child.process.join, 5)
         self._retiring.clear()
         self._children.clear()
         if self._changed is not None:

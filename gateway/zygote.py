@@ -241,7 +241,6 @@ class _Zygote:
         os.set_blocking(self.wakeup_w, False)
         signal.set_wakeup_fd(self.wakeup_w)
         signal.signal(signal.SIGCHLD, lambda *_: None)  # only to wake the select
-        gc.freeze()  # what the daemon imported stays untouched: shared with every child
         while True:
             readable = select.select([self.wakeup_r, *self.channels], [], [])[0]
             for fd in readable:
