@@ -20,7 +20,11 @@ tuples whose first item names the message.  Every child understands:
 A child's own messages are its module's to say.  ``Child`` is the daemon's side:
 it starts the process, restarts it when it dies (with a pause that grows when it
 dies soon after each start) and, at shutdown, waits for it to finish what it has
-in hand.  ``ChildLoop`` is the child's side of the pipe.
+in hand.  With ``max_idle``, a child that has had no work for that long is told to
+stop, as Postfix's master lets its idle services go; the next wake, or work the
+daemon finds waiting in the database, starts another.  The metrics of the children
+that ended are kept and added up with those of the one that runs, so that a
+counter carries on across restarts.  ``ChildLoop`` is the child's side of the pipe.
 """
 
 from __future__ import annotations
@@ -51,17 +55,67 @@ SHORT_LIFE = 10.0  # seconds: a child that ends sooner is restarted only after a
 MAX_PAUSE = 30.0  # seconds: the longest pause before a restart
 
 
+_SUMMED = frozenset({"counter", "histogram", "summary"})  # totals go on across children
+
+
+def _merged(ended: list[Metric], running: list[Metric]) -> list[Metric]:
+    """The families of the children that ended with those of the running one: the
+    counts of counters, histograms and summaries added up (their ``_created`` the
+    first), gauges as the running child has them."""
+    now = {family.name: family for family in running}
+    out = []
+    for old in ended:
+        new = now.pop(old.name, None)
+        if new is None:
+            out.append(old)
+            continue
+        if old.type not in _SUMMED:
+            out.append(new)
+            continue
+        family = Metric(new.name, new.documentation, new.type, new.unit)
+        values: dict[tuple[str, frozenset[tuple[str, str]]], Any] = {}
+        for sample in [*old.samples, *new.samples]:
+            key = (sample.name, frozenset(sample.labels.items()))
+            first = values.get(key)
+            if first is None:
+                values[key] = sample
+            elif not sample.name.endswith("_created"):
+                values[key] = first._replace(value=first.value + sample.value)
+        family.samples = list(values.values())
+        out.append(family)
+    return out + list(now.values())
+
+
 class _Families:
-    """A child's metrics in the daemon's registry: what it last reported, or the
-    daemon's own (empty) families until it has."""
+    """A child's metrics in the daemon's registry: what the children that ended
+    reported last, added to what the running one last reported; the daemon's own
+    (empty) families until a child has reported."""
 
     def __init__(self, fallback: list[Any]) -> None:
         self.fallback = fallback
-        self.families: list[Metric] | None = None
+        self.families: list[Metric] | None = None  # the running child's last report
+        self.ended: list[Metric] | None = None  # those of the children before it
+        self._lock = threading.Lock()
+
+    def report(self, families: list[Metric]) -> None:
+        with self._lock:
+            self.families = families
+
+    def child_ended(self) -> None:
+        """The running child ended: its last report joins those before it."""
+        with self._lock:
+            if self.families is not None:
+                self.ended = (self.families if self.ended is None
+                              else _merged(self.ended, self.families))
+                self.families = None
 
     def collect(self) -> Iterable[Metric]:
-        if self.families is not None:
-            return self.families
+        with self._lock:
+            families, ended = self.families, self.ended
+        if ended is not None:
+            return ended if families is None else _merged(ended, families)
+        if families is not None:
+            return families
         return [f for collector in self.fallback for f in collector.collect()]
 
 
@@ -89,17 +143,25 @@ class Child:
 
     ``target(conn, config, *state())`` is the child's module-level entry point;
     ``owned`` names the ``Metrics`` attributes the child reports.  A subclass
-    handles the child's other messages in ``received`` (on the event loop)."""
+    handles the child's other messages in ``received`` (on the event loop).
+
+    With ``max_idle`` (seconds; 0: never) the child is told to stop once it has had
+    no work (``worked``) for that long and says it has nothing in hand (``idle``);
+    another starts at the next ``wake``, or when ``needed`` (asked every
+    ``check_every`` seconds meanwhile) finds work waiting for it."""
 
     def __init__(self, what: str, target: Callable[..., None], config: GatewayConfig,
                  metrics: Metrics, owned: Iterable[str], state: Callable[[], tuple[Any, ...]],
-                 stop_timeout: float, nice: int = 0) -> None:
+                 stop_timeout: float, nice: int = 0, max_idle: float = 0.0,
+                 check_every: float = 2.0) -> None:
         self.what = what  # "delivery process": for the log
         self.target = target
         self.config = config
         self.state = state  # what the child works with, read at every (re)start and reload
         self.stop_timeout = stop_timeout  # seconds a stopping child may take
         self.nice = nice  # how much lower than the daemon's the child's priority is
+        self.max_idle = max_idle  # seconds without work before the child is let go
+        self.check_every = check_every  # while it is away: how often ``needed`` is asked
         collectors = [getattr(metrics, name) for name in owned]
         for collector in collectors:
             metrics.registry.unregister(collector)
@@ -108,25 +170,38 @@ class Child:
         self.process: Process | None = None
         self.conn: multiprocessing.connection.Connection | None = None
         self.stopping = False
+        self.away = False  # told to stop for want of work: not restarted until needed
         self.soon = _Soon(self.send)
+        self._last_work = time.monotonic()
+        self._needed = asyncio.Event()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ended: asyncio.Event | None = None
         self._supervisor: asyncio.Task[None] | None = None
+        self._idle_watch: asyncio.Task[None] | None = None
         self._send_lock = threading.Lock()
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         await self._start_child()
         self._supervisor = asyncio.create_task(self._supervise(), name=self.what)
+        if self.max_idle > 0:
+            self._idle_watch = asyncio.create_task(self._let_idle_go(),
+                                                   name=f"{self.what} idle")
 
-    async def _start_child(self) -> None:
+    async def _start_child(self, quiet: bool = False) -> None:
         process, conn = await asyncio.to_thread(spawn, self.target, self.config, *self.state(),
                                                 nice=self.nice)
-        self.process, self.conn = process, conn
+        with self._send_lock:  # the last child's pipe: its reader has ended
+            if self.conn is not None:
+                self.conn.close()
+            self.process, self.conn = process, conn
         self._ended = ended = asyncio.Event()
+        self._last_work = time.monotonic()
+        self.away = False
         threading.Thread(target=self._read, args=(conn, ended), name=f"{self.what} pipe",
                          daemon=True).start()
-        log.info("%s started (pid %d)", self.what, process.pid)
+        log.log(logging.DEBUG if quiet else logging.INFO, "%s started (pid %d)", self.what,
+                process.pid)
 
     def _read(self, conn: multiprocessing.connection.Connection, ended: asyncio.Event) -> None:
         """The pipe from the child, in a thread of its own: until it ends."""
@@ -141,10 +216,11 @@ class Child:
                 log.exception("%s: unreadable message", self.what)
                 break
             if message[0] == "metrics":
-                self.families.families = message[1]  # one reference swap: scrapes see either
+                self.families.report(message[1])
             else:
                 with contextlib.suppress(RuntimeError):  # the loop is closed
                     loop.call_soon_threadsafe(self.received, message)
+        self.families.child_ended()
         with contextlib.suppress(RuntimeError):  # the loop is closed: the daemon is gone
             loop.call_soon_threadsafe(ended.set)
 
@@ -162,17 +238,24 @@ class Child:
             await asyncio.to_thread(self.process.join, 5)
             if self.stopping:
                 return
-            log.error("%s (pid %d) ended with %s; starting another", self.what,
-                      self.process.pid, self.process.exitcode)
-            if time.monotonic() - started < SHORT_LIFE:
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, MAX_PAUSE)
-            else:
+            away = self.away
+            if away:
+                log.debug("%s (pid %d) left after %.0f s without work", self.what,
+                          self.process.pid, self.max_idle)
+                await self._until_needed()
                 pause = 1.0
+            else:
+                log.error("%s (pid %d) ended with %s; starting another", self.what,
+                          self.process.pid, self.process.exitcode)
+                if time.monotonic() - started < SHORT_LIFE:
+                    await asyncio.sleep(pause)
+                    pause = min(pause * 2, MAX_PAUSE)
+                else:
+                    pause = 1.0
             if self.stopping:
                 return
             try:
-                await self._start_child()
+                await self._start_child(quiet=away)
                 self.restarted()
             except Exception:  # loop boundary: try again after the pause
                 log.exception("%s could not be started", self.what)
@@ -180,7 +263,46 @@ class Child:
                 self._ended.set()
 
     def restarted(self) -> None:
-        """A new child took over from one that died (for a subclass's own state)."""
+        """A new child took over from one that ended (for a subclass's own state)."""
+
+    def worked(self) -> None:
+        """The child was given or reported work: it is not idle."""
+        self._last_work = time.monotonic()
+
+    def idle(self) -> bool:
+        """Whether the child, as it last said, has nothing in hand (a subclass's say)."""
+        return True
+
+    async def needed(self) -> bool:
+        """While the child is away: whether work waits that it would take (a subclass's
+        look at the database)."""
+        return False
+
+    async def _let_idle_go(self) -> None:
+        """Tell the child to stop once it has had no work for ``max_idle`` seconds."""
+        every = max(self.max_idle / 4, 0.25)
+        while not self.stopping:
+            await asyncio.sleep(every)
+            running = self._ended is not None and not self._ended.is_set()
+            if (running and not self.away and self.idle()
+                    and time.monotonic() - self._last_work >= self.max_idle):
+                self.away = True
+                self._needed.clear()
+                self.send(("stop",))  # it finishes what it has in hand, as at shutdown
+
+    async def _until_needed(self) -> None:
+        """While the child is away: until it is woken or work waits for it."""
+        while not self.stopping:
+            try:
+                await asyncio.wait_for(self._needed.wait(), self.check_every)
+                return
+            except TimeoutError:
+                pass
+            try:
+                if await self.needed():
+                    return
+            except Exception:  # loop boundary: the database may be away; look again
+                log.debug("%s: looking for work failed", self.what, exc_info=True)
 
     def send(self, message: tuple[Any, ...]) -> None:
         conn = self.conn
@@ -190,8 +312,13 @@ class Child:
             conn.send(message)  # a child that died is restarted by the supervisor
 
     def wake(self) -> None:
-        """New work is in the database: one message to the child, however many calls."""
-        self.soon(("wake",))
+        """New work is in the database: one message to the child, however many calls;
+        another child when the last one left for want of work."""
+        self._last_work = time.monotonic()
+        if self.away:
+            self._needed.set()
+        else:
+            self.soon(("wake",))
 
     def reloaded(self) -> None:
         """What the child works with changed (``state()``): the child follows."""
@@ -199,6 +326,9 @@ class Child:
 
     async def stop(self) -> None:
         self.stopping = True
+        self._needed.set()
+        if self._idle_watch is not None:
+            self._idle_watch.cancel()
         process, ended = self.process, self._ended
         self.send(("stop",))
         if process is not None and ended is not None:

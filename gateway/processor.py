@@ -8,6 +8,10 @@ smtpd.  It claims stored messages with leases; what it had in hand when it dies
 is claimed again once the lease runs out.  It runs at a lower priority than the
 main process (``NICE``): when every core is busy, the kernel gives the SMTP
 sessions the CPU first.
+After ``pipeline.max_idle`` without work it is let go, as Postfix's cleanup is
+after its ``max_idle``: the next commit starts another, and so does a received
+message the daemon finds unclaimed (it looks every ``pipeline.poll_interval``:
+another instance's mail, or its lease run out).
 
 Beside the messages every child understands:
 
@@ -62,7 +66,9 @@ class Processor(Child):
     def __init__(self, config: GatewayConfig, metrics: Metrics, store: Store,
                  policies: Callable[[], PolicySet], planned: Callable[[], None]) -> None:
         super().__init__("pipeline process", serve, config, metrics, OWNED,
-                         lambda: (policies(),), config.pipeline.lease_time + STOP_GRACE, NICE)
+                         lambda: (policies(),), config.pipeline.lease_time + STOP_GRACE, NICE,
+                         max_idle=config.pipeline.max_idle,
+                         check_every=config.pipeline.poll_interval)
         self.store = store
         self.planned = planned  # deliveries were planned: the delivery process is woken
         self.burst_delay = config.pipeline.burst_delay
@@ -90,14 +96,24 @@ class Processor(Child):
     def received(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "planned":
+            self.worked()
             self.planned()
         elif kind == "finished":
+            self.worked()
             self.backlog_since = message[2]
             self.flow.finished(message[1])
         elif kind == "backlog":
+            self.worked()
             self.backlog_since = message[1]
         else:
             super().received(message)
+
+    def idle(self) -> bool:
+        return self.backlog_since is None
+
+    async def needed(self) -> bool:
+        # mail another instance stored, or left with its lease run out
+        return await asyncio.to_thread(self.store.claimable)
 
     def restarted(self) -> None:
         self.backlog_since = None

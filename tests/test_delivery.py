@@ -14,9 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from gateway.clock import utcnow
 from gateway.delivery import journal as journal_module
 from gateway.delivery.smtp import PERMANENT, SENT, TEMPORARY, Result, Sender, Target
-from tests.conftest import simple_message, wait_for
+from gateway.records import NewMessage
+from gateway.store import database
+from gateway.store.ids import new_id
+from gateway.store.repository import Store
+from tests.conftest import free_port, settled, simple_message, wait_for
 
 RETENTION = """
 default: 1y
@@ -45,7 +50,7 @@ tenants:
 """
 
 
-def _gateway(make_gateway, tmp_path, sinks, **delivery):
+def _gateway(make_gateway, tmp_path, sinks, pipeline=None, metrics=None, **delivery):
     policies = tmp_path / "policies"
     policies.mkdir(exist_ok=True)
     (policies / "workflows.yaml").write_text(WORKFLOWS)
@@ -58,6 +63,8 @@ def _gateway(make_gateway, tmp_path, sinks, **delivery):
         "policies": {"directory": str(policies)},
         "destinations": {"finance": {"host": "127.0.0.1", "port": finance.port, "tls": "none"}},
         "delivery": settings,
+        "pipeline": pipeline or {},
+        "metrics": metrics or {},
     })
 
 
@@ -349,6 +356,61 @@ def test_a_pipeline_process_killed_with_messages_in_hand_is_replaced_and_nothing
     names = gw.children().values()
     assert "mailflowr-pipe" in names and victim not in gw.children()
     assert gw.proc.poll() is None
+
+
+def test_a_pipeline_process_without_work_leaves_and_mail_brings_another(
+        make_gateway, tmp_path, sinks):
+    """After ``pipeline.max_idle`` without work the pipeline process exits, as
+    Postfix's cleanup does: a quiet gateway holds one process fewer.  The next
+    message starts another, and so does mail the daemon was not told of (another
+    instance's, stored straight into the database), which it finds there; the
+    pipeline's counters carry on from one process to the next."""
+    gw = _gateway(make_gateway, tmp_path, sinks, pipeline={"max_idle": "1s"},
+                  metrics={"listen": f"127.0.0.1:{free_port()}"})
+    relay, _ = sinks
+    processed = "mailflowr_gateway_pipeline_messages_total"
+
+    def pipeline() -> list[int]:
+        return [pid for pid, name in gw.children().items() if name == "mailflowr-pipe"]
+
+    def left() -> bool:
+        return not pipeline()
+
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject="m0"))
+    wait_for(lambda: len(relay.messages) >= 3, what="three copies")
+    (first,) = pipeline()
+    wait_for(left, timeout=20, what="the idle pipeline process to exit")
+    settled(gw, processed, 1, tenant="acme", outcome="processed")  # kept while it is away
+
+    with gw.smtp() as s:
+        s.sendmail("a@sender.test", ["support@acme.test"], simple_message(subject="m1"))
+    wait_for(lambda: len(relay.messages) >= 6, what="six copies")
+    (second,) = wait_for(pipeline, what="a new pipeline process")
+    assert second != first
+    settled(gw, processed, 2, tenant="acme", outcome="processed")
+
+    wait_for(left, timeout=20, what="the pipeline process to exit again")
+    aside = Store(database.create(gw.db_url, pool_size=1))
+
+    async def store_one() -> None:
+        await aside.start()
+        await aside.accept([NewMessage(
+            id=new_id(), tenant_id="acme", mail_from="a@sender.test",
+            recipients=("support@acme.test",), data=simple_message(subject="m2"),
+            received_at=utcnow(), client_address="127.0.0.1", helo="other.test",
+            protocol="ESMTP", trace_header="", smtputf8=False)])
+        await aside.close()
+
+    asyncio.run(store_one())
+    aside.engine.dispose()
+    wait_for(lambda: len(relay.messages) >= 9, timeout=20, what="nine copies")
+    time.sleep(1)  # a copy sent twice would be in by now
+    keys = [(m.rcpt_tos[0], m.headers["Subject"]) for m in relay.messages]
+    assert len(keys) == 9 and len(set(keys)) == 9, keys
+    assert [r["status"] for r in gw.messages()] == ["processed"] * 3
+    settled(gw, processed, 3, tenant="acme", outcome="processed")
+    assert "ended with" not in gw.log() and gw.proc.poll() is None
 
 
 def test_a_delivery_process_killed_mid_copy_is_replaced_and_nothing_is_lost(

@@ -131,6 +131,7 @@ class PipelineConfig(Section):
     lease_time: LeaseTime = 300.0
     burst_delay: Duration = 5.0
     burst_load: float = Field(default=1.0, ge=0.0, le=1.0)
+    max_idle: Duration = 100.0  # the pipeline process exits after this long without work
 
 
 class MetricsConfig(Section):

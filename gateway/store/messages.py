@@ -137,6 +137,19 @@ class MessageStore(StoreBase):
                 )
         return ids
 
+    def claimable(self) -> bool:
+        """Whether a received message waits unleased or with its lease run out: what
+        ``claim`` would take (a pipeline process that left for want of work is started
+        again when one does)."""
+        now = utcnow()
+        with self.engine.connect().execution_options(readonly=True) as conn:
+            return conn.execute(
+                select(messages.c.id)
+                .where(messages.c.status == RECEIVED,
+                       or_(messages.c.lease_until.is_(None), messages.c.lease_until < now))
+                .limit(1)
+            ).first() is not None
+
     def release_dead_leases(self, table_name: Literal["messages", "deliveries"], host: str,
                             alive: Callable[[int], bool]) -> int:
         """Free the leases of this host's processes that no longer run, in one table.
