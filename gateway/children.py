@@ -61,16 +61,17 @@ _SUMMED = frozenset({"counter", "histogram", "summary"})  # totals go on across 
 def _merged(ended: list[Metric], running: list[Metric]) -> list[Metric]:
     """The families of the children that ended with those of the running one: the
     counts of counters, histograms and summaries added up (their ``_created`` the
-    first), gauges as the running child has them."""
+    first), gauges and the rest as the running child has them (none while none runs)."""
     now = {family.name: family for family in running}
     out = []
     for old in ended:
         new = now.pop(old.name, None)
+        if old.type not in _SUMMED:
+            if new is not None:
+                out.append(new)
+            continue
         if new is None:
             out.append(old)
-            continue
-        if old.type not in _SUMMED:
-            out.append(new)
             continue
         family = Metric(new.name, new.documentation, new.type, new.unit)
         values: dict[tuple[str, frozenset[tuple[str, str]]], Any] = {}
@@ -105,8 +106,8 @@ class _Families:
         """The running child ended: its last report joins those before it."""
         with self._lock:
             if self.families is not None:
-                self.ended = (self.families if self.ended is None
-                              else _merged(self.ended, self.families))
+                self.ended = [family for family in _merged(self.ended or [], self.families)
+                              if family.type in _SUMMED]
                 self.families = None
 
     def collect(self) -> Iterable[Metric]:
@@ -178,6 +179,7 @@ class Child:
         self._ended: asyncio.Event | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._idle_watch: asyncio.Task[None] | None = None
+        self._starting = asyncio.Lock()  # a restart in progress: stop() waits for it
         self._send_lock = threading.Lock()
 
     async def start(self) -> None:
@@ -197,11 +199,15 @@ class Child:
             self.process, self.conn = process, conn
         self._ended = ended = asyncio.Event()
         self._last_work = time.monotonic()
+        woken = self._needed.is_set()  # perhaps by a commit after the new child's first claim
+        self._needed.clear()
         self.away = False
         threading.Thread(target=self._read, args=(conn, ended), name=f"{self.what} pipe",
                          daemon=True).start()
         log.log(logging.DEBUG if quiet else logging.INFO, "%s started (pid %d)", self.what,
                 process.pid)
+        if woken:
+            self.soon(("wake",))
 
     def _read(self, conn: multiprocessing.connection.Connection, ended: asyncio.Event) -> None:
         """The pipe from the child, in a thread of its own: until it ends."""
@@ -238,7 +244,7 @@ class Child:
             await asyncio.to_thread(self.process.join, 5)
             if self.stopping:
                 return
-            away = self.away
+            away = self.away and self.process.exitcode == 0  # not a death on the way out
             if away:
                 log.debug("%s (pid %d) left after %.0f s without work", self.what,
                           self.process.pid, self.max_idle)
@@ -252,15 +258,17 @@ class Child:
                     pause = min(pause * 2, MAX_PAUSE)
                 else:
                     pause = 1.0
-            if self.stopping:
-                return
-            try:
-                await self._start_child(quiet=away)
-                self.restarted()
-            except Exception:  # loop boundary: try again after the pause
-                log.exception("%s could not be started", self.what)
-                self._ended = asyncio.Event()
-                self._ended.set()
+            async with self._starting:
+                if self.stopping:
+                    return
+                try:
+                    await self._start_child(quiet=away)
+                    self.restarted()
+                except Exception:  # loop boundary: try again after the pause
+                    log.exception("%s could not be started", self.what)
+                    self.away = False  # the next try waits for the pause
+                    self._ended = asyncio.Event()
+                    self._ended.set()
 
     def restarted(self) -> None:
         """A new child took over from one that ended (for a subclass's own state)."""
@@ -329,7 +337,8 @@ class Child:
         self._needed.set()
         if self._idle_watch is not None:
             self._idle_watch.cancel()
-        process, ended = self.process, self._ended
+        async with self._starting:  # a child being started is stopped, not left behind
+            process, ended = self.process, self._ended
         self.send(("stop",))
         if process is not None and ended is not None:
             try:
