@@ -82,3 +82,47 @@ def test_a_renamed_family_keeps_its_old_name_for_one_release():
         assert f"# HELP {old} Renamed {new}; this name goes in {until}." in text
         assert re.search(rf"^{old}{{.*}} 7\.0$", text, re.M)  # the same samples
         assert not re.search(rf"\b{old}\b", shipped)  # the shipped rules have moved over
+
+
+def test_a_child_process_metrics_carry_on_after_it_ends():
+    """The daemon shows what its child processes report: once a child has ended
+    (idle, or dead and replaced), the next one's counters and histograms are added to
+    what the ended ones had reached, with the first child's creation time; a gauge
+    is the running child's alone, and none is shown while no child runs."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.children import _Families
+
+    def child(done: int, seconds: list[float], in_hand: int) -> list:
+        registry = CollectorRegistry()
+        Counter("jobs", "Jobs done.", ["kind"], registry=registry).labels("a").inc(done)
+        histogram = Histogram("took_seconds", "Time.", buckets=(1.0,), registry=registry)
+        for s in seconds:
+            histogram.observe(s)
+        Gauge("in_hand", "Jobs in hand.", registry=registry).set(in_hand)
+        return list(registry.collect())
+
+    def shown(families: _Families) -> dict[tuple[str, frozenset], float]:
+        registry = CollectorRegistry()
+        registry.register(families)
+        text = generate_latest(registry).decode()
+        return {(s.name, frozenset(s.labels.items())): s.value
+                for f in text_string_to_metric_families(text) for s in f.samples}
+
+    families = _Families([])
+    first = child(3, [0.5, 2.0], 4)
+    families.report(first)
+    created = shown(families)[("jobs_created", frozenset({("kind", "a")}))]
+    families.child_ended()
+    gone = shown(families)
+    assert gone[("jobs_total", frozenset({("kind", "a")}))] == 3
+    assert ("in_hand", frozenset()) not in gone
+    families.report(child(2, [0.25], 1))
+    now = shown(families)
+    assert now[("jobs_total", frozenset({("kind", "a")}))] == 5
+    assert now[("jobs_created", frozenset({("kind", "a")}))] == created
+    assert now[("took_seconds_bucket", frozenset({("le", "1.0")}))] == 2
+    assert now[("took_seconds_count", frozenset())] == 3
+    assert now[("took_seconds_sum", frozenset())] == 2.75
+    assert now[("in_hand", frozenset())] == 1
