@@ -180,6 +180,7 @@ class Child:
         self._supervisor: asyncio.Task[None] | None = None
         self._idle_watch: asyncio.Task[None] | None = None
         self._starting = asyncio.Lock()  # a restart in progress: stop() waits for it
+        self._reloads = 0  # reloads so far: one during a start is sent again
         self._send_lock = threading.Lock()
 
     async def start(self) -> None:
@@ -191,6 +192,7 @@ class Child:
                                                    name=f"{self.what} idle")
 
     async def _start_child(self, quiet: bool = False) -> None:
+        reloads = self._reloads
         process, conn = await asyncio.to_thread(spawn, self.target, self.config, *self.state(),
                                                 nice=self.nice)
         with self._send_lock:  # the last child's pipe: its reader has ended
@@ -206,6 +208,8 @@ class Child:
                          daemon=True).start()
         log.log(logging.DEBUG if quiet else logging.INFO, "%s started (pid %d)", self.what,
                 process.pid)
+        if reloads != self._reloads:  # a reload while it started went to the last one
+            self.reloaded()
         if woken:
             self.soon(("wake",))
 
@@ -237,6 +241,7 @@ class Child:
     async def _supervise(self) -> None:
         """Restart the child whenever it ends while the daemon runs."""
         pause = 1.0
+        unstarted = False  # the last start failed (and said so)
         while True:
             started = time.monotonic()
             assert self._ended is not None and self.process is not None
@@ -251,8 +256,9 @@ class Child:
                 await self._until_needed()
                 pause = 1.0
             else:
-                log.error("%s (pid %d) ended with %s; starting another", self.what,
-                          self.process.pid, self.process.exitcode)
+                if not unstarted:
+                    log.error("%s (pid %d) ended with %s; starting another", self.what,
+                              self.process.pid, self.process.exitcode)
                 if time.monotonic() - started < SHORT_LIFE:
                     await asyncio.sleep(pause)
                     pause = min(pause * 2, MAX_PAUSE)
@@ -261,11 +267,13 @@ class Child:
             async with self._starting:
                 if self.stopping:
                     return
+                unstarted = False
                 try:
                     await self._start_child(quiet=away)
                     self.restarted()
                 except Exception:  # loop boundary: try again after the pause
                     log.exception("%s could not be started", self.what)
+                    unstarted = True
                     self.away = False  # the next try waits for the pause
                     self._ended = asyncio.Event()
                     self._ended.set()
@@ -330,6 +338,7 @@ class Child:
 
     def reloaded(self) -> None:
         """What the child works with changed (``state()``): the child follows."""
+        self._reloads += 1
         self.send(("state", *self.state()))
 
     async def stop(self) -> None:
