@@ -11,7 +11,8 @@
 # PG_URL names the server (default: the local one of the test suite).
 # COPIES=1: the whole copies job instead of acceptance alone: bench/gateway-copies.yaml
 # (a Cc and a Bcc copy of each message, relayed to the smtp-sink of
-# ../shared/peers/e2e.sh on 127.0.0.1:2529, started here), timed until every copy is sent.
+# ../shared/peers/e2e.sh on 127.0.0.1:2529, started here), timed until every copy is sent;
+# each run prints the copies the sink took: twice the messages, so none went twice.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PG_URL=${PG_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
@@ -74,6 +75,9 @@ while True:
     time.sleep(0.05)
 PY
 }
+sink_copies() { # copies the e2e sink has taken since it started
+    ../shared/peers/e2e.sh status | sed -n 's/^copies at the sink since it started: //p'
+}
 cpu() { # -> "busy gateways postgres": CPU seconds since boot of all cores (outside idle,
     # iowait and steal), of the started gateways with their worker processes, and of the
     # local PostgreSQL's processes; read by one awk, so that it takes next to no time
@@ -106,13 +110,13 @@ fresh_db() {
 }
 run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-source
     # per port, all at once
-    local conc=$1 msgs=$2 port t0 t1 c0 c1 sources=()
+    local conc=$1 msgs=$2 port t0 t1 c0 c1 k0=0 sources=()
     shift 2
     for port in "$@"; do  # warm-up, not counted
         "$SMTP_SOURCE" -s 4 -m 100 -l "$SIZE" -f a@bench.test -t b@bench.test "127.0.0.1:$port"
     done
     sleep 1
-    [ "${COPIES:-0}" = 1 ] && settled
+    [ "${COPIES:-0}" = 1 ] && { settled; k0=$(sink_copies); }
     c0=$(cpu)
     t0=$(date +%s%N)
     for port in "$@"; do
@@ -124,6 +128,13 @@ run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-s
     [ "${COPIES:-0}" = 1 ] && settled
     t1=$(date +%s%N)
     c1=$(cpu)
+    if [ "${COPIES:-0}" = 1 ]; then  # every copy once: twice the messages, no more
+        local want=$((2 * msgs * $#)) got
+        for _ in $(seq 1 30); do
+            got=$(( $(sink_copies) - k0 )); [ "$got" -ge "$want" ] && break; sleep 0.1
+        done
+        echo "  $# instance(s): copies at the sink $got of $want" >&2
+    fi
     python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}', *(f'{b - a:.2f}' for a, b in zip(
         map(float, '$c0'.split()), map(float, '$c1'.split()))))"
 }
