@@ -134,6 +134,7 @@ run() { # CONC MSGS PORT... -> "wall_s busy_s gateways_s postgres_s": one smtp-s
             got=$(( $(sink_copies) - k0 )); [ "$got" -ge "$want" ] && break; sleep 0.1
         done
         echo "  $# instance(s): copies at the sink $got of $want" >&2
+        [ "$got" -eq "$want" ] || echo "  COPY COUNT MISMATCH: $got copies for $want" >&2
     fi
     python3 -c "print(f'{($t1 - $t0) / 1e9:.3f}', *(f'{b - a:.2f}' for a, b in zip(
         map(float, '$c0'.split()), map(float, '$c1'.split()))))"

@@ -8,8 +8,11 @@ import re
 import subprocess
 
 import yaml
-from prometheus_client import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.children import _Families
 from gateway.metrics import Metrics
 from tests.conftest import ROOT, need_tool
 
@@ -89,12 +92,7 @@ def test_a_child_process_metrics_carry_on_after_it_ends():
     (idle, or dead and replaced), the next one's counters and histograms are added to
     what the ended ones had reached, with the first child's creation time; a gauge
     is the running child's alone, and none is shown while no child runs."""
-    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-    from prometheus_client.parser import text_string_to_metric_families
-
-    from gateway.children import _Families
-
-    def child(done: int, seconds: list[float], in_hand: int) -> list:
+    def child(done: int, seconds: list[float], in_hand: int) -> list[Metric]:
         registry = CollectorRegistry()
         Counter("jobs", "Jobs done.", ["kind"], registry=registry).labels("a").inc(done)
         histogram = Histogram("took_seconds", "Time.", buckets=(1.0,), registry=registry)
@@ -103,7 +101,7 @@ def test_a_child_process_metrics_carry_on_after_it_ends():
         Gauge("in_hand", "Jobs in hand.", registry=registry).set(in_hand)
         return list(registry.collect())
 
-    def shown(families: _Families) -> dict[tuple[str, frozenset], float]:
+    def shown(families: _Families) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
         registry = CollectorRegistry()
         registry.register(families)
         text = generate_latest(registry).decode()
