@@ -59,17 +59,13 @@ _SUMMED = frozenset({"counter", "histogram", "summary"})  # totals go on across 
 
 
 def _merged(ended: list[Metric], running: list[Metric]) -> list[Metric]:
-    """The families of the children that ended with those of the running one: the
-    counts of counters, histograms and summaries added up (their ``_created`` the
-    first), gauges and the rest as the running child has them (none while none runs)."""
+    """The counters, histograms and summaries of the children that ended (``ended``
+    holds no other kind) with the families of the running one: counts added up
+    (their ``_created`` the first), gauges and the rest as the running child has them."""
     now = {family.name: family for family in running}
     out = []
     for old in ended:
         new = now.pop(old.name, None)
-        if old.type not in _SUMMED:
-            if new is not None:
-                out.append(new)
-            continue
         if new is None:
             out.append(old)
             continue
@@ -147,7 +143,8 @@ class Child:
     handles the child's other messages in ``received`` (on the event loop).
 
     With ``max_idle`` (seconds; 0: never) the child is told to stop once it has had
-    no work (``worked``) for that long and says it has nothing in hand (``idle``);
+    no work for that long (no wake, no message from it but its metrics) and says it
+    has nothing in hand (``idle``);
     another starts at the next ``wake``, or when ``needed`` (asked every
     ``check_every`` seconds meanwhile) finds work waiting for it."""
 
@@ -228,6 +225,7 @@ class Child:
             if message[0] == "metrics":
                 self.families.report(message[1])
             else:
+                self._last_work = time.monotonic()  # a child speaks of its work
                 with contextlib.suppress(RuntimeError):  # the loop is closed
                     loop.call_soon_threadsafe(self.received, message)
         self.families.child_ended()
@@ -280,10 +278,6 @@ class Child:
 
     def restarted(self) -> None:
         """A new child took over from one that ended (for a subclass's own state)."""
-
-    def worked(self) -> None:
-        """The child was given or reported work: it is not idle."""
-        self._last_work = time.monotonic()
 
     def idle(self) -> bool:
         """Whether the child, as it last said, has nothing in hand (a subclass's say)."""

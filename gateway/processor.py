@@ -96,14 +96,11 @@ class Processor(Child):
     def received(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
         if kind == "planned":
-            self.worked()
             self.planned()
         elif kind == "finished":
-            self.worked()
             self.backlog_since = message[2]
             self.flow.finished(message[1])
         elif kind == "backlog":
-            self.worked()
             self.backlog_since = message[1]
         else:
             super().received(message)

@@ -15,10 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sqlalchemy import (
+    ColumnElement,
     Connection,
     Engine,
+    Table,
     func,
     insert,
+    or_,
     select,
     update,
 )
@@ -33,6 +36,11 @@ from gateway.store.models import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def lease_free(table: Table, now: object) -> ColumnElement[bool]:
+    """A row of ``table`` nobody holds: never leased, or its lease run out."""
+    return or_(table.c.lease_until.is_(None), table.c.lease_until < now)
 
 
 def _is_connection_error(exc: DBAPIError) -> bool:

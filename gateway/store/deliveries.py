@@ -12,7 +12,6 @@ from sqlalchemy import (
     bindparam,
     func,
     insert,
-    or_,
     select,
     update,
 )
@@ -23,7 +22,7 @@ from gateway.records import (
     DeliveryJob,
     QueueStats,
 )
-from gateway.store.base import StoreBase
+from gateway.store.base import StoreBase, lease_free
 from gateway.store.intake import _insert_messages
 from gateway.store.keystore import KeyUnavailable
 from gateway.store.models import (
@@ -111,7 +110,7 @@ class DeliveryStore(StoreBase):
                 .where(
                     deliveries.c.status == PENDING,
                     deliveries.c.next_attempt_at <= now,
-                    or_(deliveries.c.lease_until.is_(None), deliveries.c.lease_until < now),
+                    lease_free(deliveries, now),
                 )
                 .order_by(deliveries.c.next_attempt_at, deliveries.c.id)
                 .limit(limit)

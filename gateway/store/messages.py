@@ -25,7 +25,7 @@ from gateway.records import (
     tags_of,
 )
 from gateway.store import search
-from gateway.store.base import StoreBase
+from gateway.store.base import StoreBase, lease_free
 from gateway.store.models import (
     PENDING,
     PROCESSED,
@@ -101,7 +101,7 @@ class MessageStore(StoreBase):
                 .where(
                     messages.c.status == RECEIVED,
                     messages.c.attempts >= MAX_ATTEMPTS,
-                    or_(messages.c.lease_until.is_(None), messages.c.lease_until < now),
+                    lease_free(messages, now),
                 )
                 .values(
                     status=QUARANTINED,
@@ -117,8 +117,7 @@ class MessageStore(StoreBase):
                         messages.c.status == RECEIVED,
                         # our own lease is stale by now: the caller works one claim at a
                         # time, so it is from a claim or save that failed half-way
-                        or_(messages.c.lease_until.is_(None), messages.c.lease_until < now,
-                            messages.c.lease_owner == owner),
+                        or_(lease_free(messages, now), messages.c.lease_owner == owner),
                     )
                     .order_by(messages.c.id)
                     .limit(limit)
@@ -145,8 +144,7 @@ class MessageStore(StoreBase):
         with self.engine.connect().execution_options(readonly=True) as conn:
             return conn.execute(
                 select(messages.c.id)
-                .where(messages.c.status == RECEIVED,
-                       or_(messages.c.lease_until.is_(None), messages.c.lease_until < now))
+                .where(messages.c.status == RECEIVED, lease_free(messages, now))
                 .limit(1)
             ).first() is not None
 
