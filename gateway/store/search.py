@@ -325,7 +325,10 @@ class SearchStore(StoreBase):
     @staticmethod
     def _sqlite_snippets(conn: Connection, match: str, ids: list[str]) -> dict[str, str]:
         """A snippet of each message, from the first of body, subject, attachment names
-        and addresses where a word matched (else the body's start)."""
+        and addresses where a word matched (else the body's start).  The page's entries
+        are named by rowid, which FTS5 seeks to in the match's lists: named by message
+        id through the join, every match of the query was read to find them (350 ms for
+        a word in most of a million messages, 4 ms this way)."""
         columns = (4, 1, 5, 2, 3)  # body, subject, attachments, sender, recipients
         found = conn.execute(text(
             "SELECT r.message_id, " + ", ".join(
@@ -333,7 +336,8 @@ class SearchStore(StoreBase):
                 for c in columns) +
             " FROM message_search JOIN message_search_rows AS r "
             "ON r.id = message_search.rowid "
-            "WHERE message_search MATCH :match AND r.message_id IN :ids"
+            "WHERE message_search MATCH :match AND message_search.rowid IN "
+            "(SELECT id FROM message_search_rows WHERE message_id IN :ids)"
         ).bindparams(bindparam("ids", expanding=True)), {"match": match, "ids": ids})
         out = {}
         for row in found:
