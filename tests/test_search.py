@@ -431,3 +431,28 @@ def test_entries_indexed_before_the_facets_are_found_and_completed_by_reindex(
         engine.dispose()
         for cleanup in cleanups:
             cleanup()
+
+
+def test_each_result_of_a_page_has_the_snippet_of_its_own_message(store):
+    """Snippets are drawn for the page's entries only, each its own message's, for
+    words and for a prefix (whose page is walked as a range of the index's entries:
+    an entry in that range but not on the page gets none, and takes no place)."""
+    from datetime import timedelta
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    said = {}
+    for n, word in enumerate(["alphabet", "alphorn", "alpine", "alphanumeric", "alphas"]):
+        body = f"report {n} names {word} " + "filler " * (n * 3)
+        said[_stored(store, "acme", f"report {n}", body, start + timedelta(days=n))] = word
+    _stored(store, "globex", "report", "alphabet alphorn", start)
+    for text, page in (("alph*", 2), ("report", 3), ("names", 5)):
+        found = store.search("acme", query.parse(text), page)
+        assert len(found) == page
+        for hit in found:
+            marked = [s["text"].lower() for s in hit["snippet"] if s["match"]]
+            whole = "".join(s["text"] for s in hit["snippet"])
+            assert said[hit["id"]] in whole, (text, hit)
+            assert set(marked) == ({said[hit["id"]]} if text == "alph*" else {text})
+    second = store.search("acme", query.parse("alph*"), 2, offset=2)
+    assert len(second) == 2 and all(said[h["id"]] in "".join(s["text"] for s in h["snippet"])
+                                    for h in second)

@@ -272,7 +272,8 @@ class SearchStore(StoreBase):
             if not _in_index(query):
                 snippets: dict[str, str] = {}
             elif self._sqlite:
-                snippets = self._sqlite_snippets(conn, match, ids)
+                snippets = self._sqlite_snippets(
+                    conn, match, ids, any(t.prefix for t in query.terms))
             else:
                 snippets = self._pg_snippets(conn, query, ids) if query.terms else {}
         return [{"id": r.id, "received_at": aware(r.received_at), "status": r.status,
@@ -323,26 +324,34 @@ class SearchStore(StoreBase):
                 .where(*where).order_by(hits.c.rank, *newest).limit(limit).offset(offset))
 
     @staticmethod
-    def _sqlite_snippets(conn: Connection, match: str, ids: list[str]) -> dict[str, str]:
+    def _sqlite_snippets(conn: Connection, match: str, ids: list[str],
+                         prefix: bool) -> dict[str, str]:
         """A snippet of each message, from the first of body, subject, attachment names
         and addresses where a word matched (else the body's start).  The page's entries
         are named by rowid, which FTS5 seeks to in the match's lists: named by message
-        id through the join, every match of the query was read to find them (350 ms for
-        a word in most of a million messages, 4 ms this way)."""
+        id through a join, every match of the query was read to find them (350 ms for a
+        word in most of a million messages, 4 ms by rowid).  A prefix's list is built
+        whole at each seek, so with a ``prefix`` term the page's range of rowids is
+        walked once instead (1.9 s against 0.1 s for a common one)."""
+        entries: dict[int, str] = {r.id: r.message_id for r in conn.execute(
+            text("SELECT id, message_id FROM message_search_rows WHERE message_id IN :ids")
+            .bindparams(bindparam("ids", expanding=True)), {"ids": ids})}
+        if not entries:
+            return {}
         columns = (4, 1, 5, 2, 3)  # body, subject, attachments, sender, recipients
+        page = "rowid BETWEEN :lo AND :hi AND +rowid IN :rowids" if prefix \
+            else "rowid IN :rowids"
         found = conn.execute(text(
-            "SELECT r.message_id, " + ", ".join(
+            "SELECT rowid, " + ", ".join(
                 f"snippet(message_search, {c}, '{START}', '{STOP}', '…', {SNIPPET_WORDS})"
                 for c in columns) +
-            " FROM message_search JOIN message_search_rows AS r "
-            "ON r.id = message_search.rowid "
-            "WHERE message_search MATCH :match AND message_search.rowid IN "
-            "(SELECT id FROM message_search_rows WHERE message_id IN :ids)"
-        ).bindparams(bindparam("ids", expanding=True)), {"match": match, "ids": ids})
+            f" FROM message_search WHERE message_search MATCH :match AND {page}"
+        ).bindparams(bindparam("rowids", expanding=True)),
+            {"match": match, "rowids": list(entries), "lo": min(entries), "hi": max(entries)})
         out = {}
         for row in found:
             marked = [s for s in row[1:] if s and START in s]
-            out[row[0]] = marked[0] if marked else (row[1] or "")
+            out[entries[row[0]]] = marked[0] if marked else (row[1] or "")
         return out
 
     @staticmethod
