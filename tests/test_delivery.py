@@ -451,8 +451,12 @@ def test_children_are_forked_by_the_zygote_and_without_it_still_replaced(
     replaced by a fresh interpreter, and mail still flows."""
     gw = _gateway(make_gateway, tmp_path, sinks)
     relay, _ = sinks
+    # a process the zygote has just forked bears its name a moment: until both children
+    # have named themselves, a slow machine shows one of them as the zygote
+    wait_for(lambda: {"mailflowr-pipe", "mailflowr-deliv"} <= set(gw.children().values()),
+             what="both children named")
     procs = gw.children()
-    # the daemon's child; a process the zygote has just forked bears its name a moment
+    # the daemon's child
     (zygote,) = [pid for pid, name in procs.items()
                  if name == "mailflowr-forks" and _parent(pid) == gw.proc.pid]
     assert _parent(zygote) == gw.proc.pid
